@@ -1,0 +1,251 @@
+//! The prompt queue: priority-then-arrival order, one running prompt, per-author cancel and re-prioritise, stop.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, CoreResult};
+
+pub type PromptId = String;
+
+/// Lowest and highest priority a prompt may carry; higher runs first.
+pub const MIN_PRIORITY: i32 = -10;
+pub const MAX_PRIORITY: i32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Stopped,
+}
+
+impl PromptStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, PromptStatus::Queued | PromptStatus::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptStatus::Queued => "queued",
+            PromptStatus::Running => "running",
+            PromptStatus::Completed => "completed",
+            PromptStatus::Failed => "failed",
+            PromptStatus::Cancelled => "cancelled",
+            PromptStatus::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Prompt {
+    pub id: PromptId,
+    pub author: String,
+    pub author_name: String,
+    pub text: String,
+    pub priority: i32,
+    /// Arrival order within the session; ties in priority run first-come.
+    pub arrival: u64,
+    pub status: PromptStatus,
+    pub queued_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What a caller asks to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPrompt {
+    pub id: PromptId,
+    pub author: String,
+    pub author_name: String,
+    pub text: String,
+    pub priority: i32,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PromptQueue {
+    pub prompts: BTreeMap<PromptId, Prompt>,
+    pub next_arrival: u64,
+    pub running: Option<PromptId>,
+}
+
+pub fn check_priority(priority: i32) -> CoreResult<i32> {
+    if (MIN_PRIORITY..=MAX_PRIORITY).contains(&priority) {
+        Ok(priority)
+    } else {
+        Err(CoreError::Invalid(format!(
+            "priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}"
+        )))
+    }
+}
+
+impl PromptQueue {
+    pub fn queued_count(&self) -> usize {
+        self.prompts
+            .values()
+            .filter(|p| p.status == PromptStatus::Queued)
+            .count()
+    }
+
+    /// Queued prompts in the order they will run.
+    pub fn queued_in_order(&self) -> Vec<&Prompt> {
+        let mut q: Vec<&Prompt> = self
+            .prompts
+            .values()
+            .filter(|p| p.status == PromptStatus::Queued)
+            .collect();
+        q.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.arrival.cmp(&b.arrival)));
+        q
+    }
+
+    pub fn get(&self, id: &str) -> CoreResult<&Prompt> {
+        self.prompts
+            .get(id)
+            .ok_or_else(|| CoreError::PromptNotFound(id.to_string()))
+    }
+
+    pub fn enqueue(&mut self, new: NewPrompt, now: u64, max_queued: u32) -> CoreResult<&Prompt> {
+        check_priority(new.priority)?;
+        if new.text.trim().is_empty() {
+            return Err(CoreError::Invalid("prompt text is empty".into()));
+        }
+        if self.prompts.contains_key(&new.id) {
+            return Err(CoreError::Invalid(format!(
+                "prompt id {} already used",
+                new.id
+            )));
+        }
+        if self.queued_count() >= max_queued as usize {
+            return Err(CoreError::QueueFull { max: max_queued });
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let id = new.id.clone();
+        self.prompts.insert(
+            id.clone(),
+            Prompt {
+                id: new.id,
+                author: new.author,
+                author_name: new.author_name,
+                text: new.text,
+                priority: new.priority,
+                arrival,
+                status: PromptStatus::Queued,
+                queued_at: now,
+                model: new.model,
+                started_at: None,
+                finished_at: None,
+                reason: None,
+            },
+        );
+        self.get(&id)
+    }
+
+    fn queued_mut_for(&mut self, id: &str, who: &str, is_owner: bool) -> CoreResult<&mut Prompt> {
+        let p = self
+            .prompts
+            .get_mut(id)
+            .ok_or_else(|| CoreError::PromptNotFound(id.to_string()))?;
+        if p.author != who && !is_owner {
+            return Err(CoreError::NotYourPrompt(id.to_string()));
+        }
+        if p.status != PromptStatus::Queued {
+            return Err(CoreError::PromptNotQueued {
+                id: id.to_string(),
+                status: p.status.as_str().to_string(),
+            });
+        }
+        Ok(p)
+    }
+
+    pub fn cancel(&mut self, id: &str, who: &str, is_owner: bool, now: u64) -> CoreResult<()> {
+        let p = self.queued_mut_for(id, who, is_owner)?;
+        p.status = PromptStatus::Cancelled;
+        p.finished_at = Some(now);
+        Ok(())
+    }
+
+    pub fn reprioritize(
+        &mut self,
+        id: &str,
+        who: &str,
+        is_owner: bool,
+        priority: i32,
+    ) -> CoreResult<()> {
+        check_priority(priority)?;
+        let p = self.queued_mut_for(id, who, is_owner)?;
+        p.priority = priority;
+        Ok(())
+    }
+
+    /// Starts the next queued prompt if none is running; returns its id.
+    pub fn start_next(&mut self, now: u64) -> Option<PromptId> {
+        if self.running.is_some() {
+            return None;
+        }
+        let id = self.queued_in_order().first().map(|p| p.id.clone())?;
+        if let Some(p) = self.prompts.get_mut(&id) {
+            p.status = PromptStatus::Running;
+            p.started_at = Some(now);
+        }
+        self.running = Some(id.clone());
+        Some(id)
+    }
+
+    /// Stops the running prompt (its author or an owner may).
+    pub fn stop(&mut self, who: &str, is_owner: bool, now: u64) -> CoreResult<PromptId> {
+        let id = self.running.clone().ok_or(CoreError::NothingRunning)?;
+        let p = self
+            .prompts
+            .get_mut(&id)
+            .ok_or_else(|| CoreError::PromptNotFound(id.clone()))?;
+        if p.author != who && !is_owner {
+            return Err(CoreError::NotYourPrompt(id));
+        }
+        p.status = PromptStatus::Stopped;
+        p.finished_at = Some(now);
+        self.running = None;
+        Ok(id)
+    }
+
+    /// Ends the running prompt with an outcome reported by the runner.
+    pub fn finish(
+        &mut self,
+        id: &str,
+        ok: bool,
+        reason: Option<String>,
+        now: u64,
+    ) -> CoreResult<()> {
+        if self.running.as_deref() != Some(id) {
+            return Err(CoreError::PromptNotQueued {
+                id: id.to_string(),
+                status: self
+                    .prompts
+                    .get(id)
+                    .map(|p| p.status.as_str())
+                    .unwrap_or("unknown")
+                    .to_string(),
+            });
+        }
+        if let Some(p) = self.prompts.get_mut(id) {
+            p.status = if ok {
+                PromptStatus::Completed
+            } else {
+                PromptStatus::Failed
+            };
+            p.finished_at = Some(now);
+            p.reason = reason;
+        }
+        self.running = None;
+        Ok(())
+    }
+}

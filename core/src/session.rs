@@ -1,0 +1,856 @@
+//! The session state machine: membership and roles, clients and presence, edit locks, and the prompt queue.
+//!
+//! Every command checks everything first and mutates only when it succeeds, so a refused
+//! command leaves the state exactly as it was. Mutations record which stored rows changed
+//! (`take_dirty`) so the shell can persist precisely those rows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::error::{CoreError, CoreResult};
+use crate::events::{Actor, EventKind, LockReleaseReason};
+use crate::queue::{NewPrompt, PromptId, PromptQueue};
+
+pub type UserId = String;
+pub type ClientId = String;
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Identity {
+    pub user: UserId,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+impl Identity {
+    pub fn actor(&self) -> Actor {
+        Actor {
+            user: self.user.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Member,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Active,
+    Ended,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    pub user: UserId,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub role: Role,
+    pub joined_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Cursor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    pub line: u32,
+    pub column: u32,
+}
+
+/// One connected client (a browser tab, the Slack bot, the extension, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Client {
+    pub id: ClientId,
+    pub user: UserId,
+    pub name: String,
+    pub kind: String,
+    pub color: String,
+    pub connected_at: u64,
+    pub last_seen: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Cursor>,
+    #[serde(default)]
+    pub typing: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lock {
+    pub resource: String,
+    pub holder: UserId,
+    pub acquired_at: u64,
+    pub expires_at: u64,
+}
+
+/// Configurable limits of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_clients_per_user: u32,
+    pub max_members: u32,
+    pub max_queued: u32,
+    pub max_lock_ttl_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_clients_per_user: 8,
+            max_members: 200,
+            max_queued: 50,
+            max_lock_ttl_ms: 10 * 60 * 1000,
+            heartbeat_timeout_ms: 60 * 1000,
+            max_prompt_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// Which stored row a mutation touched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dirty {
+    Meta,
+    Member(UserId),
+    Client(ClientId),
+    Lock(String),
+    Prompt(PromptId),
+}
+
+/// What a successful command produced, for the shell to carry out.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    /// Durable events, to be stored in order and then broadcast.
+    pub events: Vec<(Actor, EventKind)>,
+    /// Presence (clients, cursors, typing) changed: broadcast a presence update.
+    pub presence_changed: bool,
+    /// Clients whose connection must be closed.
+    pub disconnect: Vec<ClientId>,
+    /// A prompt that became running: hand it to the runner.
+    pub start: Option<PromptId>,
+    /// A running prompt that was stopped: abort it in the runner.
+    pub abort: Option<PromptId>,
+}
+
+impl Outcome {
+    fn event(&mut self, actor: Actor, kind: EventKind) {
+        self.events.push((actor, kind));
+    }
+}
+
+/// Session metadata that lives in one row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Meta {
+    pub id: String,
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    pub owner: UserId,
+    pub invite: String,
+    pub created_at: u64,
+    pub status: SessionStatus,
+    pub limits: Limits,
+    pub next_arrival: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Session {
+    pub meta: Meta,
+    pub members: BTreeMap<UserId, Member>,
+    pub clients: BTreeMap<ClientId, Client>,
+    pub locks: BTreeMap<String, Lock>,
+    pub queue: PromptQueue,
+    dirty: BTreeSet<Dirty>,
+}
+
+const COLORS: [&str; 12] = [
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
+    "#800000", "#469990", "#000075", "#808000",
+];
+
+/// A stable color per user (FNV-1a of the id), so a person looks the same on every client.
+pub fn color_for(user: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in user.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    COLORS[(h as usize) % COLORS.len()].to_string()
+}
+
+pub const MAX_RESOURCE_LEN: usize = 512;
+pub const MAX_TITLE_LEN: usize = 200;
+
+impl Session {
+    /// A new session owned by `owner`.
+    pub fn create(meta: Meta, owner: &Identity) -> (Session, Outcome) {
+        let mut s = Session {
+            members: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            locks: BTreeMap::new(),
+            queue: PromptQueue {
+                next_arrival: meta.next_arrival,
+                ..PromptQueue::default()
+            },
+            meta,
+            dirty: BTreeSet::new(),
+        };
+        let now = s.meta.created_at;
+        s.members.insert(
+            owner.user.clone(),
+            Member {
+                user: owner.user.clone(),
+                name: owner.name.clone(),
+                email: owner.email.clone(),
+                role: Role::Owner,
+                joined_at: now,
+            },
+        );
+        s.dirty.insert(Dirty::Meta);
+        s.dirty.insert(Dirty::Member(owner.user.clone()));
+        let mut out = Outcome::default();
+        out.event(
+            owner.actor(),
+            EventKind::SessionCreated {
+                title: s.meta.title.clone(),
+                repository: s.meta.repository.clone(),
+                owner: owner.user.clone(),
+            },
+        );
+        out.event(
+            owner.actor(),
+            EventKind::MemberJoined {
+                user: owner.user.clone(),
+                name: owner.name.clone(),
+                role: Role::Owner,
+            },
+        );
+        (s, out)
+    }
+
+    /// Rebuilds a session from its stored rows.
+    pub fn restore(
+        meta: Meta,
+        members: Vec<Member>,
+        clients: Vec<Client>,
+        locks: Vec<Lock>,
+        prompts: Vec<crate::queue::Prompt>,
+    ) -> Session {
+        let running = prompts
+            .iter()
+            .find(|p| p.status == crate::queue::PromptStatus::Running)
+            .map(|p| p.id.clone());
+        Session {
+            queue: PromptQueue {
+                next_arrival: meta.next_arrival,
+                running,
+                prompts: prompts.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            },
+            meta,
+            members: members.into_iter().map(|m| (m.user.clone(), m)).collect(),
+            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            locks: locks.into_iter().map(|l| (l.resource.clone(), l)).collect(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    /// Rows changed since the last call.
+    pub fn take_dirty(&mut self) -> Vec<Dirty> {
+        std::mem::take(&mut self.dirty).into_iter().collect()
+    }
+
+    pub fn is_member(&self, user: &str) -> bool {
+        self.members.contains_key(user)
+    }
+
+    pub fn is_owner(&self, user: &str) -> bool {
+        self.members
+            .get(user)
+            .is_some_and(|m| m.role == Role::Owner)
+    }
+
+    fn require_active(&self) -> CoreResult<()> {
+        if self.meta.status == SessionStatus::Ended {
+            return Err(CoreError::SessionEnded);
+        }
+        Ok(())
+    }
+
+    fn require_member(&self, user: &str) -> CoreResult<()> {
+        if self.is_member(user) {
+            Ok(())
+        } else {
+            Err(CoreError::NotMember)
+        }
+    }
+
+    fn require_client_of(&self, user: &str, client: &str) -> CoreResult<()> {
+        match self.clients.get(client) {
+            None => Err(CoreError::UnknownClient(client.to_string())),
+            Some(c) if c.user != user => Err(CoreError::NotYourClient(client.to_string())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    pub fn clients_of(&self, user: &str) -> usize {
+        self.clients.values().filter(|c| c.user == user).count()
+    }
+
+    // ---- membership -------------------------------------------------------------------
+
+    /// Joins with the session's invite code; joining again is a no-op.
+    pub fn join(&mut self, who: &Identity, invite: &str, now: u64) -> CoreResult<Outcome> {
+        self.require_active()?;
+        if self.is_member(&who.user) {
+            return Ok(Outcome::default());
+        }
+        let good: bool = self.meta.invite.as_bytes().ct_eq(invite.as_bytes()).into();
+        if !good {
+            return Err(CoreError::BadInvite);
+        }
+        if self.members.len() >= self.meta.limits.max_members as usize {
+            return Err(CoreError::MemberLimit {
+                limit: self.meta.limits.max_members,
+            });
+        }
+        self.members.insert(
+            who.user.clone(),
+            Member {
+                user: who.user.clone(),
+                name: who.name.clone(),
+                email: who.email.clone(),
+                role: Role::Member,
+                joined_at: now,
+            },
+        );
+        self.dirty.insert(Dirty::Member(who.user.clone()));
+        let mut out = Outcome::default();
+        out.event(
+            who.actor(),
+            EventKind::MemberJoined {
+                user: who.user.clone(),
+                name: who.name.clone(),
+                role: Role::Member,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Leaves: closes the person's clients and releases their locks. Queued prompts stay.
+    pub fn leave(&mut self, who: &Identity) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        if self.is_owner(&who.user) {
+            return Err(CoreError::OwnerCannotLeave);
+        }
+        let mut out = Outcome::default();
+        self.release_all_of(&who.user, LockReleaseReason::Left, &who.actor(), &mut out);
+        let gone: Vec<ClientId> = self
+            .clients
+            .values()
+            .filter(|c| c.user == who.user)
+            .map(|c| c.id.clone())
+            .collect();
+        for c in &gone {
+            self.clients.remove(c);
+            self.dirty.insert(Dirty::Client(c.clone()));
+        }
+        if !gone.is_empty() {
+            out.presence_changed = true;
+        }
+        out.disconnect = gone;
+        self.members.remove(&who.user);
+        self.dirty.insert(Dirty::Member(who.user.clone()));
+        out.event(
+            who.actor(),
+            EventKind::MemberLeft {
+                user: who.user.clone(),
+            },
+        );
+        Ok(out)
+    }
+
+    /// Ends the session (owner only); terminal.
+    pub fn end(&mut self, who: &Identity, now: u64) -> CoreResult<Outcome> {
+        self.require_active()?;
+        if !self.is_owner(&who.user) {
+            return Err(CoreError::OwnerOnly);
+        }
+        let mut out = Outcome::default();
+        if let Some(id) = self.queue.running.clone() {
+            self.queue.stop(&who.user, true, now)?;
+            self.dirty.insert(Dirty::Prompt(id.clone()));
+            out.event(who.actor(), EventKind::PromptStopped { id: id.clone() });
+            out.abort = Some(id);
+        }
+        let queued: Vec<PromptId> = self
+            .queue
+            .queued_in_order()
+            .iter()
+            .map(|p| p.id.clone())
+            .collect();
+        for id in queued {
+            self.queue.cancel(&id, &who.user, true, now)?;
+            self.dirty.insert(Dirty::Prompt(id.clone()));
+            out.event(who.actor(), EventKind::PromptCancelled { id });
+        }
+        self.meta.status = SessionStatus::Ended;
+        self.dirty.insert(Dirty::Meta);
+        out.event(who.actor(), EventKind::SessionEnded);
+        Ok(out)
+    }
+
+    // ---- clients and presence ---------------------------------------------------------
+
+    /// Registers a connected client of a member, within the per-user limit.
+    pub fn connect(
+        &mut self,
+        who: &Identity,
+        client: &str,
+        kind: &str,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        if client.is_empty() || client.len() > 128 {
+            return Err(CoreError::Invalid("client id must be 1..128 bytes".into()));
+        }
+        if let Some(existing) = self.clients.get(client) {
+            if existing.user != who.user {
+                return Err(CoreError::NotYourClient(client.to_string()));
+            }
+        } else if self.clients_of(&who.user) >= self.meta.limits.max_clients_per_user as usize {
+            return Err(CoreError::ClientLimit {
+                limit: self.meta.limits.max_clients_per_user,
+            });
+        }
+        self.clients.insert(
+            client.to_string(),
+            Client {
+                id: client.to_string(),
+                user: who.user.clone(),
+                name: who.name.clone(),
+                kind: kind.to_string(),
+                color: color_for(&who.user),
+                connected_at: now,
+                last_seen: now,
+                cursor: None,
+                typing: false,
+            },
+        );
+        self.dirty.insert(Dirty::Client(client.to_string()));
+        Ok(Outcome {
+            presence_changed: true,
+            ..Outcome::default()
+        })
+    }
+
+    /// Forgets a client whose connection closed. Unknown clients are ignored.
+    pub fn disconnect(&mut self, client: &str) -> Outcome {
+        if self.clients.remove(client).is_some() {
+            self.dirty.insert(Dirty::Client(client.to_string()));
+            Outcome {
+                presence_changed: true,
+                ..Outcome::default()
+            }
+        } else {
+            Outcome::default()
+        }
+    }
+
+    pub fn heartbeat(&mut self, who: &Identity, client: &str, now: u64) -> CoreResult<Outcome> {
+        self.require_client_of(&who.user, client)?;
+        if let Some(c) = self.clients.get_mut(client) {
+            c.last_seen = now;
+            self.dirty.insert(Dirty::Client(client.to_string()));
+        }
+        Ok(Outcome::default())
+    }
+
+    pub fn set_cursor(
+        &mut self,
+        who: &Identity,
+        client: &str,
+        cursor: Cursor,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.require_client_of(&who.user, client)?;
+        if cursor
+            .file
+            .as_ref()
+            .is_some_and(|f| f.len() > MAX_RESOURCE_LEN)
+        {
+            return Err(CoreError::Invalid("cursor file path too long".into()));
+        }
+        if let Some(c) = self.clients.get_mut(client) {
+            c.cursor = Some(cursor);
+            c.last_seen = now;
+            self.dirty.insert(Dirty::Client(client.to_string()));
+        }
+        Ok(Outcome {
+            presence_changed: true,
+            ..Outcome::default()
+        })
+    }
+
+    pub fn set_typing(
+        &mut self,
+        who: &Identity,
+        client: &str,
+        typing: bool,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.require_client_of(&who.user, client)?;
+        let mut changed = false;
+        if let Some(c) = self.clients.get_mut(client) {
+            changed = c.typing != typing;
+            c.typing = typing;
+            c.last_seen = now;
+            self.dirty.insert(Dirty::Client(client.to_string()));
+        }
+        Ok(Outcome {
+            presence_changed: changed,
+            ..Outcome::default()
+        })
+    }
+
+    /// Removes clients that missed their heartbeat and expires locks past their time.
+    pub fn sweep(&mut self, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let timeout = self.meta.limits.heartbeat_timeout_ms;
+        let stale: Vec<ClientId> = self
+            .clients
+            .values()
+            .filter(|c| c.last_seen.saturating_add(timeout) <= now)
+            .map(|c| c.id.clone())
+            .collect();
+        for c in &stale {
+            self.clients.remove(c);
+            self.dirty.insert(Dirty::Client(c.clone()));
+        }
+        out.presence_changed = !stale.is_empty();
+        out.disconnect = stale;
+        let expired: Vec<String> = self
+            .locks
+            .values()
+            .filter(|l| l.expires_at <= now)
+            .map(|l| l.resource.clone())
+            .collect();
+        for r in expired {
+            if let Some(l) = self.locks.remove(&r) {
+                self.dirty.insert(Dirty::Lock(r.clone()));
+                out.event(
+                    Actor::system(),
+                    EventKind::LockReleased {
+                        resource: r,
+                        holder: l.holder,
+                        reason: LockReleaseReason::Expired,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// The earliest time at which `sweep` would change something.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let timeout = self.meta.limits.heartbeat_timeout_ms;
+        let c = self
+            .clients
+            .values()
+            .map(|c| c.last_seen.saturating_add(timeout))
+            .min();
+        let l = self.locks.values().map(|l| l.expires_at).min();
+        match (c, l) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ---- edit locks ---------------------------------------------------------------------
+
+    fn release_all_of(
+        &mut self,
+        user: &str,
+        reason: LockReleaseReason,
+        actor: &Actor,
+        out: &mut Outcome,
+    ) {
+        let held: Vec<String> = self
+            .locks
+            .values()
+            .filter(|l| l.holder == user)
+            .map(|l| l.resource.clone())
+            .collect();
+        for r in held {
+            self.locks.remove(&r);
+            self.dirty.insert(Dirty::Lock(r.clone()));
+            out.event(
+                actor.clone(),
+                EventKind::LockReleased {
+                    resource: r,
+                    holder: user.to_string(),
+                    reason: reason.clone(),
+                },
+            );
+        }
+    }
+
+    /// Takes (or renews) the single-writer lock on a resource for `ttl_ms`.
+    pub fn acquire_lock(
+        &mut self,
+        who: &Identity,
+        resource: &str,
+        ttl_ms: u64,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.require_active()?;
+        self.require_member(&who.user)?;
+        if resource.is_empty() || resource.len() > MAX_RESOURCE_LEN {
+            return Err(CoreError::Invalid(format!(
+                "resource must be 1..{MAX_RESOURCE_LEN} bytes"
+            )));
+        }
+        if ttl_ms == 0 || ttl_ms > self.meta.limits.max_lock_ttl_ms {
+            return Err(CoreError::Invalid(format!(
+                "ttl_ms must be between 1 and {}",
+                self.meta.limits.max_lock_ttl_ms
+            )));
+        }
+        let mut out = Outcome::default();
+        if let Some(l) = self.locks.get(resource) {
+            if l.holder != who.user {
+                if l.expires_at > now {
+                    return Err(CoreError::LockHeld {
+                        resource: resource.to_string(),
+                        holder: l.holder.clone(),
+                        expires_at: l.expires_at,
+                    });
+                }
+                out.event(
+                    Actor::system(),
+                    EventKind::LockReleased {
+                        resource: resource.to_string(),
+                        holder: l.holder.clone(),
+                        reason: LockReleaseReason::Expired,
+                    },
+                );
+            }
+        }
+        let expires_at = now.saturating_add(ttl_ms);
+        let acquired_at = match self.locks.get(resource) {
+            Some(l) if l.holder == who.user => l.acquired_at,
+            _ => now,
+        };
+        self.locks.insert(
+            resource.to_string(),
+            Lock {
+                resource: resource.to_string(),
+                holder: who.user.clone(),
+                acquired_at,
+                expires_at,
+            },
+        );
+        self.dirty.insert(Dirty::Lock(resource.to_string()));
+        out.event(
+            who.actor(),
+            EventKind::LockAcquired {
+                resource: resource.to_string(),
+                holder: who.user.clone(),
+                expires_at,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Releases a lock the caller holds; an owner may force-release anyone's.
+    pub fn release_lock(&mut self, who: &Identity, resource: &str) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        let l = self
+            .locks
+            .get(resource)
+            .ok_or_else(|| CoreError::LockNotHeld(resource.to_string()))?;
+        let reason = if l.holder == who.user {
+            LockReleaseReason::Released
+        } else if self.is_owner(&who.user) {
+            LockReleaseReason::Forced
+        } else {
+            return Err(CoreError::LockNotHeld(resource.to_string()));
+        };
+        let holder = l.holder.clone();
+        self.locks.remove(resource);
+        self.dirty.insert(Dirty::Lock(resource.to_string()));
+        let mut out = Outcome::default();
+        out.event(
+            who.actor(),
+            EventKind::LockReleased {
+                resource: resource.to_string(),
+                holder,
+                reason,
+            },
+        );
+        Ok(out)
+    }
+
+    // ---- prompt queue -------------------------------------------------------------------
+
+    fn start_next(&mut self, now: u64, out: &mut Outcome) {
+        if let Some(id) = self.queue.start_next(now) {
+            self.dirty.insert(Dirty::Prompt(id.clone()));
+            let author = self
+                .queue
+                .prompts
+                .get(&id)
+                .map(|p| (p.author.clone(), p.author_name.clone()))
+                .unwrap_or_default();
+            out.event(
+                Actor {
+                    user: author.0.clone(),
+                    name: author.1,
+                },
+                EventKind::PromptStarted {
+                    id: id.clone(),
+                    author: author.0,
+                },
+            );
+            out.start = Some(id);
+        }
+    }
+
+    /// Queues a prompt; starts it at once when nothing is running.
+    pub fn enqueue_prompt(
+        &mut self,
+        who: &Identity,
+        id: PromptId,
+        text: String,
+        priority: i32,
+        model: Option<String>,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.require_active()?;
+        self.require_member(&who.user)?;
+        if text.len() > self.meta.limits.max_prompt_bytes {
+            return Err(CoreError::Invalid(format!(
+                "prompt is longer than {} bytes",
+                self.meta.limits.max_prompt_bytes
+            )));
+        }
+        let max = self.meta.limits.max_queued;
+        let prompt = self
+            .queue
+            .enqueue(
+                NewPrompt {
+                    id: id.clone(),
+                    author: who.user.clone(),
+                    author_name: who.name.clone(),
+                    text,
+                    priority,
+                    model,
+                },
+                now,
+                max,
+            )?
+            .clone();
+        self.meta.next_arrival = self.queue.next_arrival;
+        self.dirty.insert(Dirty::Meta);
+        self.dirty.insert(Dirty::Prompt(id));
+        let mut out = Outcome::default();
+        out.event(who.actor(), EventKind::PromptQueued { prompt });
+        self.start_next(now, &mut out);
+        Ok(out)
+    }
+
+    pub fn cancel_prompt(&mut self, who: &Identity, id: &str, now: u64) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        let owner = self.is_owner(&who.user);
+        self.queue.cancel(id, &who.user, owner, now)?;
+        self.dirty.insert(Dirty::Prompt(id.to_string()));
+        let mut out = Outcome::default();
+        out.event(
+            who.actor(),
+            EventKind::PromptCancelled { id: id.to_string() },
+        );
+        Ok(out)
+    }
+
+    pub fn reprioritize_prompt(
+        &mut self,
+        who: &Identity,
+        id: &str,
+        priority: i32,
+    ) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        let owner = self.is_owner(&who.user);
+        self.queue.reprioritize(id, &who.user, owner, priority)?;
+        self.dirty.insert(Dirty::Prompt(id.to_string()));
+        let mut out = Outcome::default();
+        out.event(
+            who.actor(),
+            EventKind::PromptReprioritized {
+                id: id.to_string(),
+                priority,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Stops the running prompt and starts the next one.
+    pub fn stop_prompt(&mut self, who: &Identity, now: u64) -> CoreResult<Outcome> {
+        self.require_member(&who.user)?;
+        let owner = self.is_owner(&who.user);
+        let id = self.queue.stop(&who.user, owner, now)?;
+        self.dirty.insert(Dirty::Prompt(id.clone()));
+        let mut out = Outcome::default();
+        out.event(who.actor(), EventKind::PromptStopped { id: id.clone() });
+        out.abort = Some(id);
+        self.start_next(now, &mut out);
+        Ok(out)
+    }
+
+    /// The runner reports the running prompt's end; the next one starts.
+    pub fn finish_prompt(
+        &mut self,
+        id: &str,
+        ok: bool,
+        reason: Option<String>,
+        now: u64,
+    ) -> CoreResult<Outcome> {
+        self.queue.finish(id, ok, reason.clone(), now)?;
+        self.dirty.insert(Dirty::Prompt(id.to_string()));
+        let mut out = Outcome::default();
+        out.event(
+            Actor::system(),
+            EventKind::PromptFinished {
+                id: id.to_string(),
+                ok,
+                reason,
+            },
+        );
+        self.start_next(now, &mut out);
+        Ok(out)
+    }
+
+    /// Agent output for the running prompt.
+    pub fn agent_text(&mut self, id: &str, text: String) -> CoreResult<Outcome> {
+        if self.queue.running.as_deref() != Some(id) {
+            return Err(CoreError::PromptNotQueued {
+                id: id.to_string(),
+                status: "not running".into(),
+            });
+        }
+        let mut out = Outcome::default();
+        out.event(
+            Actor::system(),
+            EventKind::AgentText {
+                prompt: id.to_string(),
+                text,
+            },
+        );
+        Ok(out)
+    }
+}

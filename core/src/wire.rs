@@ -1,0 +1,390 @@
+//! The wire format: HTTP request bodies, WebSocket client messages and server frames. The only module that parses input.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::Event;
+use crate::session::{Client, Cursor};
+
+/// Largest HTTP body the API accepts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest WebSocket message a client may send.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A refusal at the wire level: stable code plus a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a JSON body of a known shape, with a clear error for each way it can be wrong.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(WireError::new(
+            "body_too_large",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| WireError::new("malformed_json", format!("body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(WireError::new("invalid_body", "body must be a JSON object"));
+    }
+    serde_json::from_value(v).map_err(|e| {
+        WireError::new(
+            "invalid_body",
+            format!("body does not match the schema: {e}"),
+        )
+    })
+}
+
+// ---- HTTP bodies ------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevSignIn {
+    pub user: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    pub title: String,
+    #[serde(default)]
+    pub repository: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinSession {
+    pub invite: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CursorUpdate {
+    pub client: String,
+    #[serde(default)]
+    pub file: Option<String>,
+    pub line: u32,
+    pub column: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptRequest {
+    pub text: String,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reprioritize {
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    pub resource: String,
+    #[serde(default = "default_ttl")]
+    pub ttl_ms: u64,
+}
+
+fn default_ttl() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockRequest {
+    pub resource: String,
+}
+
+// ---- WebSocket --------------------------------------------------------------------------
+
+/// What a client may send over the session socket.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum ClientMessage {
+    #[serde(rename = "ping")]
+    Ping,
+    #[serde(rename = "cursor")]
+    Cursor {
+        #[serde(default)]
+        file: Option<String>,
+        line: u32,
+        column: u32,
+    },
+    #[serde(rename = "typing")]
+    Typing { typing: bool },
+    #[serde(rename = "prompt")]
+    Prompt {
+        text: String,
+        #[serde(default)]
+        priority: i32,
+        #[serde(default)]
+        model: Option<String>,
+    },
+    #[serde(rename = "prompt.cancel")]
+    Cancel { id: String },
+    #[serde(rename = "prompt.reprioritize")]
+    Reprioritize { id: String, priority: i32 },
+    #[serde(rename = "stop")]
+    Stop,
+    #[serde(rename = "lock.acquire")]
+    LockAcquire {
+        resource: String,
+        #[serde(default = "default_ttl")]
+        ttl_ms: u64,
+    },
+    #[serde(rename = "lock.release")]
+    LockRelease { resource: String },
+}
+
+impl ClientMessage {
+    pub fn cursor(self) -> Option<Cursor> {
+        match self {
+            ClientMessage::Cursor { file, line, column } => Some(Cursor { file, line, column }),
+            _ => None,
+        }
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &[
+    "ping",
+    "cursor",
+    "typing",
+    "prompt",
+    "prompt.cancel",
+    "prompt.reprioritize",
+    "stop",
+    "lock.acquire",
+    "lock.release",
+];
+
+/// Parses one client frame; returns the optional `ref` the client wants echoed back.
+pub fn parse_client_message(text: &str) -> (Option<String>, Result<ClientMessage, WireError>) {
+    if text.len() > MAX_MESSAGE_BYTES {
+        return (
+            None,
+            Err(WireError::new(
+                "message_too_large",
+                format!("messages are limited to {MAX_MESSAGE_BYTES} bytes"),
+            )),
+        );
+    }
+    let mut v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                None,
+                Err(WireError::new(
+                    "malformed_json",
+                    format!("message is not valid JSON: {e}"),
+                )),
+            )
+        }
+    };
+    let Some(obj) = v.as_object_mut() else {
+        return (
+            None,
+            Err(WireError::new(
+                "invalid_message",
+                "message must be a JSON object",
+            )),
+        );
+    };
+    let reference = match obj.remove("ref") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 128 => Some(s),
+        Some(_) => {
+            return (
+                None,
+                Err(WireError::new(
+                    "invalid_message",
+                    "ref must be a string of at most 128 bytes",
+                )),
+            )
+        }
+    };
+    let ty = obj.get("type").and_then(Value::as_str).map(str::to_string);
+    match ty {
+        None => (
+            reference,
+            Err(WireError::new(
+                "invalid_message",
+                "message needs a string field \"type\"",
+            )),
+        ),
+        Some(t) if !CLIENT_TYPES.contains(&t.as_str()) => (
+            reference,
+            Err(WireError::new(
+                "unknown_message_type",
+                format!(
+                    "unknown message type {t:?}; known: {}",
+                    CLIENT_TYPES.join(", ")
+                ),
+            )),
+        ),
+        Some(_) => {
+            let parsed = serde_json::from_value(v).map_err(|e| {
+                WireError::new(
+                    "invalid_message",
+                    format!("message does not match its schema: {e}"),
+                )
+            });
+            (reference, parsed)
+        }
+    }
+}
+
+/// One presence entry as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub client: String,
+    pub user: String,
+    pub name: String,
+    pub kind: String,
+    pub color: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Cursor>,
+    pub typing: bool,
+    pub last_seen: u64,
+}
+
+impl From<&Client> for PresenceEntry {
+    fn from(c: &Client) -> Self {
+        PresenceEntry {
+            client: c.id.clone(),
+            user: c.user.clone(),
+            name: c.name.clone(),
+            kind: c.kind.clone(),
+            color: c.color.clone(),
+            cursor: c.cursor.clone(),
+            typing: c.typing,
+            last_seen: c.last_seen,
+        }
+    }
+}
+
+/// Frames the server sends on the session socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ServerMessage {
+    /// First frame: who you are, and the log position the replay that follows ends at.
+    #[serde(rename = "hello")]
+    Hello {
+        client: String,
+        user: String,
+        seq: u64,
+    },
+    /// Durable events, in sequence order.
+    #[serde(rename = "events")]
+    Events { events: Vec<Event> },
+    /// Presence snapshot (capped) with the total count of connected clients.
+    #[serde(rename = "presence")]
+    Presence {
+        clients: Vec<PresenceEntry>,
+        total: usize,
+    },
+    /// Coalesced presence changes since the last frame.
+    #[serde(rename = "presence.delta")]
+    PresenceDelta {
+        updated: Vec<PresenceEntry>,
+        left: Vec<String>,
+        total: usize,
+    },
+    #[serde(rename = "ack")]
+    Ack {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+    },
+    #[serde(rename = "error")]
+    Error {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        error: ErrorBody,
+    },
+    #[serde(rename = "pong")]
+    Pong,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// `{ "error": { "code", "message" } }`, the body of every HTTP error.
+pub fn error_json(code: &str, message: &str) -> String {
+    serde_json::json!({ "error": { "code": code, "message": message } }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse_with_ref() {
+        let (r, m) = parse_client_message(r#"{"type":"typing","typing":true,"ref":"a1"}"#);
+        assert_eq!(r.as_deref(), Some("a1"));
+        assert_eq!(m, Ok(ClientMessage::Typing { typing: true }));
+    }
+
+    #[test]
+    fn bad_client_messages_get_codes() {
+        let code = |s: &str| parse_client_message(s).1.err().map(|e| e.code);
+        assert_eq!(code("{"), Some("malformed_json"));
+        assert_eq!(code("[1]"), Some("invalid_message"));
+        assert_eq!(code(r#"{"x":1}"#), Some("invalid_message"));
+        assert_eq!(code(r#"{"type":"launch"}"#), Some("unknown_message_type"));
+        assert_eq!(
+            code(r#"{"type":"typing","typing":"yes"}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(&"x".repeat(MAX_MESSAGE_BYTES + 1)),
+            Some("message_too_large")
+        );
+    }
+
+    #[test]
+    fn bodies_refuse_wrong_shapes() {
+        let e = parse_body::<PromptRequest>(br#"{"text":5}"#)
+            .err()
+            .map(|e| e.code);
+        assert_eq!(e, Some("invalid_body"));
+        let e = parse_body::<PromptRequest>(b"nope").err().map(|e| e.code);
+        assert_eq!(e, Some("malformed_json"));
+        let e = parse_body::<PromptRequest>(b"[]").err().map(|e| e.code);
+        assert_eq!(e, Some("invalid_body"));
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert_eq!(
+            parse_body::<PromptRequest>(&big).err().map(|e| e.code),
+            Some("body_too_large")
+        );
+        let ok = parse_body::<PromptRequest>(br#"{"text":"hi","priority":2}"#).map(|p| p.priority);
+        assert_eq!(ok, Ok(2));
+    }
+}

@@ -1,0 +1,225 @@
+//! Model check of specs/PromptQueue.tla against the Rust session's prompt queue: order, cancel, stop, nothing lost or run twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nightshift_core::check::{explore, Model};
+use nightshift_core::events::EventKind;
+use nightshift_core::queue::PromptStatus;
+use nightshift_core::session::{Identity, Limits, Meta, Session, SessionStatus};
+
+const USERS: [&str; 2] = ["owner", "u1"];
+const PROMPTS: [&str; 3] = ["p1", "p2", "p3"];
+const MAX_QUEUED: u32 = 2;
+const PRIORITIES: [i32; 2] = [0, 1];
+/// Depth of the exhaustive exploration (number of actions in a sequence).
+const DEPTH: usize = 6;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct State {
+    session: Session,
+    /// Ghost: every prompt id ever acknowledged as queued.
+    acked: BTreeSet<String>,
+    /// Ghost: every prompt id that ever started.
+    started: BTreeSet<String>,
+    /// Ghost: statuses as reconstructed from events alone.
+    view: BTreeMap<String, PromptStatus>,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Enqueue(usize, usize, i32),
+    Cancel(usize, usize),
+    Reprioritize(usize, usize, i32),
+    Stop(usize),
+    Finish(bool),
+}
+
+fn ident(u: usize) -> Identity {
+    Identity {
+        user: USERS[u].into(),
+        name: USERS[u].into(),
+        email: None,
+    }
+}
+
+struct PromptQueueModel;
+
+impl Model for PromptQueueModel {
+    type State = State;
+    type Action = Action;
+
+    fn init(&self) -> Vec<State> {
+        let meta = Meta {
+            id: "s".into(),
+            title: "t".into(),
+            repository: None,
+            owner: "owner".into(),
+            invite: "i".into(),
+            created_at: 0,
+            status: SessionStatus::Active,
+            limits: Limits {
+                max_queued: MAX_QUEUED,
+                ..Limits::default()
+            },
+            next_arrival: 0,
+        };
+        let (mut session, _) = Session::create(meta, &ident(0));
+        let _ = session.join(&ident(1), "i", 0);
+        session.take_dirty();
+        vec![State {
+            session,
+            acked: BTreeSet::new(),
+            started: BTreeSet::new(),
+            view: BTreeMap::new(),
+        }]
+    }
+
+    fn actions(&self, _s: &State) -> Vec<Action> {
+        let mut v = vec![Action::Finish(true), Action::Finish(false)];
+        for u in 0..USERS.len() {
+            v.push(Action::Stop(u));
+            for p in 0..PROMPTS.len() {
+                v.push(Action::Cancel(u, p));
+                for pr in PRIORITIES {
+                    v.push(Action::Enqueue(u, p, pr));
+                    v.push(Action::Reprioritize(u, p, pr));
+                }
+            }
+        }
+        v
+    }
+
+    fn next(&self, s: &State, a: &Action) -> Option<State> {
+        let mut t = s.clone();
+        let res = match a {
+            Action::Enqueue(u, p, pr) => t.session.enqueue_prompt(
+                &ident(*u),
+                PROMPTS[*p].into(),
+                "do it".into(),
+                *pr,
+                None,
+                1,
+            ),
+            Action::Cancel(u, p) => t.session.cancel_prompt(&ident(*u), PROMPTS[*p], 1),
+            Action::Reprioritize(u, p, pr) => {
+                t.session.reprioritize_prompt(&ident(*u), PROMPTS[*p], *pr)
+            }
+            Action::Stop(u) => t.session.stop_prompt(&ident(*u), 1),
+            Action::Finish(ok) => {
+                let id = t.session.queue.running.clone()?;
+                t.session.finish_prompt(&id, *ok, None, 1)
+            }
+        };
+        match res {
+            Ok(out) => {
+                t.session.take_dirty();
+                // The running prompt chosen must be the best queued one in the pre-state
+                // (or, after an enqueue into an idle queue, the new prompt itself).
+                if let Some(id) = &out.start {
+                    let best = best_queued_after(s, &t, id);
+                    assert!(best, "{a:?} started {id} out of order");
+                }
+                for (_, k) in out.events {
+                    match k {
+                        EventKind::PromptQueued { prompt } => {
+                            t.acked.insert(prompt.id.clone());
+                            t.view.insert(prompt.id, PromptStatus::Queued);
+                        }
+                        EventKind::PromptStarted { id, .. } => {
+                            assert!(t.started.insert(id.clone()), "{id} started twice");
+                            t.view.insert(id, PromptStatus::Running);
+                        }
+                        EventKind::PromptCancelled { id } => {
+                            t.view.insert(id, PromptStatus::Cancelled);
+                        }
+                        EventKind::PromptStopped { id } => {
+                            t.view.insert(id, PromptStatus::Stopped);
+                        }
+                        EventKind::PromptFinished { id, ok, .. } => {
+                            let st = if ok {
+                                PromptStatus::Completed
+                            } else {
+                                PromptStatus::Failed
+                            };
+                            t.view.insert(id, st);
+                        }
+                        _ => {}
+                    }
+                }
+                Some(t)
+            }
+            Err(_) => {
+                let mut after = t.session.clone();
+                after.take_dirty();
+                assert_eq!(s.session, after, "refused {a:?} changed the state");
+                None
+            }
+        }
+    }
+
+    fn invariants(&self, s: &State) -> Vec<(&'static str, bool)> {
+        let q = &s.session.queue;
+        let running: Vec<_> = q
+            .prompts
+            .values()
+            .filter(|p| p.status == PromptStatus::Running)
+            .collect();
+        vec![
+            ("AtMostOneRunning", running.len() <= 1),
+            (
+                "RunningMatchesPointer",
+                running.first().map(|p| p.id.clone()) == q.running,
+            ),
+            (
+                "NoPromptLost",
+                s.acked.iter().all(|id| q.prompts.contains_key(id)),
+            ),
+            ("QueueBound", q.queued_count() <= MAX_QUEUED as usize),
+            (
+                "WorkConserving",
+                q.running.is_some() || q.queued_count() == 0,
+            ),
+            (
+                "EventsMirrorQueue",
+                s.view
+                    == q.prompts
+                        .iter()
+                        .map(|(id, p)| (id.clone(), p.status))
+                        .collect(),
+            ),
+            ("StartedWereAcked", s.started.is_subset(&s.acked)),
+        ]
+    }
+
+    fn step_properties(&self, pre: &State, _a: &Action, post: &State) -> Vec<(&'static str, bool)> {
+        let terminal_final = pre.session.queue.prompts.iter().all(|(id, p)| {
+            !p.status.is_terminal()
+                || post.session.queue.prompts.get(id).map(|n| n.status) == Some(p.status)
+        });
+        vec![("TerminalIsFinal", terminal_final)]
+    }
+}
+
+/// True when `id` is first by (priority desc, arrival asc) among prompts queued in `post` plus itself.
+fn best_queued_after(_pre: &State, post: &State, id: &str) -> bool {
+    let q = &post.session.queue;
+    let Some(chosen) = q.prompts.get(id) else {
+        return false;
+    };
+    q.prompts
+        .values()
+        .filter(|p| p.status == PromptStatus::Queued)
+        .all(|p| {
+            p.priority < chosen.priority
+                || (p.priority == chosen.priority && p.arrival > chosen.arrival)
+        })
+}
+
+/// Bound: 2 users, 4 prompt ids, 2 priorities, queue bound 2, sequences of up to DEPTH actions.
+#[test]
+fn prompt_queue_invariants_hold_up_to_bound() {
+    let report = explore(&PromptQueueModel, DEPTH)
+        .unwrap_or_else(|v| panic!("invariant {} violated by {:?}", v.invariant, v.trace));
+    println!("PromptQueue: {report:?}");
+    assert!(report.states > 1_000, "exploration too small: {report:?}");
+}

@@ -1,0 +1,812 @@
+//! The Session Durable Object: one per session. Loads from SQLite, applies commands through the core, persists, then broadcasts over hibernating WebSockets.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+
+use nightshift_core::events::Event;
+use nightshift_core::session::{Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus};
+use nightshift_core::wire::{
+    self, ClientMessage, CreateSession, CursorUpdate, ErrorBody, JoinSession, LockRequest,
+    PresenceEntry, PromptRequest, Reprioritize, ServerMessage, UnlockRequest,
+};
+use nightshift_core::CoreResult;
+use serde::{Deserialize, Serialize};
+use worker::*;
+
+use crate::auth::decode_identity;
+use crate::config;
+use crate::error::{json_of, ApiError, ApiResult};
+use crate::platform::{new_id, now_ms, random_hex};
+use crate::runner::{self, PromptRunner};
+use crate::store;
+
+/// Most presence entries sent in one snapshot; `total` gives the full count.
+const PRESENCE_SNAPSHOT_MAX: usize = 100;
+/// Presence changes are coalesced for this long before they are broadcast.
+const PRESENCE_BATCH_MS: u64 = 40;
+/// Events replayed per frame when a client catches up.
+const REPLAY_CHUNK: u32 = 500;
+
+/// What each accepted socket remembers across hibernation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Attachment {
+    client: String,
+    conn: String,
+    identity: Identity,
+}
+
+struct Loaded {
+    session: Session,
+    last_seq: u64,
+}
+
+#[durable_object]
+pub struct SessionObject {
+    state: State,
+    env: Env,
+    /// Cache of the stored session; rebuilt from SQLite whenever the object wakes.
+    cache: RefCell<Option<Loaded>>,
+    /// Clients whose presence changed since the last presence broadcast.
+    presence_changes: RefCell<BTreeSet<String>>,
+    /// The alarm time this instance last set (None: unknown).
+    alarm_at: Cell<Option<u64>>,
+}
+
+impl DurableObject for SessionObject {
+    fn new(state: State, env: Env) -> Self {
+        SessionObject {
+            state,
+            env,
+            cache: RefCell::new(None),
+            presence_changes: RefCell::new(BTreeSet::new()),
+            alarm_at: Cell::new(None),
+        }
+    }
+
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        match self.route(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn websocket_message(
+        &self,
+        ws: WebSocket,
+        message: WebSocketIncomingMessage,
+    ) -> Result<()> {
+        let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
+            let _ = ws.close(Some(1008), Some("unknown connection; reconnect"));
+            return Ok(());
+        };
+        let text = match message {
+            WebSocketIncomingMessage::String(s) => s,
+            WebSocketIncomingMessage::Binary(_) => {
+                send_frame(
+                    &ws,
+                    &error_frame(None, "binary_not_supported", "send JSON text frames"),
+                );
+                return Ok(());
+            }
+        };
+        let (reference, parsed) = wire::parse_client_message(&text);
+        let msg = match parsed {
+            Ok(m) => m,
+            Err(e) => {
+                send_frame(&ws, &error_frame(reference, e.code, &e.message));
+                return Ok(());
+            }
+        };
+        let reply = self.on_client_message(&att, msg).await;
+        let frame = match reply {
+            Ok(result) => ServerMessage::Ack { reference, result },
+            Err(e) => error_frame(reference, &e.code, &e.message),
+        };
+        send_frame(&ws, &frame);
+        Ok(())
+    }
+
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        _code: usize,
+        _reason: String,
+        _was_clean: bool,
+    ) -> Result<()> {
+        self.drop_socket(&ws).await;
+        Ok(())
+    }
+
+    async fn websocket_error(&self, ws: WebSocket, _error: Error) -> Result<()> {
+        self.drop_socket(&ws).await;
+        Ok(())
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        self.alarm_at.set(None);
+        if let Err(e) = self.on_alarm().await {
+            console_error!("session alarm failed: {}", e.message);
+        }
+        Response::ok("ok")
+    }
+}
+
+fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
+    if let Ok(text) = serde_json::to_string(frame) {
+        let _ = ws.send_with_str(text);
+    }
+}
+
+fn error_frame(reference: Option<String>, code: &str, message: &str) -> ServerMessage {
+    ServerMessage::Error {
+        reference,
+        error: ErrorBody {
+            code: code.to_string(),
+            message: message.to_string(),
+        },
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct EventsQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+fn query_u64(v: Option<&String>, name: &str, default: u64) -> ApiResult<u64> {
+    match v {
+        None => Ok(default),
+        Some(s) => s.parse().map_err(|_| {
+            ApiError::new(
+                400,
+                "invalid_query",
+                format!("{name} must be a non-negative integer"),
+            )
+        }),
+    }
+}
+
+impl SessionObject {
+    fn sql(&self) -> SqlStorage {
+        self.state.storage().sql()
+    }
+
+    fn runner(&self) -> Box<dyn PromptRunner> {
+        runner::from_config(&config::runner(&self.env), config::echo_run_ms(&self.env))
+    }
+
+    /// Makes sure the cache holds the stored session; false when there is none.
+    fn ensure_loaded(&self) -> ApiResult<bool> {
+        if self.cache.borrow().is_some() {
+            return Ok(true);
+        }
+        let Some((mut session, last_seq)) = store::load(&self.sql())? else {
+            return Ok(false);
+        };
+        // Clients whose socket is gone (the process restarted) are no longer present.
+        let live: BTreeSet<String> = self
+            .state
+            .get_websockets()
+            .iter()
+            .filter_map(|ws| ws.deserialize_attachment::<Attachment>().ok().flatten())
+            .map(|a| a.client)
+            .collect();
+        let gone: Vec<String> = session
+            .clients
+            .keys()
+            .filter(|c| !live.contains(*c))
+            .cloned()
+            .collect();
+        for c in &gone {
+            session.disconnect(c);
+        }
+        let dirty = session.take_dirty();
+        store::persist(&self.sql(), &session, &dirty)?;
+        *self.cache.borrow_mut() = Some(Loaded { session, last_seq });
+        Ok(true)
+    }
+
+    fn require_loaded(&self) -> ApiResult<()> {
+        if self.ensure_loaded()? {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                404,
+                "session_not_found",
+                "no such session; check the id or create one with POST /sessions",
+            ))
+        }
+    }
+
+    /// Reads from the cached session (which must be loaded).
+    fn read<T>(&self, f: impl FnOnce(&Session, u64) -> T) -> ApiResult<T> {
+        let cache = self.cache.borrow();
+        let l = cache
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("session not loaded"))?;
+        Ok(f(&l.session, l.last_seq))
+    }
+
+    /// Applies one command: core decides, then store, then broadcast, then side effects.
+    async fn apply(
+        &self,
+        f: impl FnOnce(&mut Session, u64) -> CoreResult<Outcome>,
+    ) -> ApiResult<(Outcome, Vec<Event>)> {
+        self.require_loaded()?;
+        let now = now_ms();
+        let result = {
+            let mut cache = self.cache.borrow_mut();
+            let l = cache
+                .as_mut()
+                .ok_or_else(|| ApiError::internal("session not loaded"))?;
+            match f(&mut l.session, now) {
+                Err(e) => Err(ApiError::from(e)),
+                Ok(mut out) => {
+                    let dirty = l.session.take_dirty();
+                    if out.presence_changed {
+                        let mut changes = self.presence_changes.borrow_mut();
+                        for d in &dirty {
+                            if let Dirty::Client(c) = d {
+                                changes.insert(c.clone());
+                            }
+                        }
+                    }
+                    let sql = self.sql();
+                    let stored = store::persist(&sql, &l.session, &dirty).and_then(|_| {
+                        store::append(&sql, &mut l.last_seq, now, std::mem::take(&mut out.events))
+                    });
+                    match stored {
+                        Ok(events) => Ok((out, events)),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
+        let (out, events) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if e.status >= 500 {
+                    // Storage failed: forget the cache so the next request reloads what is stored.
+                    *self.cache.borrow_mut() = None;
+                }
+                return Err(e);
+            }
+        };
+        self.after(&out, &events, now).await?;
+        Ok((out, events))
+    }
+
+    /// Broadcast and side effects of a stored command.
+    async fn after(&self, out: &Outcome, events: &[Event], now: u64) -> ApiResult<()> {
+        self.broadcast_events(events);
+        for c in &out.disconnect {
+            for ws in self.state.get_websockets_with_tag(c) {
+                let _ = ws.close(Some(4000), Some("removed from session"));
+            }
+        }
+        let sql = self.sql();
+        let runner = self.runner();
+        if let Some(id) = &out.abort {
+            runner.abort(&sql, id)?;
+        }
+        if let Some(id) = &out.start {
+            runner.start(&sql, id, now)?;
+        }
+        self.schedule_alarm(now).await
+    }
+
+    fn broadcast_events(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let frame = ServerMessage::Events {
+            events: events.to_vec(),
+        };
+        let Ok(text) = serde_json::to_string(&frame) else {
+            return;
+        };
+        for ws in self.state.get_websockets() {
+            let _ = ws.send_with_str(&text);
+        }
+    }
+
+    /// Sets the alarm to the earliest deadline: presence flush, sweeps, lock expiry, runner.
+    async fn schedule_alarm(&self, now: u64) -> ApiResult<()> {
+        let mut next = self.read(|s, _| s.next_deadline())?;
+        if !self.presence_changes.borrow().is_empty() {
+            let flush = now + PRESENCE_BATCH_MS;
+            next = Some(next.map_or(flush, |n| n.min(flush)));
+        }
+        if let Some(due) = self.runner().next_due(&self.sql())? {
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        let Some(next) = next else { return Ok(()) };
+        if let Some(current) = self.alarm_at.get() {
+            if current <= next {
+                return Ok(());
+            }
+        }
+        let at = next.max(now + 1);
+        let offset = i64::try_from(at.saturating_sub(now_ms())).unwrap_or(0);
+        self.state.storage().set_alarm(offset).await?;
+        self.alarm_at.set(Some(at));
+        Ok(())
+    }
+
+    async fn on_alarm(&self) -> ApiResult<()> {
+        if !self.ensure_loaded()? {
+            return Ok(());
+        }
+        let now = now_ms();
+        // Runner completions that are due.
+        let runner = self.runner();
+        for (prompt, due) in runner.jobs(&self.sql())? {
+            if due > now {
+                continue;
+            }
+            let text = self.read(|s, _| s.queue.prompts.get(&prompt).map(|p| p.text.clone()))?;
+            store::runner_cancel(&self.sql(), &prompt)?;
+            if let Some(text) = text {
+                let reply = runner.reply(&text);
+                let p = prompt.clone();
+                let _ = self
+                    .apply(move |s, now| {
+                        let mut out = s.agent_text(&p, reply)?;
+                        let fin = s.finish_prompt(&p, true, None, now)?;
+                        out.events.extend(fin.events);
+                        out.start = fin.start;
+                        Ok(out)
+                    })
+                    .await;
+            }
+        }
+        // Heartbeat sweep and lock expiry.
+        self.apply(|s, now| Ok(s.sweep(now))).await?;
+        self.flush_presence();
+        self.schedule_alarm(now_ms()).await
+    }
+
+    /// Sends coalesced presence changes to every socket.
+    fn flush_presence(&self) {
+        let changed: BTreeSet<String> = std::mem::take(&mut *self.presence_changes.borrow_mut());
+        if changed.is_empty() {
+            return;
+        }
+        let Ok(frame) = self.read(|s, _| {
+            let mut updated = Vec::new();
+            let mut left = Vec::new();
+            for c in changed {
+                match s.clients.get(&c) {
+                    Some(client) => updated.push(PresenceEntry::from(client)),
+                    None => left.push(c),
+                }
+            }
+            ServerMessage::PresenceDelta {
+                updated,
+                left,
+                total: s.clients.len(),
+            }
+        }) else {
+            return;
+        };
+        let Ok(text) = serde_json::to_string(&frame) else {
+            return;
+        };
+        for ws in self.state.get_websockets() {
+            let _ = ws.send_with_str(&text);
+        }
+    }
+
+    async fn drop_socket(&self, ws: &WebSocket) {
+        let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
+            return;
+        };
+        // A reconnect with the same client id may already have replaced this socket.
+        let replaced = self
+            .state
+            .get_websockets_with_tag(&att.client)
+            .iter()
+            .any(|other| {
+                other
+                    .deserialize_attachment::<Attachment>()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|a| a.conn != att.conn)
+            });
+        let _ = ws.close(Some(1000), Some("closed"));
+        if replaced {
+            return;
+        }
+        let client = att.client.clone();
+        let _ = self.apply(move |s, _| Ok(s.disconnect(&client))).await;
+    }
+
+    fn identity(req: &Request) -> ApiResult<Identity> {
+        decode_identity(req).ok_or_else(ApiError::unauthenticated)
+    }
+
+    async fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+        let bytes = req
+            .bytes()
+            .await
+            .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
+        Ok(wire::parse_body(&bytes)?)
+    }
+
+    async fn route(&self, mut req: Request) -> ApiResult<Response> {
+        let path = req.path();
+        let method = req.method();
+        let who = Self::identity(&req)?;
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if segs.as_slice() == ["create"] && method == Method::Post {
+            let body: CreateSession = Self::body(&mut req).await?;
+            return self.create(&who, body, &req).await;
+        }
+        self.require_loaded()?;
+        match (method, segs.as_slice()) {
+            (Method::Post, ["join"]) => {
+                let body: JoinSession = Self::body(&mut req).await?;
+                let (out, _) = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
+                let snapshot = self.snapshot(&who)?;
+                json_of(if out.events.is_empty() { 200 } else { 201 }, &snapshot)
+            }
+            (Method::Get, ["snapshot"]) => json_of(200, &self.snapshot(&who)?),
+            (Method::Post, ["leave"]) => {
+                self.apply(|s, _| s.leave(&who)).await?;
+                json_of(200, &serde_json::json!({ "left": true }))
+            }
+            (Method::Post, ["end"]) => {
+                self.apply(|s, now| s.end(&who, now)).await?;
+                json_of(200, &self.snapshot(&who)?)
+            }
+            (Method::Put, ["cursor"]) => {
+                let b: CursorUpdate = Self::body(&mut req).await?;
+                let cursor = Cursor {
+                    file: b.file,
+                    line: b.line,
+                    column: b.column,
+                };
+                let client = b.client.clone();
+                self.apply(|s, now| s.set_cursor(&who, &client, cursor, now))
+                    .await?;
+                json_of(200, &serde_json::json!({ "ok": true }))
+            }
+            (Method::Post, ["prompt"]) => {
+                let b: PromptRequest = Self::body(&mut req).await?;
+                let p = self.enqueue(&who, b.text, b.priority, b.model).await?;
+                json_of(202, &p)
+            }
+            (Method::Delete, ["prompt", id]) => {
+                let id = id.to_string();
+                self.apply(|s, now| s.cancel_prompt(&who, &id, now)).await?;
+                json_of(200, &self.prompt_json(&id)?)
+            }
+            (Method::Patch, ["prompt", id]) => {
+                let b: Reprioritize = Self::body(&mut req).await?;
+                let id = id.to_string();
+                self.apply(|s, _| s.reprioritize_prompt(&who, &id, b.priority))
+                    .await?;
+                json_of(200, &self.prompt_json(&id)?)
+            }
+            (Method::Get, ["prompts"]) => {
+                self.require_member(&who)?;
+                json_of(200, &self.read(queue_json)?)
+            }
+            (Method::Post, ["stop"]) => {
+                let (out, _) = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
+                json_of(200, &serde_json::json!({ "stopped": out.abort }))
+            }
+            (Method::Post, ["lock"]) => {
+                let b: LockRequest = Self::body(&mut req).await?;
+                self.apply(|s, now| s.acquire_lock(&who, &b.resource, b.ttl_ms, now))
+                    .await?;
+                json_of(200, &self.read(|s, _| s.locks.get(&b.resource).cloned())?)
+            }
+            (Method::Post, ["unlock"]) => {
+                let b: UnlockRequest = Self::body(&mut req).await?;
+                self.apply(|s, _| s.release_lock(&who, &b.resource)).await?;
+                json_of(200, &serde_json::json!({ "released": b.resource }))
+            }
+            (Method::Get, ["locks"]) => {
+                self.require_member(&who)?;
+                json_of(
+                    200,
+                    &self.read(
+                        |s, _| serde_json::json!({ "locks": s.locks.values().collect::<Vec<_>>() }),
+                    )?,
+                )
+            }
+            (Method::Get, ["presence"]) => {
+                self.require_member(&who)?;
+                let all: Vec<PresenceEntry> =
+                    self.read(|s, _| s.clients.values().map(PresenceEntry::from).collect())?;
+                json_of(
+                    200,
+                    &serde_json::json!({ "total": all.len(), "clients": all }),
+                )
+            }
+            (Method::Get, ["events"]) => {
+                self.require_member(&who)?;
+                let q: EventsQuery = req.query().unwrap_or_default();
+                let since = query_u64(q.since.as_ref(), "since", 0)?;
+                let limit = query_u64(q.limit.as_ref(), "limit", 1000)?.clamp(1, 5000) as u32;
+                let rows = store::events_after(&self.sql(), since, limit)?;
+                let last_seq = self.read(|_, seq| seq)?;
+                let body = format!(
+                    "{{\"last_seq\":{last_seq},\"events\":[{}]}}",
+                    rows.join(",")
+                );
+                crate::error::json_response(200, body).map_err(ApiError::from)
+            }
+            (Method::Get, ["ws"]) => self.accept_socket(&who, &req).await,
+            _ => Err(ApiError::not_found("route")),
+        }
+    }
+
+    fn require_member(&self, who: &Identity) -> ApiResult<()> {
+        if self.read(|s, _| s.is_member(&who.user))? {
+            Ok(())
+        } else {
+            Err(nightshift_core::CoreError::NotMember.into())
+        }
+    }
+
+    async fn create(
+        &self,
+        who: &Identity,
+        body: CreateSession,
+        req: &Request,
+    ) -> ApiResult<Response> {
+        if store::exists(&self.sql())? {
+            return Err(ApiError::new(
+                409,
+                "session_exists",
+                "this session already exists",
+            ));
+        }
+        let title = body.title.trim().to_string();
+        if title.is_empty() || title.len() > nightshift_core::session::MAX_TITLE_LEN {
+            return Err(ApiError::new(
+                400,
+                "invalid_input",
+                "title must be 1-200 bytes",
+            ));
+        }
+        if body
+            .repository
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 1000)
+        {
+            return Err(ApiError::new(
+                400,
+                "invalid_input",
+                "repository must be 1-1000 bytes",
+            ));
+        }
+        let id = req
+            .headers()
+            .get("x-nightshift-session")
+            .ok()
+            .flatten()
+            .ok_or_else(|| ApiError::internal("missing session id"))?;
+        let now = now_ms();
+        let meta = Meta {
+            id,
+            title,
+            repository: body.repository,
+            owner: who.user.clone(),
+            invite: random_hex(16),
+            created_at: now,
+            status: SessionStatus::Active,
+            limits: config::limits(&self.env),
+            next_arrival: 0,
+        };
+        let (mut session, out) = Session::create(meta, who);
+        let sql = self.sql();
+        store::create_schema(&sql)?;
+        let dirty = session.take_dirty();
+        store::persist(&sql, &session, &dirty)?;
+        let mut last_seq = 0;
+        store::append(&sql, &mut last_seq, now, out.events)?;
+        *self.cache.borrow_mut() = Some(Loaded { session, last_seq });
+        json_of(201, &self.snapshot(who)?)
+    }
+
+    async fn enqueue(
+        &self,
+        who: &Identity,
+        text: String,
+        priority: i32,
+        model: Option<String>,
+    ) -> ApiResult<serde_json::Value> {
+        let id = new_id("prm");
+        let pid = id.clone();
+        self.apply(move |s, now| s.enqueue_prompt(who, pid, text, priority, model, now))
+            .await?;
+        self.prompt_json(&id)
+    }
+
+    fn prompt_json(&self, id: &str) -> ApiResult<serde_json::Value> {
+        self.read(|s, _| {
+            s.queue
+                .prompts
+                .get(id)
+                .map(|p| serde_json::to_value(p).unwrap_or_default())
+        })?
+        .ok_or_else(|| ApiError::not_found("prompt"))
+    }
+
+    /// Everything a member needs to render the session.
+    fn snapshot(&self, who: &Identity) -> ApiResult<serde_json::Value> {
+        self.require_member(who)?;
+        self.read(|s, last_seq| {
+            let presence = presence_frame(s);
+            serde_json::json!({
+                "id": s.meta.id,
+                "title": s.meta.title,
+                "repository": s.meta.repository,
+                "owner": s.meta.owner,
+                "status": s.meta.status,
+                "created_at": s.meta.created_at,
+                "invite": s.meta.invite,
+                "limits": s.meta.limits,
+                "role": s.members.get(&who.user).map(|m| m.role),
+                "members": s.members.values().collect::<Vec<_>>(),
+                "presence": presence,
+                "locks": s.locks.values().collect::<Vec<_>>(),
+                "queue": queue_json(s, last_seq),
+                "last_seq": last_seq,
+            })
+        })
+    }
+
+    async fn accept_socket(&self, who: &Identity, req: &Request) -> ApiResult<Response> {
+        let url = req.url().map_err(ApiError::from)?;
+        let q = |k: &str| {
+            url.query_pairs()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        let since = query_u64(q("since").as_ref(), "since", 0)?;
+        let client = q("client").unwrap_or_else(|| new_id("cli"));
+        let kind = q("kind").unwrap_or_else(|| "web".into());
+        if kind.is_empty() || kind.len() > 32 {
+            return Err(ApiError::new(
+                400,
+                "invalid_query",
+                "kind must be 1-32 bytes",
+            ));
+        }
+        // Registers the client (membership and per-user limit checked by the core).
+        let (c2, k2) = (client.clone(), kind.clone());
+        self.apply(|s, now| s.connect(who, &c2, &k2, now)).await?;
+        // Close an older socket of the same client id: this one replaces it.
+        let older = self.state.get_websockets_with_tag(&client);
+        let pair = WebSocketPair::new().map_err(ApiError::from)?;
+        let server = pair.server;
+        self.state
+            .accept_websocket_with_tags(&server, &[client.as_str(), who.user.as_str()]);
+        server
+            .serialize_attachment(Attachment {
+                client: client.clone(),
+                conn: random_hex(8),
+                identity: who.clone(),
+            })
+            .map_err(ApiError::from)?;
+        for ws in older {
+            let _ = ws.close(Some(4001), Some("replaced by a newer connection"));
+        }
+        // Hello, then every event after `since`, then a presence snapshot; live events follow.
+        let last_seq = self.read(|_, seq| seq)?;
+        send_frame(
+            &server,
+            &ServerMessage::Hello {
+                client: client.clone(),
+                user: who.user.clone(),
+                seq: last_seq,
+            },
+        );
+        let mut cursor = since;
+        while cursor < last_seq {
+            let rows = store::events_after(&self.sql(), cursor, REPLAY_CHUNK)?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut events = Vec::with_capacity(rows.len());
+            for r in rows {
+                let ev: Event = serde_json::from_str(&r).map_err(ApiError::internal)?;
+                cursor = ev.seq;
+                events.push(ev);
+            }
+            send_frame(&server, &ServerMessage::Events { events });
+        }
+        let presence = self.read(|s, _| presence_frame(s))?;
+        send_frame(&server, &presence);
+        Response::from_websocket(pair.client).map_err(ApiError::from)
+    }
+
+    async fn on_client_message(
+        &self,
+        att: &Attachment,
+        msg: ClientMessage,
+    ) -> ApiResult<Option<serde_json::Value>> {
+        let who = &att.identity;
+        let client = att.client.as_str();
+        match msg {
+            ClientMessage::Ping => {
+                self.apply(|s, now| s.heartbeat(who, client, now)).await?;
+                Ok(None)
+            }
+            m @ ClientMessage::Cursor { .. } => {
+                let cursor = m
+                    .cursor()
+                    .ok_or_else(|| ApiError::internal("cursor message without cursor"))?;
+                self.apply(|s, now| s.set_cursor(who, client, cursor, now))
+                    .await?;
+                Ok(None)
+            }
+            ClientMessage::Typing { typing } => {
+                self.apply(|s, now| s.set_typing(who, client, typing, now))
+                    .await?;
+                Ok(None)
+            }
+            ClientMessage::Prompt {
+                text,
+                priority,
+                model,
+            } => Ok(Some(self.enqueue(who, text, priority, model).await?)),
+            ClientMessage::Cancel { id } => {
+                self.apply(|s, now| s.cancel_prompt(who, &id, now)).await?;
+                Ok(None)
+            }
+            ClientMessage::Reprioritize { id, priority } => {
+                self.apply(|s, _| s.reprioritize_prompt(who, &id, priority))
+                    .await?;
+                Ok(None)
+            }
+            ClientMessage::Stop => {
+                self.apply(|s, now| s.stop_prompt(who, now)).await?;
+                Ok(None)
+            }
+            ClientMessage::LockAcquire { resource, ttl_ms } => {
+                self.apply(|s, now| s.acquire_lock(who, &resource, ttl_ms, now))
+                    .await?;
+                Ok(None)
+            }
+            ClientMessage::LockRelease { resource } => {
+                self.apply(|s, _| s.release_lock(who, &resource)).await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn presence_frame(s: &Session) -> ServerMessage {
+    ServerMessage::Presence {
+        clients: s
+            .clients
+            .values()
+            .take(PRESENCE_SNAPSHOT_MAX)
+            .map(PresenceEntry::from)
+            .collect(),
+        total: s.clients.len(),
+    }
+}
+
+fn queue_json(s: &Session, _last_seq: u64) -> serde_json::Value {
+    let running = s
+        .queue
+        .running
+        .as_ref()
+        .and_then(|id| s.queue.prompts.get(id));
+    let queued = s.queue.queued_in_order();
+    let mut recent: Vec<_> = s
+        .queue
+        .prompts
+        .values()
+        .filter(|p| p.status.is_terminal())
+        .collect();
+    recent.sort_by_key(|p| std::cmp::Reverse(p.arrival));
+    recent.truncate(20);
+    serde_json::json!({ "running": running, "queued": queued, "recent": recent })
+}

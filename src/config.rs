@@ -1,0 +1,58 @@
+//! Deployment configuration read from the Worker environment (vars and secrets), with defaults.
+
+use nightshift_core::session::Limits;
+use worker::Env;
+
+fn var(env: &Env, name: &str) -> Option<String> {
+    env.secret(name)
+        .map(|s| s.to_string())
+        .or_else(|_| env.var(name).map(|v| v.to_string()))
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+fn num<T: std::str::FromStr>(env: &Env, name: &str, default: T) -> T {
+    var(env, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// HMAC key for people's bearer tokens (`AUTH_SECRET`).
+pub fn auth_secret(env: &Env) -> Vec<u8> {
+    var(env, "AUTH_SECRET")
+        .map(String::into_bytes)
+        .unwrap_or_default()
+}
+
+/// The dev sign-in route exists only when `DEV_AUTH=1` (set by the local run, never in production).
+pub fn dev_auth(env: &Env) -> bool {
+    var(env, "DEV_AUTH").as_deref() == Some("1")
+}
+
+/// How long issued tokens live.
+pub fn token_ttl_ms(env: &Env) -> u64 {
+    num(env, "TOKEN_TTL_MS", 12 * 60 * 60 * 1000)
+}
+
+/// Session limits for new sessions.
+pub fn limits(env: &Env) -> Limits {
+    let d = Limits::default();
+    Limits {
+        max_clients_per_user: num(env, "MAX_CLIENTS_PER_USER", d.max_clients_per_user),
+        max_members: num(env, "MAX_MEMBERS", d.max_members),
+        max_queued: num(env, "MAX_QUEUED", d.max_queued),
+        max_lock_ttl_ms: num(env, "MAX_LOCK_TTL_MS", d.max_lock_ttl_ms),
+        heartbeat_timeout_ms: num(env, "HEARTBEAT_TIMEOUT_MS", d.heartbeat_timeout_ms),
+        max_prompt_bytes: num(env, "MAX_PROMPT_BYTES", d.max_prompt_bytes),
+    }
+}
+
+/// Which prompt runner sessions use: `echo` (a local stand-in) or `none` (prompts wait for compute).
+pub fn runner(env: &Env) -> String {
+    var(env, "PROMPT_RUNNER").unwrap_or_else(|| "none".into())
+}
+
+/// How long the echo runner takes per prompt.
+pub fn echo_run_ms(env: &Env) -> u64 {
+    num(env, "ECHO_RUN_MS", 1500)
+}

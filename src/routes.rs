@@ -1,0 +1,247 @@
+//! HTTP routing of the Worker: authenticate, check the shape of the request, forward to the right Durable Object.
+
+use nightshift_core::wire::{self, DevSignIn, MAX_BODY_BYTES};
+use worker::{Env, Headers, Method, Request, RequestInit, Response, Stub};
+
+use crate::auth::{self, encode_identity, IDENTITY_HEADER};
+use crate::config;
+use crate::error::{json_of, json_response, ApiError, ApiResult};
+use crate::platform::{new_id, now_ms, valid_id};
+use crate::user_index::SessionEntry;
+
+/// The OpenAPI document, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
+    match route(req, &env).await {
+        Ok(r) => Ok(r),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
+    let path = req.path();
+    let method = req.method();
+    let segs: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    match (method.clone(), segs.as_slice()) {
+        (Method::Get, ["health"]) => json_of(200, &serde_json::json!({ "ok": true })),
+        (Method::Get, ["openapi.json"]) => {
+            json_response(200, OPENAPI.to_string()).map_err(ApiError::from)
+        }
+        (Method::Post, ["auth", "dev"]) => {
+            if !config::dev_auth(env) {
+                return Err(ApiError::new(
+                    404,
+                    "not_found",
+                    "dev sign-in is disabled in this deployment; sign in with GitHub",
+                ));
+            }
+            let body: DevSignIn = read_body(&mut req).await?;
+            json_of(200, &auth::dev_sign_in(body, env)?)
+        }
+        (Method::Get, ["auth", "me"]) => {
+            let who = auth::authenticate(&req, env, false)?;
+            json_of(200, &who)
+        }
+        (Method::Post, ["sessions"]) => create_session(&mut req, env).await,
+        (Method::Get, ["sessions"]) => {
+            let who = auth::authenticate(&req, env, false)?;
+            let stub = user_index(env, &who.user)?;
+            call(&stub, Method::Get, "/list", None, None).await
+        }
+        (Method::Get, ["sessions", id]) => forward(&mut req, env, id, "snapshot").await,
+        (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
+        (_, ["multiplayer", id, rest @ ..]) => {
+            let target = match (method, rest) {
+                (Method::Post, ["join"]) => "join".to_string(),
+                (Method::Post, ["leave"]) => "leave".to_string(),
+                (Method::Put, ["cursor"]) => "cursor".to_string(),
+                (Method::Post, ["prompt"]) => "prompt".to_string(),
+                (Method::Delete | Method::Patch, ["prompt", pid]) => format!("prompt/{pid}"),
+                (Method::Get, ["prompts"]) => "prompts".to_string(),
+                (Method::Post, ["stop"]) => "stop".to_string(),
+                (Method::Post, ["lock"]) => "lock".to_string(),
+                (Method::Post, ["unlock"]) => "unlock".to_string(),
+                (Method::Get, ["locks"]) => "locks".to_string(),
+                (Method::Get, ["presence"]) => "presence".to_string(),
+                (Method::Get, ["events"]) => "events".to_string(),
+                (Method::Get, ["ws"]) => "ws".to_string(),
+                _ => return Err(no_route(&req)),
+            };
+            forward(&mut req, env, id, &target).await
+        }
+        _ => Err(no_route(&req)),
+    }
+}
+
+fn no_route(req: &Request) -> ApiError {
+    ApiError::new(
+        404,
+        "not_found",
+        format!(
+            "no route {} {}; the API is described at /openapi.json",
+            req.method(),
+            req.path()
+        ),
+    )
+}
+
+async fn read_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+    let bytes = read_bytes(req).await?;
+    Ok(wire::parse_body(&bytes)?)
+}
+
+async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
+    let declared = req
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    let bytes = req
+        .bytes()
+        .await
+        .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn session_stub(env: &Env, id: &str) -> ApiResult<Stub> {
+    if !valid_id("ses", id) {
+        return Err(ApiError::new(
+            404,
+            "session_not_found",
+            "no such session; check the id or create one with POST /sessions",
+        ));
+    }
+    Ok(env.durable_object("SESSION")?.get_by_name(id)?)
+}
+
+fn user_index(env: &Env, user: &str) -> ApiResult<Stub> {
+    Ok(env.durable_object("USER_INDEX")?.get_by_name(user)?)
+}
+
+/// Calls a Durable Object with an optional identity and body.
+async fn call(
+    stub: &Stub,
+    method: Method,
+    path_and_query: &str,
+    headers: Option<Headers>,
+    body: Option<Vec<u8>>,
+) -> ApiResult<Response> {
+    let mut init = RequestInit::new();
+    init.with_method(method);
+    init.with_headers(headers.unwrap_or_default());
+    if let Some(b) = body {
+        init.with_body(Some(js_sys::Uint8Array::from(b.as_slice()).into()));
+    }
+    let req = Request::new_with_init(&format!("https://do{path_and_query}"), &init)?;
+    Ok(stub.fetch_with_request(req).await?)
+}
+
+/// Authenticates, then forwards the request to the session's object at `/target`.
+async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiResult<Response> {
+    let is_ws = target == "ws";
+    let who = auth::authenticate(req, env, is_ws)?;
+    let stub = session_stub(env, id)?;
+    let headers = Headers::new();
+    headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
+    if is_ws {
+        let upgrade = req.headers().get("upgrade").ok().flatten();
+        if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+            return Err(ApiError::new(
+                426,
+                "upgrade_required",
+                "connect with a WebSocket (Upgrade: websocket)",
+            ));
+        }
+        headers.set("upgrade", "websocket")?;
+    }
+    let method = req.method();
+    let body = match method {
+        Method::Post | Method::Put | Method::Patch => Some(read_bytes(req).await?),
+        _ => None,
+    };
+    let query = req
+        .url()
+        .ok()
+        .and_then(|u| u.query().map(|q| format!("?{q}")))
+        .unwrap_or_default();
+    let mut resp = call(
+        &stub,
+        method,
+        &format!("/{target}{query}"),
+        Some(headers),
+        body,
+    )
+    .await?;
+    let status = resp.status_code();
+    if (200..300).contains(&status) && (target == "join" || target == "leave") {
+        let text = resp.text().await?;
+        if target == "join" {
+            if let Ok(snap) = serde_json::from_str::<serde_json::Value>(&text) {
+                index_add(env, &who.user, &snap).await?;
+            }
+        } else {
+            let idx = user_index(env, &who.user)?;
+            let body = serde_json::json!({ "id": id }).to_string().into_bytes();
+            call(&idx, Method::Post, "/remove", None, Some(body)).await?;
+        }
+        return json_response(status, text).map_err(ApiError::from);
+    }
+    Ok(resp)
+}
+
+async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult<()> {
+    let s = |k: &str| snap.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let entry = SessionEntry {
+        id: s("id").unwrap_or_default(),
+        title: s("title").unwrap_or_default(),
+        repository: s("repository"),
+        role: s("role").unwrap_or_else(|| "member".into()),
+        joined_at: now_ms(),
+    };
+    let idx = user_index(env, user)?;
+    let body = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
+    call(&idx, Method::Post, "/add", None, Some(body)).await?;
+    Ok(())
+}
+
+async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
+    let who = auth::authenticate(req, env, false)?;
+    let bytes = read_bytes(req).await?;
+    // Validate the shape here so a bad body never creates an object.
+    let _: wire::CreateSession = wire::parse_body(&bytes)?;
+    let id = new_id("ses");
+    let stub = session_stub(env, &id)?;
+    let headers = Headers::new();
+    headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
+    headers.set("x-nightshift-session", &id)?;
+    let mut resp = call(&stub, Method::Post, "/create", Some(headers), Some(bytes)).await?;
+    let status = resp.status_code();
+    let text = resp.text().await?;
+    if status == 201 {
+        if let Ok(snap) = serde_json::from_str::<serde_json::Value>(&text) {
+            index_add(env, &who.user, &snap).await?;
+        }
+    }
+    json_response(status, text).map_err(ApiError::from)
+}

@@ -1,0 +1,2 @@
+//! Benchmarks against a local wrangler dev.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Test harness: starts wrangler dev on free ports and talks to it.
