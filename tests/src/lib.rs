@@ -1,1 +1,360 @@
-//! Test harness: starts wrangler dev on free ports and talks to it.
+//! Test harness: starts the real Worker under `wrangler dev` on free ports with its own state, and talks to it over HTTP and WebSocket.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// One `wrangler dev` process with its own persisted Durable Object state.
+pub struct Server {
+    pub port: u16,
+    pub base: String,
+    state_dir: PathBuf,
+    vars: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server with the dev sign-in on and extra `--var`s.
+    pub async fn start(vars: &[(&str, &str)]) -> Server {
+        let root = repo_root();
+        assert!(
+            root.join("build/index_bg.wasm").exists(),
+            "the Worker is not built: run scripts/build.sh (scripts/test.sh does it)"
+        );
+        let port = free_port();
+        let unique = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            port,
+            Instant::now().elapsed().as_nanos()
+        );
+        let state_dir = root.join(".state/test").join(&unique);
+        std::fs::create_dir_all(&state_dir).expect("create state dir");
+        let mut all = vec![
+            ("DEV_AUTH".to_string(), "1".to_string()),
+            ("AUTH_SECRET".to_string(), "test-secret".to_string()),
+        ];
+        for (k, v) in vars {
+            all.retain(|(name, _)| name != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut s = Server {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            log: state_dir.join("wrangler.log"),
+            state_dir,
+            vars: all,
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let root = repo_root();
+        let inspector = free_port();
+        let mut args = format!(
+            "source scripts/env.sh && exec wrangler dev --ip 127.0.0.1 --port {} --inspector-port {} --persist-to '{}' --show-interactive-dev-session=false --log-level warn",
+            self.port,
+            inspector,
+            self.state_dir.join("do").display()
+        );
+        for (k, v) in &self.vars {
+            args.push_str(&format!(" --var '{k}:{v}'"));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(&args)
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start wrangler dev");
+        self.child = Some(child);
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{}/health", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("wrangler dev did not become ready:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id() as i32;
+            unsafe {
+                libc::kill(-pgid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process and starts it again on the same state and port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        // Wait until the port is free again.
+        for _ in 0..100 {
+            if TcpListener::bind(("127.0.0.1", self.port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.spawn().await;
+    }
+
+    pub fn client(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// HTTP access to the API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A signed-in person.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub user: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.header("content-type", "application/json").body(b);
+        }
+        let resp = rb.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    pub async fn call(&self, method: &str, path: &str, who: &User, body: Option<Value>) -> (u16, Value) {
+        self.raw(
+            method,
+            path,
+            Some(&who.token),
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    pub async fn sign_in(&self, user: &str) -> User {
+        let (st, v) = self
+            .raw(
+                "POST",
+                "/auth/dev",
+                None,
+                Some(json!({ "user": user, "name": user.to_uppercase() }).to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!(st, 200, "sign in: {v}");
+        User {
+            user: user.to_string(),
+            token: v["token"].as_str().expect("token").to_string(),
+        }
+    }
+
+    /// Creates a session owned by `who`; returns (id, invite).
+    pub async fn create_session(&self, who: &User, title: &str) -> (String, String) {
+        let (st, v) = self
+            .call("POST", "/sessions", who, Some(json!({ "title": title })))
+            .await;
+        assert_eq!(st, 201, "create: {v}");
+        (
+            v["id"].as_str().expect("id").to_string(),
+            v["invite"].as_str().expect("invite").to_string(),
+        )
+    }
+
+    pub async fn join(&self, who: &User, id: &str, invite: &str) {
+        let (st, v) = self
+            .call(
+                "POST",
+                &format!("/multiplayer/{id}/join"),
+                who,
+                Some(json!({ "invite": invite })),
+            )
+            .await;
+        assert!(st == 200 || st == 201, "join: {st} {v}");
+    }
+
+    pub async fn connect(&self, who: &User, id: &str, client: &str, since: u64) -> Ws {
+        let url = format!(
+            "{}/multiplayer/{id}/ws?token={}&client={client}&since={since}",
+            self.base.replacen("http", "ws", 1),
+            who.token
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connect");
+        Ws {
+            stream,
+            last_seq: since,
+            seen: Vec::new(),
+        }
+    }
+}
+
+/// A WebSocket client that tracks the events it has seen.
+pub struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub last_seq: u64,
+    /// Every durable event received, in arrival order.
+    pub seen: Vec<Value>,
+}
+
+impl Ws {
+    pub async fn send(&mut self, v: Value) {
+        self.stream
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.stream
+            .send(Message::Text(s.to_string().into()))
+            .await
+            .expect("ws send");
+    }
+
+    /// Next frame, or None on close/timeout.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+            match msg.ok()? {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).ok()?;
+                    if v["type"] == "events" {
+                        for e in v["events"].as_array().cloned().unwrap_or_default() {
+                            let seq = e["seq"].as_u64().unwrap_or(0);
+                            assert!(
+                                seq == self.last_seq + 1,
+                                "gap or duplicate: got seq {seq} after {}",
+                                self.last_seq
+                            );
+                            self.last_seq = seq;
+                            self.seen.push(e);
+                        }
+                    }
+                    return Some(v);
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads frames until one satisfies `pred`; panics after `timeout`.
+    pub async fn until(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Some(v) if pred(&v) => return v,
+                Some(_) => continue,
+                None => panic!("timed out or closed waiting for {what}; seen {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for a durable event of type `ty` (matching `pred`) to have arrived.
+    pub async fn event(&mut self, ty: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(e) = self.seen.iter().find(|e| e["type"] == ty && pred(e)) {
+            return e.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let before = self.seen.len();
+            if self.next(left).await.is_none() {
+                panic!("no {ty} event arrived; seen {:?}", self.seen);
+            }
+            if let Some(e) = self.seen[before..].iter().find(|e| e["type"] == ty && pred(e)) {
+                return e.clone();
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}
+
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}

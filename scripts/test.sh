@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+#! Runs every test: format and lint checks, the core's unit tests and model checks, then end-to-end tests against wrangler dev.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source "$root/scripts/env.sh"
+echo "[test] cargo fmt --check"
+cargo fmt --all -- --check
+echo "[test] clippy (host and wasm)"
+cargo clippy --workspace --all-targets -q -- -D warnings
+cargo clippy -p nightshift-worker --target wasm32-unknown-unknown -q -- -D warnings
+echo "[test] building the Worker"
+bash scripts/build.sh
+echo "[test] cargo test (core, model checks, end to end)"
+# End-to-end tests each start their own wrangler dev; three at a time suits two cores.
+cargo test --workspace -- --test-threads 3

@@ -1,0 +1,204 @@
+//! Multiplayer over WebSockets against wrangler dev: ordered fan-out, presence, typing, queue order, locks, limits, resume, sweeps.
+
+use nightshift_tests::{secs, Server};
+use serde_json::{json, Value};
+
+fn types(events: &[Value]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| (e["seq"].as_u64().unwrap_or(0), e["type"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_clients_see_the_same_ordered_events_and_presence() {
+    let server = Server::start(&[("PROMPT_RUNNER", "echo"), ("ECHO_RUN_MS", "300")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let (id, invite) = api.create_session(&ada, "Pairing").await;
+    api.join(&bob, &id, &invite).await;
+
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let hello = a.until(secs(5), "hello", |v| v["type"] == "hello").await;
+    assert_eq!(hello["client"], "ada-web");
+    let mut b = api.connect(&bob, &id, "bob-web", 0).await;
+    b.until(secs(5), "presence", |v| v["type"] == "presence").await;
+
+    // Ada sees Bob arrive and start typing.
+    a.until(secs(5), "bob in presence", |v| {
+        v["type"] == "presence.delta"
+            && v["updated"].as_array().is_some_and(|u| u.iter().any(|c| c["user"] == "bob"))
+    })
+    .await;
+    b.send(json!({"type":"typing","typing":true,"ref":"t1"})).await;
+    let ack = b.until(secs(5), "typing ack", |v| v["type"] == "ack").await;
+    assert_eq!(ack["ref"], "t1");
+    a.until(secs(5), "bob typing", |v| {
+        v["type"] == "presence.delta"
+            && v["updated"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|c| c["user"] == "bob" && c["typing"] == true))
+    })
+    .await;
+
+    // A prompt from Bob reaches both, with its author, and runs to completion.
+    b.send(json!({"type":"prompt","text":"rename the module","ref":"p1"})).await;
+    let ack = b.until(secs(5), "prompt ack", |v| v["type"] == "ack" && v["ref"] == "p1").await;
+    assert_eq!(ack["result"]["author"], "bob");
+    let pid = ack["result"]["id"].as_str().expect("id").to_string();
+    let q = a.event("prompt.queued", |e| e["prompt"]["id"] == pid.as_str()).await;
+    assert_eq!(q["actor"]["user"], "bob");
+    a.event("prompt.finished", |e| e["id"] == pid.as_str()).await;
+    b.event("prompt.finished", |e| e["id"] == pid.as_str()).await;
+    assert_eq!(types(&a.seen), types(&b.seen));
+
+    // Bad frames get error frames and change nothing.
+    let before = a.last_seq;
+    b.send_text("{oops").await;
+    let e = b.until(secs(5), "error", |v| v["type"] == "error").await;
+    assert_eq!(e["error"]["code"], "malformed_json");
+    b.send(json!({"type":"teleport","ref":"x"})).await;
+    let e = b.until(secs(5), "error", |v| v["type"] == "error").await;
+    assert_eq!((e["error"]["code"].as_str(), e["ref"].as_str()), (Some("unknown_message_type"), Some("x")));
+    b.send(json!({"type":"prompt","text":7})).await;
+    let e = b.until(secs(5), "error", |v| v["type"] == "error").await;
+    assert_eq!(e["error"]["code"], "invalid_message");
+    let (_, ev) = api.call("GET", &format!("/multiplayer/{id}/events?since=0"), &ada, None).await;
+    assert_eq!(ev["last_seq"].as_u64(), Some(before));
+}
+
+#[tokio::test]
+async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop() {
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "echo"),
+        ("ECHO_RUN_MS", "800"),
+        ("MAX_QUEUED", "3"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let (id, invite) = api.create_session(&ada, "Queue").await;
+    api.join(&bob, &id, &invite).await;
+    let mut watch = api.connect(&ada, &id, "watch", 0).await;
+    let send = |who, text: &str, prio: i32| {
+        let api = api.clone();
+        let id = id.clone();
+        let body = json!({"text": text, "priority": prio});
+        async move {
+            let (st, v) = api.call("POST", &format!("/multiplayer/{id}/prompt"), who, Some(body)).await;
+            (st, v)
+        }
+    };
+    let (_, p1) = send(&ada, "one", 0).await;
+    assert_eq!(p1["status"], "running");
+    let (_, p2) = send(&bob, "two", 0).await;
+    let (_, p3) = send(&ada, "three", 5).await;
+    let (_, p4) = send(&bob, "four", 0).await;
+    let (st, v) = send(&ada, "five", 0).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (429, Some("queue_full")));
+    let id_of = |p: &Value| p["id"].as_str().unwrap_or("").to_string();
+
+    // Bob may not touch Ada's prompt; he cancels his own and raises another.
+    let (st, _) = api.call("DELETE", &format!("/multiplayer/{id}/prompt/{}", id_of(&p3)), &bob, None).await;
+    assert_eq!(st, 403);
+    let (st, _) = api.call("DELETE", &format!("/multiplayer/{id}/prompt/{}", id_of(&p4)), &bob, None).await;
+    assert_eq!(st, 200);
+    let (st, _) = api
+        .call("PATCH", &format!("/multiplayer/{id}/prompt/{}", id_of(&p2)), &bob, Some(json!({"priority": 9})))
+        .await;
+    assert_eq!(st, 200);
+    let (_, q) = api.call("GET", &format!("/multiplayer/{id}/prompts"), &ada, None).await;
+    let order: Vec<String> = q["queued"].as_array().unwrap_or(&vec![]).iter().map(id_of).collect();
+    assert_eq!(order, vec![id_of(&p2), id_of(&p3)]);
+
+    // Stop the running one: the next by priority starts at once.
+    let (st, _) = api.call("POST", &format!("/multiplayer/{id}/stop"), &ada, None).await;
+    assert_eq!(st, 200);
+    watch.event("prompt.finished", |e| e["id"] == id_of(&p3).as_str()).await;
+    let started: Vec<String> = watch
+        .seen
+        .iter()
+        .filter(|e| e["type"] == "prompt.started")
+        .map(|e| e["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(started, vec![id_of(&p1), id_of(&p2), id_of(&p3)]);
+    assert!(watch.seen.iter().any(|e| e["type"] == "prompt.stopped" && e["id"] == id_of(&p1).as_str()));
+    assert!(watch.seen.iter().any(|e| e["type"] == "prompt.cancelled" && e["id"] == id_of(&p4).as_str()));
+}
+
+#[tokio::test]
+async fn reconnect_resumes_from_last_sequence_without_gaps_or_duplicates() {
+    let server = Server::start(&[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (id, _) = api.create_session(&ada, "Resume").await;
+    let mut a = api.connect(&ada, &id, "tab", 0).await;
+    a.event("member.joined", |_| true).await;
+    let seen_before = a.last_seq;
+    a.close().await;
+    for i in 0..5 {
+        api.call("POST", &format!("/multiplayer/{id}/lock"), &ada, Some(json!({"resource": format!("f{i}")}))).await;
+    }
+    let mut a = api.connect(&ada, &id, "tab", seen_before).await;
+    // The harness asserts each event is exactly last_seq + 1.
+    a.event("lock.acquired", |e| e["resource"] == "f4").await;
+    let (_, ev) = api.call("GET", &format!("/multiplayer/{id}/events?since={seen_before}"), &ada, None).await;
+    assert_eq!(a.seen, ev["events"].as_array().cloned().unwrap_or_default());
+    // Live events follow the replay.
+    api.call("POST", &format!("/multiplayer/{id}/unlock"), &ada, Some(json!({"resource":"f0"}))).await;
+    a.event("lock.released", |e| e["resource"] == "f0").await;
+}
+
+#[tokio::test]
+async fn client_limit_locks_and_expiry() {
+    let server = Server::start(&[("MAX_CLIENTS_PER_USER", "2"), ("HEARTBEAT_TIMEOUT_MS", "1500")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let (id, invite) = api.create_session(&ada, "Limits").await;
+    api.join(&bob, &id, &invite).await;
+    let mut c1 = api.connect(&ada, &id, "c1", 0).await;
+    let _c2 = api.connect(&ada, &id, "c2", 0).await;
+    let url = format!("{}/multiplayer/{id}/ws?token={}&client=c3", api.base.replacen("http", "ws", 1), ada.token);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 429),
+        other => panic!("third client was not refused: {:?}", other.map(|_| ())),
+    }
+    // Reconnecting with an existing client id replaces it instead of counting twice.
+    let _c2b = api.connect(&ada, &id, "c2", 0).await;
+
+    // Single writer: Bob is refused while Ada holds the lock; it expires and Bob gets it.
+    let (st, _) = api
+        .call("POST", &format!("/multiplayer/{id}/lock"), &ada, Some(json!({"resource":"workspace","ttl_ms":700})))
+        .await;
+    assert_eq!(st, 200);
+    let (st, v) = api
+        .call("POST", &format!("/multiplayer/{id}/lock"), &bob, Some(json!({"resource":"workspace"})))
+        .await;
+    assert_eq!((st, v["error"]["code"].as_str()), (409, Some("lock_held")));
+    let rel = c1
+        .event("lock.released", |e| e["resource"] == "workspace")
+        .await;
+    assert_eq!(rel["reason"], "expired");
+    let (st, v) = api
+        .call("POST", &format!("/multiplayer/{id}/lock"), &bob, Some(json!({"resource":"workspace"})))
+        .await;
+    assert_eq!((st, v["holder"].as_str()), (200, Some("bob")));
+
+    // Clients that stop heart-beating are swept and their socket closed.
+    let mut alive = api.connect(&bob, &id, "bob-live", 0).await;
+    for _ in 0..6 {
+        alive.send(json!({"type":"ping"})).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let (_, pres) = api.call("GET", &format!("/multiplayer/{id}/presence"), &bob, None).await;
+    let clients: Vec<String> = pres["clients"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .map(|c| c["client"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(clients, vec!["bob-live".to_string()], "stale clients were not swept: {pres}");
+}
