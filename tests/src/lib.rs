@@ -202,7 +202,13 @@ impl Api {
         (status, v)
     }
 
-    pub async fn call(&self, method: &str, path: &str, who: &User, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        who: &User,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.raw(
             method,
             path,
@@ -218,7 +224,11 @@ impl Api {
                 "POST",
                 "/auth/dev",
                 None,
-                Some(json!({ "user": user, "name": user.to_uppercase() }).to_string().into_bytes()),
+                Some(
+                    json!({ "user": user, "name": user.to_uppercase() })
+                        .to_string()
+                        .into_bytes(),
+                ),
             )
             .await;
         assert_eq!(st, 200, "sign in: {v}");
@@ -295,7 +305,9 @@ impl Ws {
     /// Next frame, or None on close/timeout.
     pub async fn next(&mut self, timeout: Duration) -> Option<Value> {
         loop {
-            let msg = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+            let msg = tokio::time::timeout(timeout, self.stream.next())
+                .await
+                .ok()??;
             match msg.ok()? {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).ok()?;
@@ -320,14 +332,22 @@ impl Ws {
     }
 
     /// Reads frames until one satisfies `pred`; panics after `timeout`.
-    pub async fn until(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next(left).await {
                 Some(v) if pred(&v) => return v,
                 Some(_) => continue,
-                None => panic!("timed out or closed waiting for {what}; seen {:?}", self.seen),
+                None => panic!(
+                    "timed out or closed waiting for {what}; seen {:?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -344,7 +364,10 @@ impl Ws {
             if self.next(left).await.is_none() {
                 panic!("no {ty} event arrived; seen {:?}", self.seen);
             }
-            if let Some(e) = self.seen[before..].iter().find(|e| e["type"] == ty && pred(e)) {
+            if let Some(e) = self.seen[before..]
+                .iter()
+                .find(|e| e["type"] == ty && pred(e))
+            {
                 return e.clone();
             }
         }

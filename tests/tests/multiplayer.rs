@@ -6,7 +6,12 @@ use serde_json::{json, Value};
 fn types(events: &[Value]) -> Vec<(u64, String)> {
     events
         .iter()
-        .map(|e| (e["seq"].as_u64().unwrap_or(0), e["type"].as_str().unwrap_or("").to_string()))
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap_or(0),
+                e["type"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -23,15 +28,19 @@ async fn two_clients_see_the_same_ordered_events_and_presence() {
     let hello = a.until(secs(5), "hello", |v| v["type"] == "hello").await;
     assert_eq!(hello["client"], "ada-web");
     let mut b = api.connect(&bob, &id, "bob-web", 0).await;
-    b.until(secs(5), "presence", |v| v["type"] == "presence").await;
+    b.until(secs(5), "presence", |v| v["type"] == "presence")
+        .await;
 
     // Ada sees Bob arrive and start typing.
     a.until(secs(5), "bob in presence", |v| {
         v["type"] == "presence.delta"
-            && v["updated"].as_array().is_some_and(|u| u.iter().any(|c| c["user"] == "bob"))
+            && v["updated"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|c| c["user"] == "bob"))
     })
     .await;
-    b.send(json!({"type":"typing","typing":true,"ref":"t1"})).await;
+    b.send(json!({"type":"typing","typing":true,"ref":"t1"}))
+        .await;
     let ack = b.until(secs(5), "typing ack", |v| v["type"] == "ack").await;
     assert_eq!(ack["ref"], "t1");
     a.until(secs(5), "bob typing", |v| {
@@ -43,14 +52,23 @@ async fn two_clients_see_the_same_ordered_events_and_presence() {
     .await;
 
     // A prompt from Bob reaches both, with its author, and runs to completion.
-    b.send(json!({"type":"prompt","text":"rename the module","ref":"p1"})).await;
-    let ack = b.until(secs(5), "prompt ack", |v| v["type"] == "ack" && v["ref"] == "p1").await;
+    b.send(json!({"type":"prompt","text":"rename the module","ref":"p1"}))
+        .await;
+    let ack = b
+        .until(secs(5), "prompt ack", |v| {
+            v["type"] == "ack" && v["ref"] == "p1"
+        })
+        .await;
     assert_eq!(ack["result"]["author"], "bob");
     let pid = ack["result"]["id"].as_str().expect("id").to_string();
-    let q = a.event("prompt.queued", |e| e["prompt"]["id"] == pid.as_str()).await;
+    let q = a
+        .event("prompt.queued", |e| e["prompt"]["id"] == pid.as_str())
+        .await;
     assert_eq!(q["actor"]["user"], "bob");
-    a.event("prompt.finished", |e| e["id"] == pid.as_str()).await;
-    b.event("prompt.finished", |e| e["id"] == pid.as_str()).await;
+    a.event("prompt.finished", |e| e["id"] == pid.as_str())
+        .await;
+    b.event("prompt.finished", |e| e["id"] == pid.as_str())
+        .await;
     assert_eq!(types(&a.seen), types(&b.seen));
 
     // Bad frames get error frames and change nothing.
@@ -60,11 +78,21 @@ async fn two_clients_see_the_same_ordered_events_and_presence() {
     assert_eq!(e["error"]["code"], "malformed_json");
     b.send(json!({"type":"teleport","ref":"x"})).await;
     let e = b.until(secs(5), "error", |v| v["type"] == "error").await;
-    assert_eq!((e["error"]["code"].as_str(), e["ref"].as_str()), (Some("unknown_message_type"), Some("x")));
+    assert_eq!(
+        (e["error"]["code"].as_str(), e["ref"].as_str()),
+        (Some("unknown_message_type"), Some("x"))
+    );
     b.send(json!({"type":"prompt","text":7})).await;
     let e = b.until(secs(5), "error", |v| v["type"] == "error").await;
     assert_eq!(e["error"]["code"], "invalid_message");
-    let (_, ev) = api.call("GET", &format!("/multiplayer/{id}/events?since=0"), &ada, None).await;
+    let (_, ev) = api
+        .call(
+            "GET",
+            &format!("/multiplayer/{id}/events?since=0"),
+            &ada,
+            None,
+        )
+        .await;
     assert_eq!(ev["last_seq"].as_u64(), Some(before));
 }
 
@@ -87,7 +115,14 @@ async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop()
         let id = id.clone();
         let body = json!({"text": text, "priority": prio});
         async move {
-            let (st, v) = api.call("POST", &format!("/multiplayer/{id}/prompt"), who, Some(body)).await;
+            let (st, v) = api
+                .call(
+                    "POST",
+                    &format!("/multiplayer/{id}/prompt"),
+                    who,
+                    Some(body),
+                )
+                .await;
             (st, v)
         }
     };
@@ -101,22 +136,52 @@ async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop()
     let id_of = |p: &Value| p["id"].as_str().unwrap_or("").to_string();
 
     // Bob may not touch Ada's prompt; he cancels his own and raises another.
-    let (st, _) = api.call("DELETE", &format!("/multiplayer/{id}/prompt/{}", id_of(&p3)), &bob, None).await;
-    assert_eq!(st, 403);
-    let (st, _) = api.call("DELETE", &format!("/multiplayer/{id}/prompt/{}", id_of(&p4)), &bob, None).await;
-    assert_eq!(st, 200);
     let (st, _) = api
-        .call("PATCH", &format!("/multiplayer/{id}/prompt/{}", id_of(&p2)), &bob, Some(json!({"priority": 9})))
+        .call(
+            "DELETE",
+            &format!("/multiplayer/{id}/prompt/{}", id_of(&p3)),
+            &bob,
+            None,
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = api
+        .call(
+            "DELETE",
+            &format!("/multiplayer/{id}/prompt/{}", id_of(&p4)),
+            &bob,
+            None,
+        )
         .await;
     assert_eq!(st, 200);
-    let (_, q) = api.call("GET", &format!("/multiplayer/{id}/prompts"), &ada, None).await;
-    let order: Vec<String> = q["queued"].as_array().unwrap_or(&vec![]).iter().map(id_of).collect();
+    let (st, _) = api
+        .call(
+            "PATCH",
+            &format!("/multiplayer/{id}/prompt/{}", id_of(&p2)),
+            &bob,
+            Some(json!({"priority": 9})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (_, q) = api
+        .call("GET", &format!("/multiplayer/{id}/prompts"), &ada, None)
+        .await;
+    let order: Vec<String> = q["queued"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .map(id_of)
+        .collect();
     assert_eq!(order, vec![id_of(&p2), id_of(&p3)]);
 
     // Stop the running one: the next by priority starts at once.
-    let (st, _) = api.call("POST", &format!("/multiplayer/{id}/stop"), &ada, None).await;
+    let (st, _) = api
+        .call("POST", &format!("/multiplayer/{id}/stop"), &ada, None)
+        .await;
     assert_eq!(st, 200);
-    watch.event("prompt.finished", |e| e["id"] == id_of(&p3).as_str()).await;
+    watch
+        .event("prompt.finished", |e| e["id"] == id_of(&p3).as_str())
+        .await;
     let started: Vec<String> = watch
         .seen
         .iter()
@@ -124,8 +189,14 @@ async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop()
         .map(|e| e["id"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(started, vec![id_of(&p1), id_of(&p2), id_of(&p3)]);
-    assert!(watch.seen.iter().any(|e| e["type"] == "prompt.stopped" && e["id"] == id_of(&p1).as_str()));
-    assert!(watch.seen.iter().any(|e| e["type"] == "prompt.cancelled" && e["id"] == id_of(&p4).as_str()));
+    assert!(watch
+        .seen
+        .iter()
+        .any(|e| e["type"] == "prompt.stopped" && e["id"] == id_of(&p1).as_str()));
+    assert!(watch
+        .seen
+        .iter()
+        .any(|e| e["type"] == "prompt.cancelled" && e["id"] == id_of(&p4).as_str()));
 }
 
 #[tokio::test]
@@ -139,21 +210,44 @@ async fn reconnect_resumes_from_last_sequence_without_gaps_or_duplicates() {
     let seen_before = a.last_seq;
     a.close().await;
     for i in 0..5 {
-        api.call("POST", &format!("/multiplayer/{id}/lock"), &ada, Some(json!({"resource": format!("f{i}")}))).await;
+        api.call(
+            "POST",
+            &format!("/multiplayer/{id}/lock"),
+            &ada,
+            Some(json!({"resource": format!("f{i}")})),
+        )
+        .await;
     }
     let mut a = api.connect(&ada, &id, "tab", seen_before).await;
     // The harness asserts each event is exactly last_seq + 1.
     a.event("lock.acquired", |e| e["resource"] == "f4").await;
-    let (_, ev) = api.call("GET", &format!("/multiplayer/{id}/events?since={seen_before}"), &ada, None).await;
+    let (_, ev) = api
+        .call(
+            "GET",
+            &format!("/multiplayer/{id}/events?since={seen_before}"),
+            &ada,
+            None,
+        )
+        .await;
     assert_eq!(a.seen, ev["events"].as_array().cloned().unwrap_or_default());
     // Live events follow the replay.
-    api.call("POST", &format!("/multiplayer/{id}/unlock"), &ada, Some(json!({"resource":"f0"}))).await;
+    api.call(
+        "POST",
+        &format!("/multiplayer/{id}/unlock"),
+        &ada,
+        Some(json!({"resource":"f0"})),
+    )
+    .await;
     a.event("lock.released", |e| e["resource"] == "f0").await;
 }
 
 #[tokio::test]
 async fn client_limit_locks_and_expiry() {
-    let server = Server::start(&[("MAX_CLIENTS_PER_USER", "2"), ("HEARTBEAT_TIMEOUT_MS", "1500")]).await;
+    let server = Server::start(&[
+        ("MAX_CLIENTS_PER_USER", "2"),
+        ("HEARTBEAT_TIMEOUT_MS", "1500"),
+    ])
+    .await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
     let bob = api.sign_in("bob").await;
@@ -161,9 +255,15 @@ async fn client_limit_locks_and_expiry() {
     api.join(&bob, &id, &invite).await;
     let mut c1 = api.connect(&ada, &id, "c1", 0).await;
     let _c2 = api.connect(&ada, &id, "c2", 0).await;
-    let url = format!("{}/multiplayer/{id}/ws?token={}&client=c3", api.base.replacen("http", "ws", 1), ada.token);
+    let url = format!(
+        "{}/multiplayer/{id}/ws?token={}&client=c3",
+        api.base.replacen("http", "ws", 1),
+        ada.token
+    );
     match tokio_tungstenite::connect_async(url).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 429),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429)
+        }
         other => panic!("third client was not refused: {:?}", other.map(|_| ())),
     }
     // Reconnecting with an existing client id replaces it instead of counting twice.
@@ -171,11 +271,21 @@ async fn client_limit_locks_and_expiry() {
 
     // Single writer: Bob is refused while Ada holds the lock; it expires and Bob gets it.
     let (st, _) = api
-        .call("POST", &format!("/multiplayer/{id}/lock"), &ada, Some(json!({"resource":"workspace","ttl_ms":700})))
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/lock"),
+            &ada,
+            Some(json!({"resource":"workspace","ttl_ms":700})),
+        )
         .await;
     assert_eq!(st, 200);
     let (st, v) = api
-        .call("POST", &format!("/multiplayer/{id}/lock"), &bob, Some(json!({"resource":"workspace"})))
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/lock"),
+            &bob,
+            Some(json!({"resource":"workspace"})),
+        )
         .await;
     assert_eq!((st, v["error"]["code"].as_str()), (409, Some("lock_held")));
     let rel = c1
@@ -183,7 +293,12 @@ async fn client_limit_locks_and_expiry() {
         .await;
     assert_eq!(rel["reason"], "expired");
     let (st, v) = api
-        .call("POST", &format!("/multiplayer/{id}/lock"), &bob, Some(json!({"resource":"workspace"})))
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/lock"),
+            &bob,
+            Some(json!({"resource":"workspace"})),
+        )
         .await;
     assert_eq!((st, v["holder"].as_str()), (200, Some("bob")));
 
@@ -193,12 +308,18 @@ async fn client_limit_locks_and_expiry() {
         alive.send(json!({"type":"ping"})).await;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    let (_, pres) = api.call("GET", &format!("/multiplayer/{id}/presence"), &bob, None).await;
+    let (_, pres) = api
+        .call("GET", &format!("/multiplayer/{id}/presence"), &bob, None)
+        .await;
     let clients: Vec<String> = pres["clients"]
         .as_array()
         .unwrap_or(&vec![])
         .iter()
         .map(|c| c["client"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(clients, vec!["bob-live".to_string()], "stale clients were not swept: {pres}");
+    assert_eq!(
+        clients,
+        vec!["bob-live".to_string()],
+        "stale clients were not swept: {pres}"
+    );
 }

@@ -1,2 +1,228 @@
-//! Benchmarks against a local wrangler dev.
-fn main() {}
+//! Benchmarks against a local wrangler dev (release Wasm): prints p50/p99 figures for the control plane.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use nightshift_tests::{Api, Server, User, Ws};
+use serde_json::json;
+
+fn pct(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx.min(samples.len() - 1)]
+}
+
+fn report(name: &str, samples: &mut [f64]) {
+    let (p50, p99) = (pct(samples, 0.5), pct(samples, 0.99));
+    println!(
+        "{name:<48} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   (n={})",
+        samples.len()
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Waits until a frame carries an event of `ty` whose `key` equals `marker`.
+async fn wait_event(ws: &mut Ws, ty: &str, key: &[&str], marker: &str) -> Instant {
+    loop {
+        let Some(v) = ws.next(Duration::from_secs(30)).await else {
+            panic!("socket closed while waiting for {ty} {marker}");
+        };
+        if v["type"] == "events" {
+            let hit = v["events"].as_array().is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    let mut f = e;
+                    for k in key {
+                        f = &f[*k];
+                    }
+                    e["type"] == ty && f == marker
+                })
+            });
+            if hit {
+                return Instant::now();
+            }
+        }
+    }
+}
+
+async fn connect_many(api: &Api, who: &User, id: &str, n: usize, prefix: &str) -> Vec<Ws> {
+    let mut out = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let conns = join_all(chunk.iter().map(|i| {
+            let api = api.clone();
+            let who = who.clone();
+            let id = id.to_string();
+            let client = format!("{prefix}{i}");
+            async move {
+                let mut ws = api.connect(&who, &id, &client, u64::MAX / 2).await;
+                ws.until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+                    .await;
+                ws
+            }
+        }))
+        .await;
+        out.extend(conns);
+    }
+    out
+}
+
+/// Drains frames until the socket has been quiet for `quiet`.
+async fn drain(ws: &mut Ws, quiet: Duration) {
+    while ws.next(quiet).await.is_some() {}
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "none"),
+        ("MAX_QUEUED", "100000"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("MAX_LOCK_TTL_MS", "600000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    println!("Nightshift control-plane benchmark (wrangler dev, release Wasm, loopback)");
+
+    // 1. Session create.
+    let mut create = Vec::new();
+    for i in 0..30 {
+        api.create_session(&ada, &format!("warm {i}")).await;
+    }
+    for i in 0..200 {
+        let t = Instant::now();
+        api.create_session(&ada, &format!("bench {i}")).await;
+        create.push(ms(t.elapsed()));
+    }
+    report("session create (POST /sessions)", &mut create);
+
+    // 2. Prompt -> queued event at all of 10 clients.
+    let (id, _) = api.create_session(&ada, "prompt fan-out").await;
+    let mut ten = connect_many(&api, &ada, &id, 10, "ten").await;
+    for ws in ten.iter_mut() {
+        drain(ws, Duration::from_millis(200)).await;
+    }
+    let mut queued = Vec::new();
+    for i in 0..120 {
+        let text = format!("prompt {i}");
+        let t = Instant::now();
+        let waits = ten.iter_mut().map(|ws| {
+            let text = text.clone();
+            async move { wait_event(ws, "prompt.queued", &["prompt", "text"], &text).await }
+        });
+        let path = format!("/multiplayer/{id}/prompt");
+        let send = api.call("POST", &path, &ada, Some(json!({"text": text})));
+        let (arrivals, (st, _)) = tokio::join!(join_all(waits), send);
+        assert_eq!(st, 202);
+        let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
+        if i >= 20 {
+            queued.push(ms(last - t));
+        }
+    }
+    report("prompt -> prompt.queued at all 10 clients", &mut queued);
+    drop(ten);
+
+    // 3. Connect 1,000 clients, then one event to 100 and to 1,000 clients.
+    let (id, _) = api.create_session(&ada, "fan-out").await;
+    let t = Instant::now();
+    let mut clients = connect_many(&api, &ada, &id, 1000, "c").await;
+    let connect_1000 = t.elapsed();
+    println!(
+        "{:<48} {:>8.0} ms total",
+        "connect 1,000 clients to one session",
+        ms(connect_1000)
+    );
+    // Let the coalesced presence deltas settle, then drain them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drains = clients
+        .iter_mut()
+        .map(|ws| drain(ws, Duration::from_millis(300)));
+    join_all(drains).await;
+    for n in [100usize, 1000] {
+        let mut fan = Vec::new();
+        for round in 0..12 {
+            let marker = format!("res-{n}-{round}");
+            let t = Instant::now();
+            let waits = clients.iter_mut().take(n).map(|ws| {
+                let m = marker.clone();
+                async move { wait_event(ws, "lock.acquired", &["resource"], &m).await }
+            });
+            let path = format!("/multiplayer/{id}/lock");
+            let send = api.call(
+                "POST",
+                &path,
+                &ada,
+                Some(json!({"resource": marker, "ttl_ms": 600000})),
+            );
+            let (arrivals, (st, v)) = tokio::join!(join_all(waits), send);
+            assert_eq!(st, 200, "{v}");
+            let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
+            if round >= 2 {
+                fan.push(ms(last - t));
+            }
+            if n == 100 {
+                // The other 900 received it too; drain them so buffers stay small.
+                let rest = clients
+                    .iter_mut()
+                    .skip(100)
+                    .map(|ws| drain(ws, Duration::from_millis(50)));
+                join_all(rest).await;
+            }
+        }
+        report(&format!("one event -> all {n} clients"), &mut fan);
+    }
+    drop(clients);
+
+    // 4. Sustained stored+broadcast events/s into one session with 10 clients.
+    let (id, _) = api.create_session(&ada, "throughput").await;
+    let mut ten = connect_many(&api, &ada, &id, 10, "t").await;
+    for ws in ten.iter_mut() {
+        drain(ws, Duration::from_millis(200)).await;
+    }
+    let mut writer = api.connect(&ada, &id, "writer", u64::MAX / 2).await;
+    drain(&mut writer, Duration::from_millis(200)).await;
+    let total = 3000;
+    let t = Instant::now();
+    for i in 0..total {
+        writer
+            .send(
+                json!({"type":"lock.acquire","resource": format!("r{}", i % 50), "ttl_ms": 600000}),
+            )
+            .await;
+    }
+    let last_marker = format!("r{}", (total - 1) % 50);
+    let waits = ten.iter_mut().map(|ws| {
+        let m = last_marker.clone();
+        async move {
+            // Count events until the last one arrives.
+            let mut n = 0usize;
+            loop {
+                let Some(v) = ws.next(Duration::from_secs(60)).await else {
+                    break;
+                };
+                if v["type"] == "events" {
+                    n += v["events"].as_array().map(Vec::len).unwrap_or(0);
+                    if n >= total {
+                        break;
+                    }
+                }
+            }
+            drop(m);
+            n
+        }
+    });
+    let counts: Vec<usize> = join_all(waits).await;
+    let secs = t.elapsed().as_secs_f64();
+    let min = counts.iter().copied().min().unwrap_or(0);
+    println!(
+        "{:<48} {:>8.0} events/s  ({} events, each stored then sent to 10 clients; unbatched client commands)",
+        "sustained events into one session",
+        min as f64 / secs,
+        min
+    );
+}
