@@ -3,8 +3,10 @@
 pub mod check;
 pub mod error;
 pub mod events;
+pub mod gating;
 pub mod queue;
 pub mod session;
+pub mod signing;
 pub mod token;
 pub mod wire;
 
