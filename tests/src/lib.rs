@@ -311,6 +311,11 @@ impl Ws {
             match msg.ok()? {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).ok()?;
+                    if v["type"] == "hello" {
+                        // Asked to resume beyond the head: live events continue from the head.
+                        let head = v["seq"].as_u64().unwrap_or(0);
+                        self.last_seq = self.last_seq.min(head);
+                    }
                     if v["type"] == "events" {
                         for e in v["events"].as_array().cloned().unwrap_or_default() {
                             let seq = e["seq"].as_u64().unwrap_or(0);
