@@ -1,0 +1,842 @@
+//! The sandbox supervisor: syncs the checkout, gates writes, runs OpenCode, and links the sandbox to its session over an acknowledged WebSocket.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use nightshift_core::gating::{Decision, Gate, SyncState};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::process::Command;
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Everything the supervisor is told at start: environment plus the secrets line on stdin.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub sandbox_id: String,
+    pub session_id: String,
+    pub dir: PathBuf,
+    pub base_branch: String,
+    pub control_url: Option<String>,
+    pub token: Option<String>,
+    pub opencode_bin: Option<PathBuf>,
+    /// A `node_modules` folder holding `@opencode-ai/plugin` (so OpenCode never installs it).
+    pub plugin_modules: Option<PathBuf>,
+    /// `provider/model` as OpenCode names it; `nightshift/scripted` is the scripted model.
+    pub model: String,
+    /// OpenAI-compatible base URL for the `nightshift` provider (the scripted model, or any compatible API).
+    pub model_url: Option<String>,
+    pub model_key: Option<String>,
+    /// Extra wait before syncing (a slow network, for demos and tests).
+    pub sync_delay_ms: u64,
+    /// Environment for OpenCode (model keys and the like).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// Reads settings from the process environment and the JSON secrets line.
+    pub fn from(env: BTreeMap<String, String>, secrets: &Value) -> Result<Settings, String> {
+        let mut all = env;
+        if let Some(extra) = secrets["env"].as_object() {
+            for (k, v) in extra {
+                if let Some(s) = v.as_str() {
+                    all.insert(k.clone(), s.to_string());
+                }
+            }
+        }
+        let need = |k: &str| all.get(k).cloned().ok_or(format!("{k} is not set"));
+        let dir = PathBuf::from(need("NIGHTSHIFT_SANDBOX_DIR")?);
+        Ok(Settings {
+            sandbox_id: need("NIGHTSHIFT_SANDBOX_ID")?,
+            session_id: need("NIGHTSHIFT_SESSION_ID")?,
+            base_branch: all
+                .get("NIGHTSHIFT_BASE_BRANCH")
+                .cloned()
+                .unwrap_or("main".into()),
+            control_url: secrets["supervisor"]["control_url"]
+                .as_str()
+                .map(String::from),
+            token: secrets["supervisor"]["sandbox_token"]
+                .as_str()
+                .map(String::from),
+            opencode_bin: all.get("NIGHTSHIFT_OPENCODE_BIN").map(PathBuf::from),
+            plugin_modules: all.get("NIGHTSHIFT_PLUGIN_MODULES").map(PathBuf::from),
+            model: all
+                .get("NIGHTSHIFT_MODEL")
+                .cloned()
+                .unwrap_or("nightshift/scripted".into()),
+            model_url: all.get("NIGHTSHIFT_MODEL_URL").cloned(),
+            model_key: all.get("NIGHTSHIFT_MODEL_KEY").cloned(),
+            sync_delay_ms: all
+                .get("NIGHTSHIFT_SYNC_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            env: all
+                .into_iter()
+                .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
+                .collect(),
+            dir,
+        })
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.dir.join("repo")
+    }
+}
+
+/// A prompt handed to the sandbox by its session.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PromptJob {
+    pub id: String,
+    pub text: String,
+    pub author_name: String,
+    pub author_email: String,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+pub struct Supervisor {
+    pub cfg: Settings,
+    gate: Mutex<Gate>,
+    /// Unacknowledged outgoing messages: (n, message).
+    outbox: Mutex<VecDeque<(u64, Value)>>,
+    next_n: Mutex<u64>,
+    wake: Notify,
+    /// The OpenCode server's base URL once it is up.
+    opencode: Mutex<Option<String>>,
+    http: reqwest::Client,
+    branch: Mutex<Option<String>>,
+}
+
+pub type Shared = Arc<Supervisor>;
+
+fn log(msg: &str) {
+    println!("supervisor: {msg}");
+}
+
+impl Supervisor {
+    pub fn new(cfg: Settings) -> Shared {
+        Arc::new(Supervisor {
+            cfg,
+            gate: Mutex::new(Gate::default()),
+            outbox: Mutex::new(VecDeque::new()),
+            next_n: Mutex::new(0),
+            wake: Notify::new(),
+            opencode: Mutex::new(None),
+            http: reqwest::Client::new(),
+            branch: Mutex::new(None),
+        })
+    }
+
+    /// Queues a message for the session; it is resent until acknowledged.
+    pub fn emit(&self, msg: Value) {
+        let n = {
+            let Ok(mut g) = self.next_n.lock() else {
+                return;
+            };
+            *g += 1;
+            *g
+        };
+        if let Ok(mut o) = self.outbox.lock() {
+            o.push_back((n, msg));
+        }
+        self.wake.notify_one();
+    }
+
+    fn status(&self, stage: &str, detail: &str) {
+        log(&format!("stage {stage} {detail}"));
+        self.emit(json!({"kind": "sandbox.status", "stage": stage, "detail": detail}));
+    }
+
+    fn sync_state(&self) -> SyncState {
+        self.gate
+            .lock()
+            .map(|g| g.sync.clone())
+            .unwrap_or(SyncState::NotStarted)
+    }
+}
+
+async fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .await
+        .map_err(|e| format!("git could not run: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Brings the checkout to the latest base branch, unless the agent has already written.
+pub async fn sync(s: Shared) {
+    let started = s.gate.lock().map(|mut g| g.start_sync()).unwrap_or(false);
+    if !started {
+        return;
+    }
+    s.status("syncing", &format!("fetching origin/{}", s.cfg.base_branch));
+    if s.cfg.sync_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(s.cfg.sync_delay_ms)).await;
+    }
+    let repo = s.cfg.repo();
+    let result = async {
+        git(&repo, &["fetch", "--quiet", "origin", &s.cfg.base_branch]).await?;
+        git(
+            &repo,
+            &[
+                "checkout",
+                "--quiet",
+                "-B",
+                &s.cfg.base_branch,
+                "FETCH_HEAD",
+            ],
+        )
+        .await?;
+        git(&repo, &["rev-parse", "HEAD"]).await
+    }
+    .await;
+    match result {
+        Ok(commit) => {
+            if let Ok(mut g) = s.gate.lock() {
+                g.synced(&commit);
+            }
+            s.status("synced", &commit);
+        }
+        Err(e) => {
+            if let Ok(mut g) = s.gate.lock() {
+                g.failed(&e);
+            }
+            s.status("sync_failed", &e);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct GateQuery {
+    tool: String,
+}
+
+/// The supervisor's loopback API: gate decisions for the OpenCode plugin, git status for the provider.
+pub fn local_api(s: Shared) -> Router {
+    Router::new()
+        .route("/gate", get(gate))
+        .route("/git", get(git_status))
+        .route("/git/sync", post(git_sync))
+        .with_state(s)
+}
+
+async fn gate(State(s): State<Shared>, Query(q): Query<GateQuery>) -> Response {
+    let decision = match s.gate.lock() {
+        Ok(mut g) => g.check(&q.tool),
+        Err(_) => Decision::Block {
+            message: "Blocked: the supervisor is unavailable".into(),
+        },
+    };
+    match decision {
+        Decision::Allow => Json(json!({"allow": true})).into_response(),
+        Decision::Block { message } => {
+            s.emit(json!({"kind": "agent.blocked", "tool": q.tool, "message": message}));
+            Json(json!({"allow": false, "message": message})).into_response()
+        }
+    }
+}
+
+async fn git_status_value(s: &Shared) -> Value {
+    let repo = s.cfg.repo();
+    let head = git(&repo, &["rev-parse", "HEAD"]).await.ok();
+    let branch = git(&repo, &["rev-parse", "--abbrev-ref", "HEAD"])
+        .await
+        .ok();
+    let dirty = git(&repo, &["status", "--porcelain"])
+        .await
+        .map(|o| !o.is_empty())
+        .unwrap_or(false);
+    json!({"sync": s.sync_state(), "branch": branch, "head": head, "dirty": dirty})
+}
+
+async fn git_status(State(s): State<Shared>) -> Response {
+    Json(git_status_value(&s).await).into_response()
+}
+
+async fn git_sync(State(s): State<Shared>) -> Response {
+    let wrote = s.gate.lock().map(|g| g.wrote).unwrap_or(false);
+    if wrote {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {"code": "sync_refused", "message": "the agent has already changed files; the checkout is not re-synced"}})),
+        )
+            .into_response();
+    }
+    tokio::spawn(sync(s.clone()));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    (StatusCode::ACCEPTED, Json(git_status_value(&s).await)).into_response()
+}
+
+/// Writes OpenCode's private config: the model provider, permissions and the gating plugin.
+pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<PathBuf> {
+    let home = s.dir.join("home");
+    let cfg_dir = home.join(".config").join("opencode");
+    std::fs::create_dir_all(cfg_dir.join("plugin"))?;
+    let base_url = s
+        .model_url
+        .clone()
+        .unwrap_or("http://127.0.0.1:8790/v1".into());
+    let key = s.model_key.clone().unwrap_or("none".into());
+    let config = json!({
+        "$schema": "https://opencode.ai/config.json",
+        "model": s.model,
+        "provider": {"nightshift": {"npm": "@ai-sdk/openai-compatible", "name": "Nightshift",
+            "options": {"baseURL": base_url, "apiKey": key},
+            "models": {"scripted": {"name": "Scripted"}, "default": {"name": "Default"}}}},
+        "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "question": "deny",
+            "doom_loop": "allow", "external_directory": "deny"},
+        "snapshot": false,
+        "autoupdate": false,
+        "share": "disabled"
+    });
+    std::fs::write(cfg_dir.join("opencode.json"), config.to_string())?;
+    let plugin = format!(
+        r#"// Nightshift write gating: asks the sandbox supervisor before any tool runs.
+export const NightshiftGate = async () => ({{
+  "tool.execute.before": async (input) => {{
+    const r = await fetch("http://127.0.0.1:{gate_port}/gate?tool=" + encodeURIComponent(input.tool));
+    const v = await r.json();
+    if (!v.allow) throw new Error(v.message);
+  }},
+}});
+"#
+    );
+    std::fs::write(cfg_dir.join("plugin").join("nightshift-gate.js"), plugin)?;
+    std::fs::write(
+        cfg_dir.join("package.json"),
+        r#"{"dependencies":{"@opencode-ai/plugin":"1.18.33"}}"#,
+    )?;
+    if let Some(src) = &s.plugin_modules {
+        let dst = cfg_dir.join("node_modules").join("@opencode-ai");
+        std::fs::create_dir_all(&dst)?;
+        for pkg in ["plugin", "sdk"] {
+            let from = src.join("@opencode-ai").join(pkg);
+            let to = dst.join(pkg);
+            if from.exists() && !to.exists() {
+                std::os::unix::fs::symlink(&from, &to)?;
+            }
+        }
+    }
+    Ok(home)
+}
+
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()
+        .map(|a| a.port())
+}
+
+/// Starts `opencode serve` and waits for its "listening" line.
+pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String> {
+    let bin = s
+        .cfg
+        .opencode_bin
+        .clone()
+        .ok_or("NIGHTSHIFT_OPENCODE_BIN is not set")?;
+    let home = write_opencode_config(&s.cfg, gate_port)
+        .map_err(|e| format!("cannot write the OpenCode config: {e}"))?;
+    let port = free_port().ok_or("no free port")?;
+    let log_path = s.cfg.dir.join("logs").join("opencode.log");
+    let logf = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "serve",
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+    ])
+    .current_dir(s.cfg.repo())
+    .env("HOME", &home)
+    .env("XDG_CONFIG_HOME", home.join(".config"))
+    .env("XDG_DATA_HOME", home.join(".local/share"))
+    .env("XDG_CACHE_HOME", home.join(".cache"))
+    .env("XDG_STATE_HOME", home.join(".local/state"))
+    .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+    .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+    .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+    .env("OPENCODE_DISABLE_SHARE", "1")
+    .env("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1")
+    .envs(&s.cfg.env)
+    .stdin(Stdio::null())
+    .stdout(logf)
+    .stderr(logf2)
+    .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start OpenCode: {e}"))?;
+    for _ in 0..600 {
+        let text = tokio::fs::read_to_string(&log_path)
+            .await
+            .unwrap_or_default();
+        if text.contains("listening on") {
+            let url = format!("http://127.0.0.1:{port}");
+            // The child lives as long as the supervisor.
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                log(&format!("OpenCode exited: {status:?}"));
+                std::process::exit(3);
+            });
+            return Ok(url);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!(
+                "OpenCode exited during start ({st}); see logs/opencode"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("OpenCode did not start within 30 s; see logs/opencode".into())
+}
+
+/// Runs prompts one at a time in one OpenCode session, bridging its events.
+pub async fn run_prompts(
+    s: Shared,
+    mut jobs: mpsc::UnboundedReceiver<PromptJob>,
+    mut stops: mpsc::UnboundedReceiver<String>,
+) {
+    let Some(base) = s.opencode.lock().ok().and_then(|o| o.clone()) else {
+        return;
+    };
+    let mut oc_session: Option<String> = None;
+    while let Some(job) = jobs.recv().await {
+        let result = run_one(&s, &base, &mut oc_session, &job, &mut stops).await;
+        let (ok, reason) = match &result {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e.clone())),
+        };
+        let mut done = json!({"kind": "prompt.done", "prompt": job.id, "ok": ok, "reason": reason});
+        if ok {
+            match commit_and_push(&s, &job).await {
+                Ok(Some((branch, commit))) => {
+                    done["branch"] = json!(branch);
+                    done["commit"] = json!(commit);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    done["ok"] = json!(false);
+                    done["reason"] = json!(format!("the work could not be pushed: {e}"));
+                }
+            }
+        }
+        s.emit(done);
+    }
+}
+
+async fn run_one(
+    s: &Shared,
+    base: &str,
+    oc_session: &mut Option<String>,
+    job: &PromptJob,
+    stops: &mut mpsc::UnboundedReceiver<String>,
+) -> Result<(), String> {
+    if oc_session.is_none() {
+        let v: Value = s
+            .http
+            .post(format!("{base}/session"))
+            .json(&json!({"title": format!("Nightshift {}", s.cfg.session_id)}))
+            .send()
+            .await
+            .map_err(|e| format!("OpenCode did not answer: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("OpenCode answered oddly: {e}"))?;
+        *oc_session = v["id"].as_str().map(String::from);
+    }
+    let sid = oc_session.clone().ok_or("OpenCode gave no session id")?;
+    // Subscribe before prompting so no event is missed.
+    let events = s
+        .http
+        .get(format!("{base}/event"))
+        .send()
+        .await
+        .map_err(|e| format!("OpenCode event stream: {e}"))?;
+    let mut body = json!({"parts": [{"type": "text", "text": job.text}]});
+    if let Some((p, m)) = job.model.as_deref().and_then(|m| m.split_once('/')) {
+        body["model"] = json!({"providerID": p, "modelID": m});
+    }
+    let r = s
+        .http
+        .post(format!("{base}/session/{sid}/prompt_async"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("OpenCode refused the prompt: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("OpenCode refused the prompt: {}", r.status()));
+    }
+    let mut stream = events.bytes_stream();
+    let mut buf = String::new();
+    let mut text = String::new();
+    let mut error: Option<String> = None;
+    let mut stopped = false;
+    let flush_every = Duration::from_millis(50);
+    let mut last_flush = tokio::time::Instant::now();
+    loop {
+        let next = tokio::select! {
+            chunk = stream.next() => chunk,
+            stop = stops.recv() => {
+                if stop.as_deref() == Some(job.id.as_str()) {
+                    stopped = true;
+                    let _ = s.http.post(format!("{base}/session/{sid}/abort")).send().await;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(flush_every), if !text.is_empty() => {
+                s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                last_flush = tokio::time::Instant::now();
+                continue;
+            }
+        };
+        let Some(Ok(chunk)) = next else {
+            return Err("the OpenCode event stream ended".into());
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find('\n') {
+            let line: String = buf.drain(..=pos).collect();
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(ev) = serde_json::from_str::<Value>(data.trim()) else {
+                continue;
+            };
+            let p = &ev["properties"];
+            if p["sessionID"].as_str() != Some(sid.as_str()) {
+                continue;
+            }
+            match ev["type"].as_str().unwrap_or("") {
+                "message.part.delta" if p["field"] == "text" => {
+                    text.push_str(p["delta"].as_str().unwrap_or(""));
+                    if last_flush.elapsed() >= flush_every {
+                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                        last_flush = tokio::time::Instant::now();
+                    }
+                }
+                "message.part.updated" => {
+                    let part = &p["part"];
+                    if !text.is_empty() && part["type"] != "text" {
+                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                    }
+                    if let Some(m) = translate_part(&job.id, part) {
+                        s.emit(m);
+                    }
+                }
+                "session.error" => {
+                    let msg = p["error"]["data"]["message"]
+                        .as_str()
+                        .or(p["error"]["name"].as_str())
+                        .unwrap_or("the agent failed")
+                        .to_string();
+                    if !stopped {
+                        s.emit(json!({"kind": "agent.error", "prompt": job.id, "message": msg}));
+                    }
+                    error = Some(msg);
+                }
+                "session.idle" => {
+                    if !text.is_empty() {
+                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                    }
+                    if stopped {
+                        return Err("stopped".into());
+                    }
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Turns an OpenCode part into a session event, if it is one people should see.
+pub fn translate_part(prompt: &str, part: &Value) -> Option<Value> {
+    let cut = |v: &Value, n: usize| -> Value {
+        match v.as_str() {
+            Some(t) if t.len() > n => {
+                let mut end = n;
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                json!(format!("{}… ({} bytes)", &t[..end], t.len()))
+            }
+            _ => v.clone(),
+        }
+    };
+    match part["type"].as_str()? {
+        "tool" => {
+            let st = &part["state"];
+            let status = st["status"].as_str()?;
+            if status == "pending" {
+                return None;
+            }
+            let mut m = json!({"kind": "agent.tool", "prompt": prompt, "call": part["callID"],
+                "tool": part["tool"], "status": status});
+            match status {
+                "running" => m["input"] = st["input"].clone(),
+                "completed" => m["output"] = cut(&st["output"], 4096),
+                "error" => m["error"] = cut(&st["error"], 4096),
+                _ => {}
+            }
+            Some(m)
+        }
+        "step-finish" => Some(json!({"kind": "agent.step", "prompt": prompt,
+            "reason": part["reason"], "tokens": part["tokens"], "cost": part["cost"]})),
+        _ => None,
+    }
+}
+
+/// Commits the prompt's work in the prompting person's name and pushes the session's branch.
+async fn commit_and_push(s: &Shared, job: &PromptJob) -> Result<Option<(String, String)>, String> {
+    let repo = s.cfg.repo();
+    let branch = format!("nightshift/{}", s.cfg.session_id);
+    let porcelain = git(&repo, &["status", "--porcelain"]).await?;
+    let already = s.branch.lock().ok().and_then(|b| b.clone());
+    if porcelain.is_empty() {
+        return Ok(None);
+    }
+    if already.is_none() {
+        git(&repo, &["checkout", "--quiet", "-B", &branch]).await?;
+    }
+    git(&repo, &["add", "-A"]).await?;
+    let first_line = job.text.lines().next().unwrap_or("Nightshift change");
+    let subject: String = first_line.chars().take(72).collect();
+    let message = format!(
+        "{subject}\n\nNightshift session {}, prompt {}.",
+        s.cfg.session_id, job.id
+    );
+    let name = format!("user.name={}", job.author_name);
+    let email = format!("user.email={}", job.author_email);
+    git(
+        &repo,
+        &[
+            "-c", &name, "-c", &email, "commit", "--quiet", "-m", &message,
+        ],
+    )
+    .await?;
+    let commit = git(&repo, &["rev-parse", "HEAD"]).await?;
+    let refspec = format!("HEAD:refs/heads/{branch}");
+    git(&repo, &["push", "--quiet", "origin", &refspec]).await?;
+    if let Ok(mut b) = s.branch.lock() {
+        *b = Some(branch.clone());
+    }
+    Ok(Some((branch, commit)))
+}
+
+/// Keeps the WebSocket link to the session: hello, resend unacknowledged, heartbeats, reconnects.
+pub async fn link(
+    s: Shared,
+    jobs: mpsc::UnboundedSender<PromptJob>,
+    stops: mpsc::UnboundedSender<String>,
+) {
+    let (Some(control), Some(token)) = (s.cfg.control_url.clone(), s.cfg.token.clone()) else {
+        log("no control URL: running without a session link");
+        return;
+    };
+    let url = format!(
+        "{}/sandbox-link/{}",
+        control.trim_end_matches('/').replacen("http", "ws", 1),
+        s.cfg.session_id
+    );
+    let mut backoff = 100u64;
+    let mut seen_prompts: std::collections::HashSet<String> = Default::default();
+    loop {
+        match link_once(&s, &url, &token, &jobs, &stops, &mut seen_prompts).await {
+            Ok(()) => backoff = 100,
+            Err(LinkEnd::Refused(why)) => {
+                log(&format!("the session refused this sandbox: {why}; exiting"));
+                std::process::exit(4);
+            }
+            Err(LinkEnd::Lost(why)) => {
+                log(&format!("link lost: {why}; reconnecting in {backoff} ms"))
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(backoff)).await;
+        backoff = (backoff * 2).min(5_000);
+    }
+}
+
+enum LinkEnd {
+    Refused(String),
+    Lost(String),
+}
+
+async fn link_once(
+    s: &Shared,
+    url: &str,
+    token: &str,
+    jobs: &mpsc::UnboundedSender<PromptJob>,
+    stops: &mpsc::UnboundedSender<String>,
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<(), LinkEnd> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| LinkEnd::Refused(format!("bad control URL: {e}")))?;
+    let auth = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| LinkEnd::Refused("bad token".into()))?;
+    req.headers_mut().insert("authorization", auth);
+    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
+        Ok(x) => x,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r))
+            if r.status() == 401 || r.status() == 403 || r.status() == 404 =>
+        {
+            return Err(LinkEnd::Refused(format!("HTTP {}", r.status())))
+        }
+        Err(e) => return Err(LinkEnd::Lost(e.to_string())),
+    };
+    let (mut tx, mut rx) = ws.split();
+    let hello = json!({"type": "hello", "sandbox": s.cfg.sandbox_id});
+    tx.send(Message::Text(hello.to_string().into()))
+        .await
+        .map_err(|e| LinkEnd::Lost(e.to_string()))?;
+    // Messages with n <= sent have been written to this connection.
+    let mut sent: Option<u64> = None;
+    let mut beat = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        // Send everything not yet sent on this connection.
+        if let Some(from) = sent {
+            let pending: Vec<(u64, Value)> = s
+                .outbox
+                .lock()
+                .map(|o| o.iter().filter(|(n, _)| *n > from).cloned().collect())
+                .unwrap_or_default();
+            for (n, m) in pending {
+                let frame = json!({"type": "event", "n": n, "event": m});
+                tx.send(Message::Text(frame.to_string().into()))
+                    .await
+                    .map_err(|e| LinkEnd::Lost(e.to_string()))?;
+                sent = Some(n);
+            }
+        }
+        tokio::select! {
+            _ = s.wake.notified() => {}
+            _ = beat.tick() => {
+                tx.send(Message::Text(json!({"type": "heartbeat"}).to_string().into()))
+                    .await
+                    .map_err(|e| LinkEnd::Lost(e.to_string()))?;
+            }
+            msg = rx.next() => {
+                let Some(Ok(msg)) = msg else { return Err(LinkEnd::Lost("closed".into())) };
+                let text = match msg {
+                    Message::Text(t) => t.to_string(),
+                    Message::Close(c) => {
+                        let reason = c.map(|c| c.reason.to_string()).unwrap_or_default();
+                        if reason.starts_with("refused") {
+                            return Err(LinkEnd::Refused(reason));
+                        }
+                        return Err(LinkEnd::Lost(format!("closed: {reason}")));
+                    }
+                    _ => continue,
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                match v["type"].as_str().unwrap_or("") {
+                    "welcome" => {
+                        let have = v["last_n"].as_u64().unwrap_or(0);
+                        drop_acked(s, have);
+                        sent = Some(have);
+                    }
+                    "ack" => drop_acked(s, v["n"].as_u64().unwrap_or(0)),
+                    "prompt" => {
+                        if let Ok(job) = serde_json::from_value::<PromptJob>(v["prompt"].clone()) {
+                            // A prompt resent after a reconnect is run once.
+                            if seen.insert(job.id.clone()) {
+                                log(&format!("prompt {} received", job.id));
+                                let _ = jobs.send(job);
+                            }
+                        }
+                    }
+                    "stop" => {
+                        if let Some(id) = v["prompt"].as_str() {
+                            let _ = stops.send(id.to_string());
+                        }
+                    }
+                    "error" => log(&format!("session says: {text}")),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn drop_acked(s: &Shared, upto: u64) {
+    if let Ok(mut o) = s.outbox.lock() {
+        while o.front().is_some_and(|(n, _)| *n <= upto) {
+            o.pop_front();
+        }
+    }
+}
+
+/// Runs the supervisor to the end of the sandbox's life.
+pub async fn run(cfg: Settings) -> Result<(), String> {
+    let s = Supervisor::new(cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let api = local_api(s.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, api).await;
+    });
+    let state_file = s.cfg.dir.join("state").join("supervisor.json");
+    let publish = |ready: bool| {
+        let _ = std::fs::write(
+            &state_file,
+            json!({"port": port, "ready": ready}).to_string(),
+        );
+    };
+    publish(false);
+    log(&format!(
+        "local API on 127.0.0.1:{port}; sandbox {}",
+        s.cfg.sandbox_id
+    ));
+    let (job_tx, job_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+    tokio::spawn(link(s.clone(), job_tx, stop_tx));
+    // Reads may start at once; the sync runs beside OpenCode's start.
+    tokio::spawn(sync(s.clone()));
+    if s.cfg.opencode_bin.is_some() {
+        s.status("starting", "starting OpenCode");
+        match start_opencode(&s, port).await {
+            Ok(url) => {
+                log(&format!("OpenCode on {url}"));
+                if let Ok(mut o) = s.opencode.lock() {
+                    *o = Some(url);
+                }
+            }
+            Err(e) => {
+                s.status("failed", &e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Err(e);
+            }
+        }
+    }
+    publish(true);
+    s.status("ready", "the agent is ready");
+    run_prompts(s, job_rx, stop_rx).await;
+    // Without OpenCode there is nothing to run; stay up for exec and git.
+    std::future::pending::<()>().await;
+    Ok(())
+}
