@@ -4,19 +4,24 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 
 use nightshift_core::events::Event;
+use nightshift_core::sandbox::{self as link, Ingest, SandboxLink, SandboxMessage, Stage};
 use nightshift_core::session::{Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus};
+use nightshift_core::signing::{sha256_hex, token_matches};
 use nightshift_core::wire::{
     self, ClientMessage, CreateSession, CursorUpdate, ErrorBody, JoinSession, LockRequest,
     PresenceEntry, PromptRequest, Reprioritize, ServerMessage, UnlockRequest,
 };
 use nightshift_core::CoreResult;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
 use worker::*;
 
 use crate::auth::decode_identity;
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult};
 use crate::platform::{new_id, now_ms, random_hex};
+use crate::provider;
 use crate::runner::{self, PromptRunner};
 use crate::store;
 
@@ -34,6 +39,18 @@ struct Attachment {
     conn: String,
     identity: Identity,
 }
+
+/// What the sandbox's socket remembers across hibernation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SandboxAttachment {
+    sandbox_link: String,
+    conn: String,
+}
+
+/// Tag of every person's socket (broadcasts go to these, never to the sandbox).
+const PEOPLE: &str = "people";
+/// Tag of the sandbox's socket.
+const SANDBOX: &str = "sandbox";
 
 struct Loaded {
     session: Session,
@@ -76,6 +93,14 @@ impl DurableObject for SessionObject {
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
         let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
+            if let Ok(Some(_)) = ws.deserialize_attachment::<SandboxAttachment>() {
+                if let WebSocketIncomingMessage::String(text) = message {
+                    if let Err(e) = self.on_sandbox_message(&ws, &text).await {
+                        send_frame(&ws, &error_frame(None, &e.code, &e.message));
+                    }
+                }
+                return Ok(());
+            }
             let _ = ws.close(Some(1008), Some("unknown connection; reconnect"));
             return Ok(());
         };
@@ -129,6 +154,10 @@ impl DurableObject for SessionObject {
         }
         Response::ok("ok")
     }
+}
+
+fn send_frame_text(ws: &WebSocket, text: &str) {
+    let _ = ws.send_with_str(text);
 }
 
 fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
@@ -285,6 +314,18 @@ impl SessionObject {
             }
         }
         let sql = self.sql();
+        if self.uses_sandboxes() {
+            if let Some(id) = &out.abort {
+                let frame = serde_json::json!({"type": "stop", "prompt": id}).to_string();
+                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                    let _ = ws.send_with_str(&frame);
+                }
+            }
+            if let Some(id) = &out.start {
+                self.dispatch(id.clone()).await?;
+            }
+            return self.schedule_alarm(now).await;
+        }
         let runner = self.runner();
         if let Some(id) = &out.abort {
             runner.abort(&sql, id)?;
@@ -293,6 +334,284 @@ impl SessionObject {
             runner.start(&sql, id, now)?;
         }
         self.schedule_alarm(now).await
+    }
+
+    fn uses_sandboxes(&self) -> bool {
+        config::runner(&self.env) == "sandbox"
+    }
+
+    /// The running prompt as the sandbox receives it.
+    fn prompt_frame(&self, id: &str) -> ApiResult<Option<String>> {
+        self.read(|s, _| {
+            let p = s.queue.prompts.get(id)?;
+            let email = s
+                .members
+                .get(&p.author)
+                .and_then(|m| m.email.clone())
+                .unwrap_or_else(|| format!("{}@users.nightshift.local", p.author));
+            Some(
+                serde_json::json!({"type": "prompt", "prompt": {
+                    "id": p.id, "text": p.text, "author_name": p.author_name,
+                    "author_email": email, "model": p.model}})
+                .to_string(),
+            )
+        })
+    }
+
+    /// Hands a prompt that became running to the session's sandbox, spawning one when there is none.
+    fn dispatch(&self, id: String) -> Pin<Box<dyn Future<Output = ApiResult<()>> + '_>> {
+        Box::pin(async move {
+            let sql = self.sql();
+            if let Some(l) = store::load_link(&sql)? {
+                if l.stage.is_live() {
+                    if let Some(frame) = self.prompt_frame(&id)? {
+                        for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                            let _ = ws.send_with_str(&frame);
+                        }
+                    }
+                    // Not connected yet: the prompt is sent when the sandbox dials in.
+                    return Ok(());
+                }
+            }
+            self.spawn_sandbox(&id).await
+        })
+    }
+
+    async fn spawn_sandbox(&self, prompt: &str) -> ApiResult<()> {
+        let sql = self.sql();
+        let now = now_ms();
+        let repository = self.read(|s, _| s.meta.repository.clone())?;
+        let Some(repository) = repository else {
+            return self
+                .fail_running(
+                    prompt,
+                    "no_repository: this session has no repository to work in",
+                )
+                .await;
+        };
+        let token = random_hex(32);
+        let mut l = SandboxLink::spawning(sha256_hex(token.as_bytes()), now);
+        store::save_link(&sql, &l)?;
+        self.apply(|s, _| {
+            Ok(s.sandbox_status("spawning", "asking the provider for a sandbox".into()))
+        })
+        .await?;
+        let session_id = self.read(|s, _| s.meta.id.clone())?;
+        let control = config::control_url(&self.env).unwrap_or_default();
+        let body = serde_json::json!({
+            "session_id": session_id,
+            "repository": {"clone_url": repository, "base_branch": "main"},
+            "supervisor": {"control_url": control, "sandbox_token": token},
+            "labels": {"session": session_id},
+        });
+        let answer = provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await;
+        match answer {
+            Ok((201, v)) => {
+                l.sandbox = v["id"].as_str().map(String::from);
+                // The sandbox may already have dialled in and moved the link on: keep its progress.
+                if let Some(mut current) = store::load_link(&sql)? {
+                    if current.token_hash == l.token_hash {
+                        current.sandbox = l.sandbox.clone();
+                        l = current;
+                    }
+                }
+                store::save_link(&sql, &l)
+            }
+            Ok((status, v)) => {
+                let msg = format!(
+                    "the provider refused the sandbox ({status}): {}",
+                    v["error"]["message"].as_str().unwrap_or("no reason given")
+                );
+                self.sandbox_failed(&mut l, prompt, &msg).await
+            }
+            Err(e) => self.sandbox_failed(&mut l, prompt, &e.message).await,
+        }
+    }
+
+    async fn sandbox_failed(&self, l: &mut SandboxLink, prompt: &str, msg: &str) -> ApiResult<()> {
+        l.stage = Stage::Failed;
+        store::save_link(&self.sql(), l)?;
+        let detail = msg.to_string();
+        self.apply(|s, _| Ok(s.sandbox_status("failed", detail)))
+            .await?;
+        self.fail_running(prompt, &format!("sandbox_failed: {msg}"))
+            .await
+    }
+
+    /// Ends the running prompt as failed (it is never silently dropped).
+    async fn fail_running(&self, prompt: &str, reason: &str) -> ApiResult<()> {
+        let running = self.read(|s, _| s.queue.running.as_deref() == Some(prompt))?;
+        if running {
+            let reason = reason.to_string();
+            let p = prompt.to_string();
+            self.apply(move |s, now| s.finish_prompt(&p, false, Some(reason), now))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The sandbox dials in with its token; one live sandbox socket per session.
+    async fn accept_sandbox(&self, req: &Request) -> ApiResult<Response> {
+        if !self.ensure_loaded()? {
+            return Err(ApiError::not_found("session"));
+        }
+        let sql = self.sql();
+        let Some(mut l) = store::load_link(&sql)? else {
+            return Err(ApiError::new(
+                404,
+                "no_sandbox",
+                "this session has no sandbox",
+            ));
+        };
+        let token = req
+            .headers()
+            .get("authorization")
+            .ok()
+            .flatten()
+            .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
+            .unwrap_or_default();
+        if token.is_empty() || !token_matches(&token, &l.token_hash) {
+            return Err(ApiError::new(
+                401,
+                "bad_sandbox_token",
+                "this token does not belong to this session's sandbox",
+            ));
+        }
+        if !l.stage.is_live() {
+            return Err(ApiError::new(
+                410,
+                "sandbox_retired",
+                "this sandbox is no longer the session's sandbox",
+            ));
+        }
+        let older = self.state.get_websockets_with_tag(SANDBOX);
+        let pair = WebSocketPair::new().map_err(ApiError::from)?;
+        let server = pair.server;
+        self.state.accept_websocket_with_tags(&server, &[SANDBOX]);
+        server
+            .serialize_attachment(SandboxAttachment {
+                sandbox_link: l.sandbox.clone().unwrap_or_default(),
+                conn: random_hex(8),
+            })
+            .map_err(ApiError::from)?;
+        for ws in older {
+            let _ = ws.close(Some(4001), Some("replaced by a newer sandbox connection"));
+        }
+        l.disconnected_at = None;
+        l.last_seen = now_ms();
+        store::save_link(&sql, &l)?;
+        send_frame_text(
+            &server,
+            &serde_json::json!({"type": "welcome", "last_n": l.last_n}).to_string(),
+        );
+        let running = self.read(|s, _| s.queue.running.clone())?;
+        if let Some(id) = running {
+            if let Some(frame) = self.prompt_frame(&id)? {
+                send_frame_text(&server, &frame);
+            }
+        }
+        self.schedule_alarm(now_ms()).await?;
+        Response::from_websocket(pair.client).map_err(ApiError::from)
+    }
+
+    /// One frame from the sandbox: events are stored in order, then acknowledged.
+    async fn on_sandbox_message(&self, ws: &WebSocket, text: &str) -> ApiResult<()> {
+        self.require_loaded()?;
+        let sql = self.sql();
+        let Some(mut l) = store::load_link(&sql)? else {
+            let _ = ws.close(Some(4003), Some("refused: no sandbox"));
+            return Ok(());
+        };
+        if !l.stage.is_live() {
+            let _ = ws.close(Some(4003), Some("refused: this sandbox was retired"));
+            return Ok(());
+        }
+        let now = now_ms();
+        l.last_seen = now;
+        let msg = link::parse_sandbox_message(text)?;
+        match msg {
+            SandboxMessage::Hello { sandbox } => {
+                if l.sandbox.is_none() {
+                    l.sandbox = Some(sandbox);
+                }
+                store::save_link(&sql, &l)
+            }
+            SandboxMessage::Heartbeat => store::save_link(&sql, &l),
+            SandboxMessage::Event { n, event } => match l.ingest(n) {
+                Ingest::Duplicate => {
+                    send_frame_text(ws, &serde_json::json!({"type": "ack", "n": n}).to_string());
+                    store::save_link(&sql, &l)
+                }
+                Ingest::OutOfOrder { expected } => {
+                    let _ = ws.close(Some(4002), Some("out of order; reconnect and resend"));
+                    Err(ApiError::new(
+                        409,
+                        "out_of_order",
+                        format!("event {n} arrived but {expected} is next"),
+                    ))
+                }
+                Ingest::Accept => {
+                    let stage = match &event {
+                        link::AgentEvent::Status { stage, .. } => Some(stage.clone()),
+                        _ => None,
+                    };
+                    match stage.as_deref() {
+                        Some("syncing") | Some("starting") => l.stage = Stage::Syncing,
+                        Some("ready") => l.stage = Stage::Ready,
+                        Some("failed") => l.stage = Stage::Failed,
+                        _ => {}
+                    }
+                    l.last_n = n;
+                    store::save_link(&sql, &l)?;
+                    // Late output of a stopped prompt is acknowledged but not stored.
+                    let _ = self.apply(move |s, now| s.agent_event(event, now)).await;
+                    send_frame_text(ws, &serde_json::json!({"type": "ack", "n": n}).to_string());
+                    if l.stage == Stage::Failed {
+                        if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
+                            self.fail_running(&p, "sandbox_failed: the sandbox could not start the agent; see its logs")
+                                .await?;
+                        }
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// The sandbox stopped answering: say so, fail its running prompt, and retire it.
+    async fn check_sandbox(&self, now: u64) -> ApiResult<()> {
+        let sql = self.sql();
+        let Some(mut l) = store::load_link(&sql)? else {
+            return Ok(());
+        };
+        let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
+        let grace = config::sandbox_grace_ms(&self.env);
+        if !l.is_lost(now, hb, grace) {
+            return Ok(());
+        }
+        l.stage = Stage::Lost;
+        store::save_link(&sql, &l)?;
+        for ws in self.state.get_websockets_with_tag(SANDBOX) {
+            let _ = ws.close(Some(4004), Some("refused: the sandbox was declared lost"));
+        }
+        let detail =
+            "the sandbox stopped responding; the next prompt gets a new sandbox".to_string();
+        self.apply(|s, _| Ok(s.sandbox_status("lost", detail)))
+            .await?;
+        if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
+            self.fail_running(
+                &p,
+                "sandbox_lost: the sandbox stopped while this prompt ran; send it again to retry",
+            )
+            .await?;
+        }
+        if let Some(id) = &l.sandbox {
+            let path = format!("/v1/sandboxes/{id}/terminate");
+            if let Err(e) = provider::call(&self.env, Method::Post, &path, None).await {
+                console_error!("terminating lost sandbox {id}: {}", e.message);
+            }
+        }
+        Ok(())
     }
 
     fn broadcast_events(&self, events: &[Event]) {
@@ -305,7 +624,7 @@ impl SessionObject {
         let Ok(text) = serde_json::to_string(&frame) else {
             return;
         };
-        for ws in self.state.get_websockets() {
+        for ws in self.state.get_websockets_with_tag(PEOPLE) {
             let _ = ws.send_with_str(&text);
         }
     }
@@ -319,6 +638,15 @@ impl SessionObject {
         }
         if let Some(due) = self.runner().next_due(&self.sql())? {
             next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        if self.uses_sandboxes() {
+            if let Some(l) = store::load_link(&self.sql())? {
+                let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
+                let grace = config::sandbox_grace_ms(&self.env);
+                if let Some(due) = l.deadline(hb, grace) {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
         }
         let Some(next) = next else { return Ok(()) };
         if let Some(current) = self.alarm_at.get() {
@@ -360,6 +688,9 @@ impl SessionObject {
                     .await;
             }
         }
+        if self.uses_sandboxes() {
+            self.check_sandbox(now).await?;
+        }
         // Heartbeat sweep and lock expiry.
         self.apply(|s, now| Ok(s.sweep(now))).await?;
         self.flush_presence();
@@ -392,13 +723,29 @@ impl SessionObject {
         let Ok(text) = serde_json::to_string(&frame) else {
             return;
         };
-        for ws in self.state.get_websockets() {
+        for ws in self.state.get_websockets_with_tag(PEOPLE) {
             let _ = ws.send_with_str(&text);
         }
     }
 
     async fn drop_socket(&self, ws: &WebSocket) {
         let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
+            if let Ok(Some(sa)) = ws.deserialize_attachment::<SandboxAttachment>() {
+                let _ = ws.close(Some(1000), Some("closed"));
+                let others = self.state.get_websockets_with_tag(SANDBOX).iter().any(|o| {
+                    o.deserialize_attachment::<SandboxAttachment>()
+                        .ok()
+                        .flatten()
+                        .is_some_and(|a| a.conn != sa.conn)
+                });
+                if !others {
+                    if let Ok(Some(mut l)) = store::load_link(&self.sql()) {
+                        l.disconnected_at = Some(now_ms());
+                        let _ = store::save_link(&self.sql(), &l);
+                        let _ = self.schedule_alarm(now_ms()).await;
+                    }
+                }
+            }
             return;
         };
         // A reconnect with the same client id may already have replaced this socket.
@@ -436,6 +783,9 @@ impl SessionObject {
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
         let path = req.path();
         let method = req.method();
+        if path == "/sandbox-link" {
+            return self.accept_sandbox(&req).await;
+        }
         let who = Self::identity(&req)?;
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         if segs.as_slice() == ["create"] && method == Method::Post {
@@ -619,6 +969,13 @@ impl SessionObject {
         priority: i32,
         model: Option<String>,
     ) -> ApiResult<serde_json::Value> {
+        if self.uses_sandboxes() && self.read(|s, _| s.meta.repository.is_none())? {
+            return Err(ApiError::new(
+                400,
+                "no_repository",
+                "this session has no repository, so prompts cannot run; create a session with `repository` set",
+            ));
+        }
         let id = new_id("prm");
         let pid = id.clone();
         self.apply(move |s, now| s.enqueue_prompt(who, pid, text, priority, model, now))
@@ -685,7 +1042,7 @@ impl SessionObject {
         let pair = WebSocketPair::new().map_err(ApiError::from)?;
         let server = pair.server;
         self.state
-            .accept_websocket_with_tags(&server, &[client.as_str(), who.user.as_str()]);
+            .accept_websocket_with_tags(&server, &[client.as_str(), who.user.as_str(), PEOPLE]);
         server
             .serialize_attachment(Attachment {
                 client: client.clone(),

@@ -13,4 +13,5 @@ echo "[test] building the Worker"
 bash scripts/build.sh
 echo "[test] cargo test (core, model checks, end to end)"
 # End-to-end tests each start their own wrangler dev; three at a time suits two cores.
+cargo build -q -p nightshift-sandbox --bins
 cargo test --workspace -- --test-threads 3

@@ -47,7 +47,8 @@ pub fn limits(env: &Env) -> Limits {
     }
 }
 
-/// Which prompt runner sessions use: `echo` (a local stand-in) or `none` (prompts wait for compute).
+/// Which prompt runner sessions use: `sandbox` (a provider's sandbox running OpenCode),
+/// `echo` (a local stand-in) or `none` (prompts wait for compute).
 pub fn runner(env: &Env) -> String {
     var(env, "PROMPT_RUNNER").unwrap_or_else(|| "none".into())
 }
@@ -55,4 +56,31 @@ pub fn runner(env: &Env) -> String {
 /// How long the echo runner takes per prompt.
 pub fn echo_run_ms(env: &Env) -> u64 {
     num(env, "ECHO_RUN_MS", 1500)
+}
+
+/// Base URL of the compute provider (provider contract v1), e.g. `http://127.0.0.1:8790`.
+pub fn provider_url(env: &Env) -> Option<String> {
+    var(env, "PROVIDER_URL")
+}
+
+/// HMAC key shared with the provider (`PROVIDER_SECRET`).
+pub fn provider_secret(env: &Env) -> Vec<u8> {
+    var(env, "PROVIDER_SECRET")
+        .map(String::into_bytes)
+        .unwrap_or_default()
+}
+
+/// The control plane's URL as sandboxes reach it (they dial `CONTROL_URL/sandbox-link/:session`).
+pub fn control_url(env: &Env) -> Option<String> {
+    var(env, "CONTROL_URL")
+}
+
+/// How long a sandbox's socket may stay closed before the sandbox counts as lost.
+pub fn sandbox_grace_ms(env: &Env) -> u64 {
+    num(env, "SANDBOX_GRACE_MS", 10_000)
+}
+
+/// A sandbox silent for this long (it heart-beats every 5 s) counts as lost.
+pub fn sandbox_heartbeat_timeout_ms(env: &Env) -> u64 {
+    num(env, "SANDBOX_HEARTBEAT_TIMEOUT_MS", 30_000)
 }

@@ -4,6 +4,7 @@ mod auth;
 mod config;
 mod error;
 mod platform;
+mod provider;
 mod routes;
 mod runner;
 mod store;

@@ -56,6 +56,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         }
         (Method::Get, ["sessions", id]) => forward(&mut req, env, id, "snapshot").await,
         (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
+        (Method::Get, ["sandbox-link", id]) => sandbox_link(&mut req, env, id).await,
         (_, ["multiplayer", id, rest @ ..]) => {
             let target = match (method, rest) {
                 (Method::Post, ["join"]) => "join".to_string(),
@@ -244,4 +245,23 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
         }
     }
     json_response(status, text).map_err(ApiError::from)
+}
+
+/// A sandbox dials its session; the session object checks the per-sandbox token.
+async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Response> {
+    let upgrade = req.headers().get("upgrade").ok().flatten();
+    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return Err(ApiError::new(
+            426,
+            "upgrade_required",
+            "connect with a WebSocket (Upgrade: websocket)",
+        ));
+    }
+    let stub = session_stub(env, id)?;
+    let headers = Headers::new();
+    headers.set("upgrade", "websocket")?;
+    if let Some(auth) = req.headers().get("authorization").ok().flatten() {
+        headers.set("authorization", &auth)?;
+    }
+    call(&stub, Method::Get, "/sandbox-link", Some(headers), None).await
 }

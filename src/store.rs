@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS locks (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS prompts (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runner (prompt TEXT PRIMARY KEY, due INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sandbox_link (k INTEGER PRIMARY KEY CHECK (k = 1), body TEXT NOT NULL);
 ";
 
 #[derive(Deserialize)]
@@ -201,4 +202,31 @@ pub fn runner_jobs(sql: &SqlStorage) -> ApiResult<Vec<(String, u64)>> {
         .and_then(|c| c.to_array())
         .map_err(internal)?;
     Ok(rows.into_iter().map(|r| (r.prompt, r.due as u64)).collect())
+}
+
+/// The session's sandbox link, if it ever had a sandbox.
+pub fn load_link(sql: &SqlStorage) -> ApiResult<Option<nightshift_core::sandbox::SandboxLink>> {
+    sql.exec(
+        "CREATE TABLE IF NOT EXISTS sandbox_link (k INTEGER PRIMARY KEY CHECK (k = 1), body TEXT NOT NULL)",
+        None,
+    )
+    .map_err(internal)?;
+    let rows: Vec<BodyRow> = sql
+        .exec("SELECT body FROM sandbox_link WHERE k = 1", None)
+        .and_then(|c| c.to_array())
+        .map_err(internal)?;
+    match rows.first() {
+        None => Ok(None),
+        Some(r) => serde_json::from_str(&r.body).map(Some).map_err(internal),
+    }
+}
+
+pub fn save_link(sql: &SqlStorage, link: &nightshift_core::sandbox::SandboxLink) -> ApiResult<()> {
+    let body = serde_json::to_string(link).map_err(internal)?;
+    sql.exec(
+        "INSERT OR REPLACE INTO sandbox_link (k, body) VALUES (1, ?)",
+        vec![body.into()],
+    )
+    .map_err(internal)?;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Durable session events: what the ordered log stores and replays, each with its author.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::queue::Prompt;
 use crate::session::Role;
@@ -30,7 +31,7 @@ pub enum LockReleaseReason {
     Left,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum EventKind {
     #[serde(rename = "session.created")]
@@ -76,10 +77,45 @@ pub enum EventKind {
         id: String,
         ok: bool,
         reason: Option<String>,
+        /// The branch holding the prompt's work, pushed to the repository's remote.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branch: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit: Option<String>,
     },
     /// Output of the agent for a running prompt (text is batched token deltas).
     #[serde(rename = "agent.text")]
     AgentText { prompt: String, text: String },
+    /// The sandbox's stage: spawning, syncing, synced, ready, lost, failed, …
+    #[serde(rename = "sandbox.status")]
+    SandboxStatus { stage: String, detail: String },
+    /// A tool call of the agent: running (with input), completed (output) or error.
+    #[serde(rename = "agent.tool")]
+    AgentTool {
+        prompt: String,
+        call: String,
+        tool: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<Value>,
+    },
+    /// One model step finished, with its token counts and cost.
+    #[serde(rename = "agent.step")]
+    AgentStep {
+        prompt: String,
+        reason: Option<String>,
+        tokens: Value,
+        cost: Value,
+    },
+    #[serde(rename = "agent.error")]
+    AgentError { prompt: String, message: String },
+    /// A write was held back until the checkout has synced; the agent was told why.
+    #[serde(rename = "agent.blocked")]
+    AgentBlocked { tool: String, message: String },
 }
 
 impl EventKind {
@@ -98,12 +134,17 @@ impl EventKind {
             EventKind::PromptStopped { .. } => "prompt.stopped",
             EventKind::PromptFinished { .. } => "prompt.finished",
             EventKind::AgentText { .. } => "agent.text",
+            EventKind::SandboxStatus { .. } => "sandbox.status",
+            EventKind::AgentTool { .. } => "agent.tool",
+            EventKind::AgentStep { .. } => "agent.step",
+            EventKind::AgentError { .. } => "agent.error",
+            EventKind::AgentBlocked { .. } => "agent.blocked",
         }
     }
 }
 
 /// One entry of the ordered log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     pub at: u64,

@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod gating;
 pub mod queue;
+pub mod sandbox;
 pub mod session;
 pub mod signing;
 pub mod token;

@@ -12,6 +12,7 @@ use subtle::ConstantTimeEq;
 use crate::error::{CoreError, CoreResult};
 use crate::events::{Actor, EventKind, LockReleaseReason};
 use crate::queue::{NewPrompt, PromptId, PromptQueue};
+use crate::sandbox::AgentEvent;
 
 pub type UserId = String;
 pub type ClientId = String;
@@ -820,7 +821,23 @@ impl Session {
         reason: Option<String>,
         now: u64,
     ) -> CoreResult<Outcome> {
+        self.finish_prompt_with(id, ok, reason, None, now)
+    }
+
+    /// Ends the running prompt, recording where its work went (branch, commit).
+    pub fn finish_prompt_with(
+        &mut self,
+        id: &str,
+        ok: bool,
+        reason: Option<String>,
+        work: Option<(String, String)>,
+        now: u64,
+    ) -> CoreResult<Outcome> {
         self.queue.finish(id, ok, reason.clone(), now)?;
+        let (branch, commit) = match work {
+            Some((b, c)) => (Some(b), Some(c)),
+            None => (None, None),
+        };
         self.dirty.insert(Dirty::Prompt(id.to_string()));
         let mut out = Outcome::default();
         out.event(
@@ -829,6 +846,8 @@ impl Session {
                 id: id.to_string(),
                 ok,
                 reason,
+                branch,
+                commit,
             },
         );
         self.start_next(now, &mut out);
@@ -852,5 +871,78 @@ impl Session {
             },
         );
         Ok(out)
+    }
+
+    /// A numbered event from the session's sandbox (already checked to be the next in order).
+    /// Prompt-scoped events must name the running prompt; late output of a stopped prompt is refused.
+    pub fn agent_event(&mut self, ev: AgentEvent, now: u64) -> CoreResult<Outcome> {
+        if let Some(p) = ev.prompt() {
+            if self.queue.running.as_deref() != Some(p) {
+                return Err(CoreError::PromptNotQueued {
+                    id: p.to_string(),
+                    status: "not running".into(),
+                });
+            }
+        }
+        let mut out = Outcome::default();
+        let kind = match ev {
+            AgentEvent::Done {
+                prompt,
+                ok,
+                reason,
+                branch,
+                commit,
+            } => {
+                let work = branch.zip(commit);
+                return self.finish_prompt_with(&prompt, ok, reason, work, now);
+            }
+            AgentEvent::Text { prompt, text } => EventKind::AgentText { prompt, text },
+            AgentEvent::Status { stage, detail } => EventKind::SandboxStatus { stage, detail },
+            AgentEvent::Tool {
+                prompt,
+                call,
+                tool,
+                status,
+                input,
+                output,
+                error,
+            } => EventKind::AgentTool {
+                prompt,
+                call,
+                tool,
+                status,
+                input,
+                output,
+                error,
+            },
+            AgentEvent::Step {
+                prompt,
+                reason,
+                tokens,
+                cost,
+            } => EventKind::AgentStep {
+                prompt,
+                reason,
+                tokens,
+                cost,
+            },
+            AgentEvent::Error { prompt, message } => EventKind::AgentError { prompt, message },
+            AgentEvent::Blocked { tool, message } => EventKind::AgentBlocked { tool, message },
+        };
+        out.event(Actor::system(), kind);
+        Ok(out)
+    }
+
+    /// A stage of the sandbox as seen by the control plane (spawning, lost, failed).
+    pub fn sandbox_status(&mut self, stage: &str, detail: String) -> Outcome {
+        let mut out = Outcome::default();
+        out.event(
+            Actor::system(),
+            EventKind::SandboxStatus {
+                stage: stage.to_string(),
+                detail,
+            },
+        );
+        out
     }
 }

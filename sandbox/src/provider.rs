@@ -165,6 +165,27 @@ impl Provider {
         })
     }
 
+    /// Terminates every sandbox (the provider is shutting down).
+    pub async fn shutdown(&self) {
+        let live: Vec<(String, Option<i32>)> = match self.sandboxes.lock() {
+            Ok(mut map) => map
+                .iter_mut()
+                .filter(|(_, e)| e.sandbox.status != "terminated")
+                .map(|(id, e)| {
+                    e.sandbox.status = "terminated";
+                    (id.clone(), e.pgid)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (id, pgid) in live {
+            if let Some(g) = pgid {
+                procs::kill_group(g);
+            }
+            procs::kill_marked(&id).await;
+        }
+    }
+
     fn get(&self, id: &str) -> Option<Sandbox> {
         let map = self.sandboxes.lock().ok()?;
         map.get(id).map(|e| e.sandbox.clone())

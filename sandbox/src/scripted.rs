@@ -30,6 +30,9 @@ pub struct Turn {
     /// Wait between text chunks (to make a run last, e.g. to test stop).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub chunk_delay_ms: u64,
+    /// Only for conversations whose first user message contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -43,7 +46,8 @@ pub struct ToolCall {
     pub arguments: Value,
 }
 
-/// A recorded conversation. Request N of a conversation (N = assistant messages already in it) gets turn N.
+/// A recorded conversation. Request N of a conversation (N = assistant messages already in it) gets
+/// turn N of the turns that apply to it (those without `when`, or whose `when` its first user message contains).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recording {
@@ -101,6 +105,25 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// The text of the conversation's first user message.
+pub fn first_user_text(request: &Value) -> String {
+    let Some(m) = request["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+    else {
+        return String::new();
+    };
+    match &m["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
 /// The turn a request asks for: how many assistant replies the conversation already holds.
 pub fn turn_index(request: &Value) -> usize {
     request["messages"]
@@ -127,10 +150,16 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     match &s.mode {
         Mode::Replay(rec) => {
             let index = turn_index(&request);
-            let turn = rec.turns.get(index).cloned().unwrap_or_else(|| Turn {
+            let first = first_user_text(&request);
+            let applicable: Vec<&Turn> = rec
+                .turns
+                .iter()
+                .filter(|t| t.when.as_ref().is_none_or(|w| first.contains(w.as_str())))
+                .collect();
+            let turn = applicable.get(index).map(|t| (*t).clone()).unwrap_or_else(|| Turn {
                 text: format!(
                     "(scripted model: the recording has {} turns and this is request {}; nothing more to say)",
-                    rec.turns.len(),
+                    applicable.len(),
                     index + 1
                 ),
                 ..Turn::default()
@@ -424,6 +453,14 @@ mod tests {
         assert_eq!(t.tool_calls.len(), 1);
         assert_eq!(t.tool_calls[0].name, "write");
         assert_eq!(t.tool_calls[0].arguments, json!({"filePath": "a"}));
+    }
+
+    #[test]
+    fn first_user_text_reads_strings_and_parts() {
+        let r = json!({"messages": [{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"Take your time"}]}]});
+        assert_eq!(first_user_text(&r), "Take your time");
+        let r = json!({"messages": [{"role":"user","content":"plain"}]});
+        assert_eq!(first_user_text(&r), "plain");
     }
 
     #[test]

@@ -57,9 +57,11 @@ impl Server {
             ("DEV_AUTH".to_string(), "1".to_string()),
             ("AUTH_SECRET".to_string(), "test-secret".to_string()),
         ];
+        // `{self}` in a value stands for this server's own URL (e.g. CONTROL_URL).
+        let base = format!("http://127.0.0.1:{port}");
         for (k, v) in vars {
             all.retain(|(name, _)| name != k);
-            all.push((k.to_string(), v.to_string()));
+            all.push((k.to_string(), v.replace("{self}", &base)));
         }
         let mut s = Server {
             port,
@@ -225,7 +227,7 @@ impl Api {
                 "/auth/dev",
                 None,
                 Some(
-                    json!({ "user": user, "name": user.to_uppercase() })
+                    json!({ "user": user, "name": user.to_uppercase(), "email": format!("{user}@example.com") })
                         .to_string()
                         .into_bytes(),
                 ),
@@ -236,6 +238,28 @@ impl Api {
             user: user.to_string(),
             token: v["token"].as_str().expect("token").to_string(),
         }
+    }
+
+    /// Creates a session on a repository; returns its id.
+    pub async fn create_session_on(
+        &self,
+        who: &User,
+        title: &str,
+        repository: &Path,
+    ) -> (String, String) {
+        let (st, v) = self
+            .call(
+                "POST",
+                "/sessions",
+                who,
+                Some(json!({ "title": title, "repository": repository })),
+            )
+            .await;
+        assert_eq!(st, 201, "create: {v}");
+        (
+            v["id"].as_str().expect("id").to_string(),
+            v["invite"].as_str().expect("invite").to_string(),
+        )
     }
 
     /// Creates a session owned by `who`; returns (id, invite).
@@ -359,10 +383,20 @@ impl Ws {
 
     /// Waits for a durable event of type `ty` (matching `pred`) to have arrived.
     pub async fn event(&mut self, ty: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.event_within(Duration::from_secs(15), ty, pred).await
+    }
+
+    /// Like `event`, with a longer wait (agent runs).
+    pub async fn event_within(
+        &mut self,
+        wait: Duration,
+        ty: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(e) = self.seen.iter().find(|e| e["type"] == ty && pred(e)) {
             return e.clone();
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let before = self.seen.len();
@@ -385,4 +419,173 @@ impl Ws {
 
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+/// The compute side for end-to-end runs: the scripted model and the local provider, as real processes.
+pub struct Compute {
+    pub provider_url: String,
+    pub model_url: String,
+    pub secret: String,
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = repo_root().join("target/debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p nightshift-sandbox --bins` (scripts/test.sh does it)",
+        p.display()
+    );
+    p
+}
+
+async fn wait_http(url: &str, what: &str, log: &Path) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(url).send().await.is_err() {
+        if Instant::now() > deadline {
+            panic!(
+                "{what} did not start:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Compute {
+    /// Starts the scripted model replaying `recording` and a provider whose sandboxes use it.
+    pub async fn start(recording: &Value, provider_env: &[(&str, &str)]) -> Compute {
+        let root = repo_root();
+        let dir = root.join(".state/test").join(format!(
+            "compute-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("compute dir");
+        let rec = dir.join("recording.json");
+        std::fs::write(&rec, recording.to_string()).expect("write recording");
+        let model_port = free_port();
+        let model_log = dir.join("model.log");
+        let model = Command::new(bin("nightshift-scripted-model"))
+            .args(["--port", &model_port.to_string(), "--recording"])
+            .arg(&rec)
+            .stdout(std::fs::File::create(&model_log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start scripted model");
+        let model_url = format!("http://127.0.0.1:{model_port}/v1");
+        wait_http(
+            &format!("http://127.0.0.1:{model_port}/health"),
+            "scripted model",
+            &model_log,
+        )
+        .await;
+        let port = free_port();
+        let secret = format!("provider-secret-{port}");
+        let plog = dir.join("provider.log");
+        let mut cmd = Command::new(bin("nightshift-provider"));
+        cmd.args(["--port", &port.to_string(), "--root"])
+            .arg(dir.join("provider"))
+            .env("PROVIDER_SECRET", &secret)
+            .env(
+                "NIGHTSHIFT_OPENCODE_BIN",
+                root.join("node_modules/opencode-linux-x64/bin/opencode"),
+            )
+            .env("NIGHTSHIFT_PLUGIN_MODULES", root.join("node_modules"))
+            .env("NIGHTSHIFT_MODEL", "nightshift/scripted")
+            .env("NIGHTSHIFT_MODEL_URL", &model_url)
+            .stdout(std::fs::File::create(&plog).expect("log"))
+            .stderr(std::fs::File::create(dir.join("provider.err")).expect("log"));
+        for (k, v) in provider_env {
+            cmd.env(k, v);
+        }
+        let provider = cmd.spawn().expect("start provider");
+        let provider_url = format!("http://127.0.0.1:{port}");
+        wait_http(&format!("{provider_url}/v1/health"), "provider", &plog).await;
+        Compute {
+            provider_url,
+            model_url,
+            secret,
+            dir,
+            children: vec![model, provider],
+        }
+    }
+
+    /// The Worker vars that point sessions at this compute.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PROMPT_RUNNER", "sandbox".to_string()),
+            ("PROVIDER_URL", self.provider_url.clone()),
+            ("PROVIDER_SECRET", self.secret.clone()),
+            ("CONTROL_URL", "{self}".to_string()),
+        ]
+    }
+
+    /// A bare repository with one commit on `main`, usable as a session's repository.
+    pub fn remote_repo(&self, name: &str) -> PathBuf {
+        let seed = self.dir.join(format!("{name}-seed"));
+        std::fs::create_dir_all(&seed).expect("seed dir");
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(seed.join("README.md"), "# demo\n").expect("readme");
+        git(&seed, &["add", "."]);
+        git(
+            &seed,
+            &[
+                "-c",
+                "user.name=Seed",
+                "-c",
+                "user.email=seed@example.com",
+                "commit",
+                "-qm",
+                "init",
+            ],
+        );
+        let bare = self.dir.join(format!("{name}.git"));
+        git(
+            &self.dir,
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                &seed.to_string_lossy(),
+                &bare.to_string_lossy(),
+            ],
+        );
+        bare
+    }
+}
+
+/// Runs git in `dir`; panics with its stderr on failure; returns stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Drop for Compute {
+    fn drop(&mut self) {
+        // The provider's sandboxes die with it (bubblewrap --die-with-parent); kill it last.
+        for c in self.children.iter_mut().rev() {
+            // SIGTERM lets the provider terminate its sandboxes first.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -72,7 +72,23 @@ async fn main() {
         "provider listening on http://{addr} (sandboxes under {})",
         root.display()
     );
-    if let Err(e) = axum::serve(listener, router(p)).await {
+    let shutdown = p.clone();
+    let stop = async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        println!("provider: shutting down; terminating every sandbox");
+        shutdown.shutdown().await;
+    };
+    if let Err(e) = axum::serve(listener, router(p))
+        .with_graceful_shutdown(stop)
+        .await
+    {
         fail(&format!("server stopped: {e}"));
     }
 }

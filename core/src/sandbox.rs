@@ -1,0 +1,267 @@
+//! The session's link to its sandbox: lifecycle stage, acknowledged delivery of agent events, and the sandbox wire messages.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::wire::WireError;
+
+/// Where the session's sandbox is in its life, as the session sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// No sandbox yet (or the last one is gone).
+    None,
+    Spawning,
+    Syncing,
+    Ready,
+    Lost,
+    Failed,
+}
+
+impl Stage {
+    /// A sandbox in this stage can still run prompts (or is on its way).
+    pub fn is_live(self) -> bool {
+        matches!(self, Stage::Spawning | Stage::Syncing | Stage::Ready)
+    }
+}
+
+/// Stored per session: which sandbox it has and how far its events have been taken in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SandboxLink {
+    pub stage: Stage,
+    /// The provider's id for the sandbox.
+    pub sandbox: Option<String>,
+    /// SHA-256 (hex) of the per-sandbox token; the token itself is never stored.
+    pub token_hash: String,
+    /// Highest event number stored; the next accepted is `last_n + 1`.
+    pub last_n: u64,
+    pub spawned_at: u64,
+    /// Last message from the sandbox (heartbeat or event).
+    pub last_seen: u64,
+    /// When the sandbox's socket closed without a replacement (None: connected or never).
+    pub disconnected_at: Option<u64>,
+}
+
+impl SandboxLink {
+    pub fn spawning(token_hash: String, now: u64) -> SandboxLink {
+        SandboxLink {
+            stage: Stage::Spawning,
+            sandbox: None,
+            token_hash,
+            last_n: 0,
+            spawned_at: now,
+            last_seen: now,
+            disconnected_at: None,
+        }
+    }
+
+    /// Decides what to do with event number `n`.
+    pub fn ingest(&self, n: u64) -> Ingest {
+        if n <= self.last_n {
+            Ingest::Duplicate
+        } else if n == self.last_n + 1 {
+            Ingest::Accept
+        } else {
+            Ingest::OutOfOrder {
+                expected: self.last_n + 1,
+            }
+        }
+    }
+
+    /// The sandbox has said nothing for too long, or its socket has been gone past the grace period.
+    pub fn is_lost(&self, now: u64, heartbeat_timeout_ms: u64, grace_ms: u64) -> bool {
+        if !self.stage.is_live() {
+            return false;
+        }
+        match self.disconnected_at {
+            Some(at) => now >= at + grace_ms,
+            None => self.stage != Stage::Spawning && now >= self.last_seen + heartbeat_timeout_ms,
+        }
+    }
+
+    /// When the link must next be checked.
+    pub fn deadline(&self, heartbeat_timeout_ms: u64, grace_ms: u64) -> Option<u64> {
+        if !self.stage.is_live() {
+            return None;
+        }
+        Some(match self.disconnected_at {
+            Some(at) => at + grace_ms,
+            None => self.last_seen + heartbeat_timeout_ms,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingest {
+    Accept,
+    /// Already stored (a resend after a reconnect): acknowledge again, store nothing.
+    Duplicate,
+    OutOfOrder {
+        expected: u64,
+    },
+}
+
+/// What a sandbox reports, one numbered message at a time.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum AgentEvent {
+    #[serde(rename = "sandbox.status")]
+    Status { stage: String, detail: String },
+    #[serde(rename = "agent.text")]
+    Text { prompt: String, text: String },
+    #[serde(rename = "agent.tool")]
+    Tool {
+        prompt: String,
+        call: String,
+        tool: String,
+        status: String,
+        #[serde(default)]
+        input: Option<Value>,
+        #[serde(default)]
+        output: Option<Value>,
+        #[serde(default)]
+        error: Option<Value>,
+    },
+    #[serde(rename = "agent.step")]
+    Step {
+        prompt: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        tokens: Value,
+        #[serde(default)]
+        cost: Value,
+    },
+    #[serde(rename = "agent.error")]
+    Error { prompt: String, message: String },
+    #[serde(rename = "agent.blocked")]
+    Blocked { tool: String, message: String },
+    #[serde(rename = "prompt.done")]
+    Done {
+        prompt: String,
+        ok: bool,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        branch: Option<String>,
+        #[serde(default)]
+        commit: Option<String>,
+    },
+}
+
+impl AgentEvent {
+    /// The prompt this event belongs to, if any.
+    pub fn prompt(&self) -> Option<&str> {
+        match self {
+            AgentEvent::Text { prompt, .. }
+            | AgentEvent::Tool { prompt, .. }
+            | AgentEvent::Step { prompt, .. }
+            | AgentEvent::Error { prompt, .. }
+            | AgentEvent::Done { prompt, .. } => Some(prompt),
+            AgentEvent::Status { .. } | AgentEvent::Blocked { .. } => None,
+        }
+    }
+}
+
+/// Frames a sandbox sends to its session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SandboxMessage {
+    Hello { sandbox: String },
+    Heartbeat,
+    Event { n: u64, event: AgentEvent },
+}
+
+/// Largest frame a sandbox may send.
+pub const MAX_SANDBOX_FRAME: usize = 256 * 1024;
+
+pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
+    if text.len() > MAX_SANDBOX_FRAME {
+        return Err(WireError::new(
+            "frame_too_large",
+            format!("sandbox frames are at most {MAX_SANDBOX_FRAME} bytes"),
+        ));
+    }
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| WireError::new("invalid_json", format!("not JSON: {e}")))?;
+    match v["type"].as_str() {
+        Some("hello") => {
+            let sandbox = v["sandbox"]
+                .as_str()
+                .filter(|s| !s.is_empty() && s.len() <= 100)
+                .ok_or_else(|| WireError::new("invalid_message", "hello needs `sandbox`"))?;
+            Ok(SandboxMessage::Hello {
+                sandbox: sandbox.to_string(),
+            })
+        }
+        Some("heartbeat") => Ok(SandboxMessage::Heartbeat),
+        Some("event") => {
+            let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                WireError::new("invalid_message", "event needs `n`, a positive integer")
+            })?;
+            let event: AgentEvent = serde_json::from_value(v["event"].clone())
+                .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
+            Ok(SandboxMessage::Event { n, event })
+        }
+        _ => Err(WireError::new(
+            "unknown_type",
+            "a sandbox sends hello, heartbeat or event",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_accepts_in_order_ignores_duplicates_refuses_gaps() {
+        let mut l = SandboxLink::spawning("h".into(), 0);
+        assert_eq!(l.ingest(1), Ingest::Accept);
+        l.last_n = 1;
+        assert_eq!(l.ingest(1), Ingest::Duplicate);
+        assert_eq!(l.ingest(3), Ingest::OutOfOrder { expected: 2 });
+    }
+
+    #[test]
+    fn lost_after_grace_or_silence() {
+        let mut l = SandboxLink::spawning("h".into(), 0);
+        assert!(
+            !l.is_lost(1_000_000, 30_000, 5_000),
+            "spawning waits for the provider"
+        );
+        l.stage = Stage::Ready;
+        l.last_seen = 100;
+        assert!(!l.is_lost(20_000, 30_000, 5_000));
+        assert!(l.is_lost(30_100, 30_000, 5_000));
+        l.disconnected_at = Some(1_000);
+        assert!(!l.is_lost(5_999, 30_000, 5_000));
+        assert!(l.is_lost(6_000, 30_000, 5_000));
+        l.stage = Stage::Lost;
+        assert!(!l.is_lost(99_999, 30_000, 5_000));
+    }
+
+    #[test]
+    fn sandbox_messages_parse_or_get_codes() {
+        let ok = parse_sandbox_message(
+            r#"{"type":"event","n":3,"event":{"kind":"agent.text","prompt":"p","text":"hi"}}"#,
+        );
+        assert!(matches!(ok, Ok(SandboxMessage::Event { n: 3, .. })));
+        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
+        assert_eq!(code("nope"), Some("invalid_json"));
+        assert_eq!(code(r#"{"type":"x"}"#), Some("unknown_type"));
+        assert_eq!(
+            code(r#"{"type":"event","n":0,"event":{}}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p"}}"#),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            code(
+                r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p","text":"t","x":1}}"#
+            ),
+            Some("invalid_event")
+        );
+    }
+}

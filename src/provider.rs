@@ -1,0 +1,58 @@
+//! Client of the compute provider (docs/provider-contract.md): every request signed with PROVIDER_SECRET.
+
+use nightshift_core::signing;
+use serde_json::Value;
+use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
+
+use crate::config;
+use crate::error::{ApiError, ApiResult};
+use crate::platform::now_ms;
+
+fn unavailable(msg: String) -> ApiError {
+    ApiError::new(502, "provider_unavailable", msg)
+}
+
+/// Sends one signed request; returns (status, JSON body).
+pub async fn call(
+    env: &Env,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> ApiResult<(u16, Value)> {
+    let base = config::provider_url(env).ok_or_else(|| {
+        ApiError::new(
+            503,
+            "provider_not_configured",
+            "set PROVIDER_URL and PROVIDER_SECRET to run prompts in sandboxes",
+        )
+    })?;
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let ts = now_ms();
+    let sig = signing::sign(
+        &config::provider_secret(env),
+        method.as_ref(),
+        path,
+        ts,
+        &bytes,
+    )
+    .map_err(|e| ApiError::new(503, e.code(), e.to_string()))?;
+    let headers = Headers::new();
+    headers.set(signing::TIMESTAMP_HEADER, &ts.to_string())?;
+    headers.set(signing::SIGNATURE_HEADER, &sig)?;
+    headers.set("content-type", "application/json")?;
+    let mut init = RequestInit::new();
+    init.with_method(method).with_headers(headers);
+    if body.is_some() {
+        init.with_body(Some(js_sys::Uint8Array::from(bytes.as_slice()).into()));
+    }
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let req = Request::new_with_init(&url, &init)?;
+    let mut resp = Fetch::Request(req)
+        .send()
+        .await
+        .map_err(|e| unavailable(format!("the provider at {base} did not answer: {e}")))?;
+    let status = resp.status_code();
+    let text = resp.text().await.unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, v))
+}

@@ -1,0 +1,371 @@
+//! The agent end to end: Worker under wrangler dev, local provider, real OpenCode, real git, scripted model — prompt in, commit out.
+
+use std::time::Duration;
+
+use nightshift_tests::{git, secs, Compute, Server, Ws};
+use serde_json::{json, Value};
+
+const RUN: Duration = Duration::from_secs(120);
+
+async fn start(
+    recording: Value,
+    provider_env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> (Compute, Server) {
+    let compute = Compute::start(&recording, provider_env).await;
+    let owned = compute.vars();
+    let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.extend_from_slice(extra);
+    let server = Server::start(&vars).await;
+    (compute, server)
+}
+
+fn of_prompt<'a>(seen: &'a [Value], ty: &str, prompt: &str) -> Vec<&'a Value> {
+    seen.iter()
+        .filter(|e| e["type"] == ty && (e["prompt"] == prompt || e["id"] == prompt))
+        .collect()
+}
+
+fn seq_of(seen: &[Value], ty: &str, prompt: &str) -> u64 {
+    of_prompt(seen, ty, prompt)
+        .first()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or_else(|| panic!("no {ty} for {prompt} in {seen:?}"))
+}
+
+async fn finished(ws: &mut Ws, prompt: &str) -> Value {
+    ws.event_within(RUN, "prompt.finished", |e| e["id"] == prompt)
+        .await
+}
+
+#[tokio::test]
+async fn a_prompt_becomes_a_commit_on_a_pushed_branch_seen_live_by_everyone() {
+    let recording = json!({"turns": [
+        {"text": "I'll create the greeting file.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello from nightshift\n"}}]},
+        {"text": "Created hello.txt."},
+        {"text": "Adding the second file.", "tool_calls": [{"name": "write", "arguments": {"filePath": "second.txt", "content": "two\n"}}]},
+        {"text": "Done with the follow-up."}
+    ]});
+    let (compute, server) = start(recording, &[], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let remote = compute.remote_repo("demo");
+    let (id, invite) = api.create_session_on(&ada, "Greeting", &remote).await;
+    api.join(&bob, &id, &invite).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let mut b = api.connect(&bob, &id, "bob-web", 0).await;
+
+    let (st, p1) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Create hello.txt"})),
+        )
+        .await;
+    assert_eq!(st, 202, "{p1}");
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    // Queued while the first runs (the sandbox is still spawning).
+    let (st, p2) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &bob,
+            Some(json!({"text": "Add second.txt"})),
+        )
+        .await;
+    assert_eq!(st, 202, "{p2}");
+    let p2 = p2["id"].as_str().expect("p2").to_string();
+
+    let f1 = finished(&mut a, &p1).await;
+    assert_eq!(f1["ok"], true, "{f1}");
+    let branch = format!("nightshift/{id}");
+    assert_eq!(f1["branch"], branch.as_str());
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+    finished(&mut b, &p2).await;
+
+    // Both people saw exactly the same ordered log.
+    let last = f2["seq"].as_u64().expect("seq");
+    let upto = |seen: &[Value]| {
+        seen.iter()
+            .filter(|e| e["seq"].as_u64() <= Some(last))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(upto(&a.seen), upto(&b.seen));
+    let seen = &a.seen;
+
+    // Stages, then the agent's work, in order.
+    let stage = |s: &str| {
+        seen.iter()
+            .find(|e| e["type"] == "sandbox.status" && e["stage"] == s)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no stage {s} in {seen:?}"))
+    };
+    assert!(stage("spawning") < stage("ready"));
+    assert!(stage("ready") < seq_of(seen, "agent.text", &p1));
+    let text: String = of_prompt(seen, "agent.text", &p1)
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert!(text.contains("I'll create the greeting file."), "{text}");
+    assert!(text.contains("Created hello.txt."), "{text}");
+    let tools = of_prompt(seen, "agent.tool", &p1);
+    assert!(
+        tools.iter().any(|t| t["tool"] == "write"
+            && t["status"] == "running"
+            && t["input"]["filePath"] == "hello.txt"),
+        "{tools:?}"
+    );
+    assert!(
+        tools
+            .iter()
+            .any(|t| t["tool"] == "write" && t["status"] == "completed"),
+        "{tools:?}"
+    );
+    let steps = of_prompt(seen, "agent.step", &p1);
+    assert!(
+        !steps.is_empty()
+            && steps
+                .iter()
+                .all(|s| s["tokens"]["output"].as_u64().is_some()),
+        "{steps:?}"
+    );
+    // The follow-up started only after the first finished.
+    assert!(seq_of(seen, "prompt.started", &p2) > f1["seq"].as_u64().expect("seq"));
+
+    // The branch is on the remote with each person's commit.
+    let log = git(&remote, &["log", "--format=%an <%ae>|%s", &branch]);
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines[0], "BOB <bob@example.com>|Add second.txt", "{log}");
+    assert_eq!(lines[1], "ADA <ada@example.com>|Create hello.txt", "{log}");
+    assert_eq!(
+        git(&remote, &["show", &format!("{branch}:hello.txt")]),
+        "hello from nightshift"
+    );
+    assert_eq!(
+        git(&remote, &["rev-parse", &branch]),
+        f2["commit"].as_str().expect("commit")
+    );
+    // main is untouched.
+    assert_eq!(git(&remote, &["log", "--format=%s", "main"]), "init");
+}
+
+#[tokio::test]
+async fn stop_aborts_mid_run_and_the_next_prompt_still_runs() {
+    let long: String = (0..120).map(|i| format!("word{i} ")).collect();
+    let recording = json!({"turns": [
+        {"text": long, "chunk_delay_ms": 150},
+        {"text": "Second prompt answered."},
+        {"text": "Second prompt answered."},
+        {"text": "Second prompt answered."}
+    ]});
+    let (compute, server) = start(recording, &[], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("stop");
+    let (id, _) = api.create_session_on(&ada, "Stop", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let (_, p1) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Talk for a long time"})),
+        )
+        .await;
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    a.event_within(RUN, "agent.text", |e| e["prompt"] == p1.as_str())
+        .await;
+    let (st, v) = api
+        .call("POST", &format!("/multiplayer/{id}/stop"), &ada, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stopped"], p1.as_str());
+    a.event("prompt.stopped", |e| e["id"] == p1.as_str()).await;
+    // The agent really stopped: the long answer never completes.
+    let (_, p2) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Say something short"})),
+        )
+        .await;
+    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+    let text1: String = of_prompt(&a.seen, "agent.text", &p1)
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert!(
+        !text1.contains("word119"),
+        "the stopped run went on to the end: {text1}"
+    );
+    assert!(
+        of_prompt(&a.seen, "prompt.finished", &p1).is_empty(),
+        "a stopped prompt does not also finish"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_sandbox_is_detected_and_its_prompt_is_not_lost() {
+    let recording = json!({"turns": [
+        {"when": "Take your time", "text": "Thinking slowly.", "delay_ms": 60000},
+        {"when": "Try again", "text": "Fresh sandbox, fresh answer."}
+    ]});
+    let (compute, server) = start(recording, &[], &[("SANDBOX_GRACE_MS", "1000")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("kill");
+    let (id, _) = api.create_session_on(&ada, "Kill", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let (_, p1) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Take your time"})),
+        )
+        .await;
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    a.event_within(RUN, "sandbox.status", |e| e["stage"] == "ready")
+        .await;
+    // Kill every process of the sandbox, as a crash would.
+    let sandboxes = std::fs::read_dir(compute.dir.join("provider/sandboxes"))
+        .expect("sandboxes")
+        .flatten()
+        .count();
+    assert_eq!(sandboxes, 1);
+    let killed = kill_sandboxes(&compute);
+    assert!(killed > 0, "no sandbox process found");
+    let lost = a
+        .event_within(secs(30), "sandbox.status", |e| e["stage"] == "lost")
+        .await;
+    let f1 = a
+        .event_within(secs(30), "prompt.finished", |e| e["id"] == p1.as_str())
+        .await;
+    assert_eq!(f1["ok"], false);
+    assert!(
+        f1["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("sandbox_lost")),
+        "{f1}"
+    );
+    assert!(f1["seq"].as_u64() > lost["seq"].as_u64());
+    // The session goes on: the next prompt gets a new sandbox and finishes.
+    let (_, p2) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Try again"})),
+        )
+        .await;
+    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+}
+
+/// SIGKILLs every process carrying a sandbox mark of this compute; returns how many.
+fn kill_sandboxes(compute: &Compute) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(compute.dir.join("provider/sandboxes"))
+        .expect("dir")
+        .flatten()
+    {
+        let id = entry.file_name().to_string_lossy().to_string();
+        for pid in nightshift_sandbox::procs::marked(&id) {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
+    let recording = json!({"turns": [
+        {"text": "Reading first.", "tool_calls": [{"name": "read", "arguments": {"filePath": "README.md"}}]},
+        {"text": "Now writing.", "tool_calls": [{"name": "write", "arguments": {"filePath": "early.txt", "content": "too early\n"}}]},
+        {"text": "The write was blocked; I will wait."},
+        {"text": "Writing after the sync.", "tool_calls": [{"name": "write", "arguments": {"filePath": "late.txt", "content": "after sync\n"}}]},
+        {"text": "Written."}
+    ]});
+    let (compute, server) = start(recording, &[("NIGHTSHIFT_SYNC_DELAY_MS", "8000")], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("gate");
+    let (id, _) = api.create_session_on(&ada, "Gate", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let (_, p1) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Read, then write"})),
+        )
+        .await;
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let f1 = finished(&mut a, &p1).await;
+    assert_eq!(f1["ok"], true, "{f1}");
+    let seen = a.seen.clone();
+    let tools = of_prompt(&seen, "agent.tool", &p1);
+    let read_done = tools
+        .iter()
+        .find(|t| t["tool"] == "read" && t["status"] == "completed")
+        .expect("read completed");
+    let write_err = tools
+        .iter()
+        .find(|t| t["tool"] == "write" && t["status"] == "error")
+        .expect("write blocked");
+    assert!(
+        write_err["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("still syncing")),
+        "{write_err}"
+    );
+    let blocked = seen
+        .iter()
+        .find(|e| e["type"] == "agent.blocked")
+        .expect("agent.blocked event");
+    assert_eq!(blocked["tool"], "write");
+    // The read and the blocked write both happened before the sync finished.
+    let synced = a
+        .event_within(secs(30), "sandbox.status", |e| e["stage"] == "synced")
+        .await;
+    assert!(read_done["seq"].as_u64() < synced["seq"].as_u64());
+    assert!(write_err["seq"].as_u64() < synced["seq"].as_u64());
+    assert!(
+        f1.get("branch").is_none(),
+        "nothing was written, so nothing was pushed: {f1}"
+    );
+    // After the sync the same kind of write goes through.
+    let (_, p2) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Write now"})),
+        )
+        .await;
+    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+    let branch = f2["branch"].as_str().expect("branch");
+    assert_eq!(
+        git(&remote, &["show", &format!("{branch}:late.txt")]),
+        "after sync"
+    );
+    assert!(std::process::Command::new("git")
+        .args(["show", &format!("{branch}:early.txt")])
+        .current_dir(&remote)
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(false));
+}
