@@ -166,14 +166,7 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
     let headers = Headers::new();
     headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
     if is_ws {
-        let upgrade = req.headers().get("upgrade").ok().flatten();
-        if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
-            return Err(ApiError::new(
-                426,
-                "upgrade_required",
-                "connect with a WebSocket (Upgrade: websocket)",
-            ));
-        }
+        require_upgrade(req)?;
         headers.set("upgrade", "websocket")?;
     }
     let method = req.method();
@@ -249,14 +242,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
 
 /// A sandbox dials its session; the session object checks the per-sandbox token.
 async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Response> {
-    let upgrade = req.headers().get("upgrade").ok().flatten();
-    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
-        return Err(ApiError::new(
-            426,
-            "upgrade_required",
-            "connect with a WebSocket (Upgrade: websocket)",
-        ));
-    }
+    require_upgrade(req)?;
     let stub = session_stub(env, id)?;
     let headers = Headers::new();
     headers.set("upgrade", "websocket")?;
@@ -264,4 +250,17 @@ async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Respo
         headers.set("authorization", &auth)?;
     }
     call(&stub, Method::Get, "/sandbox-link", Some(headers), None).await
+}
+
+fn require_upgrade(req: &Request) -> ApiResult<()> {
+    let upgrade = req.headers().get("upgrade").ok().flatten();
+    if upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            426,
+            "upgrade_required",
+            "connect with a WebSocket (Upgrade: websocket)",
+        ))
+    }
 }

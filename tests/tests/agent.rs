@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nightshift_tests::{git, secs, Compute, Server, Ws};
+use nightshift_tests::{git, secs, Api, Compute, Server, User, Ws};
 use serde_json::{json, Value};
 
 const RUN: Duration = Duration::from_secs(120);
@@ -33,6 +33,20 @@ fn seq_of(seen: &[Value], ty: &str, prompt: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {ty} for {prompt} in {seen:?}"))
 }
 
+/// Sends a prompt over HTTP; returns its id.
+async fn prompt(api: &Api, who: &User, session: &str, text: &str) -> String {
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{session}/prompt"),
+            who,
+            Some(json!({ "text": text })),
+        )
+        .await;
+    assert_eq!(st, 202, "{v}");
+    v["id"].as_str().expect("prompt id").to_string()
+}
+
 async fn finished(ws: &mut Ws, prompt: &str) -> Value {
     ws.event_within(RUN, "prompt.finished", |e| e["id"] == prompt)
         .await
@@ -56,27 +70,9 @@ async fn a_prompt_becomes_a_commit_on_a_pushed_branch_seen_live_by_everyone() {
     let mut a = api.connect(&ada, &id, "ada-web", 0).await;
     let mut b = api.connect(&bob, &id, "bob-web", 0).await;
 
-    let (st, p1) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Create hello.txt"})),
-        )
-        .await;
-    assert_eq!(st, 202, "{p1}");
-    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let p1 = prompt(&api, &ada, &id, "Create hello.txt").await;
     // Queued while the first runs (the sandbox is still spawning).
-    let (st, p2) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &bob,
-            Some(json!({"text": "Add second.txt"})),
-        )
-        .await;
-    assert_eq!(st, 202, "{p2}");
-    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let p2 = prompt(&api, &bob, &id, "Add second.txt").await;
 
     let f1 = finished(&mut a, &p1).await;
     assert_eq!(f1["ok"], true, "{f1}");
@@ -168,15 +164,7 @@ async fn stop_aborts_mid_run_and_the_next_prompt_still_runs() {
     let remote = compute.remote_repo("stop");
     let (id, _) = api.create_session_on(&ada, "Stop", &remote).await;
     let mut a = api.connect(&ada, &id, "ada-web", 0).await;
-    let (_, p1) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Talk for a long time"})),
-        )
-        .await;
-    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let p1 = prompt(&api, &ada, &id, "Talk for a long time").await;
     a.event_within(RUN, "agent.text", |e| e["prompt"] == p1.as_str())
         .await;
     let (st, v) = api
@@ -186,15 +174,7 @@ async fn stop_aborts_mid_run_and_the_next_prompt_still_runs() {
     assert_eq!(v["stopped"], p1.as_str());
     a.event("prompt.stopped", |e| e["id"] == p1.as_str()).await;
     // The agent really stopped: the long answer never completes.
-    let (_, p2) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Say something short"})),
-        )
-        .await;
-    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let p2 = prompt(&api, &ada, &id, "Say something short").await;
     let f2 = finished(&mut a, &p2).await;
     assert_eq!(f2["ok"], true, "{f2}");
     let text1: String = of_prompt(&a.seen, "agent.text", &p1)
@@ -223,15 +203,7 @@ async fn a_killed_sandbox_is_detected_and_its_prompt_is_not_lost() {
     let remote = compute.remote_repo("kill");
     let (id, _) = api.create_session_on(&ada, "Kill", &remote).await;
     let mut a = api.connect(&ada, &id, "ada-web", 0).await;
-    let (_, p1) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Take your time"})),
-        )
-        .await;
-    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let p1 = prompt(&api, &ada, &id, "Take your time").await;
     a.event_within(RUN, "sandbox.status", |e| e["stage"] == "ready")
         .await;
     // Kill every process of the sandbox, as a crash would.
@@ -257,15 +229,7 @@ async fn a_killed_sandbox_is_detected_and_its_prompt_is_not_lost() {
     );
     assert!(f1["seq"].as_u64() > lost["seq"].as_u64());
     // The session goes on: the next prompt gets a new sandbox and finishes.
-    let (_, p2) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Try again"})),
-        )
-        .await;
-    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let p2 = prompt(&api, &ada, &id, "Try again").await;
     let f2 = finished(&mut a, &p2).await;
     assert_eq!(f2["ok"], true, "{f2}");
 }
@@ -303,15 +267,7 @@ async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
     let remote = compute.remote_repo("gate");
     let (id, _) = api.create_session_on(&ada, "Gate", &remote).await;
     let mut a = api.connect(&ada, &id, "ada-web", 0).await;
-    let (_, p1) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Read, then write"})),
-        )
-        .await;
-    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let p1 = prompt(&api, &ada, &id, "Read, then write").await;
     let f1 = finished(&mut a, &p1).await;
     assert_eq!(f1["ok"], true, "{f1}");
     let seen = a.seen.clone();
@@ -346,15 +302,7 @@ async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
         "nothing was written, so nothing was pushed: {f1}"
     );
     // After the sync the same kind of write goes through.
-    let (_, p2) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{id}/prompt"),
-            &ada,
-            Some(json!({"text": "Write now"})),
-        )
-        .await;
-    let p2 = p2["id"].as_str().expect("p2").to_string();
+    let p2 = prompt(&api, &ada, &id, "Write now").await;
     let f2 = finished(&mut a, &p2).await;
     assert_eq!(f2["ok"], true, "{f2}");
     let branch = f2["branch"].as_str().expect("branch");

@@ -1,0 +1,421 @@
+//! The session's sandbox link against a fake provider that speaks the contract: signed creates, per-session tokens, and every kind of bad sandbox input.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::Json;
+use futures_util::{SinkExt, StreamExt};
+use nightshift_core::signing;
+use nightshift_tests::{secs, Api, Server, User};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "fake-provider-secret";
+
+#[derive(Default)]
+struct Fake {
+    /// Verified create bodies, in arrival order.
+    creates: Vec<Value>,
+    terminated: Vec<String>,
+    /// Answer creates for this session with 503.
+    refuse: Option<String>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+async fn fake(
+    State(f): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if let Err(e) = signing::verify(
+        SECRET.as_bytes(),
+        method.as_str(),
+        path,
+        h(signing::TIMESTAMP_HEADER),
+        h(signing::SIGNATURE_HEADER),
+        &body,
+        now,
+    ) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"code": e.code(), "message": e.to_string()}})),
+        )
+            .into_response();
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut g = f.lock().expect("lock");
+    if uri.path() == "/v1/sandboxes" && method == Method::POST {
+        if g.refuse.as_deref() == v["session_id"].as_str() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": {"code": "capacity", "message": "no capacity left"}})),
+            )
+                .into_response();
+        }
+        g.creates.push(v.clone());
+        let id = format!("sbx_fake{}", g.creates.len());
+        return (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "session_id": v["session_id"], "status": "creating"})),
+        )
+            .into_response();
+    }
+    if let Some(id) = uri
+        .path()
+        .strip_prefix("/v1/sandboxes/")
+        .and_then(|r| r.strip_suffix("/terminate"))
+    {
+        g.terminated.push(id.to_string());
+        return Json(json!({"id": id, "status": "terminated"})).into_response();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"code": "not_found", "message": path}})),
+    )
+        .into_response()
+}
+
+async fn start_fake() -> (Shared, String) {
+    let shared: Shared = Arc::default();
+    let app = axum::Router::new()
+        .fallback(fake)
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (shared, url)
+}
+
+type Link =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Dials a session's sandbox link; Err(status) when the upgrade is refused.
+async fn dial(base: &str, session: &str, token: Option<&str>) -> Result<Link, u16> {
+    let url = format!("{}/sandbox-link/{session}", base.replacen("http", "ws", 1));
+    let mut req = url.into_client_request().expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("dial: {e}"),
+    }
+}
+
+async fn recv(ws: &mut Link) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(secs(10), ws.next()).await.ok()?? {
+            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+            Ok(Message::Close(c)) => return Some(json!({"closed": c.map(|c| u16::from(c.code))})),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn send(ws: &mut Link, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
+}
+
+async fn prompt(api: &Api, who: &User, id: &str, text: &str) -> (u16, Value) {
+    api.call(
+        "POST",
+        &format!("/multiplayer/{id}/prompt"),
+        who,
+        Some(json!({"text": text})),
+    )
+    .await
+}
+
+async fn events(api: &Api, who: &User, id: &str) -> Vec<Value> {
+    let (st, v) = api
+        .call("GET", &format!("/multiplayer/{id}/events"), who, None)
+        .await;
+    assert_eq!(st, 200);
+    v["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_creates(f: &Shared, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let c = f.lock().expect("lock").creates.clone();
+        if c.len() >= n {
+            return c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the provider never got {n} signed creates");
+}
+
+#[tokio::test]
+async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
+    let (fakep, url) = start_fake().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", SECRET),
+        ("CONTROL_URL", "{self}"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (st, a) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "A", "repository": "/srv/git/a.git"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let a = a["id"].as_str().expect("a").to_string();
+    let (_, b) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "B", "repository": "/srv/git/b.git"})),
+        )
+        .await;
+    let b = b["id"].as_str().expect("b").to_string();
+    let (_, c) = api
+        .call("POST", "/sessions", &ada, Some(json!({"title": "No repo"})))
+        .await;
+    let c = c["id"].as_str().expect("c").to_string();
+
+    // A session without a repository cannot take prompts, and its queue stays empty.
+    let (st, v) = prompt(&api, &ada, &c, "do it").await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("no_repository")),
+        "{v}"
+    );
+    let (_, q) = api
+        .call("GET", &format!("/multiplayer/{c}/prompts"), &ada, None)
+        .await;
+    assert_eq!(
+        (q["running"].clone(), q["queued"].clone()),
+        (Value::Null, json!([]))
+    );
+
+    let (_, pa) = prompt(&api, &ada, &a, "work in A").await;
+    let pa = pa["id"].as_str().expect("pa").to_string();
+    prompt(&api, &ada, &b, "work in B").await;
+    let creates = wait_creates(&fakep, 2).await;
+    let token_of = |s: &str| -> String {
+        creates
+            .iter()
+            .find(|c| c["session_id"] == s)
+            .and_then(|c| c["supervisor"]["sandbox_token"].as_str())
+            .expect("token")
+            .to_string()
+    };
+    let (ta, tb) = (token_of(&a), token_of(&b));
+    assert_ne!(ta, tb);
+    let ca = creates
+        .iter()
+        .find(|c| c["session_id"] == a.as_str())
+        .expect("create a");
+    assert_eq!(ca["repository"]["clone_url"], "/srv/git/a.git");
+    assert_eq!(ca["supervisor"]["control_url"], server.base.as_str());
+
+    // Wrong session's token, no token, garbage token, no sandbox: refused before any socket exists.
+    assert_eq!(dial(&server.base, &a, Some(&tb)).await.err(), Some(401));
+    assert_eq!(dial(&server.base, &a, None).await.err(), Some(401));
+    assert_eq!(dial(&server.base, &a, Some("x")).await.err(), Some(401));
+    assert_eq!(dial(&server.base, &c, Some(&ta)).await.err(), Some(404));
+
+    let before = events(&api, &ada, &a).await;
+    let mut ws = dial(&server.base, &a, Some(&ta)).await.expect("link");
+    let welcome = recv(&mut ws).await.expect("welcome");
+    assert_eq!(welcome, json!({"type": "welcome", "last_n": 0}));
+    let p = recv(&mut ws).await.expect("prompt frame");
+    assert_eq!(p["type"], "prompt");
+    assert_eq!(p["prompt"]["id"], pa.as_str());
+    assert_eq!(p["prompt"]["author_email"], "ada@example.com");
+    send(&mut ws, json!({"type": "hello", "sandbox": "sbx_fake1"})).await;
+
+    // Malformed frames get codes and store nothing.
+    ws.send(Message::Text("not json".into()))
+        .await
+        .expect("send");
+    assert_eq!(
+        recv(&mut ws).await.expect("err")["error"]["code"],
+        "invalid_json"
+    );
+    send(
+        &mut ws,
+        json!({"type": "event", "n": 1, "event": {"kind": "agent.mystery"}}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await.expect("err")["error"]["code"],
+        "invalid_event"
+    );
+    send(&mut ws, json!({"type": "dance"})).await;
+    assert_eq!(
+        recv(&mut ws).await.expect("err")["error"]["code"],
+        "unknown_type"
+    );
+
+    // In order: stored and acknowledged; a resend is acknowledged again but stored once.
+    let text = json!({"type": "event", "n": 1, "event": {"kind": "agent.text", "prompt": pa, "text": "hello"}});
+    send(&mut ws, text.clone()).await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 1})));
+    send(&mut ws, text).await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 1})));
+    // Output for a prompt that is not running is acknowledged and dropped.
+    send(&mut ws, json!({"type": "event", "n": 2, "event": {"kind": "agent.text", "prompt": "prm_other", "text": "stray"}})).await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 2})));
+    // A gap closes the link so the sandbox reconnects and resends from what is stored.
+    send(&mut ws, json!({"type": "event", "n": 5, "event": {"kind": "agent.text", "prompt": pa, "text": "skipped ahead"}})).await;
+    let mut closed = None;
+    while let Some(v) = recv(&mut ws).await {
+        if v.get("closed").is_some() {
+            closed = v["closed"].as_u64();
+            break;
+        }
+    }
+    assert_eq!(closed, Some(4002));
+    let mut ws = dial(&server.base, &a, Some(&ta)).await.expect("relink");
+    assert_eq!(
+        recv(&mut ws).await,
+        Some(json!({"type": "welcome", "last_n": 2}))
+    );
+    assert_eq!(
+        recv(&mut ws).await.expect("prompt again")["prompt"]["id"],
+        pa.as_str()
+    );
+    send(&mut ws, json!({"type": "event", "n": 3, "event": {"kind": "prompt.done", "prompt": pa, "ok": true, "branch": "nightshift/x", "commit": "abc"}})).await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 3})));
+
+    // The log holds exactly: the agent's one text, then the finish; nothing from the bad frames.
+    let after = events(&api, &ada, &a).await;
+    let new: Vec<&Value> = after.iter().skip(before.len()).collect();
+    let kinds: Vec<&str> = new.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds, vec!["agent.text", "prompt.finished"], "{new:?}");
+    assert_eq!(new[0]["text"], "hello");
+    assert_eq!(new[1]["branch"], "nightshift/x");
+    let seqs: Vec<u64> = after.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+#[tokio::test]
+async fn a_refused_sandbox_fails_the_prompt_with_the_reason_and_the_next_prompt_retries() {
+    let (fakep, url) = start_fake().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", SECRET),
+        ("CONTROL_URL", "{self}"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (_, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "Busy", "repository": "/srv/git/busy.git"})),
+        )
+        .await;
+    let id = s["id"].as_str().expect("id").to_string();
+    fakep.lock().expect("lock").refuse = Some(id.clone());
+    let mut ws = api.connect(&ada, &id, "web", 0).await;
+    let (_, p1) = prompt(&api, &ada, &id, "first").await;
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let f = ws
+        .event("prompt.finished", |e| e["id"] == p1.as_str())
+        .await;
+    assert_eq!(f["ok"], false);
+    let reason = f["reason"].as_str().expect("reason");
+    assert!(
+        reason.starts_with("sandbox_failed") && reason.contains("no capacity left"),
+        "{reason}"
+    );
+    ws.event("sandbox.status", |e| e["stage"] == "failed").await;
+    // Capacity is back: the next prompt asks again and gets a sandbox.
+    fakep.lock().expect("lock").refuse = None;
+    prompt(&api, &ada, &id, "second").await;
+    let creates = wait_creates(&fakep, 1).await;
+    assert_eq!(creates[0]["session_id"], id.as_str());
+}
+
+#[tokio::test]
+async fn a_silent_sandbox_is_declared_lost_and_terminated() {
+    let (fakep, url) = start_fake().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", SECRET),
+        ("CONTROL_URL", "{self}"),
+        ("SANDBOX_HEARTBEAT_TIMEOUT_MS", "1500"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (_, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "Quiet", "repository": "/srv/git/q.git"})),
+        )
+        .await;
+    let id = s["id"].as_str().expect("id").to_string();
+    let mut web = api.connect(&ada, &id, "web", 0).await;
+    let (_, p1) = prompt(&api, &ada, &id, "hang").await;
+    let p1 = p1["id"].as_str().expect("p1").to_string();
+    let creates = wait_creates(&fakep, 1).await;
+    let token = creates[0]["supervisor"]["sandbox_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let mut ws = dial(&server.base, &id, Some(&token)).await.expect("link");
+    assert_eq!(recv(&mut ws).await.expect("welcome")["type"], "welcome");
+    assert_eq!(recv(&mut ws).await.expect("prompt")["type"], "prompt");
+    send(&mut ws, json!({"type": "event", "n": 1, "event": {"kind": "sandbox.status", "stage": "ready", "detail": "up"}})).await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 1})));
+    // Then silence, with the socket still open (a hung sandbox).
+    web.event_within(secs(20), "sandbox.status", |e| e["stage"] == "lost")
+        .await;
+    let f = web
+        .event("prompt.finished", |e| e["id"] == p1.as_str())
+        .await;
+    assert!(
+        f["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("sandbox_lost")),
+        "{f}"
+    );
+    for _ in 0..100 {
+        if fakep.lock().expect("lock").terminated == vec!["sbx_fake1".to_string()] {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the lost sandbox was not terminated at the provider");
+}
