@@ -295,12 +295,18 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
         .clone()
         .unwrap_or("http://127.0.0.1:8790/v1".into());
     let key = s.model_key.clone().unwrap_or("none".into());
+    // Models of the OpenAI-compatible `nightshift` provider: the scripted one and the configured one.
+    let mut models = serde_json::Map::new();
+    models.insert("scripted".into(), json!({"name": "Scripted"}));
+    if let Some(id) = s.model.strip_prefix("nightshift/") {
+        models.insert(id.to_string(), json!({"name": id}));
+    }
     let config = json!({
         "$schema": "https://opencode.ai/config.json",
         "model": s.model,
         "provider": {"nightshift": {"npm": "@ai-sdk/openai-compatible", "name": "Nightshift",
             "options": {"baseURL": base_url, "apiKey": key},
-            "models": {"scripted": {"name": "Scripted"}, "default": {"name": "Default"}}}},
+            "models": models}},
         "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "question": "deny",
             "doom_loop": "allow", "external_directory": "deny"},
         "snapshot": false,
@@ -491,6 +497,8 @@ async fn run_one(
     let mut text = String::new();
     let mut error: Option<String> = None;
     let mut stopped = false;
+    // Tool states already reported (OpenCode repeats `running` as metadata arrives).
+    let mut reported: std::collections::HashSet<(String, String)> = Default::default();
     let flush_every = Duration::from_millis(50);
     let mut last_flush = tokio::time::Instant::now();
     loop {
@@ -539,7 +547,10 @@ async fn run_one(
                         s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
                     }
                     if let Some(m) = translate_part(&job.id, part) {
-                        s.emit(m);
+                        let key = (m["call"].to_string(), m["status"].to_string());
+                        if m["kind"] != "agent.tool" || reported.insert(key) {
+                            s.emit(m);
+                        }
                     }
                 }
                 "session.error" => {
