@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use nightshift_tests::{Api, Server, User, Ws};
+use nightshift_tests::{Api, Compute, Server, User, Ws};
 use serde_json::json;
 
 fn pct(samples: &mut [f64], p: f64) -> f64 {
@@ -78,6 +78,95 @@ async fn drain(ws: &mut Ws, quiet: Duration) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let only = std::env::args().nth(1);
+    if only.as_deref() != Some("agent") {
+        control_plane().await;
+    }
+    if only.as_deref() != Some("control") {
+        agent().await;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A signed provider call (contract v1).
+async fn provider(c: &Compute, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let ts = now_ms();
+    let sig = nightshift_core::signing::sign(c.secret.as_bytes(), method, path, ts, &bytes).expect("sign");
+    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    reqwest::Client::new()
+        .request(m, format!("{}{path}", c.provider_url))
+        .header(nightshift_core::signing::TIMESTAMP_HEADER, ts.to_string())
+        .header(nightshift_core::signing::SIGNATURE_HEADER, sig)
+        .body(bytes)
+        .send()
+        .await
+        .expect("provider")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The agent path: sandbox create -> ready (cold), and prompt -> first agent event with a ready sandbox.
+async fn agent() {
+    let turns: Vec<serde_json::Value> = (0..40).map(|i| json!({"text": format!("ok {i}")})).collect();
+    let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
+    println!("Nightshift agent-path benchmark (local provider, bubblewrap when available, real OpenCode, scripted model with zero think time)");
+    let remote = compute.remote_repo("bench");
+    let mut cold = Vec::new();
+    for i in 0..5 {
+        let t = Instant::now();
+        let s = provider(&compute, "POST", "/v1/sandboxes", Some(json!({"session_id": format!("ses_bench{i}"), "repository": {"clone_url": remote, "base_branch": "main"}}))).await;
+        let id = s["id"].as_str().expect("sandbox id").to_string();
+        loop {
+            let g = provider(&compute, "GET", &format!("/v1/sandboxes/{id}"), None).await;
+            if g["status"] == "ready" {
+                break;
+            }
+            assert_ne!(g["status"], "failed", "{g}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cold.push(ms(t.elapsed()));
+        provider(&compute, "POST", &format!("/v1/sandboxes/{id}/terminate"), None).await;
+    }
+    report("sandbox create -> ready (cold: clone, sync, OpenCode up)", &mut cold);
+
+    let owned = compute.vars();
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (id, _) = api.create_session_on(&ada, "bench", &remote).await;
+    let mut ws = api.connect(&ada, &id, "bench", 0).await;
+    let mut first = Vec::new();
+    let mut whole = Vec::new();
+    for i in 0..12 {
+        let t = Instant::now();
+        let (st, p) = api.call("POST", &format!("/multiplayer/{id}/prompt"), &ada, Some(json!({"text": format!("prompt {i}")}))).await;
+        assert_eq!(st, 202, "{p}");
+        let pid = p["id"].as_str().expect("id").to_string();
+        let e = ws.event_within(Duration::from_secs(120), "agent.text", |e| e["prompt"] == pid.as_str()).await;
+        let t_first = t.elapsed();
+        ws.event_within(Duration::from_secs(120), "prompt.finished", |e| e["id"] == pid.as_str()).await;
+        let t_done = t.elapsed();
+        drop(e);
+        // The first prompt spawns the sandbox; the rest find it ready.
+        if i >= 2 {
+            first.push(ms(t_first));
+            whole.push(ms(t_done));
+        }
+    }
+    report("prompt -> first agent event (ready sandbox)", &mut first);
+    report("prompt -> prompt.finished (ready sandbox, no changes)", &mut whole);
+}
+
+async fn control_plane() {
     let server = Server::start(&[
         ("PROMPT_RUNNER", "none"),
         ("MAX_QUEUED", "100000"),
