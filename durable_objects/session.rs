@@ -362,7 +362,28 @@ impl SessionObject {
     fn dispatch(&self, id: String) -> Pin<Box<dyn Future<Output = ApiResult<()>> + '_>> {
         Box::pin(async move {
             let sql = self.sql();
-            if let Some(l) = store::load_link(&sql)? {
+            if let Some(mut l) = store::load_link(&sql)? {
+                if l.stage == Stage::Stopped {
+                    if let Some(sbx) = l.sandbox.clone() {
+                        let path = format!("/v1/sandboxes/{sbx}/start");
+                        if let Ok((200, _)) =
+                            provider::call(&self.env, Method::Post, &path, None).await
+                        {
+                            l.stage = Stage::Spawning;
+                            l.last_seen = now_ms();
+                            l.disconnected_at = None;
+                            store::save_link(&sql, &l)?;
+                            self.apply(|s, _| {
+                                Ok(s.sandbox_status(
+                                    "starting",
+                                    "starting the stopped sandbox again".into(),
+                                ))
+                            })
+                            .await?;
+                            return Ok(());
+                        }
+                    }
+                }
                 if l.stage.is_live() {
                     if let Some(frame) = self.prompt_frame(&id)? {
                         for ws in self.state.get_websockets_with_tag(SANDBOX) {
@@ -373,21 +394,27 @@ impl SessionObject {
                     return Ok(());
                 }
             }
-            self.spawn_sandbox(&id).await
+            self.spawn_sandbox(Some(&id)).await.map(|_| ())
         })
     }
 
-    async fn spawn_sandbox(&self, prompt: &str) -> ApiResult<()> {
+    async fn spawn_sandbox(&self, prompt: Option<&str>) -> ApiResult<(u16, serde_json::Value)> {
         let sql = self.sql();
         let now = now_ms();
         let repository = self.read(|s, _| s.meta.repository.clone())?;
         let Some(repository) = repository else {
-            return self
-                .fail_running(
-                    prompt,
+            if let Some(p) = prompt {
+                self.fail_running(
+                    p,
                     "no_repository: this session has no repository to work in",
                 )
-                .await;
+                .await?;
+            }
+            return Err(ApiError::new(
+                400,
+                "no_repository",
+                "this session has no repository, so it cannot have a sandbox",
+            ));
         };
         let token = random_hex(32);
         let mut l = SandboxLink::spawning(sha256_hex(token.as_bytes()), now);
@@ -415,27 +442,45 @@ impl SessionObject {
                         l = current;
                     }
                 }
-                store::save_link(&sql, &l)
+                store::save_link(&sql, &l)?;
+                Ok((201, v))
             }
             Ok((status, v)) => {
                 let msg = format!(
                     "the provider refused the sandbox ({status}): {}",
                     v["error"]["message"].as_str().unwrap_or("no reason given")
                 );
-                self.sandbox_failed(&mut l, prompt, &msg).await
+                self.sandbox_failed(&mut l, prompt, &msg).await?;
+                Ok((
+                    502,
+                    serde_json::json!({"error": {"code": "sandbox_failed", "message": msg}}),
+                ))
             }
-            Err(e) => self.sandbox_failed(&mut l, prompt, &e.message).await,
+            Err(e) => {
+                self.sandbox_failed(&mut l, prompt, &e.message).await?;
+                Err(e)
+            }
         }
     }
 
-    async fn sandbox_failed(&self, l: &mut SandboxLink, prompt: &str, msg: &str) -> ApiResult<()> {
+    async fn sandbox_failed(
+        &self,
+        l: &mut SandboxLink,
+        prompt: Option<&str>,
+        msg: &str,
+    ) -> ApiResult<()> {
         l.stage = Stage::Failed;
         store::save_link(&self.sql(), l)?;
         let detail = msg.to_string();
         self.apply(|s, _| Ok(s.sandbox_status("failed", detail)))
             .await?;
-        self.fail_running(prompt, &format!("sandbox_failed: {msg}"))
-            .await
+        match prompt {
+            Some(p) => {
+                self.fail_running(p, &format!("sandbox_failed: {msg}"))
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Ends the running prompt as failed (it is never silently dropped).
@@ -576,6 +621,82 @@ impl SessionObject {
                 }
             },
         }
+    }
+
+    /// `POST /sandbox`: the session's live sandbox, or a new one.
+    async fn ensure_sandbox(&self, who: &Identity) -> ApiResult<Response> {
+        self.require_member(who)?;
+        if let Some(l) = store::load_link(&self.sql())? {
+            if let (true, Some(id)) = (l.stage.is_live(), l.sandbox.as_ref()) {
+                let (st, v) =
+                    provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None)
+                        .await?;
+                return json_of(st, &v);
+            }
+            if l.stage == Stage::Spawning {
+                return Err(ApiError::new(
+                    409,
+                    "sandbox_spawning",
+                    "the session's sandbox is being created; list it in a moment",
+                ));
+            }
+        }
+        let (st, v) = self.spawn_sandbox(None).await?;
+        json_of(st, &v)
+    }
+
+    /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own sandbox retire it first.
+    async fn authorize_sandbox(
+        &self,
+        who: &Identity,
+        b: wire::SandboxAuthorize,
+    ) -> ApiResult<Response> {
+        self.require_member(who)?;
+        let sql = self.sql();
+        let Some(mut l) = store::load_link(&sql)? else {
+            return json_of(200, &serde_json::json!({"ok": true}));
+        };
+        if b.sandbox.is_none() || l.sandbox != b.sandbox {
+            return json_of(200, &serde_json::json!({"ok": true}));
+        }
+        let (stage, what) = match b.op.as_str() {
+            "stop" => (Stage::Stopped, "stopped"),
+            "terminate" => (Stage::None, "terminated"),
+            "start" => {
+                if l.stage == Stage::Stopped {
+                    l.stage = Stage::Spawning;
+                    l.last_seen = now_ms();
+                    l.disconnected_at = None;
+                    store::save_link(&sql, &l)?;
+                }
+                return json_of(200, &serde_json::json!({"ok": true}));
+            }
+            _ => return json_of(200, &serde_json::json!({"ok": true})),
+        };
+        if l.stage.is_live() {
+            l.stage = stage;
+            store::save_link(&sql, &l)?;
+            for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                let _ = ws.close(
+                    Some(4005),
+                    Some("refused: the sandbox was stopped through the API"),
+                );
+            }
+            let detail = format!("{} {what} the sandbox", who.name);
+            self.apply(|s, _| Ok(s.sandbox_status(what, detail)))
+                .await?;
+            if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
+                let reason = format!(
+                    "sandbox_{what}: {} {what} the sandbox while this prompt ran",
+                    who.name
+                );
+                self.fail_running(&p, &reason).await?;
+            }
+        } else if stage == Stage::None && l.stage == Stage::Stopped {
+            l.stage = Stage::None;
+            store::save_link(&sql, &l)?;
+        }
+        json_of(200, &serde_json::json!({"ok": true}))
     }
 
     /// The sandbox stopped answering: say so, fail its running prompt, and retire it.
@@ -889,6 +1010,11 @@ impl SessionObject {
                 crate::error::json_response(200, body).map_err(ApiError::from)
             }
             (Method::Get, ["ws"]) => self.accept_socket(&who, &req).await,
+            (Method::Post, ["sandbox", "ensure"]) => self.ensure_sandbox(&who).await,
+            (Method::Post, ["sandbox", "authorize"]) => {
+                let b: wire::SandboxAuthorize = Self::body(&mut req).await?;
+                self.authorize_sandbox(&who, b).await
+            }
             _ => Err(ApiError::not_found("route")),
         }
     }

@@ -7,6 +7,7 @@ mod platform;
 mod provider;
 mod routes;
 mod runner;
+mod sandbox_api;
 mod store;
 
 #[path = "../durable_objects/session.rs"]

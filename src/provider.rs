@@ -2,7 +2,7 @@
 
 use nightshift_core::signing;
 use serde_json::Value;
-use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
+use worker::{Env, Fetch, Headers, Method, Request, RequestInit, Response};
 
 use crate::config;
 use crate::error::{ApiError, ApiResult};
@@ -12,13 +12,13 @@ fn unavailable(msg: String) -> ApiError {
     ApiError::new(502, "provider_unavailable", msg)
 }
 
-/// Sends one signed request; returns (status, JSON body).
-pub async fn call(
+/// Sends one signed request and returns the provider's response as it is (for streams).
+pub async fn send(
     env: &Env,
     method: Method,
     path: &str,
-    body: Option<&Value>,
-) -> ApiResult<(u16, Value)> {
+    body: Option<&[u8]>,
+) -> ApiResult<Response> {
     let base = config::provider_url(env).ok_or_else(|| {
         ApiError::new(
             503,
@@ -26,14 +26,14 @@ pub async fn call(
             "set PROVIDER_URL and PROVIDER_SECRET to run prompts in sandboxes",
         )
     })?;
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let bytes = body.unwrap_or_default();
     let ts = now_ms();
     let sig = signing::sign(
         &config::provider_secret(env),
         method.as_ref(),
         path,
         ts,
-        &bytes,
+        bytes,
     )
     .map_err(|e| ApiError::new(503, e.code(), e.to_string()))?;
     let headers = Headers::new();
@@ -43,14 +43,25 @@ pub async fn call(
     let mut init = RequestInit::new();
     init.with_method(method).with_headers(headers);
     if body.is_some() {
-        init.with_body(Some(js_sys::Uint8Array::from(bytes.as_slice()).into()));
+        init.with_body(Some(js_sys::Uint8Array::from(bytes).into()));
     }
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let req = Request::new_with_init(&url, &init)?;
-    let mut resp = Fetch::Request(req)
+    Fetch::Request(req)
         .send()
         .await
-        .map_err(|e| unavailable(format!("the provider at {base} did not answer: {e}")))?;
+        .map_err(|e| unavailable(format!("the provider at {base} did not answer: {e}")))
+}
+
+/// Sends one signed request; returns (status, JSON body).
+pub async fn call(
+    env: &Env,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> ApiResult<(u16, Value)> {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    let mut resp = send(env, method, path, bytes.as_deref()).await?;
     let status = resp.status_code();
     let text = resp.text().await.unwrap_or_default();
     let v = serde_json::from_str(&text).unwrap_or(Value::String(text));

@@ -57,6 +57,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Get, ["sessions", id]) => forward(&mut req, env, id, "snapshot").await,
         (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
         (Method::Get, ["sandbox-link", id]) => sandbox_link(&mut req, env, id).await,
+        (_, ["sandbox", ..]) => crate::sandbox_api::handle(&mut req, env, &segs).await,
         (_, ["multiplayer", id, rest @ ..]) => {
             let target = match (method, rest) {
                 (Method::Post, ["join"]) => "join".to_string(),
@@ -92,12 +93,12 @@ fn no_route(req: &Request) -> ApiError {
     )
 }
 
-async fn read_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+pub(crate) async fn read_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
     let bytes = read_bytes(req).await?;
     Ok(wire::parse_body(&bytes)?)
 }
 
-async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
+pub(crate) async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
     let declared = req
         .headers()
         .get("content-length")
@@ -125,7 +126,7 @@ async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
     Ok(bytes)
 }
 
-fn session_stub(env: &Env, id: &str) -> ApiResult<Stub> {
+pub(crate) fn session_stub(env: &Env, id: &str) -> ApiResult<Stub> {
     if !valid_id("ses", id) {
         return Err(ApiError::new(
             404,
@@ -141,7 +142,7 @@ fn user_index(env: &Env, user: &str) -> ApiResult<Stub> {
 }
 
 /// Calls a Durable Object with an optional identity and body.
-async fn call(
+pub(crate) async fn call(
     stub: &Stub,
     method: Method,
     path_and_query: &str,

@@ -14,6 +14,8 @@ pub enum Stage {
     Spawning,
     Syncing,
     Ready,
+    /// Stopped through the sandbox API: its disk is kept and it can be started again.
+    Stopped,
     Lost,
     Failed,
 }

@@ -388,3 +388,46 @@ mod tests {
         assert_eq!(ok, Ok(2));
     }
 }
+
+/// `POST /sandbox`: give a session its sandbox (or return the one it has).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxCreate {
+    pub session_id: String,
+}
+
+/// `POST /sandbox/:id/exec`, checked at the edge before it reaches the provider.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+impl ExecRequest {
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(WireError::new(
+                "invalid_command",
+                "`command` must name a program, e.g. [\"git\", \"status\"]",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the session object is asked before a sandbox API call is passed to the provider.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxAuthorize {
+    #[serde(default)]
+    pub sandbox: Option<String>,
+    pub op: String,
+}

@@ -125,6 +125,8 @@ struct Entry {
     pgid: Option<i32>,
     /// Loopback port of the supervisor's local API, once it has said it.
     supervisor_port: Option<u16>,
+    /// What the sandbox was created with (to start it again after a stop).
+    create: CreateBody,
 }
 
 pub struct Provider {
@@ -263,6 +265,8 @@ pub fn router(p: Shared) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/logs/{service}", get(logs))
         .route("/v1/sandboxes/{id}/terminate", post(terminate))
+        .route("/v1/sandboxes/{id}/stop", post(stop))
+        .route("/v1/sandboxes/{id}/start", post(start))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .route("/v1/snapshots/{id}/restore", post(restore))
         .route("/v1/sandboxes/{id}/git", get(git_status))
@@ -398,6 +402,7 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from_snapshot: Option<PathBuf>
                 dir: dir.clone(),
                 pgid: None,
                 supervisor_port: None,
+                create: c.clone(),
             },
         );
     }
@@ -435,7 +440,9 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from_snapshot:
             );
         }
     }
-    if let Some(snap) = from_snapshot {
+    if repo.join(".git").exists() {
+        // Started again after a stop: the checkout is kept as it was.
+    } else if let Some(snap) = from_snapshot {
         let out = Command::new("cp")
             .arg("-a")
             .arg(snap.join("repo"))
@@ -524,8 +531,16 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from_snapshot:
     let id2 = id.clone();
     tokio::spawn(async move {
         let status = child.wait().await;
-        let terminated = p2.get(&id2).is_some_and(|s| s.status == "terminated");
-        if !terminated {
+        // Expected when stopped or terminated, or when a newer boot has replaced this one.
+        let expected = {
+            let map = p2.sandboxes.lock().ok();
+            map.and_then(|m| {
+                m.get(&id2)
+                    .map(|e| matches!(e.sandbox.status, "terminated" | "stopped") || e.pgid != pgid)
+            })
+            .unwrap_or(true)
+        };
+        if !expected {
             p2.fail(
                 &id2,
                 "sandbox_exited",
@@ -843,20 +858,100 @@ async fn terminate(
         return not_found(&id);
     };
     if s.status != "terminated" {
-        let pgid = {
-            let map = p.sandboxes.lock().ok();
-            map.and_then(|m| m.get(&id).and_then(|e| e.pgid))
-        };
-        p.update(&id, |e| {
-            e.sandbox.status = "terminated";
-            e.sandbox.terminated_at = Some(now_ms());
-        });
-        if let Some(g) = pgid {
-            procs::kill_group(g);
-        }
         // Anything that left the group (setsid, double fork) is found by its sandbox mark.
-        procs::kill_marked(&id).await;
+        halt(&p, &id, "terminated").await;
     }
+    match p.get(&id) {
+        Some(s) => Json(s).into_response(),
+        None => not_found(&id),
+    }
+}
+
+/// Kills the sandbox's processes; with `keep` its directory stays for a later start.
+async fn halt(p: &Shared, id: &str, status: &'static str) {
+    let pgid = {
+        let map = p.sandboxes.lock().ok();
+        map.and_then(|m| m.get(id).and_then(|e| e.pgid))
+    };
+    p.update(id, |e| {
+        e.sandbox.status = status;
+        e.pgid = None;
+        e.supervisor_port = None;
+        if status == "terminated" {
+            e.sandbox.terminated_at = Some(now_ms());
+        }
+    });
+    if let Some(g) = pgid {
+        procs::kill_group(g);
+    }
+    procs::kill_marked(id).await;
+}
+
+async fn stop(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    signed!(p, m, u, h, []);
+    let Some(s) = p.get(&id) else {
+        return not_found(&id);
+    };
+    match s.status {
+        "terminated" => {
+            return err(
+                StatusCode::CONFLICT,
+                "sandbox_terminated",
+                format!("sandbox {id} is terminated"),
+            )
+        }
+        "stopped" => {}
+        _ => halt(&p, &id, "stopped").await,
+    }
+    match p.get(&id) {
+        Some(s) => Json(s).into_response(),
+        None => not_found(&id),
+    }
+}
+
+async fn start(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    signed!(p, m, u, h, []);
+    let Some(s) = p.get(&id) else {
+        return not_found(&id);
+    };
+    if s.status != "stopped" {
+        return err(
+            StatusCode::CONFLICT,
+            "sandbox_not_stopped",
+            format!(
+                "sandbox {id} is {}; only a stopped sandbox can be started",
+                s.status
+            ),
+        );
+    }
+    let found = {
+        let map = p.sandboxes.lock().ok();
+        map.and_then(|m| m.get(&id).map(|e| (e.dir.clone(), e.create.clone())))
+    };
+    let Some((dir, create)) = found else {
+        return not_found(&id);
+    };
+    p.update(&id, |e| {
+        e.sandbox.status = "creating";
+        e.sandbox.ready_at = None;
+        e.sandbox.error = None;
+    });
+    let _ = tokio::fs::remove_file(dir.join("state").join("supervisor.json")).await;
+    let p2 = p.clone();
+    let id2 = id.clone();
+    tokio::spawn(async move { boot(p2, id2, dir, create, None).await });
     match p.get(&id) {
         Some(s) => Json(s).into_response(),
         None => not_found(&id),

@@ -140,17 +140,37 @@ impl Supervisor {
 
     /// Queues a message for the session; it is resent until acknowledged.
     pub fn emit(&self, msg: Value) {
-        let n = {
-            let Ok(mut g) = self.next_n.lock() else {
+        {
+            // Numbering and queueing happen under one lock so renumbering cannot interleave.
+            let Ok(mut next) = self.next_n.lock() else {
                 return;
             };
-            *g += 1;
-            *g
-        };
-        if let Ok(mut o) = self.outbox.lock() {
-            o.push_back((n, msg));
+            *next += 1;
+            if let Ok(mut o) = self.outbox.lock() {
+                o.push_back((*next, msg));
+            }
         }
         self.wake.notify_one();
+    }
+
+    /// The session has stored events up to `last_n`. A supervisor that started again (after a
+    /// stop) numbers from 1; it continues after the session's number instead.
+    pub fn welcome(&self, last_n: u64) {
+        if let Ok(mut next) = self.next_n.lock() {
+            if let Ok(mut o) = self.outbox.lock() {
+                if last_n > *next {
+                    let mut n = last_n;
+                    for (k, _) in o.iter_mut() {
+                        n += 1;
+                        *k = n;
+                    }
+                    *next = n;
+                }
+                while o.front().is_some_and(|(n, _)| *n <= last_n) {
+                    o.pop_front();
+                }
+            }
+        }
     }
 
     fn status(&self, stage: &str, detail: &str) {
@@ -766,7 +786,7 @@ async fn link_once(
                 match v["type"].as_str().unwrap_or("") {
                     "welcome" => {
                         let have = v["last_n"].as_u64().unwrap_or(0);
-                        drop_acked(s, have);
+                        s.welcome(have);
                         sent = Some(have);
                     }
                     "ack" => drop_acked(s, v["n"].as_u64().unwrap_or(0)),
@@ -850,4 +870,80 @@ pub async fn run(cfg: Settings) -> Result<(), String> {
     // Without OpenCode there is nothing to run; stay up for exec and git.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let env: BTreeMap<String, String> = [
+            ("NIGHTSHIFT_SANDBOX_DIR", "/tmp/x"),
+            ("NIGHTSHIFT_SANDBOX_ID", "sbx_1"),
+            ("NIGHTSHIFT_SESSION_ID", "ses_1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Settings::from(
+            env,
+            &json!({"env": {"ANTHROPIC_API_KEY": "k", "OTHER": "no"}}),
+        )
+        .expect("settings")
+    }
+
+    fn numbers(s: &Supervisor) -> Vec<u64> {
+        s.outbox
+            .lock()
+            .map(|o| o.iter().map(|(n, _)| *n).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn secrets_line_keys_reach_opencode_only_when_they_are_keys() {
+        let s = settings();
+        assert_eq!(
+            s.env.get("ANTHROPIC_API_KEY").map(String::as_str),
+            Some("k")
+        );
+        assert!(!s.env.contains_key("OTHER"));
+        assert_eq!(s.model, "nightshift/scripted");
+    }
+
+    #[test]
+    fn welcome_drops_what_is_stored_and_a_restarted_supervisor_continues_the_numbers() {
+        let s = Supervisor::new(settings());
+        s.emit(json!({"kind": "a"}));
+        s.emit(json!({"kind": "b"}));
+        s.emit(json!({"kind": "c"}));
+        s.welcome(1);
+        assert_eq!(numbers(&s), vec![2, 3]);
+        // A fresh supervisor (numbers from 1) meets a session that has stored 40 events.
+        let fresh = Supervisor::new(settings());
+        fresh.emit(json!({"kind": "x"}));
+        fresh.welcome(40);
+        assert_eq!(numbers(&fresh), vec![41]);
+        fresh.emit(json!({"kind": "y"}));
+        assert_eq!(numbers(&fresh), vec![41, 42]);
+    }
+
+    #[test]
+    fn tool_parts_become_events_and_long_output_is_cut() {
+        let part = json!({"type": "tool", "callID": "c1", "tool": "bash",
+            "state": {"status": "completed", "output": "x".repeat(5000)}});
+        let e = translate_part("p", &part).expect("event");
+        assert_eq!(e["kind"], "agent.tool");
+        assert!(e["output"]
+            .as_str()
+            .is_some_and(|o| o.len() < 4200 && o.ends_with("(5000 bytes)")));
+        let pending =
+            json!({"type": "tool", "callID": "c1", "tool": "bash", "state": {"status": "pending"}});
+        assert!(translate_part("p", &pending).is_none());
+        let step =
+            json!({"type": "step-finish", "reason": "stop", "tokens": {"output": 3}, "cost": 0});
+        assert_eq!(
+            translate_part("p", &step).expect("step")["kind"],
+            "agent.step"
+        );
+    }
 }

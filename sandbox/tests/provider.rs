@@ -282,6 +282,47 @@ async fn lifecycle(env: &[(&str, &str)]) {
         .await;
     assert_eq!((st, out["stdout"].as_str()), (200, Some("piped")));
 
+    // Stop keeps the disk and kills the processes; start boots it again on the same checkout.
+    let (_, _) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"command": ["sh", "-c", "echo kept > KEPT.md"]})),
+        )
+        .await;
+    let (st, stopped) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/stop"), None)
+        .await;
+    assert_eq!(
+        (st, stopped["status"].as_str()),
+        (200, Some("stopped")),
+        "{stopped}"
+    );
+    assert!(
+        nightshift_sandbox::procs::marked(&id).is_empty(),
+        "a stopped sandbox runs nothing"
+    );
+    let (st, e) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(st, 200, "{e}");
+    p.wait_status(&id, &["ready"]).await;
+    let (_, out) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"command": ["cat", "KEPT.md"]})),
+        )
+        .await;
+    assert_eq!(out["stdout"], "kept\n");
+    let (st, e) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("sandbox_not_stopped"))
+    );
+
     // Logs stream as SSE.
     let path = format!("/v1/sandboxes/{id}/logs/supervisor");
     let ts = now();

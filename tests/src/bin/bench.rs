@@ -95,10 +95,16 @@ fn now_ms() -> u64 {
 }
 
 /// A signed provider call (contract v1).
-async fn provider(c: &Compute, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+async fn provider(
+    c: &Compute,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
     let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
     let ts = now_ms();
-    let sig = nightshift_core::signing::sign(c.secret.as_bytes(), method, path, ts, &bytes).expect("sign");
+    let sig = nightshift_core::signing::sign(c.secret.as_bytes(), method, path, ts, &bytes)
+        .expect("sign");
     let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
     reqwest::Client::new()
         .request(m, format!("{}{path}", c.provider_url))
@@ -115,7 +121,9 @@ async fn provider(c: &Compute, method: &str, path: &str, body: Option<serde_json
 
 /// The agent path: sandbox create -> ready (cold), and prompt -> first agent event with a ready sandbox.
 async fn agent() {
-    let turns: Vec<serde_json::Value> = (0..40).map(|i| json!({"text": format!("ok {i}")})).collect();
+    let turns: Vec<serde_json::Value> = (0..40)
+        .map(|i| json!({"text": format!("ok {i}")}))
+        .collect();
     let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
     println!("Nightshift agent-path benchmark (local provider, bubblewrap when available, real OpenCode, scripted model with zero think time)");
     let remote = compute.remote_repo("bench");
@@ -133,9 +141,18 @@ async fn agent() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         cold.push(ms(t.elapsed()));
-        provider(&compute, "POST", &format!("/v1/sandboxes/{id}/terminate"), None).await;
+        provider(
+            &compute,
+            "POST",
+            &format!("/v1/sandboxes/{id}/terminate"),
+            None,
+        )
+        .await;
     }
-    report("sandbox create -> ready (cold: clone, sync, OpenCode up)", &mut cold);
+    report(
+        "sandbox create -> ready (cold: clone, sync, OpenCode up)",
+        &mut cold,
+    );
 
     let owned = compute.vars();
     let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -148,12 +165,26 @@ async fn agent() {
     let mut whole = Vec::new();
     for i in 0..12 {
         let t = Instant::now();
-        let (st, p) = api.call("POST", &format!("/multiplayer/{id}/prompt"), &ada, Some(json!({"text": format!("prompt {i}")}))).await;
+        let (st, p) = api
+            .call(
+                "POST",
+                &format!("/multiplayer/{id}/prompt"),
+                &ada,
+                Some(json!({"text": format!("prompt {i}")})),
+            )
+            .await;
         assert_eq!(st, 202, "{p}");
         let pid = p["id"].as_str().expect("id").to_string();
-        let e = ws.event_within(Duration::from_secs(120), "agent.text", |e| e["prompt"] == pid.as_str()).await;
+        let e = ws
+            .event_within(Duration::from_secs(120), "agent.text", |e| {
+                e["prompt"] == pid.as_str()
+            })
+            .await;
         let t_first = t.elapsed();
-        ws.event_within(Duration::from_secs(120), "prompt.finished", |e| e["id"] == pid.as_str()).await;
+        ws.event_within(Duration::from_secs(120), "prompt.finished", |e| {
+            e["id"] == pid.as_str()
+        })
+        .await;
         let t_done = t.elapsed();
         drop(e);
         // The first prompt spawns the sandbox; the rest find it ready.
@@ -163,7 +194,10 @@ async fn agent() {
         }
     }
     report("prompt -> first agent event (ready sandbox)", &mut first);
-    report("prompt -> prompt.finished (ready sandbox, no changes)", &mut whole);
+    report(
+        "prompt -> prompt.finished (ready sandbox, no changes)",
+        &mut whole,
+    );
 }
 
 async fn control_plane() {

@@ -1,0 +1,189 @@
+//! The sandbox API (`/sandbox…`): people reach their session's sandboxes, authorised by session membership, through the provider.
+
+use nightshift_core::wire::{ExecRequest, SandboxAuthorize, SandboxCreate};
+use serde_json::Value;
+use worker::{Env, Headers, Method, Request, Response};
+
+use crate::auth::{self, encode_identity, IDENTITY_HEADER};
+use crate::error::{json_of, ApiError, ApiResult};
+use crate::provider;
+use crate::routes::{call, read_body, read_bytes, session_stub};
+
+/// The provider's answer as the API's answer (JSON status and body as they are).
+fn relay(status: u16, v: &Value) -> ApiResult<Response> {
+    json_of(status, v)
+}
+
+pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
+    let who = auth::authenticate(req, env, false)?;
+    let who_header = encode_identity(&who);
+    let method = req.method();
+    match (method, segs) {
+        (Method::Post, ["sandbox"]) => {
+            let b: SandboxCreate = read_body(req).await?;
+            let stub = session_stub(env, &b.session_id)?;
+            let headers = Headers::new();
+            headers.set(IDENTITY_HEADER, &who_header)?;
+            call(
+                &stub,
+                Method::Post,
+                "/sandbox/ensure",
+                Some(headers),
+                Some(Vec::new()),
+            )
+            .await
+        }
+        (Method::Get, ["sandbox"]) => {
+            let url = req.url().map_err(ApiError::from)?;
+            let session = url
+                .query_pairs()
+                .find(|(k, _)| k == "session_id")
+                .map(|(_, v)| v.into_owned())
+                .ok_or_else(|| ApiError::new(400, "invalid_query", "pass ?session_id=ses_…"))?;
+            let auth = SandboxAuthorize {
+                sandbox: None,
+                op: "list".into(),
+            };
+            if let Err(r) = authorize(env, &who_header, &session, &auth).await? {
+                return Ok(r);
+            }
+            let (st, v) = provider::call(
+                env,
+                Method::Get,
+                &format!("/v1/sandboxes?session_id={session}"),
+                None,
+            )
+            .await?;
+            relay(st, &v)
+        }
+        (m, ["sandbox", id, rest @ ..]) => {
+            let id = id.to_string();
+            if !id.starts_with("sbx_")
+                || id.len() > 64
+                || !id[4..].chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                return Err(ApiError::new(
+                    404,
+                    "sandbox_not_found",
+                    format!("no sandbox {id}"),
+                ));
+            }
+            let op = match (&m, rest) {
+                (Method::Get, []) => "get",
+                (Method::Post, ["start"]) => "start",
+                (Method::Post, ["stop"]) => "stop",
+                (Method::Post, ["terminate"]) => "terminate",
+                (Method::Post, ["exec"]) => "exec",
+                (Method::Get, ["logs", _]) => "logs",
+                (Method::Get, ["git"]) => "git",
+                (Method::Post, ["git", "sync"]) => "git.sync",
+                _ => return Err(ApiError::not_found("route")),
+            };
+            // Bad input is refused before anything is asked of anyone.
+            let body = if op == "exec" {
+                let bytes = read_bytes(req).await?;
+                let e: ExecRequest = nightshift_core::wire::parse_body(&bytes)?;
+                e.check()?;
+                Some(serde_json::to_vec(&e).map_err(ApiError::internal)?)
+            } else {
+                None
+            };
+            if let ["logs", service] = rest {
+                if service.is_empty()
+                    || !service
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(ApiError::new(
+                        400,
+                        "invalid_service",
+                        "a service is a name such as `supervisor` or `opencode`",
+                    ));
+                }
+            }
+            let (st, sandbox) =
+                provider::call(env, Method::Get, &format!("/v1/sandboxes/{id}"), None).await?;
+            if st == 404 {
+                return Err(ApiError::new(
+                    404,
+                    "sandbox_not_found",
+                    format!("no sandbox {id}"),
+                ));
+            }
+            let session = sandbox["session_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let auth = SandboxAuthorize {
+                sandbox: Some(id.clone()),
+                op: op.into(),
+            };
+            if let Err(r) = authorize(env, &who_header, &session, &auth).await? {
+                return Ok(r);
+            }
+            let tail = rest.join("/");
+            let path = if tail.is_empty() {
+                format!("/v1/sandboxes/{id}")
+            } else {
+                format!("/v1/sandboxes/{id}/{tail}")
+            };
+            match op {
+                "get" => relay(st, &sandbox),
+                "logs" => {
+                    let url = req.url().map_err(ApiError::from)?;
+                    let follow = url
+                        .query_pairs()
+                        .any(|(k, v)| k == "follow" && (v == "1" || v == "true"));
+                    let path = if follow {
+                        format!("{path}?follow=1")
+                    } else {
+                        path
+                    };
+                    provider::send(env, Method::Get, &path, None).await
+                }
+                "git" => {
+                    let (st, v) = provider::call(env, Method::Get, &path, None).await?;
+                    relay(st, &v)
+                }
+                _ => {
+                    let bytes = body.unwrap_or_default();
+                    let resp = provider::send(env, Method::Post, &path, Some(&bytes)).await?;
+                    relay_response(resp).await
+                }
+            }
+        }
+        _ => Err(ApiError::not_found("route")),
+    }
+}
+
+async fn relay_response(mut resp: Response) -> ApiResult<Response> {
+    let st = resp.status_code();
+    let text = resp.text().await.unwrap_or_default();
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    relay(st, &v)
+}
+
+/// Ok(Ok(())) when `who` may do `op`; Ok(Err(answer)) carries the session's refusal as it is.
+async fn authorize(
+    env: &Env,
+    who_header: &str,
+    session: &str,
+    auth: &SandboxAuthorize,
+) -> ApiResult<Result<(), Response>> {
+    let stub = session_stub(env, session)?;
+    let headers = Headers::new();
+    headers.set(IDENTITY_HEADER, who_header)?;
+    let body = serde_json::to_vec(auth).map_err(ApiError::internal)?;
+    let resp = call(
+        &stub,
+        Method::Post,
+        "/sandbox/authorize",
+        Some(headers),
+        Some(body),
+    )
+    .await?;
+    if resp.status_code() >= 400 {
+        return Ok(Err(resp));
+    }
+    Ok(Ok(()))
+}
