@@ -611,6 +611,14 @@ async fn list(
     Json(json!({"sandboxes": out})).into_response()
 }
 
+/// The sandbox as it is now.
+fn current(p: &Shared, id: &str) -> Response {
+    match p.get(id) {
+        Some(s) => Json(s).into_response(),
+        None => not_found(id),
+    }
+}
+
 fn not_found(id: &str) -> Response {
     err(
         StatusCode::NOT_FOUND,
@@ -627,10 +635,7 @@ async fn get_one(
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     signed!(p, m, u, h, []);
-    match p.get(&id) {
-        Some(s) => Json(s).into_response(),
-        None => not_found(&id),
-    }
+    current(&p, &id)
 }
 
 #[derive(Deserialize)]
@@ -861,13 +866,10 @@ async fn terminate(
         // Anything that left the group (setsid, double fork) is found by its sandbox mark.
         halt(&p, &id, "terminated").await;
     }
-    match p.get(&id) {
-        Some(s) => Json(s).into_response(),
-        None => not_found(&id),
-    }
+    current(&p, &id)
 }
 
-/// Kills the sandbox's processes; with `keep` its directory stays for a later start.
+/// Kills the sandbox's processes and sets its status (`stopped` keeps its directory for a later start).
 async fn halt(p: &Shared, id: &str, status: &'static str) {
     let pgid = {
         let map = p.sandboxes.lock().ok();
@@ -909,10 +911,7 @@ async fn stop(
         "stopped" => {}
         _ => halt(&p, &id, "stopped").await,
     }
-    match p.get(&id) {
-        Some(s) => Json(s).into_response(),
-        None => not_found(&id),
-    }
+    current(&p, &id)
 }
 
 async fn start(
@@ -952,10 +951,7 @@ async fn start(
     let p2 = p.clone();
     let id2 = id.clone();
     tokio::spawn(async move { boot(p2, id2, dir, create, None).await });
-    match p.get(&id) {
-        Some(s) => Json(s).into_response(),
-        None => not_found(&id),
-    }
+    current(&p, &id)
 }
 
 #[derive(Deserialize, Default)]

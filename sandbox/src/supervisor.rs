@@ -39,6 +39,8 @@ pub struct Settings {
     pub model_key: Option<String>,
     /// Extra wait before syncing (a slow network, for demos and tests).
     pub sync_delay_ms: u64,
+    /// The sync also waits until this file exists (a network exactly as slow as a test wants).
+    pub sync_gate_file: Option<PathBuf>,
     /// Environment for OpenCode (model keys and the like).
     pub env: BTreeMap<String, String>,
 }
@@ -81,6 +83,7 @@ impl Settings {
                 .get("NIGHTSHIFT_SYNC_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            sync_gate_file: all.get("NIGHTSHIFT_SYNC_GATE_FILE").map(PathBuf::from),
             env: all
                 .into_iter()
                 .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
@@ -210,6 +213,12 @@ pub async fn sync(s: Shared) {
     s.status("syncing", &format!("fetching origin/{}", s.cfg.base_branch));
     if s.cfg.sync_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(s.cfg.sync_delay_ms)).await;
+    }
+    if let Some(gate) = &s.cfg.sync_gate_file {
+        log(&format!("sync waits for {}", gate.display()));
+        while !gate.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let repo = s.cfg.repo();
     let result = async {

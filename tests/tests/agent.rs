@@ -261,7 +261,20 @@ async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
         {"text": "Writing after the sync.", "tool_calls": [{"name": "write", "arguments": {"filePath": "late.txt", "content": "after sync\n"}}]},
         {"text": "Written."}
     ]});
-    let (compute, server) = start(recording, &[("NIGHTSHIFT_SYNC_DELAY_MS", "8000")], &[]).await;
+    // The network stays "slow" (the sync cannot finish) until the test opens the gate file.
+    let gate_dir = nightshift_tests::repo_root()
+        .join(".state/test")
+        .join(format!("gate-{}", std::process::id()));
+    std::fs::create_dir_all(&gate_dir).expect("gate dir");
+    let gate = gate_dir.join("network-is-back");
+    let _ = std::fs::remove_file(&gate);
+    let gate_s = gate.to_string_lossy().to_string();
+    let (compute, server) = start(
+        recording,
+        &[("NIGHTSHIFT_SYNC_GATE_FILE", gate_s.as_str())],
+        &[],
+    )
+    .await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
     let remote = compute.remote_repo("gate");
@@ -291,6 +304,13 @@ async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
         .find(|e| e["type"] == "agent.blocked")
         .expect("agent.blocked event");
     assert_eq!(blocked["tool"], "write");
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["type"] == "sandbox.status" && e["stage"] == "synced"),
+        "the sync cannot have finished yet"
+    );
+    std::fs::write(&gate, "open").expect("open the gate");
     // The read and the blocked write both happened before the sync finished.
     let synced = a
         .event_within(secs(30), "sandbox.status", |e| e["stage"] == "synced")

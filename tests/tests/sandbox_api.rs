@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nightshift_tests::{secs, Api, Compute, Server, User};
+use nightshift_tests::{secs, Api, Compute, Server, User, Ws};
 use serde_json::{json, Value};
 
 async fn wait_status(api: &Api, who: &User, id: &str, want: &str) -> Value {
@@ -15,6 +15,24 @@ async fn wait_status(api: &Api, who: &User, id: &str, want: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("sandbox {id} never became {want}");
+}
+
+/// Sends a prompt and waits until it finished successfully.
+async fn run_prompt(api: &Api, who: &User, sid: &str, ws: &mut Ws, text: &str) {
+    let (st, p) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{sid}/prompt"),
+            who,
+            Some(json!({ "text": text })),
+        )
+        .await;
+    assert_eq!(st, 202, "{p}");
+    let id = p["id"].as_str().expect("prompt id").to_string();
+    let f = ws
+        .event_within(secs(120), "prompt.finished", |e| e["id"] == id.as_str())
+        .await;
+    assert_eq!(f["ok"], true, "{f}");
 }
 
 #[tokio::test]
@@ -163,19 +181,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
     assert!(st == 400 || st == 404, "{st} {v}");
 
     // A prompt runs in this very sandbox.
-    let (_, p1) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{sid}/prompt"),
-            &ada,
-            Some(json!({"text": "first"})),
-        )
-        .await;
-    let p1 = p1["id"].as_str().expect("p1").to_string();
-    let f1 = ws
-        .event_within(secs(120), "prompt.finished", |e| e["id"] == p1.as_str())
-        .await;
-    assert_eq!(f1["ok"], true, "{f1}");
+    run_prompt(&api, &ada, &sid, &mut ws, "first").await;
     let (_, list) = api
         .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
         .await;
@@ -192,19 +198,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
     assert_eq!((st, v["status"].as_str()), (200, Some("stopped")), "{v}");
     ws.event("sandbox.status", |e| e["stage"] == "stopped")
         .await;
-    let (_, p2) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{sid}/prompt"),
-            &ada,
-            Some(json!({"text": "second"})),
-        )
-        .await;
-    let p2 = p2["id"].as_str().expect("p2").to_string();
-    let f2 = ws
-        .event_within(secs(120), "prompt.finished", |e| e["id"] == p2.as_str())
-        .await;
-    assert_eq!(f2["ok"], true, "{f2}");
+    run_prompt(&api, &ada, &sid, &mut ws, "second").await;
     let (_, list) = api
         .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
         .await;
@@ -233,19 +227,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
         (st, v["error"]["code"].as_str()),
         (409, Some("sandbox_terminated"))
     );
-    let (_, p3) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{sid}/prompt"),
-            &ada,
-            Some(json!({"text": "third"})),
-        )
-        .await;
-    let p3 = p3["id"].as_str().expect("p3").to_string();
-    let f3 = ws
-        .event_within(secs(120), "prompt.finished", |e| e["id"] == p3.as_str())
-        .await;
-    assert_eq!(f3["ok"], true, "{f3}");
+    run_prompt(&api, &ada, &sid, &mut ws, "third").await;
     let (_, list) = api
         .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
         .await;
