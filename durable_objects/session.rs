@@ -4,7 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 
 use nightshift_core::events::Event;
-use nightshift_core::sandbox::{self as link, Ingest, SandboxLink, SandboxMessage, Stage};
+use nightshift_core::sandbox::{self as link, SandboxLink, SandboxMessage, Stage};
 use nightshift_core::session::{Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus};
 use nightshift_core::signing::{sha256_hex, token_matches};
 use nightshift_core::wire::{
@@ -582,44 +582,49 @@ impl SessionObject {
                 store::save_link(&sql, &l)
             }
             SandboxMessage::Heartbeat => store::save_link(&sql, &l),
-            SandboxMessage::Event { n, event } => match l.ingest(n) {
-                Ingest::Duplicate => {
-                    send_frame_text(ws, &serde_json::json!({"type": "ack", "n": n}).to_string());
-                    store::save_link(&sql, &l)
-                }
-                Ingest::OutOfOrder { expected } => {
-                    let _ = ws.close(Some(4002), Some("out of order; reconnect and resend"));
-                    Err(ApiError::new(
-                        409,
-                        "out_of_order",
-                        format!("event {n} arrived but {expected} is next"),
-                    ))
-                }
-                Ingest::Accept => {
-                    let stage = match &event {
-                        link::AgentEvent::Status { stage, .. } => Some(stage.clone()),
-                        _ => None,
-                    };
-                    match stage.as_deref() {
-                        Some("syncing") | Some("starting") => l.stage = Stage::Syncing,
-                        Some("ready") => l.stage = Stage::Ready,
-                        Some("failed") => l.stage = Stage::Failed,
-                        _ => {}
-                    }
-                    l.last_n = n;
-                    store::save_link(&sql, &l)?;
-                    // Late output of a stopped prompt is acknowledged but not stored.
-                    let _ = self.apply(move |s, now| s.agent_event(event, now)).await;
-                    send_frame_text(ws, &serde_json::json!({"type": "ack", "n": n}).to_string());
-                    if l.stage == Stage::Failed {
-                        if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
-                            self.fail_running(&p, "sandbox_failed: the sandbox could not start the agent; see its logs")
-                                .await?;
+            SandboxMessage::Events(batch) => {
+                let intake = l.intake(batch);
+                let accepted = intake.accepted;
+                if !accepted.is_empty() {
+                    // Output of a prompt that is no longer running is skipped by the core.
+                    if let Err(e) = self
+                        .apply(move |s, now| Ok(s.agent_events(accepted, now)))
+                        .await
+                    {
+                        if e.status >= 500 {
+                            // Not stored: not acknowledged; the sandbox resends.
+                            return Err(e);
                         }
                     }
-                    Ok(())
                 }
-            },
+                l.last_n = intake.last_n;
+                if let Some(stage) = intake.stage {
+                    l.stage = stage;
+                }
+                store::save_link(&sql, &l)?;
+                send_frame_text(
+                    ws,
+                    &serde_json::json!({"type": "ack", "n": l.last_n}).to_string(),
+                );
+                if l.stage == Stage::Failed {
+                    if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
+                        self.fail_running(
+                            &p,
+                            "sandbox_failed: the sandbox could not start the agent; see its logs",
+                        )
+                        .await?;
+                    }
+                }
+                if let Some((got, expected)) = intake.gap {
+                    let _ = ws.close(Some(4002), Some("out of order; reconnect and resend"));
+                    return Err(ApiError::new(
+                        409,
+                        "out_of_order",
+                        format!("event {got} arrived but {expected} is next"),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 

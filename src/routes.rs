@@ -223,20 +223,47 @@ async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult
 async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     let who = auth::authenticate(req, env, false)?;
     let bytes = read_bytes(req).await?;
-    // Validate the shape here so a bad body never creates an object.
-    let _: wire::CreateSession = wire::parse_body(&bytes)?;
+    // Validate here so a bad body never creates an object (the object checks again).
+    let body: wire::CreateSession = wire::parse_body(&bytes)?;
+    let title = body.title.trim().to_string();
+    if title.is_empty() || title.len() > nightshift_core::session::MAX_TITLE_LEN {
+        return Err(ApiError::new(
+            400,
+            "invalid_input",
+            "title must be 1-200 bytes",
+        ));
+    }
     let id = new_id("ses");
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();
     headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
     headers.set("x-nightshift-session", &id)?;
-    let mut resp = call(&stub, Method::Post, "/create", Some(headers), Some(bytes)).await?;
+    // The session and the creator's index entry are written at the same time (one round
+    // trip instead of two); the entry is taken back if the session is not created.
+    let entry = SessionEntry {
+        id: id.clone(),
+        title,
+        repository: body.repository.clone(),
+        role: "owner".into(),
+        joined_at: now_ms(),
+    };
+    let idx = user_index(env, &who.user)?;
+    let entry_bytes = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
+    let (created, indexed) = futures_util::future::join(
+        call(&stub, Method::Post, "/create", Some(headers), Some(bytes)),
+        call(&idx, Method::Post, "/add", None, Some(entry_bytes)),
+    )
+    .await;
+    let mut resp = created?;
     let status = resp.status_code();
     let text = resp.text().await?;
-    if status == 201 {
-        if let Ok(snap) = serde_json::from_str::<serde_json::Value>(&text) {
-            index_add(env, &who.user, &snap).await?;
+    if status != 201 {
+        if indexed.is_ok() {
+            let body = serde_json::json!({ "id": id }).to_string().into_bytes();
+            call(&idx, Method::Post, "/remove", None, Some(body)).await?;
         }
+    } else {
+        indexed?;
     }
     json_response(status, text).map_err(ApiError::from)
 }

@@ -57,17 +57,35 @@ impl SandboxLink {
         }
     }
 
-    /// Decides what to do with event number `n`.
-    pub fn ingest(&self, n: u64) -> Ingest {
-        if n <= self.last_n {
-            Ingest::Duplicate
-        } else if n == self.last_n + 1 {
-            Ingest::Accept
-        } else {
-            Ingest::OutOfOrder {
-                expected: self.last_n + 1,
+    /// Takes in a batch of numbered events: duplicates are skipped, the in-order run is
+    /// accepted, and the first gap stops the intake (the rest must be resent after it).
+    pub fn intake(&self, batch: Vec<(u64, AgentEvent)>) -> Intake {
+        let mut out = Intake {
+            accepted: Vec::new(),
+            last_n: self.last_n,
+            gap: None,
+            stage: None,
+        };
+        for (n, ev) in batch {
+            if n <= out.last_n {
+                continue;
             }
+            if n != out.last_n + 1 {
+                out.gap = Some((n, out.last_n + 1));
+                break;
+            }
+            out.last_n = n;
+            if let AgentEvent::Status { stage, .. } = &ev {
+                match stage.as_str() {
+                    "syncing" | "starting" => out.stage = Some(Stage::Syncing),
+                    "ready" => out.stage = Some(Stage::Ready),
+                    "failed" => out.stage = Some(Stage::Failed),
+                    _ => {}
+                }
+            }
+            out.accepted.push(ev);
         }
+        out
     }
 
     /// The sandbox has said nothing for too long, or its socket has been gone past the grace period.
@@ -93,14 +111,14 @@ impl SandboxLink {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ingest {
-    Accept,
-    /// Already stored (a resend after a reconnect): acknowledge again, store nothing.
-    Duplicate,
-    OutOfOrder {
-        expected: u64,
-    },
+/// What a batch changes: the accepted events, the new highest stored number, a gap if any
+/// (got, expected), and the latest stage the sandbox reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Intake {
+    pub accepted: Vec<AgentEvent>,
+    pub last_n: u64,
+    pub gap: Option<(u64, u64)>,
+    pub stage: Option<Stage>,
 }
 
 /// What a sandbox reports, one numbered message at a time.
@@ -168,9 +186,24 @@ impl AgentEvent {
 /// Frames a sandbox sends to its session.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SandboxMessage {
-    Hello { sandbox: String },
+    Hello {
+        sandbox: String,
+    },
     Heartbeat,
-    Event { n: u64, event: AgentEvent },
+    /// One or more numbered events (`event` carries one, `batch` several).
+    Events(Vec<(u64, AgentEvent)>),
+}
+
+/// Most events in one `batch` frame.
+pub const MAX_BATCH: usize = 500;
+
+fn numbered(v: &Value) -> Result<(u64, AgentEvent), WireError> {
+    let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
+        WireError::new("invalid_message", "an event needs `n`, a positive integer")
+    })?;
+    let event: AgentEvent = serde_json::from_value(v["event"].clone())
+        .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
+    Ok((n, event))
 }
 
 /// Largest frame a sandbox may send.
@@ -196,17 +229,24 @@ pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
             })
         }
         Some("heartbeat") => Ok(SandboxMessage::Heartbeat),
-        Some("event") => {
-            let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                WireError::new("invalid_message", "event needs `n`, a positive integer")
-            })?;
-            let event: AgentEvent = serde_json::from_value(v["event"].clone())
-                .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
-            Ok(SandboxMessage::Event { n, event })
+        Some("event") => Ok(SandboxMessage::Events(vec![numbered(&v)?])),
+        Some("batch") => {
+            let items = v["events"]
+                .as_array()
+                .filter(|a| !a.is_empty() && a.len() <= MAX_BATCH)
+                .ok_or_else(|| {
+                    WireError::new(
+                        "invalid_message",
+                        format!("a batch carries `events`: 1 to {MAX_BATCH} numbered events"),
+                    )
+                })?;
+            // All or nothing: one bad event refuses the whole frame.
+            let events = items.iter().map(numbered).collect::<Result<Vec<_>, _>>()?;
+            Ok(SandboxMessage::Events(events))
         }
         _ => Err(WireError::new(
             "unknown_type",
-            "a sandbox sends hello, heartbeat or event",
+            "a sandbox sends hello, heartbeat, event or batch",
         )),
     }
 }
@@ -216,12 +256,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ingest_accepts_in_order_ignores_duplicates_refuses_gaps() {
+    fn intake_skips_duplicates_accepts_the_run_and_stops_at_a_gap() {
+        let text = |t: &str| AgentEvent::Text {
+            prompt: "p".into(),
+            text: t.into(),
+        };
         let mut l = SandboxLink::spawning("h".into(), 0);
-        assert_eq!(l.ingest(1), Ingest::Accept);
-        l.last_n = 1;
-        assert_eq!(l.ingest(1), Ingest::Duplicate);
-        assert_eq!(l.ingest(3), Ingest::OutOfOrder { expected: 2 });
+        l.last_n = 2;
+        let i = l.intake(vec![
+            (2, text("dup")),
+            (3, text("a")),
+            (4, text("b")),
+            (6, text("gap")),
+            (7, text("after")),
+        ]);
+        assert_eq!(i.last_n, 4);
+        assert_eq!(i.accepted, vec![text("a"), text("b")]);
+        assert_eq!(i.gap, Some((6, 5)));
+        let ready = AgentEvent::Status {
+            stage: "ready".into(),
+            detail: String::new(),
+        };
+        assert_eq!(l.intake(vec![(3, ready)]).stage, Some(Stage::Ready));
     }
 
     #[test]
@@ -244,11 +300,25 @@ mod tests {
 
     #[test]
     fn sandbox_messages_parse_or_get_codes() {
+        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
         let ok = parse_sandbox_message(
             r#"{"type":"event","n":3,"event":{"kind":"agent.text","prompt":"p","text":"hi"}}"#,
         );
-        assert!(matches!(ok, Ok(SandboxMessage::Event { n: 3, .. })));
-        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
+        assert!(matches!(ok, Ok(SandboxMessage::Events(ref v)) if v.len() == 1 && v[0].0 == 3));
+        let batch = parse_sandbox_message(
+            r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"agent.text","prompt":"p","text":"b"}}]}"#,
+        );
+        assert!(matches!(batch, Ok(SandboxMessage::Events(ref v)) if v.len() == 2));
+        assert_eq!(
+            code(r#"{"type":"batch","events":[]}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(
+                r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"nope"}}]}"#
+            ),
+            Some("invalid_event")
+        );
         assert_eq!(code("nope"), Some("invalid_json"));
         assert_eq!(code(r#"{"type":"x"}"#), Some("unknown_type"));
         assert_eq!(

@@ -144,6 +144,19 @@ impl Outcome {
     fn event(&mut self, actor: Actor, kind: EventKind) {
         self.events.push((actor, kind));
     }
+
+    /// Adds a later outcome to this one (events in order; the later start/abort wins).
+    pub fn absorb(&mut self, later: Outcome) {
+        self.events.extend(later.events);
+        self.presence_changed |= later.presence_changed;
+        self.disconnect.extend(later.disconnect);
+        if later.start.is_some() {
+            self.start = later.start;
+        }
+        if later.abort.is_some() {
+            self.abort = later.abort;
+        }
+    }
 }
 
 /// Session metadata that lives in one row.
@@ -931,6 +944,18 @@ impl Session {
         };
         out.event(Actor::system(), kind);
         Ok(out)
+    }
+
+    /// A batch of sandbox events, in order. Refused ones (output of a prompt that is no longer
+    /// running) change nothing and are skipped; the rest become one outcome.
+    pub fn agent_events(&mut self, evs: Vec<AgentEvent>, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        for ev in evs {
+            if let Ok(o) = self.agent_event(ev, now) {
+                out.absorb(o);
+            }
+        }
+        out
     }
 
     /// A stage of the sandbox as seen by the control plane (spawning, lost, failed).

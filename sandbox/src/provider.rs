@@ -56,6 +56,34 @@ pub struct Config {
     pub supervisor: PathBuf,
     /// Environment given to every supervisor (OpenCode location, model settings, …).
     pub supervisor_env: BTreeMap<String, String>,
+    /// Host paths a sandbox must see read-only even where its own mounts would hide them
+    /// (the supervisor, OpenCode and paths named in the settings, e.g. under /tmp).
+    pub ro_paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// The read-only paths a sandbox needs: the supervisor's folder and every absolute path
+    /// named in the supervisor's settings (its folder, when it names a file).
+    pub fn derive_ro_paths(supervisor: &Path, env: &BTreeMap<String, String>) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = supervisor
+            .parent()
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect();
+        for v in env.values() {
+            let p = Path::new(v);
+            if !p.is_absolute() {
+                continue;
+            }
+            let dir = if p.is_dir() { Some(p) } else { p.parent() };
+            if let Some(d) = dir.filter(|d| d.exists() && *d != Path::new("/")) {
+                out.push(d.to_path_buf());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -229,6 +257,10 @@ impl Provider {
                 let mut c = Command::new("bwrap");
                 c.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
                 c.args(["--tmpfs", "/tmp"]);
+                for p in &self.cfg.ro_paths {
+                    let p = p.to_string_lossy().to_string();
+                    c.args(["--ro-bind", &p, &p]);
+                }
                 let d = dir.to_string_lossy().to_string();
                 c.args(["--bind", &d, &d]);
                 for p in extra_rw {

@@ -718,6 +718,9 @@ pub async fn link(
     }
 }
 
+/// Events per `batch` frame (the session accepts up to 500).
+const BATCH: usize = 200;
+
 enum LinkEnd {
     Refused(String),
     Lost(String),
@@ -763,12 +766,17 @@ async fn link_once(
                 .lock()
                 .map(|o| o.iter().filter(|(n, _)| *n > from).cloned().collect())
                 .unwrap_or_default();
-            for (n, m) in pending {
-                let frame = json!({"type": "event", "n": n, "event": m});
+            // Everything pending goes in as few frames as possible (one store, one broadcast each).
+            for chunk in pending.chunks(BATCH) {
+                let events: Vec<Value> = chunk
+                    .iter()
+                    .map(|(n, m)| json!({"n": n, "event": m}))
+                    .collect();
+                let frame = json!({"type": "batch", "events": events});
                 tx.send(Message::Text(frame.to_string().into()))
                     .await
                     .map_err(|e| LinkEnd::Lost(e.to_string()))?;
-                sent = Some(n);
+                sent = chunk.last().map(|(n, _)| *n);
             }
         }
         tokio::select! {

@@ -1,5 +1,7 @@
 //! Test harness: starts the real Worker under `wrangler dev` on free ports with its own state, and talks to it over HTTP and WebSocket.
 
+pub mod fake_provider;
+
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -1,107 +1,13 @@
 //! The session's sandbox link against a fake provider that speaks the contract: signed creates, per-session tokens, and every kind of bad sandbox input.
 
-use std::sync::{Arc, Mutex};
-
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
-use axum::Json;
 use futures_util::{SinkExt, StreamExt};
-use nightshift_core::signing;
+use nightshift_tests::fake_provider::{self, Shared};
 use nightshift_tests::{secs, Api, Server, User};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const SECRET: &str = "fake-provider-secret";
-
-#[derive(Default)]
-struct Fake {
-    /// Verified create bodies, in arrival order.
-    creates: Vec<Value>,
-    terminated: Vec<String>,
-    /// Answer creates for this session with 503.
-    refuse: Option<String>,
-}
-
-type Shared = Arc<Mutex<Fake>>;
-
-async fn fake(
-    State(f): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> axum::response::Response {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    if let Err(e) = signing::verify(
-        SECRET.as_bytes(),
-        method.as_str(),
-        path,
-        h(signing::TIMESTAMP_HEADER),
-        h(signing::SIGNATURE_HEADER),
-        &body,
-        now,
-    ) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"code": e.code(), "message": e.to_string()}})),
-        )
-            .into_response();
-    }
-    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut g = f.lock().expect("lock");
-    if uri.path() == "/v1/sandboxes" && method == Method::POST {
-        if g.refuse.as_deref() == v["session_id"].as_str() {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": {"code": "capacity", "message": "no capacity left"}})),
-            )
-                .into_response();
-        }
-        g.creates.push(v.clone());
-        let id = format!("sbx_fake{}", g.creates.len());
-        return (
-            StatusCode::CREATED,
-            Json(json!({"id": id, "session_id": v["session_id"], "status": "creating"})),
-        )
-            .into_response();
-    }
-    if let Some(id) = uri
-        .path()
-        .strip_prefix("/v1/sandboxes/")
-        .and_then(|r| r.strip_suffix("/terminate"))
-    {
-        g.terminated.push(id.to_string());
-        return Json(json!({"id": id, "status": "terminated"})).into_response();
-    }
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({"error": {"code": "not_found", "message": path}})),
-    )
-        .into_response()
-}
-
-async fn start_fake() -> (Shared, String) {
-    let shared: Shared = Arc::default();
-    let app = axum::Router::new()
-        .fallback(fake)
-        .with_state(shared.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (shared, url)
-}
+const SECRET: &str = fake_provider::SECRET;
 
 type Link =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -171,7 +77,7 @@ async fn wait_creates(f: &Shared, n: usize) -> Vec<Value> {
 
 #[tokio::test]
 async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
-    let (fakep, url) = start_fake().await;
+    let (fakep, url) = fake_provider::start().await;
     let server = Server::start(&[
         ("PROMPT_RUNNER", "sandbox"),
         ("PROVIDER_URL", &url),
@@ -324,7 +230,7 @@ async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
 
 #[tokio::test]
 async fn a_refused_sandbox_fails_the_prompt_with_the_reason_and_the_next_prompt_retries() {
-    let (fakep, url) = start_fake().await;
+    let (fakep, url) = fake_provider::start().await;
     let server = Server::start(&[
         ("PROMPT_RUNNER", "sandbox"),
         ("PROVIDER_URL", &url),
@@ -366,7 +272,7 @@ async fn a_refused_sandbox_fails_the_prompt_with_the_reason_and_the_next_prompt_
 
 #[tokio::test]
 async fn a_silent_sandbox_is_declared_lost_and_terminated() {
-    let (fakep, url) = start_fake().await;
+    let (fakep, url) = fake_provider::start().await;
     let server = Server::start(&[
         ("PROMPT_RUNNER", "sandbox"),
         ("PROVIDER_URL", &url),

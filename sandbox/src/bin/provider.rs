@@ -54,7 +54,9 @@ async fn main() {
                 || k.ends_with("_BASE_URL")
         })
         .collect();
+    let ro_paths = Config::derive_ro_paths(&supervisor, &supervisor_env);
     let p = Provider::new(Config {
+        ro_paths,
         root: root.clone(),
         secret: secret.into_bytes(),
         isolation,

@@ -83,8 +83,135 @@ async fn main() {
         control_plane().await;
     }
     if only.as_deref() != Some("control") {
+        agent_events().await;
         agent().await;
     }
+}
+
+/// Sustained agent events into one session with 10 clients, as a sandbox sends them (batched).
+async fn agent_events() {
+    use futures_util::{SinkExt, StreamExt};
+    use nightshift_tests::fake_provider;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (fake, url) = fake_provider::start().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", fake_provider::SECRET),
+        ("CONTROL_URL", "{self}"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (st, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "events", "repository": "/srv/git/bench.git"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    let mut ten = connect_many(&api, &ada, &id, 10, "ev").await;
+    for ws in ten.iter_mut() {
+        drain(ws, Duration::from_millis(200)).await;
+    }
+    let (_, p) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "go"})),
+        )
+        .await;
+    let prompt = p["id"].as_str().expect("prompt").to_string();
+    let token = loop {
+        let t = fake.lock().ok().and_then(|f| {
+            f.creates
+                .first()
+                .and_then(|c| c["supervisor"]["sandbox_token"].as_str().map(String::from))
+        });
+        if let Some(t) = t {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut req = format!(
+        "{}/sandbox-link/{id}",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut link, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("sandbox link");
+    for _ in 0..2 {
+        link.next().await; // welcome, prompt
+    }
+    for ws in ten.iter_mut() {
+        drain(ws, Duration::from_millis(200)).await;
+    }
+    let total: usize = 20_000;
+    let batch = 200;
+    let t = Instant::now();
+    let sender = async {
+        let mut n = 0u64;
+        for _ in 0..total / batch {
+            let events: Vec<serde_json::Value> = (0..batch)
+                .map(|_| {
+                    n += 1;
+                    json!({"n": n, "event": {"kind": "agent.text", "prompt": prompt, "text": format!("token {n} ")}})
+                })
+                .collect();
+            link.send(Message::Text(
+                json!({"type": "batch", "events": events})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .expect("send");
+        }
+        // Read acknowledgements until the last one.
+        while let Some(Ok(m)) = link.next().await {
+            if let Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                if v["type"] == "ack" && v["n"].as_u64() == Some(n) {
+                    break;
+                }
+            }
+        }
+    };
+    let receivers = join_all(ten.iter_mut().map(|ws| async move {
+        let mut got = 0usize;
+        while got < total {
+            let Some(v) = ws.next(Duration::from_secs(60)).await else {
+                break;
+            };
+            if v["type"] == "events" {
+                got += v["events"]
+                    .as_array()
+                    .map(|e| e.iter().filter(|e| e["type"] == "agent.text").count())
+                    .unwrap_or(0);
+            }
+        }
+        got
+    }));
+    let ((), counts) = tokio::join!(sender, receivers);
+    let secs = t.elapsed().as_secs_f64();
+    let min = counts.iter().copied().min().unwrap_or(0);
+    println!(
+        "{:<48} {:>8.0} events/s  ({} agent events in batches of {batch}, each stored then sent to 10 clients)",
+        "sustained agent events into one session",
+        min as f64 / secs,
+        min
+    );
 }
 
 fn now_ms() -> u64 {
