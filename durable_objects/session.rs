@@ -352,7 +352,7 @@ impl SessionObject {
             Some(
                 serde_json::json!({"type": "prompt", "prompt": {
                     "id": p.id, "text": p.text, "author_name": p.author_name,
-                    "author_email": email, "model": p.model}})
+                    "author_email": email, "model": p.model.clone().or_else(|| s.meta.model.clone())}})
                 .to_string(),
             )
         })
@@ -704,6 +704,57 @@ impl SessionObject {
         json_of(200, &serde_json::json!({"ok": true}))
     }
 
+    /// A sandbox that has not dialled in yet: the provider says whether it failed (a missing
+    /// repository, a failed clone) so the prompt waiting for it fails with the reason.
+    async fn poll_spawning(&self, mut l: SandboxLink, now: u64) -> ApiResult<()> {
+        let sql = self.sql();
+        let running = self.read(|s, _| s.queue.running.clone())?;
+        if l.spawn_timed_out(now) {
+            return self
+                .sandbox_failed(
+                    &mut l,
+                    running.as_deref(),
+                    "the sandbox did not start within 3 minutes",
+                )
+                .await;
+        }
+        let Some(id) = l.sandbox.clone() else {
+            l.last_seen = now;
+            return store::save_link(&sql, &l);
+        };
+        let answer =
+            provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None).await;
+        // Reload: the sandbox may have dialled in while the provider answered.
+        let Some(mut l) = store::load_link(&sql)? else {
+            return Ok(());
+        };
+        if l.stage != Stage::Spawning || l.sandbox.as_deref() != Some(id.as_str()) {
+            return Ok(());
+        }
+        match answer {
+            Ok((200, v)) if v["status"] == "failed" || v["status"] == "terminated" => {
+                let msg = format!(
+                    "the provider could not start the sandbox: {}: {}",
+                    v["error"]["code"].as_str().unwrap_or("unknown"),
+                    v["error"]["message"].as_str().unwrap_or("no reason given")
+                );
+                self.sandbox_failed(&mut l, running.as_deref(), &msg).await
+            }
+            Ok((404, _)) => {
+                self.sandbox_failed(
+                    &mut l,
+                    running.as_deref(),
+                    "the provider no longer knows this sandbox",
+                )
+                .await
+            }
+            _ => {
+                l.last_seen = now;
+                store::save_link(&sql, &l)
+            }
+        }
+    }
+
     /// The sandbox stopped answering: say so, fail its running prompt, and retire it.
     async fn check_sandbox(&self, now: u64) -> ApiResult<()> {
         let sql = self.sql();
@@ -712,6 +763,9 @@ impl SessionObject {
         };
         let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
         let grace = config::sandbox_grace_ms(&self.env);
+        if l.needs_spawn_poll(now) {
+            return self.poll_spawning(l, now).await;
+        }
         if !l.is_lost(now, hb, grace) {
             return Ok(());
         }
@@ -1045,25 +1099,7 @@ impl SessionObject {
                 "this session already exists",
             ));
         }
-        let title = body.title.trim().to_string();
-        if title.is_empty() || title.len() > nightshift_core::session::MAX_TITLE_LEN {
-            return Err(ApiError::new(
-                400,
-                "invalid_input",
-                "title must be 1-200 bytes",
-            ));
-        }
-        if body
-            .repository
-            .as_ref()
-            .is_some_and(|r| r.is_empty() || r.len() > 1000)
-        {
-            return Err(ApiError::new(
-                400,
-                "invalid_input",
-                "repository must be 1-1000 bytes",
-            ));
-        }
+        let title = body.check()?;
         let id = req
             .headers()
             .get("x-nightshift-session")
@@ -1081,6 +1117,7 @@ impl SessionObject {
             status: SessionStatus::Active,
             limits: config::limits(&self.env),
             next_arrival: 0,
+            model: body.model,
         };
         let (mut session, out) = Session::create(meta, who);
         let sql = self.sql();
@@ -1100,6 +1137,7 @@ impl SessionObject {
         priority: i32,
         model: Option<String>,
     ) -> ApiResult<serde_json::Value> {
+        wire::check_model(model.as_deref())?;
         if self.uses_sandboxes() && self.read(|s, _| s.meta.repository.is_none())? {
             return Err(ApiError::new(
                 400,
@@ -1133,6 +1171,7 @@ impl SessionObject {
                 "id": s.meta.id,
                 "title": s.meta.title,
                 "repository": s.meta.repository,
+                "model": s.meta.model,
                 "owner": s.meta.owner,
                 "status": s.meta.status,
                 "created_at": s.meta.created_at,

@@ -225,14 +225,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     let bytes = read_bytes(req).await?;
     // Validate here so a bad body never creates an object (the object checks again).
     let body: wire::CreateSession = wire::parse_body(&bytes)?;
-    let title = body.title.trim().to_string();
-    if title.is_empty() || title.len() > nightshift_core::session::MAX_TITLE_LEN {
-        return Err(ApiError::new(
-            400,
-            "invalid_input",
-            "title must be 1-200 bytes",
-        ));
-    }
+    let title = body.check()?;
     let id = new_id("ses");
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();

@@ -27,6 +27,11 @@ impl Stage {
     }
 }
 
+/// How often the provider is asked about a sandbox that has not dialled in yet.
+pub const SPAWN_POLL_MS: u64 = 1_000;
+/// How long a sandbox may take to dial in before it counts as failed.
+pub const SPAWN_TIMEOUT_MS: u64 = 180_000;
+
 /// Stored per session: which sandbox it has and how far its events have been taken in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SandboxLink {
@@ -106,8 +111,21 @@ impl SandboxLink {
         }
         Some(match self.disconnected_at {
             Some(at) => at + grace_ms,
+            None if self.stage == Stage::Spawning => self.last_seen + SPAWN_POLL_MS,
             None => self.last_seen + heartbeat_timeout_ms,
         })
+    }
+
+    /// A spawning sandbox has not reported for a poll interval: ask the provider how it is doing.
+    pub fn needs_spawn_poll(&self, now: u64) -> bool {
+        self.stage == Stage::Spawning
+            && self.disconnected_at.is_none()
+            && now >= self.last_seen + SPAWN_POLL_MS
+    }
+
+    /// A sandbox still spawning this long after it was asked for has failed.
+    pub fn spawn_timed_out(&self, now: u64) -> bool {
+        self.stage == Stage::Spawning && now >= self.spawned_at + SPAWN_TIMEOUT_MS
     }
 }
 
@@ -278,6 +296,16 @@ mod tests {
             detail: String::new(),
         };
         assert_eq!(l.intake(vec![(3, ready)]).stage, Some(Stage::Ready));
+    }
+
+    #[test]
+    fn spawning_is_polled_and_times_out() {
+        let l = SandboxLink::spawning("h".into(), 1_000);
+        assert_eq!(l.deadline(30_000, 5_000), Some(1_000 + SPAWN_POLL_MS));
+        assert!(!l.needs_spawn_poll(1_500));
+        assert!(l.needs_spawn_poll(2_000));
+        assert!(!l.spawn_timed_out(1_000 + SPAWN_TIMEOUT_MS - 1));
+        assert!(l.spawn_timed_out(1_000 + SPAWN_TIMEOUT_MS));
     }
 
     #[test]

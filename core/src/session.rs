@@ -172,6 +172,9 @@ pub struct Meta {
     pub status: SessionStatus,
     pub limits: Limits,
     pub next_arrival: u64,
+    /// The session's model; prompts without one use it (None: the deployment's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

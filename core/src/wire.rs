@@ -67,6 +67,51 @@ pub struct CreateSession {
     pub title: String,
     #[serde(default)]
     pub repository: Option<String>,
+    /// The session's model (`provider/model`, as OpenCode names it); a prompt may name another.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+impl CreateSession {
+    /// The title (trimmed) once the whole body is known to be acceptable.
+    pub fn check(&self) -> Result<String, WireError> {
+        let title = self.title.trim().to_string();
+        if title.is_empty() || title.len() > crate::session::MAX_TITLE_LEN {
+            return Err(WireError::new("invalid_input", "title must be 1-200 bytes"));
+        }
+        if self
+            .repository
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 1000)
+        {
+            return Err(WireError::new(
+                "invalid_input",
+                "repository must be 1-1000 bytes",
+            ));
+        }
+        check_model(self.model.as_deref())?;
+        Ok(title)
+    }
+}
+
+/// A model is named `provider/model` (e.g. `anthropic/claude-sonnet-4-5`, `nightshift/scripted`).
+pub fn check_model(model: Option<&str>) -> Result<(), WireError> {
+    let Some(m) = model else {
+        return Ok(());
+    };
+    let ok = m.len() <= 200
+        && m.split_once('/')
+            .is_some_and(|(p, id)| !p.is_empty() && !id.is_empty())
+        && m.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:/-@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            "invalid_model",
+            "a model is named `provider/model`, e.g. `anthropic/claude-sonnet-4-5`",
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,6 +412,20 @@ mod tests {
             code(&"x".repeat(MAX_MESSAGE_BYTES + 1)),
             Some("message_too_large")
         );
+    }
+
+    #[test]
+    fn models_are_provider_slash_id() {
+        assert!(check_model(None).is_ok());
+        assert!(check_model(Some("anthropic/claude-sonnet-4-5")).is_ok());
+        assert!(check_model(Some("nightshift/scripted")).is_ok());
+        for bad in ["scripted", "/x", "x/", "a b/c", "a/b;rm"] {
+            assert_eq!(
+                check_model(Some(bad)).err().map(|e| e.code),
+                Some("invalid_model"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

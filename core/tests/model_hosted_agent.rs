@@ -70,6 +70,7 @@ impl Model for HostedAgent {
             status: SessionStatus::Active,
             limits,
             next_arrival: 0,
+            model: None,
         };
         let (mut session, out) = Session::create(meta, &ident(0));
         session.take_dirty();

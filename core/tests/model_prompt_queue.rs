@@ -62,6 +62,7 @@ impl Model for PromptQueueModel {
                 ..Limits::default()
             },
             next_arrival: 0,
+            model: None,
         };
         let (mut session, _) = Session::create(meta, &ident(0));
         let _ = session.join(&ident(1), "i", 0);

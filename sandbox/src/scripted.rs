@@ -165,6 +165,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
                 ..Turn::default()
             });
             let model = request["model"].as_str().unwrap_or("scripted").to_string();
+            // `{model}` in a turn's text names the model the request asked for.
+            let mut turn = turn;
+            turn.text = turn.text.replace("{model}", &model);
             let stream = request["stream"].as_bool().unwrap_or(false);
             let prompt_tokens = (body.len() / 4) as u64;
             if stream {

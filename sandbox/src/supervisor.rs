@@ -34,6 +34,8 @@ pub struct Settings {
     pub plugin_modules: Option<PathBuf>,
     /// `provider/model` as OpenCode names it; `nightshift/scripted` is the scripted model.
     pub model: String,
+    /// More models of the `nightshift` provider that sessions and prompts may choose (`NIGHTSHIFT_MODELS`, comma-separated).
+    pub models: Vec<String>,
     /// OpenAI-compatible base URL for the `nightshift` provider (the scripted model, or any compatible API).
     pub model_url: Option<String>,
     pub model_key: Option<String>,
@@ -77,6 +79,16 @@ impl Settings {
                 .get("NIGHTSHIFT_MODEL")
                 .cloned()
                 .unwrap_or("nightshift/scripted".into()),
+            models: all
+                .get("NIGHTSHIFT_MODELS")
+                .map(|m| {
+                    m.split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
             model_url: all.get("NIGHTSHIFT_MODEL_URL").cloned(),
             model_key: all.get("NIGHTSHIFT_MODEL_KEY").cloned(),
             sync_delay_ms: all
@@ -327,8 +339,10 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
     // Models of the OpenAI-compatible `nightshift` provider: the scripted one and the configured one.
     let mut models = serde_json::Map::new();
     models.insert("scripted".into(), json!({"name": "Scripted"}));
-    if let Some(id) = s.model.strip_prefix("nightshift/") {
-        models.insert(id.to_string(), json!({"name": id}));
+    for m in std::iter::once(&s.model).chain(s.models.iter()) {
+        if let Some(id) = m.strip_prefix("nightshift/") {
+            models.insert(id.to_string(), json!({"name": id}));
+        }
     }
     let config = json!({
         "$schema": "https://opencode.ai/config.json",

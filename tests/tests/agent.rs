@@ -337,3 +337,117 @@ async fn reads_go_ahead_while_writes_wait_for_a_slow_sync() {
         .map(|o| !o.status.success())
         .unwrap_or(false));
 }
+
+#[tokio::test]
+async fn a_repository_that_does_not_exist_fails_the_prompt_with_the_reason() {
+    let (_compute, server) = start(json!({"turns": []}), &[], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let missing = std::path::Path::new("/nonexistent/nightshift/repo.git");
+    let (id, _) = api.create_session_on(&ada, "Missing", missing).await;
+    let mut a = api.connect(&ada, &id, "web", 0).await;
+    let p1 = prompt(&api, &ada, &id, "Anything").await;
+    let f = a
+        .event_within(secs(30), "prompt.finished", |e| e["id"] == p1.as_str())
+        .await;
+    assert_eq!(f["ok"], false);
+    let reason = f["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("sandbox_failed") && reason.contains("repository_not_found"),
+        "{reason}"
+    );
+    a.event("sandbox.status", |e| e["stage"] == "failed").await;
+    // The queue is not stuck: the next prompt is taken (and fails the same clear way).
+    let p2 = prompt(&api, &ada, &id, "Again").await;
+    let f2 = a
+        .event_within(secs(30), "prompt.finished", |e| e["id"] == p2.as_str())
+        .await;
+    assert_eq!(f2["ok"], false);
+}
+
+#[tokio::test]
+async fn the_session_model_and_a_prompt_model_reach_the_model_and_an_unknown_one_fails_clearly() {
+    let recording = json!({"turns": [{"text": "Answering as {model}."}, {"text": "Answering as {model}."}, {"text": "Answering as {model}."}]});
+    let (compute, server) = start(
+        recording,
+        &[(
+            "NIGHTSHIFT_MODELS",
+            "nightshift/session-model,nightshift/prompt-model",
+        )],
+        &[],
+    )
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("models");
+    let (st, v) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "Models", "repository": remote, "model": "no-slash"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid_model")),
+        "{v}"
+    );
+    let (st, s) = api
+        .call("POST", "/sessions", &ada, Some(json!({"title": "Models", "repository": remote, "model": "nightshift/session-model"})))
+        .await;
+    assert_eq!(st, 201, "{s}");
+    assert_eq!(s["model"], "nightshift/session-model");
+    let id = s["id"].as_str().expect("id").to_string();
+    let mut a = api.connect(&ada, &id, "web", 0).await;
+    let text_of = |seen: &[Value], p: &str| -> String {
+        of_prompt(seen, "agent.text", p)
+            .iter()
+            .filter_map(|e| e["text"].as_str())
+            .collect()
+    };
+    let p1 = prompt(&api, &ada, &id, "Which model?").await;
+    assert_eq!(finished(&mut a, &p1).await["ok"], true);
+    assert_eq!(text_of(&a.seen, &p1), "Answering as session-model.");
+    let (st, p2) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "And now?", "model": "nightshift/prompt-model"})),
+        )
+        .await;
+    assert_eq!(st, 202, "{p2}");
+    let p2 = p2["id"].as_str().expect("p2").to_string();
+    assert_eq!(finished(&mut a, &p2).await["ok"], true);
+    assert_eq!(text_of(&a.seen, &p2), "Answering as prompt-model.");
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "x", "model": "bad model"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid_model"))
+    );
+    let (_, p3) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/prompt"),
+            &ada,
+            Some(json!({"text": "Unknown", "model": "nightshift/not-configured"})),
+        )
+        .await;
+    let p3 = p3["id"].as_str().expect("p3").to_string();
+    let f3 = finished(&mut a, &p3).await;
+    assert_eq!(f3["ok"], false);
+    assert!(
+        f3["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Model not found")),
+        "{f3}"
+    );
+}
