@@ -451,3 +451,37 @@ async fn the_session_model_and_a_prompt_model_reach_the_model_and_an_unknown_one
         "{f3}"
     );
 }
+
+#[tokio::test]
+async fn a_control_plane_restart_mid_run_loses_and_duplicates_nothing() {
+    let words: Vec<String> = (0..150).map(|i| format!("w{i}")).collect();
+    let full = words.join(" ");
+    let recording = json!({"turns": [{"text": full, "chunk_delay_ms": 60}]});
+    let (compute, mut server) = start(recording, &[], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("restart");
+    let (id, _) = api.create_session_on(&ada, "Restart", &remote).await;
+    let mut a = api.connect(&ada, &id, "web", 0).await;
+    let p1 = prompt(&api, &ada, &id, "Talk through a restart").await;
+    a.event_within(RUN, "agent.text", |e| e["prompt"] == p1.as_str())
+        .await;
+    // The Worker and its objects go away mid-run and come back on the same state.
+    assert!(
+        of_prompt(&a.seen, "prompt.finished", &p1).is_empty(),
+        "the run must still be going"
+    );
+    server.restart().await;
+    let mut b = api.connect(&ada, &id, "web-2", 0).await;
+    let f = b
+        .event_within(RUN, "prompt.finished", |e| e["id"] == p1.as_str())
+        .await;
+    assert_eq!(f["ok"], true, "{f}");
+    // `b` replayed the whole log from 1 with no gap or duplicate (checked as frames arrive);
+    // the agent's text is all there, exactly once.
+    let text: String = of_prompt(&b.seen, "agent.text", &p1)
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(text, full);
+}
