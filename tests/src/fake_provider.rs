@@ -77,6 +77,21 @@ async fn fake(
         g.terminated.push(id.to_string());
         return Json(json!({"id": id, "status": "terminated"})).into_response();
     }
+    // GET of a created sandbox: it stays `creating` until the test dials in as its supervisor.
+    if method == Method::GET {
+        if let Some(n) = uri
+            .path()
+            .strip_prefix("/v1/sandboxes/sbx_fake")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if let Some(c) = n.checked_sub(1).and_then(|i| g.creates.get(i)) {
+                let terminated = g.terminated.iter().any(|t| *t == format!("sbx_fake{n}"));
+                let status = if terminated { "terminated" } else { "creating" };
+                return Json(json!({"id": format!("sbx_fake{n}"), "session_id": c["session_id"], "status": status}))
+                    .into_response();
+            }
+        }
+    }
     (
         StatusCode::NOT_FOUND,
         Json(json!({"error": {"code": "not_found", "message": path}})),

@@ -325,3 +325,79 @@ async fn a_silent_sandbox_is_declared_lost_and_terminated() {
     }
     panic!("the lost sandbox was not terminated at the provider");
 }
+
+#[tokio::test]
+async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
+    let (fakep, url) = fake_provider::start().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", SECRET),
+        ("CONTROL_URL", "{self}"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (_, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            &ada,
+            Some(json!({"title": "Batch", "repository": "/srv/git/batch.git"})),
+        )
+        .await;
+    let id = s["id"].as_str().expect("id").to_string();
+    let mut web = api.connect(&ada, &id, "web", 0).await;
+    let (_, p) = prompt(&api, &ada, &id, "go").await;
+    let pid = p["id"].as_str().expect("prompt").to_string();
+    let creates = wait_creates(&fakep, 1).await;
+    let token = creates[0]["supervisor"]["sandbox_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let mut ws = dial(&server.base, &id, Some(&token)).await.expect("link");
+    assert_eq!(recv(&mut ws).await.expect("welcome")["type"], "welcome");
+    assert_eq!(recv(&mut ws).await.expect("prompt")["type"], "prompt");
+    let text = |n: u64| json!({"n": n, "event": {"kind": "agent.text", "prompt": pid, "text": format!("t{n} ")}});
+    send(
+        &mut ws,
+        json!({"type": "batch", "events": [text(1), text(2), text(3)]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 3})));
+    // Overlapping resend (2, 3 again) and new ones: only 4 and 5 are stored.
+    send(
+        &mut ws,
+        json!({"type": "batch", "events": [text(2), text(3), text(4), text(5)]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 5})));
+    // One bad event refuses the whole batch.
+    send(
+        &mut ws,
+        json!({"type": "batch", "events": [text(6), {"n": 7, "event": {"kind": "agent.text"}}]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await.expect("error")["error"]["code"],
+        "invalid_event"
+    );
+    let frame = web
+        .until(secs(10), "a frame of three agent texts", |v| {
+            v["type"] == "events"
+                && v["events"]
+                    .as_array()
+                    .is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["type"] == "agent.text"))
+        })
+        .await;
+    assert_eq!(frame["events"][0]["text"], "t1 ");
+    let e = web.event("agent.text", |e| e["text"] == "t5 ").await;
+    let texts: Vec<&str> = web
+        .seen
+        .iter()
+        .filter(|e| e["type"] == "agent.text")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(texts, vec!["t1 ", "t2 ", "t3 ", "t4 ", "t5 "]);
+    drop(e);
+}

@@ -101,6 +101,7 @@ async fn agent_events() {
         ("PROVIDER_URL", &url),
         ("PROVIDER_SECRET", fake_provider::SECRET),
         ("CONTROL_URL", "{self}"),
+        ("MAX_CLIENTS_PER_USER", "100"),
     ])
     .await;
     let api = server.client();
@@ -182,6 +183,9 @@ async fn agent_events() {
         while let Some(Ok(m)) = link.next().await {
             if let Message::Text(t) = m {
                 let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                if std::env::var("BENCH_DEBUG").is_ok() && v["type"] != "ack" {
+                    eprintln!("link: {v}");
+                }
                 if v["type"] == "ack" && v["n"].as_u64() == Some(n) {
                     break;
                 }
@@ -192,8 +196,17 @@ async fn agent_events() {
         let mut got = 0usize;
         while got < total {
             let Some(v) = ws.next(Duration::from_secs(60)).await else {
+                if std::env::var("BENCH_DEBUG").is_ok() {
+                    eprintln!("receiver stopped after {got}");
+                }
                 break;
             };
+            if got == 0 && std::env::var("BENCH_DEBUG").is_ok() {
+                eprintln!(
+                    "first frame: {}",
+                    v.to_string().chars().take(300).collect::<String>()
+                );
+            }
             if v["type"] == "events" {
                 got += v["events"]
                     .as_array()
