@@ -514,6 +514,8 @@ async fn run_one(
         *oc_session = v["id"].as_str().map(String::from);
     }
     let sid = oc_session.clone().ok_or("OpenCode gave no session id")?;
+    let t0 = std::time::Instant::now();
+    let mut first_token_logged = false;
     // Subscribe before prompting so no event is missed.
     let events = s
         .http
@@ -535,6 +537,11 @@ async fn run_one(
     if !r.status().is_success() {
         return Err(format!("OpenCode refused the prompt: {}", r.status()));
     }
+    log(&format!(
+        "prompt {}: accepted by OpenCode after {} ms",
+        job.id,
+        t0.elapsed().as_millis()
+    ));
     let mut stream = events.bytes_stream();
     let mut buf = String::new();
     let mut text = String::new();
@@ -578,6 +585,14 @@ async fn run_one(
             }
             match ev["type"].as_str().unwrap_or("") {
                 "message.part.delta" if p["field"] == "text" => {
+                    if !first_token_logged {
+                        first_token_logged = true;
+                        log(&format!(
+                            "prompt {}: first token after {} ms",
+                            job.id,
+                            t0.elapsed().as_millis()
+                        ));
+                    }
                     text.push_str(p["delta"].as_str().unwrap_or(""));
                     if last_flush.elapsed() >= flush_every {
                         s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));

@@ -589,5 +589,9 @@ impl Drop for Compute {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Sandboxes, logs and repositories go too, unless kept for a post-mortem.
+        if std::env::var_os("NIGHTSHIFT_KEEP_TEST_STATE").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
