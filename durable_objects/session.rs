@@ -27,6 +27,9 @@ use crate::store;
 
 /// Most presence entries sent in one snapshot; `total` gives the full count.
 const PRESENCE_SNAPSHOT_MAX: usize = 100;
+/// Most entries of each list in one presence delta: a burst in a large session costs each
+/// socket a bounded frame instead of one entry per arrival (which would make joins O(n²)).
+const PRESENCE_DELTA_MAX: usize = 32;
 /// Presence changes are coalesced for this long before they are broadcast.
 const PRESENCE_BATCH_MS: u64 = 40;
 /// Events replayed per frame when a client catches up.
@@ -886,9 +889,12 @@ impl SessionObject {
         let Ok(frame) = self.read(|s, _| {
             let mut updated = Vec::new();
             let mut left = Vec::new();
+            let mut truncated = false;
             for c in changed {
                 match s.clients.get(&c) {
+                    Some(_) if updated.len() >= PRESENCE_DELTA_MAX => truncated = true,
                     Some(client) => updated.push(PresenceEntry::from(client)),
+                    None if left.len() >= PRESENCE_DELTA_MAX => truncated = true,
                     None => left.push(c),
                 }
             }
@@ -896,6 +902,7 @@ impl SessionObject {
                 updated,
                 left,
                 total: s.clients.len(),
+                truncated,
             }
         }) else {
             return;

@@ -36,9 +36,8 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 /// Creates the tables of a new session.
 pub fn create_schema(sql: &SqlStorage) -> ApiResult<()> {
-    for stmt in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        sql.exec(stmt, None).map_err(internal)?;
-    }
+    // One call for all statements: one crossing into the runtime instead of eight.
+    sql.exec(SCHEMA, None).map_err(internal)?;
     Ok(())
 }
 

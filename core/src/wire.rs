@@ -357,6 +357,10 @@ pub enum ServerMessage {
         updated: Vec<PresenceEntry>,
         left: Vec<String>,
         total: usize,
+        /// More changed than the frame carries (a burst of arrivals in a large session):
+        /// `total` is exact; `GET /presence` gives everyone.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     #[serde(rename = "ack")]
     Ack {

@@ -328,6 +328,20 @@ impl Ws {
             .expect("ws send");
     }
 
+    /// Next text frame as it is, unparsed (for benchmarks: no ordering checks), or None.
+    pub async fn next_raw(&mut self, timeout: Duration) -> Option<String> {
+        loop {
+            let msg = tokio::time::timeout(timeout, self.stream.next())
+                .await
+                .ok()??;
+            match msg.ok()? {
+                Message::Text(t) => return Some(t.to_string()),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
     /// Next frame, or None on close/timeout.
     pub async fn next(&mut self, timeout: Duration) -> Option<Value> {
         loop {

@@ -71,6 +71,19 @@ async fn connect_many(api: &Api, who: &User, id: &str, n: usize, prefix: &str) -
     out
 }
 
+/// Waits for a frame whose text contains `marker` (no parsing: the client's cost stays small).
+async fn wait_raw(ws: &mut Ws, marker: &str) -> Instant {
+    let needle = format!("\"{marker}\"");
+    loop {
+        let Some(t) = ws.next_raw(Duration::from_secs(30)).await else {
+            panic!("socket closed while waiting for {marker}");
+        };
+        if t.contains(&needle) {
+            return Instant::now();
+        }
+    }
+}
+
 /// Drains frames until the socket has been quiet for `quiet`.
 async fn drain(ws: &mut Ws, quiet: Duration) {
     while ws.next(quiet).await.is_some() {}
@@ -413,7 +426,7 @@ async fn control_plane() {
             let t = Instant::now();
             let waits = clients.iter_mut().take(n).map(|ws| {
                 let m = marker.clone();
-                async move { wait_event(ws, "lock.acquired", &["resource"], &m).await }
+                async move { wait_raw(ws, &m).await }
             });
             let path = format!("/multiplayer/{id}/lock");
             let send = api.call(
