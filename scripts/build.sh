@@ -8,3 +8,4 @@ mode=(--dev --no-opt)
 [ "${1:-}" = "--release" ] && mode=(--release)
 echo "[build] worker-build ${mode[*]}" >&2
 worker-build "${mode[@]}" >&2
+bash scripts/build-web.sh

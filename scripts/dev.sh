@@ -10,6 +10,8 @@ MODEL_PORT="${MODEL_PORT:-8791}"
 PROVIDER_SECRET="${PROVIDER_SECRET:-local-provider-secret-not-for-production}"
 if [ ! -f build/index_bg.wasm ] || [ -n "$(find src durable_objects core/src Cargo.toml -newer build/index_bg.wasm -print -quit)" ]; then
   bash scripts/build.sh
+else
+  bash scripts/build-web.sh
 fi
 echo "[dev] building the sandbox side (provider, supervisor, scripted model)"
 cargo build -q -p nightshift-sandbox --bins

@@ -1,0 +1,438 @@
+// Nightshift web app: sign-in, sessions list, new session, and the live session view.
+
+import { api, auth, ApiError, SessionSocket } from "./api.js";
+import { SessionModel } from "./model.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = $("#main");
+
+export function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function toast(msg, kind = "info") {
+  const t = $("#toast");
+  t.textContent = msg;
+  t.className = `toast show ${kind}`;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (t.className = "toast"), 5000);
+}
+
+function explain(e) {
+  if (e instanceof ApiError) return `${e.message} (${e.code})`;
+  return String(e?.message || e);
+}
+
+/** Runs an action with a busy state on its button and a clear error if it fails. */
+async function act(button, fn) {
+  const label = button?.textContent;
+  if (button) { button.disabled = true; button.setAttribute("aria-busy", "true"); }
+  try { return await fn(); } catch (e) { toast(explain(e), "error"); if (e.status === 401) route(); } finally {
+    if (button) { button.disabled = false; button.removeAttribute("aria-busy"); if (label) button.textContent = label; }
+  }
+}
+
+let current = null; // the open session view (closed on navigation)
+
+function parseHash() {
+  const h = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = h.split("?");
+  return { parts: path.split("/").filter(Boolean), query: new URLSearchParams(query || "") };
+}
+
+async function route() {
+  current?.close();
+  current = null;
+  renderWho();
+  if (!auth.token) return signIn();
+  const { parts, query } = parseHash();
+  if (parts[0] === "s" && parts[1]) return openSession(parts[1], query.get("invite"));
+  return sessionsList();
+}
+
+function renderWho() {
+  const u = auth.user;
+  $("#whoami").innerHTML = u
+    ? `<span class="avatar sm" style="--c:${colorFor(u.user)}">${esc(initials(u.name || u.user))}</span><span>${esc(u.name || u.user)}</span> <button class="link" id="signout">Sign out</button>`
+    : "";
+  $("#signout")?.addEventListener("click", () => { auth.clear(); location.hash = "#/"; route(); });
+}
+
+function signIn() {
+  main.innerHTML = `
+    <section class="card narrow">
+      <h1>Sign in</h1>
+      <p class="muted">Local development sign-in: pick any name. (GitHub sign-in appears here once it is configured.)</p>
+      <form id="signin" class="stack">
+        <label>Your name <input name="name" required maxlength="60" autocomplete="name" placeholder="Ada Lovelace"></label>
+        <label>Handle <input name="user" required maxlength="40" pattern="[a-zA-Z0-9_.\\-]+" placeholder="ada" title="letters, digits, . _ -"></label>
+        <label>Email (for your commits) <input name="email" type="email" maxlength="120" placeholder="ada@example.com"></label>
+        <button class="primary" type="submit">Sign in</button>
+      </form>
+    </section>`;
+  $("#signin").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    act(ev.submitter, async () => {
+      const body = { user: f.get("user"), name: f.get("name") };
+      if (f.get("email")) body.email = f.get("email");
+      const r = await api("POST", "/auth/dev", body);
+      auth.set(r.token, r.user);
+      route();
+    });
+  });
+  $("input[name=name]").focus();
+}
+
+async function sessionsList() {
+  main.innerHTML = `<section class="card"><h1>Sessions</h1><p class="muted" aria-busy="true">Loading your sessions…</p></section>`;
+  let list;
+  try { list = (await api("GET", "/sessions")).sessions || []; } catch (e) { toast(explain(e), "error"); if (e.status === 401) return route(); list = []; }
+  const mine = list.filter((s) => s.role === "owner");
+  const shared = list.filter((s) => s.role !== "owner");
+  const byRepo = new Map();
+  for (const s of list) {
+    const k = s.repository || "(no repository)";
+    byRepo.set(k, (byRepo.get(k) || 0) + 1);
+  }
+  const item = (s) => `<li><a href="#/s/${esc(s.id)}"><strong>${esc(s.title)}</strong><span class="muted">${esc(s.repository || "no repository")}</span></a></li>`;
+  main.innerHTML = `
+    <section class="card">
+      <h1>New session</h1>
+      <form id="new" class="stack">
+        <label>Title <input name="title" required maxlength="200" placeholder="Fix the flaky login test"></label>
+        <label>Repository (clone URL or local path) <input name="repository" maxlength="1000" placeholder="/path/to/repo" list="repos"></label>
+        <datalist id="repos">${[...byRepo.keys()].filter((r) => r !== "(no repository)").map((r) => `<option value="${esc(r)}">`).join("")}</datalist>
+        <label>First prompt <textarea name="prompt" rows="3" maxlength="20000" placeholder="What should the agent do?"></textarea></label>
+        <button class="primary" type="submit">Start session</button>
+      </form>
+    </section>
+    <section class="card">
+      <h2>Mine <span class="count">${mine.length}</span></h2>
+      ${mine.length ? `<ul class="sessions">${mine.map(item).join("")}</ul>` : `<p class="muted">No sessions yet: start one above.</p>`}
+      <h2>Shared with me <span class="count">${shared.length}</span></h2>
+      ${shared.length ? `<ul class="sessions">${shared.map(item).join("")}</ul>` : `<p class="muted">Nobody has shared a session with you yet.</p>`}
+      <h2>By repository</h2>
+      <ul class="repos">${[...byRepo].map(([r, n]) => `<li><code>${esc(r)}</code> <span class="count">${n}</span></li>`).join("") || `<li class="muted">—</li>`}</ul>
+    </section>`;
+  $("#new").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    act(ev.submitter, async () => {
+      const body = { title: f.get("title") };
+      if (f.get("repository")) body.repository = f.get("repository");
+      const s = await api("POST", "/sessions", body);
+      const text = String(f.get("prompt") || "").trim();
+      if (text) await api("POST", `/multiplayer/${s.id}/prompt`, { text });
+      location.hash = `#/s/${s.id}`;
+    });
+  });
+}
+
+// ---- session view --------------------------------------------------------------------
+
+const PALETTE = ["#e06c75", "#61afef", "#98c379", "#c678dd", "#e5c07b", "#56b6c2", "#d19a66", "#be5046"];
+export function colorFor(user) {
+  let h = 0;
+  for (const ch of String(user)) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+  return PALETTE[h % PALETTE.length];
+}
+function initials(name) {
+  return String(name).split(/\s+/).filter(Boolean).slice(0, 2).map((w) => w[0].toUpperCase()).join("") || "?";
+}
+
+async function openSession(id, invite) {
+  main.innerHTML = `<section class="card"><p aria-busy="true" class="muted">Opening the session…</p></section>`;
+  let snap;
+  try {
+    snap = invite ? await api("POST", `/multiplayer/${id}/join`, { invite }) : await api("GET", `/sessions/${id}`);
+  } catch (e) {
+    main.innerHTML = `<section class="card narrow"><h1>Cannot open this session</h1><p>${esc(explain(e))}</p>
+      <p class="muted">${e.code === "not_member" ? "Ask a member for the share link (it carries the invite)." : "Check the link, or go back to your sessions."}</p>
+      <a class="button" href="#/">All sessions</a></section>`;
+    return;
+  }
+  if (invite) history.replaceState(null, "", `#/s/${id}`);
+  current = new SessionView(id, snap);
+}
+
+const STAGES = { spawning: "Starting a sandbox", starting: "Starting the agent", syncing: "Syncing the repository", synced: "Repository synced", ready: "Ready", stopped: "Sandbox stopped", terminated: "Sandbox terminated", lost: "Sandbox lost", failed: "Sandbox failed" };
+
+class SessionView {
+  constructor(id, snap) {
+    this.id = id;
+    this.snap = snap;
+    this.me = auth.user?.user;
+    this.model = new SessionModel();
+    this.presence = new Map();
+    this.typingTimer = null;
+    this.typing = false;
+    this.render();
+    this.socket = new SessionSocket(id, {
+      events: (evs) => this.onEvents(evs),
+      frame: (f) => this.onFrame(f),
+      status: (s) => this.onStatus(s),
+    });
+  }
+
+  close() { this.socket?.close(); clearTimeout(this.typingTimer); }
+
+  render() {
+    const s = this.snap;
+    main.innerHTML = `
+      <div class="session">
+        <section class="head card">
+          <div class="title">
+            <h1>${esc(s.title)}</h1>
+            <p class="muted"><code>${esc(s.repository || "no repository")}</code>${s.model ? ` · model <code>${esc(s.model)}</code>` : ""}</p>
+          </div>
+          <div class="meta">
+            <span id="stage" class="pill" aria-live="polite">No sandbox yet</span>
+            <span id="conn" class="pill subtle">connecting</span>
+            <div id="presence" class="presence" aria-label="People here"></div>
+            <button id="share" class="button" aria-controls="share-box">Share</button>
+          </div>
+          <div id="share-box" class="share" hidden>
+            <label>Anyone with this link can join <input id="share-url" readonly></label>
+          </div>
+        </section>
+        <section class="stream card" aria-label="Session activity">
+          <ol id="log" class="log" aria-live="polite"></ol>
+        </section>
+        <aside class="side">
+          <section class="card"><h2>Queue</h2><div id="queue"></div></section>
+          <section class="card"><h2>Edit locks</h2><ul id="locks" class="locks"></ul></section>
+        </aside>
+        <form id="composer" class="composer card">
+          <label class="sr" for="prompt">Prompt</label>
+          <textarea id="prompt" rows="2" maxlength="20000" placeholder="Ask the agent… (Enter sends, Shift+Enter for a new line)"></textarea>
+          <div class="row">
+            <label class="prio">Priority <select id="prio">${[10, 5, 0, -5, -10].map((p) => `<option value="${p}"${p === 0 ? " selected" : ""}>${p > 0 ? "+" + p : p}</option>`).join("")}</select></label>
+            <span id="typing" class="muted typing" aria-live="polite"></span>
+            <button class="primary" type="submit">Send</button>
+          </div>
+        </form>
+      </div>`;
+    $("#composer").addEventListener("submit", (ev) => { ev.preventDefault(); this.sendPrompt(ev.submitter); });
+    const box = $("#prompt");
+    box.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); this.sendPrompt($("#composer button[type=submit]")); }
+    });
+    box.addEventListener("input", () => this.onTyping());
+    $("#share").addEventListener("click", () => this.share());
+    $("#queue").addEventListener("click", (ev) => this.onQueueClick(ev));
+    this.renderQueue();
+    this.renderLocks();
+  }
+
+  onStatus(s) {
+    const c = $("#conn");
+    if (!c) return;
+    c.textContent = s === "live" ? "live" : s === "removed" ? "removed from session" : s;
+    c.className = `pill ${s === "live" ? "ok" : "subtle"}`;
+  }
+
+  onFrame(f) {
+    if (f.type === "presence") {
+      this.presence = new Map(f.clients.map((c) => [c.client, c]));
+      this.presenceTotal = f.total;
+      this.renderPresence();
+    } else if (f.type === "presence.delta") {
+      for (const c of f.updated) this.presence.set(c.client, c);
+      for (const c of f.left) this.presence.delete(c);
+      this.presenceTotal = f.total;
+      this.renderPresence();
+    } else if (f.type === "error") {
+      toast(`${f.error.message} (${f.error.code})`, "error");
+    }
+  }
+
+  onEvents(evs) {
+    const log = $("#log");
+    for (const e of evs) {
+      const change = this.model.apply(e);
+      if (change) this.paint(log, e, change);
+    }
+    this.renderQueue();
+    this.renderLocks();
+    const stage = this.model.stage;
+    if (stage) {
+      const el = $("#stage");
+      el.textContent = this.model.running ? (stage === "ready" ? "Running" : STAGES[stage] || stage) : STAGES[stage] || stage;
+      el.className = `pill ${["failed", "lost"].includes(stage) ? "bad" : stage === "ready" ? "ok" : ""}`;
+    }
+    const atBottom = log.parentElement.scrollHeight - log.parentElement.scrollTop - log.parentElement.clientHeight < 120;
+    if (atBottom) log.parentElement.scrollTop = log.parentElement.scrollHeight;
+  }
+
+  /** Draws one log change: a new row, or an update of an earlier one (text grows, tool finishes). */
+  paint(log, e, change) {
+    if (change.statusOf) {
+      const pill = log.querySelector(`[data-key="${CSS.escape("p:" + change.statusOf)}"] [data-status]`);
+      if (pill) pill.textContent = change.status;
+    }
+    const row = change.key ? log.querySelector(`[data-key="${CSS.escape(change.key)}"]`) : null;
+    const html = this.rowHtml(e, change);
+    if (!html) return;
+    if (row) {
+      row.outerHTML = html;
+    } else {
+      log.insertAdjacentHTML("beforeend", html);
+    }
+  }
+
+  rowHtml(e, change) {
+    const key = change.key ? ` data-key="${esc(change.key)}"` : "";
+    const who = (u, name) => `<span class="avatar sm" style="--c:${colorFor(u)}" aria-hidden="true">${esc(initials(name || u))}</span><strong>${esc(name || u)}</strong>`;
+    switch (e.type) {
+      case "prompt.queued":
+        return `<li class="row prompt" data-seq="${e.seq}"${key}>${who(e.prompt.author, e.prompt.author_name)} <span class="text">${esc(e.prompt.text)}</span> <span class="pill subtle" data-status>${esc(change.status || "queued")}</span></li>`;
+      case "agent.text":
+        return `<li class="row agent" data-seq="${e.seq}"${key}><div class="agent-text">${esc(change.text)}</div></li>`;
+      case "agent.tool": {
+        const t = change.tool;
+        const body = t.error != null ? t.error : t.output != null ? t.output : t.input != null ? JSON.stringify(t.input, null, 2) : "";
+        return `<li class="row tool ${esc(t.status)}" data-seq="${e.seq}"${key}><details><summary><span class="tool-name">${esc(t.tool)}</span> ${esc(summaryOf(t))} <span class="pill subtle">${esc(t.status)}</span></summary><pre>${esc(typeof body === "string" ? body : JSON.stringify(body, null, 2))}</pre></details></li>`;
+      }
+      case "agent.step":
+        return `<li class="row step muted" data-seq="${e.seq}">step · ${esc(e.tokens?.output ?? "?")} tokens out${e.cost ? ` · $${esc(e.cost)}` : ""}</li>`;
+      case "agent.error":
+        return `<li class="row error" data-seq="${e.seq}">Agent error: ${esc(e.message)}</li>`;
+      case "agent.blocked":
+        return `<li class="row blocked" data-seq="${e.seq}">${esc(e.message)}</li>`;
+      case "sandbox.status":
+        return `<li class="row stage muted" data-seq="${e.seq}">${esc(STAGES[e.stage] || e.stage)}${e.detail && !/^[0-9a-f]{40}$/.test(e.detail) ? ` — ${esc(e.detail)}` : ""}</li>`;
+      case "prompt.finished":
+        return `<li class="row done ${e.ok ? "ok" : "bad"}" data-seq="${e.seq}">${e.ok ? "Done" : "Failed"}${e.reason ? `: ${esc(e.reason)}` : ""}${e.branch ? ` · branch <code class="branch">${esc(e.branch)}</code> <code>${esc((e.commit || "").slice(0, 10))}</code>` : ""}</li>`;
+      case "prompt.stopped":
+        return `<li class="row stage" data-seq="${e.seq}">Stopped by ${esc(e.actor?.name)}</li>`;
+      case "prompt.cancelled":
+        return `<li class="row stage muted" data-seq="${e.seq}">${esc(e.actor?.name)} cancelled a queued prompt</li>`;
+      case "member.joined":
+        return `<li class="row stage muted" data-seq="${e.seq}">${esc(e.name)} joined</li>`;
+      case "member.left":
+        return `<li class="row stage muted" data-seq="${e.seq}">${esc(e.user)} left</li>`;
+      case "session.ended":
+        return `<li class="row stage" data-seq="${e.seq}">The session was ended</li>`;
+      default:
+        return "";
+    }
+  }
+
+  renderPresence() {
+    const el = $("#presence");
+    if (!el) return;
+    const people = new Map();
+    for (const c of this.presence.values()) {
+      const p = people.get(c.user) || { ...c, clients: 0, typing: false };
+      p.clients += 1;
+      p.typing = p.typing || c.typing;
+      people.set(c.user, p);
+    }
+    el.innerHTML = [...people.values()].map((p) =>
+      `<span class="avatar${p.typing ? " is-typing" : ""}" style="--c:${esc(p.color || colorFor(p.user))}" title="${esc(p.name)}${p.typing ? " is typing" : ""}" data-user="${esc(p.user)}">${esc(initials(p.name))}</span>`).join("")
+      + (this.presenceTotal > this.presence.size ? `<span class="count">+${this.presenceTotal - this.presence.size}</span>` : "");
+    const typers = [...people.values()].filter((p) => p.typing && p.user !== this.me).map((p) => p.name);
+    const t = $("#typing");
+    if (t) t.textContent = typers.length ? `${typers.join(", ")} ${typers.length > 1 ? "are" : "is"} typing…` : "";
+  }
+
+  renderQueue() {
+    const el = $("#queue");
+    if (!el) return;
+    const m = this.model;
+    const run = m.running ? m.prompts.get(m.running) : null;
+    const mine = (p) => p.author === this.me || this.snap.role === "owner";
+    el.innerHTML = `
+      ${run ? `<div class="running"><span class="pill ok">running</span> <span>${esc(run.text)}</span> <span class="muted">— ${esc(run.author_name)}</span>
+        <button class="button danger" data-act="stop">Stop</button></div>` : `<p class="muted">Nothing running.</p>`}
+      <ol class="queued">${m.queued().map((p, i, all) => `
+        <li data-id="${esc(p.id)}"><span class="prio-badge" title="priority">${p.priority > 0 ? "+" : ""}${p.priority}</span>
+          <span class="text">${esc(p.text)}</span> <span class="muted">— ${esc(p.author_name)}</span>
+          ${mine(p) ? `<span class="actions">
+            <button class="icon" data-act="up" aria-label="Move up" ${i === 0 ? "disabled" : ""}>↑</button>
+            <button class="icon" data-act="down" aria-label="Move down" ${i === all.length - 1 ? "disabled" : ""}>↓</button>
+            <button class="icon" data-act="cancel" aria-label="Cancel">✕</button></span>` : ""}
+        </li>`).join("")}</ol>`;
+  }
+
+  onQueueClick(ev) {
+    const b = ev.target.closest("button[data-act]");
+    if (!b) return;
+    const act_ = b.dataset.act;
+    if (act_ === "stop") return act(b, () => api("POST", `/multiplayer/${this.id}/stop`));
+    const id = b.closest("li")?.dataset.id;
+    if (!id) return;
+    if (act_ === "cancel") return act(b, () => api("DELETE", `/multiplayer/${this.id}/prompt/${id}`));
+    const q = this.model.queued();
+    const i = q.findIndex((p) => p.id === id);
+    // Moving above (below) a neighbour: take a priority just past it (the queue's order is priority, then arrival).
+    const target = act_ === "up" ? q[i - 1] : q[i + 1];
+    if (!target) return;
+    const priority = Math.max(-10, Math.min(10, act_ === "up" ? target.priority + 1 : target.priority - 1));
+    return act(b, () => api("PATCH", `/multiplayer/${this.id}/prompt/${id}`, { priority }));
+  }
+
+  renderLocks() {
+    const el = $("#locks");
+    if (!el) return;
+    const locks = [...this.model.locks.values()];
+    el.innerHTML = locks.length
+      ? locks.map((l) => `<li><span aria-hidden="true">🔒</span> <code>${esc(l.resource)}</code> <span class="muted">held by ${esc(l.holder)}</span></li>`).join("")
+      : `<li class="muted">No file is locked.</li>`;
+  }
+
+  onTyping() {
+    if (!this.typing) {
+      this.typing = this.socket.send({ type: "typing", typing: true });
+    }
+    clearTimeout(this.typingTimer);
+    this.typingTimer = setTimeout(() => this.stopTyping(), 2500);
+  }
+
+  stopTyping() {
+    clearTimeout(this.typingTimer);
+    if (this.typing) this.socket.send({ type: "typing", typing: false });
+    this.typing = false;
+  }
+
+  sendPrompt(button) {
+    const box = $("#prompt");
+    const text = box.value.trim();
+    if (!text) { toast("Write a prompt first."); box.focus(); return; }
+    const priority = Number($("#prio").value);
+    act(button, async () => {
+      await api("POST", `/multiplayer/${this.id}/prompt`, { text, priority });
+      box.value = "";
+      this.stopTyping();
+    });
+  }
+
+  async share() {
+    const url = `${location.origin}/#/s/${this.id}?invite=${encodeURIComponent(this.snap.invite || "")}`;
+    const box = $("#share-box");
+    const input = $("#share-url");
+    input.value = url;
+    box.hidden = false;
+    input.focus();
+    input.select();
+    try {
+      await navigator.clipboard.writeText(url);
+      toast("Share link copied: anyone with it can join this session.");
+    } catch {
+      toast("Copy the link shown under the title to invite a colleague.");
+    }
+  }
+}
+
+function summaryOf(t) {
+  const i = t.input || {};
+  return i.filePath || i.command || i.pattern || i.path || "";
+}
+
+window.addEventListener("hashchange", route);
+route();
+
+if ("serviceWorker" in navigator && location.protocol !== "file:") {
+  navigator.serviceWorker.register("/sw.js").catch(() => {});
+}

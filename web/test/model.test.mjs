@@ -1,0 +1,51 @@
+// Unit tests of the browser's session model (node --test).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { SessionModel } from "../src/model.js";
+
+const q = (seq, id, priority, arrival, author = "ada") => ({ seq, type: "prompt.queued", prompt: { id, text: id, priority, arrival, author, author_name: author } });
+
+test("the queue orders by priority then arrival, and follows starts and ends", () => {
+  const m = new SessionModel();
+  m.apply(q(1, "a", 0, 0));
+  m.apply({ seq: 2, type: "prompt.started", id: "a" });
+  m.apply(q(3, "b", 0, 1));
+  m.apply(q(4, "c", 5, 2));
+  m.apply(q(5, "d", 0, 3));
+  assert.deepEqual(m.queued().map((p) => p.id), ["c", "b", "d"]);
+  m.apply({ seq: 6, type: "prompt.reprioritized", id: "d", priority: 9 });
+  assert.deepEqual(m.queued().map((p) => p.id), ["d", "c", "b"]);
+  m.apply({ seq: 7, type: "prompt.cancelled", id: "c" });
+  m.apply({ seq: 8, type: "prompt.finished", id: "a", ok: true });
+  assert.equal(m.running, null);
+  m.apply({ seq: 9, type: "prompt.started", id: "d" });
+  assert.equal(m.running, "d");
+  assert.deepEqual(m.queued().map((p) => p.id), ["b"]);
+});
+
+test("agent text merges into one growing block until something else happens", () => {
+  const m = new SessionModel();
+  const t = (seq, text) => m.apply({ seq, type: "agent.text", prompt: "p", text });
+  const a = t(1, "Hel");
+  const b = t(2, "lo");
+  assert.equal(a.key, b.key);
+  assert.equal(b.text, "Hello");
+  m.apply({ seq: 3, type: "agent.tool", prompt: "p", call: "c1", tool: "read", status: "running", input: { filePath: "x" } });
+  const c = t(4, "Next");
+  assert.notEqual(c.key, a.key);
+  const done = m.apply({ seq: 5, type: "agent.tool", prompt: "p", call: "c1", tool: "read", status: "completed", output: "ok" });
+  assert.equal(done.key, "tool:c1");
+  assert.deepEqual(done.tool.input, { filePath: "x" });
+  assert.equal(done.tool.output, "ok");
+});
+
+test("an event seen twice is ignored; locks and stage follow the log", () => {
+  const m = new SessionModel();
+  assert.ok(m.apply({ seq: 1, type: "lock.acquired", resource: "a.rs", holder: "ada", expires_at: 1 }) === null);
+  assert.equal(m.apply({ seq: 1, type: "lock.released", resource: "a.rs" }), null);
+  assert.equal(m.locks.size, 1);
+  m.apply({ seq: 2, type: "lock.released", resource: "a.rs" });
+  assert.equal(m.locks.size, 0);
+  m.apply({ seq: 3, type: "sandbox.status", stage: "ready", detail: "" });
+  assert.equal(m.stage, "ready");
+});
