@@ -1,7 +1,7 @@
 // Nightshift web app: sign-in, sessions list, new session, and the live session view.
 
 import { api, auth, ApiError, SessionSocket } from "./api.js";
-import { SessionModel } from "./model.js";
+import { SessionModel, editDiff } from "./model.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
@@ -291,8 +291,18 @@ class SessionView {
         return `<li class="row agent" data-seq="${e.seq}"${key}><div class="agent-text">${esc(change.text)}</div></li>`;
       case "agent.tool": {
         const t = change.tool;
-        const body = t.error != null ? t.error : t.output != null ? t.output : t.input != null ? JSON.stringify(t.input, null, 2) : "";
-        return `<li class="row tool ${esc(t.status)}" data-seq="${e.seq}"${key}><details><summary><span class="tool-name">${esc(t.tool)}</span> ${esc(summaryOf(t))} <span class="pill subtle">${esc(t.status)}</span></summary><pre>${esc(typeof body === "string" ? body : JSON.stringify(body, null, 2))}</pre></details></li>`;
+        const i = t.input || {};
+        let detail;
+        if (t.tool === "edit" && i.oldString != null) {
+          detail = `<pre class="diff">${editDiff(i.oldString, i.newString).map((l) => `<span class="d${l.kind === "+" ? "add" : l.kind === "-" ? "del" : "ctx"}">${esc(l.kind + " " + l.text)}</span>`).join("\n")}</pre>`;
+        } else if (t.tool === "write" && i.content != null) {
+          detail = `<pre class="diff">${String(i.content).split("\n").map((l) => `<span class="dadd">${esc("+ " + l)}</span>`).join("\n")}</pre>`;
+        } else {
+          const body = t.error != null ? t.error : t.output != null ? t.output : t.input != null ? JSON.stringify(t.input, null, 2) : "";
+          detail = `<pre>${esc(typeof body === "string" ? body : JSON.stringify(body, null, 2))}</pre>`;
+        }
+        if (t.error != null && detail.startsWith('<pre class="diff"')) detail = `<p class="bad">${esc(t.error)}</p>` + detail;
+        return `<li class="row tool ${esc(t.status)}" data-seq="${e.seq}"${key}><details><summary><span class="tool-name">${esc(t.tool)}</span> ${esc(summaryOf(t))} <span class="pill subtle">${esc(t.status)}</span></summary>${detail}</details></li>`;
       }
       case "agent.step":
         return `<li class="row step muted" data-seq="${e.seq}">step · ${esc(e.tokens?.output ?? "?")} tokens out${e.cost ? ` · $${esc(e.cost)}` : ""}</li>`;
@@ -302,8 +312,10 @@ class SessionView {
         return `<li class="row blocked" data-seq="${e.seq}">${esc(e.message)}</li>`;
       case "sandbox.status":
         return `<li class="row stage muted" data-seq="${e.seq}">${esc(STAGES[e.stage] || e.stage)}${e.detail && !/^[0-9a-f]{40}$/.test(e.detail) ? ` — ${esc(e.detail)}` : ""}</li>`;
-      case "prompt.finished":
-        return `<li class="row done ${e.ok ? "ok" : "bad"}" data-seq="${e.seq}">${e.ok ? "Done" : "Failed"}${e.reason ? `: ${esc(e.reason)}` : ""}${e.branch ? ` · branch <code class="branch">${esc(e.branch)}</code> <code>${esc((e.commit || "").slice(0, 10))}</code>` : ""}</li>`;
+      case "prompt.finished": {
+        const files = this.model.filesOf(e.id);
+        return `<li class="row done ${e.ok ? "ok" : "bad"}" data-seq="${e.seq}">${e.ok ? "Done" : "Failed"}${e.reason ? `: ${esc(e.reason)}` : ""}${e.branch ? ` · branch <code class="branch">${esc(e.branch)}</code> <code>${esc((e.commit || "").slice(0, 10))}</code>` : ""}${files.length ? `<div class="files">Files changed: ${files.map((f) => `<code>${esc(f)}</code>`).join(", ")}</div>` : ""}</li>`;
+      }
       case "prompt.stopped":
         return `<li class="row stage" data-seq="${e.seq}">Stopped by ${esc(e.actor?.name)}</li>`;
       case "prompt.cancelled":

@@ -8,6 +8,7 @@ export class SessionModel {
     this.stage = null;
     this.tools = new Map();
     this.lastSeq = 0;
+    this.files = new Map(); // prompt id -> Set of files its completed write/edit tools changed
     this.textBlock = null; // { key, prompt, text } while agent text keeps coming
     this.blocks = 0;
   }
@@ -59,6 +60,11 @@ export class SessionModel {
       case "agent.tool": {
         const t = { ...(this.tools.get(e.call) || {}), ...stripNull(e) };
         this.tools.set(e.call, t);
+        const path = t.input?.filePath;
+        if (t.status === "completed" && path && WRITES.includes(t.tool)) {
+          if (!this.files.has(e.prompt)) this.files.set(e.prompt, new Set());
+          this.files.get(e.prompt).add(path);
+        }
         return { key: "tool:" + e.call, tool: t };
       }
       case "lock.acquired":
@@ -85,6 +91,31 @@ export class SessionModel {
     also?.();
     return { statusOf: id, status };
   }
+}
+
+/** Tools whose input names a file they change. */
+const WRITES = ["write", "edit", "patch", "multiedit"];
+
+/** The files a prompt changed, in the order they were first changed. */
+SessionModel.prototype.filesOf = function (prompt) {
+  return [...(this.files.get(prompt) || [])];
+};
+
+/** A unified-style diff of an edit's old and new text (lines only; enough to review at a glance). */
+export function editDiff(oldText, newText) {
+  const a = String(oldText ?? "").split("\n");
+  const b = String(newText ?? "").split("\n");
+  let start = 0;
+  while (start < a.length && start < b.length && a[start] === b[start]) start++;
+  let endA = a.length - 1;
+  let endB = b.length - 1;
+  while (endA >= start && endB >= start && a[endA] === b[endB]) { endA--; endB--; }
+  const out = [];
+  for (const l of a.slice(Math.max(0, start - 1), start)) out.push({ kind: " ", text: l });
+  for (const l of a.slice(start, endA + 1)) out.push({ kind: "-", text: l });
+  for (const l of b.slice(start, endB + 1)) out.push({ kind: "+", text: l });
+  for (const l of a.slice(endA + 1, endA + 2)) out.push({ kind: " ", text: l });
+  return out;
 }
 
 function stripNull(o) {

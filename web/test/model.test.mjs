@@ -1,7 +1,7 @@
 // Unit tests of the browser's session model (node --test).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { SessionModel } from "../src/model.js";
+import { SessionModel, editDiff } from "../src/model.js";
 
 const q = (seq, id, priority, arrival, author = "ada") => ({ seq, type: "prompt.queued", prompt: { id, text: id, priority, arrival, author, author_name: author } });
 
@@ -48,4 +48,15 @@ test("an event seen twice is ignored; locks and stage follow the log", () => {
   assert.equal(m.locks.size, 0);
   m.apply({ seq: 3, type: "sandbox.status", stage: "ready", detail: "" });
   assert.equal(m.stage, "ready");
+});
+
+test("files changed per prompt, and edit diffs", () => {
+  const m = new SessionModel();
+  const tool = (seq, call, tool, status, input) => m.apply({ seq, type: "agent.tool", prompt: "p", call, tool, status, input });
+  tool(1, "c1", "write", "running", { filePath: "a.txt", content: "x" });
+  tool(2, "c1", "write", "completed", null);
+  tool(3, "c2", "read", "completed", { filePath: "b.txt" });
+  tool(4, "c3", "edit", "error", { filePath: "c.txt", oldString: "a", newString: "b" });
+  assert.deepEqual(m.filesOf("p"), ["a.txt"], "reads and failed edits change nothing");
+  assert.deepEqual(editDiff("one\ntwo\nthree", "one\n2\nthree").map((l) => l.kind + l.text), [" one", "-two", "+2", " three"]);
 });
