@@ -631,6 +631,31 @@ impl SessionObject {
         }
     }
 
+    /// Every member's list of sessions shows this one as ended (best effort: a failure is logged).
+    async fn mark_ended_in_indexes(&self) {
+        let Ok((id, users)) = self.read(|s, _| {
+            (
+                s.meta.id.clone(),
+                s.members.keys().cloned().collect::<Vec<_>>(),
+            )
+        }) else {
+            return;
+        };
+        let body = serde_json::json!({"id": id, "status": "ended"})
+            .to_string()
+            .into_bytes();
+        for user in users {
+            let result = async {
+                let stub = self.env.durable_object("USER_INDEX")?.get_by_name(&user)?;
+                crate::routes::call(&stub, Method::Post, "/status", None, Some(body.clone())).await
+            }
+            .await;
+            if let Err(e) = result {
+                console_error!("marking session {id} ended for {user}: {}", e.message);
+            }
+        }
+    }
+
     /// `POST /sandbox`: the session's live sandbox, or a new one.
     async fn ensure_sandbox(&self, who: &Identity) -> ApiResult<Response> {
         self.require_member(who)?;
@@ -994,6 +1019,7 @@ impl SessionObject {
             }
             (Method::Post, ["end"]) => {
                 self.apply(|s, now| s.end(&who, now)).await?;
+                self.mark_ended_in_indexes().await;
                 json_of(200, &self.snapshot(&who)?)
             }
             (Method::Put, ["cursor"]) => {

@@ -13,6 +13,13 @@ pub struct SessionEntry {
     pub repository: Option<String>,
     pub role: String,
     pub joined_at: u64,
+    /// `active` or `ended`, kept up to date by the session when it ends.
+    #[serde(default = "active")]
+    pub status: String,
+}
+
+fn active() -> String {
+    "active".into()
 }
 
 #[derive(Deserialize)]
@@ -73,6 +80,29 @@ impl UserIndex {
                 self.sql()?
                     .exec("DELETE FROM sessions WHERE id = ?", vec![id.into()])?;
                 json_of(200, &serde_json::json!({ "removed": true }))
+            }
+            (Method::Post, "/status") => {
+                let v: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
+                let id = v["id"].as_str().unwrap_or_default().to_string();
+                let status = v["status"].as_str().unwrap_or("active").to_string();
+                let sql = self.sql()?;
+                let rows: Vec<BodyRow> = sql
+                    .exec(
+                        "SELECT body FROM sessions WHERE id = ?",
+                        vec![id.as_str().into()],
+                    )?
+                    .to_array()?;
+                if let Some(row) = rows.first() {
+                    let mut e: SessionEntry =
+                        serde_json::from_str(&row.body).map_err(ApiError::internal)?;
+                    e.status = status;
+                    let body = serde_json::to_string(&e).map_err(ApiError::internal)?;
+                    sql.exec(
+                        "UPDATE sessions SET body = ? WHERE id = ?",
+                        vec![body.into(), id.into()],
+                    )?;
+                }
+                json_of(200, &serde_json::json!({ "updated": !rows.is_empty() }))
             }
             (Method::Get, "/list") => {
                 let rows: Vec<BodyRow> = self

@@ -213,6 +213,7 @@ async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult
         repository: s("repository"),
         role: s("role").unwrap_or_else(|| "member".into()),
         joined_at: now_ms(),
+        status: s("status").unwrap_or_else(|| "active".into()),
     };
     let idx = user_index(env, user)?;
     let body = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
@@ -239,6 +240,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
         repository: body.repository.clone(),
         role: "owner".into(),
         joined_at: now_ms(),
+        status: "active".into(),
     };
     let idx = user_index(env, &who.user)?;
     let entry_bytes = serde_json::to_vec(&entry).map_err(ApiError::internal)?;

@@ -107,6 +107,20 @@ async fn sessions_membership_and_listing() {
     assert_eq!(queued["actor"]["user"], "ada");
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    // Lists show each session's status; ending it updates every member's list.
+    let carol = api.sign_in("carol").await;
+    api.join(&carol, &id, &invite).await;
+    let (_, v) = api.call("GET", "/sessions", &carol, None).await;
+    assert_eq!(v["sessions"][0]["status"], "active");
+    let (st, _) = api
+        .call("POST", &format!("/sessions/{id}/end"), &ada, None)
+        .await;
+    assert_eq!(st, 200);
+    for who in [&ada, &carol] {
+        let (_, v) = api.call("GET", "/sessions", who, None).await;
+        assert_eq!(v["sessions"][0]["status"], "ended", "{v}");
+    }
 }
 
 #[tokio::test]

@@ -95,7 +95,7 @@ async function sessionsList() {
     const k = s.repository || "(no repository)";
     byRepo.set(k, (byRepo.get(k) || 0) + 1);
   }
-  const item = (s) => `<li><a href="#/s/${esc(s.id)}"><strong>${esc(s.title)}</strong><span class="muted">${esc(s.repository || "no repository")}</span></a></li>`;
+  const item = (s) => `<li><a href="#/s/${esc(s.id)}"><strong>${esc(s.title)} <span class="pill ${s.status === "ended" ? "subtle" : "ok"}">${esc(s.status || "active")}</span></strong><span class="muted">${esc(s.repository || "no repository")}</span></a></li>`;
   main.innerHTML = `
     <section class="card">
       <h1>New session</h1>
