@@ -343,18 +343,11 @@ async fn health(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap) -> Res
     Json(json!({"ok": true, "provider": "local", "isolation": p.cfg.isolation})).into_response()
 }
 
-/// A body that does not match the contract.
-struct InvalidBody(String);
-
-impl IntoResponse for InvalidBody {
-    fn into_response(self) -> Response {
-        err(StatusCode::BAD_REQUEST, "invalid_body", self.0)
-    }
-}
-
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, InvalidBody> {
-    serde_json::from_slice(body)
-        .map_err(|e| InvalidBody(format!("the body does not match the contract: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = format!("the body does not match the contract: {e}");
+        Refusal(StatusCode::BAD_REQUEST, "invalid_body", msg)
+    })
 }
 
 async fn create(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap, body: Bytes) -> Response {
@@ -651,6 +644,32 @@ fn current(p: &Shared, id: &str) -> Response {
     }
 }
 
+/// A request the provider refuses, with its status and stable code.
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        err(self.0, self.1, self.2)
+    }
+}
+
+/// A sandbox that exists and has not ended, with its directory.
+fn live(p: &Shared, id: &str) -> Result<(Sandbox, PathBuf), Refusal> {
+    let found = p.get(id).zip(p.dir_of(id));
+    let Some((s, dir)) = found else {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+            format!("no sandbox {id}"),
+        ));
+    };
+    if s.status == "terminated" || s.status == "failed" {
+        let msg = format!("sandbox {id} is {}", s.status);
+        return Err(Refusal(StatusCode::CONFLICT, "sandbox_terminated", msg));
+    }
+    Ok((s, dir))
+}
+
 fn not_found(id: &str) -> Response {
     err(
         StatusCode::NOT_FOUND,
@@ -707,18 +726,9 @@ async fn exec(
             "`command` must name a program: [\"git\", \"status\"]",
         );
     }
-    let Some(s) = p.get(&id) else {
-        return not_found(&id);
-    };
-    if s.status == "terminated" || s.status == "failed" {
-        return err(
-            StatusCode::CONFLICT,
-            "sandbox_terminated",
-            format!("sandbox {id} is {}", s.status),
-        );
-    }
-    let Some(dir) = p.dir_of(&id) else {
-        return not_found(&id);
+    let (s, dir) = match live(&p, &id) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
     };
     let repo = dir.join("repo");
     let cwd = match &b.cwd {
@@ -1010,18 +1020,9 @@ async fn snapshot(
             Err(r) => return r.into_response(),
         }
     };
-    let Some(s) = p.get(&id) else {
-        return not_found(&id);
-    };
-    if s.status == "terminated" || s.status == "failed" {
-        return err(
-            StatusCode::CONFLICT,
-            "sandbox_terminated",
-            format!("sandbox {id} is {}", s.status),
-        );
-    }
-    let Some(dir) = p.dir_of(&id) else {
-        return not_found(&id);
+    let (_, dir) = match live(&p, &id) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
     };
     let snap_id = format!("snp_{}", random_hex(12));
     let sdir = p.cfg.root.join("snapshots").join(&snap_id);
@@ -1080,15 +1081,8 @@ async fn restore(
 
 /// Forwards to the supervisor's loopback API.
 async fn to_supervisor(p: &Shared, id: &str, method: Method, path: &str) -> Response {
-    let Some(s) = p.get(id) else {
-        return not_found(id);
-    };
-    if s.status == "terminated" || s.status == "failed" {
-        return err(
-            StatusCode::CONFLICT,
-            "sandbox_terminated",
-            format!("sandbox {id} is {}", s.status),
-        );
+    if let Err(r) = live(p, id) {
+        return r.into_response();
     }
     let Some(port) = p.supervisor_port(id) else {
         return Json(
