@@ -17,6 +17,15 @@ async fn wait_status(api: &Api, who: &User, id: &str, want: &str) -> Value {
     panic!("sandbox {id} never became {want}");
 }
 
+/// How many sandboxes the session has had (live or not), as the API lists them.
+async fn sandbox_count(api: &Api, who: &User, sid: &str) -> usize {
+    let (st, list) = api
+        .call("GET", &format!("/sandbox?session_id={sid}"), who, None)
+        .await;
+    assert_eq!(st, 200, "{list}");
+    list["sandboxes"].as_array().map(Vec::len).unwrap_or(0)
+}
+
 /// Sends a prompt and waits until it finished successfully.
 async fn run_prompt(api: &Api, who: &User, sid: &str, ws: &mut Ws, text: &str) {
     let (st, p) = api
@@ -73,10 +82,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
         (st, v["error"]["code"].as_str()),
         (400, Some("invalid_query"))
     );
-    let (_, list) = api
-        .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
-        .await;
-    assert_eq!(list["sandboxes"], json!([]));
+    assert_eq!(sandbox_count(&api, &ada, &sid).await, 0);
 
     let (st, s) = api
         .call("POST", "/sandbox", &ada, Some(json!({"session_id": sid})))
@@ -182,14 +188,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
 
     // A prompt runs in this very sandbox.
     run_prompt(&api, &ada, &sid, &mut ws, "first").await;
-    let (_, list) = api
-        .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
-        .await;
-    assert_eq!(
-        list["sandboxes"].as_array().map(Vec::len),
-        Some(1),
-        "{list}"
-    );
+    assert_eq!(sandbox_count(&api, &ada, &sid).await, 1);
 
     // Stop keeps it; the next prompt starts it again.
     let (st, v) = api
@@ -199,13 +198,10 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
     ws.event("sandbox.status", |e| e["stage"] == "stopped")
         .await;
     run_prompt(&api, &ada, &sid, &mut ws, "second").await;
-    let (_, list) = api
-        .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
-        .await;
     assert_eq!(
-        list["sandboxes"].as_array().map(Vec::len),
-        Some(1),
-        "started again, not replaced: {list}"
+        sandbox_count(&api, &ada, &sid).await,
+        1,
+        "started again, not replaced"
     );
 
     // Terminate retires it; the next prompt gets a new one.
@@ -228,14 +224,7 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
         (409, Some("sandbox_terminated"))
     );
     run_prompt(&api, &ada, &sid, &mut ws, "third").await;
-    let (_, list) = api
-        .call("GET", &format!("/sandbox?session_id={sid}"), &ada, None)
-        .await;
-    assert_eq!(
-        list["sandboxes"].as_array().map(Vec::len),
-        Some(2),
-        "{list}"
-    );
+    assert_eq!(sandbox_count(&api, &ada, &sid).await, 2);
 
     let (st, v) = api.call("GET", "/sandbox/sbx_nope", &ada, None).await;
     assert_eq!(
