@@ -64,6 +64,34 @@ async fn events(api: &Api, who: &User, id: &str) -> Vec<Value> {
     v["events"].as_array().cloned().unwrap_or_default()
 }
 
+/// A Worker whose provider is the fake one; `extra` adds Worker vars.
+async fn with_fake_provider(extra: &[(&str, &str)]) -> (Shared, Server) {
+    let (fakep, url) = fake_provider::start().await;
+    let mut vars = vec![
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", url.as_str()),
+        ("PROVIDER_SECRET", SECRET),
+        ("CONTROL_URL", "{self}"),
+    ];
+    vars.extend_from_slice(extra);
+    let server = Server::start(&vars).await;
+    (fakep, server)
+}
+
+/// Creates a session on `repository`; returns its id.
+async fn session_on(api: &Api, who: &User, title: &str, repository: &str) -> String {
+    let (st, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            who,
+            Some(json!({"title": title, "repository": repository})),
+        )
+        .await;
+    assert_eq!(st, 201, "{s}");
+    s["id"].as_str().expect("id").to_string()
+}
+
 async fn wait_creates(f: &Shared, n: usize) -> Vec<Value> {
     for _ in 0..200 {
         let c = f.lock().expect("lock").creates.clone();
@@ -77,14 +105,7 @@ async fn wait_creates(f: &Shared, n: usize) -> Vec<Value> {
 
 #[tokio::test]
 async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
-    let (fakep, url) = fake_provider::start().await;
-    let server = Server::start(&[
-        ("PROMPT_RUNNER", "sandbox"),
-        ("PROVIDER_URL", &url),
-        ("PROVIDER_SECRET", SECRET),
-        ("CONTROL_URL", "{self}"),
-    ])
-    .await;
+    let (fakep, server) = with_fake_provider(&[]).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
     let (st, a) = api
@@ -230,25 +251,10 @@ async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
 
 #[tokio::test]
 async fn a_refused_sandbox_fails_the_prompt_with_the_reason_and_the_next_prompt_retries() {
-    let (fakep, url) = fake_provider::start().await;
-    let server = Server::start(&[
-        ("PROMPT_RUNNER", "sandbox"),
-        ("PROVIDER_URL", &url),
-        ("PROVIDER_SECRET", SECRET),
-        ("CONTROL_URL", "{self}"),
-    ])
-    .await;
+    let (fakep, server) = with_fake_provider(&[]).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
-    let (_, s) = api
-        .call(
-            "POST",
-            "/sessions",
-            &ada,
-            Some(json!({"title": "Busy", "repository": "/srv/git/busy.git"})),
-        )
-        .await;
-    let id = s["id"].as_str().expect("id").to_string();
+    let id = session_on(&api, &ada, "Busy", "/srv/git/busy.git").await;
     fakep.lock().expect("lock").refuse = Some(id.clone());
     let mut ws = api.connect(&ada, &id, "web", 0).await;
     let (_, p1) = prompt(&api, &ada, &id, "first").await;
@@ -272,26 +278,10 @@ async fn a_refused_sandbox_fails_the_prompt_with_the_reason_and_the_next_prompt_
 
 #[tokio::test]
 async fn a_silent_sandbox_is_declared_lost_and_terminated() {
-    let (fakep, url) = fake_provider::start().await;
-    let server = Server::start(&[
-        ("PROMPT_RUNNER", "sandbox"),
-        ("PROVIDER_URL", &url),
-        ("PROVIDER_SECRET", SECRET),
-        ("CONTROL_URL", "{self}"),
-        ("SANDBOX_HEARTBEAT_TIMEOUT_MS", "1500"),
-    ])
-    .await;
+    let (fakep, server) = with_fake_provider(&[("SANDBOX_HEARTBEAT_TIMEOUT_MS", "1500")]).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
-    let (_, s) = api
-        .call(
-            "POST",
-            "/sessions",
-            &ada,
-            Some(json!({"title": "Quiet", "repository": "/srv/git/q.git"})),
-        )
-        .await;
-    let id = s["id"].as_str().expect("id").to_string();
+    let id = session_on(&api, &ada, "Quiet", "/srv/git/q.git").await;
     let mut web = api.connect(&ada, &id, "web", 0).await;
     let (_, p1) = prompt(&api, &ada, &id, "hang").await;
     let p1 = p1["id"].as_str().expect("p1").to_string();
@@ -328,25 +318,10 @@ async fn a_silent_sandbox_is_declared_lost_and_terminated() {
 
 #[tokio::test]
 async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
-    let (fakep, url) = fake_provider::start().await;
-    let server = Server::start(&[
-        ("PROMPT_RUNNER", "sandbox"),
-        ("PROVIDER_URL", &url),
-        ("PROVIDER_SECRET", SECRET),
-        ("CONTROL_URL", "{self}"),
-    ])
-    .await;
+    let (fakep, server) = with_fake_provider(&[]).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
-    let (_, s) = api
-        .call(
-            "POST",
-            "/sessions",
-            &ada,
-            Some(json!({"title": "Batch", "repository": "/srv/git/batch.git"})),
-        )
-        .await;
-    let id = s["id"].as_str().expect("id").to_string();
+    let id = session_on(&api, &ada, "Batch", "/srv/git/batch.git").await;
     let mut web = api.connect(&ada, &id, "web", 0).await;
     let (_, p) = prompt(&api, &ada, &id, "go").await;
     let pid = p["id"].as_str().expect("prompt").to_string();
