@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::procs;
+use crate::{images, procs};
 
 /// How sandboxes are isolated from the machine and from each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,7 +59,12 @@ pub struct Config {
     /// Host paths a sandbox must see read-only even where its own mounts would hide them
     /// (the supervisor, OpenCode and paths named in the settings, e.g. under /tmp).
     pub ro_paths: Vec<PathBuf>,
+    /// A sandbox's life when its create names none (`lifetime_ms`); it is terminated at `expires_at`.
+    pub lifetime_ms: u64,
 }
+
+/// The local provider's default sandbox lifetime (Modal's maximum is the same).
+pub const DEFAULT_LIFETIME_MS: u64 = 24 * 3600 * 1000;
 
 impl Config {
     /// The read-only paths a sandbox needs: the supervisor's folder and every absolute path
@@ -108,7 +113,8 @@ pub struct SupervisorSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    pub session_id: String,
+    /// `None` for a pooled sandbox: it boots fully and waits for `assign`.
+    pub session_id: Option<String>,
     pub repository: Repository,
     #[serde(default)]
     pub image: Option<String>,
@@ -120,6 +126,8 @@ pub struct CreateBody {
     pub supervisor: Option<SupervisorSpec>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub lifetime_ms: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -134,7 +142,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sandbox {
     pub id: String,
-    pub session_id: String,
+    pub session_id: Option<String>,
     pub status: &'static str,
     pub repository: Repository,
     pub image: Option<String>,
@@ -142,6 +150,8 @@ pub struct Sandbox {
     pub created_at: u64,
     pub ready_at: Option<u64>,
     pub terminated_at: Option<u64>,
+    /// The provider terminates the sandbox at this time (its lifetime).
+    pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
     pub error: Option<ErrorBody>,
 }
@@ -158,8 +168,9 @@ struct Entry {
 }
 
 pub struct Provider {
-    cfg: Config,
+    pub(crate) cfg: Config,
     sandboxes: Mutex<HashMap<String, Entry>>,
+    pub(crate) images: Mutex<HashMap<String, images::Image>>,
     http: reqwest::Client,
 }
 
@@ -178,7 +189,7 @@ pub fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-fn err(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn err(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(json!({"error": {"code": code, "message": message.into()}})),
@@ -191,6 +202,7 @@ impl Provider {
         Arc::new(Provider {
             cfg,
             sandboxes: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
             http: reqwest::Client::new(),
         })
     }
@@ -251,7 +263,7 @@ impl Provider {
     }
 
     /// Wraps a command in the sandbox's isolation.
-    fn isolate(&self, dir: &Path, extra_rw: &[PathBuf], argv: &[String]) -> Command {
+    pub(crate) fn isolate(&self, dir: &Path, extra_rw: &[PathBuf], argv: &[String]) -> Command {
         let mut cmd = match self.cfg.isolation {
             Isolation::Bubblewrap => {
                 let mut c = Command::new("bwrap");
@@ -283,7 +295,7 @@ impl Provider {
 }
 
 /// A clone URL that names a directory on this machine (so the sandbox may push to it).
-fn local_remote(url: &str) -> Option<PathBuf> {
+pub(crate) fn local_remote(url: &str) -> Option<PathBuf> {
     let p = url.strip_prefix("file://").unwrap_or(url);
     let path = Path::new(p);
     (path.is_absolute() && path.exists()).then(|| path.to_path_buf())
@@ -301,13 +313,24 @@ pub fn router(p: Shared) -> Router {
         .route("/v1/sandboxes/{id}/start", post(start))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .route("/v1/snapshots/{id}/restore", post(restore))
+        .route(
+            "/v1/snapshots/{id}",
+            get(snapshot_get).delete(snapshot_delete),
+        )
+        .route("/v1/sandboxes/{id}/assign", post(assign))
+        .route("/v1/images", post(images::build))
+        .route(
+            "/v1/images/{id}",
+            get(images::get_one).delete(images::delete),
+        )
+        .route("/v1/images/{id}/logs", get(images::logs))
         .route("/v1/sandboxes/{id}/git", get(git_status))
         .route("/v1/sandboxes/{id}/git/sync", post(git_sync))
         .with_state(p)
 }
 
 /// Verifies the request signature; the body is read by the caller and passed in.
-fn check(
+pub(crate) fn check(
     p: &Provider,
     method: &Method,
     uri: &Uri,
@@ -343,7 +366,7 @@ async fn health(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap) -> Res
     Json(json!({"ok": true, "provider": "local", "isolation": p.cfg.isolation})).into_response()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = format!("the body does not match the contract: {e}");
         Refusal(StatusCode::BAD_REQUEST, "invalid_body", msg)
@@ -377,10 +400,18 @@ async fn create(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap, body: 
         }
         None => None,
     };
-    start_sandbox(&p, c, snapshot_dir).await
+    let source = match (&c.image, snapshot_dir) {
+        (_, Some(d)) => Some(d),
+        (Some(img), None) => match images::ready_dir(&p, img) {
+            Ok(d) => Some(d),
+            Err(r) => return r.into_response(),
+        },
+        (None, None) => None,
+    };
+    start_sandbox(&p, c, source).await
 }
 
-fn valid_id(id: &str, prefix: &str) -> bool {
+pub(crate) fn valid_id(id: &str, prefix: &str) -> bool {
     id.starts_with(prefix)
         && id.len() < 64
         && id[prefix.len()..]
@@ -396,14 +427,28 @@ fn snapshot_expired(dir: &Path) -> bool {
     meta["expires_at"].as_u64().is_some_and(|e| e <= now_ms())
 }
 
-async fn start_sandbox(p: &Shared, c: CreateBody, from_snapshot: Option<PathBuf>) -> Response {
-    if c.session_id.is_empty() || c.repository.clone_url.is_empty() {
+/// Copies a directory, copy-on-write where the filesystem supports it (`cp --reflink=auto`).
+pub(crate) async fn copy_tree(from: &Path, to: &Path) -> bool {
+    Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Starts a sandbox; `from` is a snapshot's or an image's directory whose `repo` becomes the checkout.
+async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Response {
+    if c.session_id.as_deref() == Some("") || c.repository.clone_url.is_empty() {
         return err(
             StatusCode::BAD_REQUEST,
             "invalid_body",
-            "session_id and repository.clone_url are required",
+            "session_id (or null for a pooled sandbox) and repository.clone_url are required",
         );
     }
+    let created_at = now_ms();
     let id = format!("sbx_{}", random_hex(12));
     let dir = p.cfg.root.join("sandboxes").join(&id);
     let sandbox = Sandbox {
@@ -413,9 +458,10 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from_snapshot: Option<PathBuf>
         repository: c.repository.clone(),
         image: c.image.clone(),
         snapshot: c.snapshot.clone(),
-        created_at: now_ms(),
+        created_at,
         ready_at: None,
         terminated_at: None,
+        expires_at: created_at + c.lifetime_ms.unwrap_or(p.cfg.lifetime_ms),
         labels: c.labels.clone(),
         error: None,
     };
@@ -432,11 +478,36 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from_snapshot: Option<PathBuf>
         );
     }
     let p2 = p.clone();
-    tokio::spawn(async move { boot(p2, id, dir, c, from_snapshot).await });
+    let id2 = id.clone();
+    tokio::spawn(async move { boot(p2, id2, dir, c, from).await });
+    tokio::spawn(expire(p.clone(), id));
     (StatusCode::CREATED, Json(sandbox)).into_response()
 }
 
-async fn run_git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
+/// Terminates the sandbox at its `expires_at` (a start after a stop moves that time on).
+async fn expire(p: Shared, id: String) {
+    loop {
+        let Some(s) = p.get(&id) else { return };
+        if s.status == "terminated" || s.status == "failed" {
+            return;
+        }
+        let now = now_ms();
+        if now >= s.expires_at {
+            eprintln!("provider: sandbox {id} reached its lifetime; terminating");
+            halt(&p, &id, "terminated").await;
+            p.update(&id, |e| {
+                e.sandbox.error = Some(ErrorBody {
+                    code: "lifetime".into(),
+                    message: "the sandbox reached the end of its lifetime".into(),
+                })
+            });
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis((s.expires_at - now).min(60_000))).await;
+    }
+}
+
+pub(crate) async fn run_git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
     let mut cmd = Command::new("git");
     cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
     if let Some(d) = cwd {
@@ -454,7 +525,7 @@ async fn run_git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
 }
 
 /// Prepares the checkout, starts the supervisor and waits for it to report its port.
-async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from_snapshot: Option<PathBuf>) {
+async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<PathBuf>) {
     let repo = dir.join("repo");
     for sub in ["home", "logs", "state"] {
         if let Err(e) = tokio::fs::create_dir_all(dir.join(sub)).await {
@@ -467,19 +538,21 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from_snapshot:
     }
     if repo.join(".git").exists() {
         // Started again after a stop: the checkout is kept as it was.
-    } else if let Some(snap) = from_snapshot {
-        let out = Command::new("cp")
-            .arg("-a")
-            .arg(snap.join("repo"))
-            .arg(&repo)
-            .output()
-            .await;
-        if !out.map(|o| o.status.success()).unwrap_or(false) {
+    } else if let Some(src) = from {
+        if !copy_tree(&src.join("repo"), &repo).await {
             return p.fail(
                 &id,
                 "internal",
-                "could not restore the snapshot's checkout".into(),
+                format!("could not copy the checkout from {}", src.display()),
             );
+        }
+        // An image also carries the warmed caches of its build's home directory.
+        let home = src.join("home");
+        if home.exists() {
+            let _ = tokio::fs::remove_dir_all(dir.join("home")).await;
+            if !copy_tree(&home, &dir.join("home")).await {
+                return p.fail(&id, "internal", "could not copy the image's caches".into());
+            }
         }
     } else {
         let url = &c.repository.clone_url;
@@ -523,7 +596,10 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from_snapshot:
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", &home)
         .env("NIGHTSHIFT_SANDBOX_ID", &id)
-        .env("NIGHTSHIFT_SESSION_ID", &c.session_id)
+        .env(
+            "NIGHTSHIFT_SESSION_ID",
+            c.session_id.as_deref().unwrap_or(""),
+        )
         .env("NIGHTSHIFT_SANDBOX_DIR", &dir)
         .env("NIGHTSHIFT_BASE_BRANCH", &c.repository.base_branch);
     let log = match std::fs::File::create(dir.join("logs").join("supervisor.log")) {
@@ -629,7 +705,11 @@ async fn list(
     let mut out: Vec<Sandbox> = map
         .values()
         .map(|e| e.sandbox.clone())
-        .filter(|s| q.session_id.as_ref().is_none_or(|sid| &s.session_id == sid))
+        .filter(|s| {
+            q.session_id
+                .as_ref()
+                .is_none_or(|sid| s.session_id.as_ref() == Some(sid))
+        })
         .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).is_some_and(|x| x == v)))
         .collect();
     out.sort_by_key(|s| s.created_at);
@@ -645,7 +725,11 @@ fn current(p: &Shared, id: &str) -> Response {
 }
 
 /// A request the provider refuses, with its status and stable code.
-struct Refusal(StatusCode, &'static str, String);
+pub(crate) struct Refusal(
+    pub(crate) StatusCode,
+    pub(crate) &'static str,
+    pub(crate) String,
+);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -803,8 +887,8 @@ async fn exec(
 }
 
 #[derive(Deserialize)]
-struct LogQuery {
-    follow: Option<String>,
+pub(crate) struct LogQuery {
+    pub(crate) follow: Option<String>,
 }
 
 async fn logs(
@@ -840,12 +924,24 @@ async fn logs(
     }
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     let p2 = p.clone();
+    sse_lines(path, follow, move || {
+        p2.get(&id)
+            .is_some_and(|s| s.status != "terminated" && s.status != "failed")
+    })
+}
+
+/// Streams a log file as server-sent events, one `data:` line per line; with `follow`, keeps
+/// streaming while `alive()` holds; ends with `event: end`.
+pub(crate) fn sse_lines(
+    path: PathBuf,
+    follow: bool,
+    alive: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> Response {
     let stream = futures_util::stream::unfold(
         (0usize, String::new(), false),
         move |(mut offset, mut carry, done)| {
             let path = path.clone();
-            let p2 = p2.clone();
-            let id = id.clone();
+            let alive = alive.clone();
             async move {
                 if done {
                     return None;
@@ -867,10 +963,7 @@ async fn logs(
                             ));
                         }
                     }
-                    let alive = p2
-                        .get(&id)
-                        .is_some_and(|s| s.status != "terminated" && s.status != "failed");
-                    if !follow || !alive {
+                    if !follow || !alive() {
                         let rest = if carry.is_empty() {
                             String::new()
                         } else {
@@ -988,6 +1081,7 @@ async fn start(
         e.sandbox.status = "creating";
         e.sandbox.ready_at = None;
         e.sandbox.error = None;
+        e.sandbox.expires_at = now_ms() + e.create.lifetime_ms.unwrap_or(p.cfg.lifetime_ms);
     });
     let _ = tokio::fs::remove_file(dir.join("state").join("supervisor.json")).await;
     let p2 = p.clone();
@@ -1029,15 +1123,7 @@ async fn snapshot(
     if let Err(e) = tokio::fs::create_dir_all(&sdir).await {
         return err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
     }
-    let ok = Command::new("cp")
-        .arg("-a")
-        .arg(dir.join("repo"))
-        .arg(sdir.join("repo"))
-        .status()
-        .await
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
+    if !copy_tree(&dir.join("repo"), &sdir.join("repo")).await {
         return err(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -1127,4 +1213,165 @@ async fn git_sync(
 ) -> Response {
     signed!(p, m, u, h, []);
     to_supervisor(&p, &id, Method::POST, "/git/sync").await
+}
+
+fn snapshot_dir(p: &Shared, id: &str) -> Result<PathBuf, Refusal> {
+    let d = p.cfg.root.join("snapshots").join(id);
+    if !valid_id(id, "snp_") || !d.join("meta.json").exists() || snapshot_expired(&d) {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "snapshot_not_found",
+            format!("no live snapshot {id}; it may have expired"),
+        ));
+    }
+    Ok(d)
+}
+
+async fn snapshot_get(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    signed!(p, m, u, h, []);
+    let d = match snapshot_dir(&p, &id) {
+        Ok(d) => d,
+        Err(r) => return r.into_response(),
+    };
+    match tokio::fs::read_to_string(d.join("meta.json")).await {
+        Ok(t) => match serde_json::from_str::<Value>(&t) {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        },
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn snapshot_delete(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    signed!(p, m, u, h, []);
+    if valid_id(&id, "snp_") {
+        let _ = tokio::fs::remove_dir_all(p.cfg.root.join("snapshots").join(&id)).await;
+    }
+    Json(json!({"id": id, "deleted": true})).into_response()
+}
+
+/// Frees the storage of expired snapshots, every `every`.
+pub async fn sweep_snapshots(p: Shared, every: Duration) {
+    loop {
+        let dir = p.cfg.root.join("snapshots");
+        if let Ok(mut rd) = tokio::fs::read_dir(&dir).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                if snapshot_expired(&e.path()) {
+                    let _ = tokio::fs::remove_dir_all(e.path()).await;
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignBody {
+    session_id: String,
+    supervisor: SupervisorSpec,
+}
+
+/// Gives a pooled (ready, unassigned) sandbox to a session; its supervisor dials it at once.
+async fn assign(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    signed!(p, m, u, h, body);
+    let b: AssignBody = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    if b.session_id.is_empty() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "session_id is empty",
+        );
+    }
+    // Claim under the lock so two assigns cannot both win.
+    let claimed: Result<Option<u16>, Refusal> = match p.sandboxes.lock() {
+        Ok(mut map) => match map.get_mut(&id) {
+            None => Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "sandbox_not_found",
+                format!("no sandbox {id}"),
+            )),
+            Some(e) if e.sandbox.session_id.is_some() => Err(Refusal(
+                StatusCode::CONFLICT,
+                "sandbox_assigned",
+                format!("sandbox {id} already works for another session"),
+            )),
+            Some(e) if e.sandbox.status != "ready" => Err(Refusal(
+                StatusCode::CONFLICT,
+                "sandbox_not_ready",
+                format!(
+                    "sandbox {id} is {}; only a ready sandbox can be assigned",
+                    e.sandbox.status
+                ),
+            )),
+            Some(e) => {
+                e.sandbox.session_id = Some(b.session_id.clone());
+                e.create.session_id = Some(b.session_id.clone());
+                e.create.supervisor = Some(b.supervisor.clone());
+                Ok(e.supervisor_port)
+            }
+        },
+        Err(_) => Err(Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "state lock".into(),
+        )),
+    };
+    let port = match claimed {
+        Ok(Some(port)) => port,
+        Ok(None) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "supervisor_unreachable",
+                "no supervisor port",
+            )
+        }
+        Err(r) => return r.into_response(),
+    };
+    let sent = p
+        .http
+        .post(format!("http://127.0.0.1:{port}/assign"))
+        .json(
+            &json!({"session_id": b.session_id, "control_url": b.supervisor.control_url,
+            "sandbox_token": b.supervisor.sandbox_token}),
+        )
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => current(&p, &id),
+        other => {
+            let why = match other {
+                Ok(r) => format!("the supervisor answered {}", r.status()),
+                Err(e) => format!("the supervisor did not answer: {e}"),
+            };
+            p.update(&id, |e| {
+                e.sandbox.session_id = None;
+                e.create.session_id = None;
+                e.create.supervisor = None;
+            });
+            err(StatusCode::BAD_GATEWAY, "supervisor_unreachable", why)
+        }
+    }
 }

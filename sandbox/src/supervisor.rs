@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub sandbox_id: String,
+    /// Empty for a pooled sandbox until it is assigned to a session.
     pub session_id: String,
     pub dir: PathBuf,
     pub base_branch: String,
@@ -131,6 +132,18 @@ pub struct Supervisor {
     opencode: Mutex<Option<String>>,
     http: reqwest::Client,
     branch: Mutex<Option<String>>,
+    /// The session this sandbox works for, once known (at start, or by `POST /assign` for a pooled one).
+    assignment: Mutex<Option<Assignment>>,
+    assigned: Notify,
+}
+
+/// Where the session link goes: set at start, or later for a pooled sandbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    pub session_id: String,
+    pub control_url: String,
+    pub sandbox_token: String,
 }
 
 pub type Shared = Arc<Supervisor>;
@@ -141,6 +154,14 @@ fn log(msg: &str) {
 
 impl Supervisor {
     pub fn new(cfg: Settings) -> Shared {
+        let assignment = match (&cfg.control_url, &cfg.token) {
+            (Some(c), Some(t)) if !cfg.session_id.is_empty() => Some(Assignment {
+                session_id: cfg.session_id.clone(),
+                control_url: c.clone(),
+                sandbox_token: t.clone(),
+            }),
+            _ => None,
+        };
         Arc::new(Supervisor {
             cfg,
             gate: Mutex::new(Gate::default()),
@@ -150,7 +171,43 @@ impl Supervisor {
             opencode: Mutex::new(None),
             http: reqwest::Client::new(),
             branch: Mutex::new(None),
+            assignment: Mutex::new(assignment),
+            assigned: Notify::new(),
         })
+    }
+
+    /// The session this sandbox works for (empty while pooled).
+    pub fn session_id(&self) -> String {
+        self.assignment
+            .lock()
+            .ok()
+            .and_then(|a| a.as_ref().map(|a| a.session_id.clone()))
+            .unwrap_or_else(|| self.cfg.session_id.clone())
+    }
+
+    /// Gives a pooled sandbox its session; refused when it already has one.
+    pub fn assign(&self, a: Assignment) -> Result<(), String> {
+        let Ok(mut cur) = self.assignment.lock() else {
+            return Err("the supervisor is unavailable".into());
+        };
+        if let Some(c) = cur.as_ref() {
+            return Err(format!("already working for session {}", c.session_id));
+        }
+        log(&format!("assigned to session {}", a.session_id));
+        *cur = Some(a);
+        drop(cur);
+        self.assigned.notify_one();
+        Ok(())
+    }
+
+    async fn wait_assignment(&self) -> Assignment {
+        loop {
+            let notified = self.assigned.notified();
+            if let Some(a) = self.assignment.lock().ok().and_then(|a| a.clone()) {
+                return a;
+            }
+            notified.await;
+        }
     }
 
     /// Queues a message for the session; it is resent until acknowledged.
@@ -276,7 +333,29 @@ pub fn local_api(s: Shared) -> Router {
         .route("/gate", get(gate))
         .route("/git", get(git_status))
         .route("/git/sync", post(git_sync))
+        .route("/assign", post(assign))
         .with_state(s)
+}
+
+async fn assign(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
+    let a: Assignment = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                axum::http::StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"code": "invalid_body", "message": e.to_string()}})),
+            )
+                .into_response()
+        }
+    };
+    match s.assign(a) {
+        Ok(()) => Json(json!({"assigned": true})).into_response(),
+        Err(m) => (
+            axum::http::StatusCode::CONFLICT,
+            Json(json!({"error": {"code": "sandbox_assigned", "message": m}})),
+        )
+            .into_response(),
+    }
 }
 
 async fn gate(State(s): State<Shared>, Query(q): Query<GateQuery>) -> Response {
@@ -504,7 +583,7 @@ async fn run_one(
         let v: Value = s
             .http
             .post(format!("{base}/session"))
-            .json(&json!({"title": format!("Nightshift {}", s.cfg.session_id)}))
+            .json(&json!({"title": format!("Nightshift {}", s.session_id())}))
             .send()
             .await
             .map_err(|e| format!("OpenCode did not answer: {e}"))?
@@ -680,7 +759,8 @@ pub fn translate_part(prompt: &str, part: &Value) -> Option<Value> {
 /// Commits the prompt's work in the prompting person's name and pushes the session's branch.
 async fn commit_and_push(s: &Shared, job: &PromptJob) -> Result<Option<(String, String)>, String> {
     let repo = s.cfg.repo();
-    let branch = format!("nightshift/{}", s.cfg.session_id);
+    let session_id = s.session_id();
+    let branch = format!("nightshift/{session_id}");
     let porcelain = git(&repo, &["status", "--porcelain"]).await?;
     let already = s.branch.lock().ok().and_then(|b| b.clone());
     if porcelain.is_empty() {
@@ -693,8 +773,8 @@ async fn commit_and_push(s: &Shared, job: &PromptJob) -> Result<Option<(String, 
     let first_line = job.text.lines().next().unwrap_or("Nightshift change");
     let subject: String = first_line.chars().take(72).collect();
     let message = format!(
-        "{subject}\n\nNightshift session {}, prompt {}.",
-        s.cfg.session_id, job.id
+        "{subject}\n\nNightshift session {session_id}, prompt {}.",
+        job.id
     );
     let name = format!("user.name={}", job.author_name);
     let email = format!("user.email={}", job.author_email);
@@ -720,14 +800,21 @@ pub async fn link(
     jobs: mpsc::UnboundedSender<PromptJob>,
     stops: mpsc::UnboundedSender<String>,
 ) {
-    let (Some(control), Some(token)) = (s.cfg.control_url.clone(), s.cfg.token.clone()) else {
+    if s.cfg.control_url.is_none() && !s.cfg.session_id.is_empty() {
         log("no control URL: running without a session link");
         return;
-    };
+    }
+    if s.session_id().is_empty() {
+        log("pooled: waiting to be assigned to a session");
+    }
+    let Assignment {
+        session_id,
+        control_url: control,
+        sandbox_token: token,
+    } = s.wait_assignment().await;
     let url = format!(
-        "{}/sandbox-link/{}",
+        "{}/sandbox-link/{session_id}",
         control.trim_end_matches('/').replacen("http", "ws", 1),
-        s.cfg.session_id
     );
     let mut backoff = 100u64;
     let mut seen_prompts: std::collections::HashSet<String> = Default::default();

@@ -504,3 +504,310 @@ async fn bad_input_gets_stable_codes() {
         .await;
     assert_eq!(st, 200);
 }
+
+impl Provider {
+    async fn wait_image(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let (st, v) = self.call("GET", &format!("/v1/images/{id}"), None).await;
+            assert_eq!(st, 200, "{v}");
+            if v["status"] != "building" {
+                return v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "build stuck: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn build(
+        &self,
+        remote: &Path,
+        setup: &[&str],
+        test: Option<&str>,
+        extra: Value,
+    ) -> Value {
+        let mut body = json!({"repository": {"clone_url": remote, "base_branch": "main"}, "setup": setup, "test": test});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let (st, img) = self.call("POST", "/v1/images", Some(body)).await;
+        assert_eq!(
+            (st, img["status"].as_str()),
+            (201, Some("building")),
+            "{img}"
+        );
+        self.wait_image(img["id"].as_str().expect("image id")).await
+    }
+
+    async fn exec_out(&self, id: &str, cmd: &str) -> String {
+        let (st, out) = self
+            .call(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(json!({"command": ["sh", "-c", cmd]})),
+            )
+            .await;
+        assert_eq!(st, 200, "{out}");
+        out["stdout"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+#[tokio::test]
+async fn images_build_with_setup_and_tests_and_sandboxes_start_from_them() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let img = p
+        .build(
+            &remote,
+            &[
+                "echo warmed > WARM.txt",
+                "mkdir -p $HOME/.cache && echo cached > $HOME/.cache/dep",
+            ],
+            Some("test -f WARM.txt && exit 7"),
+            json!({"labels": {"tag": "t1"}}),
+        )
+        .await;
+    assert_eq!(img["status"], "ready", "{img}");
+    assert_eq!(
+        img["test_exit_code"], 7,
+        "a failing test is recorded, not fatal"
+    );
+    let head = sh(
+        &p.root,
+        &format!("git --git-dir={} rev-parse main", remote.display()),
+    );
+    assert_eq!(img["commit"], head.as_str());
+    let iid = img["id"].as_str().expect("id").to_string();
+    let log = p
+        .http
+        .get(format!("{}/v1/images/{iid}/logs", p.base))
+        .header(signing::TIMESTAMP_HEADER, now().to_string())
+        .header(
+            signing::SIGNATURE_HEADER,
+            signing::sign(
+                SECRET.as_bytes(),
+                "GET",
+                &format!("/v1/images/{iid}/logs"),
+                now(),
+                b"",
+            )
+            .expect("sign"),
+        )
+        .send()
+        .await
+        .expect("logs")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        log.contains("data: $ echo warmed > WARM.txt") && log.contains("image ready"),
+        "{log}"
+    );
+
+    // A sandbox from the image has the setup's work and the warmed caches.
+    let (st, sbx) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": "ses_i", "image": iid, "repository": {"clone_url": remote, "base_branch": "main"}})))
+        .await;
+    assert_eq!(
+        (st, sbx["image"].as_str()),
+        (201, Some(iid.as_str())),
+        "{sbx}"
+    );
+    let sid = sbx["id"].as_str().expect("id").to_string();
+    p.wait_status(&sid, &["ready"]).await;
+    assert_eq!(
+        p.exec_out(&sid, "cat WARM.txt; cat $HOME/.cache/dep").await,
+        "warmed\ncached\n"
+    );
+    p.call("POST", &format!("/v1/sandboxes/{sid}/terminate"), None)
+        .await;
+
+    // Failed builds, time limits and missing repositories say why; failed images are not usable.
+    let bad = p
+        .build(&remote, &["echo ok", "exit 3"], None, json!({}))
+        .await;
+    assert_eq!(
+        (bad["status"].as_str(), bad["error"]["code"].as_str()),
+        (Some("failed"), Some("setup_failed")),
+        "{bad}"
+    );
+    let (st, v) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": "ses_i", "image": bad["id"], "repository": {"clone_url": remote}})))
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("image_not_ready"))
+    );
+    let slow = p
+        .build(&remote, &["sleep 30"], None, json!({"timeout_ms": 300}))
+        .await;
+    assert_eq!(slow["error"]["code"], "timeout", "{slow}");
+    let gone = p
+        .build(&p.root.join("nope.git"), &[], None, json!({}))
+        .await;
+    assert_eq!(gone["error"]["code"], "repository_not_found", "{gone}");
+
+    // Bad input, unknown and deleted images.
+    for body in [
+        json!({"repository": {"clone_url": remote}, "setup": [""]}),
+        json!({"repository": {"clone_url": remote}, "setup": "echo"}),
+        json!({"repository": {"clone_url": remote}, "extra": 1}),
+        json!({"setup": []}),
+    ] {
+        let (st, v) = p.call("POST", "/v1/images", Some(body)).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_body")),
+            "{v}"
+        );
+    }
+    let (st, v) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": "ses_i", "image": "img_unknown", "repository": {"clone_url": remote}})))
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("image_not_found"))
+    );
+    for _ in 0..2 {
+        let (st, v) = p.call("DELETE", &format!("/v1/images/{iid}"), None).await;
+        assert_eq!((st, v["deleted"].as_bool()), (200, Some(true)));
+    }
+    let (st, v) = p.call("GET", &format!("/v1/images/{iid}"), None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("image_not_found"))
+    );
+    assert!(
+        !p.root.join("state/images").join(&iid).exists(),
+        "deleting frees the disk"
+    );
+}
+
+#[tokio::test]
+async fn pooled_sandboxes_boot_without_a_session_and_are_assigned_once() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let (st, sbx) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": null, "repository": {"clone_url": remote}, "labels": {"pool": "r"}})))
+        .await;
+    assert_eq!((st, &sbx["session_id"]), (201, &Value::Null), "{sbx}");
+    let id = sbx["id"].as_str().expect("id").to_string();
+    p.wait_status(&id, &["ready"]).await;
+    let spec = json!({"control_url": "http://127.0.0.1:9", "sandbox_token": "t"});
+    let (st, v) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/assign"),
+            Some(json!({"session_id": "ses_a", "supervisor": spec})),
+        )
+        .await;
+    assert_eq!((st, v["session_id"].as_str()), (200, Some("ses_a")), "{v}");
+    let (st, v) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/assign"),
+            Some(json!({"session_id": "ses_b", "supervisor": spec})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("sandbox_assigned"))
+    );
+    let (_, listed) = p.call("GET", "/v1/sandboxes?session_id=ses_a", None).await;
+    assert_eq!(listed["sandboxes"][0]["id"], id.as_str());
+    let (st, v) = p
+        .call(
+            "POST",
+            "/v1/sandboxes/sbx_none/assign",
+            Some(json!({"session_id": "ses_a", "supervisor": spec})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("sandbox_not_found"))
+    );
+    let (st, v) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/assign"),
+            Some(json!({"session_id": "ses_c"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(
+            p.root
+                .join("state/sandboxes")
+                .join(&id)
+                .join("logs/supervisor.log"),
+        )
+        .unwrap_or_default();
+        if log.contains("assigned to session ses_a") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the supervisor never heard: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn snapshots_expire_and_are_deleted_and_sandboxes_end_at_their_lifetime() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let (_, sbx) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": "ses_l", "repository": {"clone_url": remote}, "lifetime_ms": 2500})))
+        .await;
+    let id = sbx["id"].as_str().expect("id").to_string();
+    let created = sbx["created_at"].as_u64().expect("created");
+    assert_eq!(sbx["expires_at"].as_u64(), Some(created + 2500));
+    p.wait_status(&id, &["ready"]).await;
+    let (st, short) = p
+        .call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(json!({"ttl_ms": 300})),
+        )
+        .await;
+    assert_eq!(st, 201, "{short}");
+    let (_, kept) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/snapshot"), None)
+        .await;
+    let (short, kept) = (
+        short["id"].as_str().expect("id"),
+        kept["id"].as_str().expect("id"),
+    );
+    let (st, v) = p.call("GET", &format!("/v1/snapshots/{short}"), None).await;
+    assert_eq!((st, v["sandbox_id"].as_str()), (200, Some(id.as_str())));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (st, v) = p.call("GET", &format!("/v1/snapshots/{short}"), None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("snapshot_not_found"))
+    );
+    let body = json!({"session_id": "ses_l", "repository": {"clone_url": remote}});
+    let (st, _) = p
+        .call(
+            "POST",
+            &format!("/v1/snapshots/{short}/restore"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (st, _) = p
+        .call("DELETE", &format!("/v1/snapshots/{kept}"), None)
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = p.call("GET", &format!("/v1/snapshots/{kept}"), None).await;
+    assert_eq!(st, 404);
+    assert!(!p.root.join("state/snapshots").join(kept).exists());
+
+    let ended = p.wait_status(&id, &["terminated"]).await;
+    assert_eq!(ended["error"]["code"], "lifetime", "{ended}");
+}

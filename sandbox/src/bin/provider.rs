@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use nightshift_sandbox::provider::{router, Config, Isolation, Provider};
+use nightshift_sandbox::provider::{
+    router, sweep_snapshots, Config, Isolation, Provider, DEFAULT_LIFETIME_MS,
+};
 
 const USAGE: &str = "usage: PROVIDER_SECRET=… nightshift-provider [--port 8790] [--root DIR]
   Environment passed to every sandbox's supervisor: NIGHTSHIFT_OPENCODE_BIN, NIGHTSHIFT_PLUGIN_MODULES,
   NIGHTSHIFT_MODEL, NIGHTSHIFT_MODEL_URL, NIGHTSHIFT_MODEL_KEY, NIGHTSHIFT_SYNC_DELAY_MS, *_API_KEY, *_BASE_URL.
-  NIGHTSHIFT_ISOLATION=none turns bubblewrap off.";
+  NIGHTSHIFT_ISOLATION=none turns bubblewrap off. PROVIDER_SANDBOX_LIFETIME_MS: a sandbox's default lifetime (24 h).";
 
 #[tokio::main]
 async fn main() {
@@ -62,7 +64,15 @@ async fn main() {
         isolation,
         supervisor,
         supervisor_env,
+        lifetime_ms: std::env::var("PROVIDER_SANDBOX_LIFETIME_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_LIFETIME_MS),
     });
+    tokio::spawn(sweep_snapshots(
+        p.clone(),
+        std::time::Duration::from_secs(60),
+    ));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| fail(&format!("cannot listen on 127.0.0.1:{port}: {e}")));

@@ -1,0 +1,318 @@
+//! The local provider's images: build (clone, setup commands, one test run) into a directory that sandboxes start from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::procs;
+use crate::provider::{
+    check, err, local_remote, now_ms, parse, random_hex, run_git, sse_lines, valid_id, ErrorBody,
+    LogQuery, Refusal, Repository, Shared,
+};
+
+/// A build gets this long when its request names no `timeout_ms`.
+const DEFAULT_BUILD_TIMEOUT_MS: u64 = 20 * 60 * 1000;
+/// At most this many setup commands, each at most this long.
+const MAX_COMMANDS: usize = 50;
+const MAX_COMMAND_BYTES: usize = 4096;
+
+/// The contract's Image object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Image {
+    pub id: String,
+    pub status: &'static str,
+    pub repository: Repository,
+    pub commit: Option<String>,
+    pub created_at: u64,
+    pub ready_at: Option<u64>,
+    pub setup: Vec<String>,
+    pub test: Option<String>,
+    pub test_exit_code: Option<i32>,
+    pub labels: BTreeMap<String, String>,
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildBody {
+    repository: Repository,
+    #[serde(default)]
+    setup: Vec<String>,
+    #[serde(default)]
+    test: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn image_dir(p: &Shared, id: &str) -> PathBuf {
+    p.cfg.root.join("images").join(id)
+}
+
+fn get(p: &Shared, id: &str) -> Option<Image> {
+    p.images.lock().ok()?.get(id).cloned()
+}
+
+fn update(p: &Shared, id: &str, f: impl FnOnce(&mut Image)) {
+    if let Ok(mut m) = p.images.lock() {
+        if let Some(i) = m.get_mut(id) {
+            f(i);
+        }
+    }
+}
+
+fn not_found(id: &str) -> Refusal {
+    Refusal(
+        StatusCode::NOT_FOUND,
+        "image_not_found",
+        format!("no image {id}; it may have been deleted"),
+    )
+}
+
+/// The directory of a ready image, for a sandbox to start from.
+pub(crate) fn ready_dir(p: &Shared, id: &str) -> Result<PathBuf, Refusal> {
+    let img = get(p, id).ok_or_else(|| not_found(id))?;
+    if img.status != "ready" {
+        return Err(Refusal(
+            StatusCode::CONFLICT,
+            "image_not_ready",
+            format!("image {id} is {}; start from a ready image", img.status),
+        ));
+    }
+    Ok(image_dir(p, id))
+}
+
+pub(crate) async fn build(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check(&p, &m, &u, &h, &body) {
+        return r;
+    }
+    let b: BuildBody = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let commands = b.setup.iter().chain(b.test.iter());
+    if b.repository.clone_url.is_empty()
+        || b.repository.base_branch.is_empty()
+        || b.setup.len() > MAX_COMMANDS
+        || commands
+            .clone()
+            .any(|c| c.trim().is_empty() || c.len() > MAX_COMMAND_BYTES)
+    {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("a build needs repository.clone_url and base_branch, and at most {MAX_COMMANDS} non-empty commands of at most {MAX_COMMAND_BYTES} bytes"),
+        );
+    }
+    let id = format!("img_{}", random_hex(12));
+    let img = Image {
+        id: id.clone(),
+        status: "building",
+        repository: b.repository.clone(),
+        commit: None,
+        created_at: now_ms(),
+        ready_at: None,
+        setup: b.setup.clone(),
+        test: b.test.clone(),
+        test_exit_code: None,
+        labels: b.labels.clone(),
+        error: None,
+    };
+    if let Ok(mut map) = p.images.lock() {
+        map.insert(id.clone(), img.clone());
+    }
+    let p2 = p.clone();
+    tokio::spawn(async move {
+        let timeout = b.timeout_ms.unwrap_or(DEFAULT_BUILD_TIMEOUT_MS);
+        let outcome = run_build(&p2, &id, &b, now_ms() + timeout).await;
+        if let Err((code, message)) = outcome {
+            eprintln!("provider: image {id} failed: {code}: {message}");
+            note(&image_dir(&p2, &id), &format!("build failed: {message}")).await;
+            update(&p2, &id, |i| {
+                i.status = "failed";
+                i.error = Some(ErrorBody {
+                    code: code.into(),
+                    message,
+                });
+            });
+        }
+    });
+    (StatusCode::CREATED, Json(img)).into_response()
+}
+
+/// Appends a line to the build log.
+async fn note(dir: &Path, line: &str) {
+    if let Ok(mut f) = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("build.log"))
+        .await
+    {
+        let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+    }
+}
+
+type BuildError = (&'static str, String);
+
+async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result<(), BuildError> {
+    let dir = image_dir(p, id);
+    let internal = |e: std::io::Error| ("internal", e.to_string());
+    tokio::fs::create_dir_all(dir.join("home"))
+        .await
+        .map_err(internal)?;
+    let url = &b.repository.clone_url;
+    let branch = &b.repository.base_branch;
+    note(&dir, &format!("$ git clone --branch {branch} {url}")).await;
+    let is_path = url.starts_with('/') || url.starts_with("file://");
+    if is_path && local_remote(url).is_none() {
+        return Err((
+            "repository_not_found",
+            format!("the repository {url} does not exist"),
+        ));
+    }
+    let repo = dir.join("repo");
+    let repo_s = repo.to_string_lossy().to_string();
+    run_git(
+        &["clone", "--quiet", "--branch", branch, url, &repo_s],
+        None,
+    )
+    .await
+    .map_err(|e| ("clone_failed", format!("git clone of {url} failed: {e}")))?;
+    let commit = run_git(&["rev-parse", "HEAD"], Some(&repo)).await.ok();
+    note(&dir, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
+    update(p, id, |i| i.commit = commit);
+    for cmd in &b.setup {
+        let code = run_step(p, &dir, cmd, deadline).await?;
+        if code != 0 {
+            return Err((
+                "setup_failed",
+                format!("the setup command `{cmd}` exited with {code}; see the build log"),
+            ));
+        }
+    }
+    if let Some(test) = &b.test {
+        let code = run_step(p, &dir, test, deadline).await?;
+        note(
+            &dir,
+            &format!("tests exited with {code} (recorded; the image is kept)"),
+        )
+        .await;
+        update(p, id, |i| i.test_exit_code = Some(code));
+    }
+    note(&dir, "image ready").await;
+    update(p, id, |i| {
+        i.status = "ready";
+        i.ready_at = Some(now_ms());
+    });
+    Ok(())
+}
+
+/// Runs one command with `sh -c` in the checkout, isolated like a sandbox, output to the build log.
+async fn run_step(p: &Shared, dir: &Path, cmd: &str, deadline: u64) -> Result<i32, BuildError> {
+    note(dir, &format!("$ {cmd}")).await;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("build.log"))
+        .map_err(|e| ("internal", e.to_string()))?;
+    let log2 = log.try_clone().map_err(|e| ("internal", e.to_string()))?;
+    let argv = vec!["sh".to_string(), "-c".to_string(), cmd.to_string()];
+    let mut c = p.isolate(dir, &[], &argv);
+    c.current_dir(dir.join("repo"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.join("home"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let mut child = c
+        .spawn()
+        .map_err(|e| ("internal", format!("cannot run `{cmd}`: {e}")))?;
+    let pgid = child.id().map(|x| x as i32);
+    let left = deadline.saturating_sub(now_ms());
+    match tokio::time::timeout(Duration::from_millis(left), child.wait()).await {
+        Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+        Ok(Err(e)) => Err(("internal", format!("`{cmd}` could not be waited for: {e}"))),
+        Err(_) => {
+            if let Some(g) = pgid {
+                procs::kill_group(g);
+            }
+            let _ = child.kill().await;
+            Err((
+                "timeout",
+                format!("the build ran past its time limit during `{cmd}`"),
+            ))
+        }
+    }
+}
+
+pub(crate) async fn get_one(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Some(r) = check(&p, &m, &u, &h, &[]) {
+        return r;
+    }
+    match get(&p, &id) {
+        Some(i) => Json(i).into_response(),
+        None => not_found(&id).into_response(),
+    }
+}
+
+pub(crate) async fn delete(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Some(r) = check(&p, &m, &u, &h, &[]) {
+        return r;
+    }
+    let removed = p.images.lock().ok().and_then(|mut m| m.remove(&id));
+    if removed.is_some() && valid_id(&id, "img_") {
+        let _ = tokio::fs::remove_dir_all(image_dir(&p, &id)).await;
+    }
+    Json(json!({"id": id, "deleted": true})).into_response()
+}
+
+pub(crate) async fn logs(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    q: Query<LogQuery>,
+) -> Response {
+    if let Some(r) = check(&p, &m, &u, &h, &[]) {
+        return r;
+    }
+    if get(&p, &id).is_none() {
+        return not_found(&id).into_response();
+    }
+    let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
+    let p2 = p.clone();
+    sse_lines(image_dir(&p, &id).join("build.log"), follow, move || {
+        get(&p2, &id).is_some_and(|i| i.status == "building")
+    })
+}
