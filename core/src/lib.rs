@@ -1,13 +1,16 @@
-//! Nightshift's pure core: the rules of sessions, presence, edit locks and the prompt queue, with no I/O.
+//! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, warm pools, images and snapshots, with no I/O.
 
 pub mod check;
 pub mod error;
 pub mod events;
 pub mod gating;
+pub mod pool;
 pub mod queue;
+pub mod repository;
 pub mod sandbox;
 pub mod session;
 pub mod signing;
+pub mod snapshot;
 pub mod token;
 pub mod wire;
 
