@@ -23,7 +23,7 @@ use crate::error::{json_of, ApiError, ApiResult};
 use crate::platform::{new_id, now_ms, random_hex};
 use crate::provider;
 use crate::runner::{self, PromptRunner};
-use crate::store;
+use crate::{sandbox_start, snapshots, store};
 
 /// Most presence entries sent in one snapshot; `total` gives the full count.
 const PRESENCE_SNAPSHOT_MAX: usize = 100;
@@ -427,28 +427,26 @@ impl SessionObject {
         })
         .await?;
         let session_id = self.read(|s, _| s.meta.id.clone())?;
-        let control = config::control_url(&self.env).unwrap_or_default();
-        let body = serde_json::json!({
-            "session_id": session_id,
-            "repository": {"clone_url": repository, "base_branch": "main"},
-            "supervisor": {"control_url": control, "sandbox_token": token},
-            "labels": {"session": session_id},
-        });
-        let answer = provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await;
-        match answer {
-            Ok((201, v)) => {
+        let answer =
+            sandbox_start::start(&self.env, &sql, &session_id, &repository, &token, now).await;
+        match answer.map(|a| (a.status, a.sandbox, a.how)) {
+            Ok((201, v, how)) => {
                 l.sandbox = v["id"].as_str().map(String::from);
+                l.expires_at = v["expires_at"].as_u64();
                 // The sandbox may already have dialled in and moved the link on: keep its progress.
                 if let Some(mut current) = store::load_link(&sql)? {
                     if current.token_hash == l.token_hash {
                         current.sandbox = l.sandbox.clone();
+                        current.expires_at = l.expires_at;
                         l = current;
                     }
                 }
                 store::save_link(&sql, &l)?;
+                self.apply(|s, _| Ok(s.sandbox_status("spawning", how)))
+                    .await?;
                 Ok((201, v))
             }
-            Ok((status, v)) => {
+            Ok((status, v, _)) => {
                 let msg = format!(
                     "the provider refused the sandbox ({status}): {}",
                     v["error"]["message"].as_str().unwrap_or("no reason given")
@@ -588,6 +586,9 @@ impl SessionObject {
             SandboxMessage::Events(batch) => {
                 let intake = l.intake(batch);
                 let accepted = intake.accepted;
+                let turn_ended = accepted
+                    .iter()
+                    .any(|e| matches!(e, link::AgentEvent::Done { .. }));
                 if !accepted.is_empty() {
                     // Output of a prompt that is no longer running is skipped by the core.
                     if let Err(e) = self
@@ -609,6 +610,10 @@ impl SessionObject {
                     ws,
                     &serde_json::json!({"type": "ack", "n": l.last_n}).to_string(),
                 );
+                if turn_ended && snapshots::turn_ended(&sql)? {
+                    // Taken by the alarm, so the acknowledgement never waits for a copy.
+                    self.schedule_alarm(now).await?;
+                }
                 if l.stage == Stage::Failed {
                     if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
                         self.fail_running(
@@ -652,6 +657,26 @@ impl SessionObject {
             .await;
             if let Err(e) = result {
                 console_error!("marking session {id} ended for {user}: {}", e.message);
+            }
+        }
+    }
+
+    /// Someone started typing (`prompt.typing`): get the session a sandbox before the prompt is sent.
+    async fn warm_up(&self) -> ApiResult<()> {
+        if !self.uses_sandboxes() || self.read(|s, _| s.meta.repository.is_none())? {
+            return Ok(());
+        }
+        let has = store::load_link(&self.sql())?
+            .is_some_and(|l| l.stage.is_live() || l.stage == Stage::Stopped);
+        if has {
+            return Ok(());
+        }
+        match self.spawn_sandbox(None).await {
+            Ok(_) => self.schedule_alarm(now_ms()).await,
+            // Visible as a sandbox status; typing itself never fails.
+            Err(e) => {
+                console_error!("warm-up on typing: {}", e.message);
+                Ok(())
             }
         }
     }
@@ -855,6 +880,10 @@ impl SessionObject {
                     next = Some(next.map_or(due, |n| n.min(due)));
                 }
             }
+            let l = store::load_link(&self.sql())?;
+            if let Some(due) = snapshots::deadline(&self.env, &self.sql(), l.as_ref(), now)? {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
         }
         let Some(next) = next else { return Ok(()) };
         if let Some(current) = self.alarm_at.get() {
@@ -898,6 +927,8 @@ impl SessionObject {
         }
         if self.uses_sandboxes() {
             self.check_sandbox(now).await?;
+            let l = store::load_link(&self.sql())?;
+            snapshots::upkeep(&self.env, &self.sql(), l.as_ref(), now).await?;
         }
         // Heartbeat sweep and lock expiry.
         self.apply(|s, now| Ok(s.sweep(now))).await?;
@@ -1012,7 +1043,13 @@ impl SessionObject {
                 let snapshot = self.snapshot(&who)?;
                 json_of(if out.events.is_empty() { 200 } else { 201 }, &snapshot)
             }
-            (Method::Get, ["snapshot"]) => json_of(200, &self.snapshot(&who)?),
+            (Method::Get, ["snapshot"]) => {
+                let mut v = self.snapshot(&who)?;
+                // Where the work can be restored from if the sandbox goes away.
+                v["snapshots"] = serde_json::to_value(snapshots::load(&self.sql())?.snaps)
+                    .map_err(ApiError::internal)?;
+                json_of(200, &v)
+            }
             (Method::Post, ["leave"]) => {
                 self.apply(|s, _| s.leave(&who)).await?;
                 json_of(200, &serde_json::json!({ "left": true }))
@@ -1308,6 +1345,9 @@ impl SessionObject {
             ClientMessage::Typing { typing } => {
                 self.apply(|s, now| s.set_typing(who, client, typing, now))
                     .await?;
+                if typing {
+                    self.warm_up().await?;
+                }
                 Ok(None)
             }
             ClientMessage::Prompt {

@@ -84,3 +84,23 @@ pub fn sandbox_grace_ms(env: &Env) -> u64 {
 pub fn sandbox_heartbeat_timeout_ms(env: &Env) -> u64 {
     num(env, "SANDBOX_HEARTBEAT_TIMEOUT_MS", 30_000)
 }
+
+/// An image build's time limit (`BUILD_TIMEOUT_MS`).
+pub fn build_timeout_ms(env: &Env) -> u64 {
+    num(env, "BUILD_TIMEOUT_MS", 20 * 60 * 1000)
+}
+
+/// How often a repository's pool and builds are checked while something is in flux.
+pub fn pool_poll_ms(env: &Env) -> u64 {
+    num(env, "POOL_POLL_MS", 500)
+}
+
+/// How long a session's snapshots live (`SNAPSHOT_TTL_MS`).
+pub fn snapshot_ttl_ms(env: &Env) -> u64 {
+    num(env, "SNAPSHOT_TTL_MS", 7 * 24 * 3600 * 1000)
+}
+
+/// How long before a sandbox's lifetime ends it is snapshotted (`SNAPSHOT_MARGIN_MS`).
+pub fn snapshot_margin_ms(env: &Env) -> u64 {
+    num(env, "SNAPSHOT_MARGIN_MS", 10 * 60 * 1000)
+}

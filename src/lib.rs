@@ -5,22 +5,38 @@ mod config;
 mod error;
 mod platform;
 mod provider;
+mod repositories;
 mod routes;
 mod runner;
 mod sandbox_api;
+mod sandbox_start;
+mod snapshots;
 mod store;
 
+#[path = "../durable_objects/repository.rs"]
+mod repository;
+#[path = "../durable_objects/repository_index.rs"]
+mod repository_index;
 #[path = "../durable_objects/session.rs"]
 mod session_object;
 #[path = "../durable_objects/user_index.rs"]
 mod user_index;
 
+pub use repository::RepositoryObject;
+pub use repository_index::RepositoryIndex;
 pub use session_object::SessionObject;
 pub use user_index::UserIndex;
 
-use worker::{event, Context, Env, Request, Response, Result};
+use worker::{event, Context, Env, Request, Response, Result, ScheduleContext, ScheduledEvent};
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     routes::handle(req, env).await
+}
+
+#[event(scheduled)]
+async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    if let Err(e) = repositories::scheduled(&env).await {
+        worker::console_error!("scheduled builds: {}", e.message);
+    }
 }

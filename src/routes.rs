@@ -58,6 +58,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
         (Method::Get, ["sandbox-link", id]) => sandbox_link(&mut req, env, id).await,
         (_, ["sandbox", ..]) => crate::sandbox_api::handle(&mut req, env, &segs).await,
+        (_, ["repositories", ..]) => crate::repositories::handle(&mut req, env, &segs).await,
         (_, ["multiplayer", id, rest @ ..]) => {
             let target = match (method, rest) {
                 (Method::Post, ["join"]) => "join".to_string(),
@@ -81,7 +82,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
     }
 }
 
-fn no_route(req: &Request) -> ApiError {
+pub(crate) fn no_route(req: &Request) -> ApiError {
     ApiError::new(
         404,
         "not_found",

@@ -229,3 +229,36 @@ pub fn save_link(sql: &SqlStorage, link: &nightshift_core::sandbox::SandboxLink)
     .map_err(internal)?;
     Ok(())
 }
+
+fn kv_table(sql: &SqlStorage) -> ApiResult<()> {
+    sql.exec(
+        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        None,
+    )
+    .map_err(internal)?;
+    Ok(())
+}
+
+/// A small JSON value the session keeps beside its state (snapshots, where its repository lives).
+pub fn kv_get<T: serde::de::DeserializeOwned>(sql: &SqlStorage, k: &str) -> ApiResult<Option<T>> {
+    kv_table(sql)?;
+    let rows: Vec<BodyRow> = sql
+        .exec("SELECT body FROM kv WHERE k = ?", vec![k.into()])
+        .and_then(|c| c.to_array())
+        .map_err(internal)?;
+    match rows.first() {
+        None => Ok(None),
+        Some(r) => serde_json::from_str(&r.body).map(Some).map_err(internal),
+    }
+}
+
+pub fn kv_put<T: serde::Serialize>(sql: &SqlStorage, k: &str, v: &T) -> ApiResult<()> {
+    kv_table(sql)?;
+    let body = serde_json::to_string(v).map_err(internal)?;
+    sql.exec(
+        "INSERT OR REPLACE INTO kv (k, body) VALUES (?, ?)",
+        vec![k.into(), body.into()],
+    )
+    .map_err(internal)?;
+    Ok(())
+}

@@ -250,7 +250,7 @@ mod tests {
                 sandbox: "sbx_b".into()
             }]
         );
-        assert!(p.booted("p3") == false && p.created("p3", "sbx_c"));
+        assert!(!p.booted("p3") && p.created("p3", "sbx_c"));
         assert_eq!(p.idle(), 0);
         assert_eq!(p.refill(2).len(), 2);
         assert!(p.drained("p2") && p.drained("p3"));

@@ -47,6 +47,9 @@ pub struct SandboxLink {
     pub last_seen: u64,
     /// When the sandbox's socket closed without a replacement (None: connected or never).
     pub disconnected_at: Option<u64>,
+    /// When the provider ends the sandbox (its lifetime); it is snapshotted before.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 impl SandboxLink {
@@ -59,6 +62,7 @@ impl SandboxLink {
             spawned_at: now,
             last_seen: now,
             disconnected_at: None,
+            expires_at: None,
         }
     }
 

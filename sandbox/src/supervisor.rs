@@ -290,6 +290,24 @@ pub async fn sync(s: Shared) {
         }
     }
     let repo = s.cfg.repo();
+    // A checkout restored from a snapshot is on the session's branch: keep its work as it is.
+    let head_branch = git(&repo, &["symbolic-ref", "--quiet", "--short", "HEAD"])
+        .await
+        .unwrap_or_default();
+    if head_branch.starts_with("nightshift/") {
+        let commit = git(&repo, &["rev-parse", "HEAD"]).await.unwrap_or_default();
+        if let Ok(mut b) = s.branch.lock() {
+            *b = Some(head_branch.clone());
+        }
+        if let Ok(mut g) = s.gate.lock() {
+            g.synced(&commit);
+        }
+        s.status(
+            "synced",
+            &format!("continuing {head_branch} at {commit} from the snapshot"),
+        );
+        return;
+    }
     let result = async {
         git(&repo, &["fetch", "--quiet", "origin", &s.cfg.base_branch]).await?;
         git(

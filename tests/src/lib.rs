@@ -539,6 +539,33 @@ impl Compute {
         ]
     }
 
+    /// One signed request to the provider, as the control plane sends it.
+    pub async fn provider(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let sig = nightshift_core::signing::sign(self.secret.as_bytes(), method, path, ts, &bytes)
+            .expect("sign");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let r = reqwest::Client::new()
+            .request(m, format!("{}{path}", self.provider_url))
+            .header(nightshift_core::signing::TIMESTAMP_HEADER, ts.to_string())
+            .header(nightshift_core::signing::SIGNATURE_HEADER, sig)
+            .header("content-type", "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .expect("provider request");
+        let st = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (
+            st,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     /// A bare repository with one commit on `main`, usable as a session's repository.
     pub fn remote_repo(&self, name: &str) -> PathBuf {
         let seed = self.dir.join(format!("{name}-seed"));
@@ -607,5 +634,46 @@ impl Drop for Compute {
         if std::env::var_os("NIGHTSHIFT_KEEP_TEST_STATE").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// How long an agent run may take in end-to-end tests.
+pub const RUN: Duration = Duration::from_secs(120);
+
+/// Starts the compute side and a Worker pointed at it (`extra` adds Worker vars).
+pub async fn start_with_compute(
+    recording: Value,
+    provider_env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> (Compute, Server) {
+    let compute = Compute::start(&recording, provider_env).await;
+    let owned = compute.vars();
+    let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.extend_from_slice(extra);
+    let server = Server::start(&vars).await;
+    (compute, server)
+}
+
+impl Api {
+    /// Sends a prompt over HTTP; returns its id.
+    pub async fn prompt(&self, who: &User, session: &str, text: &str) -> String {
+        let (st, v) = self
+            .call(
+                "POST",
+                &format!("/multiplayer/{session}/prompt"),
+                who,
+                Some(json!({ "text": text })),
+            )
+            .await;
+        assert_eq!(st, 202, "{v}");
+        v["id"].as_str().expect("prompt id").to_string()
+    }
+}
+
+impl Ws {
+    /// Waits for the prompt's `prompt.finished` event.
+    pub async fn finished(&mut self, prompt: &str) -> Value {
+        self.event_within(RUN, "prompt.finished", |e| e["id"] == prompt)
+            .await
     }
 }

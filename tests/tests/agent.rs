@@ -1,23 +1,14 @@
 //! The agent end to end: Worker under wrangler dev, local provider, real OpenCode, real git, scripted model — prompt in, commit out.
 
-use std::time::Duration;
-
-use nightshift_tests::{git, secs, Api, Compute, Server, User, Ws};
+use nightshift_tests::{git, secs, Api, Compute, Server, User, Ws, RUN};
 use serde_json::{json, Value};
-
-const RUN: Duration = Duration::from_secs(120);
 
 async fn start(
     recording: Value,
     provider_env: &[(&str, &str)],
     extra: &[(&str, &str)],
 ) -> (Compute, Server) {
-    let compute = Compute::start(&recording, provider_env).await;
-    let owned = compute.vars();
-    let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    vars.extend_from_slice(extra);
-    let server = Server::start(&vars).await;
-    (compute, server)
+    nightshift_tests::start_with_compute(recording, provider_env, extra).await
 }
 
 fn of_prompt<'a>(seen: &'a [Value], ty: &str, prompt: &str) -> Vec<&'a Value> {
@@ -33,23 +24,12 @@ fn seq_of(seen: &[Value], ty: &str, prompt: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {ty} for {prompt} in {seen:?}"))
 }
 
-/// Sends a prompt over HTTP; returns its id.
 async fn prompt(api: &Api, who: &User, session: &str, text: &str) -> String {
-    let (st, v) = api
-        .call(
-            "POST",
-            &format!("/multiplayer/{session}/prompt"),
-            who,
-            Some(json!({ "text": text })),
-        )
-        .await;
-    assert_eq!(st, 202, "{v}");
-    v["id"].as_str().expect("prompt id").to_string()
+    api.prompt(who, session, text).await
 }
 
 async fn finished(ws: &mut Ws, prompt: &str) -> Value {
-    ws.event_within(RUN, "prompt.finished", |e| e["id"] == prompt)
-        .await
+    ws.finished(prompt).await
 }
 
 #[tokio::test]

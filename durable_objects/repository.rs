@@ -1,0 +1,509 @@
+//! The RepositoryObject Durable Object: one per registered repository — its settings, image builds and warm pool (rules in core `repository` and `pool`).
+
+use nightshift_core::pool::{Pool, Slot, Work};
+use nightshift_core::repository::{cron_slot, Change, Registry, Settings};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Value};
+use worker::*;
+
+use crate::config;
+use crate::error::{json_of, ApiError, ApiResult};
+use crate::platform::now_ms;
+use crate::provider;
+
+#[derive(Deserialize)]
+struct BodyRow {
+    body: String,
+}
+
+/// A session asks for a sandbox: a warm one is assigned to it at once, or it is told how to start one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub session_id: String,
+    pub control_url: String,
+    pub sandbox_token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClaimAnswer {
+    /// The pooled sandbox now working for the session; `None`: start one (from `image`).
+    pub sandbox: Option<String>,
+    pub expires_at: Option<u64>,
+    pub image: Option<String>,
+    pub clone_url: String,
+    pub base_branch: String,
+}
+
+#[durable_object]
+pub struct RepositoryObject {
+    state: State,
+    env: Env,
+}
+
+impl DurableObject for RepositoryObject {
+    fn new(state: State, env: Env) -> Self {
+        RepositoryObject { state, env }
+    }
+
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        match self.route(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        if let Err(e) = self.tick().await {
+            console_error!("repository alarm: {}", e.message);
+            // Try again soon: a provider hiccup must not stop the pool.
+            self.state.storage().set_alarm(5_000).await?;
+        }
+        Response::ok("ok")
+    }
+}
+
+fn not_registered() -> ApiError {
+    ApiError::new(
+        404,
+        "repository_not_found",
+        "no such repository; register it with POST /repositories",
+    )
+}
+
+impl RepositoryObject {
+    fn sql(&self) -> ApiResult<SqlStorage> {
+        let sql = self.state.storage().sql();
+        sql.exec(
+            "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL)",
+            None,
+        )?;
+        Ok(sql)
+    }
+
+    fn load<T: DeserializeOwned>(&self, k: &str) -> ApiResult<Option<T>> {
+        let rows: Vec<BodyRow> = self
+            .sql()?
+            .exec("SELECT body FROM kv WHERE k = ?", vec![k.into()])?
+            .to_array()?;
+        match rows.first() {
+            Some(r) => Ok(Some(
+                serde_json::from_str(&r.body).map_err(ApiError::internal)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn save<T: Serialize>(&self, k: &str, v: &T) -> ApiResult<()> {
+        let body = serde_json::to_string(v).map_err(ApiError::internal)?;
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO kv (k, body) VALUES (?, ?)",
+            vec![k.into(), body.into()],
+        )?;
+        Ok(())
+    }
+
+    fn settings(&self) -> ApiResult<Settings> {
+        self.load("settings")?.ok_or_else(not_registered)
+    }
+
+    fn registry(&self) -> ApiResult<Registry> {
+        Ok(self.load("registry")?.unwrap_or_default())
+    }
+
+    fn pool(&self) -> ApiResult<Pool> {
+        Ok(self.load("pool")?.unwrap_or_default())
+    }
+
+    /// Changes the pool in one synchronous step (no await between load and save).
+    fn with_pool<T>(&self, f: impl FnOnce(&mut Pool) -> T) -> ApiResult<T> {
+        let mut p = self.pool()?;
+        let out = f(&mut p);
+        self.save("pool", &p)?;
+        Ok(out)
+    }
+
+    fn with_registry<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> ApiResult<T> {
+        let mut r = self.registry()?;
+        let out = f(&mut r);
+        self.save("registry", &r)?;
+        Ok(out)
+    }
+
+    async fn body<T: DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+        let bytes = req.bytes().await.map_err(ApiError::internal)?;
+        Ok(nightshift_core::wire::parse_body(&bytes)?)
+    }
+
+    async fn route(&self, mut req: Request) -> ApiResult<Response> {
+        let path = req.path();
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match (req.method(), segs.as_slice()) {
+            (Method::Post, ["register"]) => {
+                let s: Settings = Self::body(&mut req).await?;
+                self.register(s).await
+            }
+            (Method::Get, ["info"]) => json_of(200, &self.info()?),
+            (Method::Patch, ["settings"]) => {
+                let c: Change = Self::body(&mut req).await?;
+                self.change(c).await
+            }
+            (Method::Post, ["builds"]) => {
+                self.settings()?;
+                let (st, v) = self.start_build("manual").await?;
+                json_of(st, &v)
+            }
+            (Method::Get, ["builds", image, "logs"]) => {
+                self.settings()?;
+                if !self.registry()?.builds.iter().any(|b| b.image == *image) {
+                    return Err(ApiError::new(404, "image_not_found", "no such build"));
+                }
+                let follow = req.url()?.query().unwrap_or_default().contains("follow=1");
+                let q = if follow { "?follow=1" } else { "" };
+                Ok(provider::send(
+                    &self.env,
+                    Method::Get,
+                    &format!("/v1/images/{image}/logs{q}"),
+                    None,
+                )
+                .await?)
+            }
+            (Method::Post, ["rollback"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Rollback {
+                    image: String,
+                }
+                let b: Rollback = Self::body(&mut req).await?;
+                self.settings()?;
+                self.with_registry(|r| r.rollback(&b.image))?
+                    .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+                self.with_pool(|p| p.new_image(&b.image))?;
+                self.wake(0).await?;
+                json_of(200, &self.info()?)
+            }
+            (Method::Post, ["cron"]) => {
+                let s = self.settings()?;
+                let Some(slot) = cron_slot(now_ms(), s.build_every_min) else {
+                    return json_of(
+                        200,
+                        &json!({"built": false, "why": "scheduled builds are off"}),
+                    );
+                };
+                let reason = format!("cron:{slot}");
+                if self.registry()?.has_reason(&reason) {
+                    return json_of(
+                        200,
+                        &json!({"built": false, "why": "already built in this slot"}),
+                    );
+                }
+                let (_, v) = self.start_build(&reason).await?;
+                json_of(200, &json!({"built": true, "build": v}))
+            }
+            (Method::Post, ["claim"]) => {
+                let c: ClaimRequest = Self::body(&mut req).await?;
+                json_of(200, &self.claim(c).await?)
+            }
+            _ => Err(ApiError::not_found("route")),
+        }
+    }
+
+    async fn register(&self, s: Settings) -> ApiResult<Response> {
+        s.validate()
+            .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+        if self.load::<Settings>("settings")?.is_some() {
+            return Err(ApiError::new(
+                409,
+                "repository_exists",
+                format!("{} is already registered; change it with PATCH", s.name),
+            ));
+        }
+        self.save("settings", &s)?;
+        self.save("registry", &Registry::default())?;
+        self.save("pool", &Pool::new(s.pool_size, None))?;
+        // The first image is built at once; the pool fills from a plain clone meanwhile.
+        self.start_build("registered").await?;
+        self.wake(0).await?;
+        json_of(201, &self.info()?)
+    }
+
+    async fn change(&self, c: Change) -> ApiResult<Response> {
+        let old = self.settings()?;
+        let new = old
+            .apply(c)
+            .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+        self.save("settings", &new)?;
+        if new.pool_size != old.pool_size {
+            self.with_pool(|p| p.resize(new.pool_size))?;
+        }
+        let image_inputs = (&new.clone_url, &new.base_branch, &new.setup, &new.test);
+        if image_inputs != (&old.clone_url, &old.base_branch, &old.setup, &old.test) {
+            self.start_build("settings").await?;
+        }
+        self.wake(0).await?;
+        json_of(200, &self.info()?)
+    }
+
+    fn info(&self) -> ApiResult<Value> {
+        let s = self.settings()?;
+        let r = self.registry()?;
+        let p = self.pool()?;
+        let count = |slot: Slot| p.entries.values().filter(|e| e.slot == slot).count();
+        let builds: Vec<Value> = r
+            .builds
+            .iter()
+            .rev()
+            .map(|b| {
+                let mut v = serde_json::to_value(b).unwrap_or(Value::Null);
+                v["tags"] = json!(r.tags(b));
+                v
+            })
+            .collect();
+        Ok(json!({
+            "repository": s,
+            "latest_image": r.latest,
+            "builds": builds,
+            "pool": {
+                "target": p.target,
+                "image": p.image,
+                "ready": count(Slot::Ready),
+                "booting": count(Slot::Booting) + count(Slot::Requested),
+                "draining": count(Slot::Draining),
+                "claimed": p.claims.len(),
+                "sandboxes": p.entries.values().collect::<Vec<_>>(),
+            },
+        }))
+    }
+
+    /// Asks the provider for an image build and records it; one build at a time.
+    async fn start_build(&self, reason: &str) -> ApiResult<(u16, Value)> {
+        let s = self.settings()?;
+        if let Some(b) = self.registry()?.building() {
+            return Ok((202, serde_json::to_value(b).map_err(ApiError::internal)?));
+        }
+        let body = json!({
+            "repository": {"clone_url": s.clone_url, "base_branch": s.base_branch},
+            "setup": s.setup, "test": s.test,
+            "timeout_ms": config::build_timeout_ms(&self.env),
+            "labels": {"repository": s.name, "reason": reason},
+        });
+        let (st, v) = provider::call(&self.env, Method::Post, "/v1/images", Some(&body)).await?;
+        if st != 201 {
+            return Err(ApiError::new(
+                502,
+                "build_refused",
+                format!(
+                    "the provider refused the build ({st}): {}",
+                    v["error"]["message"].as_str().unwrap_or("no reason given")
+                ),
+            ));
+        }
+        let image = v["id"].as_str().unwrap_or_default().to_string();
+        let now = now_ms();
+        let reason = reason.to_string();
+        let b = self.with_registry(|r| {
+            // A second build started meanwhile (an overlapping cron): keep both, record this one.
+            r.started(&image, &reason, now);
+            r.builds.last().cloned()
+        })?;
+        self.wake(0).await?;
+        Ok((201, serde_json::to_value(b).map_err(ApiError::internal)?))
+    }
+
+    async fn claim(&self, c: ClaimRequest) -> ApiResult<ClaimAnswer> {
+        let s = self.settings()?;
+        let image = self.registry()?.latest;
+        let mut answer = ClaimAnswer {
+            sandbox: None,
+            expires_at: None,
+            image: image.clone(),
+            clone_url: s.clone_url,
+            base_branch: s.base_branch,
+        };
+        let Some(sbx) = self.with_pool(|p| p.claim(&c.session_id))? else {
+            return Ok(answer);
+        };
+        let body = json!({"session_id": c.session_id,
+            "supervisor": {"control_url": c.control_url, "sandbox_token": c.sandbox_token}});
+        let path = format!("/v1/sandboxes/{sbx}/assign");
+        let assigned = provider::call(&self.env, Method::Post, &path, Some(&body)).await;
+        match assigned {
+            Ok((200, v)) => {
+                answer.sandbox = Some(sbx);
+                answer.expires_at = v["expires_at"].as_u64();
+                answer.image = v["image"].as_str().map(String::from);
+            }
+            other => {
+                // Not usable after all: the session starts one itself; this one is retired.
+                console_error!("assigning pooled sandbox {sbx} failed: {other:?}");
+                self.with_pool(|p| p.unclaim(&c.session_id))?;
+                let path = format!("/v1/sandboxes/{sbx}/terminate");
+                let _ = provider::call(&self.env, Method::Post, &path, None).await;
+            }
+        }
+        self.wake(0).await?;
+        Ok(answer)
+    }
+
+    async fn wake(&self, after_ms: i64) -> ApiResult<()> {
+        let storage = self.state.storage();
+        let current = storage.get_alarm().await?;
+        let at = i64::try_from(now_ms())
+            .unwrap_or(i64::MAX)
+            .saturating_add(after_ms);
+        if current.is_none_or(|c| c > at) {
+            storage.set_alarm(after_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// One round of upkeep: follow builds, boot and refill the pool, drain old sandboxes.
+    /// Safe to run twice at once (duplicated alarms): every step re-reads the state.
+    async fn tick(&self) -> ApiResult<()> {
+        let Ok(settings) = self.settings() else {
+            return Ok(());
+        };
+        // Builds in progress.
+        let building: Vec<String> = self
+            .registry()?
+            .builds
+            .iter()
+            .filter(|b| b.status == "building")
+            .map(|b| b.image.clone())
+            .collect();
+        for image in building {
+            let (st, v) =
+                provider::call(&self.env, Method::Get, &format!("/v1/images/{image}"), None)
+                    .await?;
+            let status = v["status"].as_str().unwrap_or_default();
+            if st == 200 && status == "building" {
+                continue;
+            }
+            let ok = st == 200 && status == "ready";
+            let error = (!ok).then(|| {
+                format!(
+                    "{}: {}",
+                    v["error"]["code"].as_str().unwrap_or("image_not_found"),
+                    v["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the provider lost the build")
+                )
+            });
+            let now = now_ms();
+            let done = self.with_registry(|r| {
+                r.finished(
+                    &image,
+                    ok,
+                    v["commit"].as_str().map(String::from),
+                    v["test_exit_code"].as_i64().map(|c| c as i32),
+                    error,
+                    now,
+                )
+            })?;
+            if let Some(img) = &done.new_latest {
+                self.with_pool(|p| p.new_image(img))?;
+            }
+            for old in done.dropped {
+                let _ = provider::call(
+                    &self.env,
+                    Method::Delete,
+                    &format!("/v1/images/{old}"),
+                    None,
+                )
+                .await;
+            }
+        }
+        // Booting and ready sandboxes: ready, or gone.
+        let watched: Vec<(String, String, Slot)> = self
+            .pool()?
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.slot, Slot::Booting | Slot::Ready))
+            .filter_map(|(k, e)| e.sandbox.clone().map(|s| (k.clone(), s, e.slot)))
+            .collect();
+        for (key, sbx, slot) in watched {
+            let (st, v) = provider::call(
+                &self.env,
+                Method::Get,
+                &format!("/v1/sandboxes/{sbx}"),
+                None,
+            )
+            .await?;
+            let status = v["status"].as_str().unwrap_or_default();
+            if st == 404 || matches!(status, "failed" | "terminated" | "stopped") {
+                self.with_pool(|p| p.lost(&key))?;
+                if status == "stopped" {
+                    let _ = provider::call(
+                        &self.env,
+                        Method::Post,
+                        &format!("/v1/sandboxes/{sbx}/terminate"),
+                        None,
+                    )
+                    .await;
+                }
+            } else if slot == Slot::Booting && status == "ready" {
+                self.with_pool(|p| p.booted(&key))?;
+            }
+        }
+        // Drains owed.
+        for (key, sbx) in self.pool()?.pending_drains() {
+            let path = format!("/v1/sandboxes/{sbx}/terminate");
+            let (st, _) = provider::call(&self.env, Method::Post, &path, None).await?;
+            if st == 200 || st == 404 {
+                self.with_pool(|p| p.drained(&key))?;
+            }
+        }
+        // Refill (recorded before the provider is asked).
+        let now = now_ms();
+        let work = self.with_pool(|p| p.refill(now))?;
+        for w in work {
+            let Work::Create { key, image } = w else {
+                continue;
+            };
+            let body = json!({
+                "session_id": null,
+                "repository": {"clone_url": settings.clone_url, "base_branch": settings.base_branch},
+                "image": image,
+                "labels": {"pool": settings.name},
+            });
+            match provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await {
+                Ok((201, v)) => {
+                    let id = v["id"].as_str().unwrap_or_default().to_string();
+                    let drain = self.with_pool(|p| {
+                        p.created(&key, &id);
+                        p.entries
+                            .get(&key)
+                            .is_some_and(|e| e.slot == Slot::Draining)
+                    })?;
+                    if drain {
+                        let path = format!("/v1/sandboxes/{id}/terminate");
+                        let _ = provider::call(&self.env, Method::Post, &path, None).await;
+                        self.with_pool(|p| p.drained(&key))?;
+                    }
+                }
+                other => {
+                    console_error!("pool {}: create refused: {other:?}", settings.name);
+                    self.with_pool(|p| p.lost(&key))?;
+                }
+            }
+        }
+        // Poll quickly while anything is in flux; otherwise check the idle pool now and then.
+        let p = self.pool()?;
+        let busy = self.registry()?.building().is_some()
+            || p.entries
+                .values()
+                .any(|e| matches!(e.slot, Slot::Requested | Slot::Booting | Slot::Draining));
+        let next = if busy {
+            config::pool_poll_ms(&self.env)
+        } else if !p.entries.is_empty() {
+            60_000
+        } else {
+            return Ok(());
+        };
+        self.state
+            .storage()
+            .set_alarm(i64::try_from(next).unwrap_or(1000))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! How a session gets a sandbox: restore its newest snapshot, else claim a warm one from its repository's pool, else start one cold (from the latest image when there is one).
+
+use nightshift_core::snapshot::{Snapshots, Start};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use worker::{Env, Method, SqlStorage};
+
+use crate::config;
+use crate::error::ApiResult;
+use crate::provider;
+use crate::repositories::repository_stub;
+use crate::repository::ClaimAnswer;
+use crate::routes::call;
+use crate::store;
+
+/// Where the session's repository is cloned from (kept after the first start, for restores).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Source {
+    clone_url: String,
+    base_branch: String,
+}
+
+/// The key under which a session keeps its snapshots.
+pub const SNAPSHOTS: &str = "snapshots";
+const SOURCE: &str = "repository_source";
+
+/// The provider's answer (status, Sandbox object) and a sentence on how the sandbox was got.
+pub struct Started {
+    pub status: u16,
+    pub sandbox: Value,
+    pub how: String,
+}
+
+/// Starts (or claims) the session's sandbox. `repository` is a registered repository's name or a clone URL.
+pub async fn start(
+    env: &Env,
+    sql: &SqlStorage,
+    session_id: &str,
+    repository: &str,
+    token: &str,
+    now: u64,
+) -> ApiResult<Started> {
+    let control = config::control_url(env).unwrap_or_default();
+    let supervisor = json!({"control_url": control, "sandbox_token": token});
+    let labels = json!({"session": session_id});
+    let mut notes = Vec::new();
+    // 1. The newest live snapshot holds the session's earlier work.
+    let mut snaps: Snapshots = store::kv_get(sql, SNAPSHOTS)?.unwrap_or_default();
+    let source: Option<Source> = store::kv_get(sql, SOURCE)?;
+    while let (Start::Restore { snapshot, turn }, Some(src)) = (snaps.start(now), source.as_ref()) {
+        let body = json!({"session_id": session_id,
+            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
+            "supervisor": supervisor, "labels": labels});
+        let path = format!("/v1/snapshots/{snapshot}/restore");
+        let (status, v) = provider::call(env, Method::Post, &path, Some(&body)).await?;
+        if status == 201 {
+            return Ok(Started {
+                status,
+                sandbox: v,
+                how: format!("restored snapshot {snapshot} (the work of prompt {turn})"),
+            });
+        }
+        // Expired or lost at the provider: forget it and try the next, then start cold.
+        snaps.forget(&snapshot);
+        store::kv_put(sql, SNAPSHOTS, &snaps)?;
+        notes.push(format!(
+            "snapshot {snapshot} is gone ({}); starting fresh from the branch",
+            v["error"]["code"].as_str().unwrap_or("unknown")
+        ));
+    }
+    // 2. A registered repository: a warm sandbox, or its latest image.
+    let claimed = claim(env, session_id, repository, &control, token).await;
+    let src = match &claimed {
+        Some(c) => Source {
+            clone_url: c.clone_url.clone(),
+            base_branch: c.base_branch.clone(),
+        },
+        None => Source {
+            clone_url: repository.to_string(),
+            base_branch: "main".into(),
+        },
+    };
+    store::kv_put(sql, SOURCE, &src)?;
+    if let Some(ClaimAnswer {
+        sandbox: Some(id),
+        expires_at,
+        image,
+        ..
+    }) = &claimed
+    {
+        notes.push("claimed a warm sandbox from the pool".into());
+        return Ok(Started {
+            status: 201,
+            sandbox: json!({"id": id, "status": "ready", "expires_at": expires_at, "image": image}),
+            how: notes.join("; "),
+        });
+    }
+    let image = claimed.and_then(|c| c.image);
+    notes.push(match &image {
+        Some(i) => format!("starting a sandbox from image {i}"),
+        None => "starting a sandbox from a fresh clone".into(),
+    });
+    let body = json!({
+        "session_id": session_id,
+        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
+        "image": image,
+        "supervisor": supervisor,
+        "labels": labels,
+    });
+    let (status, v) = provider::call(env, Method::Post, "/v1/sandboxes", Some(&body)).await?;
+    Ok(Started {
+        status,
+        sandbox: v,
+        how: notes.join("; "),
+    })
+}
+
+/// Asks the repository's pool; `None` when the repository is not registered (or does not answer).
+async fn claim(
+    env: &Env,
+    session_id: &str,
+    repository: &str,
+    control: &str,
+    token: &str,
+) -> Option<ClaimAnswer> {
+    let stub = repository_stub(env, repository).ok()?;
+    let body = json!({"session_id": session_id, "control_url": control, "sandbox_token": token})
+        .to_string()
+        .into_bytes();
+    let mut r = call(&stub, Method::Post, "/claim", None, Some(body))
+        .await
+        .ok()?;
+    if r.status_code() != 200 {
+        return None;
+    }
+    r.json().await.ok()
+}
