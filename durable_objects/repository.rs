@@ -191,11 +191,15 @@ impl RepositoryObject {
                     );
                 };
                 let reason = format!("cron:{slot}");
-                if self.registry()?.has_reason(&reason) {
+                let r = self.registry()?;
+                if r.has_reason(&reason) {
                     return json_of(
                         200,
                         &json!({"built": false, "why": "already built in this slot"}),
                     );
+                }
+                if r.building().is_some() {
+                    return json_of(200, &json!({"built": false, "why": "a build is running"}));
                 }
                 let (_, v) = self.start_build(&reason).await?;
                 json_of(200, &json!({"built": true, "build": v}))
@@ -469,11 +473,12 @@ impl RepositoryObject {
             match provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await {
                 Ok((201, v)) => {
                     let id = v["id"].as_str().unwrap_or_default().to_string();
+                    // Not known any more (or drained while it was asked for): not wanted.
                     let drain = self.with_pool(|p| {
-                        p.created(&key, &id);
-                        p.entries
-                            .get(&key)
-                            .is_some_and(|e| e.slot == Slot::Draining)
+                        !p.created(&key, &id)
+                            || p.entries
+                                .get(&key)
+                                .is_some_and(|e| e.slot == Slot::Draining)
                     })?;
                     if drain {
                         let path = format!("/v1/sandboxes/{id}/terminate");

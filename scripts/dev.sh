@@ -37,7 +37,7 @@ PROVIDER_SECRET="$PROVIDER_SECRET" target/debug/nightshift-provider --port "$PRO
 pids+=($!)
 echo "Nightshift: http://127.0.0.1:$PORT  (dev sign-in: POST /auth/dev {\"user\":\"you\"}; API: /openapi.json)"
 wrangler dev --ip 127.0.0.1 --port "$PORT" --inspector-port "${INSPECTOR_PORT:-9229}" \
-  --persist-to .state/dev --show-interactive-dev-session=false \
+  --persist-to .state/dev --show-interactive-dev-session=false --test-scheduled \
   --var DEV_AUTH:1 --var AUTH_SECRET:"${AUTH_SECRET:-local-dev-secret-not-for-production}" \
   --var PROMPT_RUNNER:"${PROMPT_RUNNER:-sandbox}" \
   --var PROVIDER_URL:"http://127.0.0.1:$PROVIDER_PORT" --var PROVIDER_SECRET:"$PROVIDER_SECRET" \

@@ -86,6 +86,8 @@ pub async fn upkeep(
                 let id = v["id"].as_str().unwrap_or_default();
                 let exp = v["expires_at"].as_u64().unwrap_or(now);
                 s.taken(turn, id, now, exp);
+                // A turn that ended while this one was copied is snapshotted next.
+                s.near_limit();
             }
             Ok((status, v)) => {
                 console_error!("snapshot of turn {turn} refused ({status}): {v}");

@@ -81,7 +81,7 @@ impl Server {
         let root = repo_root();
         let inspector = free_port();
         let mut args = format!(
-            "source scripts/env.sh && exec wrangler dev --ip 127.0.0.1 --port {} --inspector-port {} --persist-to '{}' --show-interactive-dev-session=false --log-level warn",
+            "source scripts/env.sh && exec wrangler dev --ip 127.0.0.1 --port {} --inspector-port {} --persist-to '{}' --show-interactive-dev-session=false --test-scheduled --log-level warn",
             self.port,
             inspector,
             self.state_dir.join("do").display()

@@ -350,3 +350,134 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
         ws.seen
     );
 }
+
+#[tokio::test]
+async fn cold_starts_use_the_latest_image_cron_builds_once_per_slot_and_snapshots_are_kept_up() {
+    let recording = json!({"turns": [
+        {"text": "Checking.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat .warm", "description": "Show the warm-up file"}}]},
+        {"text": "Checked."}
+    ]});
+    // Sandboxes live 24 h; this margin asks for their snapshot 3 s after they start, and
+    // snapshots live 4 s, so the upkeep is seen within the test.
+    let (compute, server) = start(
+        recording,
+        &[
+            ("SNAPSHOT_MARGIN_MS", "86397000"),
+            ("SNAPSHOT_TTL_MS", "4000"),
+        ],
+    )
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("cold");
+    let settings = json!({"name": "cold", "clone_url": remote, "setup": ["echo warmed > .warm"]});
+    let (st, v) = api
+        .call("POST", "/repositories", &ada, Some(settings))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let v = repo_until(&api, &ada, "cold", "the first image", |v| {
+        !v["latest_image"].is_null()
+    })
+    .await;
+    let image = v["latest_image"].as_str().expect("image").to_string();
+
+    // The cron fires twice in one slot (a duplicated delivery): one build.
+    let cron = |server: &Server| {
+        let url = format!("{}/__scheduled?cron=*/30+*+*+*+*", server.base);
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("scheduled")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(cron(&server).await, 200);
+    let v = repo_until(&api, &ada, "cold", "the cron build", |v| {
+        v["builds"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("cron:"))
+            && v["builds"][0]["status"] == "ready"
+    })
+    .await;
+    assert_eq!(cron(&server).await, 200);
+    let (_, after) = api.call("GET", "/repositories/cold", &ada, None).await;
+    let crons = |v: &Value| {
+        v["builds"].as_array().map_or(0, |b| {
+            b.iter()
+                .filter(|b| b["reason"].as_str().is_some_and(|r| r.starts_with("cron:")))
+                .count()
+        })
+    };
+    assert_eq!((crons(&v), crons(&after)), (1, 1), "{after:#}");
+
+    // No pool: the prompt starts cold, from the latest image (its setup's file is there).
+    let latest = after["latest_image"].as_str().expect("latest").to_string();
+    assert_ne!(latest, image);
+    let (s1, _) = api
+        .create_session_on(&ada, "Cold", std::path::Path::new("cold"))
+        .await;
+    let mut ws = api.connect(&ada, &s1, "ada", 0).await;
+    let p1 = api.prompt(&ada, &s1, "Cold start").await;
+    assert_eq!(ws.finished(&p1).await["ok"], true);
+    let details = spawn_details(&ws);
+    assert!(
+        details
+            .iter()
+            .any(|d| d == &format!("starting a sandbox from image {latest}")),
+        "{details:?}"
+    );
+    assert!(
+        tool_output(&ws, &p1, "bash").contains("warmed"),
+        "{:?}",
+        ws.seen
+    );
+
+    // A sandbox nearing its time limit is snapshotted with no prompt run; expired snapshots are deleted.
+    let (s2, _) = api
+        .create_session_on(&ada, "Idle", std::path::Path::new("cold"))
+        .await;
+    let (st, v) = api
+        .call("POST", "/sandbox", &ada, Some(json!({"session_id": s2})))
+        .await;
+    assert!(st == 200 || st == 201, "{st} {v}");
+    let first = session_snapshot(&api, &ada, &s2, |s| !s.is_empty()).await[0].clone();
+    assert_eq!(first["turn"], 0, "{first}");
+    let id = first["id"].as_str().expect("snapshot id").to_string();
+    session_snapshot(&api, &ada, &s2, |s| {
+        !s.iter().any(|x| x["id"] == id.as_str())
+    })
+    .await;
+    let t = Instant::now();
+    loop {
+        let (st, _) = compute
+            .provider("GET", &format!("/v1/snapshots/{id}"), None)
+            .await;
+        if st == 404 && !compute.dir.join("provider/snapshots").join(&id).exists() {
+            break;
+        }
+        assert!(t.elapsed() < RUN, "expired snapshot {id} was never deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls the session's snapshots until `want` holds.
+async fn session_snapshot(
+    api: &Api,
+    who: &User,
+    session: &str,
+    want: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let (_, v) = api
+            .call("GET", &format!("/sessions/{session}"), who, None)
+            .await;
+        let snaps = v["snapshots"].as_array().cloned().unwrap_or_default();
+        if want(&snaps) {
+            return snaps;
+        }
+        assert!(t.elapsed() < RUN, "snapshots never as wanted: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
