@@ -23,6 +23,14 @@ pub struct ClaimRequest {
     pub session_id: String,
     pub control_url: String,
     pub sandbox_token: String,
+    /// `false`: only say how to start one (the session continues pushed work, which a
+    /// pooled sandbox synced to the base does not have).
+    #[serde(default = "yes")]
+    pub take: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -324,6 +332,9 @@ impl RepositoryObject {
             clone_url: s.clone_url,
             base_branch: s.base_branch,
         };
+        if !c.take {
+            return Ok(answer);
+        }
         let Some(sbx) = self.with_pool(|p| p.claim(&c.session_id))? else {
             return Ok(answer);
         };

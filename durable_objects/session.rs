@@ -589,6 +589,12 @@ impl SessionObject {
                 let turn_ended = accepted
                     .iter()
                     .any(|e| matches!(e, link::AgentEvent::Done { .. }));
+                let pushed = accepted.iter().find_map(|e| match e {
+                    link::AgentEvent::Done {
+                        branch: Some(b), ..
+                    } => Some(b.clone()),
+                    _ => None,
+                });
                 if !accepted.is_empty() {
                     // Output of a prompt that is no longer running is skipped by the core.
                     if let Err(e) = self
@@ -610,6 +616,10 @@ impl SessionObject {
                     ws,
                     &serde_json::json!({"type": "ack", "n": l.last_n}).to_string(),
                 );
+                if let Some(b) = pushed {
+                    // A later cold start continues this branch (src/sandbox_start.rs).
+                    store::kv_put(&sql, sandbox_start::BRANCH, &b)?;
+                }
                 if turn_ended && snapshots::turn_ended(&sql)? {
                     // Taken by the alarm, so the acknowledgement never waits for a copy.
                     self.schedule_alarm(now).await?;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-#! Runs every test: format and lint checks, the core's unit tests and model checks, end-to-end tests against wrangler dev, then the web app's browser tests.
+#! Runs every test: format and lint checks, the core's unit tests and model checks, end-to-end tests against wrangler dev, the Modal provider's tests, then the web app's browser tests.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,5 +15,7 @@ echo "[test] cargo test (core, model checks, end to end)"
 # End-to-end tests each start their own wrangler dev; three at a time suits two cores.
 cargo build -q -p nightshift-sandbox --bins
 cargo test --workspace -- --test-threads 3
+echo "[test] Modal provider: HTTP layer and backend with the Modal SDK replaced at its seam (Python standard library)"
+python3 -m unittest discover -s modal_provider/tests -t modal_provider
 echo "[test] web app: model unit tests and browser tests (headless Chromium against wrangler dev)"
 node --test web/test/model.test.mjs web/test/browser.test.mjs

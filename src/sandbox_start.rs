@@ -23,6 +23,8 @@ struct Source {
 /// The key under which a session keeps its snapshots.
 pub const SNAPSHOTS: &str = "snapshots";
 const SOURCE: &str = "repository_source";
+/// The key under which a session keeps the branch its work was pushed to.
+pub const BRANCH: &str = "branch";
 
 /// The provider's answer (status, Sandbox object) and a sentence on how the sandbox was got.
 pub struct Started {
@@ -64,12 +66,15 @@ pub async fn start(
         snaps.forget(&snapshot);
         store::kv_put(sql, SNAPSHOTS, &snaps)?;
         notes.push(format!(
-            "snapshot {snapshot} is gone ({}); starting fresh from the branch",
+            "snapshot {snapshot} is gone ({}); starting fresh",
             v["error"]["code"].as_str().unwrap_or("unknown")
         ));
     }
-    // 2. A registered repository: a warm sandbox, or its latest image.
-    let claimed = claim(env, session_id, repository, &control, token).await;
+    // 2. A registered repository: a warm sandbox, or its latest image. A session with pushed
+    // work continues its branch, which a pooled sandbox (synced to the base) does not have.
+    let branch: Option<String> = store::kv_get(sql, BRANCH)?;
+    let take = branch.is_none();
+    let claimed = claim(env, session_id, repository, &control, token, take).await;
     let src = match &claimed {
         Some(c) => Source {
             clone_url: c.clone_url.clone(),
@@ -100,10 +105,18 @@ pub async fn start(
         Some(i) => format!("starting a sandbox from image {i}"),
         None => "starting a sandbox from a fresh clone".into(),
     });
+    if let Some(b) = &branch {
+        notes.push(format!("continuing {b}"));
+    }
+    let env_vars = match &branch {
+        Some(b) => json!({"NIGHTSHIFT_CONTINUE_BRANCH": b}),
+        None => json!({}),
+    };
     let body = json!({
         "session_id": session_id,
         "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
         "image": image,
+        "env": env_vars,
         "supervisor": supervisor,
         "labels": labels,
     });
@@ -122,9 +135,10 @@ async fn claim(
     repository: &str,
     control: &str,
     token: &str,
+    take: bool,
 ) -> Option<ClaimAnswer> {
     let stub = repository_stub(env, repository).ok()?;
-    let body = json!({"session_id": session_id, "control_url": control, "sandbox_token": token})
+    let body = json!({"session_id": session_id, "control_url": control, "sandbox_token": token, "take": take})
         .to_string()
         .into_bytes();
     let mut r = call(&stub, Method::Post, "/claim", None, Some(body))

@@ -46,6 +46,9 @@ pub struct Settings {
     pub sync_gate_file: Option<PathBuf>,
     /// Environment for OpenCode (model keys and the like).
     pub env: BTreeMap<String, String>,
+    /// The session's pushed branch to continue on instead of the base (a cold start of a
+    /// session that already has work, when no snapshot could be restored).
+    pub continue_branch: Option<String>,
 }
 
 impl Settings {
@@ -97,6 +100,10 @@ impl Settings {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             sync_gate_file: all.get("NIGHTSHIFT_SYNC_GATE_FILE").map(PathBuf::from),
+            continue_branch: all
+                .get("NIGHTSHIFT_CONTINUE_BRANCH")
+                .filter(|b| b.starts_with("nightshift/"))
+                .cloned(),
             env: all
                 .into_iter()
                 .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
@@ -273,6 +280,20 @@ async fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Works on the session's branch as the checkout has it: the sync is done.
+async fn continue_on(s: &Shared, branch: &str, why: &str) {
+    let commit = git(&s.cfg.repo(), &["rev-parse", "HEAD"])
+        .await
+        .unwrap_or_default();
+    if let Ok(mut b) = s.branch.lock() {
+        *b = Some(branch.to_string());
+    }
+    if let Ok(mut g) = s.gate.lock() {
+        g.synced(&commit);
+    }
+    s.status("synced", &format!("continuing {branch} at {commit} {why}"));
+}
+
 /// Brings the checkout to the latest base branch, unless the agent has already written.
 pub async fn sync(s: Shared) {
     let started = s.gate.lock().map(|mut g| g.start_sync()).unwrap_or(false);
@@ -295,18 +316,19 @@ pub async fn sync(s: Shared) {
         .await
         .unwrap_or_default();
     if head_branch.starts_with("nightshift/") {
-        let commit = git(&repo, &["rev-parse", "HEAD"]).await.unwrap_or_default();
-        if let Ok(mut b) = s.branch.lock() {
-            *b = Some(head_branch.clone());
+        return continue_on(&s, &head_branch, "from the snapshot").await;
+    }
+    // A cold start of a session with pushed work continues its branch.
+    if let Some(b) = &s.cfg.continue_branch {
+        let fetched = git(&repo, &["fetch", "--quiet", "origin", b]).await;
+        let checked = match fetched {
+            Ok(_) => git(&repo, &["checkout", "--quiet", "-B", b, "FETCH_HEAD"]).await,
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(_) => return continue_on(&s, b, "(the session's pushed work)").await,
+            Err(e) => log(&format!("cannot continue {b}: {e}; syncing the base")),
         }
-        if let Ok(mut g) = s.gate.lock() {
-            g.synced(&commit);
-        }
-        s.status(
-            "synced",
-            &format!("continuing {head_branch} at {commit} from the snapshot"),
-        );
-        return;
     }
     let result = async {
         git(&repo, &["fetch", "--quiet", "origin", &s.cfg.base_branch]).await?;

@@ -293,7 +293,9 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
         {"when": "Write notes", "text": "Written."},
         // The restored sandbox's agent starts a new conversation (the files are what carries over).
         {"when": "Read the notes", "text": "Reading them back.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat notes.txt", "description": "Read the notes"}}]},
-        {"when": "Read the notes", "text": "They survived."}
+        {"when": "Read the notes", "text": "They survived."},
+        {"when": "Start over", "text": "Looking again.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat notes.txt", "description": "Read the notes"}}]},
+        {"when": "Start over", "text": "Still here."}
     ]});
     let (compute, server) = start(recording, &[("SANDBOX_GRACE_MS", "1000")]).await;
     let api = server.client();
@@ -346,6 +348,64 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
     );
     assert!(
         tool_output(&ws, &p2, "bash").contains("turn one"),
+        "{:?}",
+        ws.seen
+    );
+
+    // The provider loses every snapshot and the sandbox dies again: the session says so and
+    // starts fresh, continuing its pushed branch (turn one's commit is there).
+    let snaps = session_snapshot(&api, &ada, &id, |s| {
+        s.last().is_some_and(|x| x["turn"] == 2)
+    })
+    .await;
+    for s in &snaps {
+        let (st, _) = compute
+            .provider(
+                "DELETE",
+                &format!("/v1/snapshots/{}", s["id"].as_str().unwrap_or("?")),
+                None,
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let (_, mine) = api
+        .call("GET", &format!("/sandbox?session_id={id}"), &ada, None)
+        .await;
+    let live = mine["sandboxes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["status"] == "ready"))
+        .cloned();
+    let sbx = live
+        .and_then(|s| s["id"].as_str().map(String::from))
+        .expect("the restored sandbox");
+    let mark = ws.last_seq;
+    compute
+        .provider("POST", &format!("/v1/sandboxes/{sbx}/terminate"), None)
+        .await;
+    ws.event_within(RUN, "sandbox.status", |e| {
+        e["stage"] == "lost" && e["seq"].as_u64() > Some(mark)
+    })
+    .await;
+    let p3 = api.prompt(&ada, &id, "Start over").await;
+    assert_eq!(ws.finished(&p3).await["ok"], true);
+    let details: Vec<String> = spawn_details(&ws)
+        .into_iter()
+        .skip(restored.len())
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("is gone (snapshot_not_found); starting fresh")),
+        "{details:?}"
+    );
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains(&format!("continuing nightshift/{id}"))),
+        "{details:?}"
+    );
+    assert!(
+        tool_output(&ws, &p3, "bash").contains("turn one"),
         "{:?}",
         ws.seen
     );

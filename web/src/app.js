@@ -87,7 +87,10 @@ function signIn() {
 async function sessionsList() {
   main.innerHTML = `<section class="card"><h1>Sessions</h1><p class="muted" aria-busy="true">Loading your sessions…</p></section>`;
   let list;
+  // Registered repositories start sessions on warm sandboxes; suggest them first.
+  const registered = api("GET", "/repositories").then((r) => r.repositories || [], () => []);
   try { list = (await api("GET", "/sessions")).sessions || []; } catch (e) { toast(explain(e), "error"); if (e.status === 401) return route(); list = []; }
+  const repos = await registered;
   const mine = list.filter((s) => s.role === "owner");
   const shared = list.filter((s) => s.role !== "owner");
   const byRepo = new Map();
@@ -101,8 +104,8 @@ async function sessionsList() {
       <h1>New session</h1>
       <form id="new" class="stack">
         <label>Title <input name="title" required maxlength="200" placeholder="Fix the flaky login test"></label>
-        <label>Repository (clone URL or local path) <input name="repository" maxlength="1000" placeholder="/path/to/repo" list="repos"></label>
-        <datalist id="repos">${[...byRepo.keys()].filter((r) => r !== "(no repository)").map((r) => `<option value="${esc(r)}">`).join("")}</datalist>
+        <label>Repository (a registered name, a clone URL or a local path) <input name="repository" maxlength="1000" placeholder="/path/to/repo" list="repos"></label>
+        <datalist id="repos">${repos.map((r) => `<option value="${esc(r.repository.name)}" label="registered · ${r.pool.ready} warm">`).join("")}${[...byRepo.keys()].filter((r) => r !== "(no repository)" && !repos.some((x) => x.repository.name === r)).map((r) => `<option value="${esc(r)}">`).join("")}</datalist>
         <label>First prompt <textarea name="prompt" rows="3" maxlength="20000" placeholder="What should the agent do?"></textarea></label>
         <button class="primary" type="submit">Start session</button>
       </form>

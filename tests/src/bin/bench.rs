@@ -92,12 +92,16 @@ async fn drain(ws: &mut Ws, quiet: Duration) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let only = std::env::args().nth(1);
-    if only.as_deref() != Some("agent") {
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("control") {
         control_plane().await;
     }
-    if only.as_deref() != Some("control") {
+    if run("agent") {
         agent_events().await;
         agent().await;
+    }
+    if run("pools") {
+        pools().await;
     }
 }
 
@@ -240,38 +244,6 @@ async fn agent_events() {
     );
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A signed provider call (contract v1).
-async fn provider(
-    c: &Compute,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> serde_json::Value {
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    let ts = now_ms();
-    let sig = nightshift_core::signing::sign(c.secret.as_bytes(), method, path, ts, &bytes)
-        .expect("sign");
-    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    reqwest::Client::new()
-        .request(m, format!("{}{path}", c.provider_url))
-        .header(nightshift_core::signing::TIMESTAMP_HEADER, ts.to_string())
-        .header(nightshift_core::signing::SIGNATURE_HEADER, sig)
-        .body(bytes)
-        .send()
-        .await
-        .expect("provider")
-        .json()
-        .await
-        .expect("json")
-}
-
 /// The agent path: sandbox create -> ready (cold), and prompt -> first agent event with a ready sandbox.
 async fn agent() {
     let turns: Vec<serde_json::Value> = (0..40)
@@ -283,10 +255,12 @@ async fn agent() {
     let mut cold = Vec::new();
     for i in 0..5 {
         let t = Instant::now();
-        let s = provider(&compute, "POST", "/v1/sandboxes", Some(json!({"session_id": format!("ses_bench{i}"), "repository": {"clone_url": remote, "base_branch": "main"}}))).await;
+        let (_, s) = compute.provider("POST", "/v1/sandboxes", Some(json!({"session_id": format!("ses_bench{i}"), "repository": {"clone_url": remote, "base_branch": "main"}}))).await;
         let id = s["id"].as_str().expect("sandbox id").to_string();
         loop {
-            let g = provider(&compute, "GET", &format!("/v1/sandboxes/{id}"), None).await;
+            let (_, g) = compute
+                .provider("GET", &format!("/v1/sandboxes/{id}"), None)
+                .await;
             if g["status"] == "ready" {
                 break;
             }
@@ -294,13 +268,9 @@ async fn agent() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         cold.push(ms(t.elapsed()));
-        provider(
-            &compute,
-            "POST",
-            &format!("/v1/sandboxes/{id}/terminate"),
-            None,
-        )
-        .await;
+        compute
+            .provider("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+            .await;
     }
     report(
         "sandbox create -> ready (cold: clone, sync, OpenCode up)",
@@ -501,4 +471,166 @@ async fn control_plane() {
         min as f64 / secs,
         min
     );
+}
+
+/// Waits for the session's sandbox to report `ready` after event `after` (a seq); returns when.
+async fn ready_after(ws: &mut Ws, after: u64) -> Instant {
+    ws.event_within(Duration::from_secs(120), "sandbox.status", |e| {
+        e["stage"] == "ready" && e["seq"].as_u64() > Some(after)
+    })
+    .await;
+    Instant::now()
+}
+
+/// Waits until a repository's pool holds `n` ready sandboxes of its latest image.
+async fn pool_full(api: &Api, who: &User, name: &str) {
+    let t = Instant::now();
+    loop {
+        let (_, v) = api
+            .call("GET", &format!("/repositories/{name}"), who, None)
+            .await;
+        let p = &v["pool"];
+        if !v["latest_image"].is_null()
+            && p["image"] == v["latest_image"]
+            && p["ready"] == p["target"]
+            && p["booting"] == 0
+        {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "pool never filled: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Fast starts: from the moment a person acts to the session's sandbox reporting `ready`.
+async fn pools() {
+    let turns: Vec<serde_json::Value> = (0..40)
+        .map(|i| json!({"text": format!("ok {i}")}))
+        .collect();
+    let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
+    let owned = compute.vars();
+    let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.push(("SANDBOX_GRACE_MS", "300"));
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    println!("Nightshift fast-start benchmark (local provider, real OpenCode, scripted model): action -> session's sandbox `ready`");
+    let remote = compute.remote_repo("pools");
+    for (name, size) in [("warm", 1), ("cold", 0)] {
+        let body = json!({"name": name, "clone_url": remote, "setup": ["echo warmed > .warm"], "pool_size": size});
+        let (st, v) = api.call("POST", "/repositories", &ada, Some(body)).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let (mut claim, mut typing, mut image, mut clone, mut restore) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..5 {
+        // A prompt in a session of a repository with a warm pool.
+        pool_full(&api, &ada, "warm").await;
+        let (id, _) = api
+            .create_session_on(&ada, "claim", std::path::Path::new("warm"))
+            .await;
+        let mut ws = api.connect(&ada, &id, "bench", 0).await;
+        let mark = ws.last_seq;
+        let t = Instant::now();
+        api.prompt(&ada, &id, &format!("claim {i}")).await;
+        claim.push(ms(ready_after(&mut ws, mark).await - t));
+        end_sandboxes(&compute, &id).await;
+
+        // Typing claims before the prompt.
+        pool_full(&api, &ada, "warm").await;
+        let (id, _) = api
+            .create_session_on(&ada, "typing", std::path::Path::new("warm"))
+            .await;
+        let mut ws = api.connect(&ada, &id, "bench", 0).await;
+        let mark = ws.last_seq;
+        let t = Instant::now();
+        ws.send(json!({"type": "typing", "typing": true})).await;
+        typing.push(ms(ready_after(&mut ws, mark).await - t));
+        end_sandboxes(&compute, &id).await;
+
+        // No pool: cold from the latest image, and cold from a fresh clone.
+        for (repo, out) in [
+            (std::path::PathBuf::from("cold"), &mut image),
+            (remote.clone(), &mut clone),
+        ] {
+            // The warm pool's refill boots a sandbox too: measure on a quiet machine.
+            pool_full(&api, &ada, "warm").await;
+            let (id, _) = api.create_session_on(&ada, "cold", &repo).await;
+            let mut ws = api.connect(&ada, &id, "bench", 0).await;
+            let mark = ws.last_seq;
+            let t = Instant::now();
+            api.prompt(&ada, &id, &format!("cold {i}")).await;
+            out.push(ms(ready_after(&mut ws, mark).await - t));
+            end_sandboxes(&compute, &id).await;
+        }
+    }
+    // Restore: a follow-up after the sandbox exited starts from the newest snapshot.
+    pool_full(&api, &ada, "warm").await;
+    let (id, _) = api.create_session_on(&ada, "restore", &remote).await;
+    let mut ws = api.connect(&ada, &id, "bench", 0).await;
+    for i in 0..5 {
+        // Finished prompts so far: this one, and a turn and a follow-up per earlier round.
+        let p = api.prompt(&ada, &id, &format!("turn {i}")).await;
+        ws.finished(&p).await;
+        let t = Instant::now();
+        loop {
+            let (_, v) = api
+                .call("GET", &format!("/sessions/{id}"), &ada, None)
+                .await;
+            if v["snapshots"]
+                .as_array()
+                .and_then(|s| s.last())
+                .is_some_and(|s| s["turn"] == 2 * i + 1)
+            {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no snapshot: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        end_sandboxes(&compute, &id).await;
+        let lost = ws
+            .event_within(Duration::from_secs(60), "sandbox.status", |e| {
+                e["stage"] == "lost" && e["seq"].as_u64() > Some(0)
+            })
+            .await;
+        let mark = ws.last_seq.max(lost["seq"].as_u64().unwrap_or(0));
+        let t = Instant::now();
+        api.prompt(&ada, &id, &format!("follow-up {i}")).await;
+        restore.push(ms(ready_after(&mut ws, mark).await - t));
+        ws.seen.clear();
+    }
+    report(
+        "claim -> ready (prompt in a session of a warm-pooled repository)",
+        &mut claim,
+    );
+    report(
+        "typing -> ready (typing claims before the prompt)",
+        &mut typing,
+    );
+    report(
+        "restore -> ready (follow-up after the sandbox exited)",
+        &mut restore,
+    );
+    report("cold -> ready (no pool; from the latest image)", &mut image);
+    report(
+        "cold -> ready (unregistered repository; fresh clone)",
+        &mut clone,
+    );
+}
+
+/// Terminates every sandbox of a session at the provider (the bench keeps the machine quiet).
+async fn end_sandboxes(compute: &Compute, session: &str) {
+    let (_, v) = compute
+        .provider("GET", &format!("/v1/sandboxes?session_id={session}"), None)
+        .await;
+    for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+        if let Some(id) = s["id"].as_str() {
+            compute
+                .provider("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+                .await;
+        }
+    }
 }

@@ -1,0 +1,280 @@
+"""Strict parsing of the contract's request bodies into typed requests: unknown fields, duplicate keys and wrong types are `invalid_body`."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProviderError, invalid_body
+
+MAX_SETUP_COMMANDS = 50
+MAX_COMMAND_BYTES = 4096
+_U64_MAX = (1 << 64) - 1
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Repository:
+    clone_url: str
+    base_branch: str = "main"
+
+    def to_json(self) -> dict[str, str]:
+        return {"clone_url": self.clone_url, "base_branch": self.base_branch}
+
+
+@dataclass(frozen=True)
+class SupervisorSpec:
+    control_url: str
+    sandbox_token: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"control_url": self.control_url, "sandbox_token": self.sandbox_token}
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    session_id: str | None
+    repository: Repository
+    image: str | None = None
+    snapshot: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    supervisor: SupervisorSpec | None = None
+    timeout_ms: int | None = None
+    lifetime_ms: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "repository": self.repository.to_json(),
+            "image": self.image,
+            "snapshot": self.snapshot,
+            "env": dict(self.env),
+            "supervisor": self.supervisor.to_json() if self.supervisor else None,
+            "timeout_ms": self.timeout_ms,
+            "lifetime_ms": self.lifetime_ms,
+            "labels": dict(self.labels),
+        }
+
+    @staticmethod
+    def from_json(v: dict[str, Any]) -> CreateRequest:
+        """Reads back what `to_json` stored (trusted: no validation)."""
+        sup = v["supervisor"]
+        return CreateRequest(
+            session_id=v["session_id"],
+            repository=Repository(**v["repository"]),
+            image=v["image"],
+            snapshot=v["snapshot"],
+            env=dict(v["env"]),
+            supervisor=SupervisorSpec(**sup) if sup else None,
+            timeout_ms=v["timeout_ms"],
+            lifetime_ms=v["lifetime_ms"],
+            labels=dict(v["labels"]),
+        )
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    command: list[str]
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_ms: int | None = None
+    stdin: str | None = None
+
+
+@dataclass(frozen=True)
+class AssignRequest:
+    session_id: str
+    supervisor: SupervisorSpec
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    repository: Repository
+    setup: list[str] = field(default_factory=list)
+    test: str | None = None
+    timeout_ms: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise invalid_body(f"the body does not match the contract: duplicate field `{k}`")
+        out[k] = v
+    return out
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object."""
+    try:
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except ProviderError:
+        raise
+    except (UnicodeDecodeError, ValueError) as e:
+        raise invalid_body(f"the body is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise invalid_body("the body must be a JSON object")
+    return value
+
+
+def _fields(v: Any, where: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise invalid_body(f"`{where}` must be an object")
+    unknown = sorted(set(v) - allowed)
+    if unknown:
+        raise invalid_body(f"unknown field `{unknown[0]}` in `{where}`; expected one of {sorted(allowed)}")
+    missing = sorted(required - set(v))
+    if missing:
+        raise invalid_body(f"missing field `{missing[0]}` in `{where}`")
+    return v
+
+
+def _string(v: Any, name: str) -> str:
+    if not isinstance(v, str):
+        raise invalid_body(f"`{name}` must be a string")
+    return v
+
+
+def _opt_string(v: Any, name: str) -> str | None:
+    return None if v is None else _string(v, name)
+
+
+def _opt_u64(v: Any, name: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U64_MAX:
+        raise invalid_body(f"`{name}` must be a non-negative integer (milliseconds)")
+    return v
+
+
+def _string_map(v: Any, name: str) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise invalid_body(f"`{name}` must be an object of strings")
+    return dict(v)
+
+
+def _repository(v: Any) -> Repository:
+    r = _fields(v, "repository", {"clone_url", "base_branch"}, {"clone_url"})
+    return Repository(
+        clone_url=_string(r["clone_url"], "repository.clone_url"),
+        base_branch=_string(r.get("base_branch", "main"), "repository.base_branch"),
+    )
+
+
+def _supervisor(v: Any, name: str) -> SupervisorSpec:
+    s = _fields(v, name, {"control_url", "sandbox_token"}, {"control_url", "sandbox_token"})
+    return SupervisorSpec(
+        control_url=_string(s["control_url"], f"{name}.control_url"),
+        sandbox_token=_string(s["sandbox_token"], f"{name}.sandbox_token"),
+    )
+
+
+_CREATE_FIELDS = {
+    "session_id",
+    "repository",
+    "image",
+    "snapshot",
+    "env",
+    "supervisor",
+    "timeout_ms",
+    "lifetime_ms",
+    "labels",
+}
+
+
+def create_request(body: bytes, *, allow_snapshot: bool = True) -> CreateRequest:
+    """`POST /v1/sandboxes` (and, without `snapshot`, `POST /v1/snapshots/{id}/restore`)."""
+    allowed = _CREATE_FIELDS if allow_snapshot else _CREATE_FIELDS - {"snapshot"}
+    b = _fields(parse_json(body), "body", allowed, {"repository"})
+    sup = b.get("supervisor")
+    c = CreateRequest(
+        session_id=_opt_string(b.get("session_id"), "session_id"),
+        repository=_repository(b["repository"]),
+        image=_opt_string(b.get("image"), "image"),
+        snapshot=_opt_string(b.get("snapshot"), "snapshot"),
+        env=_string_map(b.get("env", {}), "env"),
+        supervisor=None if sup is None else _supervisor(sup, "supervisor"),
+        timeout_ms=_opt_u64(b.get("timeout_ms"), "timeout_ms"),
+        lifetime_ms=_opt_u64(b.get("lifetime_ms"), "lifetime_ms"),
+        labels=_string_map(b.get("labels", {}), "labels"),
+    )
+    if c.session_id == "" or not c.repository.clone_url:
+        raise invalid_body("session_id (or null for a pooled sandbox) and repository.clone_url are required")
+    if c.lifetime_ms == 0:
+        raise invalid_body("`lifetime_ms` must be positive")
+    return c
+
+
+def exec_request(body: bytes) -> ExecRequest:
+    """`POST /v1/sandboxes/{id}/exec`."""
+    b = _fields(parse_json(body), "body", {"command", "cwd", "env", "timeout_ms", "stdin"}, {"command"})
+    command = b["command"]
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        raise invalid_body("`command` must be an array of strings")
+    env = _string_map(b.get("env", {}), "env")
+    bad = [k for k in env if not _ENV_NAME.fullmatch(k) or "\0" in env[k]]
+    if bad:
+        raise invalid_body(f"`env` names must be shell variable names without NUL values: `{bad[0]}`")
+    cwd = _opt_string(b.get("cwd"), "cwd")
+    if cwd is not None and (".." in cwd.split("/") or "\0" in cwd):
+        raise invalid_body("`cwd` may not leave the checkout")
+    if not command or not command[0] or any("\0" in a for a in command):
+        raise ProviderError(400, "invalid_command", '`command` must name a program: ["git", "status"]')
+    return ExecRequest(
+        command=list(command),
+        cwd=cwd,
+        env=env,
+        timeout_ms=_opt_u64(b.get("timeout_ms"), "timeout_ms"),
+        stdin=_opt_string(b.get("stdin"), "stdin"),
+    )
+
+
+def snapshot_ttl(body: bytes) -> int | None:
+    """`POST /v1/sandboxes/{id}/snapshot`: the optional `ttl_ms` (an empty body is allowed)."""
+    if not body:
+        return None
+    b = _fields(parse_json(body), "body", {"ttl_ms"}, set())
+    return _opt_u64(b.get("ttl_ms"), "ttl_ms")
+
+
+def assign_request(body: bytes) -> AssignRequest:
+    """`POST /v1/sandboxes/{id}/assign`."""
+    b = _fields(parse_json(body), "body", {"session_id", "supervisor"}, {"session_id", "supervisor"})
+    a = AssignRequest(
+        session_id=_string(b["session_id"], "session_id"),
+        supervisor=_supervisor(b["supervisor"], "supervisor"),
+    )
+    if not a.session_id:
+        raise invalid_body("session_id is empty")
+    return a
+
+
+def build_request(body: bytes) -> BuildRequest:
+    """`POST /v1/images`."""
+    b = _fields(parse_json(body), "body", {"repository", "setup", "test", "timeout_ms", "labels"}, {"repository"})
+    setup = b.get("setup", [])
+    if not isinstance(setup, list) or not all(isinstance(c, str) for c in setup):
+        raise invalid_body("`setup` must be an array of strings")
+    r = BuildRequest(
+        repository=_repository(b["repository"]),
+        setup=list(setup),
+        test=_opt_string(b.get("test"), "test"),
+        timeout_ms=_opt_u64(b.get("timeout_ms"), "timeout_ms"),
+        labels=_string_map(b.get("labels", {}), "labels"),
+    )
+    commands = r.setup + ([r.test] if r.test is not None else [])
+    if (
+        not r.repository.clone_url
+        or not r.repository.base_branch
+        or len(r.setup) > MAX_SETUP_COMMANDS
+        or any(not c.strip() or len(c.encode()) > MAX_COMMAND_BYTES for c in commands)
+    ):
+        raise invalid_body(
+            "a build needs repository.clone_url and base_branch, and at most "
+            f"{MAX_SETUP_COMMANDS} non-empty commands of at most {MAX_COMMAND_BYTES} bytes"
+        )
+    return r
