@@ -649,6 +649,9 @@ pub async fn start_with_compute(
     let compute = Compute::start(&recording, provider_env).await;
     let owned = compute.vars();
     let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Test clients do not ping; agent runs on a loaded machine can outlast the default
+    // 60 s presence sweep, which would close their sockets mid-test.
+    vars.push(("HEARTBEAT_TIMEOUT_MS", "900000"));
     vars.extend_from_slice(extra);
     let server = Server::start(&vars).await;
     (compute, server)

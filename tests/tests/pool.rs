@@ -131,6 +131,30 @@ async fn warm_pools_serve_prompts_and_typing_and_a_new_image_drains_them() {
             .is_some_and(|t| t.contains(&json!("latest"))),
         "{v}"
     );
+    // The build's log is visible (server-sent events from the provider's build log).
+    let log = reqwest::Client::new()
+        .get(format!(
+            "{}/repositories/demo/builds/{first_image}/logs",
+            server.base
+        ))
+        .bearer_auth(&ada.token)
+        .send()
+        .await
+        .expect("build log")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        log.contains("data: $ echo warmed > .warm") && log.contains("data: image ready"),
+        "{log}"
+    );
+    let (st, nope) = api
+        .call("GET", "/repositories/demo/builds/img_nope/logs", &ada, None)
+        .await;
+    assert_eq!(
+        (st, nope["error"]["code"].as_str()),
+        (404, Some("image_not_found"))
+    );
     let pooled = v["pool"]["sandboxes"][0]["sandbox"]
         .as_str()
         .expect("pooled")
@@ -440,6 +464,29 @@ async fn cold_starts_use_the_latest_image_cron_builds_once_per_slot_and_snapshot
     })
     .await;
     let image = v["latest_image"].as_str().expect("image").to_string();
+
+    // A repository that cannot be cloned: its build fails visibly; nothing becomes latest.
+    let missing = compute.dir.join("missing.git");
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "gone", "clone_url": missing})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let v = repo_until(&api, &ada, "gone", "the failed build", |v| {
+        v["builds"][0]["status"] == "failed"
+    })
+    .await;
+    assert!(
+        v["builds"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("repository_not_found")),
+        "{v}"
+    );
+    assert!(v["latest_image"].is_null(), "{v}");
 
     // The cron fires twice in one slot (a duplicated delivery): one build.
     let cron = |server: &Server| {

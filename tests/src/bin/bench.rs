@@ -514,6 +514,7 @@ async fn pools() {
     let owned = compute.vars();
     let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     vars.push(("SANDBOX_GRACE_MS", "300"));
+    vars.push(("HEARTBEAT_TIMEOUT_MS", "900000"));
     let server = Server::start(&vars).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
