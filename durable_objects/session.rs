@@ -23,7 +23,7 @@ use crate::error::{json_of, ApiError, ApiResult};
 use crate::platform::{new_id, now_ms, random_hex};
 use crate::provider;
 use crate::runner::{self, PromptRunner};
-use crate::{sandbox_start, snapshots, store};
+use crate::{agent_session, sandbox_start, snapshots, store};
 
 /// Most presence entries sent in one snapshot; `total` gives the full count.
 const PRESENCE_SNAPSHOT_MAX: usize = 100;
@@ -157,6 +157,25 @@ impl DurableObject for SessionObject {
         }
         Response::ok("ok")
     }
+}
+
+/// Only the session's own sandbox holds the token (compared by hash, constant time).
+fn check_sandbox_token(req: &Request, l: &SandboxLink) -> ApiResult<()> {
+    let token = req
+        .headers()
+        .get("authorization")
+        .ok()
+        .flatten()
+        .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
+        .unwrap_or_default();
+    if token.is_empty() || !token_matches(&token, &l.token_hash) {
+        return Err(ApiError::new(
+            401,
+            "bad_sandbox_token",
+            "this token does not belong to this session's sandbox",
+        ));
+    }
+    Ok(())
 }
 
 fn send_frame_text(ws: &WebSocket, text: &str) {
@@ -311,6 +330,13 @@ impl SessionObject {
     /// Broadcast and side effects of a stored command.
     async fn after(&self, out: &Outcome, events: &[Event], now: u64) -> ApiResult<()> {
         self.broadcast_events(events);
+        if let Some((ok, result)) = agent_session::ending(events) {
+            if let Some(link) = agent_session::link(&self.sql())? {
+                if let Err(e) = agent_session::report_end(&self.env, &link, ok, result).await {
+                    console_error!("reporting agent {} ended: {}", link.agent, e.message);
+                }
+            }
+        }
         for c in &out.disconnect {
             for ws in self.state.get_websockets_with_tag(c) {
                 let _ = ws.close(Some(4000), Some("removed from session"));
@@ -509,20 +535,7 @@ impl SessionObject {
                 "this session has no sandbox",
             ));
         };
-        let token = req
-            .headers()
-            .get("authorization")
-            .ok()
-            .flatten()
-            .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
-            .unwrap_or_default();
-        if token.is_empty() || !token_matches(&token, &l.token_hash) {
-            return Err(ApiError::new(
-                401,
-                "bad_sandbox_token",
-                "this token does not belong to this session's sandbox",
-            ));
-        }
+        check_sandbox_token(req, &l)?;
         if !l.stage.is_live() {
             return Err(ApiError::new(
                 410,
@@ -669,6 +682,46 @@ impl SessionObject {
                 console_error!("marking session {id} ended for {user}: {}", e.message);
             }
         }
+    }
+
+    /// The sandbox's agent tools: checked by the sandbox token, run for the running prompt's author.
+    async fn sandbox_tools(&self, req: &mut Request) -> ApiResult<Response> {
+        if !self.ensure_loaded()? {
+            return Err(ApiError::not_found("session"));
+        }
+        let sql = self.sql();
+        let l = store::load_link(&sql)?
+            .ok_or_else(|| ApiError::new(404, "no_sandbox", "this session has no sandbox"))?;
+        check_sandbox_token(req, &l)?;
+        let bytes = req
+            .bytes()
+            .await
+            .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
+        let tool: agent_session::ToolRequest =
+            serde_json::from_slice(&bytes).map_err(agent_session::bad_tool_request)?;
+        let (session, repository, author) = self.read(|s, _| {
+            let author = s
+                .queue
+                .running
+                .as_ref()
+                .and_then(|p| s.queue.prompts.get(p))
+                .map(|p| Identity {
+                    user: p.author.clone(),
+                    name: p.author_name.clone(),
+                    email: s.members.get(&p.author).and_then(|m| m.email.clone()),
+                });
+            (s.meta.id.clone(), s.meta.repository.clone(), author)
+        })?;
+        let author = author.ok_or_else(|| {
+            ApiError::new(
+                409,
+                "no_running_prompt",
+                "agent tools work only while one of this session's prompts runs",
+            )
+        })?;
+        let (status, v) =
+            agent_session::tool(&self.env, &sql, &session, repository, author, tool).await?;
+        json_of(status, &v)
     }
 
     /// Someone started typing (`prompt.typing`): get the session a sandbox before the prompt is sent.
@@ -1039,6 +1092,39 @@ impl SessionObject {
         if path == "/sandbox-link" {
             return self.accept_sandbox(&req).await;
         }
+        // Reached only from other objects (the Worker never forwards these paths).
+        match (method.clone(), path.as_str()) {
+            (Method::Post, "/sandbox/background") => return self.sandbox_tools(&mut req).await,
+            (Method::Post, "/background/child") => {
+                let v: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
+                self.require_loaded()?;
+                let s = |k: &str| v[k].as_str().map(String::from);
+                let (id, status) = (s("id").unwrap_or_default(), s("status").unwrap_or_default());
+                let (session, title, branch) = (s("session"), s("title"), s("branch"));
+                self.apply(move |x, _| Ok(x.background_child(id, status, session, title, branch)))
+                    .await?;
+                return json_of(200, &serde_json::json!({"ok": true}));
+            }
+            (Method::Post, "/background/cancel") => {
+                self.require_loaded()?;
+                let owner = self.read(|s, _| {
+                    s.members.get(&s.meta.owner).map(|m| Identity {
+                        user: m.user.clone(),
+                        name: m.name.clone(),
+                        email: m.email.clone(),
+                    })
+                })?;
+                if let Some(who) = owner {
+                    // Nothing running is fine: the agent may not have started its prompt yet.
+                    let _ = self.apply(|s, now| s.stop_prompt(&who, now)).await;
+                }
+                return json_of(200, &serde_json::json!({"ok": true}));
+            }
+            (Method::Get, "/background/output") => {
+                return json_of(200, &agent_session::output(&self.sql())?);
+            }
+            _ => {}
+        }
         let who = Self::identity(&req)?;
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         if segs.as_slice() == ["create"] && method == Method::Post {
@@ -1067,6 +1153,8 @@ impl SessionObject {
             (Method::Post, ["end"]) => {
                 self.apply(|s, now| s.end(&who, now)).await?;
                 self.mark_ended_in_indexes().await;
+                let id = self.read(|s, _| s.meta.id.clone())?;
+                agent_session::end_children(&self.env, &self.sql(), &id).await;
                 json_of(200, &self.snapshot(&who)?)
             }
             (Method::Put, ["cursor"]) => {
@@ -1204,6 +1292,12 @@ impl SessionObject {
         store::create_schema(&sql)?;
         let dirty = session.take_dirty();
         store::persist(&sql, &session, &dirty)?;
+        // A background agent's session knows its agent (set only by the scheduler object).
+        if let Some(link) = req.headers().get("x-nightshift-background").ok().flatten() {
+            let link: crate::scheduler::AgentLink =
+                serde_json::from_str(&link).map_err(ApiError::internal)?;
+            store::kv_put(&sql, agent_session::LINK, &link)?;
+        }
         let mut last_seq = 0;
         store::append(&sql, &mut last_seq, now, out.events)?;
         *self.cache.borrow_mut() = Some(Loaded { session, last_seq });

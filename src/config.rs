@@ -104,3 +104,16 @@ pub fn snapshot_ttl_ms(env: &Env) -> u64 {
 pub fn snapshot_margin_ms(env: &Env) -> u64 {
     num(env, "SNAPSHOT_MARGIN_MS", 10 * 60 * 1000)
 }
+
+/// Background agents' limits per scheduler shard (`BG_*`).
+pub fn background_limits(env: &Env) -> nightshift_core::background::Limits {
+    let d = nightshift_core::background::Limits::default();
+    nightshift_core::background::Limits {
+        max_concurrent: num(env, "BG_MAX_CONCURRENT", d.max_concurrent),
+        max_per_user: num(env, "BG_MAX_PER_USER", d.max_per_user),
+        max_per_session: num(env, "BG_MAX_PER_SESSION", d.max_per_session),
+        max_queued: num(env, "BG_MAX_QUEUED", d.max_queued),
+        max_depth: num(env, "BG_MAX_DEPTH", d.max_depth),
+        max_children: num(env, "BG_MAX_CHILDREN", d.max_children),
+    }
+}

@@ -1,6 +1,8 @@
 //! The Nightshift Worker: thin edge that parses, authenticates and forwards to Durable Objects.
 
+mod agent_session;
 mod auth;
+mod background;
 mod config;
 mod error;
 mod platform;
@@ -17,6 +19,8 @@ mod store;
 mod repository;
 #[path = "../durable_objects/repository_index.rs"]
 mod repository_index;
+#[path = "../durable_objects/scheduler.rs"]
+mod scheduler;
 #[path = "../durable_objects/session.rs"]
 mod session_object;
 #[path = "../durable_objects/user_index.rs"]
@@ -24,6 +28,7 @@ mod user_index;
 
 pub use repository::RepositoryObject;
 pub use repository_index::RepositoryIndex;
+pub use scheduler::SchedulerObject;
 pub use session_object::SessionObject;
 pub use user_index::UserIndex;
 

@@ -59,6 +59,10 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Get, ["sandbox-link", id]) => sandbox_link(&mut req, env, id).await,
         (_, ["sandbox", ..]) => crate::sandbox_api::handle(&mut req, env, &segs).await,
         (_, ["repositories", ..]) => crate::repositories::handle(&mut req, env, &segs).await,
+        (_, ["background", ..]) => crate::background::handle(&mut req, env, &segs).await,
+        (Method::Post, ["sandbox-link", id, "background"]) => {
+            sandbox_background(&mut req, env, id).await
+        }
         (_, ["multiplayer", id, rest @ ..]) => {
             let target = match (method, rest) {
                 (Method::Post, ["join"]) => "join".to_string(),
@@ -206,7 +210,7 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
     Ok(resp)
 }
 
-async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult<()> {
+pub(crate) async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult<()> {
     let s = |k: &str| snap.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let entry = SessionEntry {
         id: s("id").unwrap_or_default(),
@@ -274,6 +278,24 @@ async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Respo
         headers.set("authorization", &auth)?;
     }
     call(&stub, Method::Get, "/sandbox-link", Some(headers), None).await
+}
+
+/// A sandbox's agent tools (`spawn_session`, `check_session`): the session checks the sandbox token.
+async fn sandbox_background(req: &mut Request, env: &Env, id: &str) -> ApiResult<Response> {
+    let stub = session_stub(env, id)?;
+    let headers = Headers::new();
+    if let Some(auth) = req.headers().get("authorization").ok().flatten() {
+        headers.set("authorization", &auth)?;
+    }
+    let body = read_bytes(req).await?;
+    call(
+        &stub,
+        Method::Post,
+        "/sandbox/background",
+        Some(headers),
+        Some(body),
+    )
+    .await
 }
 
 fn require_upgrade(req: &Request) -> ApiResult<()> {

@@ -116,6 +116,18 @@ pub enum EventKind {
     /// A write was held back until the checkout has synced; the agent was told why.
     #[serde(rename = "agent.blocked")]
     AgentBlocked { tool: String, message: String },
+    /// A background agent this session spawned changed status (the parent shows its children live).
+    #[serde(rename = "background.child")]
+    BackgroundChild {
+        id: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branch: Option<String>,
+    },
 }
 
 impl EventKind {
@@ -139,6 +151,7 @@ impl EventKind {
             EventKind::AgentStep { .. } => "agent.step",
             EventKind::AgentError { .. } => "agent.error",
             EventKind::AgentBlocked { .. } => "agent.blocked",
+            EventKind::BackgroundChild { .. } => "background.child",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, warm pools, images and snapshots, with no I/O.
+//! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, background agents, warm pools, images and snapshots, with no I/O.
 
+pub mod background;
 pub mod check;
 pub mod error;
 pub mod events;

@@ -961,6 +961,29 @@ impl Session {
         out
     }
 
+    /// A background agent spawned from this session changed status.
+    pub fn background_child(
+        &mut self,
+        id: String,
+        status: String,
+        session: Option<String>,
+        title: Option<String>,
+        branch: Option<String>,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        out.event(
+            Actor::system(),
+            EventKind::BackgroundChild {
+                id,
+                status,
+                session,
+                title,
+                branch,
+            },
+        );
+        out
+    }
+
     /// A stage of the sandbox as seen by the control plane (spawning, lost, failed).
     pub fn sandbox_status(&mut self, stage: &str, detail: String) -> Outcome {
         let mut out = Outcome::default();

@@ -171,9 +171,9 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             let stream = request["stream"].as_bool().unwrap_or(false);
             let prompt_tokens = (body.len() / 4) as u64;
             if stream {
-                stream_turn(turn, model, prompt_tokens)
+                stream_turn(turn, model, prompt_tokens, index)
             } else {
-                Json(whole_turn(&turn, &model, prompt_tokens)).into_response()
+                Json(whole_turn(&turn, &model, prompt_tokens, index)).into_response()
             }
         }
         Mode::Record {
@@ -193,12 +193,17 @@ fn completion_tokens(turn: &Turn) -> u64 {
     ((turn.text.len() + args) / 4 + 1) as u64
 }
 
-fn whole_turn(turn: &Turn, model: &str, prompt_tokens: u64) -> Value {
+/// Tool call ids are unique within a conversation (`call_<turn>_<i>`), as a real model's are.
+fn call_id(turn: usize, i: usize) -> String {
+    format!("call_{turn}_{i}")
+}
+
+fn whole_turn(turn: &Turn, model: &str, prompt_tokens: u64, index: usize) -> Value {
     let calls: Vec<Value> = turn
         .tool_calls
         .iter()
         .enumerate()
-        .map(|(i, c)| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}}))
+        .map(|(i, c)| json!({"id": call_id(index, i), "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}}))
         .collect();
     let done = turn.completion_finish();
     let ct = completion_tokens(turn);
@@ -240,7 +245,7 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-fn stream_turn(turn: Turn, model: String, prompt_tokens: u64) -> Response {
+fn stream_turn(turn: Turn, model: String, prompt_tokens: u64, index: usize) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Option<&str>| {
@@ -272,7 +277,7 @@ fn stream_turn(turn: Turn, model: String, prompt_tokens: u64) -> Response {
             }
         }
         for (i, call) in turn.tool_calls.iter().enumerate() {
-            let delta = json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function",
+            let delta = json!({"tool_calls": [{"index": i, "id": call_id(index, i), "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments.to_string()}}]});
             if tx.send(chunk(delta, None)).await.is_err() {
                 return;

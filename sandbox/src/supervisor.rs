@@ -374,6 +374,7 @@ pub fn local_api(s: Shared) -> Router {
         .route("/git", get(git_status))
         .route("/git/sync", post(git_sync))
         .route("/assign", post(assign))
+        .route("/background", post(background))
         .with_state(s)
 }
 
@@ -395,6 +396,77 @@ async fn assign(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
             Json(json!({"error": {"code": "sandbox_assigned", "message": m}})),
         )
             .into_response(),
+    }
+}
+
+/// The agent tools (`spawn_session`, `check_session`) reach the control plane through here,
+/// with this sandbox's token; `check` with `wait_seconds` polls until every child has ended.
+async fn background(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
+    let fail = |code: axum::http::StatusCode, c: &str, m: String| {
+        (code, Json(json!({"error": {"code": c, "message": m}}))).into_response()
+    };
+    let Some(a) = s.assignment.lock().ok().and_then(|a| a.clone()) else {
+        return fail(
+            axum::http::StatusCode::CONFLICT,
+            "no_session",
+            "this sandbox works for no session yet".into(),
+        );
+    };
+    let Ok(mut req) = serde_json::from_slice::<Value>(&body) else {
+        return fail(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_tool_request",
+            "the body is not JSON".into(),
+        );
+    };
+    let wait = req
+        .as_object_mut()
+        .and_then(|o| o.remove("wait_seconds"))
+        .and_then(|w| w.as_u64())
+        .unwrap_or(0)
+        .min(1800);
+    let url = format!(
+        "{}/sandbox-link/{}/background",
+        a.control_url.trim_end_matches('/'),
+        a.session_id
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let sent = s
+            .http
+            .post(&url)
+            .bearer_auth(&a.sandbox_token)
+            .json(&req)
+            .send()
+            .await;
+        let (status, v) = match sent {
+            Ok(r) => {
+                let st = r.status().as_u16();
+                (st, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+            Err(e) => {
+                return fail(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "control_unreachable",
+                    format!("the control plane did not answer: {e}"),
+                )
+            }
+        };
+        let ended = |c: &Value| {
+            matches!(
+                c["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        };
+        let all_ended = v["children"]
+            .as_array()
+            .is_some_and(|c| c.iter().all(ended));
+        if status != 200 || wait == 0 || all_ended || std::time::Instant::now() >= deadline {
+            let code = axum::http::StatusCode::from_u16(status)
+                .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+            return (code, Json(v)).into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     }
 }
 
@@ -477,12 +549,42 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
     });
     std::fs::write(cfg_dir.join("opencode.json"), config.to_string())?;
     let plugin = format!(
-        r#"// Nightshift write gating: asks the sandbox supervisor before any tool runs.
+        r#"// Nightshift: write gating (asks the sandbox supervisor before any tool runs) and the
+// background-agent tools (through the supervisor, with this sandbox's token).
+import {{ tool }} from "@opencode-ai/plugin";
+
+const api = "http://127.0.0.1:{gate_port}";
+const background = async (body) => {{
+  const r = await fetch(api + "/background", {{
+    method: "POST", headers: {{ "content-type": "application/json" }}, body: JSON.stringify(body),
+  }});
+  return await r.text();
+}};
+
 export const NightshiftGate = async () => ({{
   "tool.execute.before": async (input) => {{
-    const r = await fetch("http://127.0.0.1:{gate_port}/gate?tool=" + encodeURIComponent(input.tool));
+    const r = await fetch(api + "/gate?tool=" + encodeURIComponent(input.tool));
     const v = await r.json();
     if (!v.allow) throw new Error(v.message);
+  }},
+  tool: {{
+    spawn_session: tool({{
+      description: "Start a background agent: a new session with its own sandbox that works on `prompt` in `repository` (this session's repository when omitted; any registered one by name) and pushes its own branch. Answers the agent's id and status. Limits on depth, fan-out and concurrency are reported as errors.",
+      args: {{
+        prompt: tool.schema.string().describe("What the background agent should do"),
+        repository: tool.schema.string().optional().describe("A registered repository's name or a clone URL"),
+        model: tool.schema.string().optional().describe("provider/model for the agent"),
+      }},
+      async execute(args) {{ return background({{ op: "spawn", ...args }}); }},
+    }}),
+    check_session: tool({{
+      description: "Status and latest output (final message, branch, changed files) of one background agent this session spawned (`id`), or of all of them. With `wait_seconds`, waits until they have all ended or the time is up.",
+      args: {{
+        id: tool.schema.string().optional().describe("An agent id from spawn_session; all when omitted"),
+        wait_seconds: tool.schema.number().optional().describe("Wait up to this long for them to end"),
+      }},
+      async execute(args) {{ return background({{ op: "check", ...args }}); }},
+    }}),
   }},
 }});
 "#

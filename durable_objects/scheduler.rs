@@ -1,0 +1,683 @@
+//! The SchedulerObject Durable Object: one per tenant shard — background agents' limits, fair queue and statuses (rules in core `background`); each agent runs as its own session.
+
+use futures_util::stream;
+use nightshift_core::background::{BgError, Scheduler, Spawn, Status, Transition};
+use nightshift_core::session::Identity;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use worker::*;
+
+use crate::auth::encode_identity;
+use crate::config;
+use crate::error::{json_of, ApiError, ApiResult};
+use crate::platform::{new_id, now_ms, random_hex};
+use crate::routes::{call, index_add, session_stub};
+
+/// Who is asking: a person (sees their own agents) or a session's sandbox (sees only the
+/// agents its session spawned). Set only by the Worker and the session object.
+pub const VIEWER_HEADER: &str = "x-nightshift-viewer";
+
+/// What a session keeps when it runs a background agent (`kv` key `background`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentLink {
+    pub agent: String,
+    pub shard: String,
+    pub depth: u32,
+}
+
+/// A spawn request as the scheduler receives it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnBody {
+    pub identity: Identity,
+    pub prompt: String,
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub parent_depth: u32,
+}
+
+/// Everything kept about one agent beside the core's scheduling state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    identity: Identity,
+    title: String,
+    prompt: String,
+    repository: Option<String>,
+    model: Option<String>,
+    parent: Option<String>,
+    status: Status,
+    session: Option<String>,
+    created_at: u64,
+    started_at: Option<u64>,
+    finished_at: Option<u64>,
+    /// `{ok, reason, branch, commit}` once its prompt ended.
+    result: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct BodyRow {
+    body: String,
+}
+
+#[derive(Deserialize)]
+struct EventRow {
+    seq: i64,
+    body: String,
+}
+
+enum Viewer {
+    Person(String),
+    Session(String),
+}
+
+#[durable_object]
+pub struct SchedulerObject {
+    state: State,
+    env: Env,
+}
+
+impl DurableObject for SchedulerObject {
+    fn new(state: State, env: Env) -> Self {
+        SchedulerObject { state, env }
+    }
+
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        match self.route(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+fn bg(e: BgError) -> ApiError {
+    ApiError::new(e.status(), e.code(), e.to_string())
+}
+
+fn sql_of(state: &State) -> ApiResult<SqlStorage> {
+    let sql = state.storage().sql();
+    sql.exec(
+        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, parent TEXT, body TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, agent TEXT NOT NULL, body TEXT NOT NULL);",
+        None,
+    )?;
+    Ok(sql)
+}
+
+impl SchedulerObject {
+    fn sql(&self) -> ApiResult<SqlStorage> {
+        sql_of(&self.state)
+    }
+
+    fn shard(&self, req: &Request) -> String {
+        req.headers()
+            .get("x-nightshift-shard")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "default".into())
+    }
+
+    fn scheduler(&self) -> ApiResult<Scheduler> {
+        let rows: Vec<BodyRow> = self
+            .sql()?
+            .exec("SELECT body FROM kv WHERE k = 'scheduler'", None)?
+            .to_array()?;
+        let mut s: Scheduler = match rows.first() {
+            Some(r) => serde_json::from_str(&r.body).map_err(ApiError::internal)?,
+            None => Scheduler::default(),
+        };
+        // Limits come from the configuration (they may change between deploys).
+        s.limits = config::background_limits(&self.env);
+        Ok(s)
+    }
+
+    fn save_scheduler(&self, s: &Scheduler) -> ApiResult<()> {
+        let body = serde_json::to_string(s).map_err(ApiError::internal)?;
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO kv (k, body) VALUES ('scheduler', ?)",
+            vec![body.into()],
+        )?;
+        Ok(())
+    }
+
+    fn record(&self, id: &str) -> ApiResult<Option<Record>> {
+        let rows: Vec<BodyRow> = self
+            .sql()?
+            .exec("SELECT body FROM agents WHERE id = ?", vec![id.into()])?
+            .to_array()?;
+        match rows.first() {
+            Some(r) => Ok(Some(
+                serde_json::from_str(&r.body).map_err(ApiError::internal)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn save_record(&self, r: &Record) -> ApiResult<()> {
+        let body = serde_json::to_string(r).map_err(ApiError::internal)?;
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO agents (id, parent, body) VALUES (?, ?, ?)",
+            vec![
+                r.id.as_str().into(),
+                r.parent
+                    .clone()
+                    .map(Into::into)
+                    .unwrap_or(SqlStorageValue::Null),
+                body.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn event(&self, agent: &str, body: Value) -> ApiResult<()> {
+        self.sql()?.exec(
+            "INSERT INTO events (agent, body) VALUES (?, ?)",
+            vec![agent.into(), body.to_string().into()],
+        )?;
+        Ok(())
+    }
+
+    /// Applies the core's transitions to the records and the event log (one synchronous block).
+    fn record_transitions(&self, ts: &[Transition], now: u64) -> ApiResult<Vec<Record>> {
+        let mut changed = Vec::new();
+        for t in ts {
+            let Some(mut r) = self.record(&t.id)? else {
+                continue;
+            };
+            r.status = t.to;
+            if t.to == Status::Starting {
+                r.started_at = Some(now);
+            }
+            if t.to.is_terminal() {
+                r.finished_at = Some(now);
+            }
+            self.save_record(&r)?;
+            self.event(
+                &t.id,
+                json!({"type": "status", "id": t.id, "from": t.from.map(Status::as_str),
+                    "status": t.to.as_str(), "at": now, "session": r.session}),
+            )?;
+            changed.push(r);
+        }
+        Ok(changed)
+    }
+
+    fn viewer(req: &Request) -> ApiResult<Viewer> {
+        let v = req
+            .headers()
+            .get(VIEWER_HEADER)
+            .ok()
+            .flatten()
+            .ok_or_else(ApiError::unauthenticated)?;
+        match v.split_once(':') {
+            Some(("user", u)) => Ok(Viewer::Person(u.to_string())),
+            Some(("session", s)) => Ok(Viewer::Session(s.to_string())),
+            _ => Err(ApiError::unauthenticated()),
+        }
+    }
+
+    fn visible(&self, viewer: &Viewer, id: &str) -> ApiResult<Record> {
+        let r = self
+            .record(id)?
+            .ok_or_else(|| bg(BgError::NotFound(id.into())))?;
+        let ok = match viewer {
+            Viewer::Person(u) => &r.identity.user == u,
+            Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
+        };
+        if ok {
+            Ok(r)
+        } else {
+            // Another person's or another tree's agent is not even said to exist.
+            Err(bg(BgError::NotFound(id.into())))
+        }
+    }
+
+    async fn route(&self, mut req: Request) -> ApiResult<Response> {
+        let path = req.path();
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match (req.method(), segs.as_slice()) {
+            (Method::Post, ["spawn"]) => {
+                let shard = self.shard(&req);
+                let b: SpawnBody = req.json().await.map_err(ApiError::internal)?;
+                self.spawn(b, &shard).await
+            }
+            (Method::Get, ["agents"]) => {
+                let viewer = Self::viewer(&req)?;
+                let url = req.url()?;
+                let q = |k: &str| {
+                    url.query_pairs()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| v.into_owned())
+                };
+                let (parent, status, user) = (q("parent"), q("status"), q("user"));
+                let rows: Vec<BodyRow> = self
+                    .sql()?
+                    .exec(
+                        "SELECT body FROM agents ORDER BY rowid DESC LIMIT 1000",
+                        None,
+                    )?
+                    .to_array()?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let r: Record = serde_json::from_str(&row.body).map_err(ApiError::internal)?;
+                    let mine = match &viewer {
+                        Viewer::Person(u) => &r.identity.user == u,
+                        Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
+                    };
+                    let wanted = parent.as_ref().is_none_or(|p| r.parent.as_ref() == Some(p))
+                        && status.as_ref().is_none_or(|s| r.status.as_str() == s)
+                        && user.as_ref().is_none_or(|u| &r.identity.user == u);
+                    if mine && wanted {
+                        out.push(agent_json(&r));
+                    }
+                }
+                json_of(200, &json!({"agents": out}))
+            }
+            (Method::Get, ["agents", id]) => {
+                let viewer = Self::viewer(&req)?;
+                json_of(200, &agent_json(&self.visible(&viewer, id)?))
+            }
+            (Method::Get, ["agents", id, "output"]) => {
+                let viewer = Self::viewer(&req)?;
+                let r = self.visible(&viewer, id)?;
+                self.output(&r).await
+            }
+            (Method::Post, ["agents", id, "cancel"]) => {
+                let viewer = Self::viewer(&req)?;
+                let r = self.visible(&viewer, id)?;
+                let mut s = self.scheduler()?;
+                let ts = s.cancel(&r.id).map_err(bg)?;
+                self.save_scheduler(&s)?;
+                self.settle(ts).await?;
+                let r = self.visible(&viewer, id)?;
+                json_of(200, &agent_json(&r))
+            }
+            (Method::Get, ["agents", id, "events"]) => {
+                let viewer = Self::viewer(&req)?;
+                let r = self.visible(&viewer, id)?;
+                let after = req
+                    .headers()
+                    .get("last-event-id")
+                    .ok()
+                    .flatten()
+                    .or_else(|| {
+                        req.url().ok().and_then(|u| {
+                            u.query_pairs()
+                                .find(|(k, _)| k == "after")
+                                .map(|(_, v)| v.into_owned())
+                        })
+                    });
+                self.events(&r, after.as_deref())
+            }
+            (Method::Post, ["finished"]) => {
+                #[derive(Deserialize)]
+                struct Finished {
+                    id: String,
+                    ok: bool,
+                    #[serde(default)]
+                    result: Value,
+                }
+                let f: Finished = req.json().await.map_err(ApiError::internal)?;
+                self.finished(&f.id, f.ok, f.result).await
+            }
+            (Method::Post, ["parent-ended"]) => {
+                let v: Value = req.json().await.map_err(ApiError::internal)?;
+                let session = v["session"].as_str().unwrap_or_default().to_string();
+                let mut s = self.scheduler()?;
+                let ts = s.cancel_children_of(&session);
+                self.save_scheduler(&s)?;
+                self.settle(ts).await?;
+                json_of(200, &json!({"ok": true}))
+            }
+            _ => Err(ApiError::not_found("route")),
+        }
+    }
+
+    async fn spawn(&self, b: SpawnBody, shard: &str) -> ApiResult<Response> {
+        let prompt = b.prompt.trim().to_string();
+        if prompt.is_empty() || prompt.len() > 32 * 1024 {
+            return Err(bg(BgError::Invalid("prompt: 1 to 32768 bytes".into())));
+        }
+        let now = now_ms();
+        let id = format!("bg_{shard}_{}", random_hex(10));
+        let title = b.title.clone().unwrap_or_else(|| {
+            let first: String = prompt
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect();
+            format!("Background: {first}")
+        });
+        let mut s = self.scheduler()?;
+        let ts = s
+            .spawn(Spawn {
+                id: id.clone(),
+                user: b.identity.user.clone(),
+                parent: b.parent.clone(),
+                parent_depth: b.parent_depth,
+            })
+            .map_err(bg)?;
+        let record = Record {
+            id: id.clone(),
+            identity: b.identity,
+            title,
+            prompt,
+            repository: b.repository,
+            model: b.model,
+            parent: b.parent,
+            status: Status::Queued,
+            session: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            result: None,
+        };
+        self.save_record(&record)?;
+        self.save_scheduler(&s)?;
+        self.settle(ts).await?;
+        let r = self
+            .record(&id)?
+            .ok_or_else(|| ApiError::internal("lost record"))?;
+        json_of(201, &agent_json(&r))
+    }
+
+    /// Records transitions, starts the agents that became `starting`, stops the cancelled
+    /// ones, and tells parents. Starting may finish or free more (loops until quiet).
+    async fn settle(&self, mut ts: Vec<Transition>) -> ApiResult<()> {
+        while !ts.is_empty() {
+            let now = now_ms();
+            let changed = self.record_transitions(&ts, now)?;
+            let mut next = Vec::new();
+            for r in &changed {
+                self.tell_parent(r).await;
+                match r.status {
+                    Status::Starting => next.extend(self.start(r).await?),
+                    Status::Cancelled => self.stop_session(r).await,
+                    _ => {}
+                }
+            }
+            ts = next;
+        }
+        Ok(())
+    }
+
+    /// Creates the agent's session and sends its prompt; the agent is then running.
+    async fn start(&self, r: &Record) -> ApiResult<Vec<Transition>> {
+        let sid = new_id("ses");
+        let link = AgentLink {
+            agent: r.id.clone(),
+            shard: r.id.split('_').nth(1).unwrap_or("default").to_string(),
+            depth: self.scheduler()?.agents.get(&r.id).map_or(1, |a| a.depth),
+        };
+        let started = async {
+            let stub = session_stub(&self.env, &sid)?;
+            let headers = Headers::new();
+            headers.set(crate::auth::IDENTITY_HEADER, &encode_identity(&r.identity))?;
+            headers.set("x-nightshift-session", &sid)?;
+            headers.set(
+                "x-nightshift-background",
+                &serde_json::to_string(&link).map_err(ApiError::internal)?,
+            )?;
+            let body = json!({"title": r.title, "repository": r.repository, "model": r.model});
+            let mut created = call(
+                &stub,
+                Method::Post,
+                "/create",
+                Some(headers.clone()),
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+            let status = created.status_code();
+            let snap: Value = created.json().await.unwrap_or(Value::Null);
+            if status != 201 {
+                return Err(ApiError::new(
+                    502,
+                    "agent_start_failed",
+                    format!("the agent's session was refused: {snap}"),
+                ));
+            }
+            index_add(&self.env, &r.identity.user, &snap).await?;
+            let prompt = json!({"text": r.prompt});
+            let mut queued = call(
+                &stub,
+                Method::Post,
+                "/prompt",
+                Some(headers),
+                Some(prompt.to_string().into_bytes()),
+            )
+            .await?;
+            if queued.status_code() != 202 {
+                let v: Value = queued.json().await.unwrap_or(Value::Null);
+                return Err(ApiError::new(
+                    502,
+                    "agent_start_failed",
+                    format!("the agent's prompt was refused: {v}"),
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        let mut s = self.scheduler()?;
+        let ts = match started {
+            Ok(()) => {
+                s.attach(&r.id, &sid).map_err(bg)?;
+                if let Some(mut rec) = self.record(&r.id)? {
+                    rec.session = Some(sid.clone());
+                    self.save_record(&rec)?;
+                }
+                s.transition(&r.id, Status::Running)
+            }
+            Err(e) => {
+                if let Some(mut rec) = self.record(&r.id)? {
+                    rec.result = Some(json!({"ok": false, "reason": e.message}));
+                    self.save_record(&rec)?;
+                }
+                s.transition(&r.id, Status::Failed)
+            }
+        };
+        self.save_scheduler(&s)?;
+        // Cancelled while it started: the transition is refused and the session is stopped.
+        match ts {
+            Ok(ts) => Ok(ts),
+            Err(_) => {
+                if let Some(rec) = self.record(&r.id)? {
+                    self.stop_session(&rec).await;
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// The agent's prompt ended (its session says so).
+    async fn finished(&self, id: &str, ok: bool, result: Value) -> ApiResult<Response> {
+        let mut s = self.scheduler()?;
+        let to = if ok {
+            Status::Completed
+        } else {
+            Status::Failed
+        };
+        match s.transition(id, to) {
+            Ok(ts) => {
+                if let Some(mut rec) = self.record(id)? {
+                    rec.result = Some(result);
+                    self.save_record(&rec)?;
+                }
+                self.save_scheduler(&s)?;
+                self.settle(ts).await?;
+                json_of(200, &json!({"ok": true}))
+            }
+            // Already cancelled (or ended): nothing changes.
+            Err(e) => json_of(200, &json!({"ok": false, "why": e.to_string()})),
+        }
+    }
+
+    async fn stop_session(&self, r: &Record) {
+        let Some(sid) = &r.session else { return };
+        let result = async {
+            let stub = session_stub(&self.env, sid)?;
+            call(&stub, Method::Post, "/background/cancel", None, None).await
+        }
+        .await;
+        if let Err(e) = result {
+            console_error!("stopping agent {}'s session {sid}: {}", r.id, e.message);
+        }
+    }
+
+    async fn tell_parent(&self, r: &Record) {
+        let Some(parent) = &r.parent else { return };
+        let branch = r
+            .result
+            .as_ref()
+            .and_then(|v| v["branch"].as_str().map(String::from));
+        let body = json!({"id": r.id, "status": r.status.as_str(), "session": r.session,
+            "title": r.title, "branch": branch});
+        let result = async {
+            let stub = session_stub(&self.env, parent)?;
+            call(
+                &stub,
+                Method::Post,
+                "/background/child",
+                None,
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = result {
+            console_error!("telling {parent} about agent {}: {}", r.id, e.message);
+        }
+    }
+
+    /// Final message, branch and changed files (from the agent's session).
+    async fn output(&self, r: &Record) -> ApiResult<Response> {
+        let mut out = json!({"id": r.id, "status": r.status.as_str(), "session": r.session,
+            "result": r.result, "message": null, "files": []});
+        if let Some(sid) = &r.session {
+            let stub = session_stub(&self.env, sid)?;
+            let mut resp = call(&stub, Method::Get, "/background/output", None, None).await?;
+            if resp.status_code() == 200 {
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                out["message"] = v["message"].clone();
+                out["files"] = v["files"].clone();
+            }
+        }
+        if let Some(res) = &r.result {
+            out["branch"] = res["branch"].clone();
+            out["commit"] = res["commit"].clone();
+        }
+        json_of(200, &out)
+    }
+
+    /// Server-sent events of one agent from after `after` (the `Last-Event-ID`), streaming
+    /// until the agent has ended.
+    fn events(&self, r: &Record, after: Option<&str>) -> ApiResult<Response> {
+        let sql = self.sql()?;
+        let head: Vec<EventRow> = sql
+            .exec(
+                "SELECT seq, body FROM events WHERE agent = ? ORDER BY seq DESC LIMIT 1",
+                vec![r.id.as_str().into()],
+            )?
+            .to_array()?;
+        let newest = head.first().map_or(0, |e| e.seq);
+        let after: i64 = match after {
+            None => 0,
+            Some(a) => a.trim().parse().map_err(|_| {
+                ApiError::new(
+                    400,
+                    "invalid_event_id",
+                    "Last-Event-ID must be an event number",
+                )
+            })?,
+        };
+        let max_seq: Vec<EventRow> = sql
+            .exec(
+                "SELECT seq, '' AS body FROM events ORDER BY seq DESC LIMIT 1",
+                None,
+            )?
+            .to_array()?;
+        if after < 0 || after > max_seq.first().map_or(0, |e| e.seq) {
+            return Err(ApiError::new(
+                409,
+                "stale_event_id",
+                format!(
+                    "event {after} is not one this agent's stream has sent (its newest is {newest}); resume from 0 to get everything"
+                ),
+            ));
+        }
+        let agent = r.id.clone();
+        let state = (sql, agent, after, false);
+        let s = stream::unfold(state, |(sql, agent, mut after, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let rows: Vec<EventRow> = sql
+                    .exec(
+                        "SELECT seq, body FROM events WHERE agent = ? AND seq > ? ORDER BY seq LIMIT 100",
+                        vec![agent.as_str().into(), SqlStorageValue::Integer(after)],
+                    )
+                    .and_then(|c| c.to_array())
+                    .unwrap_or_default();
+                if !rows.is_empty() {
+                    let mut text = String::new();
+                    let mut ended = false;
+                    for e in rows {
+                        after = e.seq;
+                        let v: Value = serde_json::from_str(&e.body).unwrap_or(Value::Null);
+                        ended |= v["status"]
+                            .as_str()
+                            .is_some_and(|s| matches!(s, "completed" | "failed" | "cancelled"));
+                        text.push_str(&format!(
+                            "id: {}\nevent: {}\ndata: {}\n\n",
+                            e.seq,
+                            v["type"].as_str().unwrap_or("status"),
+                            e.body
+                        ));
+                    }
+                    return Some((
+                        Ok::<Vec<u8>, Error>(text.into_bytes()),
+                        (sql, agent, after, ended),
+                    ));
+                }
+                let ended: Vec<BodyRow> = sql
+                    .exec(
+                        "SELECT body FROM agents WHERE id = ?",
+                        vec![agent.as_str().into()],
+                    )
+                    .and_then(|c| c.to_array())
+                    .unwrap_or_default();
+                let over = ended.first().is_some_and(|r| {
+                    serde_json::from_str::<Record>(&r.body).is_ok_and(|r| r.status.is_terminal())
+                });
+                if over {
+                    return None;
+                }
+                Delay::from(std::time::Duration::from_millis(250)).await;
+            }
+        });
+        let headers = Headers::new();
+        headers.set("content-type", "text/event-stream")?;
+        headers.set("cache-control", "no-cache")?;
+        Ok(Response::from_stream(s)?.with_headers(headers))
+    }
+}
+
+/// An agent as the API shows it.
+fn agent_json(r: &Record) -> Value {
+    json!({
+        "id": r.id, "status": r.status.as_str(), "title": r.title, "prompt": r.prompt,
+        "repository": r.repository, "model": r.model, "parent": r.parent, "session": r.session,
+        "user": r.identity.user, "created_at": r.created_at, "started_at": r.started_at,
+        "finished_at": r.finished_at, "result": r.result,
+    })
+}

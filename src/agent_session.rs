@@ -1,0 +1,240 @@
+//! The session side of background agents: what an agent's session reports (its output, its end) and the sandbox's agent tools (`spawn_session`, `check_session`) calling the scheduler with the session's own scope.
+
+use nightshift_core::events::{Event, EventKind};
+use nightshift_core::session::Identity;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use worker::{Env, Method, SqlStorage};
+
+use crate::background::on_shard;
+use crate::error::{ApiError, ApiResult};
+use crate::scheduler::AgentLink;
+use crate::store;
+
+/// `kv` key: the agent this session runs (set when the scheduler creates it).
+pub const LINK: &str = "background";
+/// `kv` key: ids of the agents this session spawned (for cancelling them when it ends).
+pub const CHILDREN: &str = "children";
+
+pub fn link(sql: &SqlStorage) -> ApiResult<Option<AgentLink>> {
+    store::kv_get(sql, LINK)
+}
+
+/// What the agent's prompt ended with, if one of these events ends it.
+pub fn ending(events: &[Event]) -> Option<(bool, Value)> {
+    events.iter().rev().find_map(|e| match &e.kind {
+        EventKind::PromptFinished {
+            ok,
+            reason,
+            branch,
+            commit,
+            ..
+        } => Some((
+            *ok,
+            json!({"ok": ok, "reason": reason, "branch": branch, "commit": commit}),
+        )),
+        EventKind::PromptStopped { .. } => Some((
+            false,
+            json!({"ok": false, "reason": "stopped: someone stopped the agent's prompt"}),
+        )),
+        _ => None,
+    })
+}
+
+/// Tells the scheduler that this session's agent ended.
+pub async fn report_end(env: &Env, link: &AgentLink, ok: bool, result: Value) -> ApiResult<()> {
+    let body = json!({"id": link.agent, "ok": ok, "result": result});
+    let viewer = format!("agent:{}", link.agent);
+    on_shard(
+        env,
+        &link.shard,
+        &viewer,
+        Method::Post,
+        "/finished",
+        Some(body.to_string().into_bytes()),
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The agent's final message (its last prompt's text) and the files it changed.
+pub fn output(sql: &SqlStorage) -> ApiResult<Value> {
+    let mut message = String::new();
+    let mut last_prompt: Option<String> = None;
+    let mut files: Vec<String> = Vec::new();
+    // The input comes with the `running` event, the outcome with `completed`.
+    let mut paths: std::collections::BTreeMap<String, String> = Default::default();
+    let mut since = 0u64;
+    loop {
+        let rows = store::events_after(sql, since, 500)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let Ok(e) = serde_json::from_str::<Event>(row) else {
+                continue;
+            };
+            since = e.seq;
+            match e.kind {
+                EventKind::AgentText { prompt, text } => {
+                    if last_prompt.as_deref() != Some(prompt.as_str()) {
+                        message.clear();
+                        last_prompt = Some(prompt);
+                    }
+                    message.push_str(&text);
+                }
+                EventKind::AgentTool {
+                    tool,
+                    input,
+                    status,
+                    call,
+                    prompt,
+                    ..
+                } if matches!(tool.as_str(), "write" | "edit" | "patch" | "multiedit") => {
+                    let key = format!("{prompt}/{call}");
+                    if let Some(f) = input.as_ref().and_then(|i| i["filePath"].as_str()) {
+                        paths.insert(key.clone(), f.to_string());
+                    }
+                    if status == "completed" {
+                        if let Some(f) = paths.get(&key) {
+                            if !files.contains(f) {
+                                files.push(f.clone());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(json!({"message": message, "files": files}))
+}
+
+/// A request of the sandbox's agent tools.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToolRequest {
+    Spawn {
+        prompt: String,
+        #[serde(default)]
+        repository: Option<String>,
+        #[serde(default)]
+        model: Option<String>,
+    },
+    Check {
+        #[serde(default)]
+        id: Option<String>,
+    },
+}
+
+/// Runs one tool request for the session `session` on behalf of `author` (the person whose
+/// prompt is running). The sandbox sees only this session's children.
+pub async fn tool(
+    env: &Env,
+    sql: &SqlStorage,
+    session: &str,
+    repository: Option<String>,
+    author: Identity,
+    req: ToolRequest,
+) -> ApiResult<(u16, Value)> {
+    let own = link(sql)?;
+    let shard = own
+        .as_ref()
+        .map_or("default".to_string(), |l| l.shard.clone());
+    let depth = own.as_ref().map_or(0, |l| l.depth);
+    let viewer = format!("session:{session}");
+    match req {
+        ToolRequest::Spawn {
+            prompt,
+            repository: repo,
+            model,
+        } => {
+            let body = json!({"identity": author, "prompt": prompt,
+                "repository": repo.or(repository), "model": model,
+                "parent": session, "parent_depth": depth});
+            let mut r = on_shard(
+                env,
+                &shard,
+                &viewer,
+                Method::Post,
+                "/spawn",
+                Some(body.to_string().into_bytes()),
+                None,
+            )
+            .await?;
+            let status = r.status_code();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            if status == 201 {
+                let mut kids: Vec<String> = store::kv_get(sql, CHILDREN)?.unwrap_or_default();
+                if let Some(id) = v["id"].as_str() {
+                    kids.push(id.to_string());
+                    store::kv_put(sql, CHILDREN, &kids)?;
+                }
+            }
+            Ok((status, v))
+        }
+        ToolRequest::Check { id } => {
+            let ids: Vec<String> = match id {
+                Some(i) => vec![i],
+                None => store::kv_get(sql, CHILDREN)?.unwrap_or_default(),
+            };
+            let mut out = Vec::new();
+            for i in ids {
+                let mut r = on_shard(
+                    env,
+                    &shard,
+                    &viewer,
+                    Method::Get,
+                    &format!("/agents/{i}/output"),
+                    None,
+                    None,
+                )
+                .await?;
+                let status = r.status_code();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                if status != 200 {
+                    return Ok((status, v));
+                }
+                out.push(v);
+            }
+            Ok((200, json!({"children": out})))
+        }
+    }
+}
+
+/// Cancels, in every shard, the agents this session spawned (it ended).
+pub async fn end_children(env: &Env, sql: &SqlStorage, session: &str) {
+    let kids: Vec<String> = store::kv_get(sql, CHILDREN)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let mut shards: Vec<String> = kids
+        .iter()
+        .filter_map(|k| k.split('_').nth(1).map(String::from))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    let body = json!({"session": session}).to_string().into_bytes();
+    for shard in shards {
+        let viewer = format!("session:{session}");
+        let r = on_shard(
+            env,
+            &shard,
+            &viewer,
+            Method::Post,
+            "/parent-ended",
+            Some(body.clone()),
+            None,
+        )
+        .await;
+        if let Err(e) = r {
+            worker::console_error!("cancelling {session}'s agents in {shard}: {}", e.message);
+        }
+    }
+}
+
+/// A tool request that is not one: refused with a stable code.
+pub fn bad_tool_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(400, "invalid_tool_request", format!("{e}"))
+}

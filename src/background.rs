@@ -1,0 +1,168 @@
+//! `/background…`: people spawn, list, read, cancel and follow background agents; each request goes to the agent's scheduler shard.
+
+use serde::Deserialize;
+use serde_json::json;
+use worker::{Env, Headers, Method, Request, Response, Stub};
+
+use crate::auth;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{call, no_route, read_body};
+use crate::scheduler::VIEWER_HEADER;
+
+/// `POST /background/spawn` as people send it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpawnRequest {
+    prompt: String,
+    #[serde(default)]
+    repository: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    /// The scheduler shard (one per tenant); `default` when absent.
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// A tenant name: the scheduler shard's key and part of every agent id.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 40
+        && t.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// The shard an agent id names (`bg_<tenant>_<hex>`).
+fn shard_of(id: &str) -> ApiResult<String> {
+    let mut parts = id.splitn(3, '_');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("bg"), Some(t), Some(rest))
+            if valid_tenant(t)
+                && !rest.is_empty()
+                && rest.chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            Ok(t.to_string())
+        }
+        _ => Err(ApiError::new(
+            404,
+            "agent_not_found",
+            "no such background agent; ids look like bg_<tenant>_<hex>",
+        )),
+    }
+}
+
+pub(crate) fn scheduler_stub(env: &Env, shard: &str) -> ApiResult<Stub> {
+    Ok(env.durable_object("SCHEDULER")?.get_by_name(shard)?)
+}
+
+/// Calls a shard on behalf of a viewer (`user:<id>` or `session:<id>`).
+pub(crate) async fn on_shard(
+    env: &Env,
+    shard: &str,
+    viewer: &str,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    extra: Option<(&str, String)>,
+) -> ApiResult<Response> {
+    let headers = Headers::new();
+    headers.set(VIEWER_HEADER, viewer)?;
+    headers.set("x-nightshift-shard", shard)?;
+    if let Some((k, v)) = extra {
+        headers.set(k, &v)?;
+    }
+    call(
+        &scheduler_stub(env, shard)?,
+        method,
+        path,
+        Some(headers),
+        body,
+    )
+    .await
+}
+
+pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
+    let who = auth::authenticate(req, env, false)?;
+    let viewer = format!("user:{}", who.user);
+    let method = req.method();
+    let query = req
+        .url()
+        .ok()
+        .and_then(|u| u.query().map(|q| format!("?{q}")))
+        .unwrap_or_default();
+    match (method, segs) {
+        (Method::Post, ["background", "spawn"]) => {
+            let b: SpawnRequest = read_body(req).await?;
+            let tenant = b.tenant.clone().unwrap_or_else(|| "default".into());
+            if !valid_tenant(&tenant) {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_input",
+                    "tenant: 1-40 lowercase letters, digits or '-'",
+                ));
+            }
+            let body = json!({"identity": who, "prompt": b.prompt, "repository": b.repository,
+                "model": b.model, "title": b.title});
+            let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
+            on_shard(
+                env,
+                &tenant,
+                &viewer,
+                Method::Post,
+                "/spawn",
+                Some(bytes),
+                None,
+            )
+            .await
+        }
+        (Method::Get, ["background"]) => {
+            let url = req.url()?;
+            let tenant = url
+                .query_pairs()
+                .find(|(k, _)| k == "tenant")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_else(|| "default".into());
+            if !valid_tenant(&tenant) {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_input",
+                    "tenant: 1-40 lowercase letters, digits or '-'",
+                ));
+            }
+            let path = format!("/agents{query}");
+            on_shard(env, &tenant, &viewer, Method::Get, &path, None, None).await
+        }
+        (Method::Get, ["background", id]) => {
+            let shard = shard_of(id)?;
+            on_shard(
+                env,
+                &shard,
+                &viewer,
+                Method::Get,
+                &format!("/agents/{id}"),
+                None,
+                None,
+            )
+            .await
+        }
+        (Method::Post, ["background", id, "cancel"]) => {
+            let shard = shard_of(id)?;
+            let path = format!("/agents/{id}/cancel");
+            on_shard(env, &shard, &viewer, Method::Post, &path, None, None).await
+        }
+        (Method::Get, ["background", id, "output"]) => {
+            let shard = shard_of(id)?;
+            let path = format!("/agents/{id}/output");
+            on_shard(env, &shard, &viewer, Method::Get, &path, None, None).await
+        }
+        (Method::Get, ["background", id, "events"]) => {
+            let shard = shard_of(id)?;
+            let last = req.headers().get("last-event-id").ok().flatten();
+            let path = format!("/agents/{id}/events{query}");
+            let extra = last.map(|l| ("last-event-id", l));
+            on_shard(env, &shard, &viewer, Method::Get, &path, None, extra).await
+        }
+        _ => Err(no_route(req)),
+    }
+}
