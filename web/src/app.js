@@ -319,6 +319,11 @@ class SessionView {
         const files = this.model.filesOf(e.id);
         return `<li class="row done ${e.ok ? "ok" : "bad"}" data-seq="${e.seq}">${e.ok ? "Done" : "Failed"}${e.reason ? `: ${esc(e.reason)}` : ""}${e.branch ? ` · branch <code class="branch">${esc(e.branch)}</code> <code>${esc((e.commit || "").slice(0, 10))}</code>` : ""}${files.length ? `<div class="files">Files changed: ${files.map((f) => `<code>${esc(f)}</code>`).join(", ")}</div>` : ""}</li>`;
       }
+      case "background.child": {
+        const c = change.child;
+        const tone = c.status === "completed" ? "ok" : ["failed", "cancelled"].includes(c.status) ? "bad" : "subtle";
+        return `<li class="row child" data-seq="${e.seq}"${key}>Background agent <strong>${esc(c.title || c.id)}</strong> <span class="pill ${tone}">${esc(c.status)}</span>${c.session ? ` · <a href="#/s/${esc(c.session)}">open its session</a>` : ""}${c.branch ? ` · branch <code class="branch">${esc(c.branch)}</code>` : ""}</li>`;
+      }
       case "prompt.stopped":
         return `<li class="row stage" data-seq="${e.seq}">Stopped by ${esc(e.actor?.name)}</li>`;
       case "prompt.cancelled":

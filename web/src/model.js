@@ -9,6 +9,7 @@ export class SessionModel {
     this.tools = new Map();
     this.lastSeq = 0;
     this.files = new Map(); // prompt id -> Set of files its completed write/edit tools changed
+    this.children = new Map(); // background agent id -> what the parent knows of it
     this.textBlock = null; // { key, prompt, text } while agent text keeps coming
     this.blocks = 0;
   }
@@ -76,6 +77,11 @@ export class SessionModel {
       case "sandbox.status":
         this.stage = e.stage;
         return {};
+      case "background.child": {
+        const c = { ...(this.children.get(e.id) || {}), ...stripNull(e) };
+        this.children.set(e.id, c);
+        return { key: "bg:" + e.id, child: c };
+      }
       case "session.created":
       case "presence":
         return null;

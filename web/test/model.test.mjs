@@ -60,3 +60,17 @@ test("files changed per prompt, and edit diffs", () => {
   assert.deepEqual(m.filesOf("p"), ["a.txt"], "reads and failed edits change nothing");
   assert.deepEqual(editDiff("one\ntwo\nthree", "one\n2\nthree").map((l) => l.kind + l.text), [" one", "-two", "+2", " three"]);
 });
+
+test("background children are one row each, updated in place as their status moves", () => {
+  const m = new SessionModel();
+  const a = m.apply({ seq: 1, type: "background.child", id: "bg_default_1", status: "queued", title: "Background: A" });
+  const b = m.apply({ seq: 2, type: "background.child", id: "bg_default_1", status: "running", session: "ses_c" });
+  const c = m.apply({ seq: 3, type: "background.child", id: "bg_default_1", status: "completed", branch: "nightshift/ses_c" });
+  assert.equal(a.key, "bg:bg_default_1");
+  assert.equal(b.key, a.key);
+  assert.deepEqual(
+    { title: c.child.title, status: c.child.status, session: c.child.session, branch: c.child.branch },
+    { title: "Background: A", status: "completed", session: "ses_c", branch: "nightshift/ses_c" },
+  );
+  assert.equal(m.apply({ seq: 3, type: "background.child", id: "bg_default_1", status: "failed" }), null, "seen already");
+});
