@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use worker::*;
 
 use crate::auth::encode_identity;
+use crate::background::on_shard;
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult};
 use crate::platform::{new_id, now_ms, random_hex};
@@ -134,9 +135,84 @@ impl SchedulerObject {
             Some(r) => serde_json::from_str(&r.body).map_err(ApiError::internal)?,
             None => Scheduler::default(),
         };
-        // Limits come from the configuration (they may change between deploys).
+        // Limits come from the configuration (they may change between deploys); the shard runs
+        // at most as many as it holds slots of the global budget.
         s.limits = config::background_limits(&self.env);
+        s.limits.max_concurrent = s.limits.max_concurrent.min(self.held()?);
         Ok(s)
+    }
+
+    /// Slots of the global budget this shard holds.
+    fn held(&self) -> ApiResult<u32> {
+        let rows: Vec<BodyRow> = self
+            .sql()?
+            .exec("SELECT body FROM kv WHERE k = 'held'", None)?
+            .to_array()?;
+        Ok(rows.first().and_then(|r| r.body.parse().ok()).unwrap_or(0))
+    }
+
+    fn set_held(&self, n: u32) -> ApiResult<()> {
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO kv (k, body) VALUES ('held', ?)",
+            vec![n.to_string().into()],
+        )?;
+        Ok(())
+    }
+
+    /// Holds as many global slots as the shard can use now (running + waiting + `extra`, up to
+    /// its own limit): asks for more, gives back the rest (waking shards that wait for them).
+    /// Returns whether it got more.
+    async fn rebalance(&self, shard: &str, extra: u32) -> ApiResult<bool> {
+        let cfg = config::background_limits(&self.env);
+        let s = self.scheduler()?;
+        let active = s.agents.values().filter(|a| a.status.is_active()).count() as u32;
+        let want = cfg.max_concurrent.min(active + s.queued() + extra);
+        let held = self.held()?;
+        let budget = self.env.durable_object("BUDGET")?.get_by_name("global")?;
+        if want > held {
+            let body = json!({"shard": shard, "n": want - held})
+                .to_string()
+                .into_bytes();
+            let mut r = call(&budget, Method::Post, "/acquire", None, Some(body)).await?;
+            let v: Value = r.json().await.map_err(ApiError::internal)?;
+            let granted = v["granted"].as_u64().unwrap_or(0) as u32;
+            // Re-read: another request of this shard may have changed it meanwhile.
+            self.set_held(self.held()? + granted)?;
+            return Ok(granted > 0);
+        }
+        if held > want {
+            let n = held - want;
+            self.set_held(held - n)?;
+            let body = json!({"shard": shard, "n": n}).to_string().into_bytes();
+            let mut r = call(&budget, Method::Post, "/release", None, Some(body)).await?;
+            let v: Value = r.json().await.map_err(ApiError::internal)?;
+            for w in v["wake"].as_array().cloned().unwrap_or_default() {
+                let Some(w) = w.as_str() else { continue };
+                let woke =
+                    on_shard(&self.env, w, "budget:", Method::Post, "/wake", None, None).await;
+                if let Err(e) = woke {
+                    console_error!("waking shard {w}: {}", e.message);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// After a change: settle the slots, and start whatever newly granted slots allow.
+    async fn rebalanced(&self, shard: &str) -> ApiResult<()> {
+        for _ in 0..4 {
+            if !self.rebalance(shard, 0).await? {
+                return Ok(());
+            }
+            let mut s = self.scheduler()?;
+            let ts = s.schedule();
+            self.save_scheduler(&s)?;
+            if ts.is_empty() {
+                return Ok(());
+            }
+            self.settle(ts).await?;
+        }
+        Ok(())
     }
 
     fn save_scheduler(&self, s: &Scheduler) -> ApiResult<()> {
@@ -247,7 +323,15 @@ impl SchedulerObject {
             (Method::Post, ["spawn"]) => {
                 let shard = self.shard(&req);
                 let b: SpawnBody = req.json().await.map_err(ApiError::internal)?;
-                self.spawn(b, &shard).await
+                self.rebalance(&shard, 1).await?;
+                let r = self.spawn(b, &shard).await;
+                self.rebalanced(&shard).await?;
+                r
+            }
+            (Method::Post, ["wake"]) => {
+                let shard = self.shard(&req);
+                self.rebalanced(&shard).await?;
+                json_of(200, &json!({"ok": true}))
             }
             (Method::Get, ["agents"]) => {
                 let viewer = Self::viewer(&req)?;
@@ -297,6 +381,7 @@ impl SchedulerObject {
                 let ts = s.cancel(&r.id).map_err(bg)?;
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
+                self.rebalanced(&self.shard(&req)).await?;
                 let r = self.visible(&viewer, id)?;
                 json_of(200, &agent_json(&r))
             }
@@ -325,8 +410,11 @@ impl SchedulerObject {
                     #[serde(default)]
                     result: Value,
                 }
+                let shard = self.shard(&req);
                 let f: Finished = req.json().await.map_err(ApiError::internal)?;
-                self.finished(&f.id, f.ok, f.result).await
+                let r = self.finished(&f.id, f.ok, f.result).await;
+                self.rebalanced(&shard).await?;
+                r
             }
             (Method::Post, ["parent-ended"]) => {
                 let v: Value = req.json().await.map_err(ApiError::internal)?;
@@ -335,6 +423,7 @@ impl SchedulerObject {
                 let ts = s.cancel_children_of(&session);
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
+                self.rebalanced(&self.shard(&req)).await?;
                 json_of(200, &json!({"ok": true}))
             }
             _ => Err(ApiError::not_found("route")),

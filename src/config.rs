@@ -117,3 +117,8 @@ pub fn background_limits(env: &Env) -> nightshift_core::background::Limits {
         max_children: num(env, "BG_MAX_CHILDREN", d.max_children),
     }
 }
+
+/// Running background agents in the whole deployment (`BG_MAX_GLOBAL`), lent to shards.
+pub fn background_global_max(env: &Env) -> u32 {
+    num(env, "BG_MAX_GLOBAL", 32)
+}

@@ -15,6 +15,8 @@ mod sandbox_start;
 mod snapshots;
 mod store;
 
+#[path = "../durable_objects/budget.rs"]
+mod budget;
 #[path = "../durable_objects/repository.rs"]
 mod repository;
 #[path = "../durable_objects/repository_index.rs"]
@@ -26,6 +28,7 @@ mod session_object;
 #[path = "../durable_objects/user_index.rs"]
 mod user_index;
 
+pub use budget::GlobalBudget;
 pub use repository::RepositoryObject;
 pub use repository_index::RepositoryIndex;
 pub use scheduler::SchedulerObject;

@@ -353,3 +353,77 @@ async fn limits_queue_refuse_and_cancelling_a_parent_cancels_its_children() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn the_global_limit_is_lent_to_tenant_shards_and_freed_slots_wake_waiting_tenants() {
+    // No compute: the echo runner keeps each agent's prompt running for ten minutes.
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "echo"),
+        ("ECHO_RUN_MS", "600000"),
+        ("BG_MAX_GLOBAL", "3"),
+        ("BG_MAX_CONCURRENT", "2"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let spawn = |tenant: &str, n: u32| json!({"prompt": format!("{tenant} {n}"), "tenant": tenant});
+    let mut ids = Vec::new();
+    for (tenant, n, want) in [
+        ("a", 1, "running"),
+        ("a", 2, "running"),
+        ("a", 3, "queued"),  // tenant a's own limit
+        ("b", 1, "running"), // the third global slot
+        ("b", 2, "queued"),  // b has room, the deployment has not
+    ] {
+        let (st, v) = api
+            .call("POST", "/background/spawn", &ada, Some(spawn(tenant, n)))
+            .await;
+        assert_eq!(
+            (st, v["status"].as_str()),
+            (201, Some(want)),
+            "{tenant} {n}: {v}"
+        );
+        assert!(v["id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with(&format!("bg_{tenant}_"))));
+        ids.push(v["id"].as_str().unwrap_or_default().to_string());
+    }
+    let (st, v) = api
+        .call(
+            "POST",
+            "/background/spawn",
+            &ada,
+            Some(json!({"prompt": "x", "tenant": "Bad!"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid_input"))
+    );
+    let (_, listed) = api
+        .call("GET", "/background?tenant=b&status=queued", &ada, None)
+        .await;
+    assert_eq!(listed["agents"][0]["id"], ids[4].as_str(), "{listed}");
+
+    // A slot freed in tenant a goes to a's own waiting agent first.
+    api.call(
+        "POST",
+        &format!("/background/{}/cancel", ids[0]),
+        &ada,
+        None,
+    )
+    .await;
+    agent_until(&api, &ada, &ids[2], |v| v["status"] == "running").await;
+    let (_, b2) = api
+        .call("GET", &format!("/background/{}", ids[4]), &ada, None)
+        .await;
+    assert_eq!(b2["status"], "queued", "{b2}");
+    // When tenant a needs fewer, its slots go back and wake tenant b.
+    for id in [&ids[1], &ids[2]] {
+        let (st, _) = api
+            .call("POST", &format!("/background/{id}/cancel"), &ada, None)
+            .await;
+        assert_eq!(st, 200);
+    }
+    agent_until(&api, &ada, &ids[4], |v| v["status"] == "running").await;
+}
