@@ -508,6 +508,14 @@ impl SchedulerObject {
             shard: r.id.split('_').nth(1).unwrap_or("default").to_string(),
             depth: self.scheduler()?.agents.get(&r.id).map_or(1, |a| a.depth),
         };
+        // Attached before its prompt is sent: children it spawns at once are already in its tree.
+        let mut s = self.scheduler()?;
+        s.attach(&r.id, &sid).map_err(bg)?;
+        self.save_scheduler(&s)?;
+        if let Some(mut rec) = self.record(&r.id)? {
+            rec.session = Some(sid.clone());
+            self.save_record(&rec)?;
+        }
         let started = async {
             let stub = session_stub(&self.env, &sid)?;
             let headers = Headers::new();
@@ -558,14 +566,7 @@ impl SchedulerObject {
         .await;
         let mut s = self.scheduler()?;
         let ts = match started {
-            Ok(()) => {
-                s.attach(&r.id, &sid).map_err(bg)?;
-                if let Some(mut rec) = self.record(&r.id)? {
-                    rec.session = Some(sid.clone());
-                    self.save_record(&rec)?;
-                }
-                s.transition(&r.id, Status::Running)
-            }
+            Ok(()) => s.transition(&r.id, Status::Running),
             Err(e) => {
                 if let Some(mut rec) = self.record(&r.id)? {
                     rec.result = Some(json!({"ok": false, "reason": e.message}));

@@ -3,6 +3,11 @@
 (* Checked against the Rust state machine (core/src/session.rs) by            *)
 (* core/tests/model_hosted_agent.rs: every invariant below is an assertion    *)
 (* there, explored exhaustively over all action sequences up to a bound.      *)
+(*                                                                            *)
+(* Background agents spawned by people and by sessions (spawning, status,     *)
+(* limits, cascading cancel) are the companion module BackgroundAgents.tla,   *)
+(* checked against core/src/background.rs by                                  *)
+(* core/tests/model_background_agents.rs.                                     *)
 EXTENDS Naturals, FiniteSets
 
 CONSTANTS Users, Owner, Clients, Resources, MaxClients, MaxTime, TTL, Timeout

@@ -374,6 +374,26 @@ async fn control_plane() {
         }
     }
     report("prompt -> prompt.queued at all 10 clients", &mut queued);
+    // The same with the prompt sent over a person's socket (the `prompt` frame; no HTTP).
+    let mut over_socket = Vec::new();
+    for i in 0..120 {
+        let text = format!("socket prompt {i}");
+        let t = Instant::now();
+        ten[0].send(json!({"type": "prompt", "text": text})).await;
+        let waits = ten.iter_mut().map(|ws| {
+            let text = text.clone();
+            async move { wait_event(ws, "prompt.queued", &["prompt", "text"], &text).await }
+        });
+        let arrivals = join_all(waits).await;
+        let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
+        if i >= 20 {
+            over_socket.push(ms(last - t));
+        }
+    }
+    report(
+        "prompt (over the socket) -> queued at all 10",
+        &mut over_socket,
+    );
     drop(ten);
 
     // 3. Connect 1,000 clients, then one event to 100 and to 1,000 clients.
