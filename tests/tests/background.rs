@@ -110,7 +110,19 @@ async fn an_agent_spawns_two_children_waits_for_them_and_reports_their_branches(
     let agents = list["agents"].as_array().cloned().unwrap_or_default();
     assert_eq!(agents.len(), 2, "{list}");
     let mut sandboxes = Vec::new();
-    for (id, file) in ids.iter().zip(["a.txt", "b.txt"]) {
+    for id in &ids {
+        // The children finish in either order: each one's file follows from its prompt.
+        let (_, agent) = api
+            .call("GET", &format!("/background/{id}"), &ada, None)
+            .await;
+        let file = if agent["prompt"]
+            .as_str()
+            .is_some_and(|p| p.contains("Child A"))
+        {
+            "a.txt"
+        } else {
+            "b.txt"
+        };
         let (st, out) = api
             .call("GET", &format!("/background/{id}/output"), &ada, None)
             .await;
