@@ -344,6 +344,9 @@ impl RepositoryObject {
         let assigned = provider::call(&self.env, Method::Post, &path, Some(&body)).await;
         match assigned {
             Ok((200, v)) => {
+                // Handed over: the claim is done (a later claim of this session, after its
+                // sandbox is gone, gets a new one; this one is never handed out again).
+                self.with_pool(|p| p.unclaim(&c.session_id))?;
                 answer.sandbox = Some(sbx);
                 answer.expires_at = v["expires_at"].as_u64();
                 answer.image = v["image"].as_str().map(String::from);

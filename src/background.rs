@@ -94,6 +94,17 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
     match (method, segs) {
         (Method::Post, ["background", "spawn"]) => {
             let b: SpawnRequest = read_body(req).await?;
+            let too_long = |v: &Option<String>, max: usize| {
+                v.as_ref()
+                    .is_some_and(|x| x.trim().is_empty() || x.len() > max)
+            };
+            if too_long(&b.title, 200) || too_long(&b.repository, 1000) || too_long(&b.model, 200) {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_input",
+                    "title: 1-200 bytes, repository: 1-1000, model: 1-200",
+                ));
+            }
             let tenant = b.tenant.clone().unwrap_or_else(|| "default".into());
             if !valid_tenant(&tenant) {
                 return Err(ApiError::new(

@@ -412,6 +412,24 @@ async fn the_global_limit_is_lent_to_tenant_shards_and_freed_slots_wake_waiting_
         (st, v["error"]["code"].as_str()),
         (400, Some("invalid_input"))
     );
+    for bad in [
+        json!({"prompt": "x", "title": ""}),
+        json!({"prompt": "x", "model": "m".repeat(300)}),
+        json!({"prompt": "x", "extra": true}),
+        json!({"prompt": 7}),
+        json!({}),
+    ] {
+        let (st, v) = api
+            .call("POST", "/background/spawn", &ada, Some(bad.clone()))
+            .await;
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (_, all) = api.call("GET", "/background?tenant=a", &ada, None).await;
+    assert_eq!(
+        all["agents"].as_array().map(Vec::len),
+        Some(3),
+        "bad spawns stored nothing"
+    );
     let (_, listed) = api
         .call("GET", "/background?tenant=b&status=queued", &ada, None)
         .await;
