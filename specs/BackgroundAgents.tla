@@ -102,18 +102,24 @@ Init == /\ ag = [i \in Ids |-> [st |-> None, user |-> None, parent |-> None, dep
         /\ spawned = [s \in Sessions |-> 0] /\ clock = 0
         /\ call = Call("init", None) /\ answer = "ok" /\ last = <<>>
 
-\* SpawnRefusedPerLimits: the reasons a spawn is refused, checked in this order.
-SpawnRefusal(i, par, depth) ==
+\* Whether a new agent of user u spawned by par could start at once.
+FitsNew(u, par) == /\ Cardinality(Active(ag)) < MaxConcurrent
+                   /\ Load(ag, u) < MaxPerUser
+                   /\ par = None \/ ActiveKids(ag, par) < MaxPerSession
+
+\* SpawnRefusedPerLimits: the reasons a spawn is refused, checked in this order. A full
+\* queue refuses only an agent that would have to wait.
+SpawnRefusal(i, u, par, depth) ==
     IF ag[i].st # None THEN "invalid_input"
     ELSE IF depth > MaxDepth THEN "too_deep"
     ELSE IF par # None /\ spawned[par] >= MaxChildren THEN "too_many_children"
-    ELSE IF Cardinality(Queued(ag)) >= MaxQueued THEN "queue_full"
+    ELSE IF Cardinality(Queued(ag)) >= MaxQueued /\ ~FitsNew(u, par) THEN "queue_full"
     ELSE "ok"
 
 \* A spawn for user u by parent session par (None: through the API) whose agent is at depth pd.
 Spawn(i, u, par, pd) ==
     LET c == Call("spawn", i)
-        why == SpawnRefusal(i, par, pd + 1)
+        why == SpawnRefusal(i, u, par, pd + 1)
     IN IF why # "ok" THEN Refuse(c, why)
        ELSE /\ spawned' = IF par = None THEN spawned ELSE [spawned EXCEPT ![par] = @ + 1]
             /\ clock' = clock + 1

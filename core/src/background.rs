@@ -219,27 +219,26 @@ impl Scheduler {
                 });
             }
         }
-        if self.queued() >= self.limits.max_queued {
+        let agent = Agent {
+            id: s.id.clone(),
+            user: s.user,
+            parent: s.parent,
+            depth,
+            status: Status::Queued,
+            arrival: self.next_arrival + 1,
+            session: None,
+        };
+        // A full queue refuses only what would wait: an agent that can start at once is taken.
+        if self.queued() >= self.limits.max_queued && !self.fits(&agent) {
             return Err(BgError::QueueFull {
                 max: self.limits.max_queued,
             });
         }
-        if let Some(p) = &s.parent {
+        if let Some(p) = &agent.parent {
             *self.spawned.entry(p.clone()).or_default() += 1;
         }
         self.next_arrival += 1;
-        self.agents.insert(
-            s.id.clone(),
-            Agent {
-                id: s.id.clone(),
-                user: s.user,
-                parent: s.parent,
-                depth,
-                status: Status::Queued,
-                arrival: self.next_arrival,
-                session: None,
-            },
-        );
+        self.agents.insert(s.id.clone(), agent);
         let mut out = vec![Transition {
             id: s.id,
             from: None,

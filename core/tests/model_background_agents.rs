@@ -730,7 +730,7 @@ impl Model for BackgroundAgents {
         };
         // A spawn is refused exactly when, and for the reason, the scheduler's limits say.
         let spawn_answer = match *a {
-            Action::Spawn { id, by, .. } => {
+            Action::Spawn { id, by, user } => {
                 let (parent, depth) = match by {
                     By::Person => (None, 1),
                     By::HumanSession => (Some(HUMAN_SESSION), 1),
@@ -749,7 +749,7 @@ impl Model for BackgroundAgents {
                     Some("too_deep")
                 } else if parent.is_some_and(|s| children(s) >= c.max_children) {
                     Some("too_many_children")
-                } else if p.queued() >= c.max_queued {
+                } else if p.queued() >= c.max_queued && !fits_now(p, USERS[user], parent) {
                     Some("queue_full")
                 } else {
                     None
@@ -857,4 +857,18 @@ fn background_agents_mutants_are_caught() {
             Err(v) => assert_eq!(v.invariant, invariant, "{mutant:?}: {:?}", v.trace),
         }
     }
+}
+
+/// Whether a new agent of `user` (spawned by `parent`) could start at once under the limits.
+fn fits_now(s: &Scheduler, user: &str, parent: Option<&str>) -> bool {
+    let l = &s.limits;
+    let active = |f: &dyn Fn(&nightshift_core::background::Agent) -> bool| {
+        s.agents
+            .values()
+            .filter(|a| a.status.is_active() && f(a))
+            .count() as u32
+    };
+    active(&|_| true) < l.max_concurrent
+        && active(&|a| a.user == user) < l.max_per_user
+        && parent.is_none_or(|p| active(&|a| a.parent.as_deref() == Some(p)) < l.max_per_session)
 }
