@@ -57,6 +57,8 @@ export class SessionSocket {
     sessionStorage.setItem("nightshift.client", this.client);
     this.retry = 250;
     this.closed = false;
+    this.pending = new Map(); // ref -> { resolve, reject, timer }
+    this.refs = 0;
     this.open();
   }
 
@@ -70,6 +72,14 @@ export class SessionSocket {
     ws.onmessage = (m) => {
       let f;
       try { f = JSON.parse(m.data); } catch { return; }
+      const waiting = f.ref != null && this.pending.get(f.ref);
+      if (waiting && (f.type === "ack" || f.type === "error")) {
+        this.pending.delete(f.ref);
+        clearTimeout(waiting.timer);
+        if (f.type === "ack") waiting.resolve(f.result ?? null);
+        else waiting.reject(new ApiError(400, f.error?.code || "error", f.error?.message || "refused"));
+        return;
+      }
       if (f.type === "events") {
         const fresh = f.events.filter((e) => e.seq > this.lastSeq);
         for (const e of fresh) this.lastSeq = e.seq;
@@ -95,8 +105,28 @@ export class SessionSocket {
     return false;
   }
 
+  /**
+   * Sends a command over the socket and waits for its `ack` (or `error`) — one hop instead of
+   * an HTTP request. Rejects with code "not_sent" when the socket is not open (nothing was
+   * sent: the caller may use HTTP instead), "no_answer" when no answer came in time.
+   */
+  request(frame, timeoutMs = 5000) {
+    return new Promise((resolve, reject) => {
+      const ref = "r" + ++this.refs;
+      if (!this.send({ ...frame, ref })) return reject(new ApiError(0, "not_sent", "the live connection is not open"));
+      const timer = setTimeout(() => {
+        this.pending.delete(ref);
+        // It may have been taken: never resend (that could queue it twice); the log will show it.
+        reject(new ApiError(0, "no_answer", "no answer yet on the live connection; the queue will show whether it was taken"));
+      }, timeoutMs);
+      this.pending.set(ref, { resolve, reject, timer });
+    });
+  }
+
   close() {
     this.closed = true;
+    for (const p of this.pending.values()) clearTimeout(p.timer);
+    this.pending.clear();
     this.ws?.close();
   }
 }

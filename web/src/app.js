@@ -422,7 +422,13 @@ class SessionView {
     if (!text) { toast("Write a prompt first."); box.focus(); return; }
     const priority = Number($("#prio").value);
     act(button, async () => {
-      await api("POST", `/multiplayer/${this.id}/prompt`, { text, priority });
+      // Over the live socket when it is open (faster for everyone watching); HTTP otherwise.
+      try {
+        await this.socket.request({ type: "prompt", text, priority });
+      } catch (e) {
+        if (e.code !== "not_sent") throw e;
+        await api("POST", `/multiplayer/${this.id}/prompt`, { text, priority });
+      }
       box.value = "";
       this.stopTyping();
     });
