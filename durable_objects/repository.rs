@@ -355,8 +355,7 @@ impl RepositoryObject {
                 // Not usable after all: the session starts one itself; this one is retired.
                 console_error!("assigning pooled sandbox {sbx} failed: {other:?}");
                 self.with_pool(|p| p.unclaim(&c.session_id))?;
-                let path = format!("/v1/sandboxes/{sbx}/terminate");
-                let _ = provider::call(&self.env, Method::Post, &path, None).await;
+                let _ = provider::terminate(&self.env, &sbx).await;
             }
         }
         self.wake(0).await?;
@@ -451,13 +450,7 @@ impl RepositoryObject {
             if st == 404 || matches!(status, "failed" | "terminated" | "stopped") {
                 self.with_pool(|p| p.lost(&key))?;
                 if status == "stopped" {
-                    let _ = provider::call(
-                        &self.env,
-                        Method::Post,
-                        &format!("/v1/sandboxes/{sbx}/terminate"),
-                        None,
-                    )
-                    .await;
+                    let _ = provider::terminate(&self.env, &sbx).await;
                 }
             } else if slot == Slot::Booting && status == "ready" {
                 self.with_pool(|p| p.booted(&key))?;
@@ -465,8 +458,7 @@ impl RepositoryObject {
         }
         // Drains owed.
         for (key, sbx) in self.pool()?.pending_drains() {
-            let path = format!("/v1/sandboxes/{sbx}/terminate");
-            let (st, _) = provider::call(&self.env, Method::Post, &path, None).await?;
+            let (st, _) = provider::terminate(&self.env, &sbx).await?;
             if st == 200 || st == 404 {
                 self.with_pool(|p| p.drained(&key))?;
             }
@@ -495,8 +487,7 @@ impl RepositoryObject {
                                 .is_some_and(|e| e.slot == Slot::Draining)
                     })?;
                     if drain {
-                        let path = format!("/v1/sandboxes/{id}/terminate");
-                        let _ = provider::call(&self.env, Method::Post, &path, None).await;
+                        let _ = provider::terminate(&self.env, &id).await;
                         self.with_pool(|p| p.drained(&key))?;
                     }
                 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use worker::*;
 
 use crate::auth::encode_identity;
-use crate::background::on_shard;
+use crate::background::{on_shard, shard_of};
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult};
 use crate::platform::{new_id, now_ms, random_hex};
@@ -77,6 +77,16 @@ struct EventRow {
 enum Viewer {
     Person(String),
     Session(String),
+}
+
+impl Viewer {
+    /// A person sees their own agents; a sandbox only the agents its session spawned.
+    fn sees(&self, r: &Record) -> bool {
+        match self {
+            Viewer::Person(u) => &r.identity.user == u,
+            Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
+        }
+    }
 }
 
 #[durable_object]
@@ -304,11 +314,7 @@ impl SchedulerObject {
         let r = self
             .record(id)?
             .ok_or_else(|| bg(BgError::NotFound(id.into())))?;
-        let ok = match viewer {
-            Viewer::Person(u) => &r.identity.user == u,
-            Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
-        };
-        if ok {
+        if viewer.sees(&r) {
             Ok(r)
         } else {
             // Another person's or another tree's agent is not even said to exist.
@@ -352,10 +358,7 @@ impl SchedulerObject {
                 let mut out = Vec::new();
                 for row in rows {
                     let r: Record = serde_json::from_str(&row.body).map_err(ApiError::internal)?;
-                    let mine = match &viewer {
-                        Viewer::Person(u) => &r.identity.user == u,
-                        Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
-                    };
+                    let mine = viewer.sees(&r);
                     let wanted = parent.as_ref().is_none_or(|p| r.parent.as_ref() == Some(p))
                         && status.as_ref().is_none_or(|s| r.status.as_str() == s)
                         && user.as_ref().is_none_or(|u| &r.identity.user == u);
@@ -505,7 +508,7 @@ impl SchedulerObject {
         let sid = new_id("ses");
         let link = AgentLink {
             agent: r.id.clone(),
-            shard: r.id.split('_').nth(1).unwrap_or("default").to_string(),
+            shard: shard_of(&r.id)?,
             depth: self.scheduler()?.agents.get(&r.id).map_or(1, |a| a.depth),
         };
         // Attached before its prompt is sent: children it spawns at once are already in its tree.

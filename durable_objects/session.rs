@@ -902,8 +902,7 @@ impl SessionObject {
             .await?;
         }
         if let Some(id) = &l.sandbox {
-            let path = format!("/v1/sandboxes/{id}/terminate");
-            if let Err(e) = provider::call(&self.env, Method::Post, &path, None).await {
+            if let Err(e) = provider::terminate(&self.env, id).await {
                 console_error!("terminating lost sandbox {id}: {}", e.message);
             }
         }
@@ -936,14 +935,14 @@ impl SessionObject {
             next = Some(next.map_or(due, |n| n.min(due)));
         }
         if self.uses_sandboxes() {
-            if let Some(l) = store::load_link(&self.sql())? {
+            let l = store::load_link(&self.sql())?;
+            if let Some(l) = &l {
                 let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
                 let grace = config::sandbox_grace_ms(&self.env);
                 if let Some(due) = l.deadline(hb, grace) {
                     next = Some(next.map_or(due, |n| n.min(due)));
                 }
             }
-            let l = store::load_link(&self.sql())?;
             if let Some(due) = snapshots::deadline(&self.env, &self.sql(), l.as_ref(), now)? {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }

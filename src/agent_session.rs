@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::{Env, Method, SqlStorage};
 
-use crate::background::on_shard;
+use crate::background::{on_shard, shard_of};
 use crate::error::{ApiError, ApiResult};
 use crate::scheduler::AgentLink;
 use crate::store;
@@ -209,10 +209,7 @@ pub async fn end_children(env: &Env, sql: &SqlStorage, session: &str) {
         .ok()
         .flatten()
         .unwrap_or_default();
-    let mut shards: Vec<String> = kids
-        .iter()
-        .filter_map(|k| k.split('_').nth(1).map(String::from))
-        .collect();
+    let mut shards: Vec<String> = kids.iter().filter_map(|k| shard_of(k).ok()).collect();
     shards.sort();
     shards.dedup();
     let body = json!({"session": session}).to_string().into_bytes();

@@ -34,7 +34,7 @@ pub fn valid_tenant(t: &str) -> bool {
 }
 
 /// The shard an agent id names (`bg_<tenant>_<hex>`).
-fn shard_of(id: &str) -> ApiResult<String> {
+pub(crate) fn shard_of(id: &str) -> ApiResult<String> {
     let mut parts = id.splitn(3, '_');
     match (parts.next(), parts.next(), parts.next()) {
         (Some("bg"), Some(t), Some(rest))

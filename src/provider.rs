@@ -67,3 +67,9 @@ pub async fn call(
     let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Ok((status, v))
 }
+
+/// Terminates a sandbox (idempotent at the provider); returns the provider's answer.
+pub async fn terminate(env: &Env, sandbox: &str) -> ApiResult<(u16, Value)> {
+    let path = format!("/v1/sandboxes/{sandbox}/terminate");
+    call(env, Method::Post, &path, None).await
+}

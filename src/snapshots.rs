@@ -42,8 +42,7 @@ pub fn deadline(
     }
     if let Some(l) = link.filter(|l| l.stage.is_live()) {
         if let Some(exp) = l.expires_at {
-            let held = s.snaps.last().is_some_and(|x| x.turn == s.turns);
-            if !held {
+            if !s.holds_current() {
                 at(exp.saturating_sub(config::snapshot_margin_ms(env)));
             }
         }

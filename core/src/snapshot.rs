@@ -50,15 +50,16 @@ impl Snapshots {
     }
 
     fn want(&mut self) -> Option<u64> {
-        if self.taking.is_some() || self.newest_turn() == Some(self.turns) {
+        if self.taking.is_some() || self.holds_current() {
             return None;
         }
         self.taking = Some(self.turns);
         Some(self.turns)
     }
 
-    fn newest_turn(&self) -> Option<u64> {
-        self.snaps.last().map(|s| s.turn)
+    /// The newest snapshot holds the latest turn's work (nothing to take near the limit).
+    pub fn holds_current(&self) -> bool {
+        self.snaps.last().map(|s| s.turn) == Some(self.turns)
     }
 
     /// The provider took the snapshot for `turn`.

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::procs;
 use crate::provider::{
-    check, err, local_remote, now_ms, parse, random_hex, run_git, sse_lines, valid_id, ErrorBody,
+    err, local_remote, now_ms, parse, random_hex, run_git, signed, sse_lines, valid_id, ErrorBody,
     LogQuery, Refusal, Repository, Shared,
 };
 
@@ -100,9 +100,7 @@ pub(crate) async fn build(
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = check(&p, &m, &u, &h, &body) {
-        return r;
-    }
+    signed!(p, m, u, h, body);
     let b: BuildBody = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
@@ -270,9 +268,7 @@ pub(crate) async fn get_one(
     h: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    if let Some(r) = check(&p, &m, &u, &h, &[]) {
-        return r;
-    }
+    signed!(p, m, u, h, []);
     match get(&p, &id) {
         Some(i) => Json(i).into_response(),
         None => not_found(&id).into_response(),
@@ -286,9 +282,7 @@ pub(crate) async fn delete(
     h: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    if let Some(r) = check(&p, &m, &u, &h, &[]) {
-        return r;
-    }
+    signed!(p, m, u, h, []);
     let removed = p.images.lock().ok().and_then(|mut m| m.remove(&id));
     if removed.is_some() && valid_id(&id, "img_") {
         let _ = tokio::fs::remove_dir_all(image_dir(&p, &id)).await;
@@ -304,9 +298,7 @@ pub(crate) async fn logs(
     UrlPath(id): UrlPath<String>,
     q: Query<LogQuery>,
 ) -> Response {
-    if let Some(r) = check(&p, &m, &u, &h, &[]) {
-        return r;
-    }
+    signed!(p, m, u, h, []);
     if get(&p, &id).is_none() {
         return not_found(&id).into_response();
     }

@@ -355,11 +355,12 @@ pub(crate) fn check(
 
 macro_rules! signed {
     ($p:expr, $m:expr, $u:expr, $h:expr, $b:expr) => {
-        if let Some(r) = check(&$p, &$m, &$u, &$h, &$b) {
+        if let Some(r) = $crate::provider::check(&$p, &$m, &$u, &$h, &$b) {
             return r;
         }
     };
 }
+pub(crate) use signed;
 
 async fn health(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap) -> Response {
     signed!(p, m, u, h, []);

@@ -680,3 +680,13 @@ impl Ws {
             .await
     }
 }
+
+/// A repository (`GET /repositories/:name`) whose pool is full with ready sandboxes of its latest image.
+pub fn pool_ready(v: &Value) -> bool {
+    let p = &v["pool"];
+    !v["latest_image"].is_null()
+        && p["image"] == v["latest_image"]
+        && p["ready"] == p["target"]
+        && p["draining"] == 0
+        && p["booting"] == 0
+}

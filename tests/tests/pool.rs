@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use nightshift_tests::{Api, Compute, Server, User, Ws, RUN};
+use nightshift_tests::{pool_ready, Api, Compute, Server, User, Ws, RUN};
 use serde_json::{json, Value};
 
 async fn start(recording: Value, extra: &[(&str, &str)]) -> (Compute, Server) {
@@ -29,16 +29,6 @@ async fn repo_until(
         assert!(t.elapsed() < RUN, "{what} never happened: {v:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The pool is full with ready sandboxes of the latest image.
-fn pool_ready(v: &Value) -> bool {
-    let p = &v["pool"];
-    !v["latest_image"].is_null()
-        && p["image"] == v["latest_image"]
-        && p["ready"] == p["target"]
-        && p["draining"] == 0
-        && p["booting"] == 0
 }
 
 fn tool_output(ws: &Ws, prompt: &str, tool: &str) -> String {

@@ -103,6 +103,19 @@ async fn wait_creates(f: &Shared, n: usize) -> Vec<Value> {
     panic!("the provider never got {n} signed creates");
 }
 
+/// The session's first sandbox dials in with its token and is welcomed and given the running prompt.
+async fn first_sandbox_link(f: &Shared, base: &str, id: &str) -> Link {
+    let creates = wait_creates(f, 1).await;
+    let token = creates[0]["supervisor"]["sandbox_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let mut ws = dial(base, id, Some(&token)).await.expect("link");
+    assert_eq!(recv(&mut ws).await.expect("welcome")["type"], "welcome");
+    assert_eq!(recv(&mut ws).await.expect("prompt")["type"], "prompt");
+    ws
+}
+
 #[tokio::test]
 async fn tokens_are_per_session_and_bad_sandbox_frames_change_nothing() {
     let (fakep, server) = with_fake_provider(&[]).await;
@@ -285,14 +298,7 @@ async fn a_silent_sandbox_is_declared_lost_and_terminated() {
     let mut web = api.connect(&ada, &id, "web", 0).await;
     let (_, p1) = prompt(&api, &ada, &id, "hang").await;
     let p1 = p1["id"].as_str().expect("p1").to_string();
-    let creates = wait_creates(&fakep, 1).await;
-    let token = creates[0]["supervisor"]["sandbox_token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    let mut ws = dial(&server.base, &id, Some(&token)).await.expect("link");
-    assert_eq!(recv(&mut ws).await.expect("welcome")["type"], "welcome");
-    assert_eq!(recv(&mut ws).await.expect("prompt")["type"], "prompt");
+    let mut ws = first_sandbox_link(&fakep, &server.base, &id).await;
     send(&mut ws, json!({"type": "event", "n": 1, "event": {"kind": "sandbox.status", "stage": "ready", "detail": "up"}})).await;
     assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 1})));
     // Then silence, with the socket still open (a hung sandbox).
@@ -325,14 +331,7 @@ async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
     let mut web = api.connect(&ada, &id, "web", 0).await;
     let (_, p) = prompt(&api, &ada, &id, "go").await;
     let pid = p["id"].as_str().expect("prompt").to_string();
-    let creates = wait_creates(&fakep, 1).await;
-    let token = creates[0]["supervisor"]["sandbox_token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    let mut ws = dial(&server.base, &id, Some(&token)).await.expect("link");
-    assert_eq!(recv(&mut ws).await.expect("welcome")["type"], "welcome");
-    assert_eq!(recv(&mut ws).await.expect("prompt")["type"], "prompt");
+    let mut ws = first_sandbox_link(&fakep, &server.base, &id).await;
     let text = |n: u64| json!({"n": n, "event": {"kind": "agent.text", "prompt": pid, "text": format!("t{n} ")}});
     send(
         &mut ws,

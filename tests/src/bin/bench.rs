@@ -512,12 +512,7 @@ async fn pool_full(api: &Api, who: &User, name: &str) {
         let (_, v) = api
             .call("GET", &format!("/repositories/{name}"), who, None)
             .await;
-        let p = &v["pool"];
-        if !v["latest_image"].is_null()
-            && p["image"] == v["latest_image"]
-            && p["ready"] == p["target"]
-            && p["booting"] == 0
-        {
+        if nightshift_tests::pool_ready(&v) {
             return;
         }
         assert!(
