@@ -495,13 +495,14 @@ async fn expire(p: Shared, id: String) {
         let now = now_ms();
         if now >= s.expires_at {
             eprintln!("provider: sandbox {id} reached its lifetime; terminating");
-            halt(&p, &id, "terminated").await;
+            // The reason first, so the sandbox is never seen terminated without it.
             p.update(&id, |e| {
                 e.sandbox.error = Some(ErrorBody {
                     code: "lifetime".into(),
                     message: "the sandbox reached the end of its lifetime".into(),
                 })
             });
+            halt(&p, &id, "terminated").await;
             return;
         }
         tokio::time::sleep(Duration::from_millis((s.expires_at - now).min(60_000))).await;
