@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use nightshift_core::events::Event;
 use nightshift_core::sandbox::{self as link, SandboxLink, SandboxMessage, Stage};
-use nightshift_core::session::{Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus};
+use nightshift_core::session::{
+    presence_batch_ms, Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus,
+    PRESENCE_DELTA_MAX, PRESENCE_SNAPSHOT_MAX,
+};
 use nightshift_core::signing::{sha256_hex, token_matches};
 use nightshift_core::wire::{
     self, ClientMessage, CreateSession, CursorUpdate, ErrorBody, JoinSession, LockRequest,
@@ -25,13 +28,6 @@ use crate::provider;
 use crate::runner::{self, PromptRunner};
 use crate::{agent_session, sandbox_start, snapshots, store};
 
-/// Most presence entries sent in one snapshot; `total` gives the full count.
-const PRESENCE_SNAPSHOT_MAX: usize = 100;
-/// Most entries of each list in one presence delta: a burst in a large session costs each
-/// socket a bounded frame instead of one entry per arrival (which would make joins O(n²)).
-const PRESENCE_DELTA_MAX: usize = 32;
-/// Presence changes are coalesced for this long before they are broadcast.
-const PRESENCE_BATCH_MS: u64 = 40;
 /// Events replayed per frame when a client catches up.
 const REPLAY_CHUNK: u32 = 500;
 
@@ -926,9 +922,9 @@ impl SessionObject {
 
     /// Sets the alarm to the earliest deadline: presence flush, sweeps, lock expiry, runner.
     async fn schedule_alarm(&self, now: u64) -> ApiResult<()> {
-        let mut next = self.read(|s, _| s.next_deadline())?;
+        let (mut next, clients) = self.read(|s, _| (s.next_deadline(), s.clients.len()))?;
         if !self.presence_changes.borrow().is_empty() {
-            let flush = now + PRESENCE_BATCH_MS;
+            let flush = now + presence_batch_ms(clients);
             next = Some(next.map_or(flush, |n| n.min(flush)));
         }
         if let Some(due) = self.runner().next_due(&self.sql())? {

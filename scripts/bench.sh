@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-#! Benchmarks: builds the release Wasm, then runs the bench binary against a local wrangler dev and prints figures (`control` or `agent` runs one part).
+#! Benchmarks: builds the release Wasm, then runs the bench binary against a local wrangler dev and prints figures (`control`, `floor`, `agent`, `pools` or `background` runs one part).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

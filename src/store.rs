@@ -9,16 +9,8 @@ use worker::{SqlStorage, SqlStorageValue};
 
 use crate::error::{ApiError, ApiResult};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS members (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS clients (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS locks (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS prompts (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runner (prompt TEXT PRIMARY KEY, due INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sandbox_link (k INTEGER PRIMARY KEY CHECK (k = 1), body TEXT NOT NULL);
-";
+/// The session's tables (also read by the bench's runtime floor, `tests/floor/`).
+const SCHEMA: &str = include_str!("session_schema.sql");
 
 #[derive(Deserialize)]
 struct BodyRow {

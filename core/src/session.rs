@@ -192,6 +192,21 @@ const COLORS: [&str; 12] = [
     "#800000", "#469990", "#000075", "#808000",
 ];
 
+/// Most presence entries in the snapshot a socket gets on connect (`total` gives the full count).
+pub const PRESENCE_SNAPSHOT_MAX: usize = 32;
+/// Most entries of each list in one presence delta (`truncated` and `total` say the rest): a
+/// burst in a large session costs each socket a small, bounded frame.
+pub const PRESENCE_DELTA_MAX: usize = 16;
+
+/// How long presence changes are coalesced before one delta goes to every socket, for a session
+/// with `clients` connected: one millisecond per client, at least 40 ms and at most one second.
+/// Every delta is one frame to each socket, so this keeps presence at about 1,000 frames per
+/// second per session up to 1,000 clients (a fixed window would grow that with the session),
+/// while small sessions still see typing and cursors within 40 ms.
+pub fn presence_batch_ms(clients: usize) -> u64 {
+    u64::try_from(clients).unwrap_or(u64::MAX).clamp(40, 1000)
+}
+
 /// A stable color per user (FNV-1a of the id), so a person looks the same on every client.
 pub fn color_for(user: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
@@ -995,5 +1010,31 @@ impl Session {
             },
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::presence_batch_ms;
+
+    #[test]
+    fn presence_window_grows_with_the_session_and_is_bounded() {
+        assert_eq!(presence_batch_ms(0), 40);
+        assert_eq!(presence_batch_ms(40), 40);
+        assert_eq!(presence_batch_ms(200), 200);
+        assert_eq!(presence_batch_ms(1000), 1000);
+        assert_eq!(presence_batch_ms(100_000), 1000);
+        // Frames per second to all sockets stay about 1,000 up to 1,000 clients.
+        for n in [40usize, 100, 500, 1000] {
+            let per_second = n as u64 * 1000 / presence_batch_ms(n);
+            assert!(per_second <= 1000, "{n} clients: {per_second} frames/s");
+        }
+        // Never shrinks as the session grows.
+        let mut last = 0;
+        for n in (0..5000).step_by(7) {
+            let w = presence_batch_ms(n);
+            assert!(w >= last, "window shrank at {n} clients");
+            last = w;
+        }
     }
 }

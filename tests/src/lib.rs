@@ -36,6 +36,8 @@ pub struct Server {
     vars: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
+    /// The directory holding the `wrangler.toml` this server runs.
+    dir: PathBuf,
 }
 
 impl Server {
@@ -46,6 +48,12 @@ impl Server {
             root.join("build/index_bg.wasm").exists(),
             "the Worker is not built: run scripts/build.sh (scripts/test.sh does it)"
         );
+        Server::start_in(&root, vars).await
+    }
+
+    /// Starts `wrangler dev` on the `wrangler.toml` in `dir` (the bench's runtime floor uses this).
+    pub async fn start_in(dir: &Path, vars: &[(&str, &str)]) -> Server {
+        let root = repo_root();
         let port = free_port();
         let unique = format!(
             "{}-{}-{}",
@@ -72,6 +80,7 @@ impl Server {
             state_dir,
             vars: all,
             child: None,
+            dir: dir.to_path_buf(),
         };
         s.spawn().await;
         s
@@ -81,7 +90,8 @@ impl Server {
         let root = repo_root();
         let inspector = free_port();
         let mut args = format!(
-            "source scripts/env.sh && exec wrangler dev --ip 127.0.0.1 --port {} --inspector-port {} --persist-to '{}' --show-interactive-dev-session=false --test-scheduled --log-level warn",
+            "source '{}/scripts/env.sh' && exec wrangler dev --ip 127.0.0.1 --port {} --inspector-port {} --persist-to '{}' --show-interactive-dev-session=false --test-scheduled --log-level warn",
+            root.display(),
             self.port,
             inspector,
             self.state_dir.join("do").display()
@@ -97,7 +107,7 @@ impl Server {
         let child = Command::new("bash")
             .arg("-c")
             .arg(&args)
-            .current_dir(&root)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -84,6 +84,16 @@ async fn wait_raw(ws: &mut Ws, marker: &str) -> Instant {
     }
 }
 
+/// Drains frames until the socket has been quiet for `quiet`; returns how many and their bytes.
+async fn drain_counting(ws: &mut Ws, quiet: Duration) -> (usize, usize) {
+    let (mut frames, mut bytes) = (0, 0);
+    while let Some(t) = ws.next_raw(quiet).await {
+        frames += 1;
+        bytes += t.len();
+    }
+    (frames, bytes)
+}
+
 /// Drains frames until the socket has been quiet for `quiet`.
 async fn drain(ws: &mut Ws, quiet: Duration) {
     while ws.next(quiet).await.is_some() {}
@@ -95,6 +105,9 @@ async fn main() {
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if run("control") {
         control_plane().await;
+    }
+    if run("control") || only.as_deref() == Some("floor") {
+        floor().await;
     }
     if run("agent") {
         agent_events().await;
@@ -339,16 +352,7 @@ async fn control_plane() {
     println!("Nightshift control-plane benchmark (wrangler dev, release Wasm, loopback)");
 
     // 1. Session create.
-    let mut create = Vec::new();
-    for i in 0..30 {
-        api.create_session(&ada, &format!("warm {i}")).await;
-    }
-    for i in 0..200 {
-        let t = Instant::now();
-        api.create_session(&ada, &format!("bench {i}")).await;
-        create.push(ms(t.elapsed()));
-    }
-    report("session create (POST /sessions)", &mut create);
+    bench_create(&api, &ada, "session create (POST /sessions)").await;
 
     // 2. Prompt -> queued event at all of 10 clients.
     let (id, _) = api.create_session(&ada, "prompt fan-out").await;
@@ -397,55 +401,7 @@ async fn control_plane() {
     drop(ten);
 
     // 3. Connect 1,000 clients, then one event to 100 and to 1,000 clients.
-    let (id, _) = api.create_session(&ada, "fan-out").await;
-    let t = Instant::now();
-    let mut clients = connect_many(&api, &ada, &id, 1000, "c").await;
-    let connect_1000 = t.elapsed();
-    println!(
-        "{:<48} {:>8.0} ms total",
-        "connect 1,000 clients to one session",
-        ms(connect_1000)
-    );
-    // Let the coalesced presence deltas settle, then drain them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let drains = clients
-        .iter_mut()
-        .map(|ws| drain(ws, Duration::from_millis(300)));
-    join_all(drains).await;
-    for n in [100usize, 1000] {
-        let mut fan = Vec::new();
-        for round in 0..12 {
-            let marker = format!("res-{n}-{round}");
-            let t = Instant::now();
-            let waits = clients.iter_mut().take(n).map(|ws| {
-                let m = marker.clone();
-                async move { wait_raw(ws, &m).await }
-            });
-            let path = format!("/multiplayer/{id}/lock");
-            let send = api.call(
-                "POST",
-                &path,
-                &ada,
-                Some(json!({"resource": marker, "ttl_ms": 600000})),
-            );
-            let (arrivals, (st, v)) = tokio::join!(join_all(waits), send);
-            assert_eq!(st, 200, "{v}");
-            let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
-            if round >= 2 {
-                fan.push(ms(last - t));
-            }
-            if n == 100 {
-                // The other 900 received it too; drain them so buffers stay small.
-                let rest = clients
-                    .iter_mut()
-                    .skip(100)
-                    .map(|ws| drain(ws, Duration::from_millis(50)));
-                join_all(rest).await;
-            }
-        }
-        report(&format!("one event -> all {n} clients"), &mut fan);
-    }
-    drop(clients);
+    bench_fanout(&api, &ada, "").await;
 
     // 4. Sustained stored+broadcast events/s into one session with 10 clients.
     let (id, _) = api.create_session(&ada, "throughput").await;
@@ -494,6 +450,96 @@ async fn control_plane() {
         min as f64 / secs,
         min
     );
+}
+
+/// The same create, connect and fan-out figures against a minimal JavaScript Worker and Durable
+/// Object (`tests/floor/`) that does the same storage writes and sends the same frames with none
+/// of Nightshift's rules: what the runtime itself costs on this host under `wrangler dev`.
+async fn floor() {
+    let dir = nightshift_tests::repo_root().join("tests/floor");
+    let server = Server::start_in(&dir, &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    println!("Runtime floor (minimal JavaScript Durable Object, same wrangler dev, same client)");
+    bench_create(&api, &ada, "floor: session create").await;
+    bench_fanout(&api, &ada, "floor: ").await;
+}
+
+/// Session create, p50/p99 over 200 after 30 warm-ups.
+async fn bench_create(api: &Api, who: &User, label: &str) {
+    let mut create = Vec::new();
+    for i in 0..30 {
+        api.create_session(who, &format!("warm {i}")).await;
+    }
+    for i in 0..200 {
+        let t = Instant::now();
+        api.create_session(who, &format!("bench {i}")).await;
+        create.push(ms(t.elapsed()));
+    }
+    report(label, &mut create);
+}
+
+/// Connects 1,000 clients to one session, then times one event to 100 and to 1,000 of them.
+async fn bench_fanout(api: &Api, who: &User, label: &str) {
+    let (id, _) = api.create_session(who, "fan-out").await;
+    let t = Instant::now();
+    let mut clients = connect_many(api, who, &id, 1000, "c").await;
+    let connect_1000 = t.elapsed();
+    println!(
+        "{:<48} {:>8.0} ms total",
+        format!("{label}connect 1,000 clients to one session"),
+        ms(connect_1000)
+    );
+    // Let the coalesced presence deltas settle, then drain them: every frame after each
+    // client's hello (the presence snapshot and deltas) is what presence cost.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let drains = clients
+        .iter_mut()
+        .map(|ws| drain_counting(ws, Duration::from_millis(1200)));
+    let counted = join_all(drains).await;
+    let frames: usize = counted.iter().map(|c| c.0).sum();
+    let bytes: usize = counted.iter().map(|c| c.1).sum();
+    println!(
+        "{:<48} {:>8} frames, {:.1} MB ({:.1} frames per client)",
+        format!("{label}frames after hello during those connects"),
+        frames,
+        bytes as f64 / 1e6,
+        frames as f64 / clients.len().max(1) as f64
+    );
+    for n in [100usize, 1000] {
+        let mut fan = Vec::new();
+        for round in 0..12 {
+            let marker = format!("res-{n}-{round}");
+            let t = Instant::now();
+            let waits = clients.iter_mut().take(n).map(|ws| {
+                let m = marker.clone();
+                async move { wait_raw(ws, &m).await }
+            });
+            let path = format!("/multiplayer/{id}/lock");
+            let send = api.call(
+                "POST",
+                &path,
+                who,
+                Some(json!({"resource": marker, "ttl_ms": 600000})),
+            );
+            let (arrivals, (st, v)) = tokio::join!(join_all(waits), send);
+            assert_eq!(st, 200, "{v}");
+            let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
+            if round >= 2 {
+                fan.push(ms(last - t));
+            }
+            if n == 100 {
+                // The other 900 received it too; drain them so buffers stay small.
+                let rest = clients
+                    .iter_mut()
+                    .skip(100)
+                    .map(|ws| drain(ws, Duration::from_millis(50)));
+                join_all(rest).await;
+            }
+        }
+        report(&format!("{label}one event -> all {n} clients"), &mut fan);
+    }
+    drop(clients);
 }
 
 /// Waits for the session's sandbox to report `ready` after event `after` (a seq); returns when.

@@ -1,0 +1,9 @@
+-- The tables of one Session Durable Object (src/store.rs runs this on create; the bench's runtime floor in tests/floor/ creates the same).
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS locks (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompts (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runner (prompt TEXT PRIMARY KEY, due INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sandbox_link (k INTEGER PRIMARY KEY CHECK (k = 1), body TEXT NOT NULL);
