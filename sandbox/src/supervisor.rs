@@ -270,6 +270,10 @@ async fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
         .args(args)
         .current_dir(repo)
         .env("GIT_TERMINAL_PROMPT", "0")
+        // Read-only commands (the `git` status route's `status --porcelain`) must not take the
+        // index lock to refresh it: a sync's checkout or a commit running at the same moment
+        // would fail with "index.lock: File exists".
+        .env("GIT_OPTIONAL_LOCKS", "0")
         .output()
         .await
         .map_err(|e| format!("git could not run: {e}"))?;
