@@ -66,6 +66,8 @@ pub struct SessionObject {
     presence_changes: RefCell<BTreeSet<String>>,
     /// The alarm time this instance last set (None: unknown).
     alarm_at: Cell<Option<u64>>,
+    /// A snapshot asked for through the API is being taken (its request records it, not the alarm).
+    snapshot_requested: Cell<bool>,
 }
 
 impl DurableObject for SessionObject {
@@ -76,6 +78,7 @@ impl DurableObject for SessionObject {
             cache: RefCell::new(None),
             presence_changes: RefCell::new(BTreeSet::new()),
             alarm_at: Cell::new(None),
+            snapshot_requested: Cell::new(false),
         }
     }
 
@@ -419,11 +422,17 @@ impl SessionObject {
                     return Ok(());
                 }
             }
-            self.spawn_sandbox(Some(&id)).await.map(|_| ())
+            self.spawn_sandbox(Some(&id), None).await.map(|_| ())
         })
     }
 
-    async fn spawn_sandbox(&self, prompt: Option<&str>) -> ApiResult<(u16, serde_json::Value)> {
+    /// Gets the session a new sandbox (`src/sandbox_start.rs`) and makes it the session's link;
+    /// `snapshot` restores exactly that snapshot (`POST /sandbox/restore`).
+    async fn spawn_sandbox(
+        &self,
+        prompt: Option<&str>,
+        snapshot: Option<&str>,
+    ) -> ApiResult<(u16, serde_json::Value)> {
         let sql = self.sql();
         let now = now_ms();
         let repository = self.read(|s, _| s.meta.repository.clone())?;
@@ -449,8 +458,16 @@ impl SessionObject {
         })
         .await?;
         let session_id = self.read(|s, _| s.meta.id.clone())?;
-        let answer =
-            sandbox_start::start(&self.env, &sql, &session_id, &repository, &token, now).await;
+        let answer = sandbox_start::start(
+            &self.env,
+            &sql,
+            &session_id,
+            &repository,
+            &token,
+            now,
+            snapshot,
+        )
+        .await;
         match answer.map(|a| (a.status, a.sandbox, a.how)) {
             Ok((201, v, how)) => {
                 l.sandbox = v["id"].as_str().map(String::from);
@@ -730,7 +747,7 @@ impl SessionObject {
         if has {
             return Ok(());
         }
-        match self.spawn_sandbox(None).await {
+        match self.spawn_sandbox(None, None).await {
             Ok(_) => self.schedule_alarm(now_ms()).await,
             // Visible as a sandbox status; typing itself never fails.
             Err(e) => {
@@ -758,8 +775,140 @@ impl SessionObject {
                 ));
             }
         }
-        let (st, v) = self.spawn_sandbox(None).await?;
+        let (st, v) = self.spawn_sandbox(None, None).await?;
         json_of(st, &v)
+    }
+
+    /// `POST /sandbox/:id/snapshot`: snapshots one of the session's sandboxes now and records it in
+    /// the session's list, through the same path as a turn's snapshot (`snapshots::take`).
+    async fn snapshot_now(&self, who: &Identity, b: wire::SnapshotNow) -> ApiResult<Response> {
+        self.require_member(who)?;
+        let sql = self.sql();
+        let Some(turn) = snapshots::request(&sql)? else {
+            return Err(ApiError::new(
+                409,
+                "snapshot_in_progress",
+                "a snapshot of this session is being taken; retry in a moment",
+            ));
+        };
+        self.snapshot_requested.set(true);
+        let taken = snapshots::take(&self.env, &sql, Some(&b.sandbox), turn, now_ms()).await;
+        self.snapshot_requested.set(false);
+        // Snapshots beyond `KEEP` (and a turn that ended meanwhile) are the alarm's to handle.
+        self.schedule_alarm(now_ms()).await?;
+        json_of(201, &taken??)
+    }
+
+    /// `POST /sandbox/restore`: a new sandbox for the session from one of its live snapshots (the
+    /// newest when none is named). It becomes the session's sandbox the way a follow-up's restore
+    /// does (`spawn_sandbox`); the sandbox it replaces is retired and terminated. Everything that
+    /// can refuse is checked before anything changes.
+    async fn restore_sandbox(
+        &self,
+        who: &Identity,
+        b: wire::SandboxRestore,
+    ) -> ApiResult<Response> {
+        self.require_member(who)?;
+        let sql = self.sql();
+        let now = now_ms();
+        let snaps = snapshots::load(&sql)?;
+        let snap = snaps.restorable(b.snapshot.as_deref(), now).cloned();
+        let Some(snap) = snap else {
+            let message = match &b.snapshot {
+                Some(id) => format!(
+                    "this session has no live snapshot {id} (unknown, expired, deleted or another session's); GET /sessions/:id lists its snapshots"
+                ),
+                None => "this session has no live snapshot; take one with POST /sandbox/:id/snapshot".into(),
+            };
+            return Err(ApiError::new(404, "snapshot_not_found", message));
+        };
+        if self.read(|s, _| s.queue.running.is_some())? {
+            return Err(ApiError::new(
+                409,
+                "prompt_running",
+                "a prompt is running in the session's sandbox; wait for it to finish (or stop it), then restore",
+            ));
+        }
+        let link = store::load_link(&sql)?;
+        if link.as_ref().is_some_and(|l| l.stage == Stage::Spawning) {
+            return Err(ApiError::new(
+                409,
+                "sandbox_spawning",
+                "the session's sandbox is being created; restore once it is ready",
+            ));
+        }
+        // The provider may have lost it before its time.
+        let path = format!("/v1/snapshots/{}", snap.id);
+        match provider::call(&self.env, Method::Get, &path, None).await? {
+            (200, _) => {}
+            (404, _) => {
+                return Err(ApiError::new(
+                    404,
+                    "snapshot_not_found",
+                    format!("the provider no longer has snapshot {}", snap.id),
+                ))
+            }
+            (status, v) => {
+                return Err(ApiError::new(
+                    502,
+                    "provider_unavailable",
+                    format!(
+                        "the provider could not look up snapshot {} ({status}): {v}",
+                        snap.id
+                    ),
+                ))
+            }
+        }
+        // One sandbox per session: the current one is retired before the restored one takes its place.
+        if let Some(l) = link {
+            let old = l.sandbox.clone();
+            let detail = format!(
+                "{} restored snapshot {}; this sandbox is retired",
+                who.name, snap.id
+            );
+            self.retire_sandbox(l, Stage::None, "terminated", detail, None)
+                .await?;
+            if let Some(id) = old {
+                if let Err(e) = provider::terminate(&self.env, &id).await {
+                    console_error!("terminating replaced sandbox {id}: {}", e.message);
+                }
+            }
+        }
+        let (st, v) = self.spawn_sandbox(None, Some(&snap.id)).await?;
+        json_of(st, &v)
+    }
+
+    /// Retires the session's sandbox (`stage` is `Stopped` or `None`): its socket is refused, the
+    /// session says so (`what`), and a running prompt fails with `reason`. The provider is not
+    /// asked anything here.
+    async fn retire_sandbox(
+        &self,
+        mut l: SandboxLink,
+        stage: Stage,
+        what: &str,
+        detail: String,
+        reason: Option<String>,
+    ) -> ApiResult<()> {
+        let sql = self.sql();
+        if l.stage.is_live() {
+            l.stage = stage;
+            store::save_link(&sql, &l)?;
+            for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                let _ = ws.close(
+                    Some(4005),
+                    Some("refused: the sandbox was stopped through the API"),
+                );
+            }
+            self.apply(|s, _| Ok(s.sandbox_status(what, detail)))
+                .await?;
+            if let (Some(p), Some(reason)) = (self.read(|s, _| s.queue.running.clone())?, reason) {
+                self.fail_running(&p, &reason).await?;
+            }
+        } else if stage == Stage::None && l.stage == Stage::Stopped {
+            l.stage = Stage::None;
+            store::save_link(&sql, &l)?;
+        }
+        Ok(())
     }
 
     /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own sandbox retire it first.
@@ -790,29 +939,13 @@ impl SessionObject {
             }
             _ => return json_of(200, &serde_json::json!({"ok": true})),
         };
-        if l.stage.is_live() {
-            l.stage = stage;
-            store::save_link(&sql, &l)?;
-            for ws in self.state.get_websockets_with_tag(SANDBOX) {
-                let _ = ws.close(
-                    Some(4005),
-                    Some("refused: the sandbox was stopped through the API"),
-                );
-            }
-            let detail = format!("{} {what} the sandbox", who.name);
-            self.apply(|s, _| Ok(s.sandbox_status(what, detail)))
-                .await?;
-            if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
-                let reason = format!(
-                    "sandbox_{what}: {} {what} the sandbox while this prompt ran",
-                    who.name
-                );
-                self.fail_running(&p, &reason).await?;
-            }
-        } else if stage == Stage::None && l.stage == Stage::Stopped {
-            l.stage = Stage::None;
-            store::save_link(&sql, &l)?;
-        }
+        let detail = format!("{} {what} the sandbox", who.name);
+        let reason = format!(
+            "sandbox_{what}: {} {what} the sandbox while this prompt ran",
+            who.name
+        );
+        self.retire_sandbox(l, stage, what, detail, Some(reason))
+            .await?;
         json_of(200, &serde_json::json!({"ok": true}))
     }
 
@@ -939,7 +1072,10 @@ impl SessionObject {
                     next = Some(next.map_or(due, |n| n.min(due)));
                 }
             }
-            if let Some(due) = snapshots::deadline(&self.env, &self.sql(), l.as_ref(), now)? {
+            let requested = self.snapshot_requested.get();
+            if let Some(due) =
+                snapshots::deadline(&self.env, &self.sql(), l.as_ref(), now, requested)?
+            {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
@@ -986,7 +1122,8 @@ impl SessionObject {
         if self.uses_sandboxes() {
             self.check_sandbox(now).await?;
             let l = store::load_link(&self.sql())?;
-            snapshots::upkeep(&self.env, &self.sql(), l.as_ref(), now).await?;
+            let requested = self.snapshot_requested.get();
+            snapshots::upkeep(&self.env, &self.sql(), l.as_ref(), now, requested).await?;
         }
         // Heartbeat sweep and lock expiry.
         self.apply(|s, now| Ok(s.sweep(now))).await?;
@@ -1233,6 +1370,14 @@ impl SessionObject {
             }
             (Method::Get, ["ws"]) => self.accept_socket(&who, &req).await,
             (Method::Post, ["sandbox", "ensure"]) => self.ensure_sandbox(&who).await,
+            (Method::Post, ["sandbox", "snapshot"]) => {
+                let b: wire::SnapshotNow = Self::body(&mut req).await?;
+                self.snapshot_now(&who, b).await
+            }
+            (Method::Post, ["sandbox", "restore"]) => {
+                let b: wire::SandboxRestore = Self::body(&mut req).await?;
+                self.restore_sandbox(&who, b).await
+            }
             (Method::Post, ["sandbox", "authorize"]) => {
                 let b: wire::SandboxAuthorize = Self::body(&mut req).await?;
                 self.authorize_sandbox(&who, b).await

@@ -75,6 +75,14 @@ NearLimit == LET kept == LiveIn(snaps) IN
              /\ Request(turns, kept)
              /\ UNCHANGED <<turns, now, live, nextId, taken, deleted, lost, superseded>>
 
+\* Someone asks for a snapshot now (POST /sandbox/:id/snapshot): the current turn even if a
+\* snapshot holds it (the checkout may have changed since), but never beside one in flight.
+Requested == /\ live
+             /\ IF taking = {}
+                THEN taking' = {turns} /\ inFlight' = inFlight \cup {turns}
+                ELSE UNCHANGED <<taking, inFlight>>
+             /\ UNCHANGED <<snaps, toDelete, turns, now, live, nextId, taken, deleted, lost, superseded>>
+
 Taken == \E t \in inFlight :
            LET n == [id |-> nextId + 1, turn |-> t, at |-> now, exp |-> now + TTL]
                held == Land(snaps, n)
@@ -113,7 +121,7 @@ Forget(id) == /\ id \in Ids(snaps)
               /\ snaps' = {s \in snaps : s.id # id} /\ lost' = lost \cup {id}
               /\ UNCHANGED <<turns, taking, toDelete, now, live, nextId, inFlight, taken, deleted, superseded>>
 
-Next == \/ TurnEnded \/ NearLimit \/ Taken \/ NotTaken \/ Exit \/ Restore \/ Tick \/ Expire
+Next == \/ TurnEnded \/ NearLimit \/ Requested \/ Taken \/ NotTaken \/ Exit \/ Restore \/ Tick \/ Expire
         \/ \E id \in 1..nextId : Delete(id) \/ Forget(id)
 
 Spec == Init /\ [][Next]_vars

@@ -1,6 +1,9 @@
-//! The sandbox API (`/sandbox…`): people reach their session's sandboxes, authorised by session membership, through the provider.
+//! The sandbox API (`/sandbox…`): people reach their session's sandboxes, authorised by session membership, through the provider; snapshots and restores go through the session, which records them.
 
-use nightshift_core::wire::{ExecRequest, SandboxAuthorize, SandboxCreate};
+use nightshift_core::wire::{
+    self, ExecRequest, SandboxAuthorize, SandboxCreate, SandboxRestore, SnapshotNow,
+    SnapshotRequest,
+};
 use serde_json::Value;
 use worker::{Env, Headers, Method, Request, Response};
 
@@ -33,6 +36,30 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             )
             .await
         }
+        (Method::Post, ["sandbox", "restore"]) => {
+            let b: SandboxRestore = read_body(req).await?;
+            if let Some(id) = &b.snapshot {
+                if !valid_id("snp_", id) {
+                    return Err(ApiError::new(
+                        404,
+                        "snapshot_not_found",
+                        format!("no snapshot {id}"),
+                    ));
+                }
+            }
+            let stub = session_stub(env, &b.session_id)?;
+            let headers = Headers::new();
+            headers.set(IDENTITY_HEADER, &who_header)?;
+            let body = serde_json::to_vec(&b).map_err(ApiError::internal)?;
+            call(
+                &stub,
+                Method::Post,
+                "/sandbox/restore",
+                Some(headers),
+                Some(body),
+            )
+            .await
+        }
         (Method::Get, ["sandbox"]) => {
             let url = req.url().map_err(ApiError::from)?;
             let session = url
@@ -58,10 +85,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         }
         (m, ["sandbox", id, rest @ ..]) => {
             let id = id.to_string();
-            if !id.starts_with("sbx_")
-                || id.len() > 64
-                || !id[4..].chars().all(|c| c.is_ascii_alphanumeric())
-            {
+            if !valid_id("sbx_", &id) {
                 return Err(ApiError::new(
                     404,
                     "sandbox_not_found",
@@ -77,17 +101,24 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 (Method::Get, ["logs", _]) => "logs",
                 (Method::Get, ["git"]) => "git",
                 (Method::Post, ["git", "sync"]) => "git.sync",
+                (Method::Post, ["snapshot"]) => "snapshot",
                 _ => return Err(ApiError::not_found("route")),
             };
             // Bad input is refused before anything is asked of anyone.
             let body = if op == "exec" {
                 let bytes = read_bytes(req).await?;
-                let e: ExecRequest = nightshift_core::wire::parse_body(&bytes)?;
+                let e: ExecRequest = wire::parse_body(&bytes)?;
                 e.check()?;
                 Some(serde_json::to_vec(&e).map_err(ApiError::internal)?)
             } else {
                 None
             };
+            if op == "snapshot" {
+                let bytes = read_bytes(req).await?;
+                if !bytes.is_empty() {
+                    wire::parse_body::<SnapshotRequest>(&bytes)?;
+                }
+            }
             if let ["logs", service] = rest {
                 if service.is_empty()
                     || !service
@@ -129,6 +160,31 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             };
             match op {
                 "get" => relay(st, &sandbox),
+                "snapshot" => {
+                    if matches!(sandbox["status"].as_str(), Some("terminated" | "failed")) {
+                        return Err(ApiError::new(
+                            409,
+                            "sandbox_terminated",
+                            format!("sandbox {id} is {}; its checkout is gone, so it cannot be snapshotted; restore one of the session's snapshots instead", sandbox["status"].as_str().unwrap_or("terminated")),
+                        ));
+                    }
+                    // The session takes it, so it is listed, restored, expired and deleted like a turn's.
+                    let stub = session_stub(env, &session)?;
+                    let headers = Headers::new();
+                    headers.set(IDENTITY_HEADER, &who_header)?;
+                    let body = serde_json::to_vec(&SnapshotNow {
+                        sandbox: id.clone(),
+                    })
+                    .map_err(ApiError::internal)?;
+                    call(
+                        &stub,
+                        Method::Post,
+                        "/sandbox/snapshot",
+                        Some(headers),
+                        Some(body),
+                    )
+                    .await
+                }
                 "logs" => {
                     let url = req.url().map_err(ApiError::from)?;
                     let follow = url
@@ -154,6 +210,16 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         }
         _ => Err(ApiError::not_found("route")),
     }
+}
+
+/// A provider id: `prefix` then 1-60 ASCII letters and digits.
+fn valid_id(prefix: &str, id: &str) -> bool {
+    id.len() <= 64
+        && id.len() > prefix.len()
+        && id.starts_with(prefix)
+        && id[prefix.len()..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric())
 }
 
 async fn relay_response(mut resp: Response) -> ApiResult<Response> {

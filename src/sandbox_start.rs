@@ -1,12 +1,12 @@
-//! How a session gets a sandbox: restore its newest snapshot, else claim a warm one from its repository's pool, else start one cold (from the latest image when there is one).
+//! How a session gets a sandbox: restore its newest (or a named) snapshot, else claim a warm one from its repository's pool, else start one cold (from the latest image when there is one).
 
-use nightshift_core::snapshot::{Snapshots, Start};
+use nightshift_core::snapshot::Snapshots;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use worker::{Env, Method, SqlStorage};
 
 use crate::config;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::provider;
 use crate::repositories::repository_stub;
 use crate::repository::ClaimAnswer;
@@ -33,7 +33,9 @@ pub struct Started {
     pub how: String,
 }
 
-/// Starts (or claims) the session's sandbox. `repository` is a registered repository's name or a clone URL.
+/// Starts (or claims) the session's sandbox. `repository` is a registered repository's name or a
+/// clone URL. `only` restores exactly that snapshot (`POST /sandbox/restore`): its refusal is the
+/// answer, with no fall-back to another snapshot or a fresh start.
 pub async fn start(
     env: &Env,
     sql: &SqlStorage,
@@ -41,6 +43,7 @@ pub async fn start(
     repository: &str,
     token: &str,
     now: u64,
+    only: Option<&str>,
 ) -> ApiResult<Started> {
     let control = config::control_url(env).unwrap_or_default();
     let supervisor = json!({"control_url": control, "sandbox_token": token});
@@ -49,7 +52,8 @@ pub async fn start(
     // 1. The newest live snapshot holds the session's earlier work.
     let mut snaps: Snapshots = store::kv_get(sql, SNAPSHOTS)?.unwrap_or_default();
     let source: Option<Source> = store::kv_get(sql, SOURCE)?;
-    while let (Start::Restore { snapshot, turn }, Some(src)) = (snaps.start(now), source.as_ref()) {
+    while let (Some(snap), Some(src)) = (snaps.restorable(only, now).cloned(), source.as_ref()) {
+        let (snapshot, turn) = (snap.id, snap.turn);
         let body = json!({"session_id": session_id,
             "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
             "supervisor": supervisor, "labels": labels});
@@ -65,9 +69,23 @@ pub async fn start(
         // Expired or lost at the provider: forget it and try the next, then start cold.
         snaps.forget(&snapshot);
         store::kv_put(sql, SNAPSHOTS, &snaps)?;
+        let code = v["error"]["code"].as_str().unwrap_or("unknown").to_string();
+        if only.is_some() {
+            return Ok(Started {
+                status,
+                sandbox: v,
+                how: format!("snapshot {snapshot} is gone ({code})"),
+            });
+        }
         notes.push(format!(
-            "snapshot {snapshot} is gone ({}); starting fresh",
-            v["error"]["code"].as_str().unwrap_or("unknown")
+            "snapshot {snapshot} is gone ({code}); starting fresh"
+        ));
+    }
+    if let Some(snapshot) = only {
+        return Err(ApiError::new(
+            404,
+            "snapshot_not_found",
+            format!("this session has no live snapshot {snapshot}"),
         ));
     }
     // 2. A registered repository: a warm sandbox, or its latest image. A session with pushed

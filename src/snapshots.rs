@@ -1,12 +1,12 @@
 //! A session's snapshot upkeep at the provider: take the snapshot a turn (or a nearing time limit) asked for, and delete expired ones.
 
 use nightshift_core::sandbox::SandboxLink;
-use nightshift_core::snapshot::Snapshots;
+use nightshift_core::snapshot::{Snap, Snapshots};
 use serde_json::json;
 use worker::{console_error, Env, Method, SqlStorage};
 
 use crate::config;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::provider;
 use crate::sandbox_start::SNAPSHOTS;
 use crate::store;
@@ -27,17 +27,19 @@ pub fn turn_ended(sql: &SqlStorage) -> ApiResult<bool> {
     Ok(want)
 }
 
-/// When the session's alarm must run for snapshots.
+/// When the session's alarm must run for snapshots. `requested` is true while a snapshot asked
+/// for through the API is being taken (its request finishes it, so the alarm need not).
 pub fn deadline(
     env: &Env,
     sql: &SqlStorage,
     link: Option<&SandboxLink>,
     now: u64,
+    requested: bool,
 ) -> ApiResult<Option<u64>> {
     let s = load(sql)?;
     let mut next = s.next_expiry();
     let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
-    if s.taking.is_some() || !s.to_delete.is_empty() {
+    if (s.taking.is_some() && !requested) || !s.to_delete.is_empty() {
         at(now);
     }
     if let Some(l) = link.filter(|l| l.stage.is_live()) {
@@ -50,12 +52,78 @@ pub fn deadline(
     Ok(next)
 }
 
-/// Takes owed snapshots, snapshots before the time limit, and deletes expired ones.
+/// Asks for a snapshot now (`POST /sandbox/:id/snapshot`): the turn to take, or `None` while one is in flight.
+pub fn request(sql: &SqlStorage) -> ApiResult<Option<u64>> {
+    let mut s = load(sql)?;
+    let turn = s.requested();
+    if turn.is_some() {
+        save(sql, &s)?;
+    }
+    Ok(turn)
+}
+
+/// Takes the snapshot of `turn` (owed by a turn, a nearing time limit or a request) of
+/// `sandbox` at the provider and records it in the session's list, or records that it was not
+/// taken. The inner error is the provider's refusal (or its silence); the outer one is storage.
+pub async fn take(
+    env: &Env,
+    sql: &SqlStorage,
+    sandbox: Option<&str>,
+    turn: u64,
+    now: u64,
+) -> ApiResult<Result<Snap, ApiError>> {
+    let taken = match sandbox {
+        Some(id) => {
+            let ttl = config::snapshot_ttl_ms(env);
+            let path = format!("/v1/sandboxes/{id}/snapshot");
+            provider::call(env, Method::Post, &path, Some(&json!({"ttl_ms": ttl}))).await
+        }
+        None => Ok((
+            409,
+            json!({"error": {"code": "no_sandbox", "message": "the session has no live sandbox"}}),
+        )),
+    };
+    // Re-read: the state may have moved while the provider worked.
+    let mut s = load(sql)?;
+    let answer = match taken {
+        Ok((201, v)) => {
+            let id = v["id"].as_str().unwrap_or_default();
+            let exp = v["expires_at"].as_u64().unwrap_or(now);
+            s.taken(turn, id, now, exp);
+            // A turn that ended while this one was copied is snapshotted next.
+            s.near_limit();
+            let snap = s.snaps.iter().find(|x| x.id == id).cloned();
+            snap.ok_or_else(|| ApiError::internal("the provider's snapshot has no id"))
+        }
+        Ok((status, v)) => {
+            console_error!("snapshot of turn {turn} refused ({status}): {v}");
+            s.not_taken(turn);
+            Err(ApiError::new(
+                status,
+                v["error"]["code"].as_str().unwrap_or("snapshot_failed"),
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the provider did not take the snapshot"),
+            ))
+        }
+        Err(e) => {
+            console_error!("snapshot of turn {turn}: {}", e.message);
+            s.not_taken(turn);
+            Err(e)
+        }
+    };
+    save(sql, &s)?;
+    Ok(answer)
+}
+
+/// Takes owed snapshots, snapshots before the time limit, and deletes expired ones. While a
+/// snapshot asked for through the API is being taken (`requested`), it takes none itself.
 pub async fn upkeep(
     env: &Env,
     sql: &SqlStorage,
     link: Option<&SandboxLink>,
     now: u64,
+    requested: bool,
 ) -> ApiResult<()> {
     let mut s = load(sql)?;
     s.expire(now);
@@ -68,36 +136,10 @@ pub async fn upkeep(
         }
     }
     save(sql, &s)?;
-    if let Some(turn) = s.taking {
+    if let (Some(turn), false) = (s.taking, requested) {
         let sandbox = live.and_then(|l| l.sandbox.clone());
-        let taken = match sandbox {
-            Some(id) => {
-                let ttl = config::snapshot_ttl_ms(env);
-                let path = format!("/v1/sandboxes/{id}/snapshot");
-                provider::call(env, Method::Post, &path, Some(&json!({"ttl_ms": ttl}))).await
-            }
-            None => Ok((409, json!({}))),
-        };
-        // Re-read: the state may have moved while the provider worked.
-        let mut s = load(sql)?;
-        match taken {
-            Ok((201, v)) => {
-                let id = v["id"].as_str().unwrap_or_default();
-                let exp = v["expires_at"].as_u64().unwrap_or(now);
-                s.taken(turn, id, now, exp);
-                // A turn that ended while this one was copied is snapshotted next.
-                s.near_limit();
-            }
-            Ok((status, v)) => {
-                console_error!("snapshot of turn {turn} refused ({status}): {v}");
-                s.not_taken(turn);
-            }
-            Err(e) => {
-                console_error!("snapshot of turn {turn}: {}", e.message);
-                s.not_taken(turn);
-            }
-        }
-        save(sql, &s)?;
+        // Refusals are logged and recorded by `take`; the next turn or limit asks again.
+        let _ = take(env, sql, sandbox.as_deref(), turn, now).await?;
     }
     let doomed = load(sql)?.to_delete;
     let mut gone = Vec::new();

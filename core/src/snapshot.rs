@@ -57,6 +57,16 @@ impl Snapshots {
         Some(self.turns)
     }
 
+    /// Someone asked for a snapshot now (`POST /sandbox/:id/snapshot`): the current turn, even
+    /// if a snapshot holds it already (the checkout may have changed since), unless one is in flight.
+    pub fn requested(&mut self) -> Option<u64> {
+        if self.taking.is_some() {
+            return None;
+        }
+        self.taking = Some(self.turns);
+        Some(self.turns)
+    }
+
     /// The newest snapshot holds the latest turn's work (nothing to take near the limit).
     pub fn holds_current(&self) -> bool {
         self.snaps.last().map(|s| s.turn) == Some(self.turns)
@@ -105,13 +115,23 @@ impl Snapshots {
 
     /// How the next sandbox starts: from the newest live snapshot, else cold.
     pub fn start(&self, now: u64) -> Start {
-        match self.snaps.iter().rev().find(|s| s.expires_at > now) {
+        match self.restorable(None, now) {
             Some(s) => Start::Restore {
                 snapshot: s.id.clone(),
                 turn: s.turn,
             },
             None => Start::Cold,
         }
+    }
+
+    /// The live snapshot `id` (or, without one, the newest live snapshot) a restore may use; `None`
+    /// when it is unknown to this session, expired or already dropped.
+    pub fn restorable(&self, id: Option<&str>, now: u64) -> Option<&Snap> {
+        self.snaps
+            .iter()
+            .rev()
+            .filter(|s| s.expires_at > now)
+            .find(|s| id.is_none_or(|id| s.id == id))
     }
 
     /// The provider said a snapshot is gone (expired early, deleted): forget it.
@@ -156,5 +176,45 @@ mod tests {
         s.expire(100);
         assert_eq!(s.start(100), Start::Cold);
         assert_eq!(s.to_delete, vec!["snp_1".to_string(), "snp_2".to_string()]);
+    }
+
+    #[test]
+    fn a_snapshot_on_request_is_one_more_snapshot_and_only_live_ones_of_the_session_restore() {
+        let mut s = Snapshots::default();
+        assert_eq!(s.requested(), Some(0), "before any turn");
+        assert_eq!(s.requested(), None, "one at a time");
+        assert_eq!(s.turn_ended(), None, "a turn waits for the one in flight");
+        s.taken(0, "snp_a", 10, 100);
+        assert_eq!(
+            s.near_limit(),
+            Some(1),
+            "the turn that ended meanwhile is next"
+        );
+        s.taken(1, "snp_b", 20, 50);
+        assert_eq!(
+            s.requested(),
+            Some(1),
+            "asked for even though turn 1 is held"
+        );
+        s.taken(1, "snp_c", 30, 200);
+        assert_eq!(s.taking, None);
+        let ids = |s: &Snapshots| s.snaps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&s), ["snp_a", "snp_b", "snp_c"]);
+        assert_eq!(s.restorable(None, 40).map(|x| x.id.as_str()), Some("snp_c"));
+        assert_eq!(s.restorable(Some("snp_b"), 40).map(|x| x.turn), Some(1));
+        assert_eq!(s.restorable(Some("snp_b"), 50), None, "expired");
+        assert_eq!(
+            s.restorable(Some("snp_other"), 40),
+            None,
+            "not this session's"
+        );
+        assert_eq!(s.restorable(None, 200), None, "nothing live");
+        s.forget("snp_c");
+        assert_eq!(
+            s.restorable(Some("snp_c"), 40),
+            None,
+            "gone at the provider"
+        );
+        assert_eq!(s.restorable(None, 40).map(|x| x.id.as_str()), Some("snp_b"));
     }
 }

@@ -494,3 +494,24 @@ pub struct SandboxAuthorize {
     pub sandbox: Option<String>,
     pub op: String,
 }
+
+/// `POST /sandbox/:id/snapshot`: no options (the session's `SNAPSHOT_TTL_MS` applies, as to a turn's snapshot).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {}
+
+/// `POST /sandbox/restore`: a new sandbox for the session from one of its snapshots (the newest live one when `snapshot` is absent).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRestore {
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// The session object is asked to snapshot one of its sandboxes now (internal, from the sandbox API).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotNow {
+    pub sandbox: String,
+}

@@ -1,4 +1,4 @@
-//! Model check of specs/SandboxSnapshot.tla against the Rust snapshot manager: newest live restore, one in flight, KEEP held, dropped ones deleted, no work lost.
+//! Model check of specs/SandboxSnapshot.tla against the Rust snapshot manager: newest live restore, one in flight, KEEP held, dropped ones deleted, no work lost; snapshots asked for through the API share the one-in-flight rule.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,6 +41,8 @@ enum Action {
     /// The live sandbox nears its time limit: the shell's alarm drops expired snapshots, then
     /// asks near_limit (which has no clock of its own).
     NearLimit,
+    /// Someone asks for a snapshot now through the sandbox API (`POST /sandbox/:id/snapshot`).
+    Requested,
     /// The provider took the requested snapshot (a fresh id).
     Taken,
     /// The snapshot failed (the sandbox was already gone).
@@ -116,6 +118,7 @@ impl Model for SandboxSnapshot {
         let mut v = vec![
             Action::TurnEnded,
             Action::NearLimit,
+            Action::Requested,
             Action::Taken,
             Action::NotTaken,
             Action::Exit,
@@ -155,6 +158,15 @@ impl Model for SandboxSnapshot {
                     t.snaps.near_limit()
                 };
                 if let Some(turn) = want {
+                    t.doubled |= t.in_flight.is_some();
+                    t.in_flight = Some(turn);
+                }
+            }
+            Action::Requested => {
+                if !t.live {
+                    return None;
+                }
+                if let Some(turn) = t.snaps.requested() {
                     t.doubled |= t.in_flight.is_some();
                     t.in_flight = Some(turn);
                 }

@@ -1,7 +1,7 @@
 // Nightshift web app: sign-in, sessions list, new session, and the live session view.
 
 import { api, auth, ApiError, SessionSocket } from "./api.js";
-import { SessionModel, editDiff } from "./model.js";
+import { SessionModel, STAGES, editDiff } from "./model.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
@@ -159,8 +159,6 @@ async function openSession(id, invite) {
   current = new SessionView(id, snap);
 }
 
-const STAGES = { spawning: "Starting a sandbox", starting: "Starting the agent", syncing: "Syncing the repository", synced: "Repository synced", ready: "Ready", stopped: "Sandbox stopped", terminated: "Sandbox terminated", lost: "Sandbox lost", failed: "Sandbox failed" };
-
 class SessionView {
   constructor(id, snap) {
     this.id = id;
@@ -170,6 +168,8 @@ class SessionView {
     this.presence = new Map();
     this.typingTimer = null;
     this.typing = false;
+    this.waitTimer = null;
+    this.clockBehind = 0; // how far this device's clock is behind the server's (events are never from the future)
     this.render();
     this.socket = new SessionSocket(id, {
       events: (evs) => this.onEvents(evs),
@@ -178,7 +178,7 @@ class SessionView {
     });
   }
 
-  close() { this.socket?.close(); clearTimeout(this.typingTimer); }
+  close() { this.socket?.close(); clearTimeout(this.typingTimer); clearInterval(this.waitTimer); }
 
   render() {
     const s = this.snap;
@@ -201,6 +201,7 @@ class SessionView {
         </section>
         <section class="stream card" aria-label="Session activity">
           <ol id="log" class="log" aria-live="polite"></ol>
+          <div id="wait" class="wait" hidden><span class="spinner" aria-hidden="true"></span> <span class="wait-label" role="status"></span> <span class="wait-secs muted"></span></div>
         </section>
         <aside class="side">
           <section class="card"><h2>Queue</h2><div id="queue"></div></section>
@@ -253,17 +254,13 @@ class SessionView {
   onEvents(evs) {
     const log = $("#log");
     for (const e of evs) {
+      if (typeof e.at === "number") this.clockBehind = Math.max(this.clockBehind, e.at - Date.now());
       const change = this.model.apply(e);
       if (change) this.paint(log, e, change);
     }
     this.renderQueue();
     this.renderLocks();
-    const stage = this.model.stage;
-    if (stage) {
-      const el = $("#stage");
-      el.textContent = this.model.running ? (stage === "ready" ? "Running" : STAGES[stage] || stage) : STAGES[stage] || stage;
-      el.className = `pill ${["failed", "lost"].includes(stage) ? "bad" : stage === "ready" ? "ok" : ""}`;
-    }
+    this.renderWait();
     const atBottom = log.parentElement.scrollHeight - log.parentElement.scrollTop - log.parentElement.clientHeight < 120;
     if (atBottom) log.parentElement.scrollTop = log.parentElement.scrollHeight;
   }
@@ -337,6 +334,47 @@ class SessionView {
       default:
         return "";
     }
+  }
+
+  /** Between a prompt's start and its first agent output: what is happening, and for how long (ticks every second). */
+  renderWait() {
+    const el = $("#wait");
+    if (!el) return;
+    const w = this.model.waiting(Date.now() + this.clockBehind);
+    this.renderStage(w);
+    if (!w) {
+      el.hidden = true;
+      clearInterval(this.waitTimer);
+      this.waitTimer = null;
+      return;
+    }
+    el.hidden = false;
+    el.dataset.phase = w.phase;
+    const label = el.querySelector(".wait-label");
+    if (label.textContent !== w.label) label.textContent = w.label;
+    el.querySelector(".wait-secs").textContent = `${w.seconds} s`;
+    if (!this.waitTimer) this.waitTimer = setInterval(() => this.renderWait(), 1000);
+  }
+
+  /** The stage pill in the header: the wait while there is one, else the sandbox's stage. */
+  renderStage(w) {
+    const el = $("#stage");
+    if (!el) return;
+    const stage = this.model.stage;
+    let text = "No sandbox yet";
+    let tone = "";
+    if (w) {
+      text = w.label;
+      tone = "busy";
+    } else if (stage) {
+      text = this.model.running && stage === "ready" ? "Running" : STAGES[stage] || stage;
+      tone = ["failed", "lost"].includes(stage) ? "bad" : stage === "ready" ? "ok" : "";
+    } else if (this.model.running) {
+      text = "Running";
+      tone = "ok";
+    }
+    if (el.textContent !== text) el.textContent = text;
+    el.className = `pill ${tone}`;
   }
 
   renderPresence() {

@@ -5,7 +5,12 @@ export class SessionModel {
     this.prompts = new Map();
     this.running = null;
     this.locks = new Map();
-    this.stage = null;
+    this.stage = null; // the latest sandbox.status stage, sync stages included
+    this.lifecycle = null; // the latest stage of the sandbox itself (spawning … ready, lost …), sync stages aside
+    this.lifecycleSeq = 0;
+    this.runStartedAt = null; // server time the running prompt started
+    this.runSeq = 0;
+    this.heard = false; // the running prompt has had agent output
     this.tools = new Map();
     this.lastSeq = 0;
     this.files = new Map(); // prompt id -> Set of files its completed write/edit tools changed
@@ -30,6 +35,7 @@ export class SessionModel {
     if (e.seq <= this.lastSeq) return null;
     this.lastSeq = e.seq;
     if (e.type !== "agent.text") this.textBlock = null;
+    if (e.type.startsWith("agent.") && this.running && (e.prompt == null || e.prompt === this.running)) this.heard = true;
     switch (e.type) {
       case "prompt.queued": {
         const p = { ...e.prompt, status: "queued" };
@@ -37,7 +43,12 @@ export class SessionModel {
         return { key: "p:" + p.id, status: "queued" };
       }
       case "prompt.started":
-        return this.status(e.id, "running", () => (this.running = e.id));
+        return this.status(e.id, "running", () => {
+          this.running = e.id;
+          this.runStartedAt = e.at ?? null;
+          this.runSeq = e.seq;
+          this.heard = false;
+        });
       case "prompt.reprioritized": {
         const p = this.prompts.get(e.id);
         if (p) p.priority = e.priority;
@@ -76,6 +87,10 @@ export class SessionModel {
         return null;
       case "sandbox.status":
         this.stage = e.stage;
+        if (!SYNC_STAGES.includes(e.stage)) {
+          this.lifecycle = e.stage;
+          this.lifecycleSeq = e.seq;
+        }
         return {};
       case "background.child": {
         const c = { ...(this.children.get(e.id) || {}), ...stripNull(e) };
@@ -90,6 +105,29 @@ export class SessionModel {
     }
   }
 
+  /**
+   * What the person waits for between the running prompt's start and its first agent output, or
+   * null when nothing is awaited: `{prompt, phase, stage, label, since, seconds}`. `phase` is
+   * "sandbox" while the sandbox is on its way (label: its current stage) and "model" once it is
+   * ready (or when prompts run without one) — "Waiting for the model". `now` is the clock in ms.
+   */
+  waiting(now) {
+    if (!this.running || this.heard) return null;
+    const since = this.runStartedAt;
+    const seconds = since == null ? 0 : Math.max(0, Math.floor((now - since) / 1000));
+    const base = { prompt: this.running, since, seconds };
+    const stage = this.lifecycle;
+    if (stage == null || stage === "ready") {
+      return { ...base, phase: "model", stage, label: "Waiting for the model" };
+    }
+    // A sandbox that was gone before this prompt started is being replaced.
+    if (GONE_STAGES.includes(stage) && this.lifecycleSeq < this.runSeq) {
+      return { ...base, phase: "sandbox", stage: "spawning", label: "Getting a sandbox" };
+    }
+    const shown = this.stage === "syncing" ? "syncing" : stage;
+    return { ...base, phase: "sandbox", stage: shown, label: STAGES[shown] || shown };
+  }
+
   status(id, status, also) {
     const p = this.prompts.get(id);
     if (p) p.status = status;
@@ -98,6 +136,15 @@ export class SessionModel {
     return { statusOf: id, status };
   }
 }
+
+/** What each `sandbox.status` stage means to a person. */
+export const STAGES = { spawning: "Starting a sandbox", starting: "Starting the agent", syncing: "Syncing the repository", synced: "Repository synced", sync_failed: "Repository sync failed", ready: "Ready", stopped: "Sandbox stopped", terminated: "Sandbox terminated", lost: "Sandbox lost", failed: "Sandbox failed" };
+
+/** Stages about the checkout's sync, which runs beside the agent's start. */
+const SYNC_STAGES = ["syncing", "synced", "sync_failed"];
+
+/** Stages after which the next prompt needs another sandbox (or the stopped one started again). */
+const GONE_STAGES = ["stopped", "terminated", "lost", "failed"];
 
 /** Tools whose input names a file they change. */
 const WRITES = ["write", "edit", "patch", "multiedit"];

@@ -109,3 +109,21 @@ test("the session view fits a phone without sideways scrolling, and the app is i
   const sw = await page.evaluate(async () => (await navigator.serviceWorker.ready).active?.scriptURL);
   assert.match(sw, /\/sw\.js$/);
 });
+
+test("between a prompt's start and its first output the session shows the wait: what is awaited and the seconds ticking", { timeout: 90_000 }, async () => {
+  const page = await (await browser.newContext()).newPage();
+  await signIn(page, server.base, "wes", "Wes Wait");
+  // The echo runner answers after ECHO_RUN_MS (4 s here) with no sandbox: the wait is for the model.
+  await newSession(page, "Waiting", "take your time");
+  await page.waitForSelector("#wait:not([hidden])");
+  assert.equal(await page.textContent("#wait .wait-label"), "Waiting for the model");
+  assert.equal(await page.textContent("#stage"), "Waiting for the model", "the header never says idle meanwhile");
+  const secs = () => page.$eval("#wait .wait-secs", (e) => parseInt(e.textContent, 10));
+  const first = await secs();
+  await page.waitForFunction((n) => parseInt(document.querySelector("#wait .wait-secs").textContent, 10) > n, first, { timeout: 5_000 });
+  assert.ok((await secs()) > first, "the seconds tick");
+  // The first output ends the wait.
+  await page.waitForSelector('#log .row.agent:has-text("echo: take your time")');
+  await page.waitForSelector("#wait", { state: "hidden" });
+  assert.notEqual(await page.textContent("#stage"), "Waiting for the model");
+});

@@ -74,3 +74,53 @@ test("background children are one row each, updated in place as their status mov
   );
   assert.equal(m.apply({ seq: 3, type: "background.child", id: "bg_default_1", status: "failed" }), null, "seen already");
 });
+
+test("the wait between a prompt's start and its first agent output: the sandbox's stage, then the model, with the seconds", () => {
+  const m = new SessionModel();
+  assert.equal(m.waiting(0), null, "nothing runs");
+  m.apply({ ...q(1, "p", 0, 0), at: 1000 });
+  assert.equal(m.waiting(1000), null, "queued is not running yet");
+  m.apply({ seq: 2, type: "prompt.started", id: "p", at: 1000 });
+  assert.deepEqual(m.waiting(1400), { prompt: "p", since: 1000, seconds: 0, phase: "model", stage: null, label: "Waiting for the model" }, "no sandbox (the echo runner)");
+  m.apply({ seq: 3, type: "sandbox.status", stage: "spawning", detail: "asking the provider", at: 1010 });
+  assert.deepEqual([m.waiting(3500).label, m.waiting(3500).seconds, m.waiting(3500).phase], ["Starting a sandbox", 2, "sandbox"]);
+  m.apply({ seq: 4, type: "sandbox.status", stage: "syncing", detail: "fetching origin/main", at: 1100 });
+  assert.equal(m.waiting(4000).label, "Syncing the repository");
+  m.apply({ seq: 5, type: "sandbox.status", stage: "starting", detail: "starting OpenCode", at: 1200 });
+  m.apply({ seq: 6, type: "sandbox.status", stage: "synced", detail: "abc", at: 1300 });
+  assert.equal(m.waiting(5000).label, "Starting the agent", "synced beside a starting agent is not ready");
+  m.apply({ seq: 7, type: "sandbox.status", stage: "ready", detail: "the agent is ready", at: 1400 });
+  assert.deepEqual([m.waiting(13_999).phase, m.waiting(13_999).label, m.waiting(13_999).seconds], ["model", "Waiting for the model", 12]);
+  assert.equal(m.waiting(500).seconds, 0, "never negative");
+  m.apply({ seq: 8, type: "agent.text", prompt: "other", text: "stray" });
+  assert.ok(m.waiting(14_000), "output of another prompt is not this one's");
+  m.apply({ seq: 9, type: "agent.text", prompt: "p", text: "Hi" });
+  assert.equal(m.waiting(14_000), null, "the first output ends the wait");
+  m.apply({ seq: 10, type: "prompt.finished", id: "p", ok: true });
+  assert.equal(m.waiting(15_000), null);
+});
+
+test("a follow-up waits for the model at once; after a lost sandbox it waits for a new one; any agent event ends the wait", () => {
+  const m = new SessionModel();
+  m.apply({ seq: 1, type: "sandbox.status", stage: "ready", detail: "" });
+  m.apply(q(2, "a", 0, 0));
+  m.apply({ seq: 3, type: "prompt.started", id: "a", at: 0 });
+  assert.equal(m.waiting(10).label, "Waiting for the model");
+  m.apply({ seq: 4, type: "agent.tool", prompt: "a", call: "c", tool: "read", status: "running" });
+  assert.equal(m.waiting(10), null, "a tool call is output too");
+  m.apply({ seq: 5, type: "prompt.finished", id: "a", ok: true });
+  m.apply({ seq: 6, type: "sandbox.status", stage: "lost", detail: "" });
+  m.apply(q(7, "b", 0, 1));
+  m.apply({ seq: 8, type: "prompt.started", id: "b", at: 100 });
+  assert.deepEqual([m.waiting(200).phase, m.waiting(200).label], ["sandbox", "Getting a sandbox"]);
+  m.apply({ seq: 9, type: "sandbox.status", stage: "failed", detail: "clone failed" });
+  assert.equal(m.waiting(300).label, "Sandbox failed", "a failure during the wait is shown as it is");
+  m.apply({ seq: 10, type: "prompt.finished", id: "b", ok: false, reason: "sandbox_failed" });
+  assert.equal(m.waiting(400), null);
+  // Stopping a prompt before any output ends the wait too.
+  m.apply(q(11, "c", 0, 2));
+  m.apply({ seq: 12, type: "prompt.started", id: "c", at: 500 });
+  assert.ok(m.waiting(600));
+  m.apply({ seq: 13, type: "prompt.stopped", id: "c" });
+  assert.equal(m.waiting(700), null);
+});
