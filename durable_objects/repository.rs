@@ -41,6 +41,9 @@ pub struct ClaimAnswer {
     pub image: Option<String>,
     pub clone_url: String,
     pub base_branch: String,
+    /// The repository's egress allowlist (beyond the provider's defaults).
+    #[serde(default)]
+    pub egress: Vec<String>,
 }
 
 #[durable_object]
@@ -294,7 +297,7 @@ impl RepositoryObject {
             return Ok((202, serde_json::to_value(b).map_err(ApiError::internal)?));
         }
         let body = json!({
-            "repository": {"clone_url": s.clone_url, "base_branch": s.base_branch},
+            "repository": {"clone_url": s.clone_url, "base_branch": s.base_branch, "egress": s.egress},
             "setup": s.setup, "test": s.test,
             "timeout_ms": config::build_timeout_ms(&self.env),
             "labels": {"repository": s.name, "reason": reason},
@@ -331,6 +334,7 @@ impl RepositoryObject {
             image: image.clone(),
             clone_url: s.clone_url,
             base_branch: s.base_branch,
+            egress: s.egress,
         };
         if !c.take {
             return Ok(answer);
@@ -472,7 +476,7 @@ impl RepositoryObject {
             };
             let body = json!({
                 "session_id": null,
-                "repository": {"clone_url": settings.clone_url, "base_branch": settings.base_branch},
+                "repository": {"clone_url": settings.clone_url, "base_branch": settings.base_branch, "egress": settings.egress},
                 "image": image,
                 "labels": {"pool": settings.name},
             });

@@ -32,7 +32,7 @@ else
 fi
 export NIGHTSHIFT_OPENCODE_BIN="$root/node_modules/opencode-linux-x64/bin/opencode"
 export NIGHTSHIFT_PLUGIN_MODULES="$root/node_modules"
-PROVIDER_SECRET="$PROVIDER_SECRET" target/debug/nightshift-provider --port "$PROVIDER_PORT" --root .state/dev-provider \
+NIGHTSHIFT_DEV_MODE=1 PROVIDER_SECRET="$PROVIDER_SECRET" target/debug/nightshift-provider --port "$PROVIDER_PORT" --root .state/dev-provider \
   > >(tee .state/dev-logs/provider.log) 2>&1 &
 pids+=($!)
 echo "Nightshift: http://127.0.0.1:$PORT  (dev sign-in: POST /auth/dev {\"user\":\"you\"}; API: /openapi.json)"

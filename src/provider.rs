@@ -6,7 +6,7 @@ use worker::{Env, Fetch, Headers, Method, Request, RequestInit, Response};
 
 use crate::config;
 use crate::error::{ApiError, ApiResult};
-use crate::platform::now_ms;
+use crate::platform::{now_ms, random_hex};
 
 fn unavailable(msg: String) -> ApiError {
     ApiError::new(502, "provider_unavailable", msg)
@@ -28,16 +28,20 @@ pub async fn send(
     })?;
     let bytes = body.unwrap_or_default();
     let ts = now_ms();
+    // A new nonce for every request (crypto.getRandomValues): the provider refuses a replay.
+    let nonce = random_hex(16);
     let sig = signing::sign(
         &config::provider_secret(env),
         method.as_ref(),
         path,
         ts,
+        &nonce,
         bytes,
     )
     .map_err(|e| ApiError::new(503, e.code(), e.to_string()))?;
     let headers = Headers::new();
     headers.set(signing::TIMESTAMP_HEADER, &ts.to_string())?;
+    headers.set(signing::NONCE_HEADER, &nonce)?;
     headers.set(signing::SIGNATURE_HEADER, &sig)?;
     headers.set("content-type", "application/json")?;
     let mut init = RequestInit::new();

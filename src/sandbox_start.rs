@@ -18,6 +18,9 @@ use crate::store;
 struct Source {
     clone_url: String,
     base_branch: String,
+    /// The repository's egress allowlist (empty: the provider's defaults only).
+    #[serde(default)]
+    egress: Vec<String>,
 }
 
 /// The key under which a session keeps its snapshots.
@@ -55,7 +58,7 @@ pub async fn start(
     while let (Some(snap), Some(src)) = (snaps.restorable(only, now).cloned(), source.as_ref()) {
         let (snapshot, turn) = (snap.id, snap.turn);
         let body = json!({"session_id": session_id,
-            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
+            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": src.egress},
             "supervisor": supervisor, "labels": labels});
         let path = format!("/v1/snapshots/{snapshot}/restore");
         let (status, v) = provider::call(env, Method::Post, &path, Some(&body)).await?;
@@ -97,10 +100,12 @@ pub async fn start(
         Some(c) => Source {
             clone_url: c.clone_url.clone(),
             base_branch: c.base_branch.clone(),
+            egress: c.egress.clone(),
         },
         None => Source {
             clone_url: repository.to_string(),
             base_branch: "main".into(),
+            egress: Vec::new(),
         },
     };
     store::kv_put(sql, SOURCE, &src)?;
@@ -132,7 +137,7 @@ pub async fn start(
     };
     let body = json!({
         "session_id": session_id,
-        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch},
+        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": src.egress},
         "image": image,
         "env": env_vars,
         "supervisor": supervisor,

@@ -116,6 +116,13 @@ pub enum EventKind {
     /// A write was held back until the checkout has synced; the agent was told why.
     #[serde(rename = "agent.blocked")]
     AgentBlocked { tool: String, message: String },
+    /// The sandbox's egress proxy refused a connection to a host outside the session's allowlist.
+    #[serde(rename = "egress.blocked")]
+    EgressBlocked {
+        host: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+    },
     /// A background agent this session spawned changed status (the parent shows its children live).
     #[serde(rename = "background.child")]
     BackgroundChild {
@@ -151,6 +158,7 @@ impl EventKind {
             EventKind::AgentStep { .. } => "agent.step",
             EventKind::AgentError { .. } => "agent.error",
             EventKind::AgentBlocked { .. } => "agent.blocked",
+            EventKind::EgressBlocked { .. } => "egress.blocked",
             EventKind::BackgroundChild { .. } => "background.child",
         }
     }

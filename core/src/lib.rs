@@ -2,6 +2,7 @@
 
 pub mod background;
 pub mod check;
+pub mod egress;
 pub mod error;
 pub mod events;
 pub mod gating;

@@ -54,6 +54,11 @@ pub struct Settings {
     /// Minutes between scheduled image builds (0: only on demand).
     #[serde(default = "thirty")]
     pub build_every_min: u32,
+    /// Hosts this repository's sandboxes (builds included) may reach beyond the defaults
+    /// (package registries, common git hosts, the control plane and the model): patterns as
+    /// `example.com`, `*.example.com`, `host:port`.
+    #[serde(default)]
+    pub egress: Vec<String>,
 }
 
 fn main() -> String {
@@ -74,6 +79,7 @@ pub struct Change {
     pub test: Option<Option<String>>,
     pub pool_size: Option<u32>,
     pub build_every_min: Option<u32>,
+    pub egress: Option<Vec<String>>,
 }
 
 fn invalid(m: impl Into<String>) -> RepoError {
@@ -123,6 +129,14 @@ impl Settings {
         if self.build_every_min > 7 * 24 * 60 {
             return Err(invalid("build_every_min: at most a week"));
         }
+        if self.egress.len() > crate::egress::MAX_PATTERNS
+            || !self.egress.iter().all(|p| crate::egress::valid_pattern(p))
+        {
+            return Err(invalid(format!(
+                "egress: at most {} host patterns like `example.com`, `*.example.com` or `host:port`",
+                crate::egress::MAX_PATTERNS
+            )));
+        }
         Ok(())
     }
 
@@ -146,6 +160,9 @@ impl Settings {
         }
         if let Some(v) = c.build_every_min {
             s.build_every_min = v;
+        }
+        if let Some(v) = c.egress {
+            s.egress = v;
         }
         s.validate()?;
         Ok(s)
@@ -317,6 +334,8 @@ mod tests {
             r#"{"name":"a","clone_url":"u","pool_size":99}"#,
             r#"{"name":"a","clone_url":"u","setup":[""]}"#,
             r#"{"name":"a","clone_url":"u","base_branch":"-x"}"#,
+            r#"{"name":"a","clone_url":"u","egress":["http://x.com"]}"#,
+            r#"{"name":"a","clone_url":"u","egress":["x.com:99999"]}"#,
         ] {
             let s: Settings = serde_json::from_str(bad).expect("json");
             assert_eq!(

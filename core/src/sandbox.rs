@@ -178,6 +178,13 @@ pub enum AgentEvent {
     Error { prompt: String, message: String },
     #[serde(rename = "agent.blocked")]
     Blocked { tool: String, message: String },
+    /// A connection the egress proxy refused (host outside the allowlist), with the tool that tried.
+    #[serde(rename = "egress.blocked")]
+    EgressBlocked {
+        host: String,
+        #[serde(default)]
+        tool: Option<String>,
+    },
     #[serde(rename = "prompt.done")]
     Done {
         prompt: String,
@@ -200,7 +207,9 @@ impl AgentEvent {
             | AgentEvent::Step { prompt, .. }
             | AgentEvent::Error { prompt, .. }
             | AgentEvent::Done { prompt, .. } => Some(prompt),
-            AgentEvent::Status { .. } | AgentEvent::Blocked { .. } => None,
+            AgentEvent::Status { .. }
+            | AgentEvent::Blocked { .. }
+            | AgentEvent::EgressBlocked { .. } => None,
         }
     }
 }

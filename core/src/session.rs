@@ -959,6 +959,7 @@ impl Session {
             },
             AgentEvent::Error { prompt, message } => EventKind::AgentError { prompt, message },
             AgentEvent::Blocked { tool, message } => EventKind::AgentBlocked { tool, message },
+            AgentEvent::EgressBlocked { host, tool } => EventKind::EgressBlocked { host, tool },
         };
         out.event(Actor::system(), kind);
         Ok(out)

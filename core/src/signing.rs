@@ -1,4 +1,6 @@
-//! Provider-contract request signing: HMAC-SHA256 over method, path, timestamp and body hash, with a short validity window.
+//! Provider-contract request signing: HMAC-SHA256 over method, path, timestamp, nonce and body hash, with a short validity window and a replay cache.
+
+use std::collections::{HashMap, VecDeque};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -8,19 +10,27 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Header carrying the signing time (ms since the epoch).
 pub const TIMESTAMP_HEADER: &str = "x-nightshift-timestamp";
+/// Header carrying a random per-request nonce (16–64 characters of `[A-Za-z0-9_-]`).
+pub const NONCE_HEADER: &str = "x-nightshift-nonce";
 /// Header carrying `v1=<hex hmac>`.
 pub const SIGNATURE_HEADER: &str = "x-nightshift-signature";
-/// Requests older or newer than this are refused.
-pub const WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Requests older or newer than this are refused; a nonce is remembered this long past its timestamp.
+pub const WINDOW_MS: u64 = 60 * 1000;
+/// The replay cache holds at most this many nonces; beyond it requests are refused until the window moves on.
+pub const MAX_NONCES: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SignError {
-    #[error("the request is not signed: send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}")]
+    #[error("the request is not signed: send {TIMESTAMP_HEADER}, {NONCE_HEADER} (16-64 characters of A-Z a-z 0-9 _ -) and {SIGNATURE_HEADER}")]
     Missing,
     #[error("the request's timestamp is outside the {WINDOW_MS} ms window; check the clocks")]
     Stale,
     #[error("the request's signature does not match; check PROVIDER_SECRET on both sides")]
     Bad,
+    #[error("this signed request was already received; sign every request with a new nonce")]
+    Replayed,
+    #[error("too many signed requests within the signing window; retry shortly")]
+    Flooded,
     #[error("no provider secret is configured")]
     NoSecret,
 }
@@ -31,9 +41,27 @@ impl SignError {
             SignError::Missing => "unsigned",
             SignError::Stale => "stale_signature",
             SignError::Bad => "bad_signature",
+            SignError::Replayed => "replayed_request",
+            SignError::Flooded => "capacity",
             SignError::NoSecret => "provider_not_configured",
         }
     }
+
+    /// The HTTP status a provider answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            SignError::Flooded => 503,
+            _ => 401,
+        }
+    }
+}
+
+/// True for a well-formed nonce: 16 to 64 characters of `[A-Za-z0-9_-]`.
+pub fn valid_nonce(nonce: &str) -> bool {
+    (16..=64).contains(&nonce.len())
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -55,53 +83,76 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
+/// The signed string: `v1\nMETHOD\npath\nts\nnonce\nsha256(body)`.
+pub fn canonical(method: &str, path: &str, ts: u64, nonce: &str, body: &[u8]) -> String {
+    format!(
+        "v1\n{}\n{}\n{}\n{}\n{}",
+        method.to_ascii_uppercase(),
+        path,
+        ts,
+        nonce,
+        sha256_hex(body)
+    )
+}
+
 fn mac(
     secret: &[u8],
     method: &str,
     path: &str,
     ts: u64,
+    nonce: &str,
     body: &[u8],
 ) -> Result<HmacSha256, SignError> {
     if secret.is_empty() {
         return Err(SignError::NoSecret);
     }
     let mut m = HmacSha256::new_from_slice(secret).map_err(|_| SignError::NoSecret)?;
-    let canonical = format!(
-        "v1\n{}\n{}\n{}\n{}",
-        method.to_ascii_uppercase(),
-        path,
-        ts,
-        sha256_hex(body)
-    );
-    m.update(canonical.as_bytes());
+    m.update(canonical(method, path, ts, nonce, body).as_bytes());
     Ok(m)
 }
 
-/// The value of the signature header for a request.
+/// The value of the signature header for a request; `nonce` must be new for every request.
 pub fn sign(
     secret: &[u8],
     method: &str,
     path: &str,
     ts: u64,
+    nonce: &str,
     body: &[u8],
 ) -> Result<String, SignError> {
-    let m = mac(secret, method, path, ts, body)?;
+    if !valid_nonce(nonce) {
+        return Err(SignError::Missing);
+    }
+    let m = mac(secret, method, path, ts, nonce, body)?;
     Ok(format!("v1={}", hex(&m.finalize().into_bytes())))
 }
 
-/// Checks a signed request in constant time; `path` includes the query string.
+/// The headers of one signed request, as they arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signed<'a> {
+    pub timestamp: Option<&'a str>,
+    pub nonce: Option<&'a str>,
+    pub signature: Option<&'a str>,
+}
+
+/// Checks a signed request in constant time; `path` includes the query string. Returns the
+/// request's timestamp (for the replay cache). This does not check for replays: see [`NonceCache`].
 pub fn verify(
     secret: &[u8],
     method: &str,
     path: &str,
-    timestamp: Option<&str>,
-    signature: Option<&str>,
+    headers: Signed<'_>,
     body: &[u8],
     now: u64,
-) -> Result<(), SignError> {
-    let (Some(ts), Some(sig)) = (timestamp, signature) else {
+) -> Result<u64, SignError> {
+    let (Some(ts), Some(nonce), Some(sig)) = (headers.timestamp, headers.nonce, headers.signature)
+    else {
         return Err(SignError::Missing);
     };
+    let nonce = nonce.trim();
+    if !valid_nonce(nonce) {
+        return Err(SignError::Missing);
+    }
     let ts: u64 = ts.trim().parse().map_err(|_| SignError::Missing)?;
     if ts.abs_diff(now) > WINDOW_MS {
         return Err(SignError::Stale);
@@ -111,9 +162,67 @@ pub fn verify(
         .strip_prefix("v1=")
         .and_then(unhex)
         .ok_or(SignError::Bad)?;
-    mac(secret, method, path, ts, body)?
+    mac(secret, method, path, ts, nonce, body)?
         .verify_slice(&raw)
-        .map_err(|_| SignError::Bad)
+        .map_err(|_| SignError::Bad)?;
+    Ok(ts)
+}
+
+/// The nonces of verified requests, each kept until its timestamp leaves the window; bounded
+/// by [`MAX_NONCES`] and pruned on every insert.
+#[derive(Debug, Default)]
+pub struct NonceCache {
+    seen: HashMap<String, u64>,
+    /// (forget at, nonce), in insertion order; forget times are not sorted, so pruning scans the front while it can.
+    order: VecDeque<(u64, String)>,
+}
+
+impl NonceCache {
+    pub fn new() -> NonceCache {
+        NonceCache::default()
+    }
+
+    /// Remembers `nonce` of a verified request signed at `ts`; refuses one seen before.
+    pub fn remember(&mut self, nonce: &str, ts: u64, now: u64) -> Result<(), SignError> {
+        self.prune(now);
+        if self.seen.contains_key(nonce) {
+            return Err(SignError::Replayed);
+        }
+        if self.seen.len() >= MAX_NONCES {
+            return Err(SignError::Flooded);
+        }
+        let forget_at = ts.saturating_add(WINDOW_MS);
+        self.seen.insert(nonce.to_string(), forget_at);
+        self.order.push_back((forget_at, nonce.to_string()));
+        Ok(())
+    }
+
+    /// How many nonces are remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn prune(&mut self, now: u64) {
+        // Forget times are ts + window with ts within the window of arrival, so they are
+        // nearly ordered; a late one behind an early one goes in a later prune (and a request
+        // carrying it is refused as stale anyway).
+        while let Some((at, _)) = self.order.front() {
+            if *at >= now {
+                break;
+            }
+            if let Some((_, n)) = self.order.pop_front() {
+                self.seen.remove(&n);
+            }
+        }
+        if self.seen.len() >= MAX_NONCES {
+            self.seen.retain(|_, at| *at >= now);
+            self.order.retain(|(at, _)| *at >= now);
+        }
+    }
 }
 
 /// A per-sandbox token is random; only its hash is stored. True when `token` hashes to `hash`.
@@ -129,61 +238,141 @@ pub fn token_matches(token: &str, hash: &str) -> bool {
 mod tests {
     use super::*;
 
+    const N: &str = "nonce-0123456789abcdef";
+
+    fn hdr<'a>(ts: &'a str, nonce: &'a str, sig: &'a str) -> Signed<'a> {
+        Signed {
+            timestamp: Some(ts),
+            nonce: Some(nonce),
+            signature: Some(sig),
+        }
+    }
+
     #[test]
     fn signed_requests_verify_and_tampering_fails() {
-        let s = sign(b"k", "post", "/v1/sandboxes?x=1", 1000, b"{}").expect("sign");
+        let s = sign(b"k", "post", "/v1/sandboxes?x=1", 1000, N, b"{}").expect("sign");
         let ok = verify(
             b"k",
             "POST",
             "/v1/sandboxes?x=1",
-            Some("1000"),
-            Some(&s),
+            hdr("1000", N, &s),
             b"{}",
             1500,
         );
-        assert_eq!(ok, Ok(()));
-        let v = |m: &str, p: &str, ts: &str, body: &[u8], now: u64, key: &[u8]| {
-            verify(key, m, p, Some(ts), Some(&s), body, now)
+        assert_eq!(ok, Ok(1000));
+        let v = |m: &str, p: &str, ts: &str, nonce: &str, body: &[u8], now: u64, key: &[u8]| {
+            verify(key, m, p, hdr(ts, nonce, &s), body, now)
         };
+        let path = "/v1/sandboxes?x=1";
         assert_eq!(
-            v("GET", "/v1/sandboxes?x=1", "1000", b"{}", 1000, b"k"),
+            v("GET", path, "1000", N, b"{}", 1000, b"k"),
             Err(SignError::Bad)
         );
         assert_eq!(
-            v("POST", "/v1/sandboxes?x=2", "1000", b"{}", 1000, b"k"),
+            v("POST", "/v1/sandboxes?x=2", "1000", N, b"{}", 1000, b"k"),
             Err(SignError::Bad)
         );
         assert_eq!(
-            v("POST", "/v1/sandboxes?x=1", "1001", b"{}", 1000, b"k"),
-            Err(SignError::Bad)
-        );
-        assert_eq!(
-            v("POST", "/v1/sandboxes?x=1", "1000", b"{ }", 1000, b"k"),
-            Err(SignError::Bad)
-        );
-        assert_eq!(
-            v("POST", "/v1/sandboxes?x=1", "1000", b"{}", 1000, b"j"),
+            v("POST", path, "1001", N, b"{}", 1000, b"k"),
             Err(SignError::Bad)
         );
         assert_eq!(
             v(
                 "POST",
-                "/v1/sandboxes?x=1",
+                path,
                 "1000",
+                "nonce-0123456789abcdeX",
                 b"{}",
-                1000 + WINDOW_MS + 1,
+                1000,
                 b"k"
             ),
-            Err(SignError::Stale)
+            Err(SignError::Bad),
+            "the nonce is signed"
         );
         assert_eq!(
-            verify(b"k", "POST", "/", None, Some(&s), b"", 0),
+            v("POST", path, "1000", N, b"{ }", 1000, b"k"),
+            Err(SignError::Bad)
+        );
+        assert_eq!(
+            v("POST", path, "1000", N, b"{}", 1000, b"j"),
+            Err(SignError::Bad)
+        );
+        assert_eq!(
+            v("POST", path, "1000", N, b"{}", 1000 + WINDOW_MS + 1, b"k"),
+            Err(SignError::Stale)
+        );
+        for bad in ["short", "has space 0123456789", &"x".repeat(65)] {
+            assert_eq!(
+                v("POST", path, "1000", bad, b"{}", 1000, b"k"),
+                Err(SignError::Missing)
+            );
+        }
+        let no_nonce = Signed {
+            timestamp: Some("1000"),
+            nonce: None,
+            signature: Some(&s),
+        };
+        assert_eq!(
+            verify(b"k", "POST", path, no_nonce, b"{}", 1000),
             Err(SignError::Missing)
         );
         assert_eq!(
-            verify(b"k", "POST", "/", Some("0"), Some("v1=zz"), b"", 0),
+            verify(b"k", "POST", "/", Signed::default(), b"", 0),
+            Err(SignError::Missing)
+        );
+        assert_eq!(
+            verify(b"k", "POST", "/", hdr("0", N, "v1=zz"), b"", 0),
             Err(SignError::Bad)
         );
+        assert_eq!(
+            sign(b"k", "GET", "/", 0, "bad", b""),
+            Err(SignError::Missing)
+        );
+        assert_eq!(SignError::Replayed.code(), "replayed_request");
+    }
+
+    #[test]
+    fn canonical_string_is_pinned() {
+        assert_eq!(
+            canonical("get", "/v1/health", 7, N, b""),
+            format!("v1\nGET\n/v1/health\n7\n{N}\n{}", sha256_hex(b""))
+        );
+    }
+
+    #[test]
+    fn nonces_are_refused_twice_within_the_window_and_forgotten_after_it() {
+        let mut c = NonceCache::new();
+        assert_eq!(c.remember(N, 1000, 1000), Ok(()));
+        assert_eq!(c.remember(N, 1000, 1500), Err(SignError::Replayed));
+        assert_eq!(c.remember("another-nonce-000001", 1000, 1500), Ok(()));
+        assert_eq!(c.len(), 2);
+        // Past the window the request itself is stale; the cache forgets the nonce.
+        assert_eq!(
+            c.remember(
+                "third-nonce-00000001",
+                1000 + WINDOW_MS + 1,
+                1000 + WINDOW_MS + 1
+            ),
+            Ok(())
+        );
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let mut c = NonceCache::new();
+        for i in 0..MAX_NONCES {
+            assert_eq!(c.remember(&format!("n{i:020}"), 0, 0), Ok(()));
+        }
+        assert_eq!(
+            c.remember("one-too-many-0000000", 0, 0),
+            Err(SignError::Flooded)
+        );
+        assert_eq!(
+            c.remember("one-too-many-0000000", WINDOW_MS + 1, WINDOW_MS + 1),
+            Ok(())
+        );
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::procs;
 use crate::provider::{
-    err, local_remote, now_ms, parse, random_hex, run_git, signed, sse_lines, valid_id, ErrorBody,
-    LogQuery, Refusal, Repository, Shared,
+    err, local_remote, now_ms, parse, random_hex, redact_url, run_git, signed, sse_lines, valid_id,
+    ErrorBody, LogFile, LogQuery, Refusal, Repository, Shared,
 };
 
 /// A build gets this long when its request names no `timeout_ms`.
@@ -58,6 +58,12 @@ pub struct BuildBody {
 
 fn image_dir(p: &Shared, id: &str) -> PathBuf {
     p.cfg.root.join("images").join(id)
+}
+
+/// The build log: in the provider's own directory, never inside the image directory that
+/// build steps can write.
+fn build_log(p: &Shared, id: &str) -> PathBuf {
+    p.host_dir(id).join("build.log")
 }
 
 fn get(p: &Shared, id: &str) -> Option<Image> {
@@ -119,11 +125,17 @@ pub(crate) async fn build(
             format!("a build needs repository.clone_url and base_branch, and at most {MAX_COMMANDS} non-empty commands of at most {MAX_COMMAND_BYTES} bytes"),
         );
     }
+    if let Err(r) = p.check_clone(&b.repository).await {
+        return r.into_response();
+    }
     let id = format!("img_{}", random_hex(12));
     let img = Image {
         id: id.clone(),
         status: "building",
-        repository: b.repository.clone(),
+        repository: Repository {
+            clone_url: redact_url(&b.repository.clone_url),
+            ..b.repository.clone()
+        },
         commit: None,
         created_at: now_ms(),
         ready_at: None,
@@ -141,8 +153,9 @@ pub(crate) async fn build(
         let timeout = b.timeout_ms.unwrap_or(DEFAULT_BUILD_TIMEOUT_MS);
         let outcome = run_build(&p2, &id, &b, now_ms() + timeout).await;
         if let Err((code, message)) = outcome {
+            let message = p2.scrub(&message);
             eprintln!("provider: image {id} failed: {code}: {message}");
-            note(&image_dir(&p2, &id), &format!("build failed: {message}")).await;
+            note(&build_log(&p2, &id), &format!("build failed: {message}")).await;
             update(&p2, &id, |i| {
                 i.status = "failed";
                 i.error = Some(ErrorBody {
@@ -156,13 +169,9 @@ pub(crate) async fn build(
 }
 
 /// Appends a line to the build log.
-async fn note(dir: &Path, line: &str) {
-    if let Ok(mut f) = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("build.log"))
-        .await
-    {
+async fn note(log: &Path, line: &str) {
+    if let Ok(f) = procs::open_log(log) {
+        let mut f = tokio::fs::File::from_std(f);
         let _ = f.write_all(format!("{line}\n").as_bytes()).await;
     }
 }
@@ -171,18 +180,23 @@ type BuildError = (&'static str, String);
 
 async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result<(), BuildError> {
     let dir = image_dir(p, id);
-    let internal = |e: std::io::Error| ("internal", e.to_string());
+    let log = build_log(p, id);
+    let internal = |e: std::io::Error| ("internal", format!("cannot create the image: {e}"));
     tokio::fs::create_dir_all(dir.join("home"))
         .await
         .map_err(internal)?;
+    tokio::fs::create_dir_all(p.host_dir(id))
+        .await
+        .map_err(internal)?;
     let url = &b.repository.clone_url;
+    let shown = redact_url(url);
     let branch = &b.repository.base_branch;
-    note(&dir, &format!("$ git clone --branch {branch} {url}")).await;
+    note(&log, &format!("$ git clone --branch {branch} {shown}")).await;
     let is_path = url.starts_with('/') || url.starts_with("file://");
     if is_path && local_remote(url).is_none() {
         return Err((
             "repository_not_found",
-            format!("the repository {url} does not exist"),
+            format!("the repository {shown} does not exist"),
         ));
     }
     let repo = dir.join("repo");
@@ -192,12 +206,27 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
         None,
     )
     .await
-    .map_err(|e| ("clone_failed", format!("git clone of {url} failed: {e}")))?;
+    .map_err(|e| {
+        let why = p.scrub(&e);
+        (
+            "clone_failed",
+            format!("git clone of {shown} failed: {why}"),
+        )
+    })?;
     let commit = run_git(&["rev-parse", "HEAD"], Some(&repo)).await.ok();
-    note(&dir, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
+    note(&log, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
     update(p, id, |i| i.commit = commit);
+    // Build steps get the repository's egress policy through a proxy of their own.
+    let run = p.host_dir(id).join("run");
+    let _egress = if p.own_network() {
+        let egress = crate::egress::Egress::new(id, p.policy_for(&b.repository, &[]), None);
+        Some(crate::egress::start(run.clone(), egress).map_err(internal)?)
+    } else {
+        None
+    };
+    let net = _egress.as_ref().map(|r| r.dir.as_path());
     for cmd in &b.setup {
-        let code = run_step(p, &dir, cmd, deadline).await?;
+        let code = run_step(p, &dir, &log, cmd, deadline, net).await?;
         if code != 0 {
             return Err((
                 "setup_failed",
@@ -206,15 +235,15 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
         }
     }
     if let Some(test) = &b.test {
-        let code = run_step(p, &dir, test, deadline).await?;
+        let code = run_step(p, &dir, &log, test, deadline, net).await?;
         note(
-            &dir,
+            &log,
             &format!("tests exited with {code} (recorded; the image is kept)"),
         )
         .await;
         update(p, id, |i| i.test_exit_code = Some(code));
     }
-    note(&dir, "image ready").await;
+    note(&log, "image ready").await;
     update(p, id, |i| {
         i.status = "ready";
         i.ready_at = Some(now_ms());
@@ -223,23 +252,32 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
 }
 
 /// Runs one command with `sh -c` in the checkout, isolated like a sandbox, output to the build log.
-async fn run_step(p: &Shared, dir: &Path, cmd: &str, deadline: u64) -> Result<i32, BuildError> {
-    note(dir, &format!("$ {cmd}")).await;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("build.log"))
-        .map_err(|e| ("internal", e.to_string()))?;
-    let log2 = log.try_clone().map_err(|e| ("internal", e.to_string()))?;
+async fn run_step(
+    p: &Shared,
+    dir: &Path,
+    log_path: &Path,
+    cmd: &str,
+    deadline: u64,
+    net: Option<&Path>,
+) -> Result<i32, BuildError> {
+    note(log_path, &format!("$ {cmd}")).await;
+    let cannot_log = |e: std::io::Error| ("internal", format!("cannot open the build log: {e}"));
+    let log = procs::open_log(log_path).map_err(cannot_log)?;
+    let log2 = log.try_clone().map_err(cannot_log)?;
     let argv = vec!["sh".to_string(), "-c".to_string(), cmd.to_string()];
-    let mut c = p.isolate(dir, &[], &argv);
-    c.current_dir(dir.join("repo"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", dir.join("home"))
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
+    // No secrets: only PATH (added by isolate) and HOME.
+    let env: BTreeMap<String, String> = [(
+        "HOME".to_string(),
+        dir.join("home").to_string_lossy().to_string(),
+    )]
+    .into_iter()
+    .collect();
+    let (argv, net) = match net {
+        Some(run) => (p.through_egress(&argv), Some(run)),
+        None => (argv, None),
+    };
+    let mut c = p.isolate(dir, &[], &argv, &env, &dir.join("repo"), net);
+    c.stdin(Stdio::null()).stdout(log).stderr(log2);
     let mut child = c
         .spawn()
         .map_err(|e| ("internal", format!("cannot run `{cmd}`: {e}")))?;
@@ -250,6 +288,7 @@ async fn run_step(p: &Shared, dir: &Path, cmd: &str, deadline: u64) -> Result<i3
         Ok(Err(e)) => Err(("internal", format!("`{cmd}` could not be waited for: {e}"))),
         Err(_) => {
             if let Some(g) = pgid {
+                procs::kill_tree(g);
                 procs::kill_group(g);
             }
             let _ = child.kill().await;
@@ -286,6 +325,7 @@ pub(crate) async fn delete(
     let removed = p.images.lock().ok().and_then(|mut m| m.remove(&id));
     if removed.is_some() && valid_id(&id, "img_") {
         let _ = tokio::fs::remove_dir_all(image_dir(&p, &id)).await;
+        let _ = tokio::fs::remove_dir_all(p.host_dir(&id)).await;
     }
     Json(json!({"id": id, "deleted": true})).into_response()
 }
@@ -304,7 +344,7 @@ pub(crate) async fn logs(
     }
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     let p2 = p.clone();
-    sse_lines(image_dir(&p, &id).join("build.log"), follow, move || {
+    sse_lines(LogFile::Owned(build_log(&p, &id)), follow, move || {
         get(&p2, &id).is_some_and(|i| i.status == "building")
     })
 }

@@ -28,22 +28,58 @@ pub enum Isolation {
     None,
 }
 
-impl Isolation {
-    /// Bubblewrap when it is installed and works here; otherwise none (and the log says so).
-    pub fn detect() -> Isolation {
-        let ok = std::process::Command::new("bwrap")
-            .args(["--ro-bind", "/", "/", "--unshare-pid", "--", "true"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            Isolation::Bubblewrap
-        } else {
-            Isolation::None
+/// Where bubblewrap is looked for (never through `PATH`, which a caller could influence).
+pub const BWRAP_PATHS: [&str; 3] = ["/usr/bin/bwrap", "/usr/local/bin/bwrap", "/bin/bwrap"];
+
+/// The `PATH` of every process in a sandbox.
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The entries of the host's `/etc` a sandbox sees (read-only): what git, sh, TLS, name
+/// resolution and OpenCode need. Missing ones are skipped.
+pub const ETC_ENTRIES: [&str; 22] = [
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "passwd",
+    "group",
+    "hosts",
+    "hostname",
+    "resolv.conf",
+    "nsswitch.conf",
+    "host.conf",
+    "gai.conf",
+    "gitconfig",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+];
+
+/// Bubblewrap's absolute path: `PROVIDER_BWRAP` when set (it must be absolute), else the first of [`BWRAP_PATHS`] that exists.
+pub fn find_bwrap(configured: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(c) = configured {
+        let p = PathBuf::from(c);
+        if !p.is_absolute() {
+            return Err("PROVIDER_BWRAP must be an absolute path".into());
         }
+        return Ok(p);
     }
+    BWRAP_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            format!(
+                "bubblewrap is not installed (looked for {})",
+                BWRAP_PATHS.join(", ")
+            )
+        })
 }
 
 /// Provider settings.
@@ -52,6 +88,13 @@ pub struct Config {
     pub root: PathBuf,
     pub secret: Vec<u8>,
     pub isolation: Isolation,
+    /// Bubblewrap, by absolute path (resolved once at start).
+    pub bwrap: PathBuf,
+    /// The provider's own executable: without isolation it launches sandbox processes
+    /// (`__reap`, see `procs::reap_main`).
+    pub launcher: PathBuf,
+    /// Resource limits of every sandbox process.
+    pub limits: procs::Limits,
     /// The supervisor executable started in every sandbox.
     pub supervisor: PathBuf,
     /// Environment given to every supervisor (OpenCode location, model settings, …).
@@ -61,20 +104,21 @@ pub struct Config {
     pub ro_paths: Vec<PathBuf>,
     /// A sandbox's life when its create names none (`lifetime_ms`); it is terminated at `expires_at`.
     pub lifetime_ms: u64,
+    /// Single-user dev mode (`NIGHTSHIFT_DEV_MODE=1`: `scripts/dev.sh` and the tests): local
+    /// paths and `file://` clone URLs are accepted, and loopback git hosts.
+    pub dev_mode: bool,
+    /// `ssh://` clone URLs are accepted (`PROVIDER_ALLOW_SSH=1`).
+    pub allow_ssh: bool,
 }
 
 /// The local provider's default sandbox lifetime (Modal's maximum is the same).
 pub const DEFAULT_LIFETIME_MS: u64 = 24 * 3600 * 1000;
 
 impl Config {
-    /// The read-only paths a sandbox needs: the supervisor's folder and every absolute path
+    /// The read-only paths a sandbox needs: the supervisor itself and every absolute path
     /// named in the supervisor's settings (its folder, when it names a file).
     pub fn derive_ro_paths(supervisor: &Path, env: &BTreeMap<String, String>) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = supervisor
-            .parent()
-            .map(Path::to_path_buf)
-            .into_iter()
-            .collect();
+        let mut out: Vec<PathBuf> = vec![supervisor.to_path_buf()];
         for v in env.values() {
             let p = Path::new(v);
             if !p.is_absolute() {
@@ -91,12 +135,73 @@ impl Config {
     }
 }
 
+/// True for an environment name a caller may set in a sandbox: `[A-Z_][A-Z0-9_]*`, except
+/// `PATH`, `LD_*`, `BASH_ENV` and `ENV` (they choose what runs).
+pub fn allowed_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_uppercase() || b == b'_');
+    first_ok
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !matches!(name, "PATH" | "BASH_ENV" | "ENV")
+        && !name.starts_with("LD_")
+}
+
+/// Checks a caller's environment for a sandbox process (`400 invalid_env`).
+pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
+    for (k, v) in env {
+        if !allowed_env_name(k) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_env",
+                format!("the environment name `{shown}` is not allowed: names match [A-Z_][A-Z0-9_]* and may not be PATH, LD_*, BASH_ENV or ENV"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_env",
+                format!("the value of `{k}` holds a NUL byte"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes credentials (userinfo) from every URL in `text`: `https://user:token@host/x` becomes `https://host/x`.
+pub fn redact_url(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => out.push_str(&authority[at + 1..]),
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Repository {
     pub clone_url: String,
     #[serde(default = "main_branch")]
     pub base_branch: String,
+    /// Hosts beyond the defaults this repository's sandboxes may reach (egress allowlist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
 }
 
 fn main_branch() -> String {
@@ -154,6 +259,8 @@ pub struct Sandbox {
     pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
     pub error: Option<ErrorBody>,
+    /// How this sandbox is isolated (`none` says plainly that it is not).
+    pub isolation: Isolation,
 }
 
 struct Entry {
@@ -165,6 +272,13 @@ struct Entry {
     supervisor_port: Option<u16>,
     /// What the sandbox was created with (to start it again after a stop).
     create: CreateBody,
+    /// The bearer secret of the supervisor's local API (given to it on stdin; never in a file
+    /// the provider reads back).
+    api_secret: String,
+    /// Launchers of execs still running (their trees die with the sandbox).
+    execs: Vec<i32>,
+    /// The sandbox's egress proxy (with bubblewrap: its own network, this is its only way out).
+    egress: Option<crate::egress::Running>,
 }
 
 pub struct Provider {
@@ -172,6 +286,8 @@ pub struct Provider {
     sandboxes: Mutex<HashMap<String, Entry>>,
     pub(crate) images: Mutex<HashMap<String, images::Image>>,
     http: reqwest::Client,
+    /// Nonces of the signed requests of the last signing window (replays are refused).
+    nonces: Mutex<signing::NonceCache>,
 }
 
 pub type Shared = Arc<Provider>;
@@ -204,26 +320,26 @@ impl Provider {
             sandboxes: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
             http: reqwest::Client::new(),
+            nonces: Mutex::new(signing::NonceCache::new()),
         })
     }
 
     /// Terminates every sandbox (the provider is shutting down).
     pub async fn shutdown(&self) {
-        let live: Vec<(String, Option<i32>)> = match self.sandboxes.lock() {
+        let live: Vec<(String, Vec<i32>)> = match self.sandboxes.lock() {
             Ok(mut map) => map
                 .iter_mut()
                 .filter(|(_, e)| e.sandbox.status != "terminated")
                 .map(|(id, e)| {
                     e.sandbox.status = "terminated";
-                    (id.clone(), e.pgid)
+                    let roots = e.pgid.into_iter().chain(e.execs.drain(..)).collect();
+                    (id.clone(), roots)
                 })
                 .collect(),
             Err(_) => Vec::new(),
         };
-        for (id, pgid) in live {
-            if let Some(g) = pgid {
-                procs::kill_group(g);
-            }
+        for (id, roots) in live {
+            kill_roots(&roots);
             procs::kill_marked(&id).await;
         }
     }
@@ -246,12 +362,86 @@ impl Provider {
         map.get(id).map(|e| e.dir.clone())
     }
 
-    fn supervisor_port(&self, id: &str) -> Option<u16> {
+    /// The supervisor's local API: its port and the secret it wants.
+    fn supervisor_api(&self, id: &str) -> Option<(u16, String)> {
         let map = self.sandboxes.lock().ok()?;
-        map.get(id).and_then(|e| e.supervisor_port)
+        map.get(id)
+            .and_then(|e| e.supervisor_port.map(|port| (port, e.api_secret.clone())))
+    }
+
+    fn api_secret(&self, id: &str) -> Option<String> {
+        let map = self.sandboxes.lock().ok()?;
+        map.get(id).map(|e| e.api_secret.clone())
+    }
+
+    /// The provider's own directory for sandbox or image `id` (logs): never bound into a sandbox.
+    pub(crate) fn host_dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("host").join(id)
+    }
+
+    /// Whether sandboxes get their own network namespace (and the egress proxy).
+    pub(crate) fn own_network(&self) -> bool {
+        self.cfg.isolation == Isolation::Bubblewrap
+    }
+
+    /// `argv` run under the supervisor's `--egress-run` (a loopback forwarder to the egress
+    /// proxy and the proxy variables), for execs and build steps in their own network.
+    pub(crate) fn through_egress(&self, argv: &[String]) -> Vec<String> {
+        let mut out = vec![
+            self.cfg.supervisor.to_string_lossy().to_string(),
+            "--egress-run".to_string(),
+            "--".to_string(),
+        ];
+        out.extend(argv.iter().cloned());
+        out
+    }
+
+    /// The egress policy of a repository: the defaults, its own hosts, and `extra`.
+    pub(crate) fn policy_for(&self, repo: &Repository, extra: &[String]) -> crate::egress::Policy {
+        let mut more = repo.egress.clone();
+        more.extend(extra.iter().cloned());
+        crate::egress::Policy::with_defaults(&more)
+    }
+
+    /// Checks a clone URL (scheme, mode, allowlist, and where its host resolves).
+    pub(crate) async fn check_clone(&self, repo: &Repository) -> Result<(), Refusal> {
+        use nightshift_core::egress::{check_clone_url, is_internal, CloneSource};
+        let refuse = |m: String| Refusal(StatusCode::BAD_REQUEST, "invalid_repository", m);
+        let policy = self.policy_for(repo, &[]);
+        let source = check_clone_url(
+            &repo.clone_url,
+            self.cfg.dev_mode,
+            self.cfg.allow_ssh,
+            &policy,
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+        if let CloneSource::Remote { host, port } = source {
+            if !self.cfg.dev_mode && host.parse::<std::net::IpAddr>().is_err() {
+                let addrs = tokio::net::lookup_host((host.as_str(), port)).await;
+                let internal = addrs.map(|mut a| a.any(|a| is_internal(a.ip())));
+                if internal.unwrap_or(false) {
+                    return Err(refuse(format!(
+                        "{host} resolves to an internal address; clone from a public git host"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Text for people: URL credentials removed and the provider's paths cut out.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let root = self.cfg.root.to_string_lossy();
+        redact_url(text).replace(root.as_ref(), "…")
+    }
+
+    fn clone_url(&self, id: &str) -> Option<String> {
+        let map = self.sandboxes.lock().ok()?;
+        map.get(id).map(|e| e.create.repository.clone_url.clone())
     }
 
     fn fail(&self, id: &str, code: &str, message: String) {
+        let message = self.scrub(&message);
         eprintln!("provider: sandbox {id} failed: {code}: {message}");
         self.update(id, |e| {
             e.sandbox.status = "failed";
@@ -262,35 +452,188 @@ impl Provider {
         });
     }
 
-    /// Wraps a command in the sandbox's isolation.
-    pub(crate) fn isolate(&self, dir: &Path, extra_rw: &[PathBuf], argv: &[String]) -> Command {
+    /// Wraps `argv` in the sandbox's isolation. The launcher runs by absolute path with a
+    /// cleared environment; `env` (plus `PATH`) reaches only the sandboxed process. With
+    /// bubblewrap the process sees a fresh root: read-only `/usr` (and the `/bin`, `/lib`…
+    /// links), selected `/etc` entries, the configured read-only paths, its own directory
+    /// read-write, and nothing else of the host; its own user, pid, ipc, uts and cgroup
+    /// namespaces (the network is still shared), a new session and no capabilities.
+    /// Resource limits apply in every case.
+    pub(crate) fn isolate(
+        &self,
+        dir: &Path,
+        extra_rw: &[PathBuf],
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        cwd: &Path,
+        net: Option<&Path>,
+    ) -> Command {
+        let mut env = env.clone();
+        env.insert("PATH".into(), SANDBOX_PATH.into());
         let mut cmd = match self.cfg.isolation {
             Isolation::Bubblewrap => {
-                let mut c = Command::new("bwrap");
-                c.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
-                c.args(["--tmpfs", "/tmp"]);
-                for p in &self.cfg.ro_paths {
-                    let p = p.to_string_lossy().to_string();
-                    c.args(["--ro-bind", &p, &p]);
+                let mut c = Command::new(&self.cfg.bwrap);
+                c.args(bwrap_profile(&self.cfg.ro_paths, dir, extra_rw));
+                // Its own network (loopback only): the egress proxy's folder is its way out.
+                if let Some(run) = net {
+                    c.arg("--unshare-net")
+                        .arg("--bind")
+                        .arg(run)
+                        .arg(crate::egress::SOCKET_DIR_INSIDE);
+                    env.insert(
+                        "NIGHTSHIFT_EGRESS_SOCKET".into(),
+                        crate::egress::SOCKET_INSIDE.into(),
+                    );
                 }
-                let d = dir.to_string_lossy().to_string();
-                c.args(["--bind", &d, &d]);
-                for p in extra_rw {
-                    let p = p.to_string_lossy().to_string();
-                    c.args(["--bind", &p, &p]);
+                for (k, v) in &env {
+                    c.arg("--setenv").arg(k).arg(v);
                 }
-                c.args(["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--"]);
+                c.arg("--chdir").arg(cwd).arg("--");
                 c.args(argv);
+                c.current_dir("/");
+                c.env_clear();
                 c
             }
             Isolation::None => {
-                let mut c = Command::new(&argv[0]);
-                c.args(&argv[1..]);
+                // The provider itself, as a reaper: the tree dies with it (procs::reap_main).
+                let mut c = Command::new(&self.cfg.launcher);
+                c.arg("__reap").arg("--").args(argv);
+                c.current_dir(cwd);
+                c.env_clear().envs(&env);
                 c
             }
         };
+        let limits = self.cfg.limits;
+        // SAFETY: the closure runs between fork and exec and only calls getrlimit/setrlimit,
+        // which are async-signal-safe; it touches no shared state.
+        unsafe {
+            cmd.pre_exec(move || limits.apply());
+        }
         cmd.process_group(0);
         cmd
+    }
+
+    /// Remembers a running exec's launcher (it is killed with the sandbox), or forgets it.
+    fn track_exec(&self, id: &str, pid: Option<i32>, running: bool) {
+        let Some(pid) = pid else { return };
+        self.update(id, |e| {
+            e.execs.retain(|p| *p != pid);
+            if running {
+                e.execs.push(pid);
+            }
+        });
+    }
+}
+
+/// Bubblewrap's arguments for a sandbox rooted at `dir` (everything before `--setenv`/`--chdir`).
+pub fn bwrap_profile(
+    ro_paths: &[PathBuf],
+    dir: &Path,
+    extra_rw: &[PathBuf],
+) -> Vec<std::ffi::OsString> {
+    use std::ffi::{OsStr, OsString};
+    let mut a: Vec<OsString> = [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "nightshift",
+        "--new-session",
+        "--die-with-parent",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--tmpfs",
+        "/",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|x| x.to_os_string()));
+    let os = OsStr::new;
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        let Ok(meta) = std::fs::symlink_metadata(top) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            if let Ok(target) = std::fs::read_link(top) {
+                push(&[os("--symlink"), target.as_os_str(), os(top)]);
+            }
+        } else if meta.is_dir() {
+            push(&[os("--ro-bind"), os(top), os(top)]);
+        }
+    }
+    push(&[
+        os("--dev"),
+        os("/dev"),
+        os("--proc"),
+        os("/proc"),
+        os("--tmpfs"),
+        os("/tmp"),
+        os("--dir"),
+        os("/etc"),
+    ]);
+    for e in ETC_ENTRIES {
+        let p = Path::new("/etc").join(e);
+        push(&[os("--ro-bind-try"), p.as_os_str(), p.as_os_str()]);
+    }
+    for p in ro_paths {
+        push(&[os("--ro-bind-try"), p.as_os_str(), p.as_os_str()]);
+    }
+    push(&[os("--bind"), dir.as_os_str(), dir.as_os_str()]);
+    for p in extra_rw {
+        push(&[os("--bind"), p.as_os_str(), p.as_os_str()]);
+    }
+    a
+}
+
+/// Kills the process trees of a sandbox's launchers (then their groups, for what left the tree).
+fn kill_roots(roots: &[i32]) {
+    for r in roots {
+        procs::kill_tree(*r);
+        procs::kill_group(*r);
+    }
+}
+
+/// Checks that bubblewrap works here with the sandbox profile (a fresh root at `probe_dir`):
+/// the tools are there and the host's `/root` and the provider's root are not.
+pub async fn probe_bubblewrap(p: &Provider, probe_dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(probe_dir)
+        .map_err(|e| format!("cannot create the probe directory: {e}"))?;
+    let root = p.cfg.root.join("sandboxes");
+    let script = format!(
+        "test -x /usr/bin/env && test -x /bin/sh && test ! -e '{}'",
+        root.display()
+    );
+    let argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), script];
+    let out = p
+        .isolate(
+            probe_dir,
+            &[],
+            &argv,
+            &BTreeMap::new(),
+            probe_dir,
+            Some(probe_dir),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", p.cfg.bwrap.display()))?;
+    let _ = std::fs::remove_dir_all(probe_dir);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} does not work here ({}): {}",
+            p.cfg.bwrap.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -339,17 +682,25 @@ pub(crate) fn check(
 ) -> Option<Response> {
     let path = uri.path_and_query().map(|x| x.as_str()).unwrap_or("/");
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    match signing::verify(
-        &p.cfg.secret,
-        method.as_str(),
-        path,
-        h(signing::TIMESTAMP_HEADER),
-        h(signing::SIGNATURE_HEADER),
-        body,
-        now_ms(),
-    ) {
+    let now = now_ms();
+    let nonce = h(signing::NONCE_HEADER).map(str::trim);
+    let signed = signing::Signed {
+        timestamp: h(signing::TIMESTAMP_HEADER),
+        nonce,
+        signature: h(signing::SIGNATURE_HEADER),
+    };
+    // The signature first: only a verified request's nonce is remembered.
+    let checked = signing::verify(&p.cfg.secret, method.as_str(), path, signed, body, now)
+        .and_then(|ts| match p.nonces.lock() {
+            Ok(mut cache) => cache.remember(nonce.unwrap_or_default(), ts, now),
+            Err(_) => Err(signing::SignError::Flooded),
+        });
+    match checked {
         Ok(()) => None,
-        Err(e) => Some(err(StatusCode::UNAUTHORIZED, e.code(), e.to_string())),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            Some(err(status, e.code(), e.to_string()))
+        }
     }
 }
 
@@ -449,6 +800,9 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
             "session_id (or null for a pooled sandbox) and repository.clone_url are required",
         );
     }
+    if let Err(r) = p.check_clone(&c.repository).await {
+        return r.into_response();
+    }
     let created_at = now_ms();
     let id = format!("sbx_{}", random_hex(12));
     let dir = p.cfg.root.join("sandboxes").join(&id);
@@ -456,7 +810,10 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
         id: id.clone(),
         session_id: c.session_id.clone(),
         status: "creating",
-        repository: c.repository.clone(),
+        repository: Repository {
+            clone_url: redact_url(&c.repository.clone_url),
+            ..c.repository.clone()
+        },
         image: c.image.clone(),
         snapshot: c.snapshot.clone(),
         created_at,
@@ -465,6 +822,7 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
         expires_at: created_at + c.lifetime_ms.unwrap_or(p.cfg.lifetime_ms),
         labels: c.labels.clone(),
         error: None,
+        isolation: p.cfg.isolation,
     };
     if let Ok(mut map) = p.sandboxes.lock() {
         map.insert(
@@ -475,6 +833,9 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
                 pgid: None,
                 supervisor_port: None,
                 create: c.clone(),
+                api_secret: random_hex(16),
+                execs: Vec::new(),
+                egress: None,
             },
         );
     }
@@ -509,9 +870,16 @@ async fn expire(p: Shared, id: String) {
     }
 }
 
+/// Runs git on the host (clones only, before anything of the sandbox runs) with a minimal
+/// environment: never the provider's secrets.
 pub(crate) async fn run_git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
     let mut cmd = Command::new("git");
-    cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
+    cmd.args(args).env_clear().env("GIT_TERMINAL_PROMPT", "0");
+    for keep in ["PATH", "HOME", "LANG", "SSH_AUTH_SOCK"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
@@ -529,12 +897,18 @@ pub(crate) async fn run_git(args: &[&str], cwd: Option<&Path>) -> Result<String,
 /// Prepares the checkout, starts the supervisor and waits for it to report its port.
 async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<PathBuf>) {
     let repo = dir.join("repo");
-    for sub in ["home", "logs", "state"] {
-        if let Err(e) = tokio::fs::create_dir_all(dir.join(sub)).await {
+    let host = p.host_dir(&id);
+    for d in [
+        dir.join("home"),
+        dir.join("logs"),
+        dir.join("state"),
+        host.clone(),
+    ] {
+        if let Err(e) = tokio::fs::create_dir_all(&d).await {
             return p.fail(
                 &id,
                 "internal",
-                format!("cannot create {}: {e}", dir.display()),
+                format!("cannot create the sandbox's directories: {e}"),
             );
         }
     }
@@ -545,7 +919,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             return p.fail(
                 &id,
                 "internal",
-                format!("could not copy the checkout from {}", src.display()),
+                "could not copy the checkout of the image or snapshot".into(),
             );
         }
         // An image also carries the warmed caches of its build's home directory.
@@ -563,7 +937,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             return p.fail(
                 &id,
                 "repository_not_found",
-                format!("the repository {url} does not exist"),
+                format!("the repository {} does not exist", redact_url(url)),
             );
         }
         let repo_s = repo.to_string_lossy().to_string();
@@ -583,7 +957,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             return p.fail(
                 &id,
                 "clone_failed",
-                format!("git clone of {url} failed: {e}"),
+                format!("git clone of {} failed: {}", redact_url(url), p.scrub(&e)),
             );
         }
     }
@@ -592,19 +966,65 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
         extra.push(remote);
     }
     let argv = vec![p.cfg.supervisor.to_string_lossy().to_string()];
-    let mut cmd = p.isolate(&dir, &extra, &argv);
-    let home = dir.join("home");
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", &home)
-        .env("NIGHTSHIFT_SANDBOX_ID", &id)
-        .env(
+    let path_of = |x: &Path| x.to_string_lossy().to_string();
+    let env: BTreeMap<String, String> = [
+        ("HOME", path_of(&dir.join("home"))),
+        ("NIGHTSHIFT_SANDBOX_ID", id.clone()),
+        (
             "NIGHTSHIFT_SESSION_ID",
-            c.session_id.as_deref().unwrap_or(""),
-        )
-        .env("NIGHTSHIFT_SANDBOX_DIR", &dir)
-        .env("NIGHTSHIFT_BASE_BRANCH", &c.repository.base_branch);
-    let log = match std::fs::File::create(dir.join("logs").join("supervisor.log")) {
+            c.session_id.clone().unwrap_or_default(),
+        ),
+        ("NIGHTSHIFT_SANDBOX_DIR", path_of(&dir)),
+        ("NIGHTSHIFT_BASE_BRANCH", c.repository.base_branch.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut env = env;
+    // Its own network: the egress proxy (allowlist, model proxy) is its only way out, and the
+    // provider calls its supervisor on a unix socket in the same provider-owned folder.
+    let run = host.join("run");
+    let mut model_token = None;
+    if p.own_network() {
+        let control: Vec<String> = c
+            .supervisor
+            .as_ref()
+            .and_then(|s| crate::egress::authority_of_url(&s.control_url))
+            .into_iter()
+            .collect();
+        let token = random_hex(16);
+        let model =
+            p.cfg
+                .supervisor_env
+                .get("NIGHTSHIFT_MODEL_URL")
+                .map(|url| crate::egress::ModelRoute {
+                    upstream: url.clone(),
+                    key: p.cfg.supervisor_env.get("NIGHTSHIFT_MODEL_KEY").cloned(),
+                    token: token.clone(),
+                });
+        model_token = model.as_ref().map(|m| m.token.clone());
+        let egress = crate::egress::Egress::new(&id, p.policy_for(&c.repository, &control), model);
+        p.update(&id, |e| e.egress = None);
+        let _ = std::fs::remove_dir_all(&run);
+        match crate::egress::start(run.clone(), egress) {
+            Ok(running) => p.update(&id, |e| e.egress = Some(running)),
+            Err(e) => {
+                return p.fail(
+                    &id,
+                    "internal",
+                    format!("cannot start the egress proxy: {e}"),
+                )
+            }
+        }
+        env.insert(
+            "NIGHTSHIFT_API_SOCKET".into(),
+            format!("{}/api.sock", crate::egress::SOCKET_DIR_INSIDE),
+        );
+    }
+    let net = p.own_network().then_some(run.as_path());
+    let mut cmd = p.isolate(&dir, &extra, &argv, &env, &dir, net);
+    // The log lives in the provider's own directory, never bound into the sandbox.
+    let log = match procs::open_log(&host.join("supervisor.log")) {
         Ok(f) => f,
         Err(e) => return p.fail(&id, "internal", format!("cannot open the log: {e}")),
     };
@@ -624,9 +1044,17 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
     });
     // Secrets go on standard input after start, never into an image or a snapshot.
     if let Some(mut stdin) = child.stdin.take() {
-        let env: BTreeMap<&String, &String> =
-            p.cfg.supervisor_env.iter().chain(c.env.iter()).collect();
-        let secrets = json!({"supervisor": c.supervisor, "env": env});
+        // Behind the model proxy the sandbox gets a token of its own, never the model key.
+        let env: BTreeMap<&String, &String> = p
+            .cfg
+            .supervisor_env
+            .iter()
+            .chain(c.env.iter())
+            .filter(|(k, _)| model_token.is_none() || k.as_str() != "NIGHTSHIFT_MODEL_KEY")
+            .collect();
+        let api_secret = p.api_secret(&id).unwrap_or_default();
+        let secrets = json!({"supervisor": c.supervisor, "env": env, "api_secret": api_secret,
+            "model_token": model_token});
         let _ = stdin.write_all(format!("{secrets}\n").as_bytes()).await;
         drop(stdin);
     }
@@ -651,16 +1079,18 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             );
         }
     });
-    // Wait for the supervisor to publish its API port, then for readiness.
-    let port_file = dir.join("state").join("supervisor.json");
+    // Wait for the supervisor to publish its API port, then for readiness. The file is the
+    // sandbox's: it is read without following links, and the port is only ever called with
+    // this sandbox's api_secret (a port of someone else's supervisor refuses it).
     let deadline = now_ms() + c.timeout_ms.unwrap_or(120_000).min(600_000);
     loop {
         let Some(s) = p.get(&id) else { return };
         if s.status == "terminated" || s.status == "failed" {
             return;
         }
-        if let Ok(text) = tokio::fs::read_to_string(&port_file).await {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+        let read = procs::read_beneath(&dir, &["state", "supervisor.json"], 0, 64 * 1024);
+        if let Ok(bytes) = read {
+            if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                 let port = v["port"].as_u64().map(|x| x as u16);
                 p.update(&id, |e| e.supervisor_port = port);
                 if v["ready"] == true {
@@ -812,7 +1242,10 @@ async fn exec(
             "`command` must name a program: [\"git\", \"status\"]",
         );
     }
-    let (s, dir) = match live(&p, &id) {
+    if let Err(r) = check_env(&b.env) {
+        return r.into_response();
+    }
+    let (_, dir) = match live(&p, &id) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
@@ -829,18 +1262,27 @@ async fn exec(
         None => repo.clone(),
     };
     let mut extra = Vec::new();
-    if let Some(remote) = local_remote(&s.repository.clone_url) {
+    if let Some(remote) = p.clone_url(&id).as_deref().and_then(local_remote) {
         extra.push(remote);
     }
-    let mut cmd = p.isolate(&dir, &extra, &b.command);
-    cmd.current_dir(&cwd)
-        .env("HOME", dir.join("home"))
-        .env("NIGHTSHIFT_SANDBOX_ID", &id)
-        .envs(&b.env)
-        .stdin(Stdio::piped())
+    // The caller's environment reaches only the sandboxed process; the provider's own
+    // variables win over it.
+    let mut env = b.env.clone();
+    env.insert(
+        "HOME".into(),
+        dir.join("home").to_string_lossy().to_string(),
+    );
+    env.insert("NIGHTSHIFT_SANDBOX_ID".into(), id.clone());
+    let run = p.host_dir(&id).join("run");
+    let (argv, net) = if p.own_network() {
+        (p.through_egress(&b.command), Some(run.as_path()))
+    } else {
+        (b.command.clone(), None)
+    };
+    let mut cmd = p.isolate(&dir, &extra, &argv, &env, &cwd, net);
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let started = now_ms();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -852,21 +1294,37 @@ async fn exec(
             )
         }
     };
+    let pid = child.id().map(|x| x as i32);
+    // Whatever it started dies with the request (as in a pid namespace), even when the
+    // caller goes away; disarmed once the launcher is reaped (its pid may then be reused).
+    let mut guard = procs::TreeGuard(pid);
+    p.track_exec(&id, pid, true);
     if let Some(mut stdin) = child.stdin.take() {
         let input = b.stdin.unwrap_or_default();
         tokio::spawn(async move {
             let _ = stdin.write_all(input.as_bytes()).await;
         });
     }
-    let pid = child.id().map(|x| x as i32);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(600_000));
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => return err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    let run = async { tokio::join!(capped(stdout), capped(stderr), child.wait()) };
+    let waited = tokio::time::timeout(timeout, run).await;
+    p.track_exec(&id, pid, false);
+    let (out, errs, status) = match waited {
+        Ok((out, errs, Ok(status))) => {
+            guard.0 = None;
+            (out, errs, status)
+        }
+        Ok((_, _, Err(e))) => {
+            return err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
         Err(_) => {
-            if let Some(pid) = pid {
+            // Not reaped yet, so the pid is still this launcher's.
+            if let Some(pid) = guard.0.take() {
+                procs::kill_tree(pid);
                 procs::kill_group(pid);
             }
+            let _ = child.wait().await;
             return err(
                 StatusCode::GATEWAY_TIMEOUT,
                 "exec_timeout",
@@ -877,15 +1335,29 @@ async fn exec(
             );
         }
     };
-    let cut = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(MAX_OUTPUT)]).to_string();
+    let text = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(MAX_OUTPUT)]).to_string();
     Json(json!({
-        "exit_code": out.status.code().unwrap_or(-1),
-        "stdout": cut(&out.stdout),
-        "stderr": cut(&out.stderr),
+        "exit_code": status.code().unwrap_or(-1),
+        "stdout": text(&out),
+        "stderr": text(&errs),
         "duration_ms": now_ms() - started,
-        "truncated": out.stdout.len() > MAX_OUTPUT || out.stderr.len() > MAX_OUTPUT,
+        "truncated": out.len() > MAX_OUTPUT || errs.len() > MAX_OUTPUT,
     }))
     .into_response()
+}
+
+/// Reads a stream keeping at most `MAX_OUTPUT + 1` bytes (the rest is drained and dropped).
+async fn capped(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    if let Some(mut s) = stream {
+        let _ = (&mut s)
+            .take(MAX_OUTPUT as u64 + 1)
+            .read_to_end(&mut out)
+            .await;
+        let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -916,8 +1388,17 @@ async fn logs(
     let Some(dir) = p.dir_of(&id) else {
         return not_found(&id);
     };
-    let path = dir.join("logs").join(format!("{service}.log"));
-    if !path.exists() {
+    // The supervisor's log is the provider's own; the others are written inside the sandbox
+    // and read without following links.
+    let file = if service == "supervisor" {
+        LogFile::Owned(p.host_dir(&id).join("supervisor.log"))
+    } else {
+        LogFile::Sandbox {
+            dir,
+            name: format!("{service}.log"),
+        }
+    };
+    if file.read(0).is_err() {
         return err(
             StatusCode::NOT_FOUND,
             "log_not_found",
@@ -926,33 +1407,64 @@ async fn logs(
     }
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     let p2 = p.clone();
-    sse_lines(path, follow, move || {
+    sse_lines(file, follow, move || {
         p2.get(&id)
             .is_some_and(|s| s.status != "terminated" && s.status != "failed")
     })
 }
 
+/// A log to stream: one in a provider-owned directory, or one a sandbox writes in its `logs/`.
+#[derive(Debug, Clone)]
+pub(crate) enum LogFile {
+    Owned(PathBuf),
+    Sandbox { dir: PathBuf, name: String },
+}
+
+/// Bytes read from a log per poll, at most.
+const LOG_CHUNK: usize = 256 * 1024;
+
+impl LogFile {
+    /// The bytes from `offset` on (at most [`LOG_CHUNK`]).
+    fn read(&self, offset: u64) -> std::io::Result<Vec<u8>> {
+        match self {
+            LogFile::Owned(path) => {
+                let mut f = std::fs::File::open(path)?;
+                procs::read_from(&mut f, offset, LOG_CHUNK)
+            }
+            LogFile::Sandbox { dir, name } => {
+                procs::read_beneath(dir, &["logs", name], offset, LOG_CHUNK)
+            }
+        }
+    }
+}
+
 /// Streams a log file as server-sent events, one `data:` line per line; with `follow`, keeps
 /// streaming while `alive()` holds; ends with `event: end`.
 pub(crate) fn sse_lines(
-    path: PathBuf,
+    file: LogFile,
     follow: bool,
     alive: impl Fn() -> bool + Clone + Send + Sync + 'static,
 ) -> Response {
     let stream = futures_util::stream::unfold(
         (0usize, String::new(), false),
         move |(mut offset, mut carry, done)| {
-            let path = path.clone();
+            let file = file.clone();
             let alive = alive.clone();
             async move {
                 if done {
                     return None;
                 }
                 loop {
-                    let data = tokio::fs::read(&path).await.unwrap_or_default();
-                    if data.len() > offset {
-                        carry.push_str(&String::from_utf8_lossy(&data[offset..]));
-                        offset = data.len();
+                    let f = file.clone();
+                    let at = offset as u64;
+                    let data = tokio::task::spawn_blocking(move || f.read(at))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                    if !data.is_empty() {
+                        carry.push_str(&String::from_utf8_lossy(&data));
+                        offset += data.len();
                         let mut out = String::new();
                         while let Some(i) = carry.find('\n') {
                             let line: String = carry.drain(..=i).collect();
@@ -1008,21 +1520,20 @@ async fn terminate(
 
 /// Kills the sandbox's processes and sets its status (`stopped` keeps its directory for a later start).
 async fn halt(p: &Shared, id: &str, status: &'static str) {
-    let pgid = {
-        let map = p.sandboxes.lock().ok();
-        map.and_then(|m| m.get(id).and_then(|e| e.pgid))
-    };
+    let mut roots = Vec::new();
     p.update(id, |e| {
         e.sandbox.status = status;
-        e.pgid = None;
+        roots.extend(e.pgid.take());
+        roots.append(&mut e.execs);
         e.supervisor_port = None;
         if status == "terminated" {
             e.sandbox.terminated_at = Some(now_ms());
+            // Its socket closes and its folder goes with it.
+            e.egress = None;
         }
     });
-    if let Some(g) = pgid {
-        procs::kill_group(g);
-    }
+    // Trees first (stopped, then killed, so nothing forks away), then groups, then marks.
+    let _ = tokio::task::spawn_blocking(move || kill_roots(&roots)).await;
     procs::kill_marked(id).await;
 }
 
@@ -1085,7 +1596,8 @@ async fn start(
         e.sandbox.error = None;
         e.sandbox.expires_at = now_ms() + e.create.lifetime_ms.unwrap_or(p.cfg.lifetime_ms);
     });
-    let _ = tokio::fs::remove_file(dir.join("state").join("supervisor.json")).await;
+    // The sandbox's own file: removed without following a link it may have planted.
+    let _ = procs::remove_beneath(&dir, &["state", "supervisor.json"]);
     let p2 = p.clone();
     let id2 = id.clone();
     tokio::spawn(async move { boot(p2, id2, dir, create, None).await });
@@ -1172,19 +1684,15 @@ async fn to_supervisor(p: &Shared, id: &str, method: Method, path: &str) -> Resp
     if let Err(r) = live(p, id) {
         return r.into_response();
     }
-    let Some(port) = p.supervisor_port(id) else {
+    let Some((port, secret)) = p.supervisor_api(id) else {
         return Json(
             json!({"sync": {"state": "not_started"}, "branch": null, "head": null, "dirty": false}),
         )
         .into_response();
     };
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let res = p.http.request(method, &url).send().await;
-    match res {
-        Ok(r) => {
-            let status =
-                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let v: Value = r.json().await.unwrap_or(Value::Null);
+    match supervisor_call(p, id, port, &secret, method, path, None).await {
+        Ok((status, v)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             (status, Json(v)).into_response()
         }
         Err(e) => err(
@@ -1193,6 +1701,102 @@ async fn to_supervisor(p: &Shared, id: &str, method: Method, path: &str) -> Resp
             format!("the sandbox's supervisor did not answer: {e}"),
         ),
     }
+}
+
+/// One call of a supervisor's local API: on its unix socket in the provider-owned folder when
+/// the sandbox has its own network, else on its loopback port.
+async fn supervisor_call(
+    p: &Shared,
+    id: &str,
+    port: u16,
+    secret: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    if p.own_network() {
+        let sock = p.host_dir(id).join("run").join("api.sock");
+        return unix_call(&sock, method.as_str(), path, secret, body).await;
+    }
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let mut req = p.http.request(method, &url).bearer_auth(secret);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.map_err(|e| e.without_url().to_string())?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// A minimal HTTP/1.1 exchange over a unix socket (one request, `connection: close`). The
+/// socket must be a socket, not a link the sandbox planted.
+async fn unix_call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    secret: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::io::AsyncReadExt;
+    let meta = std::fs::symlink_metadata(sock).map_err(|_| "no API socket yet".to_string())?;
+    if !meta.file_type().is_socket() {
+        return Err("the API socket is not a socket".into());
+    }
+    let mut conn = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: supervisor\r\nauthorization: Bearer {secret}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        conn.take(1 << 20).read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or("a malformed answer")?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("a malformed answer")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let payload = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((
+        status,
+        serde_json::from_str(&payload).unwrap_or(Value::Null),
+    ))
+}
+
+/// The body of a chunked HTTP answer.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 async fn git_status(
@@ -1308,7 +1912,7 @@ async fn assign(
         );
     }
     // Claim under the lock so two assigns cannot both win.
-    let claimed: Result<Option<u16>, Refusal> = match p.sandboxes.lock() {
+    let claimed: Result<Option<(u16, String)>, Refusal> = match p.sandboxes.lock() {
         Ok(mut map) => match map.get_mut(&id) {
             None => Err(Refusal(
                 StatusCode::NOT_FOUND,
@@ -1332,7 +1936,7 @@ async fn assign(
                 e.sandbox.session_id = Some(b.session_id.clone());
                 e.create.session_id = Some(b.session_id.clone());
                 e.create.supervisor = Some(b.supervisor.clone());
-                Ok(e.supervisor_port)
+                Ok(e.supervisor_port.map(|port| (port, e.api_secret.clone())))
             }
         },
         Err(_) => Err(Refusal(
@@ -1341,8 +1945,8 @@ async fn assign(
             "state lock".into(),
         )),
     };
-    let port = match claimed {
-        Ok(Some(port)) => port,
+    let (port, secret) = match claimed {
+        Ok(Some(api)) => api,
         Ok(None) => {
             return err(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -1352,20 +1956,31 @@ async fn assign(
         }
         Err(r) => return r.into_response(),
     };
-    let sent = p
-        .http
-        .post(format!("http://127.0.0.1:{port}/assign"))
-        .json(
-            &json!({"session_id": b.session_id, "control_url": b.supervisor.control_url,
-            "sandbox_token": b.supervisor.sandbox_token}),
-        )
-        .send()
-        .await;
+    // The session's control plane joins the sandbox's egress allowlist.
+    if let Some(control) = crate::egress::authority_of_url(&b.supervisor.control_url) {
+        if let Ok(map) = p.sandboxes.lock() {
+            if let Some(running) = map.get(&id).and_then(|e| e.egress.as_ref()) {
+                running.egress.allow(&control);
+            }
+        }
+    }
+    let assignment = json!({"session_id": b.session_id, "control_url": b.supervisor.control_url,
+        "sandbox_token": b.supervisor.sandbox_token});
+    let sent = supervisor_call(
+        &p,
+        &id,
+        port,
+        &secret,
+        Method::POST,
+        "/assign",
+        Some(assignment),
+    )
+    .await;
     match sent {
-        Ok(r) if r.status().is_success() => current(&p, &id),
+        Ok((status, _)) if (200..300).contains(&status) => current(&p, &id),
         other => {
             let why = match other {
-                Ok(r) => format!("the supervisor answered {}", r.status()),
+                Ok((status, _)) => format!("the supervisor answered {status}"),
                 Err(e) => format!("the supervisor did not answer: {e}"),
             };
             p.update(&id, |e| {

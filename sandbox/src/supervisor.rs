@@ -49,6 +49,50 @@ pub struct Settings {
     /// The session's pushed branch to continue on instead of the base (a cold start of a
     /// session that already has work, when no snapshot could be restored).
     pub continue_branch: Option<String>,
+    /// The bearer secret every caller of the supervisor's local API must present (the
+    /// provider's `api_secret` from the secrets line, else a fresh one only this sandbox knows).
+    pub api_secret: String,
+    /// OpenCode's server password (`OPENCODE_SERVER_PASSWORD`), fresh for each start: no other
+    /// process on the machine can drive this sandbox's agent.
+    pub opencode_password: String,
+    /// The provider's egress proxy (a unix socket bound into the sandbox): the sandbox's only
+    /// way out when it has its own network namespace.
+    pub egress_socket: Option<PathBuf>,
+    /// The token this sandbox presents to the model proxy (in place of any model key).
+    pub model_token: Option<String>,
+}
+
+/// The loopback URL of the forwarder to the egress proxy, once it listens.
+static PROXY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the proxy variables every kind of tool reads (git, curl, npm, pip, Bun).
+fn with_proxy(cmd: &mut Command) {
+    if let Some(proxy) = PROXY.get() {
+        for k in [
+            "http_proxy",
+            "https_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "npm_config_proxy",
+            "npm_config_https_proxy",
+        ] {
+            cmd.env(k, proxy);
+        }
+        cmd.env("no_proxy", "127.0.0.1,localhost")
+            .env("NO_PROXY", "127.0.0.1,localhost");
+    }
+}
+
+/// A fresh random secret (32 hex digits).
+pub fn fresh_secret() -> String {
+    (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Compares two secrets in constant time (for equal lengths).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Settings {
@@ -104,6 +148,14 @@ impl Settings {
                 .get("NIGHTSHIFT_CONTINUE_BRANCH")
                 .filter(|b| b.starts_with("nightshift/"))
                 .cloned(),
+            api_secret: secrets["api_secret"]
+                .as_str()
+                .filter(|t| t.len() >= 16)
+                .map(String::from)
+                .unwrap_or_else(fresh_secret),
+            opencode_password: fresh_secret(),
+            egress_socket: all.get("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from),
+            model_token: secrets["model_token"].as_str().map(String::from),
             env: all
                 .into_iter()
                 .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
@@ -142,6 +194,8 @@ pub struct Supervisor {
     /// The session this sandbox works for, once known (at start, or by `POST /assign` for a pooled one).
     assignment: Mutex<Option<Assignment>>,
     assigned: Notify,
+    /// The tool the agent is running now (named in `egress.blocked` events).
+    running_tool: Mutex<Option<String>>,
 }
 
 /// Where the session link goes: set at start, or later for a pooled sandbox.
@@ -180,6 +234,7 @@ impl Supervisor {
             branch: Mutex::new(None),
             assignment: Mutex::new(assignment),
             assigned: Notify::new(),
+            running_tool: Mutex::new(None),
         })
     }
 
@@ -252,6 +307,13 @@ impl Supervisor {
         }
     }
 
+    /// A request to this sandbox's OpenCode server (with its password).
+    fn to_opencode(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, url)
+            .basic_auth("opencode", Some(&self.cfg.opencode_password))
+    }
+
     fn status(&self, stage: &str, detail: &str) {
         log(&format!("stage {stage} {detail}"));
         self.emit(json!({"kind": "sandbox.status", "stage": stage, "detail": detail}));
@@ -266,7 +328,9 @@ impl Supervisor {
 }
 
 async fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("git")
+    let mut cmd = Command::new("git");
+    with_proxy(&mut cmd);
+    let out = cmd
         .args(args)
         .current_dir(repo)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -372,6 +436,8 @@ struct GateQuery {
 }
 
 /// The supervisor's loopback API: gate decisions for the OpenCode plugin, git status for the provider.
+/// Every route needs the sandbox's API secret as a bearer token (the provider and this
+/// sandbox's OpenCode plugin have it; other sandboxes do not).
 pub fn local_api(s: Shared) -> Router {
     Router::new()
         .route("/gate", get(gate))
@@ -379,8 +445,61 @@ pub fn local_api(s: Shared) -> Router {
         .route("/git/sync", post(git_sync))
         .route("/assign", post(assign))
         .route("/background", post(background))
+        .route("/warmup/v1/chat/completions", post(warmup_model))
+        .layer(axum::middleware::from_fn_with_state(
+            s.clone(),
+            require_secret,
+        ))
         .with_state(s)
 }
+
+async fn require_secret(
+    State(s): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if same_secret(t.as_bytes(), s.cfg.api_secret.as_bytes()) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"code": "unauthorized", "message": "the sandbox's local API needs its secret"}})),
+        )
+            .into_response(),
+    }
+}
+
+/// The warm-up model: answers one short streamed completion, so OpenCode's whole prompt path
+/// (instance, config, plugins, tools, provider SDK) is initialised before the sandbox says `ready`.
+async fn warmup_model() -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-warmup", "object": "chat.completion.chunk", "created": 0, "model": WARMUP_MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let usage = json!({"id": "chatcmpl-warmup", "object": "chat.completion.chunk", "created": 0, "model": WARMUP_MODEL,
+        "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+    let body = [
+        chunk(
+            json!({"role": "assistant", "content": "ready"}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("stop")),
+        usage,
+    ]
+    .iter()
+    .map(|c| format!("data: {c}\n\n"))
+    .collect::<String>()
+        + "data: [DONE]\n\n";
+    ([("content-type", "text/event-stream")], body).into_response()
+}
+
+/// The OpenCode provider and model of the warm-up turn (served by the supervisor itself).
+const WARMUP_PROVIDER: &str = "nightshift-warmup";
+const WARMUP_MODEL: &str = "warmup";
 
 async fn assign(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
     let a: Assignment = match serde_json::from_slice(&body) {
@@ -435,9 +554,9 @@ async fn background(State(s): State<Shared>, body: axum::body::Bytes) -> Respons
         a.session_id
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+    let client = control_client();
     loop {
-        let sent = s
-            .http
+        let sent = client
             .post(&url)
             .bearer_auth(&a.sandbox_token)
             .json(&req)
@@ -521,16 +640,28 @@ async fn git_sync(State(s): State<Shared>) -> Response {
     (StatusCode::ACCEPTED, Json(git_status_value(&s).await)).into_response()
 }
 
+/// The version of `@opencode-ai/plugin` that goes with the pinned OpenCode.
+const PLUGIN_VERSION: &str = "1.18.33";
+
 /// Writes OpenCode's private config: the model provider, permissions and the gating plugin.
 pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<PathBuf> {
     let home = s.dir.join("home");
     let cfg_dir = home.join(".config").join("opencode");
     std::fs::create_dir_all(cfg_dir.join("plugin"))?;
-    let base_url = s
-        .model_url
-        .clone()
-        .unwrap_or("http://127.0.0.1:8790/v1".into());
-    let key = s.model_key.clone().unwrap_or("none".into());
+    // Behind the egress proxy the model is reached through the provider's model proxy, which
+    // adds the key: the sandbox holds only its own token.
+    let (base_url, key) = match (&s.egress_socket, &s.model_token) {
+        (Some(_), Some(token)) => (
+            format!("http://{}/v1", crate::egress::MODEL_HOST),
+            token.clone(),
+        ),
+        _ => (
+            s.model_url
+                .clone()
+                .unwrap_or("http://127.0.0.1:8790/v1".into()),
+            s.model_key.clone().unwrap_or("none".into()),
+        ),
+    };
     // Models of the OpenAI-compatible `nightshift` provider: the scripted one and the configured one.
     let mut models = serde_json::Map::new();
     models.insert("scripted".into(), json!({"name": "Scripted"}));
@@ -539,12 +670,16 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
             models.insert(id.to_string(), json!({"name": id}));
         }
     }
+    let warmup_url = format!("http://127.0.0.1:{gate_port}/warmup/v1");
     let config = json!({
         "$schema": "https://opencode.ai/config.json",
         "model": s.model,
         "provider": {"nightshift": {"npm": "@ai-sdk/openai-compatible", "name": "Nightshift",
             "options": {"baseURL": base_url, "apiKey": key},
-            "models": models}},
+            "models": models},
+            WARMUP_PROVIDER: {"npm": "@ai-sdk/openai-compatible", "name": "Nightshift warm-up",
+            "options": {"baseURL": warmup_url, "apiKey": s.api_secret},
+            "models": {WARMUP_MODEL: {"name": "warm-up"}}}},
         "permission": {"edit": "allow", "bash": "allow", "webfetch": "allow", "question": "deny",
             "doom_loop": "allow", "external_directory": "deny"},
         "snapshot": false,
@@ -558,16 +693,17 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
 import {{ tool }} from "@opencode-ai/plugin";
 
 const api = "http://127.0.0.1:{gate_port}";
+const auth = {{ authorization: "Bearer {secret}" }};
 const background = async (body) => {{
   const r = await fetch(api + "/background", {{
-    method: "POST", headers: {{ "content-type": "application/json" }}, body: JSON.stringify(body),
+    method: "POST", headers: {{ "content-type": "application/json", ...auth }}, body: JSON.stringify(body),
   }});
   return await r.text();
 }};
 
 export const NightshiftGate = async () => ({{
   "tool.execute.before": async (input) => {{
-    const r = await fetch(api + "/gate?tool=" + encodeURIComponent(input.tool));
+    const r = await fetch(api + "/gate?tool=" + encodeURIComponent(input.tool), {{ headers: auth }});
     const v = await r.json();
     if (!v.allow) throw new Error(v.message);
   }},
@@ -591,13 +727,31 @@ export const NightshiftGate = async () => ({{
     }}),
   }},
 }});
-"#
+"#,
+        secret = s.api_secret
     );
     std::fs::write(cfg_dir.join("plugin").join("nightshift-gate.js"), plugin)?;
+    // OpenCode installs a config folder's dependencies (`@opencode-ai/plugin`, from the npm
+    // registry: ~62 MB, seconds to minutes) unless `node_modules` exists and `package-lock.json`
+    // names every dependency; a `.gitignore` it would otherwise write. With all four in place
+    // it has nothing to install, on the person's time or ever.
     std::fs::write(
         cfg_dir.join("package.json"),
-        r#"{"dependencies":{"@opencode-ai/plugin":"1.18.33"}}"#,
+        format!(r#"{{"dependencies":{{"@opencode-ai/plugin":"{PLUGIN_VERSION}"}}}}"#),
     )?;
+    std::fs::write(
+        cfg_dir.join("package-lock.json"),
+        json!({"name": "opencode", "lockfileVersion": 3, "requires": true, "packages": {
+            "": {"dependencies": {"@opencode-ai/plugin": PLUGIN_VERSION}},
+            "node_modules/@opencode-ai/plugin": {"version": PLUGIN_VERSION},
+        }})
+        .to_string(),
+    )?;
+    std::fs::write(
+        cfg_dir.join(".gitignore"),
+        "node_modules\npackage.json\npackage-lock.json\nbun.lock\n.gitignore\n",
+    )?;
+    std::fs::create_dir_all(cfg_dir.join("node_modules"))?;
     if let Some(src) = &s.plugin_modules {
         let dst = cfg_dir.join("node_modules").join("@opencode-ai");
         std::fs::create_dir_all(&dst)?;
@@ -652,11 +806,13 @@ pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String
     .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
     .env("OPENCODE_DISABLE_SHARE", "1")
     .env("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1")
-    .envs(&s.cfg.env)
-    .stdin(Stdio::null())
-    .stdout(logf)
-    .stderr(logf2)
-    .kill_on_drop(true);
+    .env("OPENCODE_SERVER_PASSWORD", &s.cfg.opencode_password)
+    .envs(&s.cfg.env);
+    with_proxy(&mut cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(logf)
+        .stderr(logf2)
+        .kill_on_drop(true);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start OpenCode: {e}"))?;
@@ -682,6 +838,47 @@ pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err("OpenCode did not start within 30 s; see logs/opencode".into())
+}
+
+/// Runs one turn against the warm-up model in a throwaway OpenCode session, so everything
+/// OpenCode does on a fresh server's first prompt (the directory's instance, config and plugin
+/// loading, the tool registry, the provider SDK, the system prompt) is done before `ready`.
+pub async fn warm_up(s: &Shared, base: &str) -> Result<u128, String> {
+    let t0 = std::time::Instant::now();
+    let created: Value = s
+        .to_opencode(reqwest::Method::POST, &format!("{base}/session"))
+        .json(&json!({"title": "Nightshift warm-up"}))
+        .send()
+        .await
+        .map_err(|e| format!("OpenCode did not answer: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("OpenCode answered oddly: {e}"))?;
+    let sid = created["id"]
+        .as_str()
+        .ok_or("OpenCode gave no session id")?
+        .to_string();
+    let answer = s
+        .to_opencode(
+            reqwest::Method::POST,
+            &format!("{base}/session/{sid}/message"),
+        )
+        .json(
+            &json!({"model": {"providerID": WARMUP_PROVIDER, "modelID": WARMUP_MODEL},
+            "parts": [{"type": "text", "text": "warm-up"}]}),
+        )
+        .send()
+        .await
+        .map_err(|e| format!("the warm-up turn failed: {e}"))?;
+    if !answer.status().is_success() {
+        return Err(format!("the warm-up turn failed: {}", answer.status()));
+    }
+    let _ = answer.bytes().await;
+    let _ = s
+        .to_opencode(reqwest::Method::DELETE, &format!("{base}/session/{sid}"))
+        .send()
+        .await;
+    Ok(t0.elapsed().as_millis())
 }
 
 /// Runs prompts one at a time in one OpenCode session, bridging its events.
@@ -727,8 +924,7 @@ async fn run_one(
 ) -> Result<(), String> {
     if oc_session.is_none() {
         let v: Value = s
-            .http
-            .post(format!("{base}/session"))
+            .to_opencode(reqwest::Method::POST, &format!("{base}/session"))
             .json(&json!({"title": format!("Nightshift {}", s.session_id())}))
             .send()
             .await
@@ -743,8 +939,7 @@ async fn run_one(
     let mut first_token_logged = false;
     // Subscribe before prompting so no event is missed.
     let events = s
-        .http
-        .get(format!("{base}/event"))
+        .to_opencode(reqwest::Method::GET, &format!("{base}/event"))
         .send()
         .await
         .map_err(|e| format!("OpenCode event stream: {e}"))?;
@@ -753,8 +948,10 @@ async fn run_one(
         body["model"] = json!({"providerID": p, "modelID": m});
     }
     let r = s
-        .http
-        .post(format!("{base}/session/{sid}/prompt_async"))
+        .to_opencode(
+            reqwest::Method::POST,
+            &format!("{base}/session/{sid}/prompt_async"),
+        )
         .json(&body)
         .send()
         .await
@@ -782,7 +979,7 @@ async fn run_one(
             stop = stops.recv() => {
                 if stop.as_deref() == Some(job.id.as_str()) {
                     stopped = true;
-                    let _ = s.http.post(format!("{base}/session/{sid}/abort")).send().await;
+                    let _ = s.to_opencode(reqwest::Method::POST, &format!("{base}/session/{sid}/abort")).send().await;
                 }
                 continue;
             }
@@ -830,6 +1027,13 @@ async fn run_one(
                         s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
                     }
                     if let Some(m) = translate_part(&job.id, part) {
+                        if m["kind"] == "agent.tool" {
+                            if let Ok(mut t) = s.running_tool.lock() {
+                                *t = (m["status"] == "running")
+                                    .then(|| m["tool"].as_str().map(String::from))
+                                    .flatten();
+                            }
+                        }
                         let key = (m["call"].to_string(), m["status"].to_string());
                         if m["kind"] != "agent.tool" || reported.insert(key) {
                             s.emit(m);
@@ -1003,7 +1207,21 @@ async fn link_once(
         .parse()
         .map_err(|_| LinkEnd::Refused("bad token".into()))?;
     req.headers_mut().insert("authorization", auth);
-    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
+    let authority = authority_of(url).ok_or_else(|| LinkEnd::Refused("bad control URL".into()))?;
+    // Through the egress proxy when the sandbox has its own network, else directly.
+    let stream: Box<dyn Io> = match &s.cfg.egress_socket {
+        Some(sock) => Box::new(
+            connect_through(sock, &authority)
+                .await
+                .map_err(LinkEnd::Lost)?,
+        ),
+        None => Box::new(
+            tokio::net::TcpStream::connect(&authority)
+                .await
+                .map_err(|e| LinkEnd::Lost(e.to_string()))?,
+        ),
+    };
+    let (ws, _) = match tokio_tungstenite::client_async(req, stream).await {
         Ok(x) => x,
         Err(tokio_tungstenite::tungstenite::Error::Http(r))
             if r.status() == 401 || r.status() == 403 || r.status() == 404 =>
@@ -1091,10 +1309,144 @@ async fn link_once(
     }
 }
 
+/// A byte stream the session link runs over (loopback TCP, or a tunnel through the egress proxy).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `host:port` of a `ws://`/`http://` URL.
+fn authority_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    Some(if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
+/// Opens a tunnel to `authority` through the egress proxy (HTTP `CONNECT`).
+async fn connect_through(sock: &Path, authority: &str) -> Result<tokio::net::UnixStream, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("the egress proxy is unreachable: {e}"))?;
+    let hello = format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n");
+    conn.write_all(hello.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Read the answer's head byte by byte so nothing of the tunnel is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 || conn.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the egress proxy closed the tunnel".into());
+        }
+        head.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
+        Ok(conn)
+    } else {
+        Err(format!(
+            "the egress proxy refused {authority}: {}",
+            line.lines().next().unwrap_or("")
+        ))
+    }
+}
+
+/// An HTTP client for the control plane (through the egress forwarder when there is one).
+fn control_client() -> reqwest::Client {
+    let builder = reqwest::Client::builder();
+    let builder = match PROXY.get().and_then(|p| reqwest::Proxy::all(p).ok()) {
+        Some(proxy) => builder.proxy(proxy),
+        None => builder.no_proxy(),
+    };
+    builder.build().unwrap_or_default()
+}
+
+/// Forwards the sandbox's loopback proxy port to the egress proxy's socket; a refusal the
+/// proxy answers becomes an `egress.blocked` event naming the host and the running tool.
+async fn forward_egress(s: Option<Shared>, listener: tokio::net::TcpListener, sock: PathBuf) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        let s = s.clone();
+        let sock = sock.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(outbound) = tokio::net::UnixStream::connect(&sock).await else {
+                return;
+            };
+            let (mut in_r, mut in_w) = inbound.split();
+            let (mut out_r, mut out_w) = outbound.into_split();
+            let up = tokio::io::copy(&mut in_r, &mut out_w);
+            let down = async {
+                let mut first = vec![0u8; 8192];
+                let n = out_r.read(&mut first).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&first[..n]).to_string();
+                if head.starts_with("HTTP/1.1 403") {
+                    let blocked = head.lines().find_map(|l| {
+                        l.strip_prefix(&format!("{}: ", crate::egress::BLOCKED_HEADER))
+                    });
+                    if let (Some(host), Some(s)) = (blocked, &s) {
+                        let tool = s.running_tool.lock().ok().and_then(|t| t.clone());
+                        s.emit(
+                            json!({"kind": "egress.blocked", "host": host.trim(), "tool": tool}),
+                        );
+                    }
+                }
+                if in_w.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut out_r, &mut in_w).await;
+            };
+            tokio::select! {
+                _ = up => {}
+                _ = down => {}
+            }
+        });
+    }
+}
+
 fn drop_acked(s: &Shared, upto: u64) {
     if let Ok(mut o) = s.outbox.lock() {
         while o.front().is_some_and(|(n, _)| *n <= upto) {
             o.pop_front();
+        }
+    }
+}
+
+/// Runs one command (an `exec`, a build step) in a sandbox of its own network namespace with
+/// the egress proxy as its only way out: a loopback forwarder, the proxy variables, the
+/// command's exit status.
+pub async fn egress_run(argv: &[String]) -> i32 {
+    let Some((program, args)) = argv.split_first() else {
+        return 2;
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(sock) = std::env::var_os("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from) {
+        if let Ok(forwarder) = tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            if let Ok(addr) = forwarder.local_addr() {
+                let _ = PROXY.set(format!("http://127.0.0.1:{}", addr.port()));
+                tokio::spawn(forward_egress(None, forwarder, sock));
+            }
+        }
+        cmd.env_remove("NIGHTSHIFT_EGRESS_SOCKET");
+    }
+    with_proxy(&mut cmd);
+    match cmd.status().await {
+        Ok(st) => st.code().unwrap_or(128 + 9),
+        Err(e) => {
+            eprintln!("cannot run {program}: {e}");
+            127
         }
     }
 }
@@ -1107,6 +1459,17 @@ pub async fn run(cfg: Settings) -> Result<(), String> {
         .map_err(|e| format!("cannot listen: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let api = local_api(s.clone());
+    // With its own network namespace the sandbox's loopback is out of the provider's reach:
+    // the provider calls the same API on a unix socket in the folder it binds in.
+    if let Some(sock) = std::env::var_os("NIGHTSHIFT_API_SOCKET").map(PathBuf::from) {
+        let _ = std::fs::remove_file(&sock);
+        let unix = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| format!("cannot listen on the API socket: {e}"))?;
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(unix, api).await;
+        });
+    }
     tokio::spawn(async move {
         let _ = axum::serve(listener, api).await;
     });
@@ -1122,6 +1485,19 @@ pub async fn run(cfg: Settings) -> Result<(), String> {
         "local API on 127.0.0.1:{port}; sandbox {}",
         s.cfg.sandbox_id
     ));
+    // With its own network namespace the sandbox's only way out is the egress proxy: a
+    // loopback port forwarded to the provider's socket, which every tool is pointed at.
+    if let Some(sock) = s.cfg.egress_socket.clone() {
+        let forwarder = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot listen: {e}"))?;
+        let fport = forwarder.local_addr().map_err(|e| e.to_string())?.port();
+        let _ = PROXY.set(format!("http://127.0.0.1:{fport}"));
+        tokio::spawn(forward_egress(Some(s.clone()), forwarder, sock));
+        log(&format!(
+            "egress through the provider's proxy (127.0.0.1:{fport})"
+        ));
+    }
     let (job_tx, job_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = mpsc::unbounded_channel();
     tokio::spawn(link(s.clone(), job_tx, stop_tx));
@@ -1132,6 +1508,11 @@ pub async fn run(cfg: Settings) -> Result<(), String> {
         match start_opencode(&s, port).await {
             Ok(url) => {
                 log(&format!("OpenCode on {url}"));
+                // `ready` means a prompt sent now reaches the model at once.
+                match warm_up(&s, &url).await {
+                    Ok(ms) => log(&format!("OpenCode warmed up in {ms} ms")),
+                    Err(e) => log(&format!("warm-up: {e}; the first prompt will be slower")),
+                }
                 if let Ok(mut o) = s.opencode.lock() {
                     *o = Some(url);
                 }

@@ -1,4 +1,4 @@
-//! The local provider through its real HTTP contract: signing, create on a real git repository, exec, git status, logs, snapshots, terminate leaves no processes, and bad input.
+//! The local provider through its real HTTP contract: signing and replays, create on a real git repository, exec, git status, logs, snapshots, terminate leaves no processes, containment (environment, fresh root, links, limits, redaction), and bad input.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,6 +74,8 @@ async fn start(extra_env: &[(&str, &str)]) -> Provider {
     cmd.args(["--port", &port.to_string(), "--root"])
         .arg(root.join("state"))
         .env("PROVIDER_SECRET", SECRET)
+        // The tests' repositories are local paths: single-user dev mode.
+        .env("NIGHTSHIFT_DEV_MODE", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in extra_env {
@@ -103,6 +105,10 @@ async fn start(extra_env: &[(&str, &str)]) -> Provider {
     p
 }
 
+fn nonce() -> String {
+    format!("n{:032x}", rand::random::<u128>())
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -121,12 +127,14 @@ impl Provider {
     ) -> (u16, Value) {
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         let ts = ts.unwrap_or_else(now);
-        let sig = signing::sign(secret.as_bytes(), method, path, ts, &bytes).expect("sign");
+        let n = nonce();
+        let sig = signing::sign(secret.as_bytes(), method, path, ts, &n, &bytes).expect("sign");
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let r = self
             .http
             .request(m, format!("{}{path}", self.base))
             .header(signing::TIMESTAMP_HEADER, ts.to_string())
+            .header(signing::NONCE_HEADER, n)
             .header(signing::SIGNATURE_HEADER, sig)
             .header("content-type", "application/json")
             .body(bytes)
@@ -143,6 +151,24 @@ impl Provider {
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.raw(method, path, body, None, SECRET).await
+    }
+
+    /// A signed GET whose answer is text (the SSE log streams).
+    async fn text(&self, path: &str) -> (u16, String) {
+        let ts = now();
+        let n = nonce();
+        let sig = signing::sign(SECRET.as_bytes(), "GET", path, ts, &n, b"").expect("sign");
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(signing::TIMESTAMP_HEADER, ts.to_string())
+            .header(signing::NONCE_HEADER, n)
+            .header(signing::SIGNATURE_HEADER, sig)
+            .send()
+            .await
+            .expect("request");
+        let st = r.status().as_u16();
+        (st, r.text().await.unwrap_or_default())
     }
 
     async fn wait_status(&self, id: &str, want: &[&str]) -> Value {
@@ -194,11 +220,14 @@ async fn unsigned_stale_and_forged_requests_are_refused() {
     );
     // A body changed after signing does not verify.
     let ts = now();
-    let sig = signing::sign(SECRET.as_bytes(), "POST", "/v1/sandboxes", ts, b"{}").expect("sign");
+    let n = nonce();
+    let sig =
+        signing::sign(SECRET.as_bytes(), "POST", "/v1/sandboxes", ts, &n, b"{}").expect("sign");
     let r = p
         .http
         .post(format!("{}/v1/sandboxes", p.base))
         .header(signing::TIMESTAMP_HEADER, ts.to_string())
+        .header(signing::NONCE_HEADER, n)
         .header(signing::SIGNATURE_HEADER, sig)
         .body("{\"session_id\":\"x\"}")
         .send()
@@ -326,11 +355,13 @@ async fn lifecycle(env: &[(&str, &str)]) {
     // Logs stream as SSE.
     let path = format!("/v1/sandboxes/{id}/logs/supervisor");
     let ts = now();
-    let sig = signing::sign(SECRET.as_bytes(), "GET", &path, ts, b"").expect("sign");
+    let n = nonce();
+    let sig = signing::sign(SECRET.as_bytes(), "GET", &path, ts, &n, b"").expect("sign");
     let r = p
         .http
         .get(format!("{}{path}", p.base))
         .header(signing::TIMESTAMP_HEADER, ts.to_string())
+        .header(signing::NONCE_HEADER, n)
         .header(signing::SIGNATURE_HEADER, sig)
         .send()
         .await
@@ -578,27 +609,7 @@ async fn images_build_with_setup_and_tests_and_sandboxes_start_from_them() {
     );
     assert_eq!(img["commit"], head.as_str());
     let iid = img["id"].as_str().expect("id").to_string();
-    let log = p
-        .http
-        .get(format!("{}/v1/images/{iid}/logs", p.base))
-        .header(signing::TIMESTAMP_HEADER, now().to_string())
-        .header(
-            signing::SIGNATURE_HEADER,
-            signing::sign(
-                SECRET.as_bytes(),
-                "GET",
-                &format!("/v1/images/{iid}/logs"),
-                now(),
-                b"",
-            )
-            .expect("sign"),
-        )
-        .send()
-        .await
-        .expect("logs")
-        .text()
-        .await
-        .unwrap_or_default();
+    let (_, log) = p.text(&format!("/v1/images/{iid}/logs")).await;
     assert!(
         log.contains("data: $ echo warmed > WARM.txt") && log.contains("image ready"),
         "{log}"
@@ -739,13 +750,9 @@ async fn pooled_sandboxes_boot_without_a_session_and_are_assigned_once() {
     );
     let t = Instant::now();
     loop {
-        let log = std::fs::read_to_string(
-            p.root
-                .join("state/sandboxes")
-                .join(&id)
-                .join("logs/supervisor.log"),
-        )
-        .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(p.root.join("state/host").join(&id).join("supervisor.log"))
+                .unwrap_or_default();
         if log.contains("assigned to session ses_a") {
             break;
         }
@@ -810,4 +817,572 @@ async fn snapshots_expire_and_are_deleted_and_sandboxes_end_at_their_lifetime() 
 
     let ended = p.wait_status(&id, &["terminated"]).await;
     assert_eq!(ended["error"]["code"], "lifetime", "{ended}");
+}
+
+/// A host file that nothing in a sandbox may change.
+fn marker(p: &Provider, name: &str) -> PathBuf {
+    let m = p.root.join(name);
+    std::fs::write(&m, "original\n").expect("marker");
+    m
+}
+
+fn assert_marker(m: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(m).expect("marker"),
+        "original\n",
+        "a host file changed: {}",
+        m.display()
+    );
+}
+
+impl Provider {
+    async fn sandbox(&self, remote: &Path) -> String {
+        let (st, v) = self
+            .call(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"session_id": "ses_c", "repository": {"clone_url": remote}})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        self.wait_status(&id, &["ready"]).await;
+        id
+    }
+
+    async fn exec(&self, id: &str, body: Value) -> (u16, Value) {
+        self.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(body))
+            .await
+    }
+}
+
+/// A fake `bwrap` first on the provider's PATH: it records that it ran, then runs the real one.
+fn fake_bwrap(root: &Path) -> (String, PathBuf) {
+    let bin = root.join("fakebin");
+    std::fs::create_dir_all(&bin).expect("fakebin");
+    let ran = root.join("fake-bwrap-ran");
+    let script = bin.join("bwrap");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho ran >> {}\nexec /usr/bin/bwrap \"$@\"\n",
+            ran.display()
+        ),
+    )
+    .expect("script");
+    sh(&bin, "chmod +x bwrap");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (path, ran)
+}
+
+const HOST_SECRETS: [(&str, &str); 3] = [
+    ("NIGHTSHIFT_MODEL_KEY", "model-key-sekrit-1"),
+    ("EXAMPLE_API_KEY", "api-key-sekrit-2"),
+    ("HOST_ONLY_VARIABLE", "host-env-sekrit-3"),
+];
+
+/// C1/C2: the caller's env reaches only the sandboxed process, and only allowed names; no
+/// provider secret or host variable is visible to exec or to build steps.
+async fn environment_stays_outside(isolation: &[(&str, &str)]) {
+    let root = scratch("provider-env");
+    let mut env: Vec<(&str, &str)> = HOST_SECRETS.to_vec();
+    env.extend_from_slice(isolation);
+    let (path, fake_ran) = fake_bwrap(&root);
+    env.push(("PATH", &path));
+    let p = start(&env).await;
+    let remote = remote_repo(&p.root);
+    let id = p.sandbox(&remote).await;
+    let (st, out) = p.exec(&id, json!({"command": ["env"]})).await;
+    assert_eq!(st, 200, "{out}");
+    let printed = out["stdout"].as_str().expect("stdout");
+    for secret in [SECRET]
+        .into_iter()
+        .chain(HOST_SECRETS.iter().map(|(_, v)| *v))
+    {
+        assert!(!printed.contains(secret), "exec sees {secret}:\n{printed}");
+    }
+    assert!(!printed.contains("PROVIDER_SECRET"), "{printed}");
+    // An allowed name reaches the process.
+    let (_, out) = p
+        .exec(
+            &id,
+            json!({"command": ["sh", "-c", "echo $GREETING"], "env": {"GREETING": "hello"}}),
+        )
+        .await;
+    assert_eq!(out["stdout"], "hello\n");
+
+    // The attack: a `bwrap` in the sandbox's own directory, then PATH (or LD_PRELOAD) pointing at it.
+    let planted = p.root.join("planted-ran");
+    let plant = format!(
+        "mkdir -p $HOME/b && printf '#!/bin/sh\\necho pwned > {}\\n' > $HOME/b/bwrap && chmod +x $HOME/b/bwrap && cp $HOME/b/bwrap $HOME/b/true && echo $HOME",
+        planted.display()
+    );
+    let (st, out) = p.exec(&id, json!({"command": ["sh", "-c", plant]})).await;
+    assert_eq!(st, 200, "{out}");
+    let home = out["stdout"].as_str().expect("home").trim().to_string();
+    for (name, value) in [
+        ("PATH", format!("{home}/b:/usr/bin:/bin")),
+        ("LD_PRELOAD", format!("{home}/b/evil.so")),
+        ("LD_LIBRARY_PATH", format!("{home}/b")),
+        ("BASH_ENV", format!("{home}/b/bwrap")),
+        ("ENV", format!("{home}/b/bwrap")),
+        ("lower", "x".to_string()),
+        ("1ABC", "x".to_string()),
+        ("A-B", "x".to_string()),
+    ] {
+        let (st, v) = p
+            .exec(&id, json!({"command": ["true"], "env": {name: value}}))
+            .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_env")),
+            "{name}: {v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(name),
+            "{v}"
+        );
+    }
+    let (st, _) = p.exec(&id, json!({"command": ["true"]})).await;
+    assert_eq!(st, 200);
+    assert!(!planted.exists(), "the planted program ran on the host");
+
+    // Build steps see no secrets either.
+    let img = p.build(&remote, &["env"], None, json!({})).await;
+    assert_eq!(img["status"], "ready", "{img}");
+    let (_, log) = p
+        .text(&format!(
+            "/v1/images/{}/logs",
+            img["id"].as_str().expect("id")
+        ))
+        .await;
+    assert!(log.contains("HOME="), "{log}");
+    for (_, secret) in HOST_SECRETS {
+        assert!(!log.contains(secret), "a build step sees {secret}");
+    }
+    assert!(!log.contains(SECRET));
+    assert!(
+        !fake_ran.exists(),
+        "bubblewrap was looked up through PATH: the fake one ran"
+    );
+    p.call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+        .await;
+}
+
+#[tokio::test]
+async fn exec_env_never_reaches_the_launcher_and_no_secret_reaches_a_sandbox() {
+    environment_stays_outside(&[]).await;
+}
+
+#[tokio::test]
+async fn without_isolation_exec_env_and_secrets_are_contained_too() {
+    environment_stays_outside(&[("NIGHTSHIFT_ISOLATION", "none")]).await;
+}
+
+/// H1: a fresh root per sandbox; other sandboxes, the provider's root, /root and this
+/// checkout are not there; namespaces, session and limits are the sandbox's own.
+#[tokio::test]
+async fn a_sandbox_sees_a_fresh_root_and_nothing_of_the_host() {
+    let p = start(&[("PROVIDER_LIMIT_OPEN_FILES", "1000")]).await;
+    let (_, health) = p.call("GET", "/v1/health", None).await;
+    assert_eq!(health["isolation"], "bubblewrap", "{health}");
+    let remote = remote_repo(&p.root);
+    let a = p.sandbox(&remote).await;
+    let b = p.sandbox(&remote).await;
+    let (_, sa) = p.call("GET", &format!("/v1/sandboxes/{a}"), None).await;
+    assert_eq!(sa["isolation"], "bubblewrap", "{sa}");
+    let sandboxes = p.root.join("state/sandboxes");
+    let b_readme = sandboxes.join(&b).join("repo/README.md");
+    let before = std::fs::read_to_string(&b_readme).expect("b's checkout");
+    let checkout = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .join("Cargo.toml");
+    let host_marker = marker(&p, "host-marker.txt");
+    for cmd in [
+        format!("cat {}", b_readme.display()),
+        format!("echo pwned > {}", b_readme.display()),
+        format!("ls {}", sandboxes.join(&b).display()),
+        format!("cat {}", checkout.display()),
+        format!("cat {}", host_marker.display()),
+        "ls /root".to_string(),
+        "touch /usr/pwned".to_string(),
+        format!("ls {}", p.root.join("state/host").display()),
+    ] {
+        let (st, out) = p.exec(&a, json!({"command": ["sh", "-c", cmd]})).await;
+        assert_eq!(st, 200, "{out}");
+        assert_ne!(out["exit_code"], 0, "`{cmd}` worked inside: {out}");
+    }
+    // A write to a host path lands in the sandbox's own scratch root, if anywhere.
+    p.exec_out(
+        &a,
+        &format!("echo pwned > {} 2>/dev/null; true", host_marker.display()),
+    )
+    .await;
+    // Only its own directory is under the sandboxes folder.
+    let own = p.exec_out(&a, &format!("ls {}", sandboxes.display())).await;
+    assert_eq!(own.trim(), a, "another sandbox is visible");
+    let inside = p
+        .exec_out(
+            &a,
+            "hostname; ulimit -n; ps -e -o pid= 2>/dev/null | wc -l; test -x /usr/bin/git && echo git; cat /etc/hostname >/dev/null 2>&1; echo done",
+        )
+        .await;
+    let lines: Vec<&str> = inside.lines().collect();
+    assert_eq!(lines.first().copied(), Some("nightshift"), "{inside}");
+    assert_eq!(
+        lines.get(1).copied(),
+        Some("1000"),
+        "the limit applies: {inside}"
+    );
+    assert!(inside.contains("git\n"), "the tools are there: {inside}");
+    assert_eq!(std::fs::read_to_string(&b_readme).expect("b"), before);
+    assert_marker(&host_marker);
+    assert!(!Path::new("/usr/pwned").exists());
+    for id in [a, b] {
+        p.call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+            .await;
+    }
+}
+
+/// The provider refuses to start when bubblewrap does not work, unless isolation is turned off
+/// explicitly; then every sandbox and the health answer say so.
+#[tokio::test]
+async fn without_working_bubblewrap_the_provider_refuses_unless_isolation_is_none() {
+    let root = scratch("provider-nobwrap");
+    let out = Command::new(env!("CARGO_BIN_EXE_nightshift-provider"))
+        .args(["--port", &free_port().to_string(), "--root"])
+        .arg(root.join("state"))
+        .env("PROVIDER_SECRET", SECRET)
+        .env("PROVIDER_BWRAP", "/bin/false")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "it started without isolation");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("NIGHTSHIFT_ISOLATION=none"), "{why}");
+
+    let p = start(&[
+        ("PROVIDER_BWRAP", "/bin/false"),
+        ("NIGHTSHIFT_ISOLATION", "none"),
+    ])
+    .await;
+    let (_, health) = p.call("GET", "/v1/health", None).await;
+    assert_eq!(health["isolation"], "none");
+    let remote = remote_repo(&p.root);
+    let id = p.sandbox(&remote).await;
+    let (_, s) = p.call("GET", &format!("/v1/sandboxes/{id}"), None).await;
+    assert_eq!(s["isolation"], "none", "{s}");
+    let (_, l) = p.call("GET", "/v1/sandboxes", None).await;
+    assert_eq!(l["sandboxes"][0]["isolation"], "none");
+    p.call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+        .await;
+}
+
+/// C4: links a sandbox plants where the provider writes (its logs, its state) never make the
+/// provider write, truncate or read a host file; build steps cannot redirect the build log.
+#[tokio::test]
+async fn symlinked_logs_and_state_never_touch_host_files() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let m = marker(&p, "victim.txt");
+    let id = p.sandbox(&remote).await;
+    let plant = format!(
+        "cd $HOME/.. && ln -sf {m} logs/supervisor.log && ln -sf {m} logs/opencode.log && ln -sf {m} logs/evil.log && mkfifo logs/fifo.log && ln -sf {m} state/supervisor.json && ln -sfn / logs2 && echo planted",
+        m = m.display()
+    );
+    assert_eq!(p.exec_out(&id, &plant).await, "planted\n");
+    for service in ["opencode", "evil", "fifo"] {
+        let (st, text) = p.text(&format!("/v1/sandboxes/{id}/logs/{service}")).await;
+        assert!(!text.contains("original"), "the log read the host file");
+        assert_eq!(st, 404, "{service}: {text}");
+    }
+    let (st, _) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/stop"), None)
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(st, 200);
+    p.wait_status(&id, &["ready"]).await;
+    assert_marker(&m);
+    let (st, text) = p.text(&format!("/v1/sandboxes/{id}/logs/supervisor")).await;
+    assert_eq!(st, 200);
+    assert!(text.contains("data: supervisor: local API"), "{text}");
+    p.call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+        .await;
+    assert_marker(&m);
+
+    // A setup step links the (old) build log to the host file; the next step's output goes to the real log.
+    let img = p
+        .build(
+            &remote,
+            &[
+                &format!("ln -sf {} ../build.log", m.display()),
+                &format!("ln -sf {} $HOME/../../build.log || true", m.display()),
+                "echo second-step-output",
+            ],
+            None,
+            json!({}),
+        )
+        .await;
+    assert_eq!(img["status"], "ready", "{img}");
+    assert_marker(&m);
+    let (_, log) = p
+        .text(&format!(
+            "/v1/images/{}/logs",
+            img["id"].as_str().expect("id")
+        ))
+        .await;
+    assert!(log.contains("data: second-step-output"), "{log}");
+}
+
+/// M4: a signed request is good once; a replay is refused and changes nothing.
+#[tokio::test]
+async fn a_replayed_signed_request_is_refused_and_creates_nothing() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let body = json!({"session_id": "ses_r", "repository": {"clone_url": remote}}).to_string();
+    let ts = now();
+    let n = nonce();
+    let sig = signing::sign(
+        SECRET.as_bytes(),
+        "POST",
+        "/v1/sandboxes",
+        ts,
+        &n,
+        body.as_bytes(),
+    )
+    .expect("sign");
+    let send = |with_nonce: bool| {
+        let mut r = p
+            .http
+            .post(format!("{}/v1/sandboxes", p.base))
+            .header(signing::TIMESTAMP_HEADER, ts.to_string())
+            .header(signing::SIGNATURE_HEADER, sig.clone())
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if with_nonce {
+            r = r.header(signing::NONCE_HEADER, n.clone());
+        }
+        r.send()
+    };
+    let no_nonce = send(false).await.expect("send");
+    assert_eq!(no_nonce.status().as_u16(), 401);
+    let v: Value = no_nonce.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "unsigned");
+    let first = send(true).await.expect("send");
+    assert_eq!(first.status().as_u16(), 201);
+    let created: Value = first.json().await.expect("json");
+    for _ in 0..2 {
+        let again = send(true).await.expect("send");
+        assert_eq!(again.status().as_u16(), 401);
+        let v: Value = again.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "replayed_request", "{v}");
+    }
+    let (_, list) = p.call("GET", "/v1/sandboxes?session_id=ses_r", None).await;
+    let ids: Vec<&Value> = list["sandboxes"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(ids, vec![&created["id"]], "the replay created nothing");
+    // A minute-old signature is stale now (the window is 60 s).
+    let (st, v) = p
+        .raw("GET", "/v1/health", None, Some(now() - 90_000), SECRET)
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (401, Some("stale_signature"))
+    );
+    let id = created["id"].as_str().expect("id");
+    p.wait_status(id, &["ready"]).await;
+    p.call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+        .await;
+}
+
+/// M8: people see no host paths and no URL credentials.
+#[tokio::test]
+async fn errors_and_answers_carry_no_host_paths_or_credentials() {
+    let p = start(&[]).await;
+    let url = "https://user:tok3n-sekrit@127.0.0.1:9/team/repo.git";
+    let (st, v) = p
+        .call(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"session_id": "ses_m", "repository": {"clone_url": url}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        v["repository"]["clone_url"],
+        "https://127.0.0.1:9/team/repo.git"
+    );
+    let failed = p
+        .wait_status(v["id"].as_str().expect("id"), &["failed"])
+        .await;
+    let shown = failed.to_string();
+    assert_eq!(failed["error"]["code"], "clone_failed", "{failed}");
+    assert!(!shown.contains("tok3n-sekrit"), "{shown}");
+    let root = p.root.to_string_lossy().to_string();
+    assert!(!shown.contains(&root), "a host path: {shown}");
+    // A failing clone of a real repository: git names the destination, which is cut out.
+    let remote = remote_repo(&p.root);
+    let (_, v) = p
+        .call("POST", "/v1/sandboxes", Some(json!({"session_id": "ses_m", "repository": {"clone_url": remote, "base_branch": "nope"}})))
+        .await;
+    let failed = p
+        .wait_status(v["id"].as_str().expect("id"), &["failed"])
+        .await;
+    assert!(
+        !failed["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("{root}/state")),
+        "{failed}"
+    );
+    let (st, img) = p
+        .call(
+            "POST",
+            "/v1/images",
+            Some(json!({"repository": {"clone_url": url, "base_branch": "main"}})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    assert!(!img.to_string().contains("tok3n-sekrit"), "{img}");
+    let iid = img["id"].as_str().expect("id").to_string();
+    let done = p.wait_image(&iid).await;
+    assert!(!done.to_string().contains("tok3n-sekrit"), "{done}");
+    let (_, log) = p.text(&format!("/v1/images/{iid}/logs")).await;
+    assert!(log.contains("https://127.0.0.1:9/team/repo.git"), "{log}");
+    assert!(!log.contains("tok3n-sekrit"), "{log}");
+}
+
+/// Live processes whose command line is exactly `argv`.
+fn running(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// L5: without isolation, a process that drops its sandbox mark and calls setsid still dies,
+/// when its exec ends and at terminate.
+#[tokio::test]
+async fn without_isolation_an_unmarked_setsid_process_still_dies() {
+    let p = start(&[("NIGHTSHIFT_ISOLATION", "none")]).await;
+    let remote = remote_repo(&p.root);
+    let id = p.sandbox(&remote).await;
+    let secs = (100_000 + rand::random::<u32>() % 100_000).to_string();
+    let escape = |s: &str| {
+        format!("setsid env -u NIGHTSHIFT_SANDBOX_ID sleep {s} </dev/null >/dev/null 2>&1 &")
+    };
+    let (st, out) = p
+        .exec(
+            &id,
+            json!({"command": ["sh", "-c", format!("{} echo started", escape(&secs))]}),
+        )
+        .await;
+    assert_eq!(
+        (st, out["stdout"].as_str()),
+        (200, Some("started\n")),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        running(&["sleep", &secs]).is_empty(),
+        "an exec's escaped process outlived it"
+    );
+
+    // One still running when the sandbox is terminated.
+    let secs2 = (200_000 + rand::random::<u32>() % 100_000).to_string();
+    let cmd = format!("{} sleep 30", escape(&secs2));
+    let path = format!("/v1/sandboxes/{id}/exec");
+    let body = json!({"command": ["sh", "-c", cmd], "timeout_ms": 60000});
+    let ts = now();
+    let n = nonce();
+    let bytes = body.to_string();
+    let sig =
+        signing::sign(SECRET.as_bytes(), "POST", &path, ts, &n, bytes.as_bytes()).expect("sign");
+    let req = p
+        .http
+        .post(format!("{}{path}", p.base))
+        .header(signing::TIMESTAMP_HEADER, ts.to_string())
+        .header(signing::NONCE_HEADER, n)
+        .header(signing::SIGNATURE_HEADER, sig)
+        .body(bytes)
+        .send();
+    let pending = tokio::spawn(req);
+    let t = Instant::now();
+    while running(&["sleep", &secs2]).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, _) = p
+        .call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+        .await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        running(&["sleep", &secs2]).is_empty(),
+        "an unmarked setsid process survived terminate"
+    );
+    let _ = pending.await;
+}
+
+#[test]
+fn redact_url_removes_credentials_only() {
+    use nightshift_sandbox::provider::redact_url;
+    assert_eq!(
+        redact_url("https://u:p@github.com/o/r.git"),
+        "https://github.com/o/r.git"
+    );
+    assert_eq!(
+        redact_url("fatal: unable to access 'https://tok@h.example:8443/x/': refused"),
+        "fatal: unable to access 'https://h.example:8443/x/': refused"
+    );
+    assert_eq!(redact_url("ssh://git@h/x y"), "ssh://h/x y");
+    assert_eq!(redact_url("/srv/git/repo.git"), "/srv/git/repo.git");
+    assert_eq!(
+        redact_url("https://h/a@b and http://u@x"),
+        "https://h/a@b and http://x"
+    );
+}
+
+#[test]
+fn env_names_are_checked() {
+    use nightshift_sandbox::provider::allowed_env_name;
+    for ok in ["FOO", "_X", "A1_B", "NIGHTSHIFT_X", "ENVIRONMENT", "LD"] {
+        assert!(allowed_env_name(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "PATH",
+        "LD_PRELOAD",
+        "LD_",
+        "BASH_ENV",
+        "ENV",
+        "a",
+        "1A",
+        "A-B",
+        "A B",
+        "Ä",
+    ] {
+        assert!(!allowed_env_name(bad), "{bad}");
+    }
 }

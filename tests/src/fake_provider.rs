@@ -40,8 +40,11 @@ async fn fake(
         SECRET.as_bytes(),
         method.as_str(),
         path,
-        h(signing::TIMESTAMP_HEADER),
-        h(signing::SIGNATURE_HEADER),
+        signing::Signed {
+            timestamp: h(signing::TIMESTAMP_HEADER),
+            nonce: h(signing::NONCE_HEADER),
+            signature: h(signing::SIGNATURE_HEADER),
+        },
         &body,
         now,
     ) {

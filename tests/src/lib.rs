@@ -515,6 +515,8 @@ impl Compute {
         cmd.args(["--port", &port.to_string(), "--root"])
             .arg(dir.join("provider"))
             .env("PROVIDER_SECRET", &secret)
+            // The tests' repositories are local paths: single-user dev mode.
+            .env("NIGHTSHIFT_DEV_MODE", "1")
             .env(
                 "NIGHTSHIFT_OPENCODE_BIN",
                 root.join("node_modules/opencode-linux-x64/bin/opencode"),
@@ -556,12 +558,21 @@ impl Compute {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let sig = nightshift_core::signing::sign(self.secret.as_bytes(), method, path, ts, &bytes)
-            .expect("sign");
+        let nonce = nightshift_sandbox::provider::random_hex(16);
+        let sig = nightshift_core::signing::sign(
+            self.secret.as_bytes(),
+            method,
+            path,
+            ts,
+            &nonce,
+            &bytes,
+        )
+        .expect("sign");
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let r = reqwest::Client::new()
             .request(m, format!("{}{path}", self.provider_url))
             .header(nightshift_core::signing::TIMESTAMP_HEADER, ts.to_string())
+            .header(nightshift_core::signing::NONCE_HEADER, nonce)
             .header(nightshift_core::signing::SIGNATURE_HEADER, sig)
             .header("content-type", "application/json")
             .body(bytes)
@@ -576,15 +587,48 @@ impl Compute {
         )
     }
 
-    /// A bare repository with one commit on `main`, usable as a session's repository.
-    pub fn remote_repo(&self, name: &str) -> PathBuf {
+    /// A bare repository with a few hundred files of real content on `main`: Nightshift's own
+    /// tracked files plus OpenCode's SDK and plugin packages (JavaScript and type definitions).
+    pub fn remote_repo_with_content(&self, name: &str) -> PathBuf {
+        let root = repo_root();
         let seed = self.dir.join(format!("{name}-seed"));
         std::fs::create_dir_all(&seed).expect("seed dir");
         git(&seed, &["init", "-q", "-b", "main"]);
-        std::fs::write(seed.join("README.md"), "# demo\n").expect("readme");
-        git(&seed, &["add", "."]);
+        let tracked = git(&root, &["ls-files"]);
+        let vendored = [
+            "node_modules/@opencode-ai/sdk",
+            "node_modules/@opencode-ai/plugin",
+        ];
+        let mut files: Vec<PathBuf> = tracked.lines().map(PathBuf::from).collect();
+        for dir in vendored {
+            let mut stack = vec![root.join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(rel) = p.strip_prefix(&root) {
+                        files.push(rel.to_path_buf());
+                    }
+                }
+            }
+        }
+        for rel in files {
+            let to = seed.join(rel.to_string_lossy().replace("node_modules/", "vendor/"));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).expect("seed dir");
+            }
+            // Tracked files deleted in the work tree are skipped.
+            let _ = std::fs::copy(root.join(&rel), &to);
+        }
+        self.publish(name, &seed)
+    }
+
+    /// Commits everything in `seed` and clones it bare as `<name>.git`.
+    fn publish(&self, name: &str, seed: &Path) -> PathBuf {
+        git(seed, &["add", "."]);
         git(
-            &seed,
+            seed,
             &[
                 "-c",
                 "user.name=Seed",
@@ -607,6 +651,15 @@ impl Compute {
             ],
         );
         bare
+    }
+
+    /// A bare repository with one commit on `main`, usable as a session's repository.
+    pub fn remote_repo(&self, name: &str) -> PathBuf {
+        let seed = self.dir.join(format!("{name}-seed"));
+        std::fs::create_dir_all(&seed).expect("seed dir");
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(seed.join("README.md"), "# demo\n").expect("readme");
+        self.publish(name, &seed)
     }
 }
 

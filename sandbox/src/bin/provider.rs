@@ -3,18 +3,37 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use nightshift_sandbox::procs;
 use nightshift_sandbox::provider::{
-    router, sweep_snapshots, Config, Isolation, Provider, DEFAULT_LIFETIME_MS,
+    find_bwrap, probe_bubblewrap, router, sweep_snapshots, Config, Isolation, Provider,
+    DEFAULT_LIFETIME_MS,
 };
 
 const USAGE: &str = "usage: PROVIDER_SECRET=… nightshift-provider [--port 8790] [--root DIR]
   Environment passed to every sandbox's supervisor: NIGHTSHIFT_OPENCODE_BIN, NIGHTSHIFT_PLUGIN_MODULES,
   NIGHTSHIFT_MODEL, NIGHTSHIFT_MODEL_URL, NIGHTSHIFT_MODEL_KEY, NIGHTSHIFT_SYNC_DELAY_MS, *_API_KEY, *_BASE_URL.
-  NIGHTSHIFT_ISOLATION=none turns bubblewrap off. PROVIDER_SANDBOX_LIFETIME_MS: a sandbox's default lifetime (24 h).";
+  Sandboxes are isolated with bubblewrap (PROVIDER_BWRAP=/abs/path, default /usr/bin/bwrap); the provider refuses
+  to start when it does not work, unless NIGHTSHIFT_ISOLATION=none (no isolation: every sandbox says so).
+  PROVIDER_SANDBOX_LIFETIME_MS: a sandbox's default lifetime (24 h). Limits of every sandbox process (0: none):
+  PROVIDER_LIMIT_MEMORY_MB (8192), PROVIDER_LIMIT_PROCS (2048), PROVIDER_LIMIT_FILE_MB (8192),
+  PROVIDER_LIMIT_CPU_S (21600), PROVIDER_LIMIT_OPEN_FILES (8192).";
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Without isolation the provider launches each sandbox process through itself (a reaper).
+    if args.first().map(String::as_str) == Some("__reap") {
+        let rest = match args.get(1).map(String::as_str) {
+            Some("--") => &args[2..],
+            _ => &args[1..],
+        };
+        procs::reap_main(rest);
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .unwrap_or_else(|e| fail(&format!("cannot start the runtime: {e}")));
+    runtime.block_on(serve(args));
+}
+
+async fn serve(args: Vec<String>) {
     let arg = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -40,18 +59,26 @@ async fn main() {
         .unwrap_or_else(|| {
             fail("nightshift-supervisor is not beside nightshift-provider; build the sandbox crate")
         });
-    let isolation = if std::env::var("NIGHTSHIFT_ISOLATION").as_deref() == Ok("none") {
-        Isolation::None
-    } else {
-        Isolation::detect()
+    let isolation = match std::env::var("NIGHTSHIFT_ISOLATION").as_deref() {
+        Ok("none") => Isolation::None,
+        Ok("bubblewrap") | Ok("") | Err(_) => Isolation::Bubblewrap,
+        Ok(other) => fail(&format!(
+            "NIGHTSHIFT_ISOLATION={other} is not known; leave it unset (bubblewrap) or set it to none"
+        )),
     };
-    match isolation {
-        Isolation::Bubblewrap => println!("provider: sandboxes are isolated with bubblewrap (own pid and ipc namespaces, read-only root)"),
-        Isolation::None => println!("provider: WARNING: sandboxes are NOT isolated (bubblewrap is not installed or does not work here); each is only a process group in its own directory"),
-    }
+    let launcher = std::env::current_exe()
+        .unwrap_or_else(|e| fail(&format!("cannot find the provider's own executable: {e}")));
+    let bwrap = match isolation {
+        Isolation::Bubblewrap => find_bwrap(std::env::var("PROVIDER_BWRAP").ok().as_deref())
+            .unwrap_or_else(|e| fail(&format!("{e}; install bubblewrap, or set NIGHTSHIFT_ISOLATION=none to run sandboxes WITHOUT isolation"))),
+        Isolation::None => PathBuf::new(),
+    };
+    let limits = procs::Limits::from_env(|k| std::env::var(k).ok()).unwrap_or_else(|e| fail(&e));
     let supervisor_env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| {
-            k.starts_with("NIGHTSHIFT_") && k != "NIGHTSHIFT_ISOLATION"
+            k.starts_with("NIGHTSHIFT_")
+                && k != "NIGHTSHIFT_ISOLATION"
+                && k != "NIGHTSHIFT_DEV_MODE"
                 || k.ends_with("_API_KEY")
                 || k.ends_with("_BASE_URL")
         })
@@ -62,13 +89,27 @@ async fn main() {
         root: root.clone(),
         secret: secret.into_bytes(),
         isolation,
+        bwrap,
+        launcher,
+        limits,
         supervisor,
         supervisor_env,
+        dev_mode: std::env::var("NIGHTSHIFT_DEV_MODE").as_deref() == Ok("1"),
+        allow_ssh: std::env::var("PROVIDER_ALLOW_SSH").as_deref() == Ok("1"),
         lifetime_ms: std::env::var("PROVIDER_SANDBOX_LIFETIME_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_LIFETIME_MS),
     });
+    match isolation {
+        Isolation::Bubblewrap => {
+            if let Err(e) = probe_bubblewrap(&p, &root.join("host").join("probe")).await {
+                fail(&format!("refusing to start: sandboxes cannot be isolated: {e}\nFix bubblewrap (user namespaces must be allowed), or set NIGHTSHIFT_ISOLATION=none to run sandboxes WITHOUT isolation."));
+            }
+            println!("provider: sandboxes are isolated with bubblewrap (fresh read-only root; own user, pid, ipc, uts, cgroup and network namespaces; new session; no capabilities; egress only through the allowlist proxy)");
+        }
+        Isolation::None => println!("provider: WARNING: NIGHTSHIFT_ISOLATION=none: sandboxes are NOT isolated; each is only a process tree in its own directory, and every sandbox's status says so"),
+    }
     tokio::spawn(sweep_snapshots(
         p.clone(),
         std::time::Duration::from_secs(60),

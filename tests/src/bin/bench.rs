@@ -326,15 +326,25 @@ async fn agent() {
         .await;
         let t_done = t.elapsed();
         drop(e);
-        // The first prompt spawns the sandbox; the rest find it ready.
-        if i >= 2 {
+        // The first prompt spawns the sandbox: a person waits for it too, so it is reported
+        // on its own line, never dropped.
+        if i == 0 {
+            report(
+                "first prompt of a new session -> first agent event (cold clone)",
+                &mut [ms(t_first)],
+            );
+            report(
+                "first prompt of a new session -> prompt.finished",
+                &mut [ms(t_done)],
+            );
+        } else {
             first.push(ms(t_first));
             whole.push(ms(t_done));
         }
     }
-    report("prompt -> first agent event (ready sandbox)", &mut first);
+    report("follow-up prompt -> first agent event", &mut first);
     report(
-        "prompt -> prompt.finished (ready sandbox, no changes)",
+        "follow-up prompt -> prompt.finished (no changes)",
         &mut whole,
     );
 }
@@ -542,15 +552,6 @@ async fn bench_fanout(api: &Api, who: &User, label: &str) {
     drop(clients);
 }
 
-/// Waits for the session's sandbox to report `ready` after event `after` (a seq); returns when.
-async fn ready_after(ws: &mut Ws, after: u64) -> Instant {
-    ws.event_within(Duration::from_secs(120), "sandbox.status", |e| {
-        e["stage"] == "ready" && e["seq"].as_u64() > Some(after)
-    })
-    .await;
-    Instant::now()
-}
-
 /// Waits until a repository's pool holds `n` ready sandboxes of its latest image.
 async fn pool_full(api: &Api, who: &User, name: &str) {
     let t = Instant::now();
@@ -569,9 +570,63 @@ async fn pool_full(api: &Api, who: &User, name: &str) {
     }
 }
 
-/// Fast starts: from the moment a person acts to the session's sandbox reporting `ready`.
+/// What a person waits for in one prompt of a new session: to the sandbox's `ready`, to the
+/// first agent event on their screen, and to `prompt.finished`.
+#[derive(Default)]
+struct Waits {
+    ready: Vec<f64>,
+    first: Vec<f64>,
+    done: Vec<f64>,
+}
+
+impl Waits {
+    fn report(&mut self, label: &str) {
+        report(&format!("{label}: -> ready"), &mut self.ready);
+        report(&format!("{label}: -> first agent event"), &mut self.first);
+        report(&format!("{label}: -> prompt.finished"), &mut self.done);
+    }
+}
+
+/// Sends a prompt and records the waits after it. A sandbox already ready when the prompt
+/// is sent (a follow-up, or typing that claimed one) counts 0 ms to `ready`.
+async fn measure_prompt(api: &Api, who: &User, ws: &mut Ws, id: &str, text: &str, w: &mut Waits) {
+    // Everything already sent belongs to the time before the prompt.
+    drain(ws, Duration::from_millis(30)).await;
+    let mark = ws.last_seq;
+    let t = Instant::now();
+    let prompt = api.prompt(who, id, text).await;
+    let ours = |e: &serde_json::Value| e["prompt"] == prompt.as_str() || e["id"] == prompt.as_str();
+    let (mut t_ready, mut t_first) = (None, None);
+    loop {
+        let Some(v) = ws.next(Duration::from_secs(180)).await else {
+            panic!("the socket closed or went quiet before {prompt} finished");
+        };
+        let now = Instant::now();
+        let events = v["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            let kind = e["type"].as_str().unwrap_or("");
+            if kind == "sandbox.status" && e["stage"] == "ready" && e["seq"].as_u64() > Some(mark) {
+                t_ready.get_or_insert(now);
+            }
+            if kind.starts_with("agent.") && ours(e) {
+                t_first.get_or_insert(now);
+            }
+            if kind == "prompt.finished" && ours(e) {
+                let first = t_first.unwrap_or(now);
+                w.ready.push(t_ready.map(|r| ms(r - t)).unwrap_or(0.0));
+                w.first.push(ms(first - t));
+                w.done.push(ms(now - t));
+                return;
+            }
+        }
+    }
+}
+
+/// Fast starts, as a person feels them: for new sessions only (no prompt is ever discarded),
+/// from the prompt to the sandbox's `ready`, to the first agent event and to `prompt.finished`,
+/// on a one-file repository and on one with a few hundred files of real content.
 async fn pools() {
-    let turns: Vec<serde_json::Value> = (0..40)
+    let turns: Vec<serde_json::Value> = (0..400)
         .map(|i| json!({"text": format!("ok {i}")}))
         .collect();
     let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
@@ -582,108 +637,123 @@ async fn pools() {
     let server = Server::start(&vars).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
-    println!("Nightshift fast-start benchmark (local provider, real OpenCode, scripted model): action -> session's sandbox `ready`");
-    let remote = compute.remote_repo("pools");
-    for (name, size) in [("warm", 1), ("cold", 0)] {
-        let body = json!({"name": name, "clone_url": remote, "setup": ["echo warmed > .warm"], "pool_size": size});
-        let (st, v) = api.call("POST", "/repositories", &ada, Some(body)).await;
-        assert_eq!(st, 201, "{v}");
-    }
-    let (mut claim, mut typing, mut image, mut clone, mut restore) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..5 {
-        // A prompt in a session of a repository with a warm pool.
-        pool_full(&api, &ada, "warm").await;
-        let (id, _) = api
-            .create_session_on(&ada, "claim", std::path::Path::new("warm"))
-            .await;
-        let mut ws = api.connect(&ada, &id, "bench", 0).await;
-        let mark = ws.last_seq;
-        let t = Instant::now();
-        api.prompt(&ada, &id, &format!("claim {i}")).await;
-        claim.push(ms(ready_after(&mut ws, mark).await - t));
-        end_sandboxes(&compute, &id).await;
-
-        // Typing claims before the prompt.
-        pool_full(&api, &ada, "warm").await;
-        let (id, _) = api
-            .create_session_on(&ada, "typing", std::path::Path::new("warm"))
-            .await;
-        let mut ws = api.connect(&ada, &id, "bench", 0).await;
-        let mark = ws.last_seq;
-        let t = Instant::now();
-        ws.send(json!({"type": "typing", "typing": true})).await;
-        typing.push(ms(ready_after(&mut ws, mark).await - t));
-        end_sandboxes(&compute, &id).await;
-
-        // No pool: cold from the latest image, and cold from a fresh clone.
-        for (repo, out) in [
-            (std::path::PathBuf::from("cold"), &mut image),
-            (remote.clone(), &mut clone),
-        ] {
-            // The warm pool's refill boots a sandbox too: measure on a quiet machine.
-            pool_full(&api, &ada, "warm").await;
-            let (id, _) = api.create_session_on(&ada, "cold", &repo).await;
-            let mut ws = api.connect(&ada, &id, "bench", 0).await;
-            let mark = ws.last_seq;
-            let t = Instant::now();
-            api.prompt(&ada, &id, &format!("cold {i}")).await;
-            out.push(ms(ready_after(&mut ws, mark).await - t));
-            end_sandboxes(&compute, &id).await;
+    println!("Nightshift fast-start benchmark (local provider, real OpenCode, scripted model with zero think time): new sessions only, prompt -> ready / first agent event / prompt.finished");
+    let n = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5usize);
+    for (kind, remote) in [
+        ("1 file", compute.remote_repo("small")),
+        ("real content", compute.remote_repo_with_content("large")),
+    ] {
+        let files = nightshift_tests::git(&remote, &["ls-tree", "-r", "--name-only", "main"])
+            .lines()
+            .count();
+        println!("-- repository: {kind} ({files} files)");
+        let (warm, cold) = (format!("warm{}", files), format!("cold{}", files));
+        for (name, size) in [(&warm, 1), (&cold, 0)] {
+            let body = json!({"name": name, "clone_url": remote, "setup": ["echo warmed > .warm"], "pool_size": size});
+            let (st, v) = api.call("POST", "/repositories", &ada, Some(body)).await;
+            assert_eq!(st, 201, "{v}");
         }
-    }
-    // Restore: a follow-up after the sandbox exited starts from the newest snapshot.
-    pool_full(&api, &ada, "warm").await;
-    let (id, _) = api.create_session_on(&ada, "restore", &remote).await;
-    let mut ws = api.connect(&ada, &id, "bench", 0).await;
-    for i in 0..5 {
-        // Finished prompts so far: this one, and a turn and a follow-up per earlier round.
-        let p = api.prompt(&ada, &id, &format!("turn {i}")).await;
-        ws.finished(&p).await;
-        let t = Instant::now();
-        loop {
-            let (_, v) = api
-                .call("GET", &format!("/sessions/{id}"), &ada, None)
+        let (mut claim, mut typing, mut image, mut clone, mut restore, mut follow) = (
+            Waits::default(),
+            Waits::default(),
+            Waits::default(),
+            Waits::default(),
+            Waits::default(),
+            Waits::default(),
+        );
+        for i in 0..n {
+            // (a) A prompt in a new session of a repository with a warm pool.
+            pool_full(&api, &ada, &warm).await;
+            let (id, _) = api
+                .create_session_on(&ada, "claim", std::path::Path::new(&warm))
                 .await;
-            if v["snapshots"]
-                .as_array()
-                .and_then(|s| s.last())
-                .is_some_and(|s| s["turn"] == 2 * i + 1)
-            {
-                break;
+            let mut ws = api.connect(&ada, &id, "bench", 0).await;
+            measure_prompt(&api, &ada, &mut ws, &id, &format!("claim {i}"), &mut claim).await;
+            // The same sandbox's follow-up, for comparison.
+            measure_prompt(
+                &api,
+                &ada,
+                &mut ws,
+                &id,
+                &format!("follow-up {i}"),
+                &mut follow,
+            )
+            .await;
+            end_sandboxes(&compute, &id).await;
+
+            // (b) Typing claims a sandbox; the prompt is sent after a second of typing.
+            pool_full(&api, &ada, &warm).await;
+            let (id, _) = api
+                .create_session_on(&ada, "typing", std::path::Path::new(&warm))
+                .await;
+            let mut ws = api.connect(&ada, &id, "bench", 0).await;
+            ws.send(json!({"type": "typing", "typing": true})).await;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            measure_prompt(&api, &ada, &mut ws, &id, &format!("typed {i}"), &mut typing).await;
+            end_sandboxes(&compute, &id).await;
+
+            // (c) cold from the latest image, (d) cold from a fresh clone.
+            for (repo, out) in [
+                (std::path::PathBuf::from(&cold), &mut image),
+                (remote.clone(), &mut clone),
+            ] {
+                // The warm pool's refill boots a sandbox too: measure on a quiet machine.
+                pool_full(&api, &ada, &warm).await;
+                let (id, _) = api.create_session_on(&ada, "cold", &repo).await;
+                let mut ws = api.connect(&ada, &id, "bench", 0).await;
+                measure_prompt(&api, &ada, &mut ws, &id, &format!("cold {i}"), out).await;
+                end_sandboxes(&compute, &id).await;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "no snapshot: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        end_sandboxes(&compute, &id).await;
-        let lost = ws
-            .event_within(Duration::from_secs(60), "sandbox.status", |e| {
-                e["stage"] == "lost" && e["seq"].as_u64() > Some(0)
+
+            // (e) Restore: a new sandbox from the session's snapshot after the first one exited.
+            pool_full(&api, &ada, &warm).await;
+            let (id, _) = api.create_session_on(&ada, "restore", &remote).await;
+            let mut ws = api.connect(&ada, &id, "bench", 0).await;
+            let p = api.prompt(&ada, &id, &format!("turn {i}")).await;
+            ws.finished(&p).await;
+            let t = Instant::now();
+            loop {
+                let (_, v) = api
+                    .call("GET", &format!("/sessions/{id}"), &ada, None)
+                    .await;
+                if v["snapshots"].as_array().is_some_and(|s| !s.is_empty()) {
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "no snapshot: {v}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            end_sandboxes(&compute, &id).await;
+            ws.event_within(Duration::from_secs(60), "sandbox.status", |e| {
+                e["stage"] == "lost"
             })
             .await;
-        let mark = ws.last_seq.max(lost["seq"].as_u64().unwrap_or(0));
-        let t = Instant::now();
-        api.prompt(&ada, &id, &format!("follow-up {i}")).await;
-        restore.push(ms(ready_after(&mut ws, mark).await - t));
-        ws.seen.clear();
+            measure_prompt(
+                &api,
+                &ada,
+                &mut ws,
+                &id,
+                &format!("restored {i}"),
+                &mut restore,
+            )
+            .await;
+            end_sandboxes(&compute, &id).await;
+        }
+        claim.report("(a) claim from a warm pool");
+        typing.report("(b) typing, then prompt (after 1 s)");
+        image.report("(c) cold from the latest image");
+        clone.report("(d) cold from a fresh clone");
+        restore.report("(e) restore from a snapshot");
+        follow.report("follow-up in the same sandbox");
+        // Keep the next repository's figures free of this one's pool.
+        for name in [&warm, &cold] {
+            let body = json!({"pool_size": 0});
+            api.call("PATCH", &format!("/repositories/{name}"), &ada, Some(body))
+                .await;
+        }
     }
-    report(
-        "claim -> ready (prompt in a session of a warm-pooled repository)",
-        &mut claim,
-    );
-    report(
-        "typing -> ready (typing claims before the prompt)",
-        &mut typing,
-    );
-    report(
-        "restore -> ready (follow-up after the sandbox exited)",
-        &mut restore,
-    );
-    report("cold -> ready (no pool; from the latest image)", &mut image);
-    report(
-        "cold -> ready (unregistered repository; fresh clone)",
-        &mut clone,
-    );
 }
 
 /// Terminates every sandbox of a session at the provider (the bench keeps the machine quiet).

@@ -1,0 +1,496 @@
+//! A sandbox's only way out: an allowlist proxy outside it, on a unix socket bound into the sandbox (HTTP `CONNECT` and plain-HTTP forwarding), with the model proxy that adds the model key.
+//!
+//! The sandbox has its own network namespace (loopback only); its supervisor forwards a
+//! loopback port to this socket and points every tool at it (`HTTP(S)_PROXY`). The proxy
+//! allows the hosts of the sandbox's [`Policy`] and refuses everything else with `403` and the
+//! header [`BLOCKED_HEADER`], which the supervisor turns into an `egress.blocked` event. Requests
+//! to [`MODEL_HOST`] go to the configured model with the provider's key added; the sandbox
+//! holds only a token good for itself.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+pub use nightshift_core::egress::{is_internal, valid_pattern, Policy, DEFAULT_ALLOW};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+
+/// The virtual host a sandbox's OpenCode uses as its model endpoint (`http://MODEL_HOST/v1`).
+pub const MODEL_HOST: &str = "model.nightshift.internal";
+/// Header on the proxy's refusal naming the host that was refused.
+pub const BLOCKED_HEADER: &str = "x-nightshift-egress-blocked";
+/// The longest request head the proxy reads.
+const MAX_HEAD: usize = 32 * 1024;
+
+/// The model endpoint behind [`MODEL_HOST`].
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    /// OpenAI-compatible base URL (`…/v1`).
+    pub upstream: String,
+    /// The key added to each request (never given to the sandbox).
+    pub key: Option<String>,
+    /// What the sandbox presents as its API key (its own, random).
+    pub token: String,
+}
+
+/// One sandbox's egress: its policy, its model route, and a note of what it refused.
+pub struct Egress {
+    pub sandbox: String,
+    policy: std::sync::Mutex<Policy>,
+    pub model: Option<ModelRoute>,
+    http: reqwest::Client,
+}
+
+/// Where a sandbox finds its egress socket (the provider-owned folder is bound read-only there).
+pub const SOCKET_DIR_INSIDE: &str = "/run/nightshift";
+pub const SOCKET_INSIDE: &str = "/run/nightshift/egress.sock";
+
+/// A sandbox's egress proxy while it runs; dropping it closes the socket and removes its folder.
+pub struct Running {
+    pub dir: std::path::PathBuf,
+    pub egress: Arc<Egress>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the proxy of one sandbox on `dir/egress.sock` (`dir` is provider-owned).
+pub fn start(dir: std::path::PathBuf, egress: Arc<Egress>) -> std::io::Result<Running> {
+    std::fs::create_dir_all(&dir)?;
+    let listener = bind(&dir.join("egress.sock"))?;
+    let task = tokio::spawn(serve(listener, egress.clone()));
+    Ok(Running { dir, egress, task })
+}
+
+impl Egress {
+    pub fn new(sandbox: &str, policy: Policy, model: Option<ModelRoute>) -> Arc<Egress> {
+        Arc::new(Egress {
+            sandbox: sandbox.to_string(),
+            policy: std::sync::Mutex::new(policy),
+            model,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Allows one more host (the control plane, once a pooled sandbox is assigned).
+    pub fn allow(&self, pattern: &str) {
+        if let Ok(mut p) = self.policy.lock() {
+            if !p.allow.iter().any(|a| a == pattern) {
+                p.allow.push(pattern.to_string());
+            }
+        }
+    }
+
+    fn allows(&self, host: &str, port: u16) -> bool {
+        self.policy
+            .lock()
+            .map(|p| p.allows(host, port))
+            .unwrap_or(false)
+    }
+
+    fn names_exactly(&self, host: &str, port: u16) -> bool {
+        let exact = format!("{host}:{port}");
+        self.policy
+            .lock()
+            .map(|p| p.allow.iter().any(|a| a.eq_ignore_ascii_case(&exact)))
+            .unwrap_or(false)
+    }
+}
+
+/// `host:port` of a URL's authority (the control plane's, for its allowlist entry).
+pub fn authority_of_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let default = if scheme.ends_with('s') { 443 } else { 80 };
+    let (host, port) = split_authority(authority, default)?;
+    Some(format!("{host}:{port}"))
+}
+
+/// Serves the sandbox's socket until the listener is dropped (the sandbox ended).
+pub async fn serve(listener: UnixListener, egress: Arc<Egress>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            return;
+        };
+        let egress = egress.clone();
+        tokio::spawn(async move {
+            let _ = handle(conn, &egress).await;
+        });
+    }
+}
+
+/// Binds the sandbox's socket (a stale one from an earlier boot is replaced).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+}
+
+struct Head {
+    method: String,
+    target: String,
+    version: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the request head; returns it and any bytes read past it.
+async fn read_head(conn: &mut UnixStream) -> std::io::Result<Option<(Head, Vec<u8>)>> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let rest = buf.split_off(end + 4);
+    let Ok(text) = std::str::from_utf8(&buf[..end]) else {
+        return Ok(None);
+    };
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let (Some(method), Some(target), Some(version)) = (first.next(), first.next(), first.next())
+    else {
+        return Ok(None);
+    };
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Some((
+        Head {
+            method: method.to_string(),
+            target: target.to_string(),
+            version: version.to_string(),
+            headers,
+        },
+        rest,
+    )))
+}
+
+/// A refusal the sandbox's tools see as an HTTP answer (and the supervisor reports).
+async fn refuse(
+    conn: &mut UnixStream,
+    status: &str,
+    code: &str,
+    host: Option<&str>,
+    message: &str,
+) -> std::io::Result<()> {
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let blocked = host
+        .map(|h| format!("{BLOCKED_HEADER}: {h}\r\n"))
+        .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{blocked}connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(answer.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+/// `host:port` of a `CONNECT` target or a URL's authority.
+fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']')?;
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None => default_port,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), default_port)),
+    }
+}
+
+/// Connects to an allowed host; a DNS name that resolves to an internal address is refused
+/// unless the policy names that host with an explicit port (the control plane on loopback).
+async fn connect(egress: &Egress, host: &str, port: u16) -> Result<TcpStream, String> {
+    let literal = host.parse::<IpAddr>().is_ok();
+    let explicit = egress.names_exactly(host, port);
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| format!("{host} does not resolve"))?
+        .collect();
+    let Some(addr) = addrs
+        .iter()
+        .find(|a| literal || explicit || !is_internal(a.ip()))
+    else {
+        return Err(format!("{host} resolves to an internal address"));
+    };
+    TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{host}:{port} refused the connection: {e}"))
+}
+
+async fn handle(mut conn: UnixStream, egress: &Egress) -> std::io::Result<()> {
+    let Some((head, rest)) = read_head(&mut conn).await? else {
+        return refuse(
+            &mut conn,
+            "400 Bad Request",
+            "invalid_request",
+            None,
+            "not an HTTP proxy request",
+        )
+        .await;
+    };
+    if head.method.eq_ignore_ascii_case("CONNECT") {
+        let Some((host, port)) = split_authority(&head.target, 443) else {
+            return refuse(
+                &mut conn,
+                "400 Bad Request",
+                "invalid_request",
+                None,
+                "bad CONNECT target",
+            )
+            .await;
+        };
+        return tunnel(conn, egress, &host, port, rest).await;
+    }
+    let Some(after) = head.target.strip_prefix("http://") else {
+        return refuse(
+            &mut conn,
+            "400 Bad Request",
+            "invalid_request",
+            None,
+            "use an absolute http:// URL or CONNECT",
+        )
+        .await;
+    };
+    let (authority, path) = match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, "/"),
+    };
+    let Some((host, port)) = split_authority(authority, 80) else {
+        return refuse(
+            &mut conn,
+            "400 Bad Request",
+            "invalid_request",
+            None,
+            "bad URL",
+        )
+        .await;
+    };
+    if host.eq_ignore_ascii_case(MODEL_HOST) {
+        return model(conn, egress, &head, path, rest).await;
+    }
+    if !egress.allows(&host, port) {
+        return blocked(conn, egress, &host, port).await;
+    }
+    let mut upstream = match connect(egress, &host, port).await {
+        Ok(u) => u,
+        Err(e) => {
+            return refuse(&mut conn, "502 Bad Gateway", "egress_unreachable", None, &e).await
+        }
+    };
+    // Origin-form request line; proxy headers dropped; one request per connection.
+    let mut out = format!("{} {path} {}\r\n", head.method, head.version);
+    for (k, v) in &head.headers {
+        let lower = k.to_ascii_lowercase();
+        if lower.starts_with("proxy-") || lower == "connection" || lower == "keep-alive" {
+            continue;
+        }
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("connection: close\r\n\r\n");
+    upstream.write_all(out.as_bytes()).await?;
+    upstream.write_all(&rest).await?;
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    Ok(())
+}
+
+async fn blocked(
+    mut conn: UnixStream,
+    egress: &Egress,
+    host: &str,
+    port: u16,
+) -> std::io::Result<()> {
+    let target = format!("{host}:{port}");
+    eprintln!(
+        "provider: sandbox {} egress blocked: {target}",
+        egress.sandbox
+    );
+    let msg = format!(
+        "{target} is not on this sandbox's egress allowlist; the repository's owner can allow it (repository setting `egress`)"
+    );
+    refuse(
+        &mut conn,
+        "403 Forbidden",
+        "egress_blocked",
+        Some(&target),
+        &msg,
+    )
+    .await
+}
+
+async fn tunnel(
+    mut conn: UnixStream,
+    egress: &Egress,
+    host: &str,
+    port: u16,
+    rest: Vec<u8>,
+) -> std::io::Result<()> {
+    if !egress.allows(host, port) {
+        return blocked(conn, egress, host, port).await;
+    }
+    let mut upstream = match connect(egress, host, port).await {
+        Ok(u) => u,
+        Err(e) => {
+            return refuse(&mut conn, "502 Bad Gateway", "egress_unreachable", None, &e).await
+        }
+    };
+    conn.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await?;
+    upstream.write_all(&rest).await?;
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    Ok(())
+}
+
+/// The model proxy: checks the sandbox's token, adds the key, streams the answer back.
+async fn model(
+    mut conn: UnixStream,
+    egress: &Egress,
+    head: &Head,
+    path: &str,
+    mut body: Vec<u8>,
+) -> std::io::Result<()> {
+    let Some(route) = &egress.model else {
+        return refuse(
+            &mut conn,
+            "404 Not Found",
+            "no_model",
+            None,
+            "no model is configured for this sandbox",
+        )
+        .await;
+    };
+    let presented = head
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !crate::supervisor::same_secret(presented.as_bytes(), route.token.as_bytes()) {
+        return refuse(
+            &mut conn,
+            "401 Unauthorized",
+            "bad_model_token",
+            None,
+            "the model token is not this sandbox's",
+        )
+        .await;
+    }
+    let Some(rel) = path.strip_prefix("/v1") else {
+        return refuse(
+            &mut conn,
+            "404 Not Found",
+            "not_found",
+            None,
+            "model routes start with /v1",
+        )
+        .await;
+    };
+    let len: usize = head
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if len > 16 << 20 {
+        return refuse(
+            &mut conn,
+            "413 Payload Too Large",
+            "too_large",
+            None,
+            "request body over 16 MiB",
+        )
+        .await;
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    while body.len() < len {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    let method =
+        reqwest::Method::from_bytes(head.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let url = format!("{}{rel}", route.upstream.trim_end_matches('/'));
+    let mut req = egress.http.request(method, &url).body(body);
+    for (k, v) in &head.headers {
+        let lower = k.to_ascii_lowercase();
+        if matches!(
+            lower.as_str(),
+            "content-type" | "accept" | "user-agent" | "x-session-id" | "openai-beta"
+        ) {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    if let Some(key) = &route.key {
+        req = req.bearer_auth(key);
+    }
+    let answer = match req.send().await {
+        Ok(a) => a,
+        Err(_) => {
+            return refuse(
+                &mut conn,
+                "502 Bad Gateway",
+                "model_unreachable",
+                None,
+                "the model endpoint did not answer",
+            )
+            .await
+        }
+    };
+    let status = answer.status();
+    let content_type = answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let start = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    conn.write_all(start.as_bytes()).await?;
+    let mut stream = answer.bytes_stream();
+    while let Some(Ok(bytes)) = stream.next().await {
+        if bytes.is_empty() {
+            continue;
+        }
+        conn.write_all(format!("{:x}\r\n", bytes.len()).as_bytes())
+            .await?;
+        conn.write_all(&bytes).await?;
+        conn.write_all(b"\r\n").await?;
+        conn.flush().await?;
+    }
+    conn.write_all(b"0\r\n\r\n").await?;
+    conn.shutdown().await
+}
