@@ -10,13 +10,15 @@ import modal
 from nightshift_modal.backend import Config, ModalBackend, supervisor_env_from
 from nightshift_modal.http import ProviderApp
 from nightshift_modal.modal_adapter import FunctionSpawner, ModalDictStore, ModalSandboxes
+from nightshift_modal.sealing import derive_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENCODE_VERSION = "1.18.33"  # as package.json
 BASE_IMAGE_KEY = "config:base_image"
 
 app = modal.App("nightshift-provider")
-# PROVIDER_SECRET (the same value as the Worker's), plus any model keys and NIGHTSHIFT_* settings for the supervisors.
+# PROVIDER_SECRET (the same value as the Worker's), plus model keys (kept here: sandboxes reach them only through
+# the model proxy) and NIGHTSHIFT_* settings for the supervisors.
 provider_secret = modal.Secret.from_name("nightshift-provider")
 state = modal.Dict.from_name("nightshift-provider-state", create_if_missing=True)
 
@@ -61,12 +63,28 @@ def _base_image_id() -> str:
     return image_id["id"]
 
 
+def _public_url() -> str:
+    """The web endpoint's URL (sandboxes reach the model proxy there): PROVIDER_PUBLIC_URL, or what Modal reports."""
+    url = os.environ.get("PROVIDER_PUBLIC_URL") or web.get_web_url()
+    if not url:
+        raise RuntimeError("the provider's web endpoint has no URL: deploy the app, or set PROVIDER_PUBLIC_URL")
+    return url
+
+
 def _backend() -> ModalBackend:
+    secret = os.environ.get("PROVIDER_SECRET", "")
+    if not secret:
+        raise RuntimeError("PROVIDER_SECRET is missing from the `nightshift-provider` Modal secret")
     return ModalBackend(
         api=ModalSandboxes(app, _base_image_id),
         store=ModalDictStore(state),
         spawner=FunctionSpawner(run_job),
-        config=Config(supervisor_env=supervisor_env_from(os.environ)),
+        config=Config(
+            supervisor_env=supervisor_env_from(os.environ),
+            state_key=derive_key(secret.encode()),
+            model_proxy_url=_public_url(),
+            dev_mode=os.environ.get("PROVIDER_DEV_MODE") == "1",
+        ),
     )
 
 
@@ -87,16 +105,14 @@ def sweep() -> None:
 @modal.asgi_app()
 def web() -> ProviderApp:
     """The provider contract's HTTP endpoint: set the Worker's PROVIDER_URL to its URL."""
-    secret = os.environ.get("PROVIDER_SECRET", "")
-    if not secret:
-        raise RuntimeError("PROVIDER_SECRET is missing from the `nightshift-provider` Modal secret")
-    return ProviderApp(_backend(), secret.encode())
+    backend = _backend()
+    return ProviderApp(backend, os.environ["PROVIDER_SECRET"].encode())
 
 
 @app.local_entrypoint()
 def publish_sandbox_image() -> None:
     """Builds the sandbox image (supervisor from this checkout, OpenCode) and publishes its id to the provider."""
-    sb = modal.Sandbox.create(app=app, image=sandbox_image, timeout=600)
+    sb = modal.Sandbox.create(app=app, image=sandbox_image, timeout=600, block_network=True)
     try:
         check = sb.exec("sh", "-c", "command -v nightshift-supervisor git curl && test -x $NIGHTSHIFT_OPENCODE_BIN")
         print(check.stdout.read())

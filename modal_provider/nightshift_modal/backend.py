@@ -1,4 +1,10 @@
-"""The Modal provider's behaviour (sandboxes, exec, logs, snapshots, images, git), over a small seam to the Modal SDK and a key-value store."""
+"""The Modal provider's behaviour (sandboxes, exec, logs, snapshots, images, git, the model proxy's checks), over a
+small seam to the Modal SDK and a key-value store.
+
+Containment on Modal: every Modal sandbox (boots and builds) is created with an egress allowlist; clones run inside
+the sandbox; the store holds no model key and no sandbox token in plaintext (the token and any clone-URL credentials
+are sealed with the state key, the per-boot model token only as a hash); with `model_proxy_url` set the supervisor
+gets the proxy's URL and its model token instead of any key."""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import json
 import logging
 import math
 import re
+import hashlib
+import hmac
 import secrets
 import shlex
 import time
@@ -16,9 +24,21 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import model_proxy
+from .egress import Egress, policy, url_host
 from .errors import ProviderError, image_not_found, sandbox_not_found, snapshot_not_found
+from .sealing import same_token, seal_json, token_hash, unseal_json
 from .seam import ExecResult, ModalApi, SandboxGone, Spawner, Store
-from .validate import AssignRequest, BuildRequest, CreateRequest, ExecRequest, Repository
+from .validate import (
+    AssignRequest,
+    BuildRequest,
+    CreateRequest,
+    ExecRequest,
+    Repository,
+    SupervisorSpec,
+    check_clone_url,
+    redact_url,
+)
 
 log = logging.getLogger("nightshift.modal")
 
@@ -70,6 +90,13 @@ class Config:
     supervisor_env: Mapping[str, str] = field(default_factory=dict)
     # Between two readiness checks of a booting sandbox, and two reads of a followed log.
     poll_interval_s: float = 1.0
+    # Seals secrets kept in the store (sandbox tokens, clone-URL credentials); app.py derives it from PROVIDER_SECRET.
+    state_key: bytes = b""
+    # The provider's public URL: when set, sandboxes reach their model through its `/v1/model/...` proxy and
+    # hold no key. None: keys go to the supervisor's stdin (then a key can end up in the sandbox's files).
+    model_proxy_url: str | None = None
+    # Single-user dev mode (tests, local experiments): any clone URL, local paths included, is accepted.
+    dev_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,7 @@ class ModalBackend:
 
     def create_sandbox(self, req: CreateRequest) -> dict[str, Any]:
         """`POST /v1/sandboxes`: records the sandbox and boots it in the background."""
+        check_clone_url(req.repository.clone_url, dev_mode=self._cfg.dev_mode)
         if req.snapshot is not None:
             source = self._live_snapshot(req.snapshot)["image_ref"]
         elif req.image is not None:
@@ -166,6 +194,7 @@ class ModalBackend:
 
     def restore(self, snapshot_id: str, req: CreateRequest) -> dict[str, Any]:
         """`POST /v1/snapshots/{id}/restore`: a new sandbox whose checkout is the snapshot's."""
+        check_clone_url(req.repository.clone_url, dev_mode=self._cfg.dev_mode)
         source = self._live_snapshot(snapshot_id)["image_ref"]
         return self._start_new(replace(req, snapshot=snapshot_id), source)
 
@@ -177,7 +206,7 @@ class ModalBackend:
             "id": sid,
             "session_id": req.session_id,
             "status": "creating",
-            "repository": req.repository.to_json(),
+            "repository": req.repository.public_json(),
             "image": req.image,
             "snapshot": req.snapshot,
             "created_at": now,
@@ -191,8 +220,10 @@ class ModalBackend:
             _sbx(sid),
             {
                 "sandbox": sandbox,
-                "create": req.to_json(),
+                **self._stored_create(sid, req),
                 "source": source,
+                "egress": None,
+                "model_token_hash": None,
                 "container": None,
                 "port": None,
                 "generation": 0,
@@ -202,6 +233,46 @@ class ModalBackend:
         )
         self._spawner.spawn("boot", sid, 0)
         return copy.deepcopy(sandbox)
+
+    # ----- secrets at rest -----
+
+    def _stored_create(self, sid: str, req: CreateRequest) -> dict[str, Any]:
+        """The create request as kept: `create` without the supervisor spec or URL credentials, `sealed` with them."""
+        public = req.to_json()
+        public["supervisor"] = None
+        public["repository"]["clone_url"] = redact_url(req.repository.clone_url)
+        secret = {
+            "supervisor": req.supervisor.to_json() if req.supervisor else None,
+            "clone_url": req.repository.clone_url,
+        }
+        return {"create": public, "sealed": seal_json(self._cfg.state_key, secret, _sbx(sid))}
+
+    def _create_of(self, sid: str, rec: dict[str, Any]) -> CreateRequest:
+        """The full create request of a record (its sealed part opened)."""
+        c = CreateRequest.from_json(rec["create"])
+        if "sealed" not in rec:  # a record written before secrets were sealed: its `create` is complete
+            return c
+        secret = unseal_json(self._cfg.state_key, rec["sealed"], _sbx(sid))
+        sup = secret["supervisor"]
+        return replace(
+            c,
+            supervisor=SupervisorSpec(**sup) if sup else None,
+            repository=replace(c.repository, clone_url=secret["clone_url"]),
+        )
+
+    def _model_urls(self) -> list[str]:
+        """The model endpoints a sandbox talks to: the proxy, or (without one) the upstreams themselves."""
+        if self._cfg.model_proxy_url:
+            return [self._cfg.model_proxy_url]
+        return [u.base_url for u in model_proxy.upstreams(self._cfg.supervisor_env).values()]
+
+    def _egress(self, c: CreateRequest) -> Egress:
+        return policy(
+            c.repository.egress,
+            clone_url=c.repository.clone_url,
+            control_url=c.supervisor.control_url if c.supervisor else None,
+            model_urls=self._model_urls(),
+        )
 
     @staticmethod
     def _boot_timeout(req: CreateRequest) -> int:
@@ -240,6 +311,7 @@ class ModalBackend:
             rec["generation"] += 1
             rec["container"] = None
             rec["port"] = None
+            rec["model_token_hash"] = None
 
         self._mutate(sid, begin)
         if not taken:
@@ -314,7 +386,7 @@ class ModalBackend:
             s.update(status="terminated", terminated_at=now)
             if error is not None:
                 s["error"] = error
-            r.update(container=None, port=None, ended_at=now, generation=r["generation"] + 1)
+            r.update(container=None, port=None, ended_at=now, generation=r["generation"] + 1, model_token_hash=None)
 
         self._mutate(sid, change)
         if not ended:
@@ -339,7 +411,9 @@ class ModalBackend:
             if r["container"]:
                 taken.append(r["container"])
             r["sandbox"].update(status="failed", error={"code": code, "message": message})
-            r.update(container=None, port=None, ended_at=self._now(), generation=generation + 1)
+            r.update(
+                container=None, port=None, ended_at=self._now(), generation=generation + 1, model_token_hash=None
+            )
 
         self._mutate(sid, change)
         if taken:
@@ -609,18 +683,26 @@ class ModalBackend:
         if not self._store.put_new(f"claim:{sid}", {"session_id": req.session_id}):
             raise ProviderError(409, "sandbox_assigned", f"sandbox {sid} already works for another session")
         body = {"session_id": req.session_id, **req.supervisor.to_json()}
+        current = Egress(tuple(rec.get("egress") or ()))
+        egress = current.with_host(url_host(req.supervisor.control_url))
         try:
+            if egress != current:
+                # The control plane's host joins the allowlist before the supervisor dials it.
+                try:
+                    self._api.set_egress(rec["container"], egress)
+                except SandboxGone:
+                    raise ProviderError(502, "supervisor_unreachable", "the sandbox has ended") from None
             status, _ = self._to_supervisor(rec, "POST", "/assign", json.dumps(body).encode())
             if not 200 <= status < 300:
                 raise ProviderError(502, "supervisor_unreachable", f"the supervisor answered {status}")
-        except ProviderError:
+        except BaseException:
             self._store.delete(f"claim:{sid}")
             raise
 
         def change(r: dict[str, Any]) -> None:
+            c = replace(self._create_of(sid, r), session_id=req.session_id, supervisor=req.supervisor)
             r["sandbox"]["session_id"] = req.session_id
-            r["create"]["session_id"] = req.session_id
-            r["create"]["supervisor"] = req.supervisor.to_json()
+            r.update(self._stored_create(sid, c), egress=list(egress.allow))
 
         return _part(self._mutate(sid, change), "sandbox")
 
@@ -636,9 +718,16 @@ class ModalBackend:
             return 200, {"sync": {"state": "not_started"}, "branch": None, "head": None, "dirty": False}
         return self._to_supervisor(rec, method, path, b"")
 
+    def _api_secret(self, sid: str) -> str:
+        """The bearer secret of a sandbox's supervisor API: derived from the state key, never stored."""
+        return hmac.new(self._cfg.state_key, b"supervisor-api:" + sid.encode(), hashlib.sha256).hexdigest()[:32]
+
     def _to_supervisor(self, rec: dict[str, Any], method: str, path: str, body: bytes) -> tuple[int, Any]:
         url = f"http://127.0.0.1:{rec['port']}{path}"
+        sid = rec["sandbox"]["id"]
+        # The secret goes in a header read from curl's stdin config, so it is never on a command line.
         argv = ["curl", "-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]
+        argv += ["-H", f"authorization: Bearer {self._api_secret(sid)}"]
         if body:
             argv += ["-H", "content-type: application/json", "--data-binary", "@-"]
         try:
@@ -656,6 +745,20 @@ class ModalBackend:
             answer = None
         return int(code), answer
 
+    # ----- the model proxy -----
+
+    def model_route(self, sid: str, name: str, token: str) -> model_proxy.Upstream:
+        """The upstream a sandbox's model request goes to, if `token` is the current model token of a live sandbox."""
+        rec = self._store.get(_sbx(sid))
+        if rec is None or rec["sandbox"]["status"] not in _LIVE or not same_token(token, rec.get("model_token_hash")):
+            raise ProviderError(
+                401, "model_token_refused", "the model token is not that of a running sandbox; it ends with its boot"
+            )
+        upstream = model_proxy.upstreams(self._cfg.supervisor_env).get(name)
+        if upstream is None or not self._cfg.model_proxy_url:
+            raise ProviderError(404, "model_not_found", f"the provider has no model `{name}`")
+        return upstream
+
     # ----- background jobs -----
 
     def run_job(self, job: str, target: str, generation: int) -> None:
@@ -672,18 +775,21 @@ class ModalBackend:
         if rec is None or rec["generation"] != generation or rec["sandbox"]["status"] != "creating":
             return
         timeout_s = max(1, min(MAX_LIFETIME_MS // 1000, math.ceil((rec["sandbox"]["expires_at"] - self._now()) / 1000)))
+        create = self._create_of(sid, rec)
+        egress = self._egress(create)
+        # A new model token for every boot: one kept in an image or snapshot of an earlier boot is dead.
+        model_token = secrets.token_urlsafe(32)
         try:
-            container = self._api.create_sandbox(rec["source"], timeout_s)
+            container = self._api.create_sandbox(rec["source"], timeout_s, egress)
         except Exception as e:  # any Modal failure fails the boot
             self._fail(sid, generation, "internal", f"Modal could not start the sandbox: {e}")
             return
-        if not self._commit(sid, generation, lambda r: r.update(container=container)):
+        started = {"container": container, "egress": list(egress.allow), "model_token_hash": token_hash(model_token)}
+        if not self._commit(sid, generation, lambda r: r.update(started)):
             self._api.terminate(container)
             return
         try:
-            failure = self._bring_up(
-                sid, generation, container, CreateRequest.from_json(rec["create"]), rec["boot_deadline"]
-            )
+            failure = self._bring_up(sid, generation, container, create, rec["boot_deadline"], model_token)
         except SandboxGone:
             failure = ("sandbox_exited", "the sandbox's container ended while it booted")
         except Exception as e:  # reported on the sandbox
@@ -693,7 +799,7 @@ class ModalBackend:
             self._fail(sid, generation, *failure)
 
     def _bring_up(
-        self, sid: str, generation: int, container: str, c: CreateRequest, deadline: int
+        self, sid: str, generation: int, container: str, c: CreateRequest, deadline: int, model_token: str
     ) -> tuple[str, str] | None:
         """Checkout, supervisor, readiness; the failure's code and message, or None."""
         prepared = self._sh(
@@ -708,7 +814,7 @@ class ModalBackend:
             failure = self._clone(container, c.repository, deadline)
             if failure is not None:
                 return failure
-        self._launch_supervisor(sid, container, c)
+        self._launch_supervisor(sid, container, c, model_token)
         if not self._commit(sid, generation, lambda r: r["sandbox"].update(status="syncing")):
             return None
         while True:
@@ -747,15 +853,19 @@ class ModalBackend:
             max(deadline - self._now(), 1),
             env={"GIT_TERMINAL_PROMPT": "0", "HOME": HOME},
         )
+        shown = redact_url(repo.clone_url)
         if ran.timed_out:
-            return "timeout", f"git clone of {repo.clone_url} ran past the time limit"
+            return "timeout", f"git clone of {shown} ran past the time limit"
         if ran.result.exit_code != 0:
-            err = ran.result.stderr.decode("utf-8", errors="replace").strip()
-            return _clone_error(err), f"git clone of {repo.clone_url} failed: {err}"
+            err = redact_url(ran.result.stderr.decode("utf-8", errors="replace").strip())
+            return _clone_error(err), f"git clone of {shown} failed: {err}"
         return None
 
-    def _launch_supervisor(self, sid: str, container: str, c: CreateRequest) -> None:
-        """Starts `nightshift-supervisor` and writes its one secrets line on stdin (never to disk or an image)."""
+    def _launch_supervisor(self, sid: str, container: str, c: CreateRequest, model_token: str) -> None:
+        """Starts `nightshift-supervisor` and writes its one secrets line on stdin (never to disk or an image).
+
+        With the model proxy the line holds no key: each model's URL and key variables name the proxy's route for
+        this sandbox and its model token."""
         env = {
             "HOME": HOME,
             "NIGHTSHIFT_SANDBOX_ID": sid,
@@ -767,9 +877,14 @@ class ModalBackend:
             f"echo $$ > {STATE}/supervisor.pid; "
             f"exec {shlex.join(self._cfg.supervisor_command)} >> {LOGS}/supervisor.log 2>&1"
         )
+        merged = {**self._cfg.supervisor_env, **c.env}
+        if self._cfg.model_proxy_url:
+            routes = model_proxy.upstreams(self._cfg.supervisor_env)
+            merged = model_proxy.sandbox_env(merged, self._cfg.model_proxy_url, sid, model_token, routes)
         secrets_line = {
             "supervisor": c.supervisor.to_json() if c.supervisor else None,
-            "env": {**self._cfg.supervisor_env, **c.env},
+            "env": merged,
+            "api_secret": self._api_secret(sid),
         }
         argv = ["env", *[f"{k}={v}" for k, v in env.items()], "sh", "-c", script]
         self._api.launch(container, argv, (json.dumps(secrets_line) + "\n").encode())
@@ -796,11 +911,12 @@ class ModalBackend:
 
     def build_image(self, req: BuildRequest) -> dict[str, Any]:
         """`POST /v1/images`: records the image and builds it in the background."""
+        check_clone_url(req.repository.clone_url, dev_mode=self._cfg.dev_mode)
         now = self._now()
         image: dict[str, Any] = {
             "id": _new_id("img_"),
             "status": "building",
-            "repository": req.repository.to_json(),
+            "repository": req.repository.public_json(),
             "commit": None,
             "created_at": now,
             "ready_at": None,
@@ -812,7 +928,10 @@ class ModalBackend:
         }
         timeout = min(req.timeout_ms or DEFAULT_BUILD_TIMEOUT_MS, MAX_BUILD_TIMEOUT_MS)
         self._store.put(f"blog:{image['id']}", {"dropped": 0, "text": ""})
-        self._store.put(_img(image["id"]), {"image": image, "image_ref": None, "deadline": now + timeout})
+        sealed = seal_json(self._cfg.state_key, {"clone_url": req.repository.clone_url}, _img(image["id"]))
+        self._store.put(
+            _img(image["id"]), {"image": image, "image_ref": None, "deadline": now + timeout, "sealed": sealed}
+        )
         self._spawner.spawn("build", image["id"], 0)
         return image
 
@@ -888,12 +1007,16 @@ class ModalBackend:
             return
         img = rec["image"]
         deadline = rec["deadline"]
-        repo = Repository(**img["repository"])
+        repo = Repository.from_json(img["repository"])
+        if "sealed" in rec:  # (a record from before sealing holds the URL as given)
+            repo = replace(repo, clone_url=unseal_json(self._cfg.state_key, rec["sealed"], _img(image_id))["clone_url"])
         container = None
         try:
-            self._note(image_id, f"$ git clone --branch {repo.base_branch} {repo.clone_url}")
+            self._note(image_id, f"$ git clone --branch {repo.base_branch} {redact_url(repo.clone_url)}")
             timeout_s = max(1, math.ceil((deadline - self._now()) / 1000) + 60)
-            container = self._api.create_sandbox(None, timeout_s)
+            # A build reaches the defaults, the repository's patterns and its clone host: no control plane, no model.
+            egress = policy(repo.egress, clone_url=repo.clone_url, control_url=None)
+            container = self._api.create_sandbox(None, timeout_s, egress)
             self._sh(container, 'mkdir -p "$1/home" "$1/logs" "$1/state"', ROOT)
             failure = self._clone(container, repo, deadline)
             if failure is not None:

@@ -1,8 +1,12 @@
-"""A framework-free ASGI 3 app for provider contract v1: a signature check on every request, routing, strict bodies, JSON errors and SSE logs."""
+"""A framework-free ASGI 3 app for provider contract v1: a signature check on every request, routing, strict bodies,
+JSON errors and SSE logs; and the model proxy (`/v1/model/{sandbox}/{name}/…`), which is not signed by the control
+plane but authorised by the calling sandbox's model token, and streams the upstream's answer back."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.client
 import json
 import logging
 import re
@@ -11,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from . import validate
+from . import model_proxy, validate
 from .backend import LogChunk, ModalBackend, wall_clock_ms
 from .errors import ProviderError
-from .signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignError, verify
+from .signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, NonceCache, SignError, verify
 
 log = logging.getLogger("nightshift.modal.http")
 
@@ -81,7 +85,7 @@ def _path_with_query(scope: Scope) -> str:
     return f"{path}?{query}" if query else path
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, limit: int = MAX_BODY) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -90,8 +94,8 @@ async def _read_body(receive: Receive) -> bytes:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
-            raise ProviderError(413, "invalid_body", f"the body is larger than {MAX_BODY} bytes")
+        if size > limit:
+            raise ProviderError(413, "invalid_body", f"the body is larger than {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -118,6 +122,7 @@ class ProviderApp:
         self._backend = backend
         self._secret = secret
         self._now = clock
+        self._nonces = NonceCache()
         self._poll = poll_interval_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,6 +131,9 @@ class ProviderApp:
             return
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["path"].startswith(model_proxy.PREFIX):
+            await self._model(scope, receive, send)
             return
         try:
             body = await _read_body(receive)
@@ -150,19 +158,61 @@ class ProviderApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _verify(self, scope: Scope, body: bytes) -> None:
+    async def _model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The model proxy: checks the sandbox's model token, forwards with the key added, streams the answer."""
         try:
-            verify(
+            sid, name, rest = _model_target(scope)
+            found = model_proxy.presented_token(scope.get("headers", []))
+            if found is None:
+                raise ProviderError(
+                    401, "model_token_refused", "send the sandbox's model token as a bearer token or in x-api-key"
+                )
+            token, header = found
+            upstream = await self._call(self._backend.model_route, sid, name, token)
+            body = await _read_body(receive, model_proxy.MAX_REQUEST_BYTES)
+            query = scope.get("query_string", b"").decode("latin-1")
+            answer = await self._call(
+                model_proxy.forward, upstream, scope["method"], rest, query, scope.get("headers", []), header, body
+            )
+        except ProviderError as e:
+            await _send_json(send, _Json(e.status, e.body()))
+            return
+        except (OSError, http.client.HTTPException) as e:  # URLError included: the upstream did not answer
+            log.warning("model proxy for %s: %s", scope.get("path"), e)
+            await _send_json(
+                send, _Json(502, {"error": {"code": "model_unreachable", "message": "the model endpoint did not answer"}})
+            )
+            return
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        step = functools.partial(next, answer.chunks, b"")
+        try:
+            while chunk := await self._call(step):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (OSError, http.client.HTTPException) as e:
+            log.warning("model proxy for %s: the upstream broke off: %s", scope.get("path"), e)
+        finally:
+            answer.chunks.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _verify(self, scope: Scope, body: bytes) -> None:
+        now = self._now()
+        try:
+            ts = verify(
                 self._secret,
                 scope["method"],
                 _path_with_query(scope),
                 _header(scope, TIMESTAMP_HEADER),
+                _header(scope, NONCE_HEADER),
                 _header(scope, SIGNATURE_HEADER),
                 body,
-                self._now(),
+                now,
             )
+            # Only a verified request's nonce is remembered; a second use is a replay.
+            self._nonces.remember((_header(scope, NONCE_HEADER) or "").strip(), ts, now)
         except SignError as e:
-            raise ProviderError(401, e.code, e.message) from None
+            status = 503 if e.code == "capacity" else 401
+            raise ProviderError(status, e.code, e.message) from None
 
     async def _dispatch(self, scope: Scope, body: bytes) -> _Json | _Stream:
         path = scope["path"]
@@ -311,6 +361,19 @@ class ProviderApp:
                 break
         rest = f"data: {carry}\n\n" if carry else ""
         yield (rest + "event: end\ndata: {}\n\n").encode()
+
+
+_MODEL_TARGET = re.compile(r"([A-Za-z0-9_-]+)/([a-z0-9_]+)(/.*)?")
+
+
+def _model_target(scope: Scope) -> tuple[str, str, str]:
+    """The sandbox id, upstream name and upstream path of a model-proxy request (the path as sent, still encoded)."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(scope["path"])
+    m = _MODEL_TARGET.fullmatch(path.removeprefix(model_proxy.PREFIX))
+    if m is None:
+        raise ProviderError(404, "not_found", "model proxy paths are /v1/model/{sandbox_id}/{model}/…")
+    return m.group(1), m.group(2), m.group(3) or "/"
 
 
 def _follow(r: _Request) -> bool:

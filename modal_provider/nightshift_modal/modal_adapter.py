@@ -9,6 +9,7 @@ from typing import Any
 import modal
 import modal.experimental
 
+from .egress import Egress
 from .seam import ExecResult, SandboxGone
 
 # Bytes written to a process's stdin between two drains (Modal buffers at most 128 KiB).
@@ -30,9 +31,26 @@ class ModalSandboxes:
         except _GONE as e:
             raise SandboxGone(str(e)) from e
 
-    def create_sandbox(self, image: str | None, timeout_s: int) -> str:
+    def create_sandbox(self, image: str | None, timeout_s: int, egress: Egress) -> str:
         img = modal.Image.from_id(image or self._base_image_id())
-        return modal.Sandbox.create(app=self._app, image=img, timeout=timeout_s).object_id
+        # Both lists are always given: an empty CIDR list opens no IP range; names pass on TLS (port 443) only.
+        return modal.Sandbox.create(
+            app=self._app,
+            image=img,
+            timeout=timeout_s,
+            outbound_domain_allowlist=egress.modal_domains(),
+            outbound_cidr_allowlist=egress.modal_cidrs(),
+        ).object_id
+
+    def set_egress(self, sandbox: str, egress: Egress) -> None:
+        sb = self._sandbox(sandbox)
+        try:
+            sb._experimental_set_outbound_network_policy(
+                outbound_domain_allowlist=egress.modal_domains(),
+                outbound_cidr_allowlist=egress.modal_cidrs(),
+            )
+        except _GONE as e:
+            raise SandboxGone(str(e)) from e
 
     def run(self, sandbox: str, argv: Sequence[str], stdin: bytes, timeout_s: int) -> ExecResult:
         sb = self._sandbox(sandbox)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .egress import Egress
+
 
 @dataclass(frozen=True)
 class ExecResult:
@@ -24,8 +26,12 @@ class SandboxGone(Exception):
 class ModalApi(Protocol):
     """Every call the provider makes into Modal; `sandbox` and `image` are Modal object ids."""
 
-    def create_sandbox(self, image: str | None, timeout_s: int) -> str:
-        """Starts a sandbox (from `image`, or the provider's base image) that lives `timeout_s` at most."""
+    def create_sandbox(self, image: str | None, timeout_s: int, egress: Egress) -> str:
+        """Starts a sandbox (from `image`, or the provider's base image) that lives `timeout_s` at most and reaches
+        only the hosts `egress` allows (Modal enforces it outside the container)."""
+
+    def set_egress(self, sandbox: str, egress: Egress) -> None:
+        """Replaces a running sandbox's outbound allowlist (a pooled sandbox learns its control plane at assign)."""
 
     def run(self, sandbox: str, argv: Sequence[str], stdin: bytes, timeout_s: int) -> ExecResult:
         """Runs a command to its end."""

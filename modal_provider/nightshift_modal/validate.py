@@ -1,27 +1,117 @@
-"""Strict parsing of the contract's request bodies into typed requests: unknown fields, duplicate keys and wrong types are `invalid_body`."""
+"""Strict parsing of the contract's request bodies into typed requests (unknown fields, duplicate keys and wrong
+types are `invalid_body`), plus the checks on what a request may name: egress host patterns, clone URLs
+(`invalid_repository`), model keys in `env` (`invalid_env`), and `redact_url`, which removes URL credentials from
+anything shown to people."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ProviderError, invalid_body
 
 MAX_SETUP_COMMANDS = 50
 MAX_COMMAND_BYTES = 4096
+# The most host patterns a repository's `egress` may hold (as core/src/egress.rs).
+MAX_EGRESS_PATTERNS = 100
 _U64_MAX = (1 << 64) - 1
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `example.com`, `*.example.com`, `host:port`: an optional `*.`, letters/digits/-/., an optional port.
+_EGRESS_PATTERN = re.compile(r"(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+# URL userinfo: what lies between `scheme://` and the last `@` of the authority.
+_URL_AUTHORITY = re.compile(r"://([^/?#\s'\"`]*)")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials (userinfo) of every URL in it removed: `https://u:t@host/x` becomes `https://host/x`."""
+
+    def strip(m: re.Match[str]) -> str:
+        authority = m.group(1)
+        return "://" + authority[authority.rfind("@") + 1 :]
+
+    return _URL_AUTHORITY.sub(strip, text)
+
+
+def is_model_key(name: str) -> bool:
+    """Whether an environment variable holds a model key (`NIGHTSHIFT_MODEL_KEY`, `*_API_KEY`)."""
+    return name == "NIGHTSHIFT_MODEL_KEY" or name.endswith("_API_KEY")
+
+
+def valid_egress_pattern(p: str) -> bool:
+    """A host pattern: optional `*.`, then letters, digits, `-` and `.`, then an optional `:port` (1-65535)."""
+    m = _EGRESS_PATTERN.fullmatch(p)
+    if m is None or len(p) > 255:
+        return False
+    name = p.removeprefix("*.").rsplit(":", 1)[0] if m.group(2) else p.removeprefix("*.")
+    port_ok = m.group(2) is None or 1 <= int(m.group(2)[1:]) <= 65535
+    return bool(name.strip(".")) and port_ok
+
+
+def _internal_host(host: str) -> bool:
+    """`localhost`, or an IP literal that is loopback, private, link-local, reserved or unspecified."""
+    if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_unspecified
+
+
+def check_clone_url(url: str, *, dev_mode: bool) -> None:
+    """Refuses (`400 invalid_repository`) a clone URL that is not `https://` or `ssh://` to a public host.
+
+    In dev mode (the tests, a single-user setup) any URL, local paths included, is accepted."""
+    if dev_mode:
+        return
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        host, parts = "", urlsplit("")
+    if parts.scheme not in ("https", "ssh") or not host:
+        raise ProviderError(
+            400,
+            "invalid_repository",
+            f"the clone URL {shown!r} is not an https:// or ssh:// URL; local paths, file://, http:// and scp-style "
+            "URLs are accepted only when the provider runs in dev mode (PROVIDER_DEV_MODE=1)",
+        )
+    if _internal_host(host):
+        raise ProviderError(
+            400,
+            "invalid_repository",
+            f"the clone URL {shown!r} names a loopback, private or link-local address; use the repository's public host",
+        )
 
 
 @dataclass(frozen=True)
 class Repository:
     clone_url: str
     base_branch: str = "main"
+    # Host patterns beyond the defaults that this repository's sandboxes (and builds) may reach.
+    egress: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, str]:
-        return {"clone_url": self.clone_url, "base_branch": self.base_branch}
+    def to_json(self) -> dict[str, Any]:
+        """As stored (the clone URL as given; `egress` only when set, as the Rust side writes it)."""
+        out: dict[str, Any] = {"clone_url": self.clone_url, "base_branch": self.base_branch}
+        if self.egress:
+            out["egress"] = list(self.egress)
+        return out
+
+    def public_json(self) -> dict[str, Any]:
+        """As shown in answers: the clone URL without credentials."""
+        return {**self.to_json(), "clone_url": redact_url(self.clone_url)}
+
+    @staticmethod
+    def from_json(v: dict[str, Any]) -> Repository:
+        """Reads back what `to_json` stored (trusted: no validation)."""
+        return Repository(v["clone_url"], v.get("base_branch", "main"), tuple(v.get("egress", ())))
 
 
 @dataclass(frozen=True)
@@ -64,7 +154,7 @@ class CreateRequest:
         sup = v["supervisor"]
         return CreateRequest(
             session_id=v["session_id"],
-            repository=Repository(**v["repository"]),
+            repository=Repository.from_json(v["repository"]),
             image=v["image"],
             snapshot=v["snapshot"],
             env=dict(v["env"]),
@@ -157,11 +247,25 @@ def _string_map(v: Any, name: str) -> dict[str, str]:
     return dict(v)
 
 
+def _egress(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+        raise invalid_body("`repository.egress` must be an array of host patterns")
+    bad = [p for p in v if not valid_egress_pattern(p)]
+    if len(v) > MAX_EGRESS_PATTERNS or bad:
+        why = f"`{bad[0]}` is not a host pattern" if bad else f"{len(v)} patterns are too many"
+        raise invalid_body(
+            f"`repository.egress`: {why}; give at most {MAX_EGRESS_PATTERNS} patterns such as `example.com`, "
+            "`*.example.com` or `host:port`"
+        )
+    return tuple(v)
+
+
 def _repository(v: Any) -> Repository:
-    r = _fields(v, "repository", {"clone_url", "base_branch"}, {"clone_url"})
+    r = _fields(v, "repository", {"clone_url", "base_branch", "egress"}, {"clone_url"})
     return Repository(
         clone_url=_string(r["clone_url"], "repository.clone_url"),
         base_branch=_string(r.get("base_branch", "main"), "repository.base_branch"),
+        egress=_egress(r.get("egress", [])),
     )
 
 
@@ -206,6 +310,14 @@ def create_request(body: bytes, *, allow_snapshot: bool = True) -> CreateRequest
         raise invalid_body("session_id (or null for a pooled sandbox) and repository.clone_url are required")
     if c.lifetime_ms == 0:
         raise invalid_body("`lifetime_ms` must be positive")
+    keys = sorted(k for k in c.env if is_model_key(k))
+    if keys:
+        raise ProviderError(
+            400,
+            "invalid_env",
+            f"`env` may not carry model keys (`{keys[0]}`): they belong in the provider's secret, and sandboxes reach "
+            "the model through the provider's model proxy",
+        )
     return c
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nightshift_modal.backend import ROOT
+from nightshift_modal.egress import Egress
 from nightshift_modal.seam import ExecResult, SandboxGone
 
 # `/nightshift` as a path of its own (not `/nightshift_modal`, say).
@@ -29,8 +30,12 @@ class FakeSandbox:
     dir: Path
     image: str | None
     timeout_s: int
+    # The outbound allowlist the sandbox was created with (and any later replacement).
+    egress: Egress
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     running: bool = True
+    # Every command run or launched in the sandbox through the seam, in order.
+    commands: list[list[str]] = field(default_factory=list)
 
 
 class FakeModal:
@@ -48,7 +53,7 @@ class FakeModal:
 
     # ----- the seam -----
 
-    def create_sandbox(self, image: str | None, timeout_s: int) -> str:
+    def create_sandbox(self, image: str | None, timeout_s: int, egress: Egress) -> str:
         sid = "sb-" + secrets.token_hex(6)
         d = self._root / sid
         if image is None:
@@ -58,8 +63,11 @@ class FakeModal:
                 raise RuntimeError(f"Modal has no image {image}")
             shutil.copytree(self.images[image], d, symlinks=True)
         with self._lock:
-            self.sandboxes[sid] = FakeSandbox(sid, d, image, timeout_s)
+            self.sandboxes[sid] = FakeSandbox(sid, d, image, timeout_s, egress)
         return sid
+
+    def set_egress(self, sandbox: str, egress: Egress) -> None:
+        self._live(sandbox).egress = egress
 
     def run(self, sandbox: str, argv: Sequence[str], stdin: bytes, timeout_s: int) -> ExecResult:
         sb = self._live(sandbox)
@@ -145,6 +153,7 @@ class FakeModal:
         return sb
 
     def _spawn(self, sb: FakeSandbox, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        sb.commands.append(list(argv))
         mapped = [_ROOT_PATH.sub(str(sb.dir), a) for a in argv]
         p = subprocess.Popen(
             mapped,

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import unittest
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -22,11 +22,15 @@ from urllib.parse import unquote, urlsplit
 from nightshift_modal.backend import Config, ModalBackend
 from nightshift_modal.http import ProviderApp
 from nightshift_modal.seam import LocalStore
-from nightshift_modal.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nightshift_modal.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, new_nonce, sign
 
 from .fake_modal import FakeModal
 
 SECRET = b"test-provider-secret"
+STATE_KEY = b"test-state-key-0123456789abcdef"
+# The provider's model settings in the tests (keys that must never reach a sandbox, its files or the store).
+MODEL_KEY = "sk-model-secret"
+PROVIDER_KEY = "sk-provider"
 # The provider logs failures it records; the tests check them on the objects instead.
 logging.getLogger("nightshift").addHandler(logging.NullHandler())
 FAKE_SUPERVISOR = str(Path(__file__).with_name("fake_supervisor.py"))
@@ -72,7 +76,7 @@ class AsgiServer:
     """Serves an ASGI app on 127.0.0.1 with HTTP/1.1, one request per connection (closed after the answer)."""
 
     def __init__(self, app: Any) -> None:
-        self._app = app
+        self.app = app
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -151,7 +155,7 @@ class AsgiServer:
                 writer.write(message.get("body", b""))
             await writer.drain()
 
-        await self._app(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -195,8 +199,10 @@ class Client:
         h = {"content-type": "application/json"} if data else {}
         if signed:
             ts = self._clock()
+            nonce = new_nonce()
             h[TIMESTAMP_HEADER] = str(ts)
-            h[SIGNATURE_HEADER] = sign(self._secret, method, path, ts, data)
+            h[NONCE_HEADER] = nonce
+            h[SIGNATURE_HEADER] = sign(self._secret, method, path, ts, nonce, data)
         h.update(headers or {})
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=timeout_s)
@@ -246,25 +252,41 @@ def make_repo(parent: Path) -> Path:
 
 
 class Harness:
-    """The provider wired to the fake Modal, served over HTTP; `close()` leaves no process or file behind."""
+    """The provider wired to the fake Modal, served over HTTP; `close()` leaves no process or file behind.
 
-    def __init__(self) -> None:
+    By default it runs in dev mode (clone URLs are local paths) with the model proxy on at its own URL;
+    `config` fields override that (`model_proxy_url=None` turns the proxy off)."""
+
+    def __init__(self, **config: Any) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="ns-modal-test-"))
         self.repo = make_repo(self.tmp)
         self.clock = Clock()
         self.fake = FakeModal()
         self.store = LocalStore()
         self.spawner = ThreadSpawner()
-        self.config = Config(
-            supervisor_command=(sys.executable, "-I", "-S", FAKE_SUPERVISOR),
-            supervisor_env={"NIGHTSHIFT_MODEL": "test/model", "ANTHROPIC_API_KEY": "sk-provider"},
-            poll_interval_s=0.02,
+        self.server = AsgiServer(None)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.config = replace(
+            Config(
+                supervisor_command=(sys.executable, "-I", "-S", FAKE_SUPERVISOR),
+                supervisor_env={
+                    "NIGHTSHIFT_MODEL": "test/model",
+                    "NIGHTSHIFT_MODEL_URL": "https://model.example/v1",
+                    "NIGHTSHIFT_MODEL_KEY": MODEL_KEY,
+                    "ANTHROPIC_API_KEY": PROVIDER_KEY,
+                },
+                poll_interval_s=0.02,
+                state_key=STATE_KEY,
+                model_proxy_url=self.url,
+                dev_mode=True,
+            ),
+            **config,
         )
         self.backend = ModalBackend(self.fake, self.store, self.spawner, self.config, clock=self.clock)
         self.spawner.backend = self.backend
-        self.server = AsgiServer(ProviderApp(self.backend, SECRET, clock=self.clock, poll_interval_s=0.05))
-        self.server.start()
-        self.client = Client(f"http://127.0.0.1:{self.server.port}", SECRET, self.clock)
+        self.server.app = ProviderApp(self.backend, SECRET, clock=self.clock, poll_interval_s=0.05)
+        self.client = Client(self.url, SECRET, self.clock)
 
     def close(self) -> None:
         for key, rec in self.store.scan("sbx:"):
@@ -338,9 +360,11 @@ class Harness:
 
 
 class ProviderTestCase(unittest.TestCase):
-    """A test with its own provider, fake Modal and repository."""
+    """A test with its own provider, fake Modal and repository (`harness_config` overrides its Config)."""
+
+    harness_config: dict[str, Any] = {}
 
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = Harness(**self.harness_config)
         self.addCleanup(self.h.close)
         self.c = self.h.client

@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 from nightshift_modal.http import MAX_BODY
-from nightshift_modal.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nightshift_modal.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 from .harness import SECRET, ProviderTestCase
+
+N = "nonce-0123456789abcdef"
 
 
 class SignatureTest(ProviderTestCase):
@@ -31,16 +33,22 @@ class SignatureTest(ProviderTestCase):
         ts = self.h.clock()
         only_ts = self.c.get("/v1/health", signed=False, headers={TIMESTAMP_HEADER: str(ts)})
         self.assertEqual((only_ts.status, only_ts.code), (401, "unsigned"))
+        no_nonce = self.c.get(
+            "/v1/health",
+            signed=False,
+            headers={TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(SECRET, "GET", "/v1/health", ts, N, b"")},
+        )
+        self.assertEqual((no_nonce.status, no_nonce.code), (401, "unsigned"))
         for skew in (-310_000, 310_000):
             stale = ts + skew
             r = self.c.get(
                 "/v1/health",
                 signed=False,
-                headers={TIMESTAMP_HEADER: str(stale), SIGNATURE_HEADER: sign(SECRET, "GET", "/v1/health", stale, b"")},
+                headers={TIMESTAMP_HEADER: str(stale), NONCE_HEADER: N, SIGNATURE_HEADER: sign(SECRET, "GET", "/v1/health", stale, N, b"")},
             )
             self.assertEqual((r.status, r.code), (401, "stale_signature"))
-        wrong_key = sign(b"another-secret", "GET", "/v1/health", ts, b"")
-        r = self.c.get("/v1/health", signed=False, headers={TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: wrong_key})
+        wrong_key = sign(b"another-secret", "GET", "/v1/health", ts, N, b"")
+        r = self.c.get("/v1/health", signed=False, headers={TIMESTAMP_HEADER: str(ts), NONCE_HEADER: N, SIGNATURE_HEADER: wrong_key})
         self.assertEqual((r.status, r.code), (401, "bad_signature"))
         self.assertIn("PROVIDER_SECRET", r.json()["error"]["message"])
 
@@ -53,7 +61,7 @@ class SignatureTest(ProviderTestCase):
             r = self.c.get(
                 sent_path,
                 signed=False,
-                headers={TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(SECRET, "GET", signed_path, ts, b"")},
+                headers={TIMESTAMP_HEADER: str(ts), NONCE_HEADER: N, SIGNATURE_HEADER: sign(SECRET, "GET", signed_path, ts, N, b"")},
             )
             self.assertEqual((r.status, r.code), (401, "bad_signature"))
         body = json.dumps(self.h.create_body()).encode()
@@ -61,11 +69,28 @@ class SignatureTest(ProviderTestCase):
             "/v1/sandboxes",
             raw=body + b" ",
             signed=False,
-            headers={TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(SECRET, "POST", "/v1/sandboxes", ts, body)},
+            headers={TIMESTAMP_HEADER: str(ts), NONCE_HEADER: N, SIGNATURE_HEADER: sign(SECRET, "POST", "/v1/sandboxes", ts, N, body)},
         )
         self.assertEqual((r.status, r.code), (401, "bad_signature"))
         ok = self.c.get("/v1/sandboxes?session_id=nobody&label=a:b")
         self.assertEqual((ok.status, ok.json()), (200, {"sandboxes": []}))
+
+
+    def test_a_replayed_request_is_refused_and_creates_nothing(self) -> None:
+        ts = self.h.clock()
+        body = json.dumps(self.h.create_body()).encode()
+        nonce = "replay-0123456789abcdef"
+        headers = {
+            TIMESTAMP_HEADER: str(ts),
+            NONCE_HEADER: nonce,
+            SIGNATURE_HEADER: sign(SECRET, "POST", "/v1/sandboxes", ts, nonce, body),
+        }
+        first = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
+        self.assertEqual(first.status, 201, first.json())
+        again = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
+        self.assertEqual((again.status, again.code), (401, "replayed_request"))
+        listed = self.c.get("/v1/sandboxes").json()["sandboxes"]
+        self.assertEqual([x["id"] for x in listed], [first.json()["id"]])
 
 
 class RoutingTest(ProviderTestCase):

@@ -13,7 +13,7 @@ import time
 import unittest
 from typing import Any
 
-from nightshift_modal.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nightshift_modal.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, new_nonce, sign
 
 from .harness import Client, sse_data
 
@@ -50,7 +50,11 @@ class LiveContractTest(unittest.TestCase):
         stale = self.c.get(
             "/v1/health",
             signed=False,
-            headers={TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(SECRET.encode(), "GET", "/v1/health", ts, b"")},
+            headers={
+                TIMESTAMP_HEADER: str(ts),
+                NONCE_HEADER: (n := new_nonce()),
+                SIGNATURE_HEADER: sign(SECRET.encode(), "GET", "/v1/health", ts, n, b""),
+            },
         )
         self.assertEqual((stale.status, stale.code), (401, "stale_signature"))
         ts = now_ms()
@@ -59,7 +63,8 @@ class LiveContractTest(unittest.TestCase):
             signed=False,
             headers={
                 TIMESTAMP_HEADER: str(ts),
-                SIGNATURE_HEADER: sign(b"not-the-secret", "GET", "/v1/health", ts, b""),
+                NONCE_HEADER: (n := new_nonce()),
+                SIGNATURE_HEADER: sign(b"not-the-secret", "GET", "/v1/health", ts, n, b""),
             },
         )
         self.assertEqual((bad.status, bad.code), (401, "bad_signature"))

@@ -16,7 +16,8 @@ from .harness import ProviderTestCase, sse_data
 class BootTest(ProviderTestCase):
     def test_a_sandbox_boots_with_its_secrets_on_the_supervisors_stdin(self) -> None:
         body = self.h.create_body(
-            env={"NIGHTSHIFT_MODEL": "request/model", "EXTRA_API_KEY": "sk-req"}, labels={"repo": "demo"}
+            env={"NIGHTSHIFT_MODEL": "request/model", "NIGHTSHIFT_CONTINUE_BRANCH": "nightshift/x"},
+            labels={"repo": "demo"},
         )
         r = self.c.post("/v1/sandboxes", body)
         self.assertEqual(r.status, 201)
@@ -41,14 +42,23 @@ class BootTest(ProviderTestCase):
         container = self.h.container(s["id"])
         self.assertLessEqual(self.h.fake.sandboxes[container].timeout_s, MAX_LIFETIME_MS // 1000)
         received = json.loads(self.h.fake.path(container, f"{STATE}/received.json").read_text())
+        # No key on the line: each model's URL names the provider's proxy, and its key is this boot's model token.
+        token = received["secrets"]["env"]["NIGHTSHIFT_MODEL_KEY"]
+        self.assertGreaterEqual(len(token), 32)
+        # The supervisor's API secret is on the line too (derived, never stored in the Dict).
+        api_secret = received["secrets"].pop("api_secret")
+        self.assertRegex(api_secret, r"^[0-9a-f]{32}$")
         self.assertEqual(
             received["secrets"],
             {
                 "supervisor": {"control_url": "https://control.example", "sandbox_token": "tok_1"},
                 "env": {
                     "NIGHTSHIFT_MODEL": "request/model",
-                    "ANTHROPIC_API_KEY": "sk-provider",
-                    "EXTRA_API_KEY": "sk-req",
+                    "NIGHTSHIFT_CONTINUE_BRANCH": "nightshift/x",
+                    "NIGHTSHIFT_MODEL_URL": f"{self.h.url}/v1/model/{s['id']}/nightshift",
+                    "NIGHTSHIFT_MODEL_KEY": token,
+                    "ANTHROPIC_BASE_URL": f"{self.h.url}/v1/model/{s['id']}/anthropic",
+                    "ANTHROPIC_API_KEY": token,
                 },
             },
         )

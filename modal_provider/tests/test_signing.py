@@ -1,4 +1,4 @@
-"""The Python verifier and signer against core/src/signing.rs: its unit test's cases, a fixed vector, and (when built) the Rust provider itself."""
+"""The Python verifier and signer against core/src/signing.rs: its unit test's cases, a fixed vector, the replay cache, and (when built) the Rust provider itself."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import time
 import unittest
 from pathlib import Path
 
-from nightshift_modal.signing import WINDOW_MS, SignError, canonical, sign, verify
+from nightshift_modal.signing import MAX_NONCES, WINDOW_MS, NonceCache, SignError, canonical, new_nonce, sign, verify
 
-# sign(b"k", "post", "/v1/sandboxes?x=1", 1000, b"{}"), the inputs of the Rust unit test. The value was
-# computed with hmac/hashlib alone and accepted by the Rust provider's verifier (target/debug/nightshift-provider).
-VECTOR = "v1=3933362118a50216ff340ce84a2f71c0537e3280fe7eec3a8c5e956815bd564a"
+# sign(b"k", "post", "/v1/sandboxes?x=1", 1000, N, b"{}"), the inputs of the Rust unit test. The value was
+# computed with hmac/hashlib alone and is pinned in core/src/signing.rs too (`the_fixed_vector`).
+N = "nonce-0123456789abcdef"
+VECTOR = "v1=d535fe4cc8d0d073610768bae32423ca9a8c5d810d8644b3d9f757ccb81a7ab0"
 RUST_PROVIDER = Path(__file__).resolve().parents[2] / "target" / "debug" / "nightshift-provider"
 
 
@@ -28,6 +29,7 @@ def code(**kw: object) -> str:
         "method": "POST",
         "path": "/v1/sandboxes?x=1",
         "timestamp": "1000",
+        "nonce": N,
         "signature": VECTOR,
         "body": b"{}",
         "now": 1000,
@@ -44,13 +46,14 @@ class SigningTest(unittest.TestCase):
     def test_the_fixed_vector(self) -> None:
         by_hand = hmac.new(
             b"k",
-            b"v1\nPOST\n/v1/sandboxes?x=1\n1000\n" + hashlib.sha256(b"{}").hexdigest().encode(),
+            b"v1\nPOST\n/v1/sandboxes?x=1\n1000\n" + N.encode() + b"\n" + hashlib.sha256(b"{}").hexdigest().encode(),
             hashlib.sha256,
         ).hexdigest()
         self.assertEqual(VECTOR, "v1=" + by_hand)
-        self.assertEqual(sign(b"k", "post", "/v1/sandboxes?x=1", 1000, b"{}"), VECTOR)
+        self.assertEqual(sign(b"k", "post", "/v1/sandboxes?x=1", 1000, N, b"{}"), VECTOR)
         self.assertEqual(
-            canonical("get", "/v1/health", 7, b""), "v1\nGET\n/v1/health\n7\n" + hashlib.sha256(b"").hexdigest()
+            canonical("get", "/v1/health", 7, N, b""),
+            f"v1\nGET\n/v1/health\n7\n{N}\n" + hashlib.sha256(b"").hexdigest(),
         )
 
     def test_the_rust_unit_test_cases(self) -> None:
@@ -59,6 +62,10 @@ class SigningTest(unittest.TestCase):
         self.assertEqual(code(path="/v1/sandboxes?x=2"), "bad_signature")
         self.assertEqual(code(timestamp="1001"), "bad_signature")
         self.assertEqual(code(body=b"{ }"), "bad_signature")
+        self.assertEqual(code(nonce="nonce-0123456789abcdeX"), "bad_signature")
+        self.assertEqual(code(nonce=None), "unsigned")
+        for bad in ("short", "has space 0123456789", "x" * 65):
+            self.assertEqual(code(nonce=bad), "unsigned")
         self.assertEqual(code(secret=b"j"), "bad_signature")
         self.assertEqual(code(now=1000 + WINDOW_MS + 1), "stale_signature")
         self.assertEqual(code(path="/", timestamp=None, body=b"", now=0), "unsigned")
@@ -79,6 +86,28 @@ class SigningTest(unittest.TestCase):
         self.assertEqual(code(signature="v1="), "bad_signature")
         self.assertEqual(code(secret=b""), "provider_not_configured")
 
+    def test_nonces_are_refused_twice_within_the_window_and_forgotten_after_it(self) -> None:
+        c = NonceCache()
+        c.remember(N, 1000, 1000)
+        with self.assertRaises(SignError) as e:
+            c.remember(N, 1000, 1500)
+        self.assertEqual(e.exception.code, "replayed_request")
+        c.remember("another-nonce-000001", 1000, 1500)
+        self.assertEqual(len(c), 2)
+        c.remember("third-nonce-00000001", 1000 + WINDOW_MS + 1, 1000 + WINDOW_MS + 1)
+        self.assertEqual(len(c), 1)
+        self.assertEqual(len(new_nonce()), 32)
+
+    def test_the_cache_is_bounded(self) -> None:
+        c = NonceCache()
+        for i in range(MAX_NONCES):
+            c.remember(f"n{i:020}", 0, 0)
+        with self.assertRaises(SignError) as e:
+            c.remember("one-too-many-0000000", 0, 0)
+        self.assertEqual(e.exception.code, "capacity")
+        c.remember("one-too-many-0000000", WINDOW_MS + 1, WINDOW_MS + 1)
+        self.assertEqual(len(c), 1)
+
     @unittest.skipUnless(RUST_PROVIDER.exists(), "the Rust provider is not built (cargo build -p nightshift-sandbox)")
     def test_the_rust_provider_accepts_python_signatures(self) -> None:
         with socket.socket() as s:
@@ -93,8 +122,9 @@ class SigningTest(unittest.TestCase):
         )
         try:
 
-            def status(method: str, path: str, body: bytes, secret: bytes = b"k") -> int:
+            def status(method: str, path: str, body: bytes, secret: bytes = b"k", nonce: str | None = None) -> int:
                 ts = int(time.time() * 1000)
+                nonce = nonce or new_nonce()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 try:
                     conn.request(
@@ -103,7 +133,8 @@ class SigningTest(unittest.TestCase):
                         body,
                         {
                             "x-nightshift-timestamp": str(ts),
-                            "x-nightshift-signature": sign(secret, method, path, ts, body),
+                            "x-nightshift-nonce": nonce,
+                            "x-nightshift-signature": sign(secret, method, path, ts, nonce, body),
                         },
                     )
                     return conn.getresponse().status
@@ -124,6 +155,9 @@ class SigningTest(unittest.TestCase):
             # Accepted signature, refused body: 400, not 401.
             self.assertEqual(status("POST", "/v1/images", b'{"nope":1}'), 400)
             self.assertEqual(status("GET", "/v1/health", b"", secret=b"j"), 401)
+            # The same nonce twice is a replay.
+            self.assertEqual(status("GET", "/v1/health", b"", nonce="python-replay-000001"), 200)
+            self.assertEqual(status("GET", "/v1/health", b"", nonce="python-replay-000001"), 401)
         finally:
             proc.kill()
             proc.wait()

@@ -71,9 +71,65 @@ fn get(p: &Shared, id: &str) -> Option<Image> {
 }
 
 fn update(p: &Shared, id: &str, f: impl FnOnce(&mut Image)) {
-    if let Ok(mut m) = p.images.lock() {
-        if let Some(i) = m.get_mut(id) {
+    let changed = p.images.lock().ok().and_then(|mut m| {
+        m.get_mut(id).map(|i| {
             f(i);
+            i.clone()
+        })
+    });
+    if let Some(image) = changed {
+        record(p, &image);
+    }
+}
+
+/// Writes the image's record in its provider-owned folder (found again after a restart).
+pub(crate) fn record(p: &Shared, image: &Image) {
+    if let Ok(bytes) = serde_json::to_vec(image) {
+        crate::provider::write_record(&p.host_dir(&image.id), "image.json", &bytes);
+    }
+}
+
+/// Images recorded by an earlier run of the provider: ready ones are usable again; a build
+/// the restart interrupted is failed (`interrupted`), never left `building`.
+pub(crate) fn recover(p: &Shared, records: &[(String, serde_json::Value)]) {
+    for (id, v) in records {
+        let status = match v["status"].as_str() {
+            Some("ready") if image_dir(p, id).join("repo").exists() => "ready",
+            Some("failed") => "failed",
+            _ => "failed",
+        };
+        let Ok(repository) = serde_json::from_value::<Repository>(v["repository"].clone()) else {
+            continue;
+        };
+        let error = match (status, v["status"].as_str()) {
+            ("failed", Some("failed")) => Some(ErrorBody {
+                code: v["error"]["code"].as_str().unwrap_or("internal").into(),
+                message: v["error"]["message"].as_str().unwrap_or("").into(),
+            }),
+            ("failed", _) => Some(ErrorBody {
+                code: "interrupted".into(),
+                message:
+                    "the provider restarted during the build, or its files are gone; build again"
+                        .into(),
+            }),
+            _ => None,
+        };
+        let image = Image {
+            id: id.clone(),
+            status,
+            repository,
+            commit: v["commit"].as_str().map(String::from),
+            created_at: v["created_at"].as_u64().unwrap_or(0),
+            ready_at: v["ready_at"].as_u64(),
+            setup: serde_json::from_value(v["setup"].clone()).unwrap_or_default(),
+            test: v["test"].as_str().map(String::from),
+            test_exit_code: v["test_exit_code"].as_i64().map(|c| c as i32),
+            labels: serde_json::from_value(v["labels"].clone()).unwrap_or_default(),
+            error,
+        };
+        record(p, &image);
+        if let Ok(mut m) = p.images.lock() {
+            m.insert(id.clone(), image);
         }
     }
 }
@@ -148,6 +204,7 @@ pub(crate) async fn build(
     if let Ok(mut map) = p.images.lock() {
         map.insert(id.clone(), img.clone());
     }
+    record(&p, &img);
     let p2 = p.clone();
     tokio::spawn(async move {
         let timeout = b.timeout_ms.unwrap_or(DEFAULT_BUILD_TIMEOUT_MS);

@@ -292,6 +292,17 @@ pub struct Provider {
 
 pub type Shared = Arc<Provider>;
 
+/// Writes `name` in a provider-owned folder atomically (a temporary file, then a rename).
+pub(crate) fn write_record(dir: &Path, name: &str, bytes: &[u8]) {
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".{name}.tmp"));
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(name));
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -350,11 +361,114 @@ impl Provider {
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
-        if let Ok(mut map) = self.sandboxes.lock() {
-            if let Some(e) = map.get_mut(id) {
+        let changed = self.sandboxes.lock().ok().and_then(|mut map| {
+            map.get_mut(id).map(|e| {
                 f(e);
+                e.sandbox.clone()
+            })
+        });
+        if let Some(sandbox) = changed {
+            self.record(&sandbox);
+        }
+    }
+
+    /// Writes the sandbox's public record (no secrets) in its provider-owned folder.
+    fn record(&self, sandbox: &Sandbox) {
+        if let Ok(bytes) = serde_json::to_vec(sandbox) {
+            write_record(&self.host_dir(&sandbox.id), "sandbox.json", &bytes);
+        }
+    }
+
+    /// What an earlier run of the provider acknowledged: images are usable again, and every
+    /// sandbox that was not over is reported `failed` with `error.code = "lost"` (its
+    /// processes ended with that run, and any straggler is killed now) — never forgotten.
+    pub async fn recover(self: &Arc<Self>) -> (usize, usize) {
+        let mut images = Vec::new();
+        let mut sandboxes = Vec::new();
+        for entry in std::fs::read_dir(self.cfg.root.join("host"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = entry.file_name().to_string_lossy().to_string();
+            let read = |name: &str| {
+                std::fs::read(entry.path().join(name))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            };
+            if valid_id(&id, "img_") {
+                if let Some(v) = read("image.json") {
+                    images.push((id, v));
+                }
+            } else if valid_id(&id, "sbx_") {
+                if let Some(v) = read("sandbox.json") {
+                    sandboxes.push((id, v));
+                }
             }
         }
+        images::recover(self, &images);
+        for (id, v) in &sandboxes {
+            procs::kill_marked(id).await;
+            let over = matches!(v["status"].as_str(), Some("terminated" | "failed"));
+            let Ok(repository) = serde_json::from_value::<Repository>(v["repository"].clone())
+            else {
+                continue;
+            };
+            let create: CreateBody = match serde_json::from_value(json!({
+                "session_id": v["session_id"], "repository": repository,
+                "image": v["image"], "snapshot": v["snapshot"], "labels": v["labels"],
+            })) {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            let error = if over {
+                v["error"]["code"].as_str().map(|code| ErrorBody {
+                    code: code.into(),
+                    message: v["error"]["message"].as_str().unwrap_or("").into(),
+                })
+            } else {
+                Some(ErrorBody {
+                    code: "lost".into(),
+                    message: "the provider restarted and the sandbox's processes ended; start a new sandbox (its checkout and snapshots are kept)".into(),
+                })
+            };
+            let status = match v["status"].as_str() {
+                Some("terminated") => "terminated",
+                _ => "failed",
+            };
+            let sandbox = Sandbox {
+                id: id.clone(),
+                session_id: create.session_id.clone(),
+                status,
+                repository: create.repository.clone(),
+                image: create.image.clone(),
+                snapshot: create.snapshot.clone(),
+                created_at: v["created_at"].as_u64().unwrap_or(0),
+                ready_at: v["ready_at"].as_u64(),
+                terminated_at: v["terminated_at"].as_u64(),
+                expires_at: v["expires_at"].as_u64().unwrap_or(0),
+                labels: create.labels.clone(),
+                error,
+                isolation: self.cfg.isolation,
+            };
+            self.record(&sandbox);
+            if let Ok(mut map) = self.sandboxes.lock() {
+                map.insert(
+                    id.clone(),
+                    Entry {
+                        sandbox,
+                        dir: self.cfg.root.join("sandboxes").join(id),
+                        pgid: None,
+                        supervisor_port: None,
+                        create,
+                        api_secret: random_hex(16),
+                        execs: Vec::new(),
+                        egress: None,
+                    },
+                );
+            }
+        }
+        (images.len(), sandboxes.len())
     }
 
     fn dir_of(&self, id: &str) -> Option<PathBuf> {
@@ -839,6 +953,7 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
             },
         );
     }
+    p.record(&sandbox);
     let p2 = p.clone();
     let id2 = id.clone();
     tokio::spawn(async move { boot(p2, id2, dir, c, from).await });

@@ -65,8 +65,13 @@ pub struct Settings {
 /// The loopback URL of the forwarder to the egress proxy, once it listens.
 static PROXY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// Sets the proxy variables every kind of tool reads (git, curl, npm, pip, Bun).
+/// Sets the proxy variables every kind of tool reads (git, curl, npm, pip, Bun); loopback
+/// stays direct (the supervisor's API, OpenCode's own server).
 fn with_proxy(cmd: &mut Command) {
+    with_proxy_for(cmd, true)
+}
+
+fn with_proxy_for(cmd: &mut Command, loopback_direct: bool) {
     if let Some(proxy) = PROXY.get() {
         for k in [
             "http_proxy",
@@ -78,8 +83,10 @@ fn with_proxy(cmd: &mut Command) {
         ] {
             cmd.env(k, proxy);
         }
-        cmd.env("no_proxy", "127.0.0.1,localhost")
-            .env("NO_PROXY", "127.0.0.1,localhost");
+        if loopback_direct {
+            cmd.env("no_proxy", "127.0.0.1,localhost")
+                .env("NO_PROXY", "127.0.0.1,localhost");
+        }
     }
 }
 
@@ -1441,7 +1448,8 @@ pub async fn egress_run(argv: &[String]) -> i32 {
         }
         cmd.env_remove("NIGHTSHIFT_EGRESS_SOCKET");
     }
-    with_proxy(&mut cmd);
+    // An exec's own network holds nothing but the forwarder: everything goes to the proxy.
+    with_proxy_for(&mut cmd, false);
     match cmd.status().await {
         Ok(st) => st.code().unwrap_or(128 + 9),
         Err(e) => {
@@ -1585,6 +1593,36 @@ mod tests {
         assert_eq!(numbers(&fresh), vec![41]);
         fresh.emit(json!({"kind": "y"}));
         assert_eq!(numbers(&fresh), vec![41, 42]);
+    }
+
+    #[tokio::test]
+    async fn the_local_api_refuses_callers_without_the_sandbox_secret() {
+        let s = Supervisor::new(settings());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, local_api(s)).await;
+        });
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/assign");
+        let body = r#"{"session_id":"ses_x","control_url":"http://evil","sandbox_token":"t"}"#;
+        for auth in [
+            None,
+            Some("Bearer wrong-secret-0123456789"),
+            Some("Basic eA=="),
+        ] {
+            let mut req = http.post(&url).body(body);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.expect("answer");
+            assert_eq!(r.status().as_u16(), 401, "{auth:?}");
+        }
+        let warm = format!("http://127.0.0.1:{port}/warmup/v1/chat/completions");
+        let r = http.post(&warm).send().await.expect("answer");
+        assert_eq!(r.status().as_u16(), 401);
     }
 
     #[test]

@@ -68,7 +68,11 @@ fn remote_repo(root: &Path) -> PathBuf {
 }
 
 async fn start(extra_env: &[(&str, &str)]) -> Provider {
-    let root = scratch("provider");
+    start_at(scratch("provider"), extra_env).await
+}
+
+/// A provider on an existing root (a restart finds what the earlier one recorded there).
+async fn start_at(root: PathBuf, extra_env: &[(&str, &str)]) -> Provider {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nightshift-provider"));
     cmd.args(["--port", &port.to_string(), "--root"])
@@ -1385,4 +1389,276 @@ fn env_names_are_checked() {
     ] {
         assert!(!allowed_env_name(bad), "{bad}");
     }
+}
+
+/// A loopback HTTP server that answers `{"ok":true}` and records each request's head.
+struct Upstream {
+    port: u16,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn upstream() -> Upstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                seen.lock()
+                    .expect("heads")
+                    .push(String::from_utf8_lossy(&buf).to_string());
+                let body = r#"{"ok":true}"#;
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Upstream { port, heads }
+}
+
+impl Upstream {
+    fn hits(&self) -> Vec<String> {
+        self.heads.lock().expect("heads").clone()
+    }
+}
+
+/// A sandbox's only way out is its egress proxy: allowlisted hosts answer, others are refused
+/// with `egress_blocked` and never reached, and nothing connects around the proxy.
+#[tokio::test]
+async fn egress_goes_only_through_the_allowlist_proxy() {
+    let allowed = upstream().await;
+    let other = upstream().await;
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let body = json!({"session_id": "ses_egress", "repository": {"clone_url": remote,
+        "base_branch": "main", "egress": [format!("127.0.0.1:{}", allowed.port)]}});
+    let (st, s) = p.call("POST", "/v1/sandboxes", Some(body)).await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    p.wait_status(&id, &["ready"]).await;
+    // An allowlisted host answers through the proxy (exec has the proxy variables set).
+    let out = p
+        .exec_out(
+            &id,
+            &format!(
+                "curl -s --max-time 10 http://127.0.0.1:{}/hello",
+                allowed.port
+            ),
+        )
+        .await;
+    assert!(out.contains("\"ok\":true"), "{out}");
+    assert_eq!(allowed.hits().len(), 1, "{:?}", allowed.hits());
+    // Another host is refused by the proxy, over plain HTTP and CONNECT alike.
+    let refused = p
+        .exec_out(
+            &id,
+            &format!("curl -s --max-time 10 http://127.0.0.1:{}/x", other.port),
+        )
+        .await;
+    assert!(refused.contains("egress_blocked"), "{refused}");
+    let tunnel = p
+        .exec_out(
+            &id,
+            &format!(
+                "curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 -p http://127.0.0.1:{}/x",
+                other.port
+            ),
+        )
+        .await;
+    assert!(tunnel.starts_with("403") || tunnel == "000", "{tunnel}");
+    // Around the proxy there is no network at all: no route to the host's loopback services.
+    let direct = p
+        .exec_out(
+            &id,
+            &format!(
+                "curl -s --noproxy '*' --max-time 5 http://127.0.0.1:{}/x || echo unreachable",
+                other.port
+            ),
+        )
+        .await;
+    assert!(direct.contains("unreachable"), "{direct}");
+    assert!(
+        other.hits().is_empty(),
+        "a refused host was reached: {:?}",
+        other.hits()
+    );
+    // Neither can a sandbox reach the provider itself.
+    let port = p.base.rsplit(':').next().unwrap_or("0").to_string();
+    let provider = p
+        .exec_out(
+            &id,
+            &format!("curl -s --max-time 5 http://127.0.0.1:{port}/v1/health || echo unreachable"),
+        )
+        .await;
+    assert!(provider.contains("egress_blocked"), "{provider}");
+}
+
+/// Clone URLs outside dev mode: https to allowlisted public hosts only; private addresses,
+/// local paths and other schemes are refused with a clear code, and nothing is created.
+#[tokio::test]
+async fn clone_urls_pointing_inside_or_at_local_paths_are_refused_outside_dev_mode() {
+    let p = start(&[("NIGHTSHIFT_DEV_MODE", "0")]).await;
+    let remote = remote_repo(&p.root);
+    for url in [
+        remote.to_string_lossy().to_string(),
+        format!("file://{}", remote.display()),
+        "https://10.1.2.3/team/repo.git".to_string(),
+        "https://169.254.169.254/latest/meta-data".to_string(),
+        "https://localhost/repo.git".to_string(),
+        "http://github.com/a/b.git".to_string(),
+        "https://git.internal.example/repo.git".to_string(),
+        "ssh://git@github.com/a/b.git".to_string(),
+    ] {
+        let body = json!({"session_id": "ses_clone", "repository": {"clone_url": url, "base_branch": "main"}});
+        let (st, v) = p.call("POST", "/v1/sandboxes", Some(body)).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_repository")),
+            "{url}: {v}"
+        );
+        let build = json!({"repository": {"clone_url": url, "base_branch": "main"}});
+        let (st, v) = p.call("POST", "/v1/images", Some(build)).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_repository")),
+            "{url}: {v}"
+        );
+    }
+    let (_, list) = p.call("GET", "/v1/sandboxes", None).await;
+    assert_eq!(list["sandboxes"], json!([]), "{list}");
+    let made = std::fs::read_dir(p.root.join("state").join("sandboxes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(made, 0, "a sandbox directory was created");
+}
+
+/// The model key stays with the provider: the sandbox's OpenCode holds only a token of its
+/// own, the model proxy swaps it for the key, and a wrong token never reaches the model.
+#[tokio::test]
+async fn the_model_key_never_enters_the_sandbox_and_the_proxy_adds_it() {
+    let model = upstream().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let opencode = root.join("node_modules/opencode-linux-x64/bin/opencode");
+    let plugins = root.join("node_modules");
+    let model_url = format!("http://127.0.0.1:{}/v1", model.port);
+    let key = "sk-very-secret-model-key-0123456789";
+    let p = start(&[
+        ("NIGHTSHIFT_OPENCODE_BIN", &opencode.to_string_lossy()),
+        ("NIGHTSHIFT_PLUGIN_MODULES", &plugins.to_string_lossy()),
+        ("NIGHTSHIFT_MODEL_URL", &model_url),
+        ("NIGHTSHIFT_MODEL_KEY", key),
+    ])
+    .await;
+    let remote = remote_repo(&p.root);
+    let body = json!({"session_id": "ses_key", "repository": {"clone_url": remote, "base_branch": "main"}});
+    let (st, s) = p.call("POST", "/v1/sandboxes", Some(body)).await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    p.wait_status(&id, &["ready"]).await;
+    // Nowhere in the sandbox: not in any process's environment, not in any file it can read.
+    let found = p
+        .exec_out(
+            &id,
+            &format!("grep -rl '{key}' \"$HOME\" /proc/[0-9]*/environ 2>/dev/null; echo done"),
+        )
+        .await;
+    assert_eq!(found.trim(), "done", "the key is inside: {found}");
+    // OpenCode's model endpoint is the proxy, with the sandbox's own token.
+    let config = p
+        .exec_out(&id, "cat \"$HOME/.config/opencode/opencode.json\"")
+        .await;
+    let config: Value = serde_json::from_str(&config).expect("config json");
+    let options = &config["provider"]["nightshift"]["options"];
+    assert_eq!(options["baseURL"], "http://model.nightshift.internal/v1");
+    let token = options["apiKey"].as_str().expect("token").to_string();
+    assert_ne!(token, key);
+    let wrong = p
+        .exec_out(
+            &id,
+            "curl -s --max-time 10 http://model.nightshift.internal/v1/models -H 'authorization: Bearer not-mine'",
+        )
+        .await;
+    assert!(wrong.contains("bad_model_token"), "{wrong}");
+    assert!(model.hits().is_empty(), "{:?}", model.hits());
+    let right = p
+        .exec_out(
+            &id,
+            &format!("curl -s --max-time 10 http://model.nightshift.internal/v1/models -H 'authorization: Bearer {token}'"),
+        )
+        .await;
+    assert!(right.contains("\"ok\":true"), "{right}");
+    let hits = model.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(
+        hits[0]
+            .to_ascii_lowercase()
+            .contains(&format!("authorization: bearer {key}")),
+        "{}",
+        hits[0]
+    );
+}
+
+/// A restart loses nothing the provider acknowledged: a ready image is usable again (a cold
+/// start from it works), and a sandbox whose processes ended with the old run is `lost`.
+#[tokio::test]
+async fn a_restarted_provider_finds_its_images_and_reports_its_sandboxes_lost() {
+    let first = start(&[]).await;
+    let root = first.root.clone();
+    let remote = remote_repo(&root);
+    let img = first
+        .build(&remote, &["echo built > .built"], None, json!({}))
+        .await;
+    assert_eq!(img["status"], "ready", "{img}");
+    let image = img["id"].as_str().expect("image").to_string();
+    let body = json!({"session_id": "ses_restart", "repository": {"clone_url": remote, "base_branch": "main"}, "image": image});
+    let (st, s) = first
+        .call("POST", "/v1/sandboxes", Some(body.clone()))
+        .await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    first.wait_status(&id, &["ready"]).await;
+    drop(first);
+
+    let again = start_at(root, &[]).await;
+    let (st, v) = again
+        .call("GET", &format!("/v1/images/{image}"), None)
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("ready")), "{v}");
+    let (st, v) = again
+        .call("GET", &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["status"].as_str(), v["error"]["code"].as_str()),
+        (Some("failed"), Some("lost")),
+        "{v}"
+    );
+    let (_, list) = again
+        .call("GET", "/v1/sandboxes?session_id=ses_restart", None)
+        .await;
+    assert_eq!(
+        list["sandboxes"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    // A cold start from the latest image still works after the restart.
+    let (st, s) = again.call("POST", "/v1/sandboxes", Some(body)).await;
+    assert_eq!(st, 201, "{s}");
+    let fresh = s["id"].as_str().expect("id").to_string();
+    again.wait_status(&fresh, &["ready"]).await;
+    let built = again.exec_out(&fresh, "cat .built").await;
+    assert_eq!(built.trim(), "built");
 }

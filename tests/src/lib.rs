@@ -21,7 +21,15 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up), so the source
+/// port of some outgoing connection cannot take it between this check and the server's bind.
 fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

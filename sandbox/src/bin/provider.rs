@@ -110,6 +110,13 @@ async fn serve(args: Vec<String>) {
         }
         Isolation::None => println!("provider: WARNING: NIGHTSHIFT_ISOLATION=none: sandboxes are NOT isolated; each is only a process tree in its own directory, and every sandbox's status says so"),
     }
+    // What an earlier run acknowledged is found again: images usable, sandboxes reported lost.
+    let (images, sandboxes) = p.recover().await;
+    if images + sandboxes > 0 {
+        println!(
+            "provider: found {images} image(s) and {sandboxes} sandbox(es) from an earlier run"
+        );
+    }
     tokio::spawn(sweep_snapshots(
         p.clone(),
         std::time::Duration::from_secs(60),
