@@ -1282,6 +1282,23 @@ impl SessionObject {
                 self.apply(|s, _| s.leave(&who)).await?;
                 json_of(200, &serde_json::json!({ "left": true }))
             }
+            (Method::Put, ["egress"]) => {
+                let b: wire::SessionEgress = Self::body(&mut req).await?;
+                self.apply(|s, _| s.set_egress(&who, &b.allow)).await?;
+                let sql = self.sql();
+                store::kv_put(&sql, sandbox_start::EGRESS, &b.allow)?;
+                // A live sandbox gets the new list at once; a later one at its start.
+                let mut applied = false;
+                if let Some(l) = store::load_link(&sql)? {
+                    if let (true, Some(id)) = (l.stage.is_live(), l.sandbox.as_ref()) {
+                        applied = sandbox_start::apply_egress(&self.env, id, &b.allow).await;
+                    }
+                }
+                json_of(
+                    200,
+                    &serde_json::json!({"allow": b.allow, "applied_to_live_sandbox": applied}),
+                )
+            }
             (Method::Post, ["end"]) => {
                 self.apply(|s, now| s.end(&who, now)).await?;
                 self.mark_ended_in_indexes().await;

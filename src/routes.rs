@@ -56,6 +56,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         }
         (Method::Get, ["sessions", id]) => forward(&mut req, env, id, "snapshot").await,
         (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
+        (Method::Put, ["sessions", id, "egress"]) => forward(&mut req, env, id, "egress").await,
         (Method::Get, ["sandbox-link", id]) => sandbox_link(&mut req, env, id).await,
         (_, ["sandbox", ..]) => crate::sandbox_api::handle(&mut req, env, &segs).await,
         (_, ["repositories", ..]) => crate::repositories::handle(&mut req, env, &segs).await,

@@ -26,6 +26,8 @@ struct Source {
 /// The key under which a session keeps its snapshots.
 pub const SNAPSHOTS: &str = "snapshots";
 const SOURCE: &str = "repository_source";
+/// The key under which a session keeps its owner's extra egress hosts.
+pub const EGRESS: &str = "session_egress";
 /// The key under which a session keeps the branch its work was pushed to.
 pub const BRANCH: &str = "branch";
 
@@ -52,13 +54,20 @@ pub async fn start(
     let supervisor = json!({"control_url": control, "sandbox_token": token});
     let labels = json!({"session": session_id});
     let mut notes = Vec::new();
+    // The owner's extra egress hosts join the repository's for every sandbox of the session.
+    let session_egress: Vec<String> = store::kv_get(sql, EGRESS)?.unwrap_or_default();
+    let with_session = |repo: &[String]| {
+        let mut all = repo.to_vec();
+        all.extend(session_egress.iter().cloned());
+        all
+    };
     // 1. The newest live snapshot holds the session's earlier work.
     let mut snaps: Snapshots = store::kv_get(sql, SNAPSHOTS)?.unwrap_or_default();
     let source: Option<Source> = store::kv_get(sql, SOURCE)?;
     while let (Some(snap), Some(src)) = (snaps.restorable(only, now).cloned(), source.as_ref()) {
         let (snapshot, turn) = (snap.id, snap.turn);
         let body = json!({"session_id": session_id,
-            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": src.egress},
+            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": with_session(&src.egress)},
             "supervisor": supervisor, "labels": labels});
         let path = format!("/v1/snapshots/{snapshot}/restore");
         let (status, v) = provider::call(env, Method::Post, &path, Some(&body)).await?;
@@ -117,6 +126,9 @@ pub async fn start(
     }) = &claimed
     {
         notes.push("claimed a warm sandbox from the pool".into());
+        if !session_egress.is_empty() {
+            apply_egress(env, id, &session_egress).await;
+        }
         return Ok(Started {
             status: 201,
             sandbox: json!({"id": id, "status": "ready", "expires_at": expires_at, "image": image}),
@@ -137,7 +149,7 @@ pub async fn start(
     };
     let body = json!({
         "session_id": session_id,
-        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": src.egress},
+        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": with_session(&src.egress)},
         "image": image,
         "env": env_vars,
         "supervisor": supervisor,
@@ -149,6 +161,17 @@ pub async fn start(
         sandbox: v,
         how: notes.join("; "),
     })
+}
+
+/// Gives a live sandbox the session's extra egress hosts (`POST /v1/sandboxes/{id}/egress`);
+/// whether the provider took them.
+pub async fn apply_egress(env: &Env, sandbox: &str, allow: &[String]) -> bool {
+    let body = json!({ "allow": allow });
+    let path = format!("/v1/sandboxes/{sandbox}/egress");
+    matches!(
+        provider::call(env, Method::Post, &path, Some(&body)).await,
+        Ok((200, _))
+    )
 }
 
 /// Asks the repository's pool; `None` when the repository is not registered (or does not answer).

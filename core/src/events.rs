@@ -116,6 +116,9 @@ pub enum EventKind {
     /// A write was held back until the checkout has synced; the agent was told why.
     #[serde(rename = "agent.blocked")]
     AgentBlocked { tool: String, message: String },
+    /// The session's owner changed the hosts its sandboxes may reach (beyond the repository's).
+    #[serde(rename = "egress.changed")]
+    EgressChanged { allow: Vec<String> },
     /// The sandbox's egress proxy refused a connection to a host outside the session's allowlist.
     #[serde(rename = "egress.blocked")]
     EgressBlocked {
@@ -159,6 +162,7 @@ impl EventKind {
             EventKind::AgentError { .. } => "agent.error",
             EventKind::AgentBlocked { .. } => "agent.blocked",
             EventKind::EgressBlocked { .. } => "egress.blocked",
+            EventKind::EgressChanged { .. } => "egress.changed",
             EventKind::BackgroundChild { .. } => "background.child",
         }
     }

@@ -408,6 +408,32 @@ impl Session {
         Ok(out)
     }
 
+    /// Sets the hosts this session's sandboxes may reach beyond their repository's egress
+    /// allowlist (owner only; patterns as in a repository's `egress`). Refused input changes
+    /// nothing; the change is an event, so every member sees who opened what.
+    pub fn set_egress(&mut self, who: &Identity, allow: &[String]) -> CoreResult<Outcome> {
+        self.require_active()?;
+        if !self.is_owner(&who.user) {
+            return Err(CoreError::OwnerOnly);
+        }
+        if allow.len() > crate::egress::MAX_PATTERNS
+            || !allow.iter().all(|p| crate::egress::valid_pattern(p))
+        {
+            return Err(CoreError::Invalid(format!(
+                "allow: at most {} host patterns like `example.com`, `*.example.com` or `host:port`",
+                crate::egress::MAX_PATTERNS
+            )));
+        }
+        let mut out = Outcome::default();
+        out.event(
+            who.actor(),
+            EventKind::EgressChanged {
+                allow: allow.to_vec(),
+            },
+        );
+        Ok(out)
+    }
+
     /// Ends the session (owner only); terminal.
     pub fn end(&mut self, who: &Identity, now: u64) -> CoreResult<Outcome> {
         self.require_active()?;

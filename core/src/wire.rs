@@ -500,6 +500,14 @@ pub struct SandboxAuthorize {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {}
 
+/// `PUT /sessions/:id/egress`: the hosts this session's sandboxes may reach beyond the
+/// repository's egress allowlist (owner only; replaces the earlier list).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionEgress {
+    pub allow: Vec<String>,
+}
+
 /// `POST /sandbox/restore`: a new sandbox for the session from one of its snapshots (the newest live one when `snapshot` is absent).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -39,6 +39,8 @@ pub struct ModelRoute {
 pub struct Egress {
     pub sandbox: String,
     policy: std::sync::Mutex<Policy>,
+    /// The session owner's extra hosts (replaced as a whole when they change).
+    session: std::sync::Mutex<Policy>,
     pub model: Option<ModelRoute>,
     http: reqwest::Client,
 }
@@ -74,6 +76,7 @@ impl Egress {
         Arc::new(Egress {
             sandbox: sandbox.to_string(),
             policy: std::sync::Mutex::new(policy),
+            session: std::sync::Mutex::new(Policy::default()),
             model,
             http: reqwest::Client::builder()
                 .no_proxy()
@@ -91,8 +94,21 @@ impl Egress {
         }
     }
 
+    /// Replaces the session owner's extra hosts.
+    pub fn set_session(&self, allow: &[String]) {
+        if let Ok(mut p) = self.session.lock() {
+            p.allow = allow.to_vec();
+        }
+    }
+
     fn allows(&self, host: &str, port: u16) -> bool {
-        self.policy
+        let base = self
+            .policy
+            .lock()
+            .map(|p| p.allows(host, port))
+            .unwrap_or(false);
+        base || self
+            .session
             .lock()
             .map(|p| p.allows(host, port))
             .unwrap_or(false)

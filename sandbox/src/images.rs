@@ -256,24 +256,8 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
             format!("the repository {shown} does not exist"),
         ));
     }
-    let repo = dir.join("repo");
-    let repo_s = repo.to_string_lossy().to_string();
-    run_git(
-        &["clone", "--quiet", "--branch", branch, url, &repo_s],
-        None,
-    )
-    .await
-    .map_err(|e| {
-        let why = p.scrub(&e);
-        (
-            "clone_failed",
-            format!("git clone of {shown} failed: {why}"),
-        )
-    })?;
-    let commit = run_git(&["rev-parse", "HEAD"], Some(&repo)).await.ok();
-    note(&log, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
-    update(p, id, |i| i.commit = commit);
-    // Build steps get the repository's egress policy through a proxy of their own.
+    // The clone and the build steps get the repository's egress policy through a proxy of
+    // their own; the clone runs inside the build's sandbox, never on the host.
     let run = p.host_dir(id).join("run");
     let _egress = if p.own_network() {
         let egress = crate::egress::Egress::new(id, p.policy_for(&b.repository, &[]), None);
@@ -282,6 +266,20 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
         None
     };
     let net = _egress.as_ref().map(|r| r.dir.as_path());
+    let extra: Vec<PathBuf> = local_remote(url).into_iter().collect();
+    let repo = dir.join("repo");
+    p.clone_inside(&dir, &extra, url, branch, &repo, net)
+        .await
+        .map_err(|e| {
+            let why = p.scrub(&e);
+            (
+                "clone_failed",
+                format!("git clone of {shown} failed: {why}"),
+            )
+        })?;
+    let commit = run_git(&["rev-parse", "HEAD"], Some(&repo)).await.ok();
+    note(&log, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
+    update(p, id, |i| i.commit = commit);
     for cmd in &b.setup {
         let code = run_step(p, &dir, &log, cmd, deadline, net).await?;
         if code != 0 {

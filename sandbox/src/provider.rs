@@ -510,6 +510,55 @@ impl Provider {
         out
     }
 
+    /// Clones `url` into `dest` inside the sandbox rooted at `dir` (its own network and egress
+    /// proxy when `net` is given), never on the host; answers git's error text.
+    pub(crate) async fn clone_inside(
+        &self,
+        dir: &Path,
+        extra: &[PathBuf],
+        url: &str,
+        branch: &str,
+        dest: &Path,
+        net: Option<&Path>,
+    ) -> Result<(), String> {
+        let argv: Vec<String> = [
+            "git",
+            "clone",
+            "--quiet",
+            "--branch",
+            branch,
+            "--",
+            url,
+            &dest.to_string_lossy(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let argv = if net.is_some() {
+            self.through_egress(&argv)
+        } else {
+            argv
+        };
+        let env: BTreeMap<String, String> = [
+            ("HOME", dir.join("home").to_string_lossy().to_string()),
+            ("GIT_TERMINAL_PROMPT", "0".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let out = self
+            .isolate(dir, extra, &argv, &env, dir, net)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("git could not run: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
     /// The egress policy of a repository: the defaults, its own hosts, and `extra`.
     pub(crate) fn policy_for(&self, repo: &Repository, extra: &[String]) -> crate::egress::Policy {
         let mut more = repo.egress.clone();
@@ -775,6 +824,7 @@ pub fn router(p: Shared) -> Router {
             get(snapshot_get).delete(snapshot_delete),
         )
         .route("/v1/sandboxes/{id}/assign", post(assign))
+        .route("/v1/sandboxes/{id}/egress", post(set_egress))
         .route("/v1/images", post(images::build))
         .route(
             "/v1/images/{id}",
@@ -1027,75 +1077,6 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             );
         }
     }
-    if repo.join(".git").exists() {
-        // Started again after a stop: the checkout is kept as it was.
-    } else if let Some(src) = from {
-        if !copy_tree(&src.join("repo"), &repo).await {
-            return p.fail(
-                &id,
-                "internal",
-                "could not copy the checkout of the image or snapshot".into(),
-            );
-        }
-        // An image also carries the warmed caches of its build's home directory.
-        let home = src.join("home");
-        if home.exists() {
-            let _ = tokio::fs::remove_dir_all(dir.join("home")).await;
-            if !copy_tree(&home, &dir.join("home")).await {
-                return p.fail(&id, "internal", "could not copy the image's caches".into());
-            }
-        }
-    } else {
-        let url = &c.repository.clone_url;
-        let is_path = url.starts_with('/') || url.starts_with("file://");
-        if is_path && local_remote(url).is_none() {
-            return p.fail(
-                &id,
-                "repository_not_found",
-                format!("the repository {} does not exist", redact_url(url)),
-            );
-        }
-        let repo_s = repo.to_string_lossy().to_string();
-        if let Err(e) = run_git(
-            &[
-                "clone",
-                "--quiet",
-                "--branch",
-                &c.repository.base_branch,
-                url,
-                &repo_s,
-            ],
-            None,
-        )
-        .await
-        {
-            return p.fail(
-                &id,
-                "clone_failed",
-                format!("git clone of {} failed: {}", redact_url(url), p.scrub(&e)),
-            );
-        }
-    }
-    let mut extra = Vec::new();
-    if let Some(remote) = local_remote(&c.repository.clone_url) {
-        extra.push(remote);
-    }
-    let argv = vec![p.cfg.supervisor.to_string_lossy().to_string()];
-    let path_of = |x: &Path| x.to_string_lossy().to_string();
-    let env: BTreeMap<String, String> = [
-        ("HOME", path_of(&dir.join("home"))),
-        ("NIGHTSHIFT_SANDBOX_ID", id.clone()),
-        (
-            "NIGHTSHIFT_SESSION_ID",
-            c.session_id.clone().unwrap_or_default(),
-        ),
-        ("NIGHTSHIFT_SANDBOX_DIR", path_of(&dir)),
-        ("NIGHTSHIFT_BASE_BRANCH", c.repository.base_branch.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut env = env;
     // Its own network: the egress proxy (allowlist, model proxy) is its only way out, and the
     // provider calls its supervisor on a unix socket in the same provider-owned folder.
     let run = host.join("run");
@@ -1131,12 +1112,74 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
                 )
             }
         }
+    }
+    let net = p.own_network().then_some(run.as_path());
+    let mut extra = Vec::new();
+    if let Some(remote) = local_remote(&c.repository.clone_url) {
+        extra.push(remote);
+    }
+    if repo.join(".git").exists() {
+        // Started again after a stop: the checkout is kept as it was.
+    } else if let Some(src) = from {
+        if !copy_tree(&src.join("repo"), &repo).await {
+            return p.fail(
+                &id,
+                "internal",
+                "could not copy the checkout of the image or snapshot".into(),
+            );
+        }
+        // An image also carries the warmed caches of its build's home directory.
+        let home = src.join("home");
+        if home.exists() {
+            let _ = tokio::fs::remove_dir_all(dir.join("home")).await;
+            if !copy_tree(&home, &dir.join("home")).await {
+                return p.fail(&id, "internal", "could not copy the image's caches".into());
+            }
+        }
+    } else {
+        let url = &c.repository.clone_url;
+        let is_path = url.starts_with('/') || url.starts_with("file://");
+        if is_path && local_remote(url).is_none() {
+            return p.fail(
+                &id,
+                "repository_not_found",
+                format!("the repository {} does not exist", redact_url(url)),
+            );
+        }
+        // The clone runs inside the sandbox, through its egress proxy.
+        if let Err(e) = p
+            .clone_inside(&dir, &extra, url, &c.repository.base_branch, &repo, net)
+            .await
+        {
+            return p.fail(
+                &id,
+                "clone_failed",
+                format!("git clone of {} failed: {}", redact_url(url), p.scrub(&e)),
+            );
+        }
+    }
+    let argv = vec![p.cfg.supervisor.to_string_lossy().to_string()];
+    let path_of = |x: &Path| x.to_string_lossy().to_string();
+    let env: BTreeMap<String, String> = [
+        ("HOME", path_of(&dir.join("home"))),
+        ("NIGHTSHIFT_SANDBOX_ID", id.clone()),
+        (
+            "NIGHTSHIFT_SESSION_ID",
+            c.session_id.clone().unwrap_or_default(),
+        ),
+        ("NIGHTSHIFT_SANDBOX_DIR", path_of(&dir)),
+        ("NIGHTSHIFT_BASE_BRANCH", c.repository.base_branch.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut env = env;
+    if p.own_network() {
         env.insert(
             "NIGHTSHIFT_API_SOCKET".into(),
             format!("{}/api.sock", crate::egress::SOCKET_DIR_INSIDE),
         );
     }
-    let net = p.own_network().then_some(run.as_path());
     let mut cmd = p.isolate(&dir, &extra, &argv, &env, &dir, net);
     // The log lives in the provider's own directory, never bound into the sandbox.
     let log = match procs::open_log(&host.join("supervisor.log")) {
@@ -1792,6 +1835,52 @@ async fn restore(
     }
     c.snapshot = Some(snap);
     start_sandbox(&p, c, Some(sdir)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressBody {
+    allow: Vec<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/egress`: the session owner's extra hosts, in force at once.
+async fn set_egress(
+    State(p): State<Shared>,
+    m: Method,
+    u: Uri,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    signed!(p, m, u, h, body);
+    let b: EgressBody = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    if b.allow.len() > nightshift_core::egress::MAX_PATTERNS
+        || !b.allow.iter().all(|a| crate::egress::valid_pattern(a))
+    {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "allow: host patterns like `example.com`, `*.example.com` or `host:port`",
+        );
+    }
+    if let Err(r) = live(&p, &id) {
+        return r.into_response();
+    }
+    let enforced = p
+        .sandboxes
+        .lock()
+        .ok()
+        .and_then(|map| {
+            map.get(&id).and_then(|e| e.egress.as_ref()).map(|running| {
+                running.egress.set_session(&b.allow);
+                true
+            })
+        })
+        .unwrap_or(false);
+    Json(json!({"id": id, "allow": b.allow, "enforced": enforced})).into_response()
 }
 
 /// Forwards to the supervisor's loopback API.

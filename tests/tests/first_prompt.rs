@@ -1,5 +1,6 @@
 //! A new session's first prompt: once a sandbox says `ready`, OpenCode has nothing left to initialise (no dependency install, no config written), and the warm-up never reaches the session's model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -40,13 +41,22 @@ fn fingerprint(dir: &Path) -> Vec<String> {
     out
 }
 
-/// The home directory of the only sandbox the provider has.
-fn only_sandbox_home(provider_root: &Path) -> PathBuf {
+/// OpenCode's config and cache folders of every sandbox the provider has, by sandbox id.
+fn opencode_state(provider_root: &Path) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
     let dirs: Vec<PathBuf> = std::fs::read_dir(provider_root.join("sandboxes"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert_eq!(dirs.len(), 1, "one pooled sandbox expected: {dirs:?}");
-    dirs[0].join("home")
+    dirs.iter()
+        .map(|d| {
+            let home = d.join("home");
+            let id = d
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let config = fingerprint(&home.join(".config").join("opencode"));
+            (id, (config, fingerprint(&home.join(".cache"))))
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -69,13 +79,8 @@ async fn a_pooled_sandbox_has_nothing_left_to_initialise_when_its_first_prompt_a
         assert!(t.elapsed() < RUN, "the pool never filled: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let home = only_sandbox_home(&compute.dir.join("provider"));
-    let config = home.join(".config").join("opencode");
-    let before = (fingerprint(&config), fingerprint(&home.join(".cache")));
-    assert!(
-        !before.0.is_empty(),
-        "the sandbox has an OpenCode config folder"
-    );
+    let root = compute.dir.join("provider");
+    let before = opencode_state(&root);
 
     let (id, _) = api
         .create_session_on(&ada, "first", Path::new("first"))
@@ -92,10 +97,26 @@ async fn a_pooled_sandbox_has_nothing_left_to_initialise_when_its_first_prompt_a
         .filter_map(|e| e["text"].as_str())
         .collect();
     assert!(text.contains("First answer from the model."), "{text}");
-    // Nothing was installed, written or cached for OpenCode on the person's time.
-    let after = (fingerprint(&config), fingerprint(&home.join(".cache")));
+    // The sandbox the prompt ran in was the pooled one, booted before the prompt...
+    let (_, list) = compute
+        .provider("GET", &format!("/v1/sandboxes?session_id={id}"), None)
+        .await;
+    let used = list["sandboxes"][0]["id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let Some(was) = before.get(&used) else {
+        panic!("the session's sandbox {used} was not booted before the prompt: {list}");
+    };
+    assert!(
+        !was.0.is_empty(),
+        "the sandbox has an OpenCode config folder"
+    );
+    // ...and nothing was installed, written or cached for OpenCode on the person's time.
+    let after = opencode_state(&root);
     assert_eq!(
-        before, after,
+        Some(was),
+        after.get(&used),
         "OpenCode initialised something during the first prompt"
     );
 }

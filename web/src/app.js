@@ -310,6 +310,8 @@ class SessionView {
         return `<li class="row error" data-seq="${e.seq}">Agent error: ${esc(e.message)}</li>`;
       case "agent.blocked":
         return `<li class="row blocked" data-seq="${e.seq}">${esc(e.message)}</li>`;
+      case "egress.changed":
+        return `<li class="row stage muted" data-seq="${e.seq}">${esc(e.actor?.name)} set the session's extra network hosts: ${e.allow?.length ? e.allow.map((h) => `<code>${esc(h)}</code>`).join(", ") : "none"}</li>`;
       case "egress.blocked":
         return `<li class="row blocked" data-seq="${e.seq}">Network: ${esc(e.host)} is not on this sandbox's allowlist${e.tool ? ` (tried by ${esc(e.tool)})` : ""}; the repository's owner can allow it in its <code>egress</code> setting</li>`;
       case "sandbox.status":
