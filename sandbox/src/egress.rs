@@ -19,6 +19,8 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 
 /// The virtual host a sandbox's OpenCode uses as its model endpoint (`http://MODEL_HOST/v1`).
 pub const MODEL_HOST: &str = "model.nightshift.internal";
+/// The virtual host of the push relay (`POST http://RELAY_HOST/relay?branch=nightshift/…`).
+pub const RELAY_HOST: &str = "git.nightshift.internal";
 /// Header on the proxy's refusal naming the host that was refused.
 pub const BLOCKED_HEADER: &str = "x-nightshift-egress-blocked";
 /// The longest request head the proxy reads.
@@ -35,6 +37,14 @@ pub struct ModelRoute {
     pub token: String,
 }
 
+/// A dev-mode local remote's push relay: the sandbox pushes to `outbox` (a bare repository in
+/// the provider-owned folder), the provider fetches the session's branch into `remote`.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub outbox: std::path::PathBuf,
+    pub remote: std::path::PathBuf,
+}
+
 /// One sandbox's egress: its policy, its model route, and a note of what it refused.
 pub struct Egress {
     pub sandbox: String,
@@ -42,6 +52,7 @@ pub struct Egress {
     /// The session owner's extra hosts (replaced as a whole when they change).
     session: std::sync::Mutex<Policy>,
     pub model: Option<ModelRoute>,
+    pub relay: Option<Relay>,
     http: reqwest::Client,
 }
 
@@ -72,12 +83,18 @@ pub fn start(dir: std::path::PathBuf, egress: Arc<Egress>) -> std::io::Result<Ru
 }
 
 impl Egress {
-    pub fn new(sandbox: &str, policy: Policy, model: Option<ModelRoute>) -> Arc<Egress> {
+    pub fn new(
+        sandbox: &str,
+        policy: Policy,
+        model: Option<ModelRoute>,
+        relay: Option<Relay>,
+    ) -> Arc<Egress> {
         Arc::new(Egress {
             sandbox: sandbox.to_string(),
             policy: std::sync::Mutex::new(policy),
             session: std::sync::Mutex::new(Policy::default()),
             model,
+            relay,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -317,6 +334,9 @@ async fn handle(mut conn: UnixStream, egress: &Egress) -> std::io::Result<()> {
     if host.eq_ignore_ascii_case(MODEL_HOST) {
         return model(conn, egress, &head, path, rest).await;
     }
+    if host.eq_ignore_ascii_case(RELAY_HOST) {
+        return relay(conn, egress, path).await;
+    }
     if !egress.allows(&host, port) {
         return blocked(conn, egress, &host, port).await;
     }
@@ -387,6 +407,87 @@ async fn tunnel(
     upstream.write_all(&rest).await?;
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
     Ok(())
+}
+
+/// A branch the relay may bring over: the session's own `nightshift/…`, a plain ref name.
+pub fn relayable(branch: &str) -> bool {
+    branch.starts_with("nightshift/")
+        && branch.len() < 200
+        && !branch.contains("..")
+        && !branch.ends_with('/')
+        && !branch.ends_with(".lock")
+        && branch
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_-.".contains(c))
+}
+
+/// The push relay: the session's branch is fetched from the outbox into the real remote by
+/// the remote's own git (the outbox's config and hooks are never run on the host).
+async fn relay(mut conn: UnixStream, egress: &Egress, path: &str) -> std::io::Result<()> {
+    let Some(r) = &egress.relay else {
+        return refuse(
+            &mut conn,
+            "404 Not Found",
+            "no_relay",
+            None,
+            "this sandbox pushes to its remote directly",
+        )
+        .await;
+    };
+    let branch = path
+        .split_once("branch=")
+        .map(|(_, b)| b.split('&').next().unwrap_or(""))
+        .unwrap_or("");
+    if !relayable(branch) {
+        return refuse(
+            &mut conn,
+            "400 Bad Request",
+            "branch_refused",
+            None,
+            "only the session's nightshift/… branch is pushed",
+        )
+        .await;
+    }
+    let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+    let outbox = r.outbox.to_string_lossy().to_string();
+    let out = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(&r.remote)
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "fetch",
+            "--quiet",
+            "--no-write-fetch-head",
+            "--",
+            &outbox,
+            &refspec,
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("HOME", "/nonexistent")
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {
+            let body = serde_json::json!({"relayed": branch}).to_string();
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            conn.write_all(answer.as_bytes()).await?;
+            conn.shutdown().await
+        }
+        _ => {
+            refuse(
+                &mut conn,
+                "502 Bad Gateway",
+                "relay_failed",
+                None,
+                "the branch could not be brought to the remote",
+            )
+            .await
+        }
+    }
 }
 
 /// The model proxy: checks the sandbox's token, adds the key, streams the answer back.

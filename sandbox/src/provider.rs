@@ -749,8 +749,10 @@ pub fn bwrap_profile(
         push(&[os("--ro-bind-try"), p.as_os_str(), p.as_os_str()]);
     }
     push(&[os("--bind"), dir.as_os_str(), dir.as_os_str()]);
+    // A dev-mode local remote is readable (clone, fetch), never writable: pushes go through
+    // the provider's relay (`egress::RELAY_HOST`).
     for p in extra_rw {
-        push(&[os("--bind"), p.as_os_str(), p.as_os_str()]);
+        push(&[os("--ro-bind"), p.as_os_str(), p.as_os_str()]);
     }
     a
 }
@@ -1099,7 +1101,14 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
                     token: token.clone(),
                 });
         model_token = model.as_ref().map(|m| m.token.clone());
-        let egress = crate::egress::Egress::new(&id, p.policy_for(&c.repository, &control), model);
+        // A dev-mode local remote: the sandbox pushes to an outbox the provider owns, and the
+        // provider brings the session's branch over (the remote is never writable inside).
+        let relay = local_remote(&c.repository.clone_url).map(|remote| crate::egress::Relay {
+            outbox: run.join("outbox.git"),
+            remote,
+        });
+        let policy = p.policy_for(&c.repository, &control);
+        let egress = crate::egress::Egress::new(&id, policy, model, relay);
         p.update(&id, |e| e.egress = None);
         let _ = std::fs::remove_dir_all(&run);
         match crate::egress::start(run.clone(), egress) {
@@ -1179,6 +1188,27 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             "NIGHTSHIFT_API_SOCKET".into(),
             format!("{}/api.sock", crate::egress::SOCKET_DIR_INSIDE),
         );
+        if local_remote(&c.repository.clone_url).is_some() {
+            let outbox = run.join("outbox.git");
+            if !outbox.exists() {
+                if let Err(e) = run_git(
+                    &["init", "--quiet", "--bare", &outbox.to_string_lossy()],
+                    None,
+                )
+                .await
+                {
+                    return p.fail(
+                        &id,
+                        "internal",
+                        format!("cannot create the push outbox: {e}"),
+                    );
+                }
+            }
+            env.insert(
+                "NIGHTSHIFT_PUSH_OUTBOX".into(),
+                format!("{}/outbox.git", crate::egress::SOCKET_DIR_INSIDE),
+            );
+        }
     }
     let mut cmd = p.isolate(&dir, &extra, &argv, &env, &dir, net);
     // The log lives in the provider's own directory, never bound into the sandbox.

@@ -1144,11 +1144,38 @@ async fn commit_and_push(s: &Shared, job: &PromptJob) -> Result<Option<(String, 
     .await?;
     let commit = git(&repo, &["rev-parse", "HEAD"]).await?;
     let refspec = format!("HEAD:refs/heads/{branch}");
-    git(&repo, &["push", "--quiet", "origin", &refspec]).await?;
+    match std::env::var("NIGHTSHIFT_PUSH_OUTBOX") {
+        // A dev-mode local remote is read-only here: push to the provider's outbox, then ask
+        // the provider to bring the branch over.
+        Ok(outbox) => {
+            git(&repo, &["push", "--quiet", "--force", &outbox, &refspec]).await?;
+            relay_branch(&branch).await?;
+        }
+        Err(_) => {
+            git(&repo, &["push", "--quiet", "origin", &refspec]).await?;
+        }
+    }
     if let Ok(mut b) = s.branch.lock() {
         *b = Some(branch.clone());
     }
     Ok(Some((branch, commit)))
+}
+
+/// Asks the provider's push relay (through the egress proxy) to bring `branch` from the outbox
+/// to the repository's remote.
+async fn relay_branch(branch: &str) -> Result<(), String> {
+    let url = format!("http://{}/relay?branch={branch}", crate::egress::RELAY_HOST);
+    let answer = control_client()
+        .post(&url)
+        .send()
+        .await
+        .map_err(|e| format!("the push relay did not answer: {e}"))?;
+    if answer.status().is_success() {
+        Ok(())
+    } else {
+        let body = answer.text().await.unwrap_or_default();
+        Err(format!("the push relay refused the branch: {body}"))
+    }
 }
 
 /// Keeps the WebSocket link to the session: hello, resend unacknowledged, heartbeats, reconnects.

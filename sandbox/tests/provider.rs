@@ -1662,3 +1662,56 @@ async fn a_restarted_provider_finds_its_images_and_reports_its_sandboxes_lost() 
     let built = again.exec_out(&fresh, "cat .built").await;
     assert_eq!(built.trim(), "built");
 }
+
+/// A dev-mode local remote is readable inside the sandbox but never writable: a write or a
+/// push to it fails, and the relay brings over only the session's `nightshift/…` branch.
+#[tokio::test]
+async fn a_local_remote_is_read_only_inside_and_only_the_session_branch_is_relayed() {
+    let p = start(&[]).await;
+    let remote = remote_repo(&p.root);
+    let body = json!({"session_id": "ses_relay", "repository": {"clone_url": remote, "base_branch": "main"}});
+    let (st, s) = p.call("POST", "/v1/sandboxes", Some(body)).await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    p.wait_status(&id, &["ready"]).await;
+    let before = sh(
+        &remote,
+        "git for-each-ref --format='%(refname) %(objectname)'",
+    );
+    let out = p
+        .exec_out(
+            &id,
+            &format!(
+                "touch {}/planted 2>&1 || echo refused; git -c user.name=x -c user.email=x@y commit -q --allow-empty -m x && git push -q origin HEAD:refs/heads/main 2>&1 || echo push-refused",
+                remote.display()
+            ),
+        )
+        .await;
+    assert!(
+        out.contains("refused") && out.contains("push-refused"),
+        "{out}"
+    );
+    assert!(!remote.join("planted").exists());
+    // The relay takes only the session's branch, from the provider's outbox.
+    let out = p
+        .exec_out(
+            &id,
+            "git push -q --force /run/nightshift/outbox.git HEAD:refs/heads/main HEAD:refs/heads/nightshift/ses_relay && \
+             curl -s -X POST 'http://git.nightshift.internal/relay?branch=main'; echo; \
+             curl -s -X POST 'http://git.nightshift.internal/relay?branch=nightshift/ses_relay'",
+        )
+        .await;
+    assert!(out.contains("branch_refused"), "{out}");
+    assert!(out.contains("\"relayed\""), "{out}");
+    let after = sh(
+        &remote,
+        "git for-each-ref --format='%(refname) %(objectname)'",
+    );
+    let main_before = before.lines().find(|l| l.starts_with("refs/heads/main "));
+    let main_after = after.lines().find(|l| l.starts_with("refs/heads/main "));
+    assert_eq!(main_before, main_after, "main moved");
+    assert!(
+        after.contains("refs/heads/nightshift/ses_relay "),
+        "{after}"
+    );
+}

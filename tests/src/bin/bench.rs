@@ -629,7 +629,13 @@ async fn pools() {
     let turns: Vec<serde_json::Value> = (0..400)
         .map(|i| json!({"text": format!("ok {i}")}))
         .collect();
-    let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
+    // `BENCH_ISOLATION=none` measures the same paths without containment (what it costs).
+    let isolation = std::env::var("BENCH_ISOLATION").unwrap_or_default();
+    let provider_env: Vec<(&str, &str)> = match isolation.as_str() {
+        "none" => vec![("NIGHTSHIFT_ISOLATION", "none")],
+        _ => Vec::new(),
+    };
+    let compute = Compute::start(&json!({ "turns": turns }), &provider_env).await;
     let owned = compute.vars();
     let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     vars.push(("SANDBOX_GRACE_MS", "300"));
@@ -642,10 +648,21 @@ async fn pools() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5usize);
-    for (kind, remote) in [
-        ("1 file", compute.remote_repo("small")),
-        ("real content", compute.remote_repo_with_content("large")),
-    ] {
+    println!(
+        "isolation: {}",
+        if isolation == "none" {
+            "none (NIGHTSHIFT_ISOLATION=none)"
+        } else {
+            "bubblewrap, own network, egress and model proxy"
+        }
+    );
+    // `BENCH_REPOS=small` runs the one-file repository only.
+    let only_small = std::env::var("BENCH_REPOS").as_deref() == Ok("small");
+    let mut repos = vec![("1 file", compute.remote_repo("small"))];
+    if !only_small {
+        repos.push(("real content", compute.remote_repo_with_content("large")));
+    }
+    for (kind, remote) in repos {
         let files = nightshift_tests::git(&remote, &["ls-tree", "-r", "--name-only", "main"])
             .lines()
             .count();
