@@ -48,10 +48,12 @@ if [ ! -f "$stamp" ] || [ package-lock.json -nt "$stamp" ] || [ package.json -nt
 fi
 
 # 6. System packages used by sandboxes and tests (git is present; ripgrep for OpenCode, bubblewrap for
-#    isolation, Chromium for the browser tests and screenshots).
+#    isolation, curl for the containment tests' requests from inside a sandbox, Chromium for the
+#    browser tests and screenshots).
 need_apt=()
 command -v rg >/dev/null || need_apt+=(ripgrep)
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+command -v curl >/dev/null || need_apt+=(curl)
 command -v chromium >/dev/null || need_apt+=(chromium)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   step "installing ${need_apt[*]} from Debian"

@@ -101,6 +101,11 @@ pub fn is_internal(ip: IpAddr) -> bool {
 /// The most patterns a repository's `egress` setting may hold.
 pub const MAX_PATTERNS: usize = 100;
 
+/// A valid allowlist: at most [`MAX_PATTERNS`] patterns, each [`valid_pattern`].
+pub fn valid_list(patterns: &[String]) -> bool {
+    patterns.len() <= MAX_PATTERNS && patterns.iter().all(|p| valid_pattern(p))
+}
+
 /// How a clone URL may be used: where the clone comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloneSource {

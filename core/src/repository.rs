@@ -129,9 +129,7 @@ impl Settings {
         if self.build_every_min > 7 * 24 * 60 {
             return Err(invalid("build_every_min: at most a week"));
         }
-        if self.egress.len() > crate::egress::MAX_PATTERNS
-            || !self.egress.iter().all(|p| crate::egress::valid_pattern(p))
-        {
+        if !crate::egress::valid_list(&self.egress) {
             return Err(invalid(format!(
                 "egress: at most {} host patterns like `example.com`, `*.example.com` or `host:port`",
                 crate::egress::MAX_PATTERNS

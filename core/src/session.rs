@@ -416,9 +416,7 @@ impl Session {
         if !self.is_owner(&who.user) {
             return Err(CoreError::OwnerOnly);
         }
-        if allow.len() > crate::egress::MAX_PATTERNS
-            || !allow.iter().all(|p| crate::egress::valid_pattern(p))
-        {
+        if !crate::egress::valid_list(allow) {
             return Err(CoreError::Invalid(format!(
                 "allow: at most {} host patterns like `example.com`, `*.example.com` or `host:port`",
                 crate::egress::MAX_PATTERNS

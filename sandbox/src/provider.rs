@@ -1887,9 +1887,7 @@ async fn set_egress(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
-    if b.allow.len() > nightshift_core::egress::MAX_PATTERNS
-        || !b.allow.iter().all(|a| crate::egress::valid_pattern(a))
-    {
+    if !nightshift_core::egress::valid_list(&b.allow) {
         return err(
             StatusCode::BAD_REQUEST,
             "invalid_body",
