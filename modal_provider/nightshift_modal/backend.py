@@ -822,10 +822,12 @@ class ModalBackend:
             if ready:
                 self._commit(sid, generation, self._mark_ready(port))
                 return None
-            if not alive:
-                return "sandbox_exited", "the supervisor exited; see logs/supervisor"
+            # Past the deadline the reason is the deadline, even if the supervisor has just been
+            # ended for it (checking liveness first raced with that and said `sandbox_exited`).
             if self._now() > deadline:
                 return "timeout", "the sandbox did not become ready in time"
+            if not alive:
+                return "sandbox_exited", "the supervisor exited; see logs/supervisor"
             if not self._commit(sid, generation, self._set_port(port)):
                 return None
             time.sleep(self._cfg.poll_interval_s)
