@@ -26,16 +26,76 @@ pub const BLOCKED_HEADER: &str = "x-nightshift-egress-blocked";
 /// The longest request head the proxy reads.
 const MAX_HEAD: usize = 32 * 1024;
 
-/// The model endpoint behind [`MODEL_HOST`].
-#[derive(Debug, Clone)]
+/// The model endpoints behind [`MODEL_HOST`]: `/v1/…` is the `nightshift` OpenAI-compatible
+/// model, `/<vendor>/…` one of OpenCode's own providers (Anthropic, OpenAI, …).
+#[derive(Debug, Clone, Default)]
 pub struct ModelRoute {
-    /// OpenAI-compatible base URL (`…/v1`).
-    pub upstream: String,
-    /// The key added to each request (never given to the sandbox).
+    /// OpenAI-compatible base URL (`…/v1`) of the `nightshift` provider.
+    pub upstream: Option<String>,
+    /// The key added to each of its requests (never given to the sandbox).
     pub key: Option<String>,
     /// What the sandbox presents as its API key (its own, random).
     pub token: String,
+    /// OpenCode provider id → its upstream base URL and key.
+    pub vendors: std::collections::BTreeMap<String, (String, String)>,
 }
+
+/// Where OpenCode's own providers are, by the variable their key comes in.
+const VENDORS: &[(&str, &str, &str)] = &[
+    ("ANTHROPIC", "anthropic", "https://api.anthropic.com/v1"),
+    ("OPENAI", "openai", "https://api.openai.com/v1"),
+    (
+        "GOOGLE_GENERATIVE_AI",
+        "google",
+        "https://generativelanguage.googleapis.com/v1beta",
+    ),
+    (
+        "GEMINI",
+        "google",
+        "https://generativelanguage.googleapis.com/v1beta",
+    ),
+    ("GROQ", "groq", "https://api.groq.com/openai/v1"),
+    ("MISTRAL", "mistral", "https://api.mistral.ai/v1"),
+    ("OPENROUTER", "openrouter", "https://openrouter.ai/api/v1"),
+    ("XAI", "xai", "https://api.x.ai/v1"),
+    ("DEEPSEEK", "deepseek", "https://api.deepseek.com/v1"),
+];
+
+/// The vendor routes for the `*_API_KEY` variables of the provider's environment: the
+/// OpenCode provider id, and its base URL (`<PREFIX>_BASE_URL`, else the vendor's own). A key
+/// of an unknown vendor without a base URL is left out (it never enters the sandbox).
+pub fn vendor_routes(
+    env: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, key) in env {
+        let Some(prefix) = k.strip_suffix("_API_KEY") else {
+            continue;
+        };
+        if prefix == "NIGHTSHIFT_MODEL" || prefix.is_empty() {
+            continue;
+        }
+        let known = VENDORS.iter().find(|(p, _, _)| *p == prefix);
+        let id = known
+            .map(|(_, id, _)| id.to_string())
+            .unwrap_or_else(|| prefix.to_ascii_lowercase().replace('_', "-"));
+        let base = env
+            .get(&format!("{prefix}_BASE_URL"))
+            .cloned()
+            .or_else(|| known.map(|(_, _, url)| url.to_string()));
+        if let Some(base) = base {
+            out.insert(id, (base, key.clone()));
+        } else {
+            eprintln!(
+                "provider: {k} names no known provider and no {prefix}_BASE_URL; it is not used"
+            );
+        }
+    }
+    out
+}
+
+/// Headers that carry an API key, as the SDKs send it.
+const KEY_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
 /// A dev-mode local remote's push relay: the sandbox pushes to `outbox` (a bare repository in
 /// the provider-owned folder), the provider fetches the session's branch into `remote`.
@@ -508,11 +568,13 @@ async fn model(
         )
         .await;
     };
-    let presented = head
-        .header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !crate::supervisor::same_secret(presented.as_bytes(), route.token.as_bytes()) {
+    // The token may come in whichever header the sandbox's SDK puts its key.
+    let carrier = KEY_HEADERS.iter().find_map(|name| {
+        let v = head.header(name)?;
+        let token = v.strip_prefix("Bearer ").unwrap_or(v);
+        crate::supervisor::same_secret(token.as_bytes(), route.token.as_bytes()).then_some(*name)
+    });
+    let Some(carrier) = carrier else {
         return refuse(
             &mut conn,
             "401 Unauthorized",
@@ -521,14 +583,27 @@ async fn model(
             "the model token is not this sandbox's",
         )
         .await;
-    }
-    let Some(rel) = path.strip_prefix("/v1") else {
+    };
+    // `/v1/…`: the nightshift model; `/<vendor>/…`: one of OpenCode's own providers.
+    let target = match (path.strip_prefix("/v1"), &route.upstream) {
+        (Some(rel), Some(up)) => Some((up.clone(), rel.to_string(), route.key.clone())),
+        _ => path
+            .trim_start_matches('/')
+            .split_once('/')
+            .and_then(|(vendor, rel)| {
+                route
+                    .vendors
+                    .get(vendor)
+                    .map(|(up, key)| (up.clone(), format!("/{rel}"), Some(key.clone())))
+            }),
+    };
+    let Some((upstream, rel, key)) = target else {
         return refuse(
             &mut conn,
             "404 Not Found",
             "not_found",
             None,
-            "model routes start with /v1",
+            "no model route here: /v1/… or /<provider>/…",
         )
         .await;
     };
@@ -557,19 +632,24 @@ async fn model(
     body.truncate(len);
     let method =
         reqwest::Method::from_bytes(head.method.as_bytes()).unwrap_or(reqwest::Method::POST);
-    let url = format!("{}{rel}", route.upstream.trim_end_matches('/'));
+    let url = format!("{}{rel}", upstream.trim_end_matches('/'));
     let mut req = egress.http.request(method, &url).body(body);
     for (k, v) in &head.headers {
         let lower = k.to_ascii_lowercase();
-        if matches!(
+        let hop = matches!(
             lower.as_str(),
-            "content-type" | "accept" | "user-agent" | "x-session-id" | "openai-beta"
-        ) {
+            "host" | "content-length" | "connection" | "keep-alive" | "transfer-encoding" | "te"
+        ) || lower.starts_with("proxy-");
+        if !hop && !KEY_HEADERS.contains(&lower.as_str()) {
             req = req.header(k.as_str(), v.as_str());
         }
     }
-    if let Some(key) = &route.key {
-        req = req.bearer_auth(key);
+    // The real key goes where the token came (the SDK's own header and form).
+    if let Some(key) = &key {
+        req = match carrier {
+            "authorization" => req.bearer_auth(key),
+            other => req.header(other, key.as_str()),
+        };
     }
     let answer = match req.send().await {
         Ok(a) => a,

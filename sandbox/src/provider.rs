@@ -1083,6 +1083,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
     // provider calls its supervisor on a unix socket in the same provider-owned folder.
     let run = host.join("run");
     let mut model_token = None;
+    let mut model_vendors: Vec<String> = Vec::new();
     if p.own_network() {
         let control: Vec<String> = c
             .supervisor
@@ -1090,17 +1091,18 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             .and_then(|s| crate::egress::authority_of_url(&s.control_url))
             .into_iter()
             .collect();
-        let token = random_hex(16);
-        let model =
-            p.cfg
-                .supervisor_env
-                .get("NIGHTSHIFT_MODEL_URL")
-                .map(|url| crate::egress::ModelRoute {
-                    upstream: url.clone(),
-                    key: p.cfg.supervisor_env.get("NIGHTSHIFT_MODEL_KEY").cloned(),
-                    token: token.clone(),
-                });
+        let route = crate::egress::ModelRoute {
+            upstream: p.cfg.supervisor_env.get("NIGHTSHIFT_MODEL_URL").cloned(),
+            key: p.cfg.supervisor_env.get("NIGHTSHIFT_MODEL_KEY").cloned(),
+            token: random_hex(16),
+            vendors: crate::egress::vendor_routes(&p.cfg.supervisor_env),
+        };
+        let model = (route.upstream.is_some() || !route.vendors.is_empty()).then_some(route);
         model_token = model.as_ref().map(|m| m.token.clone());
+        model_vendors = model
+            .as_ref()
+            .map(|m| m.vendors.keys().cloned().collect())
+            .unwrap_or_default();
         // A dev-mode local remote: the sandbox pushes to an outbox the provider owns, and the
         // provider brings the session's branch over (the remote is never writable inside).
         let relay = local_remote(&c.repository.clone_url).map(|remote| crate::egress::Relay {
@@ -1238,11 +1240,17 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             .supervisor_env
             .iter()
             .chain(c.env.iter())
-            .filter(|(k, _)| model_token.is_none() || k.as_str() != "NIGHTSHIFT_MODEL_KEY")
+            .filter(|(k, _)| {
+                // Behind the model proxy no key enters the sandbox, of any vendor.
+                model_token.is_none()
+                    || !(k.ends_with("_API_KEY")
+                        || k.ends_with("_BASE_URL")
+                        || k.as_str() == "NIGHTSHIFT_MODEL_KEY")
+            })
             .collect();
         let api_secret = p.api_secret(&id).unwrap_or_default();
         let secrets = json!({"supervisor": c.supervisor, "env": env, "api_secret": api_secret,
-            "model_token": model_token});
+            "model_token": model_token, "model_vendors": model_vendors});
         let _ = stdin.write_all(format!("{secrets}\n").as_bytes()).await;
         drop(stdin);
     }

@@ -60,6 +60,8 @@ pub struct Settings {
     pub egress_socket: Option<PathBuf>,
     /// The token this sandbox presents to the model proxy (in place of any model key).
     pub model_token: Option<String>,
+    /// OpenCode providers reached through the model proxy (`/<id>/…` routes).
+    pub model_vendors: Vec<String>,
 }
 
 /// The loopback URL of the forwarder to the egress proxy, once it listens.
@@ -163,6 +165,14 @@ impl Settings {
             opencode_password: fresh_secret(),
             egress_socket: all.get("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from),
             model_token: secrets["model_token"].as_str().map(String::from),
+            model_vendors: secrets["model_vendors"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
             env: all
                 .into_iter()
                 .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
@@ -678,7 +688,7 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
         }
     }
     let warmup_url = format!("http://127.0.0.1:{gate_port}/warmup/v1");
-    let config = json!({
+    let mut config = json!({
         "$schema": "https://opencode.ai/config.json",
         "model": s.model,
         "provider": {"nightshift": {"npm": "@ai-sdk/openai-compatible", "name": "Nightshift",
@@ -693,6 +703,16 @@ pub fn write_opencode_config(s: &Settings, gate_port: u16) -> std::io::Result<Pa
         "autoupdate": false,
         "share": "disabled"
     });
+    // OpenCode's own providers (Anthropic, OpenAI, …) through the model proxy too: their base
+    // URL is the proxy's route and their key this sandbox's token.
+    if let (Some(_), Some(token)) = (&s.egress_socket, &s.model_token) {
+        for vendor in &s.model_vendors {
+            config["provider"][vendor] = json!({"options": {
+                "baseURL": format!("http://{}/{vendor}", crate::egress::MODEL_HOST),
+                "apiKey": token,
+            }});
+        }
+    }
     std::fs::write(cfg_dir.join("opencode.json"), config.to_string())?;
     let plugin = format!(
         r#"// Nightshift: write gating (asks the sandbox supervisor before any tool runs) and the

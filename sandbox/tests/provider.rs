@@ -1555,11 +1555,16 @@ async fn the_model_key_never_enters_the_sandbox_and_the_proxy_adds_it() {
     let plugins = root.join("node_modules");
     let model_url = format!("http://127.0.0.1:{}/v1", model.port);
     let key = "sk-very-secret-model-key-0123456789";
+    // Another vendor's key (one of OpenCode's own providers), its endpoint the same fake.
+    let vendor_key = "sk-ant-vendor-secret-key-9876543210";
+    let vendor_url = format!("http://127.0.0.1:{}/anthropic-v1", model.port);
     let p = start(&[
         ("NIGHTSHIFT_OPENCODE_BIN", &opencode.to_string_lossy()),
         ("NIGHTSHIFT_PLUGIN_MODULES", &plugins.to_string_lossy()),
         ("NIGHTSHIFT_MODEL_URL", &model_url),
         ("NIGHTSHIFT_MODEL_KEY", key),
+        ("ANTHROPIC_API_KEY", vendor_key),
+        ("ANTHROPIC_BASE_URL", &vendor_url),
     ])
     .await;
     let remote = remote_repo(&p.root);
@@ -1572,7 +1577,7 @@ async fn the_model_key_never_enters_the_sandbox_and_the_proxy_adds_it() {
     let found = p
         .exec_out(
             &id,
-            &format!("grep -rl '{key}' \"$HOME\" /proc/[0-9]*/environ 2>/dev/null; echo done"),
+            &format!("grep -rlE '{key}|{vendor_key}' \"$HOME\" /proc/[0-9]*/environ 2>/dev/null; echo done"),
         )
         .await;
     assert_eq!(found.trim(), "done", "the key is inside: {found}");
@@ -1609,6 +1614,28 @@ async fn the_model_key_never_enters_the_sandbox_and_the_proxy_adds_it() {
         "{}",
         hits[0]
     );
+    // OpenCode's Anthropic provider points at the proxy with the same token; the proxy puts
+    // the vendor's key in the header the SDK used (`x-api-key`) and keeps the rest.
+    let vendor = &config["provider"]["anthropic"]["options"];
+    assert_eq!(
+        vendor["baseURL"],
+        "http://model.nightshift.internal/anthropic"
+    );
+    assert_eq!(vendor["apiKey"], token.as_str());
+    let right = p
+        .exec_out(
+            &id,
+            &format!("curl -s --max-time 10 -X POST http://model.nightshift.internal/anthropic/messages -H 'x-api-key: {token}' -H 'anthropic-version: 2023-06-01' -d '{{}}'"),
+        )
+        .await;
+    assert!(right.contains("\"ok\":true"), "{right}");
+    let hits = model.hits();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let head = hits[1].to_ascii_lowercase();
+    assert!(head.starts_with("post /anthropic-v1/messages"), "{head}");
+    assert!(head.contains(&format!("x-api-key: {vendor_key}")), "{head}");
+    assert!(head.contains("anthropic-version: 2023-06-01"), "{head}");
+    assert!(!head.contains(&token), "{head}");
 }
 
 /// A restart loses nothing the provider acknowledged: a ready image is usable again (a cold
