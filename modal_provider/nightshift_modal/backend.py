@@ -1070,6 +1070,11 @@ class ModalBackend:
 
     # ----- the periodic sweep -----
 
+    def claim_nonce(self, nonce: str, forget_at: int) -> bool:
+        """Records a verified request's nonce in the shared store; False when another web container already
+        took it (a replay across containers, which a per-container cache cannot see)."""
+        return self._store.put_new(f"nonce:{nonce}", {"until": forget_at})
+
     def sweep(self) -> None:
         """Applies the time-based rules everywhere, fails dead sandboxes, frees expired snapshots, unneeded images.
 
@@ -1092,6 +1097,10 @@ class ModalBackend:
                     load(key.removeprefix(prefix))
         for _, rec in self._store.scan("gc:"):
             self._release_image(rec["ref"])
+        # Nonces only matter inside the signing window.
+        for key, rec in self._store.scan("nonce:"):
+            if rec.get("until", 0) < now:
+                self._store.delete(key)
 
     def _check_alive(self, sid: str, rec: dict[str, Any]) -> None:
         try:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, quote
 from . import model_proxy, validate
 from .backend import LogChunk, ModalBackend, wall_clock_ms
 from .errors import ProviderError
-from .signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, NonceCache, SignError, verify
+from .signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WINDOW_MS, NonceCache, SignError, verify
 
 log = logging.getLogger("nightshift.modal.http")
 
@@ -137,7 +137,14 @@ class ProviderApp:
             return
         try:
             body = await _read_body(receive)
-            self._verify(scope, body)
+            nonce, ts = self._verify(scope, body)
+            # Any other web container may have seen it: the shared store has the last word.
+            if not await asyncio.to_thread(self._backend.claim_nonce, nonce, ts + WINDOW_MS):
+                raise ProviderError(
+                    401,
+                    "replayed_request",
+                    "this signed request was already received; sign every request with a new nonce",
+                )
             answer = await self._dispatch(scope, body)
         except ProviderError as e:
             answer = _Json(e.status, e.body())
@@ -195,7 +202,8 @@ class ProviderApp:
             answer.chunks.close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _verify(self, scope: Scope, body: bytes) -> None:
+    def _verify(self, scope: Scope, body: bytes) -> tuple[str, int]:
+        """Checks the signature and this container's memory of nonces; answers the nonce and timestamp."""
         now = self._now()
         try:
             ts = verify(
@@ -208,8 +216,11 @@ class ProviderApp:
                 body,
                 now,
             )
-            # Only a verified request's nonce is remembered; a second use is a replay.
-            self._nonces.remember((_header(scope, NONCE_HEADER) or "").strip(), ts, now)
+            # Only a verified request's nonce is remembered; a second use is a replay — in this
+            # container (memory) or in any other (the shared store, checked by the caller).
+            nonce = (_header(scope, NONCE_HEADER) or "").strip()
+            self._nonces.remember(nonce, ts, now)
+            return nonce, ts
         except SignError as e:
             status = 503 if e.code == "capacity" else 401
             raise ProviderError(status, e.code, e.message) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nightshift_modal.http import MAX_BODY
+from nightshift_modal.http import MAX_BODY, ProviderApp
 from nightshift_modal.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 from .harness import SECRET, ProviderTestCase
@@ -87,6 +87,24 @@ class SignatureTest(ProviderTestCase):
         }
         first = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
         self.assertEqual(first.status, 201, first.json())
+        again = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
+        self.assertEqual((again.status, again.code), (401, "replayed_request"))
+        listed = self.c.get("/v1/sandboxes").json()["sandboxes"]
+        self.assertEqual([x["id"] for x in listed], [first.json()["id"]])
+
+    def test_a_replay_reaching_another_web_container_is_refused_too(self) -> None:
+        ts = self.h.clock()
+        body = json.dumps(self.h.create_body()).encode()
+        nonce = "replay-other-container-0123"
+        headers = {
+            TIMESTAMP_HEADER: str(ts),
+            NONCE_HEADER: nonce,
+            SIGNATURE_HEADER: sign(SECRET, "POST", "/v1/sandboxes", ts, nonce, body),
+        }
+        first = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
+        self.assertEqual(first.status, 201, first.json())
+        # A fresh app over the same store: another container with an empty memory of nonces.
+        self.h.server.app = ProviderApp(self.h.backend, SECRET, clock=self.h.clock, poll_interval_s=0.05)
         again = self.c.post("/v1/sandboxes", raw=body, signed=False, headers=headers)
         self.assertEqual((again.status, again.code), (401, "replayed_request"))
         listed = self.c.get("/v1/sandboxes").json()["sandboxes"]
