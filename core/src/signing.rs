@@ -226,6 +226,13 @@ impl NonceCache {
 }
 
 /// A per-sandbox token is random; only its hash is stored. True when `token` hashes to `hash`.
+/// Whether two secrets are equal, compared in constant time (the supervisor's API secret, a
+/// sandbox's model token).
+pub fn secrets_match(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
 pub fn token_matches(token: &str, hash: &str) -> bool {
     use subtle::ConstantTimeEq;
     sha256_hex(token.as_bytes())

@@ -204,9 +204,12 @@ impl Egress {
 pub fn authority_of_url(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
-    let default = if scheme.ends_with('s') { 443 } else { 80 };
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "https" | "wss" => 443,
+        _ => 80,
+    };
     let (host, port) = split_authority(authority, default)?;
-    Some(format!("{host}:{port}"))
+    (!host.is_empty()).then(|| format!("{host}:{port}"))
 }
 
 /// Serves the sandbox's socket until the listener is dropped (the sandbox ended).
@@ -572,7 +575,7 @@ async fn model(
     let carrier = KEY_HEADERS.iter().find_map(|name| {
         let v = head.header(name)?;
         let token = v.strip_prefix("Bearer ").unwrap_or(v);
-        crate::supervisor::same_secret(token.as_bytes(), route.token.as_bytes()).then_some(*name)
+        nightshift_core::signing::secrets_match(token, &route.token).then_some(*name)
     });
     let Some(carrier) = carrier else {
         return refuse(

@@ -92,18 +92,6 @@ fn with_proxy_for(cmd: &mut Command, loopback_direct: bool) {
     }
 }
 
-/// A fresh random secret (32 hex digits).
-pub fn fresh_secret() -> String {
-    (0..16)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
-}
-
-/// Compares two secrets in constant time (for equal lengths).
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Settings {
     /// Reads settings from the process environment and the JSON secrets line.
     pub fn from(env: BTreeMap<String, String>, secrets: &Value) -> Result<Settings, String> {
@@ -161,8 +149,8 @@ impl Settings {
                 .as_str()
                 .filter(|t| t.len() >= 16)
                 .map(String::from)
-                .unwrap_or_else(fresh_secret),
-            opencode_password: fresh_secret(),
+                .unwrap_or_else(|| crate::provider::random_hex(16)),
+            opencode_password: crate::provider::random_hex(16),
             egress_socket: all.get("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from),
             model_token: secrets["model_token"].as_str().map(String::from),
             model_vendors: secrets["model_vendors"]
@@ -481,7 +469,9 @@ async fn require_secret(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(t) if same_secret(t.as_bytes(), s.cfg.api_secret.as_bytes()) => next.run(req).await,
+        Some(t) if nightshift_core::signing::secrets_match(t, &s.cfg.api_secret) => {
+            next.run(req).await
+        }
         _ => (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": {"code": "unauthorized", "message": "the sandbox's local API needs its secret"}})),
@@ -867,24 +857,29 @@ pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String
     Err("OpenCode did not start within 30 s; see logs/opencode".into())
 }
 
-/// Runs one turn against the warm-up model in a throwaway OpenCode session, so everything
-/// OpenCode does on a fresh server's first prompt (the directory's instance, config and plugin
-/// loading, the tool registry, the provider SDK, the system prompt) is done before `ready`.
-pub async fn warm_up(s: &Shared, base: &str) -> Result<u128, String> {
-    let t0 = std::time::Instant::now();
+/// Creates an OpenCode session (always with a title, or OpenCode asks the model for one).
+async fn new_opencode_session(s: &Shared, base: &str, title: &str) -> Result<String, String> {
     let created: Value = s
         .to_opencode(reqwest::Method::POST, &format!("{base}/session"))
-        .json(&json!({"title": "Nightshift warm-up"}))
+        .json(&json!({ "title": title }))
         .send()
         .await
         .map_err(|e| format!("OpenCode did not answer: {e}"))?
         .json()
         .await
         .map_err(|e| format!("OpenCode answered oddly: {e}"))?;
-    let sid = created["id"]
+    created["id"]
         .as_str()
-        .ok_or("OpenCode gave no session id")?
-        .to_string();
+        .map(String::from)
+        .ok_or_else(|| "OpenCode gave no session id".to_string())
+}
+
+/// Runs one turn against the warm-up model in a throwaway OpenCode session, so everything
+/// OpenCode does on a fresh server's first prompt (the directory's instance, config and plugin
+/// loading, the tool registry, the provider SDK, the system prompt) is done before `ready`.
+pub async fn warm_up(s: &Shared, base: &str) -> Result<u128, String> {
+    let t0 = std::time::Instant::now();
+    let sid = new_opencode_session(s, base, "Nightshift warm-up").await?;
     let answer = s
         .to_opencode(
             reqwest::Method::POST,
@@ -949,19 +944,15 @@ async fn run_one(
     job: &PromptJob,
     stops: &mut mpsc::UnboundedReceiver<String>,
 ) -> Result<(), String> {
-    if oc_session.is_none() {
-        let v: Value = s
-            .to_opencode(reqwest::Method::POST, &format!("{base}/session"))
-            .json(&json!({"title": format!("Nightshift {}", s.session_id())}))
-            .send()
-            .await
-            .map_err(|e| format!("OpenCode did not answer: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("OpenCode answered oddly: {e}"))?;
-        *oc_session = v["id"].as_str().map(String::from);
-    }
-    let sid = oc_session.clone().ok_or("OpenCode gave no session id")?;
+    let sid = match oc_session.clone() {
+        Some(sid) => sid,
+        None => {
+            let title = format!("Nightshift {}", s.session_id());
+            let sid = new_opencode_session(s, base, &title).await?;
+            *oc_session = Some(sid.clone());
+            sid
+        }
+    };
     let t0 = std::time::Instant::now();
     let mut first_token_logged = false;
     // Subscribe before prompting so no event is missed.
@@ -1261,7 +1252,8 @@ async fn link_once(
         .parse()
         .map_err(|_| LinkEnd::Refused("bad token".into()))?;
     req.headers_mut().insert("authorization", auth);
-    let authority = authority_of(url).ok_or_else(|| LinkEnd::Refused("bad control URL".into()))?;
+    let authority = crate::egress::authority_of_url(url)
+        .ok_or_else(|| LinkEnd::Refused("bad control URL".into()))?;
     // Through the egress proxy when the sandbox has its own network, else directly.
     let stream: Box<dyn Io> = match &s.cfg.egress_socket {
         Some(sock) => Box::new(
@@ -1366,20 +1358,6 @@ async fn link_once(
 /// A byte stream the session link runs over (loopback TCP, or a tunnel through the egress proxy).
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
-/// `host:port` of a `ws://`/`http://` URL.
-fn authority_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    if authority.is_empty() {
-        return None;
-    }
-    Some(if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    })
-}
 
 /// Opens a tunnel to `authority` through the egress proxy (HTTP `CONNECT`).
 async fn connect_through(sock: &Path, authority: &str) -> Result<tokio::net::UnixStream, String> {
