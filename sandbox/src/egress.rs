@@ -7,7 +7,6 @@
 //! to [`MODEL_HOST`] go to the configured model with the provider's key added; the sandbox
 //! holds only a token good for itself.
 
-use std::net::IpAddr;
 use std::path::Path;
 
 pub use nightshift_core::egress::{is_internal, valid_pattern, Policy, DEFAULT_ALLOW};
@@ -113,6 +112,12 @@ pub struct Egress {
     session: std::sync::Mutex<Policy>,
     pub model: Option<ModelRoute>,
     pub relay: Option<Relay>,
+    /// `host:port`s the provider itself allowed (the session's control plane): the only
+    /// internal addresses a sandbox may reach, unless `dev_mode`.
+    trusted: std::sync::Mutex<Vec<String>>,
+    /// Single-user dev mode: a repository's or a session's pattern may name an internal
+    /// address too (a developer's own git server on loopback).
+    dev_mode: bool,
     http: reqwest::Client,
 }
 
@@ -148,6 +153,7 @@ impl Egress {
         policy: Policy,
         model: Option<ModelRoute>,
         relay: Option<Relay>,
+        dev_mode: bool,
     ) -> Arc<Egress> {
         Arc::new(Egress {
             sandbox: sandbox.to_string(),
@@ -155,6 +161,8 @@ impl Egress {
             session: std::sync::Mutex::new(Policy::default()),
             model,
             relay,
+            trusted: std::sync::Mutex::new(Vec::new()),
+            dev_mode,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -162,11 +170,17 @@ impl Egress {
         })
     }
 
-    /// Allows one more host (the control plane, once a pooled sandbox is assigned).
-    pub fn allow(&self, pattern: &str) {
+    /// Allows the session's control plane (`host:port`), internal address or not: the one
+    /// destination the provider vouches for (at boot, or when a pooled sandbox is assigned).
+    pub fn trust(&self, authority: &str) {
         if let Ok(mut p) = self.policy.lock() {
-            if !p.allow.iter().any(|a| a == pattern) {
-                p.allow.push(pattern.to_string());
+            if !p.allow.iter().any(|a| a == authority) {
+                p.allow.push(authority.to_string());
+            }
+        }
+        if let Ok(mut t) = self.trusted.lock() {
+            if !t.iter().any(|a| a == authority) {
+                t.push(authority.to_string());
             }
         }
     }
@@ -191,12 +205,15 @@ impl Egress {
             .unwrap_or(false)
     }
 
-    fn names_exactly(&self, host: &str, port: u16) -> bool {
+    /// Whether `host:port` may be an internal address: the provider vouched for it, or dev mode.
+    fn may_be_internal(&self, host: &str, port: u16) -> bool {
         let exact = format!("{host}:{port}");
-        self.policy
-            .lock()
-            .map(|p| p.allow.iter().any(|a| a.eq_ignore_ascii_case(&exact)))
-            .unwrap_or(false)
+        self.dev_mode
+            || self
+                .trusted
+                .lock()
+                .map(|t| t.iter().any(|a| a.eq_ignore_ascii_case(&exact)))
+                .unwrap_or(false)
     }
 }
 
@@ -326,19 +343,17 @@ fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> 
     }
 }
 
-/// Connects to an allowed host; a DNS name that resolves to an internal address is refused
-/// unless the policy names that host with an explicit port (the control plane on loopback).
+/// Connects to an allowed host. An internal address (loopback, private, link-local), named
+/// or literal, is refused unless the provider vouched for that `host:port` (the control
+/// plane) or runs in dev mode: a repository's or an owner's pattern never opens the host's
+/// own services (the provider, wrangler's inspector, other sandboxes' ports).
 async fn connect(egress: &Egress, host: &str, port: u16) -> Result<TcpStream, String> {
-    let literal = host.parse::<IpAddr>().is_ok();
-    let explicit = egress.names_exactly(host, port);
+    let internal_ok = egress.may_be_internal(host, port);
     let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|_| format!("{host} does not resolve"))?
         .collect();
-    let Some(addr) = addrs
-        .iter()
-        .find(|a| literal || explicit || !is_internal(a.ip()))
-    else {
+    let Some(addr) = addrs.iter().find(|a| internal_ok || !is_internal(a.ip())) else {
         return Err(format!("{host} resolves to an internal address"));
     };
     TcpStream::connect(addr)
@@ -693,4 +708,80 @@ async fn model(
     }
     conn.write_all(b"0\r\n\r\n").await?;
     conn.shutdown().await
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A loopback server that counts connections and answers `ok`.
+    async fn counting_server() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            }
+        });
+        (port, hits)
+    }
+
+    /// One `CONNECT` through the proxy's socket; answers the status line.
+    async fn tunnel_status(sock: &Path, target: &str) -> String {
+        let mut conn = UnixStream::connect(sock).await.expect("proxy socket");
+        conn.write_all(format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut answer = vec![0u8; 512];
+        let n = conn.read(&mut answer).await.unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn outside_dev_mode_only_the_vouched_for_control_plane_may_be_internal() {
+        let (control, control_hits) = counting_server().await;
+        let (other, other_hits) = counting_server().await;
+        let dir = std::env::temp_dir().join(format!("egress-test-{}", rand::random::<u32>()));
+        // The repository (or the session's owner) names a loopback port: outside dev mode it
+        // stays closed; the control plane the provider vouched for is reached.
+        let policy = Policy::with_defaults(&[format!("127.0.0.1:{other}")]);
+        let egress = Egress::new("sbx_test", policy, None, None, false);
+        egress.trust(&format!("127.0.0.1:{control}"));
+        egress.set_session(&[format!("localhost:{other}")]);
+        let running = start(dir.clone(), egress).expect("start");
+        let sock = running.dir.join("egress.sock");
+        let ok = tunnel_status(&sock, &format!("127.0.0.1:{control}")).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        for target in [format!("127.0.0.1:{other}"), format!("localhost:{other}")] {
+            let refused = tunnel_status(&sock, &target).await;
+            assert!(refused.starts_with("HTTP/1.1 502"), "{target}: {refused}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+        assert_eq!(control_hits.load(Ordering::SeqCst), 1);
+        drop(running);
+        // In dev mode a developer's own loopback server may be named.
+        let policy = Policy::with_defaults(&[format!("127.0.0.1:{other}")]);
+        let running = start(dir, Egress::new("sbx_dev", policy, None, None, true)).expect("start");
+        let ok = tunnel_status(
+            &running.dir.join("egress.sock"),
+            &format!("127.0.0.1:{other}"),
+        )
+        .await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
 }

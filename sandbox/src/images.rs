@@ -260,7 +260,13 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
     // their own; the clone runs inside the build's sandbox, never on the host.
     let run = p.host_dir(id).join("run");
     let _egress = if p.own_network() {
-        let egress = crate::egress::Egress::new(id, p.policy_for(&b.repository, &[]), None, None);
+        let egress = crate::egress::Egress::new(
+            id,
+            p.policy_for(&b.repository, &[]),
+            None,
+            None,
+            p.cfg.dev_mode,
+        );
         Some(crate::egress::start(run.clone(), egress).map_err(internal)?)
     } else {
         None

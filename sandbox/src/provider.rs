@@ -237,14 +237,14 @@ pub struct CreateBody {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
 }
 
 /// The contract's Sandbox object.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sandbox {
     pub id: String,
     pub session_id: Option<String>,
@@ -361,10 +361,12 @@ impl Provider {
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
+        // Only a change of the public record is written (the boot loop updates every 20 ms).
         let changed = self.sandboxes.lock().ok().and_then(|mut map| {
-            map.get_mut(id).map(|e| {
+            map.get_mut(id).and_then(|e| {
+                let before = e.sandbox.clone();
                 f(e);
-                e.sandbox.clone()
+                (e.sandbox != before).then(|| e.sandbox.clone())
             })
         });
         if let Some(sandbox) = changed {
@@ -1109,8 +1111,11 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
             outbox: run.join("outbox.git"),
             remote,
         });
-        let policy = p.policy_for(&c.repository, &control);
-        let egress = crate::egress::Egress::new(&id, policy, model, relay);
+        let policy = p.policy_for(&c.repository, &[]);
+        let egress = crate::egress::Egress::new(&id, policy, model, relay, p.cfg.dev_mode);
+        for authority in &control {
+            egress.trust(authority);
+        }
         p.update(&id, |e| e.egress = None);
         let _ = std::fs::remove_dir_all(&run);
         match crate::egress::start(run.clone(), egress) {
@@ -2200,7 +2205,7 @@ async fn assign(
     if let Some(control) = crate::egress::authority_of_url(&b.supervisor.control_url) {
         if let Ok(map) = p.sandboxes.lock() {
             if let Some(running) = map.get(&id).and_then(|e| e.egress.as_ref()) {
-                running.egress.allow(&control);
+                running.egress.trust(&control);
             }
         }
     }
