@@ -142,7 +142,7 @@ impl Drop for Running {
 /// Starts the proxy of one sandbox on `dir/egress.sock` (`dir` is provider-owned).
 pub fn start(dir: std::path::PathBuf, egress: Arc<Egress>) -> std::io::Result<Running> {
     std::fs::create_dir_all(&dir)?;
-    let listener = bind(&dir.join("egress.sock"))?;
+    let listener = bind(&dir, "egress.sock")?;
     let task = tokio::spawn(serve(listener, egress.clone()));
     Ok(Running { dir, egress, task })
 }
@@ -242,10 +242,12 @@ pub async fn serve(listener: UnixListener, egress: Arc<Egress>) {
     }
 }
 
-/// Binds the sandbox's socket (a stale one from an earlier boot is replaced).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
+/// Binds the sandbox's socket `dir/name` (a stale one from an earlier boot is replaced),
+/// however deep `dir` is.
+pub fn bind(dir: &Path, name: &str) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(dir.join(name));
+    let named = crate::socket_path::SocketPath::new(dir, name)?;
+    UnixListener::bind(named.path())
 }
 
 struct Head {

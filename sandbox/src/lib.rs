@@ -5,4 +5,5 @@ pub mod images;
 pub mod procs;
 pub mod provider;
 pub mod scripted;
+pub mod socket_path;
 pub mod supervisor;

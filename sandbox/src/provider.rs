@@ -1988,7 +1988,13 @@ async fn unix_call(
     if !meta.file_type().is_socket() {
         return Err("the API socket is not a socket".into());
     }
-    let mut conn = tokio::net::UnixStream::connect(sock)
+    let (dir, name) = match (sock.parent(), sock.file_name()) {
+        (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
+        _ => return Err("no API socket".into()),
+    };
+    let named = crate::socket_path::SocketPath::new(dir, &name)
+        .map_err(|e| format!("cannot open the API socket's folder: {e}"))?;
+    let mut conn = tokio::net::UnixStream::connect(named.path())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();

@@ -23,12 +23,16 @@ impl Drop for Provider {
     }
 }
 
+/// A scratch folder deep enough that a socket named by its full path inside a provider root
+/// would pass `sun_path`'s 108 bytes wherever the checkout is (CI's is longer than ours).
 fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("a-deep-folder-as-in-a-long-checkout-path")
+        .join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
 }
