@@ -44,6 +44,28 @@ pub fn valid_pattern(p: &str) -> bool {
         && port.is_none_or(|port| port.parse::<u16>().is_ok_and(|n| n > 0))
 }
 
+/// `host:port`, with an IPv6 host in brackets (`[::1]:8787`), as patterns and authorities are written.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A pattern's host and port (`[v6]:port` included); a port that does not parse matches none.
+fn split_pattern(pattern: &str) -> (&str, Option<u16>) {
+    if let Some(v6) = pattern.strip_prefix('[') {
+        if let Some((host, rest)) = v6.split_once(']') {
+            return (host, rest.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match pattern.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().ok()),
+        None => (pattern, None),
+    }
+}
+
 impl Policy {
     /// The default allowlist plus `extra`.
     pub fn with_defaults(extra: &[String]) -> Policy {
@@ -56,10 +78,7 @@ impl Policy {
     pub fn allows(&self, host: &str, port: u16) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.allow.iter().any(|pattern| {
-            let (pat, pat_port) = match pattern.rsplit_once(':') {
-                Some((h, p)) => (h, p.parse::<u16>().ok()),
-                None => (pattern.as_str(), None),
-            };
+            let (pat, pat_port) = split_pattern(pattern);
             let port_ok = match pat_port {
                 Some(p) => p == port,
                 None => port == 443 || port == 80,
@@ -206,6 +225,18 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_authority_is_bracketed_and_matched_exactly() {
+        assert_eq!(authority("::1", 8787), "[::1]:8787");
+        assert_eq!(authority("example.com", 443), "example.com:443");
+        let policy = Policy {
+            allow: vec![authority("::1", 8787)],
+        };
+        assert!(policy.allows("::1", 8787));
+        assert!(!policy.allows("::1", 8788));
+        assert!(!policy.allows("::", 1));
+    }
 
     #[test]
     fn the_policy_allows_named_hosts_on_their_ports_only() {

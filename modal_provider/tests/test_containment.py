@@ -35,6 +35,15 @@ def files_under(root: Path) -> list[Path]:
 
 
 class EgressPatternTest(unittest.TestCase):
+    def test_the_default_allowlist_is_the_local_providers(self) -> None:
+        # The Rust core's list is the source; this copy must not drift from it.
+        core = Path(__file__).resolve().parents[2] / "core" / "src" / "egress.rs"
+        text = core.read_text()
+        block = text[text.index("pub const DEFAULT_ALLOW") :]
+        block = block[block.index("= &[") + 4 : block.index("];")]
+        rust = tuple(part.strip().strip('"') for part in block.split(",") if part.strip())
+        self.assertEqual(DEFAULT_ALLOW, rust)
+
     def test_patterns_are_checked(self) -> None:
         for good in ("example.com", "*.example.com", "host:8443", "10.0.0.1:22", "a-b.c"):
             self.assertTrue(valid_egress_pattern(good), good)

@@ -207,7 +207,7 @@ impl Egress {
 
     /// Whether `host:port` may be an internal address: the provider vouched for it, or dev mode.
     fn may_be_internal(&self, host: &str, port: u16) -> bool {
-        let exact = format!("{host}:{port}");
+        let exact = nightshift_core::egress::authority(host, port);
         self.dev_mode
             || self
                 .trusted
@@ -226,7 +226,7 @@ pub fn authority_of_url(url: &str) -> Option<String> {
         _ => 80,
     };
     let (host, port) = split_authority(authority, default)?;
-    (!host.is_empty()).then(|| format!("{host}:{port}"))
+    (!host.is_empty()).then(|| nightshift_core::egress::authority(&host, port))
 }
 
 /// Serves the sandbox's socket until the listener is dropped (the sandbox ended).
@@ -751,6 +751,22 @@ mod proxy_tests {
             .next()
             .unwrap_or("")
             .to_string()
+    }
+
+    #[test]
+    fn a_control_plane_url_gives_its_authority_ipv6_in_brackets() {
+        for (url, want) in [
+            ("http://[::1]:8787/x", Some("[::1]:8787")),
+            ("https://[2001:db8::1]/", Some("[2001:db8::1]:443")),
+            ("http://127.0.0.1:8787", Some("127.0.0.1:8787")),
+            (
+                "wss://cp.example.com/sandbox-link",
+                Some("cp.example.com:443"),
+            ),
+            ("not a url", None),
+        ] {
+            assert_eq!(authority_of_url(url).as_deref(), want, "{url}");
+        }
     }
 
     #[tokio::test]

@@ -209,6 +209,8 @@ pub(crate) async fn build(
     tokio::spawn(async move {
         let timeout = b.timeout_ms.unwrap_or(DEFAULT_BUILD_TIMEOUT_MS);
         let outcome = run_build(&p2, &id, &b, now_ms() + timeout).await;
+        // Nothing a build step started outlives the build.
+        p2.cfg.groups.kill_and_remove(&id).await;
         if let Err((code, message)) = outcome {
             let message = p2.scrub(&message);
             eprintln!("provider: image {id} failed: {code}: {message}");

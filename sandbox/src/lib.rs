@@ -1,5 +1,6 @@
 //! Nightshift's compute side: the local provider, the in-sandbox supervisor and the scripted model.
 
+pub mod cgroup;
 pub mod egress;
 pub mod images;
 pub mod procs;

@@ -196,9 +196,11 @@ pub fn reap_main(argv: &[String]) -> ! {
 /// Zero means "leave as it is".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Address space per process, MiB (`RLIMIT_AS`).
+    /// Address space per process, MiB (`RLIMIT_AS`), and the whole sandbox's memory (a
+    /// `memory` cgroup, where cgroups are).
     pub memory_mb: u64,
-    /// Processes of the sandbox's user (`RLIMIT_NPROC`; the kernel does not apply it to root).
+    /// Processes of the whole sandbox (a `pids` cgroup where cgroups are; else `RLIMIT_NPROC`,
+    /// counted per user, which the kernel does not apply to root).
     pub procs: u64,
     /// Largest file a process may write, MiB (`RLIMIT_FSIZE`).
     pub file_mb: u64,
@@ -206,6 +208,8 @@ pub struct Limits {
     pub cpu_s: u64,
     /// Open files per process (`RLIMIT_NOFILE`).
     pub open_files: u64,
+    /// Whole CPUs' worth of time for the whole sandbox (a cgroup quota, where cgroups are).
+    pub cpus: u64,
 }
 
 impl Default for Limits {
@@ -216,12 +220,13 @@ impl Default for Limits {
             file_mb: 8192,
             cpu_s: 6 * 3600,
             open_files: 8192,
+            cpus: 2,
         }
     }
 }
 
 impl Limits {
-    /// Reads `PROVIDER_LIMIT_{MEMORY_MB,PROCS,FILE_MB,CPU_S,OPEN_FILES}` over the defaults.
+    /// Reads `PROVIDER_LIMIT_{MEMORY_MB,PROCS,FILE_MB,CPU_S,OPEN_FILES,CPUS}` over the defaults.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Limits, String> {
         let d = Limits::default();
         let read = |name: &str, default: u64| -> Result<u64, String> {
@@ -239,6 +244,7 @@ impl Limits {
             file_mb: read("PROVIDER_LIMIT_FILE_MB", d.file_mb)?,
             cpu_s: read("PROVIDER_LIMIT_CPU_S", d.cpu_s)?,
             open_files: read("PROVIDER_LIMIT_OPEN_FILES", d.open_files)?,
+            cpus: read("PROVIDER_LIMIT_CPUS", d.cpus)?,
         })
     }
 

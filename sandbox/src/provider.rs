@@ -95,6 +95,8 @@ pub struct Config {
     pub launcher: PathBuf,
     /// Resource limits of every sandbox process.
     pub limits: procs::Limits,
+    /// The cgroup controllers the provider may use (a whole sandbox's processes, memory, CPU).
+    pub groups: crate::cgroup::Groups,
     /// The supervisor executable started in every sandbox.
     pub supervisor: PathBuf,
     /// Environment given to every supervisor (OpenCode location, model settings, …).
@@ -350,6 +352,7 @@ impl Provider {
             Err(_) => Vec::new(),
         };
         for (id, roots) in live {
+            self.cfg.groups.kill_and_remove(&id).await;
             kill_roots(&roots);
             procs::kill_marked(&id).await;
         }
@@ -409,6 +412,10 @@ impl Provider {
             }
         }
         images::recover(self, &images);
+        // Whatever an earlier run left in its control groups dies now.
+        for group in self.cfg.groups.existing() {
+            self.cfg.groups.kill_and_remove(&group).await;
+        }
         for (id, v) in &sandboxes {
             procs::kill_marked(id).await;
             let over = matches!(v["status"].as_str(), Some("terminated" | "failed"));
@@ -669,13 +676,61 @@ impl Provider {
             }
         };
         let limits = self.cfg.limits;
-        // SAFETY: the closure runs between fork and exec and only calls getrlimit/setrlimit,
-        // which are async-signal-safe; it touches no shared state.
+        // The whole sandbox (boot, execs, builds in its folder) shares one group, named after
+        // its folder. Fail closed: a group that cannot be made fails the spawn.
+        let group = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let join = self
+            .cfg
+            .groups
+            .prepare(&group, self.group_limits())
+            .map_err(|e| {
+                eprintln!("provider: cannot prepare the control group of {group}: {e}");
+                e.kind()
+            });
+        // SAFETY: the closure runs between fork and exec and only calls open/write/close and
+        // getrlimit/setrlimit, which are async-signal-safe; it touches no shared state.
         unsafe {
-            cmd.pre_exec(move || limits.apply());
+            cmd.pre_exec(move || {
+                match &join {
+                    Ok(join) => join.enter()?,
+                    Err(kind) => return Err(std::io::Error::from(*kind)),
+                }
+                limits.apply()
+            });
         }
         cmd.process_group(0);
         cmd
+    }
+
+    fn group_limits(&self) -> crate::cgroup::GroupLimits {
+        crate::cgroup::GroupLimits {
+            procs: self.cfg.limits.procs,
+            memory_mb: self.cfg.limits.memory_mb,
+            cpus: self.cfg.limits.cpus,
+        }
+    }
+
+    /// The cgroup controllers sandboxes are grouped in (empty: none usable here).
+    pub fn cgroups(&self) -> Vec<&'static str> {
+        self.cfg.groups.names()
+    }
+
+    /// How a sandbox's process count is limited here: a `pids` cgroup, the per-user rlimit
+    /// (only when the provider is not root), or not at all.
+    pub fn process_limit(&self) -> &'static str {
+        if self.cfg.limits.procs == 0 {
+            "none"
+        } else if self.cfg.groups.has("pids") {
+            "cgroup"
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        } else if unsafe { libc::geteuid() } != 0 {
+            "rlimit"
+        } else {
+            "none"
+        }
     }
 
     /// Remembers a running exec's launcher (it is killed with the sandbox), or forgets it.
@@ -792,6 +847,9 @@ pub async fn probe_bubblewrap(p: &Provider, probe_dir: &Path) -> Result<(), Stri
         .await
         .map_err(|e| format!("cannot run {}: {e}", p.cfg.bwrap.display()))?;
     let _ = std::fs::remove_dir_all(probe_dir);
+    if let Some(name) = probe_dir.file_name() {
+        p.cfg.groups.kill_and_remove(&name.to_string_lossy()).await;
+    }
     if out.status.success() {
         Ok(())
     } else {
@@ -883,7 +941,13 @@ pub(crate) use signed;
 
 async fn health(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap) -> Response {
     signed!(p, m, u, h, []);
-    Json(json!({"ok": true, "provider": "local", "isolation": p.cfg.isolation})).into_response()
+    Json(json!({
+        "ok": true,
+        "provider": "local",
+        "isolation": p.cfg.isolation,
+        "limits": {"processes": p.process_limit(), "cgroups": p.cfg.groups.names()},
+    }))
+    .into_response()
 }
 
 pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
@@ -1733,7 +1797,9 @@ async fn halt(p: &Shared, id: &str, status: &'static str) {
             e.egress = None;
         }
     });
-    // Trees first (stopped, then killed, so nothing forks away), then groups, then marks.
+    // Its control group first (exact, whatever the processes did), then trees (stopped, then
+    // killed, so nothing forks away), then process groups, then marks.
+    p.cfg.groups.kill_and_remove(id).await;
     let _ = tokio::task::spawn_blocking(move || kill_roots(&roots)).await;
     procs::kill_marked(id).await;
 }
@@ -1982,18 +2048,14 @@ async fn unix_call(
     secret: &str,
     body: Option<Value>,
 ) -> Result<(u16, Value), String> {
-    use std::os::unix::fs::FileTypeExt;
     use tokio::io::AsyncReadExt;
-    let meta = std::fs::symlink_metadata(sock).map_err(|_| "no API socket yet".to_string())?;
-    if !meta.file_type().is_socket() {
-        return Err("the API socket is not a socket".into());
-    }
     let (dir, name) = match (sock.parent(), sock.file_name()) {
         (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
         _ => return Err("no API socket".into()),
     };
-    let named = crate::socket_path::SocketPath::new(dir, &name)
-        .map_err(|e| format!("cannot open the API socket's folder: {e}"))?;
+    // Pinned: checked to be a socket (not a link the sandbox planted) and connected as opened.
+    let named = crate::socket_path::SocketPath::existing(dir, &name)
+        .map_err(|e| format!("no API socket yet ({e})"))?;
     let mut conn = tokio::net::UnixStream::connect(named.path())
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;

@@ -27,6 +27,29 @@ impl SocketPath {
         Ok(SocketPath { _dir: folder, path })
     }
 
+    /// Names an existing socket `dir/name` to connect to, pinned: the socket itself is opened
+    /// (`O_PATH`, not following a link) and checked to be a socket, and the name refers to that
+    /// open file, so a sandbox that swaps in a link to a host socket afterwards changes nothing.
+    pub fn existing(dir: &Path, name: &str) -> std::io::Result<SocketPath> {
+        use std::os::unix::fs::FileTypeExt;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        let folder = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)?;
+        let socket = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}/{name}", folder.as_raw_fd()))?;
+        if !socket.metadata()?.file_type().is_socket() {
+            return Err(std::io::Error::other("not a socket"));
+        }
+        let path = PathBuf::from(format!("/proc/self/fd/{}", socket.as_raw_fd()));
+        Ok(SocketPath { _dir: socket, path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -54,6 +77,18 @@ mod tests {
         );
         client.expect("connect");
         server.expect("accept");
+        let pinned = SocketPath::existing(&dir, "test.sock").expect("pinned");
+        let (client, server) = tokio::join!(
+            tokio::net::UnixStream::connect(pinned.path()),
+            listener.accept()
+        );
+        client.expect("connect pinned");
+        server.expect("accept pinned");
+        // A link in place of the socket is refused, even one to a real socket.
+        std::os::unix::fs::symlink(dir.join("test.sock"), dir.join("link.sock")).expect("link");
+        assert!(SocketPath::existing(&dir, "link.sock").is_err());
+        std::fs::write(dir.join("plain"), "x").expect("file");
+        assert!(SocketPath::existing(&dir, "plain").is_err());
         // A link in place of the folder is refused.
         let link = std::env::temp_dir().join(format!("socket-link-{}", rand::random::<u32>()));
         std::os::unix::fs::symlink(&dir, &link).expect("link");

@@ -1415,7 +1415,12 @@ async fn forward_egress(s: Option<Shared>, listener: tokio::net::TcpListener, so
             };
             let (mut in_r, mut in_w) = inbound.split();
             let (mut out_r, mut out_w) = outbound.into_split();
-            let up = tokio::io::copy(&mut in_r, &mut out_w);
+            // Each direction ends on its own (a client that half-closes after its request
+            // still gets the whole answer), passing the end of stream on.
+            let up = async {
+                let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                let _ = out_w.shutdown().await;
+            };
             let down = async {
                 let mut first = vec![0u8; 8192];
                 let n = out_r.read(&mut first).await.unwrap_or(0);
@@ -1438,11 +1443,9 @@ async fn forward_egress(s: Option<Shared>, listener: tokio::net::TcpListener, so
                     return;
                 }
                 let _ = tokio::io::copy(&mut out_r, &mut in_w).await;
+                let _ = in_w.shutdown().await;
             };
-            tokio::select! {
-                _ = up => {}
-                _ = down => {}
-            }
+            tokio::join!(up, down);
         });
     }
 }

@@ -1746,3 +1746,60 @@ async fn a_local_remote_is_read_only_inside_and_only_the_session_branch_is_relay
         "{after}"
     );
 }
+
+/// A whole sandbox's process count is limited (its own `pids` cgroup: rlimits count per user and
+/// do not hold for a provider running as root), and everything in its group dies at terminate.
+#[tokio::test]
+async fn a_sandbox_cannot_start_more_processes_than_its_limit() {
+    let p = start(&[("PROVIDER_LIMIT_PROCS", "200")]).await;
+    let (_, health) = p.call("GET", "/v1/health", None).await;
+    if std::env::var("NIGHTSHIFT_TEST_ALLOW_NO_CGROUP").as_deref() != Ok("1") {
+        assert_eq!(
+            health["limits"]["processes"], "cgroup",
+            "no pids cgroup here (set NIGHTSHIFT_TEST_ALLOW_NO_CGROUP=1 to run without): {health}"
+        );
+    }
+    let remote = remote_repo(&p.root);
+    let id = p.sandbox(&remote).await;
+    let secs = (300_000 + rand::random::<u32>() % 100_000).to_string();
+    // Up to 400 children (a fork that fails ends the loop), then a wait that needs no fork.
+    // perl-base is part of every Debian system; a shell would exit at its first failed fork.
+    let script = format!(
+        "my $n = 0; for (1..400) {{ my $pid = fork(); last unless defined $pid; if ($pid == 0) {{ exec('sleep', '{secs}'); exit 1 }} $n++ }} print \"$n\\n\"; sleep 600"
+    );
+    let exec = p.exec(
+        &id,
+        json!({"command": ["perl", "-e", script], "timeout_ms": 60000}),
+    );
+    let watch = async {
+        // Counted from the host, until the number stops growing.
+        let t = Instant::now();
+        let (mut last, mut steady) = (0, Instant::now());
+        let started = loop {
+            let n = running(&["sleep", &secs]).len();
+            if n != last {
+                (last, steady) = (n, Instant::now());
+            } else if n > 0 && steady.elapsed() > Duration::from_secs(1) {
+                break n;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "only {n} started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The host can still start processes meanwhile.
+        assert_eq!(sh(&p.root, "echo ok"), "ok");
+        let (st, _) = p
+            .call("POST", &format!("/v1/sandboxes/{id}/terminate"), None)
+            .await;
+        assert_eq!(st, 200);
+        started
+    };
+    let (_, started) = tokio::join!(exec, watch);
+    assert!(
+        started < 200,
+        "{started} processes started past a limit of 200"
+    );
+    assert!(
+        running(&["sleep", &secs]).is_empty(),
+        "a sandbox process survived terminate"
+    );
+}

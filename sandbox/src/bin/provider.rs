@@ -16,7 +16,8 @@ const USAGE: &str = "usage: PROVIDER_SECRET=… nightshift-provider [--port 8790
   to start when it does not work, unless NIGHTSHIFT_ISOLATION=none (no isolation: every sandbox says so).
   PROVIDER_SANDBOX_LIFETIME_MS: a sandbox's default lifetime (24 h). Limits of every sandbox process (0: none):
   PROVIDER_LIMIT_MEMORY_MB (8192), PROVIDER_LIMIT_PROCS (2048), PROVIDER_LIMIT_FILE_MB (8192),
-  PROVIDER_LIMIT_CPU_S (21600), PROVIDER_LIMIT_OPEN_FILES (8192).";
+  PROVIDER_LIMIT_CPU_S (21600), PROVIDER_LIMIT_OPEN_FILES (8192), PROVIDER_LIMIT_CPUS (2, a whole sandbox).
+  Where the host lets the provider make cgroups, PROCS, MEMORY_MB and CPUS also hold for a whole sandbox.";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -92,6 +93,7 @@ async fn serve(args: Vec<String>) {
         bwrap,
         launcher,
         limits,
+        groups: nightshift_sandbox::cgroup::Groups::detect(&root),
         supervisor,
         supervisor_env,
         dev_mode: std::env::var("NIGHTSHIFT_DEV_MODE").as_deref() == Ok("1"),
@@ -109,6 +111,14 @@ async fn serve(args: Vec<String>) {
             println!("provider: sandboxes are isolated with bubblewrap (fresh read-only root; own user, pid, ipc, uts, cgroup and network namespaces; new session; no capabilities; egress only through the allowlist proxy)");
         }
         Isolation::None => println!("provider: WARNING: NIGHTSHIFT_ISOLATION=none: sandboxes are NOT isolated; each is only a process tree in its own directory, and every sandbox's status says so"),
+    }
+    match p.process_limit() {
+        "cgroup" => println!(
+            "provider: each sandbox is a control group ({}): its processes, memory and CPU are limited as a whole",
+            p.cgroups().join(", ")
+        ),
+        "rlimit" => println!("provider: no usable cgroups here: a sandbox's process count is limited per user (RLIMIT_NPROC), memory and CPU per process"),
+        _ => println!("provider: WARNING: no usable cgroups and the provider runs as root: a sandbox's process count is NOT limited (give the provider a pids cgroup it may write, or run it as an unprivileged user)"),
     }
     // What an earlier run acknowledged is found again: images usable, sandboxes reported lost.
     let (images, sandboxes) = p.recover().await;
