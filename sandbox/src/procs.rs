@@ -210,6 +210,8 @@ pub struct Limits {
     pub open_files: u64,
     /// Whole CPUs' worth of time for the whole sandbox (a cgroup quota, where cgroups are).
     pub cpus: u64,
+    /// Disk the whole sandbox folder may use, MiB (checked by the provider's disk watch).
+    pub disk_mb: u64,
 }
 
 impl Default for Limits {
@@ -221,12 +223,14 @@ impl Default for Limits {
             cpu_s: 6 * 3600,
             open_files: 8192,
             cpus: 2,
+            disk_mb: 20480,
         }
     }
 }
 
 impl Limits {
-    /// Reads `PROVIDER_LIMIT_{MEMORY_MB,PROCS,FILE_MB,CPU_S,OPEN_FILES,CPUS}` over the defaults.
+    /// Reads `PROVIDER_LIMIT_{MEMORY_MB,PROCS,FILE_MB,CPU_S,OPEN_FILES,CPUS,DISK_MB}` over the
+    /// defaults.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Limits, String> {
         let d = Limits::default();
         let read = |name: &str, default: u64| -> Result<u64, String> {
@@ -245,6 +249,7 @@ impl Limits {
             cpu_s: read("PROVIDER_LIMIT_CPU_S", d.cpu_s)?,
             open_files: read("PROVIDER_LIMIT_OPEN_FILES", d.open_files)?,
             cpus: read("PROVIDER_LIMIT_CPUS", d.cpus)?,
+            disk_mb: read("PROVIDER_LIMIT_DISK_MB", d.disk_mb)?,
         })
     }
 
@@ -296,6 +301,31 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Bytes a folder's files take on disk (allocated blocks), walked without following links and
+/// without leaving the folder's filesystem.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let device = top.dev();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+            if meta.is_dir() && meta.dev() == device {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
 }
 
 fn cstr(part: &std::ffi::OsStr) -> io::Result<CString> {

@@ -2196,6 +2196,48 @@ pub async fn sweep_snapshots(p: Shared, every: Duration) {
     }
 }
 
+/// Every `every`, ends a sandbox whose folder uses more disk than `PROVIDER_LIMIT_DISK_MB`:
+/// its processes are killed, its files removed, and its status says `failed` with
+/// `disk_limit`, so one sandbox cannot fill the host's disk.
+pub async fn watch_disk(p: Shared, every: Duration) {
+    let limit = p.cfg.limits.disk_mb.saturating_mul(1 << 20);
+    if limit == 0 {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let live: Vec<String> = match p.sandboxes.lock() {
+            Ok(map) => map
+                .iter()
+                .filter(|(_, e)| !matches!(e.sandbox.status, "terminated" | "failed" | "stopped"))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for id in live {
+            let dir = p.cfg.root.join("sandboxes").join(&id);
+            let used = tokio::task::spawn_blocking(move || procs::disk_usage(&dir))
+                .await
+                .unwrap_or(0);
+            if used <= limit {
+                continue;
+            }
+            halt(&p, &id, "terminated").await;
+            let dir = p.cfg.root.join("sandboxes").join(&id);
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            p.fail(
+                &id,
+                "disk_limit",
+                format!(
+                    "the sandbox used {} MiB of disk, over its limit of {} MiB: it was ended and its files removed; start a new sandbox (a snapshot taken before still restores)",
+                    used >> 20,
+                    limit >> 20
+                ),
+            );
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AssignBody {

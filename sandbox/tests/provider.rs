@@ -1803,3 +1803,45 @@ async fn a_sandbox_cannot_start_more_processes_than_its_limit() {
         "a sandbox process survived terminate"
     );
 }
+
+/// A sandbox that fills its disk past `PROVIDER_LIMIT_DISK_MB` is ended with `disk_limit` and its
+/// files removed; another sandbox on the same provider goes on.
+#[tokio::test]
+async fn a_sandbox_over_its_disk_limit_is_ended_with_a_clear_error() {
+    let p = start(&[
+        ("PROVIDER_LIMIT_DISK_MB", "40"),
+        ("PROVIDER_DISK_CHECK_MS", "100"),
+    ])
+    .await;
+    let remote = remote_repo(&p.root);
+    let other = p.sandbox(&remote).await;
+    let id = p.sandbox(&remote).await;
+    let (st, out) = p
+        .exec(
+            &id,
+            json!({"command": ["sh", "-c", "dd if=/dev/zero of=big bs=1M count=64 2>&1; sleep 30"], "timeout_ms": 60000}),
+        )
+        .await;
+    assert!(st >= 200, "{out}");
+    let t = Instant::now();
+    let ended = loop {
+        let (_, s) = p.call("GET", &format!("/v1/sandboxes/{id}"), None).await;
+        if s["status"] == "failed" {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "never ended: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended["error"]["code"], "disk_limit", "{ended}");
+    assert!(
+        !p.root
+            .join("state/sandboxes")
+            .join(&id)
+            .join("repo/big")
+            .exists(),
+        "the sandbox's files are still there"
+    );
+    let (_, s) = p.call("GET", &format!("/v1/sandboxes/{other}"), None).await;
+    assert_eq!(s["status"], "ready", "{s}");
+    assert_eq!(p.exec_out(&other, "echo alive").await.trim(), "alive");
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use nightshift_sandbox::procs;
 use nightshift_sandbox::provider::{
-    find_bwrap, probe_bubblewrap, router, sweep_snapshots, Config, Isolation, Provider,
+    find_bwrap, probe_bubblewrap, router, sweep_snapshots, watch_disk, Config, Isolation, Provider,
     DEFAULT_LIFETIME_MS,
 };
 
@@ -16,7 +16,8 @@ const USAGE: &str = "usage: PROVIDER_SECRET=… nightshift-provider [--port 8790
   to start when it does not work, unless NIGHTSHIFT_ISOLATION=none (no isolation: every sandbox says so).
   PROVIDER_SANDBOX_LIFETIME_MS: a sandbox's default lifetime (24 h). Limits of every sandbox process (0: none):
   PROVIDER_LIMIT_MEMORY_MB (8192), PROVIDER_LIMIT_PROCS (2048), PROVIDER_LIMIT_FILE_MB (8192),
-  PROVIDER_LIMIT_CPU_S (21600), PROVIDER_LIMIT_OPEN_FILES (8192), PROVIDER_LIMIT_CPUS (2, a whole sandbox).
+  PROVIDER_LIMIT_CPU_S (21600), PROVIDER_LIMIT_OPEN_FILES (8192), PROVIDER_LIMIT_CPUS (2, a whole sandbox),
+  PROVIDER_LIMIT_DISK_MB (20480, a whole sandbox's folder, checked every PROVIDER_DISK_CHECK_MS, 30000).
   Where the host lets the provider make cgroups, PROCS, MEMORY_MB and CPUS also hold for a whole sandbox.";
 
 fn main() {
@@ -127,6 +128,14 @@ async fn serve(args: Vec<String>) {
             "provider: found {images} image(s) and {sandboxes} sandbox(es) from an earlier run"
         );
     }
+    let disk_every = std::env::var("PROVIDER_DISK_CHECK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
+    tokio::spawn(watch_disk(
+        p.clone(),
+        std::time::Duration::from_millis(disk_every),
+    ));
     tokio::spawn(sweep_snapshots(
         p.clone(),
         std::time::Duration::from_secs(60),
