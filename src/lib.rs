@@ -1,5 +1,9 @@
 //! The Nightshift Worker: thin edge that parses, authenticates and forwards to Durable Objects.
 
+// Input arrives here (requests, socket frames, sandbox events, stored rows): a bad one is an
+// error answer, never a panic (ARCHITECTURE.md, Invariants).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 mod agent_session;
 mod auth;
 mod background;

@@ -1,5 +1,9 @@
 //! Nightshift's compute side: the local provider, the in-sandbox supervisor and the scripted model.
 
+// Requests, socket frames and files from sandboxes arrive here: a bad one is an error, never a
+// panic. Tests may unwrap.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod cgroup;
 pub mod egress;
 pub mod images;

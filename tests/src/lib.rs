@@ -21,8 +21,9 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-/// A free loopback port below the kernel's ephemeral range (32768 and up), so the source
-/// port of some outgoing connection cannot take it between this check and the server's bind.
+/// A loopback port below the kernel's ephemeral range (32768 and up) that was free a moment ago.
+/// Another process may still take it before the server binds it: `Server::spawn` checks that
+/// the listener it reaches is its own child's and retries on another port if not.
 fn free_port() -> u16 {
     for _ in 0..1000 {
         let port = 20_000 + (rand::random::<u16>() % 12_000);
@@ -36,11 +37,72 @@ fn free_port() -> u16 {
         .expect("no free port on loopback")
 }
 
+/// The socket inodes listening on 127.0.0.1:`port` (from `/proc/net/tcp`).
+fn listener_inodes(port: u16) -> Vec<String> {
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect()
+}
+
+/// The pids of every process whose process group is `pgid`.
+fn group_pids(pgid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the parenthesised command: state, ppid, pgrp, ...
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            rest.split_whitespace()
+                .nth(2)
+                .and_then(|g| g.parse::<i32>().ok())
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// Whether the process group `pgid` holds the socket listening on 127.0.0.1:`port`
+/// (and not some other server that took the port first).
+fn port_held_by_group(port: u16, pgid: i32) -> bool {
+    let inodes = listener_inodes(port);
+    if inodes.is_empty() {
+        return false;
+    }
+    group_pids(pgid).into_iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|l| {
+                let l = l.to_string_lossy();
+                inodes.iter().any(|i| l == format!("socket:[{i}]"))
+            })
+    })
+}
+
+/// A random lowercase hex string of `n` characters (fixed length: no name is a prefix of another).
+fn random_suffix(n: usize) -> String {
+    (0..n)
+        .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
+        .collect()
+}
+
 /// One `wrangler dev` process with its own persisted Durable Object state.
 pub struct Server {
     pub port: u16,
     pub base: String,
     state_dir: PathBuf,
+    /// Worker vars; `{self}` in a value stands for this server's own URL.
     vars: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
@@ -62,39 +124,42 @@ impl Server {
     /// Starts `wrangler dev` on the `wrangler.toml` in `dir` (the bench's runtime floor uses this).
     pub async fn start_in(dir: &Path, vars: &[(&str, &str)]) -> Server {
         let root = repo_root();
-        let port = free_port();
-        let unique = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            port,
-            Instant::now().elapsed().as_nanos()
-        );
+        let unique = format!("{}-{}", std::process::id(), random_suffix(16));
         let state_dir = root.join(".state/test").join(&unique);
         std::fs::create_dir_all(&state_dir).expect("create state dir");
         let mut all = vec![
             ("DEV_AUTH".to_string(), "1".to_string()),
             ("AUTH_SECRET".to_string(), "test-secret".to_string()),
         ];
-        // `{self}` in a value stands for this server's own URL (e.g. CONTROL_URL).
-        let base = format!("http://127.0.0.1:{port}");
         for (k, v) in vars {
             all.retain(|(name, _)| name != k);
-            all.push((k.to_string(), v.replace("{self}", &base)));
+            all.push((k.to_string(), v.to_string()));
         }
         let mut s = Server {
-            port,
-            base: format!("http://127.0.0.1:{port}"),
+            port: 0,
+            base: String::new(),
             log: state_dir.join("wrangler.log"),
             state_dir,
             vars: all,
             child: None,
             dir: dir.to_path_buf(),
         };
-        s.spawn().await;
-        s
+        // A port can be taken between `free_port` and wrangler's bind (by anything, or by a
+        // parallel test's server): then this server is retried on another port.
+        for _ in 0..5 {
+            s.port = free_port();
+            s.base = format!("http://127.0.0.1:{}", s.port);
+            if s.spawn().await {
+                return s;
+            }
+        }
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        panic!("wrangler dev did not start on any of 5 ports:\n{log}");
     }
 
-    async fn spawn(&mut self) {
+    /// Starts wrangler on `self.port`; true once `/health` answers from this child's own
+    /// listener, false (child killed) if the port turned out to be someone else's.
+    async fn spawn(&mut self) -> bool {
         let root = repo_root();
         let inspector = free_port();
         let mut args = format!(
@@ -105,6 +170,7 @@ impl Server {
             self.state_dir.join("do").display()
         );
         for (k, v) in &self.vars {
+            let v = v.replace("{self}", &self.base);
             args.push_str(&format!(" --var '{k}:{v}'"));
         }
         let log = std::fs::OpenOptions::new()
@@ -122,13 +188,32 @@ impl Server {
             .process_group(0)
             .spawn()
             .expect("start wrangler dev");
+        let pgid = child.id() as i32;
         self.child = Some(child);
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut foreign_since: Option<Instant> = None;
         loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                // It could not bind (or crashed): the caller may try another port.
+                self.kill();
+                return false;
+            }
             if let Ok(r) = http.get(format!("{}/health", self.base)).send().await {
                 if r.status().is_success() {
-                    return;
+                    if port_held_by_group(self.port, pgid) {
+                        return true;
+                    }
+                    // Someone else's server answers on this port: this child cannot bind it.
+                    let since = *foreign_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) {
+                        self.kill();
+                        return false;
+                    }
                 }
             }
             if Instant::now() > deadline {
@@ -162,14 +247,21 @@ impl Server {
     /// Stops the process and starts it again on the same state and port.
     pub async fn restart(&mut self) {
         self.kill();
-        // Wait until the port is free again.
-        for _ in 0..100 {
-            if TcpListener::bind(("127.0.0.1", self.port)).is_ok() {
-                break;
+        // The same port (clients hold its URL): wait until it is free again, and retry if
+        // something takes it meanwhile.
+        for _ in 0..5 {
+            for _ in 0..100 {
+                if TcpListener::bind(("127.0.0.1", self.port)).is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.spawn().await {
+                return;
+            }
         }
-        self.spawn().await;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        panic!("wrangler dev did not restart on port {}:\n{log}", self.port);
     }
 
     pub fn client(&self) -> Api {
@@ -183,7 +275,15 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+        // State and the wrangler log stay for a post-mortem when asked.
+        if std::env::var_os("NIGHTSHIFT_KEEP_TEST_STATE").is_some() {
+            eprintln!(
+                "kept the server's state and log in {}",
+                self.state_dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
     }
 }
 
@@ -315,35 +415,95 @@ impl Api {
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket connect");
+        let (sink, stream) = stream.split();
         Ws {
+            sink: std::sync::Arc::new(tokio::sync::Mutex::new(sink)),
             stream,
+            pinger: None,
             last_seq: since,
             seen: Vec::new(),
         }
     }
 }
 
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
 /// A WebSocket client that tracks the events it has seen.
 pub struct Ws {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    sink: std::sync::Arc<tokio::sync::Mutex<futures_util::stream::SplitSink<WsStream, Message>>>,
+    stream: futures_util::stream::SplitStream<WsStream>,
+    /// Sends `ping` frames in the background (see `pinging`).
+    pinger: Option<tokio::task::JoinHandle<()>>,
     pub last_seq: u64,
     /// Every durable event received, in arrival order.
     pub seen: Vec<Value>,
 }
 
+impl Drop for Ws {
+    fn drop(&mut self) {
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
+    }
+}
+
 impl Ws {
+    /// Sends a `ping` frame every `every` from a background task, as the web app does, so
+    /// the presence sweep keeps this client however long the test spends elsewhere (HTTP
+    /// calls, waits on other sockets). Without it a client is swept after
+    /// `HEARTBEAT_TIMEOUT_MS`.
+    pub fn pinging(mut self, every: Duration) -> Ws {
+        let sink = self.sink.clone();
+        self.pinger = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let frame = Message::Text(json!({"type": "ping"}).to_string().into());
+                if sink.lock().await.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        self
+    }
+
+    /// Stops the background pings: the presence sweep may now remove this client.
+    pub fn stop_pinging(&mut self) {
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
-        self.stream
+        self.sink
+            .lock()
+            .await
             .send(Message::Text(v.to_string().into()))
             .await
             .expect("ws send");
     }
 
     pub async fn send_text(&mut self, s: &str) {
-        self.stream
+        self.sink
+            .lock()
+            .await
             .send(Message::Text(s.to_string().into()))
             .await
             .expect("ws send");
+    }
+
+    /// Reads until the server closes the socket with a close frame; returns its code, or
+    /// None if `timeout` passed or the connection ended without one.
+    pub async fn close_frame(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.stream.next())
+                .await
+                .ok()??;
+            if let Message::Close(frame) = msg.ok()? {
+                return Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+            }
+        }
     }
 
     /// Next text frame as it is, unparsed (for benchmarks: no ordering checks), or None.
@@ -447,7 +607,10 @@ impl Ws {
     }
 
     pub async fn close(mut self) {
-        let _ = self.stream.close(None).await;
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
+        let _ = self.sink.lock().await.close().await;
     }
 }
 
@@ -474,6 +637,29 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Waits until `child` (started with `--port 0`) writes `<marker>http://127.0.0.1:PORT` to
+/// `log`; returns the port. The child binds the port itself, so no other process can take it
+/// between a check and the bind.
+async fn listening_port(child: &mut Child, log: &Path, marker: &str, what: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let port = text.lines().find_map(|l| {
+            let rest = &l[l.find(marker)? + marker.len()..];
+            let rest = rest.strip_prefix("http://127.0.0.1:")?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u16>().ok()
+        });
+        if let Some(port) = port {
+            return port;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+            panic!("{what} did not start:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_http(url: &str, what: &str, log: &Path) {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -492,23 +678,30 @@ impl Compute {
     /// Starts the scripted model replaying `recording` and a provider whose sandboxes use it.
     pub async fn start(recording: &Value, provider_env: &[(&str, &str)]) -> Compute {
         let root = repo_root();
+        // A random suffix of fixed length: two Computes never share (or prefix) a directory.
         let dir = root.join(".state/test").join(format!(
             "compute-{}-{}",
             std::process::id(),
-            free_port()
+            random_suffix(16)
         ));
         std::fs::create_dir_all(&dir).expect("compute dir");
         let rec = dir.join("recording.json");
         std::fs::write(&rec, recording.to_string()).expect("write recording");
-        let model_port = free_port();
         let model_log = dir.join("model.log");
-        let model = Command::new(bin("nightshift-scripted-model"))
-            .args(["--port", &model_port.to_string(), "--recording"])
+        let mut model = Command::new(bin("nightshift-scripted-model"))
+            .args(["--port", "0", "--recording"])
             .arg(&rec)
             .stdout(std::fs::File::create(&model_log).expect("log"))
             .stderr(Stdio::null())
             .spawn()
             .expect("start scripted model");
+        let model_port = listening_port(
+            &mut model,
+            &model_log,
+            "scripted model listening on ",
+            "scripted model",
+        )
+        .await;
         let model_url = format!("http://127.0.0.1:{model_port}/v1");
         wait_http(
             &format!("http://127.0.0.1:{model_port}/health"),
@@ -516,11 +709,10 @@ impl Compute {
             &model_log,
         )
         .await;
-        let port = free_port();
-        let secret = format!("provider-secret-{port}");
+        let secret = format!("provider-secret-{}", random_suffix(16));
         let plog = dir.join("provider.log");
         let mut cmd = Command::new(bin("nightshift-provider"));
-        cmd.args(["--port", &port.to_string(), "--root"])
+        cmd.args(["--port", "0", "--root"])
             .arg(dir.join("provider"))
             .env("PROVIDER_SECRET", &secret)
             // The tests' repositories are local paths: single-user dev mode.
@@ -537,7 +729,8 @@ impl Compute {
         for (k, v) in provider_env {
             cmd.env(k, v);
         }
-        let provider = cmd.spawn().expect("start provider");
+        let mut provider = cmd.spawn().expect("start provider");
+        let port = listening_port(&mut provider, &plog, "provider listening on ", "provider").await;
         let provider_url = format!("http://127.0.0.1:{port}");
         wait_http(&format!("{provider_url}/v1/health"), "provider", &plog).await;
         Compute {
@@ -549,6 +742,42 @@ impl Compute {
         }
     }
 
+    /// Processes still running that belong to this compute, found without the provider's
+    /// help (not by its `NIGHTSHIFT_SANDBOX_ID` mark): any process whose working directory
+    /// is under `dir`, or whose command line or environment names `dir`. Returns (pid, command).
+    pub fn processes_left(&self) -> Vec<(i32, String)> {
+        processes_naming(&self.dir)
+    }
+}
+
+/// Every process (but this one) whose cwd is under `dir` or whose cmdline or environ contains `dir`.
+pub fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle.as_slice());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let proc_dir = e.path();
+        let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+        let cwd_under = std::fs::read_link(proc_dir.join("cwd"))
+            .map(|c| c.starts_with(dir))
+            .unwrap_or(false);
+        let environ = std::fs::read(proc_dir.join("environ")).unwrap_or_default();
+        if cwd_under || contains(&cmdline) || contains(&environ) {
+            let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            out.push((pid, cmd.trim().to_string()));
+        }
+    }
+    out
+}
+
+impl Compute {
     /// The Worker vars that point sessions at this compute.
     pub fn vars(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -701,9 +930,35 @@ impl Drop for Compute {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Nothing of this compute may outlive it: no supervisor, OpenCode, exec'd command or
+        // build step, judged from /proc alone (not by the provider's own marks).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut left = self.processes_left();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            left = self.processes_left();
+        }
+        for (pid, _) in &left {
+            // Do not leak them into the next test.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+        let keep = std::env::var_os("NIGHTSHIFT_KEEP_TEST_STATE").is_some();
         // Sandboxes, logs and repositories go too, unless kept for a post-mortem.
-        if std::env::var_os("NIGHTSHIFT_KEEP_TEST_STATE").is_none() {
+        if !keep {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if !left.is_empty() {
+            let msg = format!(
+                "processes of {} were still running 10 s after its compute stopped: {left:?}",
+                self.dir.display()
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Multiplayer over WebSockets against wrangler dev: ordered fan-out, presence, typing, queue order, locks, limits, resume, sweeps.
 
+use std::time::{Duration, Instant};
+
 use nightshift_tests::{secs, Server};
 use serde_json::{json, Value};
 
@@ -98,12 +100,9 @@ async fn two_clients_see_the_same_ordered_events_and_presence() {
 
 #[tokio::test]
 async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop() {
-    let server = Server::start(&[
-        ("PROMPT_RUNNER", "echo"),
-        ("ECHO_RUN_MS", "800"),
-        ("MAX_QUEUED", "3"),
-    ])
-    .await;
+    // `none`: a running prompt runs until the test says so (stop), so every transition is
+    // driven by the test and no timer can start the next prompt early.
+    let server = Server::start(&[("PROMPT_RUNNER", "none"), ("MAX_QUEUED", "3")]).await;
     let api = server.client();
     let ada = api.sign_in("ada").await;
     let bob = api.sign_in("bob").await;
@@ -134,6 +133,27 @@ async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop()
     let (st, v) = send(&ada, "five", 0).await;
     assert_eq!((st, v["error"]["code"].as_str()), (429, Some("queue_full")));
     let id_of = |p: &Value| p["id"].as_str().unwrap_or("").to_string();
+    let queued = || {
+        let api = api.clone();
+        let (id, ada) = (id.clone(), ada.clone());
+        async move {
+            let (_, q) = api
+                .call("GET", &format!("/multiplayer/{id}/prompts"), &ada, None)
+                .await;
+            let order: Vec<String> = q["queued"]
+                .as_array()
+                .unwrap_or(&vec![])
+                .iter()
+                .map(|p| p["id"].as_str().unwrap_or("").to_string())
+                .collect();
+            (order, q["running"]["id"].as_str().map(String::from))
+        }
+    };
+    // Priority first, then arrival.
+    assert_eq!(
+        queued().await,
+        (vec![id_of(&p3), id_of(&p2), id_of(&p4)], Some(id_of(&p1)))
+    );
 
     // Bob may not touch Ada's prompt; he cancels his own and raises another.
     let (st, _) = api
@@ -163,40 +183,54 @@ async fn queue_runs_by_priority_then_arrival_with_cancel_reprioritise_and_stop()
         )
         .await;
     assert_eq!(st, 200);
-    let (_, q) = api
-        .call("GET", &format!("/multiplayer/{id}/prompts"), &ada, None)
-        .await;
-    let order: Vec<String> = q["queued"]
-        .as_array()
-        .unwrap_or(&vec![])
-        .iter()
-        .map(id_of)
-        .collect();
-    assert_eq!(order, vec![id_of(&p2), id_of(&p3)]);
+    assert_eq!(
+        queued().await,
+        (vec![id_of(&p2), id_of(&p3)], Some(id_of(&p1)))
+    );
 
-    // Stop the running one: the next by priority starts at once.
-    let (st, _) = api
-        .call("POST", &format!("/multiplayer/{id}/stop"), &ada, None)
-        .await;
-    assert_eq!(st, 200);
+    // Stop the running one: the next by priority starts at once; then the last one.
+    let stop = || {
+        let api = api.clone();
+        let (id, ada) = (id.clone(), ada.clone());
+        async move {
+            let (st, v) = api
+                .call("POST", &format!("/multiplayer/{id}/stop"), &ada, None)
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    stop().await;
     watch
-        .event("prompt.finished", |e| e["id"] == id_of(&p3).as_str())
+        .event("prompt.started", |e| e["id"] == id_of(&p2).as_str())
         .await;
-    let started: Vec<String> = watch
-        .seen
-        .iter()
-        .filter(|e| e["type"] == "prompt.started")
-        .map(|e| e["id"].as_str().unwrap_or("").to_string())
-        .collect();
-    assert_eq!(started, vec![id_of(&p1), id_of(&p2), id_of(&p3)]);
-    assert!(watch
-        .seen
-        .iter()
-        .any(|e| e["type"] == "prompt.stopped" && e["id"] == id_of(&p1).as_str()));
-    assert!(watch
-        .seen
-        .iter()
-        .any(|e| e["type"] == "prompt.cancelled" && e["id"] == id_of(&p4).as_str()));
+    assert_eq!(queued().await, (vec![id_of(&p3)], Some(id_of(&p2))));
+    stop().await;
+    watch
+        .event("prompt.started", |e| e["id"] == id_of(&p3).as_str())
+        .await;
+    assert_eq!(queued().await, (vec![], Some(id_of(&p3))));
+    stop().await;
+    watch
+        .event("prompt.stopped", |e| e["id"] == id_of(&p3).as_str())
+        .await;
+    assert_eq!(queued().await, (vec![], None));
+    let of = |ty: &str| -> Vec<String> {
+        watch
+            .seen
+            .iter()
+            .filter(|e| e["type"] == ty)
+            .map(|e| e["id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(
+        of("prompt.started"),
+        vec![id_of(&p1), id_of(&p2), id_of(&p3)]
+    );
+    assert_eq!(
+        of("prompt.stopped"),
+        vec![id_of(&p1), id_of(&p2), id_of(&p3)]
+    );
+    assert_eq!(of("prompt.cancelled"), vec![id_of(&p4)]);
 }
 
 #[tokio::test]
@@ -253,8 +287,12 @@ async fn client_limit_locks_and_expiry() {
     let bob = api.sign_in("bob").await;
     let (id, invite) = api.create_session(&ada, "Limits").await;
     api.join(&bob, &id, &invite).await;
-    let mut c1 = api.connect(&ada, &id, "c1", 0).await;
-    let _c2 = api.connect(&ada, &id, "c2", 0).await;
+    // c1 pings (as the web app does) so the 1.5 s sweep keeps it while it waits for the lock.
+    let mut c1 = api
+        .connect(&ada, &id, "c1", 0)
+        .await
+        .pinging(Duration::from_millis(300));
+    let mut c2 = api.connect(&ada, &id, "c2", 0).await;
     let url = format!(
         "{}/multiplayer/{id}/ws?token={}&client=c3",
         api.base.replacen("http", "ws", 1),
@@ -266,8 +304,10 @@ async fn client_limit_locks_and_expiry() {
         }
         other => panic!("third client was not refused: {:?}", other.map(|_| ())),
     }
-    // Reconnecting with an existing client id replaces it instead of counting twice.
-    let _c2b = api.connect(&ada, &id, "c2", 0).await;
+    // Reconnecting with an existing client id replaces it instead of counting twice: the old
+    // socket is closed.
+    let mut c2b = api.connect(&ada, &id, "c2", 0).await;
+    assert_eq!(c2.close_frame(secs(10)).await, Some(4001));
 
     // Single writer: Bob is refused while Ada holds the lock; it expires and Bob gets it.
     let (st, _) = api
@@ -302,24 +342,32 @@ async fn client_limit_locks_and_expiry() {
         .await;
     assert_eq!((st, v["holder"].as_str()), (200, Some("bob")));
 
-    // Clients that stop heart-beating are swept and their socket closed.
-    let mut alive = api.connect(&bob, &id, "bob-live", 0).await;
-    for _ in 0..6 {
-        alive.send(json!({"type":"ping"})).await;
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Clients that stop heart-beating are swept and their socket closed; a pinging one stays.
+    let _alive = api
+        .connect(&bob, &id, "bob-live", 0)
+        .await
+        .pinging(Duration::from_millis(300));
+    c1.stop_pinging();
+    let deadline = Instant::now() + secs(30);
+    loop {
+        let (_, pres) = api
+            .call("GET", &format!("/multiplayer/{id}/presence"), &bob, None)
+            .await;
+        let clients: Vec<String> = pres["clients"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|c| c["client"].as_str().unwrap_or("").to_string())
+            .collect();
+        if clients == vec!["bob-live".to_string()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stale clients were not swept: {pres}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, pres) = api
-        .call("GET", &format!("/multiplayer/{id}/presence"), &bob, None)
-        .await;
-    let clients: Vec<String> = pres["clients"]
-        .as_array()
-        .unwrap_or(&vec![])
-        .iter()
-        .map(|c| c["client"].as_str().unwrap_or("").to_string())
-        .collect();
-    assert_eq!(
-        clients,
-        vec!["bob-live".to_string()],
-        "stale clients were not swept: {pres}"
-    );
+    assert_eq!(c1.close_frame(secs(10)).await, Some(4000), "c1 was swept");
+    assert_eq!(c2b.close_frame(secs(10)).await, Some(4000), "c2 was swept");
 }

@@ -95,6 +95,9 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
     let turns: Vec<Value> = (0..20)
         .map(|i| json!({"text": format!("answer {i}")}))
         .collect();
+    // The one agent-path test with the default presence sweep (60 s; `start_with_compute`
+    // turns it off): its client pings as the web app does, so however long the three
+    // OpenCode boots take on a loaded machine the sweep keeps it, and the end checks that.
     let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
     let owned = compute.vars();
     let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -104,7 +107,10 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
     let eve = api.sign_in("eve").await;
     let remote = compute.remote_repo("api");
     let (sid, _) = api.create_session_on(&ada, "API", &remote).await;
-    let mut ws = api.connect(&ada, &sid, "web", 0).await;
+    let mut ws = api
+        .connect(&ada, &sid, "web", 0)
+        .await
+        .pinging(Duration::from_secs(5));
 
     // Bad input first: nothing is created.
     let (st, v) = api
@@ -282,6 +288,21 @@ async fn members_drive_their_sessions_sandbox_and_others_cannot() {
         (st, v["error"]["code"].as_str()),
         (404, Some("sandbox_not_found"))
     );
+    // The pinging client outlived every sweep of the run.
+    let (_, pres) = api
+        .call("GET", &format!("/multiplayer/{sid}/presence"), &ada, None)
+        .await;
+    assert!(
+        pres["clients"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["client"] == "web")),
+        "the pinging client was swept: {pres}"
+    );
+    ws.send(json!({"type": "ping", "ref": "still-here"})).await;
+    ws.until(secs(10), "an answer on the same socket", |v| {
+        v["ref"] == "still-here"
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -356,6 +356,28 @@ async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
         recv(&mut ws).await.expect("error")["error"]["code"],
         "invalid_event"
     );
+    // The refusal stored nothing: the log still ends at t5 (t6, valid on its own, is not in it).
+    let (st, log) = api
+        .call(
+            "GET",
+            &format!("/multiplayer/{id}/events?since=0"),
+            &ada,
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{log}");
+    let events = log["events"].as_array().cloned().unwrap_or_default();
+    let last = events.last().cloned().unwrap_or_default();
+    assert_eq!(
+        (last["type"].as_str(), last["text"].as_str()),
+        (Some("agent.text"), Some("t5 ")),
+        "{log}"
+    );
+    assert_eq!(log["last_seq"], last["seq"], "{log}");
+    assert!(
+        !events.iter().any(|e| e["text"] == "t6 "),
+        "the refused batch's valid event was stored: {log}"
+    );
     let frame = web
         .until(secs(10), "a frame of three agent texts", |v| {
             v["type"] == "events"

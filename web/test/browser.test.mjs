@@ -1,20 +1,42 @@
 // Browser tests: Chromium (headless) drives the real app served by the Worker under wrangler dev.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startServer, launchBrowser, signIn, newSession, shareLink, sendPrompt } from "./harness.mjs";
+import { execFileSync } from "node:child_process";
+import { startServer, startCompute, launchBrowser, signIn, newSession, shareLink, sendPrompt } from "./harness.mjs";
 
+// `server` runs no prompt to its end (`none`): a running prompt runs until someone stops it, so
+// the tests drive every queue transition themselves. `echoServer` answers each prompt after 4 s
+// (the wait test needs an answer to arrive).
 let server;
+let echoServer;
 let browser;
 
 before(async () => {
-  server = await startServer({ ECHO_RUN_MS: "4000" });
-  browser = await launchBrowser();
+  [server, echoServer, browser] = await Promise.all([startServer({ PROMPT_RUNNER: "none" }), startServer({ ECHO_RUN_MS: "4000" }), launchBrowser()]);
 });
 
 after(async () => {
   await browser?.close();
   server?.stop();
+  echoServer?.stop();
 });
+
+/** Signs `user` in through the API and joins the session of `link` (a share link); returns {token, id}. */
+async function joinByApi(base, link, user) {
+  const r = await fetch(`${base}/auth/dev`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ user, name: user.toUpperCase(), email: `${user}@example.com` }) });
+  const { token } = await r.json();
+  const [id, query] = link.split("/s/")[1].split("?");
+  const invite = new URLSearchParams(query).get("invite");
+  const j = await fetch(`${base}/multiplayer/${id}/join`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${token}` }, body: JSON.stringify({ invite }) });
+  assert.ok(j.ok, `join: ${j.status} ${await j.text()}`);
+  return { token, id };
+}
+
+async function apiCall(base, token, method, path, body) {
+  const r = await fetch(`${base}${path}`, { method, headers: { "content-type": "application/json", authorization: `Bearer ${token}` }, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
 
 const promptTexts = (page) => page.$$eval("#log .row.prompt", (rows) => rows.map((r) => `${r.querySelector("strong").textContent}: ${r.querySelector(".text").textContent}`));
 const queueTexts = (page) => page.$$eval("#queue .queued li .text", (els) => els.map((e) => e.textContent));
@@ -74,7 +96,11 @@ test("two people share a session: presence, typing, ordered prompts with authors
   const afterReload = await b.$$eval("#log .row[data-seq]", (rows) => rows.map((r) => r.dataset.seq));
   assert.deepEqual(afterReload.slice(0, before.length), before);
   assert.equal(new Set(afterReload).size, afterReload.length, "no row twice");
-  await b.waitForSelector('#log .row.done:has-text("Done")');
+  // Nothing ends on its own here: Ada stops the running prompt and hers runs next.
+  await a.click('#queue button[data-act="stop"]');
+  await b.waitForSelector('#log .row:has-text("Stopped by Ada Lovelace")');
+  await a.waitForFunction(() => document.querySelectorAll("#queue .queued li").length === 0);
+  await a.waitForSelector('#log .row.prompt:has-text("third from ada") [data-status]:has-text("running")');
   await sendPrompt(a, "fourth from ada");
   await b.waitForFunction(() => [...document.querySelectorAll("#log .row.prompt .text")].some((e) => e.textContent === "fourth from ada"));
   const seqs = (await b.$$eval("#log .row[data-seq]", (rows) => rows.map((r) => Number(r.dataset.seq))));
@@ -112,8 +138,8 @@ test("the session view fits a phone without sideways scrolling, and the app is i
 
 test("between a prompt's start and its first output the session shows the wait: what is awaited and the seconds ticking", { timeout: 90_000 }, async () => {
   const page = await (await browser.newContext()).newPage();
-  await signIn(page, server.base, "wes", "Wes Wait");
-  // The echo runner answers after ECHO_RUN_MS (4 s here) with no sandbox: the wait is for the model.
+  await signIn(page, echoServer.base, "wes", "Wes Wait");
+  // The echo runner answers after ECHO_RUN_MS (4 s on echoServer) with no sandbox: the wait is for the model.
   await newSession(page, "Waiting", "take your time");
   await page.waitForSelector("#wait:not([hidden])");
   assert.equal(await page.textContent("#wait .wait-label"), "Waiting for the model");
@@ -126,4 +152,125 @@ test("between a prompt's start and its first output the session shows the wait: 
   await page.waitForSelector('#log .row.agent:has-text("echo: take your time")');
   await page.waitForSelector("#wait", { state: "hidden" });
   assert.notEqual(await page.textContent("#stage"), "Waiting for the model");
+});
+
+test("a dropped socket resumes from its last event: what happened meanwhile appears once and in order", { timeout: 90_000 }, async () => {
+  const ctx = await browser.newContext();
+  // Record every socket the app opens, and hold reconnects (to a closed port) while `__hold` is set.
+  await ctx.addInitScript(() => {
+    window.__wsUrls = [];
+    window.__hold = false;
+    const Real = window.WebSocket;
+    window.WebSocket = class extends Real {
+      constructor(url, ...rest) {
+        const held = window.__hold;
+        super(held ? "ws://127.0.0.1:9/held" : url, ...rest);
+        if (!held) {
+          window.__wsUrls.push(String(url));
+          window.__live = this;
+        }
+      }
+    };
+  });
+  const page = await ctx.newPage();
+  await signIn(page, server.base, "dru", "Dru Drop");
+  await newSession(page, "Dropping");
+  const link = await shareLink(page);
+  const rob = await joinByApi(server.base, link, "rob");
+  await page.waitForSelector('#log .row:has-text("ROB joined")');
+  const ada = await page.evaluate(() => localStorage.getItem("nightshift.token"));
+  const head = (await apiCall(server.base, ada, "GET", `/multiplayer/${rob.id}/events?since=0`)).body.last_seq;
+  const rowSeqs = () => page.$$eval("#log .row[data-seq]", (rows) => rows.map((r) => Number(r.dataset.seq)));
+  assert.equal(Math.max(...(await rowSeqs())), head, "the page has everything up to the head");
+
+  // Drop the socket; while the page is away, Rob keeps the session busy.
+  await page.evaluate(() => { window.__hold = true; window.__live.close(); });
+  await page.waitForSelector("#conn:not(.ok)");
+  const texts = ["away one", "away two", "away three"];
+  for (const text of texts) {
+    const r = await apiCall(server.base, rob.token, "POST", `/multiplayer/${rob.id}/prompt`, { text });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+  }
+  assert.equal((await apiCall(server.base, rob.token, "POST", `/multiplayer/${rob.id}/lock`, { resource: "away.txt" })).status, 200);
+  const missed = (await apiCall(server.base, ada, "GET", `/multiplayer/${rob.id}/events?since=${head}`)).body.events;
+  assert.ok(missed.length >= 5, `events while away: ${JSON.stringify(missed)}`);
+  assert.equal(await page.$$eval("#log .row.prompt", (rows) => rows.length), 0, "nothing arrived while away");
+
+  // Back: the socket resumes with `since` = the last event it had, and the missed rows appear once each.
+  await page.evaluate(() => { window.__hold = false; });
+  await page.waitForSelector("#conn.ok", { timeout: 20_000 });
+  await page.waitForFunction((n) => document.querySelectorAll("#log .row.prompt").length === n, texts.length);
+  const urls = await page.evaluate(() => window.__wsUrls);
+  assert.equal(urls.length, 2, `one socket before the drop, one after: ${urls}`);
+  assert.equal(new URL(urls[1]).searchParams.get("since"), String(head), "the reconnect resumes from the last event");
+  // Events keep coming on the resumed socket.
+  assert.equal((await apiCall(server.base, rob.token, "POST", `/multiplayer/${rob.id}/prompt`, { text: "after return" })).status, 202);
+  await page.waitForFunction(() => [...document.querySelectorAll("#log .row.prompt .text")].some((e) => e.textContent === "after return"));
+  const prompts = await page.$$eval("#log .row.prompt .text", (els) => els.map((e) => e.textContent));
+  assert.deepEqual(prompts, [...texts, "after return"], "each prompt once, in order");
+  const seqs = await rowSeqs();
+  assert.equal(new Set(seqs).size, seqs.length, "no row twice");
+  assert.deepEqual(seqs, [...seqs].sort((x, y) => x - y), "rows in log order");
+  const queuedSeqs = missed.filter((e) => e.type === "prompt.queued").map((e) => e.seq);
+  const promptRowSeqs = await page.$$eval("#log .row.prompt", (rows) => rows.map((r) => Number(r.dataset.seq)));
+  assert.deepEqual(promptRowSeqs.slice(0, 3), queuedSeqs, "the rows are the log's events");
+  await ctx.close();
+});
+
+test("the agent's work in a real sandbox renders in the session: text, tool calls with results, diffs, the pushed branch", { timeout: 300_000 }, async () => {
+  // The scripted model drives real OpenCode in a sandbox of the local provider.
+  const compute = await startCompute({
+    turns: [
+      { text: "I'll create the greeting file.", tool_calls: [{ name: "write", arguments: { filePath: "hello.txt", content: "hello\nworld\n" } }] },
+      { text: "Reading it back.", tool_calls: [{ name: "read", arguments: { filePath: "hello.txt" } }] },
+      { text: "Changing the second line.", tool_calls: [{ name: "edit", arguments: { filePath: "hello.txt", oldString: "world", newString: "nightshift" } }] },
+      { text: "Done: hello.txt now greets nightshift." },
+    ],
+  });
+  let agentServer;
+  try {
+    agentServer = await startServer(compute.vars);
+    const remote = compute.remoteRepo("web-agent");
+    const page = await (await browser.newContext()).newPage();
+    await signIn(page, agentServer.base, "ari", "Ari Agent");
+    const id = await newSession(page, "Agent work", "Create hello.txt", remote);
+    await page.waitForSelector("#log .row.done", { timeout: 240_000 });
+    assert.match(await page.textContent("#log .row.done"), /^Done/);
+
+    const agentText = await page.$$eval("#log .row.agent .agent-text", (els) => els.map((e) => e.textContent).join(" "));
+    for (const t of ["I'll create the greeting file.", "Reading it back.", "Changing the second line.", "Done: hello.txt now greets nightshift."]) {
+      assert.ok(agentText.includes(t), `agent text has "${t}": ${agentText}`);
+    }
+    const tools = await page.$$eval("#log .row.tool", (rows) => rows.map((r) => ({
+      seq: Number(r.dataset.seq),
+      cls: r.className,
+      name: r.querySelector(".tool-name")?.textContent,
+      summary: r.querySelector("summary")?.textContent,
+      add: [...r.querySelectorAll("pre.diff .dadd")].map((s) => s.textContent),
+      del: [...r.querySelectorAll("pre.diff .ddel")].map((s) => s.textContent),
+      pre: r.querySelector("pre")?.textContent,
+    })));
+    assert.deepEqual(tools.map((t) => t.name), ["write", "read", "edit"], JSON.stringify(tools));
+    for (const t of tools) {
+      assert.match(t.cls, /\bcompleted\b/, `${t.name} completed: ${JSON.stringify(t)}`);
+      assert.ok(t.summary.includes("hello.txt"), `${t.name} names its file: ${t.summary}`);
+    }
+    const [write, read, edit] = tools;
+    assert.deepEqual(write.add.slice(0, 2), ["+ hello", "+ world"], "the write shows the file's lines as added");
+    assert.ok(edit.del.includes("- world") && edit.add.includes("+ nightshift"), `the edit shows its diff: ${JSON.stringify(edit)}`);
+    assert.ok(read.pre.includes("world"), `the read shows its output: ${read.pre}`);
+    // One row per tool call (a finished call replaces its running row), in the log's order.
+    const seqs = await page.$$eval("#log .row[data-seq]", (rows) => rows.map((r) => Number(r.dataset.seq)));
+    assert.equal(new Set(seqs).size, seqs.length, "no row twice");
+    assert.deepEqual(seqs, [...seqs].sort((x, y) => x - y), "rows in log order");
+    // The branch the done row names holds the agent's file.
+    const done = await page.textContent("#log .row.done");
+    assert.ok(done.includes(`nightshift/${id}`), done);
+    assert.ok(done.includes("hello.txt"), `files changed: ${done}`);
+    assert.equal(execFileSync("git", ["show", `nightshift/${id}:hello.txt`], { cwd: remote, encoding: "utf8" }), "hello\nnightshift\n");
+    assert.ok(compute.processes().length > 0, "the leak check below sees the running sandbox");
+  } finally {
+    agentServer?.stop();
+    await compute.stop();
+  }
 });
