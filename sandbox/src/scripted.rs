@@ -245,53 +245,109 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// Streams numbered so the log can name them.
+static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The first `n` characters of `text` (for the log).
+fn head(text: &str, n: usize) -> String {
+    let mut out: String = text.chars().take(n).collect();
+    if text.chars().count() > n {
+        out.push('…');
+    }
+    out
+}
+
+/// How a streamed reply ended: all of it sent, or cut off because the client went away
+/// (e.g. the run was stopped and OpenCode aborted its request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    Complete,
+    /// Cut off after this many of the reply's text chunks had been sent.
+    CutOff {
+        sent: usize,
+    },
+}
+
+/// The log line for one streamed reply (stdout; the tests read it to see a stream cut off at the source).
+pub fn stream_log_line(
+    n: u64,
+    index: usize,
+    turn_text: &str,
+    total: usize,
+    end: StreamEnd,
+) -> String {
+    let what = format!(
+        "scripted-model: stream {n} (turn {index}, {:?})",
+        head(turn_text, 40)
+    );
+    match end {
+        StreamEnd::Complete => format!("{what}: complete, {total} text chunks"),
+        StreamEnd::CutOff { sent } => {
+            format!("{what}: cut off after {sent} of {total} text chunks (the client went away)")
+        }
+    }
+}
+
 fn stream_turn(turn: Turn, model: String, prompt_tokens: u64, index: usize) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let n = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     tokio::spawn(async move {
-        let chunk = |delta: Value, finish: Option<&str>| {
-            sse(
-                &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
-            )
-        };
-        if turn.delay_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(turn.delay_ms)).await;
-        }
-        if tx
-            .send(chunk(json!({"role": "assistant", "content": ""}), None))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        for piece in chunks(&turn.text) {
-            if turn.chunk_delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(turn.chunk_delay_ms)).await;
+        let pieces = chunks(&turn.text);
+        let total = pieces.len();
+        let mut sent = 0;
+        let end = async {
+            let chunk = |delta: Value, finish: Option<&str>| {
+                sse(
+                    &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+                )
+            };
+            if turn.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(turn.delay_ms)).await;
             }
             if tx
-                .send(chunk(json!({"content": piece}), None))
+                .send(chunk(json!({"role": "assistant", "content": ""}), None))
                 .await
                 .is_err()
             {
-                return; // the client went away (e.g. the run was stopped)
+                return StreamEnd::CutOff { sent };
             }
-        }
-        for (i, call) in turn.tool_calls.iter().enumerate() {
-            let delta = json!({"tool_calls": [{"index": i, "id": call_id(index, i), "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments.to_string()}}]});
-            if tx.send(chunk(delta, None)).await.is_err() {
-                return;
+            for piece in &pieces {
+                if turn.chunk_delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(turn.chunk_delay_ms)).await;
+                }
+                if tx
+                    .send(chunk(json!({"content": piece}), None))
+                    .await
+                    .is_err()
+                {
+                    return StreamEnd::CutOff { sent }; // the client went away (e.g. the run was stopped)
+                }
+                sent += 1;
             }
+            for (i, call) in turn.tool_calls.iter().enumerate() {
+                let delta = json!({"tool_calls": [{"index": i, "id": call_id(index, i), "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments.to_string()}}]});
+                if tx.send(chunk(delta, None)).await.is_err() {
+                    return StreamEnd::CutOff { sent };
+                }
+            }
+            let ct = completion_tokens(&turn);
+            let finish = tx
+                .send(chunk(json!({}), Some(turn.completion_finish())))
+                .await;
+            let usage = tx
+                .send(sse(&json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ct, "total_tokens": prompt_tokens + ct}})))
+                .await;
+            let done = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            if finish.is_err() || usage.is_err() || done.is_err() {
+                return StreamEnd::CutOff { sent };
+            }
+            StreamEnd::Complete
         }
-        let ct = completion_tokens(&turn);
-        let _ = tx
-            .send(chunk(json!({}), Some(turn.completion_finish())))
-            .await;
-        let _ = tx
-            .send(sse(&json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": model,
-                "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ct, "total_tokens": prompt_tokens + ct}})))
-            .await;
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        .await;
+        println!("{}", stream_log_line(n, index, &turn.text, total, end));
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -469,6 +525,18 @@ mod tests {
         assert_eq!(first_user_text(&r), "Take your time");
         let r = json!({"messages": [{"role":"user","content":"plain"}]});
         assert_eq!(first_user_text(&r), "plain");
+    }
+
+    #[test]
+    fn stream_log_lines_say_how_a_stream_ended() {
+        let text: String = (0..30).map(|i| format!("w{i} ")).collect();
+        let line = stream_log_line(7, 0, &text, 10, StreamEnd::CutOff { sent: 3 });
+        assert_eq!(
+            line,
+            "scripted-model: stream 7 (turn 0, \"w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w1…\"): cut off after 3 of 10 text chunks (the client went away)"
+        );
+        assert!(stream_log_line(1, 2, "short", 1, StreamEnd::Complete)
+            .ends_with("(turn 2, \"short\"): complete, 1 text chunks"));
     }
 
     #[test]

@@ -169,6 +169,38 @@ async fn stop_aborts_mid_run_and_the_next_prompt_still_runs() {
         of_prompt(&a.seen, "prompt.finished", &p1).is_empty(),
         "a stopped prompt does not also finish"
     );
+    // At the source: the model's stream of p1's long answer was cut off before its end (OpenCode
+    // was aborted and dropped the request), not played out to the end and merely dropped by the
+    // session. Every stream of that answer ended early, and none ran to completion.
+    let long_stream = format!("(turn 0, \"{}", &long[..20]);
+    let ends = model_stream_ends(&compute, &long_stream).await;
+    assert!(
+        ends.iter().all(|l| l.contains(": cut off after ")),
+        "the stopped run's model stream was not cut off: {ends:#?}"
+    );
+}
+
+/// The scripted model's log lines for the streams whose turn text starts as in `needle`,
+/// once at least one of them has ended (waits up to 30 s).
+async fn model_stream_ends(compute: &Compute, needle: &str) -> Vec<String> {
+    let log = compute.dir.join("model.log");
+    let t = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let ends: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(String::from)
+            .collect();
+        if !ends.is_empty() {
+            return ends;
+        }
+        assert!(
+            t.elapsed() < secs(30),
+            "no stream of {needle} ended in the model log:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
