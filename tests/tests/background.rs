@@ -400,22 +400,19 @@ async fn the_global_limit_is_lent_to_tenant_shards_and_freed_slots_wake_waiting_
             .is_some_and(|i| i.starts_with(&format!("bg_{tenant}_"))));
         ids.push(v["id"].as_str().unwrap_or_default().to_string());
     }
-    let (st, v) = api
-        .call(
-            "POST",
-            "/background/spawn",
-            &ada,
-            Some(json!({"prompt": "x", "tenant": "Bad!"})),
-        )
-        .await;
-    assert_eq!(
-        (st, v["error"]["code"].as_str()),
-        (400, Some("invalid_input"))
-    );
+    // Refused spawns store nothing: not in the shard they name (the `default` one when they
+    // name none, as most of these do) nor in any other shard this test uses.
+    let shards = ["default", "a", "b"];
+    let before = shard_listing(&api, &ada, &shards).await;
+    let counts: Vec<(&str, usize)> = before.iter().map(|(s, i)| (s.as_str(), i.len())).collect();
+    assert_eq!(counts, [("default", 0), ("a", 3), ("b", 2)], "{before:?}");
     for bad in [
+        json!({"prompt": "x", "tenant": "Bad!"}),
         json!({"prompt": "x", "title": ""}),
         json!({"prompt": "x", "model": "m".repeat(300)}),
         json!({"prompt": "x", "extra": true}),
+        json!({"prompt": "x", "tenant": "a", "title": ""}),
+        json!({"prompt": "x", "tenant": "b", "extra": true}),
         json!({"prompt": 7}),
         json!({}),
     ] {
@@ -424,10 +421,9 @@ async fn the_global_limit_is_lent_to_tenant_shards_and_freed_slots_wake_waiting_
             .await;
         assert_eq!(st, 400, "{bad}: {v}");
     }
-    let (_, all) = api.call("GET", "/background?tenant=a", &ada, None).await;
     assert_eq!(
-        all["agents"].as_array().map(Vec::len),
-        Some(3),
+        shard_listing(&api, &ada, &shards).await,
+        before,
         "bad spawns stored nothing"
     );
     let (_, listed) = api
@@ -456,4 +452,24 @@ async fn the_global_limit_is_lent_to_tenant_shards_and_freed_slots_wake_waiting_
         assert_eq!(st, 200);
     }
     agent_until(&api, &ada, &ids[4], |v| v["status"] == "running").await;
+}
+
+/// Every agent id `who` sees in each shard (`GET /background?tenant=…`), sorted.
+async fn shard_listing(api: &Api, who: &User, shards: &[&str]) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for shard in shards {
+        let (st, v) = api
+            .call("GET", &format!("/background?tenant={shard}"), who, None)
+            .await;
+        assert_eq!(st, 200, "{shard}: {v}");
+        let mut ids: Vec<String> = v["agents"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{shard}: {v}"))
+            .iter()
+            .map(|a| a["id"].to_string())
+            .collect();
+        ids.sort();
+        out.push((shard.to_string(), ids));
+    }
+    out
 }
