@@ -194,8 +194,16 @@ impl RepositoryObject {
                 json_of(200, &self.info()?)
             }
             (Method::Post, ["cron"]) => {
+                // The slot of the delivery's scheduled time (`at`; a duplicated delivery carries
+                // the same one), else of now.
+                let at = req
+                    .url()?
+                    .query_pairs()
+                    .find(|(k, _)| k == "at")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .unwrap_or_else(now_ms);
                 let s = self.settings()?;
-                let Some(slot) = cron_slot(now_ms(), s.build_every_min) else {
+                let Some(slot) = cron_slot(at, s.build_every_min) else {
                     return json_of(
                         200,
                         &json!({"built": false, "why": "scheduled builds are off"}),
@@ -203,7 +211,11 @@ impl RepositoryObject {
                 };
                 let reason = format!("cron:{slot}");
                 let r = self.registry()?;
-                if r.has_reason(&reason) {
+                // The slot is recorded as taken before any I/O, as the pool records a refill
+                // before asking: from this check to the save below nothing awaits, so of two
+                // overlapping deliveries exactly one goes on to build.
+                let taken: Option<u64> = self.load::<Option<u64>>("cron_slot")?.flatten();
+                if r.has_reason(&reason) || taken == Some(slot) {
                     return json_of(
                         200,
                         &json!({"built": false, "why": "already built in this slot"}),
@@ -212,8 +224,15 @@ impl RepositoryObject {
                 if r.building().is_some() {
                     return json_of(200, &json!({"built": false, "why": "a build is running"}));
                 }
-                let (_, v) = self.start_build(&reason).await?;
-                json_of(200, &json!({"built": true, "build": v}))
+                self.save("cron_slot", &Some(slot))?;
+                match self.start_build(&reason).await {
+                    Ok((_, v)) => json_of(200, &json!({"built": true, "build": v})),
+                    Err(e) => {
+                        // Nothing was built: a later delivery in this slot may try again.
+                        self.save("cron_slot", &taken)?;
+                        Err(e)
+                    }
+                }
             }
             (Method::Post, ["claim"]) => {
                 let c: ClaimRequest = Self::body(&mut req).await?;
@@ -317,7 +336,7 @@ impl RepositoryObject {
         let now = now_ms();
         let reason = reason.to_string();
         let b = self.with_registry(|r| {
-            // A second build started meanwhile (an overlapping cron): keep both, record this one.
+            // A second build started meanwhile (a manual one beside a cron): keep both, record this one.
             r.started(&image, &reason, now);
             r.builds.last().cloned()
         })?;

@@ -47,8 +47,8 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
 }
 
 #[event(scheduled)]
-async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    if let Err(e) = repositories::scheduled(&env).await {
+async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    if let Err(e) = repositories::scheduled(&env, event.schedule() as u64).await {
         worker::console_error!("scheduled builds: {}", e.message);
     }
 }

@@ -122,11 +122,14 @@ async fn list(env: &Env) -> ApiResult<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// The cron trigger: every repository builds when its interval's slot has no build yet.
-pub async fn scheduled(env: &Env) -> ApiResult<()> {
+/// The cron trigger: every repository builds when its interval's slot has no build yet. The
+/// slot is that of the event's scheduled time (`at_ms`), so a duplicated delivery, however
+/// late, names the same slot.
+pub async fn scheduled(env: &Env, at_ms: u64) -> ApiResult<()> {
     for n in list(env).await? {
         let stub = repository_stub(env, &n)?;
-        match call(&stub, Method::Post, "/cron", None, None).await {
+        let path = format!("/cron?at={at_ms}");
+        match call(&stub, Method::Post, &path, None, None).await {
             Ok(mut r) => {
                 let text = r.text().await.unwrap_or_default();
                 worker::console_log!("scheduled build of {n}: {text}");

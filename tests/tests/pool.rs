@@ -478,27 +478,34 @@ async fn cold_starts_use_the_latest_image_cron_builds_once_per_slot_and_snapshot
     );
     assert!(v["latest_image"].is_null(), "{v}");
 
-    // The cron fires twice in one slot (a duplicated delivery): one build.
-    let cron = |server: &Server| {
-        let url = format!("{}/__scheduled?cron=*/30+*+*+*+*", server.base);
+    // The cron is delivered four times at once for one scheduled time (duplicated, overlapping
+    // deliveries), then once more after that build is done: one build. The scheduled time is
+    // fixed (the middle of the current 30-minute slot), so the deliveries cannot straddle a slot.
+    let every_ms: u64 = 30 * 60_000;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let at = now_ms / every_ms * every_ms + every_ms / 2;
+    let http = reqwest::Client::new();
+    let cron = || {
+        let url = format!(
+            "{}/cdn-cgi/handler/scheduled?cron=*/30+*+*+*+*&time={at}",
+            server.base
+        );
+        let http = http.clone();
         async move {
-            reqwest::get(url)
-                .await
-                .expect("scheduled")
-                .status()
-                .as_u16()
+            let r = http.get(url).send().await.expect("scheduled");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
         }
     };
-    assert_eq!(cron(&server).await, 200);
-    let v = repo_until(&api, &ada, "cold", "the cron build", |v| {
-        v["builds"][0]["reason"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("cron:"))
-            && v["builds"][0]["status"] == "ready"
-    })
-    .await;
-    assert_eq!(cron(&server).await, 200);
-    let (_, after) = api.call("GET", "/repositories/cold", &ada, None).await;
+    let fired = tokio::join!(cron(), cron(), cron(), cron());
+    let ok = (200, "ok".to_string());
+    assert_eq!(
+        fired,
+        (ok.clone(), ok.clone(), ok.clone(), ok.clone()),
+        "{fired:?}"
+    );
     let crons = |v: &Value| {
         v["builds"].as_array().map_or(0, |b| {
             b.iter()
@@ -506,6 +513,23 @@ async fn cold_starts_use_the_latest_image_cron_builds_once_per_slot_and_snapshot
                 .count()
         })
     };
+    let v = repo_until(&api, &ada, "cold", "the cron build", |v| {
+        v["builds"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("cron:"))
+            && v["builds"]
+                .as_array()
+                .is_some_and(|b| b.iter().all(|b| b["status"] != "building"))
+    })
+    .await;
+    assert_eq!(
+        v["builds"][0]["reason"],
+        format!("cron:{}", at / every_ms),
+        "{v:#}"
+    );
+    assert_eq!(v["builds"][0]["status"], "ready", "{v:#}");
+    assert_eq!(cron().await, ok);
+    let (_, after) = api.call("GET", "/repositories/cold", &ada, None).await;
     assert_eq!((crons(&v), crons(&after)), (1, 1), "{after:#}");
 
     // No pool: the prompt starts cold, from the latest image (its setup's file is there).
