@@ -86,6 +86,10 @@ async fn start_at(root: PathBuf, extra_env: &[(&str, &str)]) -> Provider {
         .env("NIGHTSHIFT_DEV_MODE", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    let chosen = extra_env.iter().any(|(k, _)| *k == "NIGHTSHIFT_ISOLATION");
+    if !chosen && no_bwrap_allowed() {
+        cmd.env("NIGHTSHIFT_ISOLATION", "none");
+    }
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -110,7 +114,21 @@ async fn start_at(root: PathBuf, extra_env: &[(&str, &str)]) -> Provider {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if !chosen && !no_bwrap_allowed() {
+        // Tests that do not turn isolation off run under bubblewrap, never silently without.
+        let (_, health) = p.call("GET", "/v1/health", None).await;
+        assert_eq!(
+            health["isolation"], "bubblewrap",
+            "the provider tests need working bubblewrap (NIGHTSHIFT_TEST_ALLOW_NO_BWRAP=1 runs them without): {health}"
+        );
+    }
     p
+}
+
+/// `NIGHTSHIFT_TEST_ALLOW_NO_BWRAP=1`: run the provider tests on a host without working
+/// bubblewrap (isolation `none`; the tests of bubblewrap's own properties are skipped).
+fn no_bwrap_allowed() -> bool {
+    std::env::var("NIGHTSHIFT_TEST_ALLOW_NO_BWRAP").as_deref() == Ok("1")
 }
 
 fn nonce() -> String {
@@ -378,7 +396,10 @@ async fn lifecycle(env: &[(&str, &str)]) {
     let text = r.text().await.expect("text");
     assert!(text.contains("data: supervisor: local API"), "{text}");
 
-    // Snapshot, change the sandbox, restore: the snapshot's checkout comes back.
+    // Snapshot a checkout a fresh clone and sync cannot reproduce: an uncommitted file
+    // (KEPT.md, above), an uncommitted edit of a pushed file and a deleted tracked file.
+    p.exec_out(&id, "echo edited >> NEW.md && rm README.md")
+        .await;
     let (st, snap) = p
         .call(
             "POST",
@@ -388,18 +409,36 @@ async fn lifecycle(env: &[(&str, &str)]) {
         .await;
     assert_eq!(st, 201, "{snap}");
     let snap_id = snap["id"].as_str().expect("snap id");
+    // Changed after the snapshot: none of this may come back.
+    p.exec_out(
+        &id,
+        "git checkout -q -- README.md && echo later > AFTER.md && rm KEPT.md",
+    )
+    .await;
     let (st, restored) = p.call("POST", &format!("/v1/snapshots/{snap_id}/restore"), Some(json!({"session_id": "ses_2", "repository": {"clone_url": remote, "base_branch": "main"}}))).await;
     assert_eq!(st, 201, "{restored}");
     let rid = restored["id"].as_str().expect("rid").to_string();
     p.wait_status(&rid, &["ready"]).await;
-    let (_, out) = p
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{rid}/exec"),
-            Some(json!({"command": ["cat", "NEW.md"]})),
+    let out = p
+        .exec_out(
+            &rid,
+            "cat NEW.md KEPT.md; for f in README.md AFTER.md; do test -e $f && echo $f-present || echo $f-absent; done; git status --porcelain",
         )
         .await;
-    assert_eq!(out["stdout"], "new\n");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "new",
+            "edited",
+            "kept",
+            "README.md-absent",
+            "AFTER.md-absent",
+            " M NEW.md",
+            " D README.md",
+            "?? KEPT.md"
+        ],
+        "the restored checkout is not the snapshot's: {out}"
+    );
 
     // List filters by session and label.
     let (_, l) = p.call("GET", "/v1/sandboxes?session_id=ses_1", None).await;
@@ -407,26 +446,82 @@ async fn lifecycle(env: &[(&str, &str)]) {
     let (_, l) = p.call("GET", "/v1/sandboxes?label=pool:a", None).await;
     assert_eq!(l["sandboxes"][0]["id"], id.as_str());
 
-    // A background process started by exec dies with the sandbox.
-    let (st, _) = p
-        .call(
-            "POST",
-            &format!("/v1/sandboxes/{id}/exec"),
-            Some(
-                json!({"command": ["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 & echo started"]}),
-            ),
-        )
-        .await;
-    assert_eq!(st, 200);
-    assert!(
-        !nightshift_sandbox::procs::marked(&id).is_empty(),
-        "the supervisor runs under the sandbox's mark"
+    // Processes an exec started die with the sandbox, judged by their own pids in /proc (not by
+    // the sandbox's mark, which is what terminate kills by): a background child, a setsid one,
+    // and one that drops the mark and its session (`env -i setsid`). The exec prints their pids
+    // to a file and stays running, so they are alive when the sandbox is terminated.
+    let tag = 300_000 + rand::random::<u32>() % 100_000 * 10;
+    let naps: Vec<String> = (0..3).map(|i| (tag + i).to_string()).collect();
+    let quiet = "</dev/null >/dev/null 2>&1 &";
+    let script = format!(
+        "sleep {a} {quiet} echo $! >> .pids; setsid sleep {b} {quiet} echo $! >> .pids; env -i setsid sleep {c} {quiet} echo $! >> .pids; sleep 120",
+        a = naps[0],
+        b = naps[1],
+        c = naps[2],
     );
+    let pids_file = p.root.join("state/sandboxes").join(&id).join("repo/.pids");
+    let exec = p.exec(
+        &id,
+        json!({"command": ["sh", "-c", script], "timeout_ms": 180000}),
+    );
+    let (_, health) = p.call("GET", "/v1/health", None).await;
+    let isolated = health["isolation"] == "bubblewrap";
+    let watch = async {
+        let t = Instant::now();
+        let printed: Vec<i32> = loop {
+            let text = std::fs::read_to_string(&pids_file).unwrap_or_default();
+            let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if pids.len() == naps.len() {
+                break pids;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "pids never printed: {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The host's pid of each (inside bubblewrap the printed pid is the sandbox's own pid
+        // namespace's: the innermost `NSpid` entry).
+        let mut host = Vec::new();
+        for (nap, inner) in naps.iter().zip(&printed) {
+            let found = running(&["sleep", nap]);
+            assert_eq!(found.len(), 1, "sleep {nap}: {found:?}");
+            let nspid = ns_pids(found[0]);
+            assert_eq!(
+                nspid.last(),
+                Some(inner),
+                "sleep {nap} printed {inner}: {nspid:?}"
+            );
+            // Isolation: with bubblewrap the sandbox has its own pid namespace.
+            assert_eq!(
+                nspid.len() > 1,
+                isolated,
+                "pid namespaces of sleep {nap}: {nspid:?}"
+            );
+            host.push(found[0]);
+        }
+        for sid in [&id, &rid] {
+            let (st, t) = p
+                .call("POST", &format!("/v1/sandboxes/{sid}/terminate"), None)
+                .await;
+            assert_eq!((st, t["status"].as_str()), (200, Some("terminated")));
+        }
+        host
+    };
+    let (_, host) = tokio::join!(exec, watch);
+    let t = Instant::now();
+    while let Some(alive) = host
+        .iter()
+        .find(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "process {alive} (an exec's child) survived terminate: {}",
+            std::fs::read_to_string(format!("/proc/{alive}/status")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for sid in [&id, &rid] {
-        let (st, t) = p
-            .call("POST", &format!("/v1/sandboxes/{sid}/terminate"), None)
-            .await;
-        assert_eq!((st, t["status"].as_str()), (200, Some("terminated")));
         assert!(
             nightshift_sandbox::procs::marked(sid).is_empty(),
             "processes of {sid} survived"
@@ -995,6 +1090,10 @@ async fn without_isolation_exec_env_and_secrets_are_contained_too() {
 /// checkout are not there; namespaces, session and limits are the sandbox's own.
 #[tokio::test]
 async fn a_sandbox_sees_a_fresh_root_and_nothing_of_the_host() {
+    if no_bwrap_allowed() {
+        eprintln!("skipped: NIGHTSHIFT_TEST_ALLOW_NO_BWRAP=1 (this tests bubblewrap itself)");
+        return;
+    }
     let p = start(&[("PROVIDER_LIMIT_OPEN_FILES", "1000")]).await;
     let (_, health) = p.call("GET", "/v1/health", None).await;
     assert_eq!(health["isolation"], "bubblewrap", "{health}");
@@ -1269,6 +1368,20 @@ async fn errors_and_answers_carry_no_host_paths_or_credentials() {
     let (_, log) = p.text(&format!("/v1/images/{iid}/logs")).await;
     assert!(log.contains("https://127.0.0.1:9/team/repo.git"), "{log}");
     assert!(!log.contains("tok3n-sekrit"), "{log}");
+}
+
+/// A process's pid in each pid namespace it is in, the host's first (`NSpid` in its status).
+fn ns_pids(pid: i32) -> Vec<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Live processes whose command line is exactly `argv`.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use nightshift_tests::{pool_ready, Api, Compute, Server, User, Ws, RUN};
+use nightshift_tests::{git, pool_ready, Api, Compute, Server, User, Ws, RUN};
 use serde_json::{json, Value};
 
 async fn start(recording: Value, extra: &[(&str, &str)]) -> (Compute, Server) {
@@ -304,9 +304,11 @@ async fn warm_pools_serve_prompts_and_typing_and_a_new_image_drains_them() {
 async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
     let recording = json!({"turns": [
         {"when": "Write notes", "text": "Writing notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "notes.txt", "content": "turn one\n"}}]},
+        // Work that is never committed (an ignored draft) and a tracked file deleted.
+        {"when": "Write notes", "text": "A draft, and README goes.", "tool_calls": [{"name": "bash", "arguments": {"command": "printf 'draft.txt\\n' > .gitignore && echo uncommitted draft > draft.txt && rm README.md && echo done", "description": "Draft and delete"}}]},
         {"when": "Write notes", "text": "Written."},
         // The restored sandbox's agent starts a new conversation (the files are what carries over).
-        {"when": "Read the notes", "text": "Reading them back.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat notes.txt", "description": "Read the notes"}}]},
+        {"when": "Read the notes", "text": "Reading them back.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat notes.txt draft.txt; test -e README.md && echo README-present || echo README-absent", "description": "Read the notes"}}]},
         {"when": "Read the notes", "text": "They survived."},
         {"when": "Start over", "text": "Looking again.", "tool_calls": [{"name": "bash", "arguments": {"command": "cat notes.txt", "description": "Read the notes"}}]},
         {"when": "Start over", "text": "Still here."}
@@ -319,6 +321,11 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
     let mut ws = api.connect(&ada, &id, "ada", 0).await;
     let p1 = api.prompt(&ada, &id, "Write notes").await;
     assert_eq!(ws.finished(&p1).await["ok"], true);
+    assert!(
+        tool_output(&ws, &p1, "bash").contains("done"),
+        "{:?}",
+        ws.seen
+    );
 
     // The turn's snapshot lands shortly after it ends.
     let t = Instant::now();
@@ -348,8 +355,14 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
     assert_eq!(st, 200);
     ws.event_within(RUN, "sandbox.status", |e| e["stage"] == "lost")
         .await;
+    // Only the snapshot holds turn one's work now: its pushed branch is taken off the remote
+    // (a fresh clone would get main: no notes, README there), and its draft was never committed.
+    let branch = format!("refs/heads/nightshift/{id}");
+    let pushed = git(&remote, &["rev-parse", &branch]);
+    git(&remote, &["update-ref", "-d", &branch]);
 
-    // The follow-up runs on a sandbox restored from the snapshot: turn one's file is there.
+    // The follow-up runs on a sandbox restored from the snapshot: turn one's files are there,
+    // committed or not, and the file it deleted is still gone.
     let p2 = api.prompt(&ada, &id, "Read the notes").await;
     assert_eq!(ws.finished(&p2).await["ok"], true);
     let restored = spawn_details(&ws);
@@ -360,11 +373,13 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
         ))),
         "{restored:?}"
     );
-    assert!(
-        tool_output(&ws, &p2, "bash").contains("turn one"),
-        "{:?}",
-        ws.seen
-    );
+    let read = tool_output(&ws, &p2, "bash");
+    for want in ["turn one", "uncommitted draft", "README-absent"] {
+        assert!(read.contains(want), "{want} missing after restore: {read}");
+    }
+    assert!(!read.contains("README-present"), "{read}");
+    // The branch comes back for the fresh start below.
+    git(&remote, &["update-ref", &branch, &pushed]);
 
     // The provider loses every snapshot and the sandbox dies again: the session says so and
     // starts fresh, continuing its pushed branch (turn one's commit is there).
