@@ -116,9 +116,52 @@ async fn main() {
     if run("pools") {
         pools().await;
     }
+    // What a person waits for around the pools: a sandbox's death with default settings, and
+    // cold starts while a drained pool refills (both also run under `pools`).
+    if run("pools") || only.as_deref() == Some("restore") {
+        restore_from_death().await;
+    }
+    if run("pools") || only.as_deref() == Some("refill") {
+        cold_while_refilling().await;
+    }
+    if run("viewers") {
+        viewers().await;
+    }
+    if run("reload") {
+        reload().await;
+    }
+    if run("idle") {
+        idle().await;
+    }
+    if run("presence") {
+        presence().await;
+    }
     if run("background") {
         background().await;
     }
+}
+
+/// `BENCH_N` (iterations of each measurement), or `default`.
+fn bench_n(default: usize) -> usize {
+    env_num("BENCH_N", default)
+}
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Like `report`, and also prints the first sample on its own (nothing is dropped: the
+/// first is in the percentiles too).
+fn report_first(name: &str, samples: &mut [f64]) {
+    let first = samples.first().copied().unwrap_or(f64::NAN);
+    let (p50, p99) = (pct(samples, 0.5), pct(samples, 0.99));
+    println!(
+        "{name:<48} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   first {first:>8.2} ms   (n={})",
+        samples.len()
+    );
 }
 
 /// Sustained agent events into one session with 10 clients, as a sandbox sends them (batched).
@@ -595,7 +638,12 @@ async fn measure_prompt(api: &Api, who: &User, ws: &mut Ws, id: &str, text: &str
     let mark = ws.last_seq;
     let t = Instant::now();
     let prompt = api.prompt(who, id, text).await;
-    let ours = |e: &serde_json::Value| e["prompt"] == prompt.as_str() || e["id"] == prompt.as_str();
+    wait_prompt(ws, t, mark, &prompt, w).await;
+}
+
+/// Waits for `prompt` (sent at `t`, after the event `mark`) to finish; records its waits.
+async fn wait_prompt(ws: &mut Ws, t: Instant, mark: u64, prompt: &str, w: &mut Waits) {
+    let ours = |e: &serde_json::Value| e["prompt"] == prompt || e["id"] == prompt;
     let (mut t_ready, mut t_first) = (None, None);
     loop {
         let Some(v) = ws.next(Duration::from_secs(180)).await else {
@@ -800,10 +848,21 @@ async fn background() {
         max_depth: 3,
         max_children: 1000,
     };
+    // The shard keeps every agent it ever ran, as production does (the model's `AgentsKept`):
+    // nothing is pruned. Decisions/s are reported per window of shard sizes, since `fits`,
+    // `queued` and `schedule` scan every agent. `BENCH_AGENTS` (default 20,000) spawns.
+    let total = env_num("BENCH_AGENTS", 20_000) as u64;
+    let mut sizes: Vec<u64> = [1_000u64, 2_000, 5_000, 10_000, 20_000, 50_000]
+        .into_iter()
+        .filter(|&x| x < total)
+        .collect();
+    sizes.push(total);
     let mut s = Scheduler::new(limits);
     let t = Instant::now();
     let mut decisions = 0u64;
-    for i in 0..20_000u64 {
+    let (mut window_start, mut window_decisions, mut from) = (Instant::now(), 0u64, 0u64);
+    let mut next_size = sizes.iter().copied().peekable();
+    for i in 0..total {
         let id = format!("a{i}");
         let ts = s
             .spawn(Spawn {
@@ -813,38 +872,60 @@ async fn background() {
                 parent_depth: 1,
             })
             .unwrap_or_default();
-        decisions += ts.len() as u64;
-        // Keep the shard busy: whatever runs finishes, which starts the next.
-        let running: Vec<String> = s
-            .agents
-            .values()
-            .filter(|a| a.status == Status::Starting)
-            .map(|a| a.id.clone())
+        let mut count = ts.len() as u64;
+        // Keep the shard busy: whatever starts runs and finishes, which starts the next.
+        // (The started ones come from the transitions: the bench itself scans nothing.)
+        let mut started: Vec<String> = ts
+            .into_iter()
+            .filter(|x| x.to == Status::Starting)
+            .map(|x| x.id)
             .collect();
-        for r in running {
-            decisions += s
-                .transition(&r, Status::Running)
-                .map_or(0, |t| t.len() as u64);
-            decisions += s
-                .transition(&r, Status::Completed)
-                .map_or(0, |t| t.len() as u64);
+        while let Some(r) = started.pop() {
+            for to in [Status::Running, Status::Completed] {
+                if let Ok(more) = s.transition(&r, to) {
+                    count += more.len() as u64;
+                    started.extend(
+                        more.into_iter()
+                            .filter(|x| x.to == Status::Starting)
+                            .map(|x| x.id),
+                    );
+                }
+            }
         }
-        if s.agents.len() > 500 {
-            s.agents.retain(|_, a| !a.status.is_terminal());
+        decisions += count;
+        window_decisions += count;
+        if Some(&(i + 1)) == next_size.peek() {
+            let secs = window_start.elapsed().as_secs_f64();
+            println!(
+                "{:<48} {:>8.0} decisions/s",
+                format!(
+                    "scheduler decisions, shard of {from}..{} agents kept",
+                    i + 1
+                ),
+                window_decisions as f64 / secs
+            );
+            from = i + 1;
+            window_start = Instant::now();
+            window_decisions = 0;
+            next_size.next();
         }
     }
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "{:<48} {:>8.0} decisions/s  ({decisions} transitions over 20,000 spawns by 50 users, 64 running at most)",
-        "scheduler decisions (core, one shard)",
+        "{:<48} {:>8.0} decisions/s  ({decisions} transitions over {total} spawns by 50 users, 64 running at most, nothing pruned, in memory: no storage)",
+        "scheduler decisions (core, one shard, overall)",
         decisions as f64 / secs
     );
+    let kept = s.agents.len();
+    assert_eq!(kept as u64, total, "every agent is kept");
 
     let server = Server::start(&[
         ("PROMPT_RUNNER", "echo"),
         ("ECHO_RUN_MS", "600000"),
         ("BG_MAX_CONCURRENT", "1000"),
         ("BG_MAX_PER_USER", "1000"),
+        // The deployment-wide budget (32 by default) would queue the 33rd spawn.
+        ("BG_MAX_GLOBAL", "1000"),
     ])
     .await;
     let api = server.client();
@@ -867,4 +948,734 @@ async fn background() {
         "spawn -> child running (session created, prompt queued)",
         &mut spawn,
     );
+}
+
+/// Waits until the session lists a snapshot (taken after its prompt finished).
+async fn wait_snapshot(api: &Api, who: &User, id: &str) {
+    let t = Instant::now();
+    loop {
+        let (_, v) = api.call("GET", &format!("/sessions/{id}"), who, None).await;
+        if v["snapshots"].as_array().is_some_and(|s| !s.is_empty()) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no snapshot: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Restore as a person feels it, with the default settings (no `SANDBOX_GRACE_MS`,
+/// `SANDBOX_HEARTBEAT_TIMEOUT_MS` or `HEARTBEAT_TIMEOUT_MS` override; the person's socket
+/// pings as the app's would): after a first prompt and its snapshot, the sandbox dies
+/// (terminated at the provider), and the person sends a follow-up at once. A follow-up the
+/// session fails with `sandbox_lost … send it again` is sent again at once, and that resend is
+/// part of the wait. Clock: from the provider's answer to the terminate (the sandbox is gone)
+/// to the follow-up's first agent event on the person's socket.
+async fn restore_from_death() {
+    let turns: Vec<serde_json::Value> = (0..100)
+        .map(|i| json!({"text": format!("ok {i}")}))
+        .collect();
+    let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
+    let owned = compute.vars();
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("death");
+    let n = bench_n(3);
+    println!("Restore after the sandbox dies (default settings: 10 s grace), follow-up sent at once, new sessions on a one-file repository");
+    let (mut noticed, mut ready, mut first, mut done) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut resent, mut restored) = (0usize, 0usize);
+    for i in 0..n {
+        let (id, _) = api.create_session_on(&ada, "death", &remote).await;
+        let mut ws = api
+            .connect(&ada, &id, "bench", 0)
+            .await
+            .pinging(Duration::from_secs(10));
+        let p = api.prompt(&ada, &id, &format!("turn {i}")).await;
+        ws.finished(&p).await;
+        wait_snapshot(&api, &ada, &id).await;
+        drain(&mut ws, Duration::from_millis(30)).await;
+        let mark = ws.last_seq;
+        end_sandboxes(&compute, &id).await;
+        let t = Instant::now();
+        let text = format!("after death {i}");
+        let mut prompt = api.prompt(&ada, &id, &text).await;
+        let (mut t_lost, mut t_ready, mut t_first) = (None, None, None);
+        let mut was_restored = false;
+        'wait: loop {
+            let Some(v) = ws.next(Duration::from_secs(180)).await else {
+                panic!("the socket closed or went quiet before the follow-up finished");
+            };
+            let now = Instant::now();
+            for e in v["events"].as_array().cloned().unwrap_or_default() {
+                let kind = e["type"].as_str().unwrap_or("");
+                let after = e["seq"].as_u64() > Some(mark);
+                if kind == "sandbox.status" && after && e["stage"] == "lost" {
+                    t_lost.get_or_insert(now);
+                }
+                if kind == "sandbox.status" && after && e["stage"] == "ready" {
+                    t_ready.get_or_insert(now);
+                }
+                if kind == "sandbox.status"
+                    && after
+                    && e["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("restored snapshot"))
+                {
+                    was_restored = true;
+                }
+                if kind.starts_with("agent.") && e["prompt"] == prompt.as_str() {
+                    t_first.get_or_insert(now);
+                }
+                if kind == "prompt.finished" && e["id"] == prompt.as_str() {
+                    let reason = e["reason"].as_str().unwrap_or("");
+                    if e["ok"] == false && reason.contains("send it again") {
+                        // What the person is told to do: send it again, at once.
+                        resent += 1;
+                        prompt = api.prompt(&ada, &id, &text).await;
+                        continue;
+                    }
+                    assert_eq!(e["ok"], true, "the follow-up failed: {e}");
+                    noticed.push(t_lost.map(|l| ms(l - t)).unwrap_or(f64::NAN));
+                    ready.push(t_ready.map(|r| ms(r - t)).unwrap_or(f64::NAN));
+                    first.push(ms(t_first.unwrap_or(now) - t));
+                    done.push(ms(now - t));
+                    break 'wait;
+                }
+            }
+        }
+        restored += usize::from(was_restored);
+        end_sandboxes(&compute, &id).await;
+    }
+    report("death -> session shows `lost`", &mut noticed);
+    report("death -> new sandbox ready", &mut ready);
+    report("death -> follow-up's first agent event", &mut first);
+    report("death -> follow-up's prompt.finished", &mut done);
+    println!("  follow-ups failed with `send it again` and resent: {resent} of {n}; new sandbox restored from the snapshot: {restored} of {n}");
+}
+
+/// Cold starts after a burst drained the pool, while it refills beside them: `BENCH_POOL`
+/// (default 2) sessions of a registered repository with a full pool each send their first
+/// prompt at once (each claims a pooled sandbox), then a new session of the same repository
+/// sends its first prompt: it starts cold from the latest image while the pool's refill boots
+/// `BENCH_POOL` sandboxes on the same machine. Clocks from each prompt's send.
+async fn cold_while_refilling() {
+    let turns: Vec<serde_json::Value> = (0..400)
+        .map(|i| json!({"text": format!("ok {i}")}))
+        .collect();
+    let compute = Compute::start(&json!({ "turns": turns }), &[]).await;
+    let owned = compute.vars();
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("refill");
+    let pool = env_num("BENCH_POOL", 2);
+    let n = bench_n(3);
+    let name = "refill";
+    let body = json!({"name": name, "clone_url": remote, "setup": ["echo warmed > .warm"], "pool_size": pool});
+    let (st, v) = api.call("POST", "/repositories", &ada, Some(body)).await;
+    assert_eq!(st, 201, "{v}");
+    println!("Cold start while the pool refills: a burst of {pool} first prompts drains a pool of {pool}, then one more new session's first prompt");
+    let (mut burst, mut cold) = (Waits::default(), Waits::default());
+    let (mut went_cold, mut booting_seen) = (0usize, 0usize);
+    for i in 0..n {
+        pool_full(&api, &ada, name).await;
+        let mut ids = Vec::new();
+        let mut socks = Vec::new();
+        for _ in 0..=pool {
+            let (id, _) = api
+                .create_session_on(&ada, "refill", std::path::Path::new(name))
+                .await;
+            let mut ws = api.connect(&ada, &id, "bench", 0).await;
+            drain(&mut ws, Duration::from_millis(30)).await;
+            ids.push(id);
+            socks.push(ws);
+        }
+        let (mut extra_ws, mut burst_ws) = {
+            let last = socks.pop().expect("extra socket");
+            (last, socks)
+        };
+        let extra_id = ids[pool].clone();
+        let marks: Vec<u64> = burst_ws.iter().map(|w| w.last_seq).collect();
+        // The burst: every pooled sandbox claimed at once.
+        let t_burst = Instant::now();
+        let text = format!("burst {i}");
+        let prompts = join_all(ids[..pool].iter().map(|id| api.prompt(&ada, id, &text))).await;
+        // Then a new session's first prompt, while the refill runs.
+        let mark = extra_ws.last_seq;
+        let t = Instant::now();
+        let p = api
+            .prompt(&ada, &extra_id, &format!("after the burst {i}"))
+            .await;
+        let (_, r) = api
+            .call("GET", &format!("/repositories/{name}"), &ada, None)
+            .await;
+        if r["pool"]["booting"].as_u64().unwrap_or(0) > 0 {
+            booting_seen += 1;
+        }
+        let mut per = (0..pool).map(|_| Waits::default()).collect::<Vec<_>>();
+        let bursts = burst_ws
+            .iter_mut()
+            .zip(per.iter_mut())
+            .zip(prompts.iter().zip(marks.iter()))
+            .map(|((ws, w), (p, m))| wait_prompt(ws, t_burst, *m, p, w));
+        tokio::join!(
+            join_all(bursts),
+            wait_prompt(&mut extra_ws, t, mark, &p, &mut cold)
+        );
+        for w in per {
+            burst.ready.extend(w.ready);
+            burst.first.extend(w.first);
+            burst.done.extend(w.done);
+        }
+        let claimed = extra_ws.seen.iter().any(|e| {
+            e["type"] == "sandbox.status"
+                && e["seq"].as_u64() > Some(mark)
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("claimed a warm sandbox"))
+        });
+        if !claimed {
+            went_cold += 1;
+        }
+        for id in &ids {
+            end_sandboxes(&compute, id).await;
+        }
+    }
+    burst.report(&format!("burst of {pool} claims (pool of {pool})"));
+    cold.report("next new session, cold while the pool refills");
+    println!(
+        "  the next session started cold in {went_cold} of {n} runs; the pool was refilling (booting > 0) right after its prompt in {booting_seen} of {n}"
+    );
+}
+
+/// A session played by the bench as its sandbox (the fake provider checks signatures), with
+/// `viewers` people's sockets connected at the head of the log.
+struct Played {
+    id: String,
+    prompt: String,
+    link: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    viewers: Vec<Ws>,
+    /// The last event number sent on the link.
+    n: u64,
+}
+
+async fn played_session(
+    server: &Server,
+    fake: &nightshift_tests::fake_provider::Shared,
+    who: &User,
+    viewers: usize,
+) -> Played {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let api = server.client();
+    let (st, s) = api
+        .call(
+            "POST",
+            "/sessions",
+            who,
+            Some(json!({"title": "played", "repository": "/srv/git/bench.git"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    let mut socks = connect_many(&api, who, &id, viewers, "v").await;
+    let prompt = api.prompt(who, &id, "go").await;
+    let token = loop {
+        let t = fake.lock().ok().and_then(|f| {
+            f.creates
+                .iter()
+                .find(|c| c["session_id"] == id.as_str())
+                .and_then(|c| c["supervisor"]["sandbox_token"].as_str().map(String::from))
+        });
+        if let Some(t) = t {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut req = format!(
+        "{}/sandbox-link/{id}",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut link, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("sandbox link");
+    for _ in 0..2 {
+        link.next().await; // welcome, prompt
+    }
+    let drains = socks
+        .iter_mut()
+        .map(|ws| drain(ws, Duration::from_millis(300)));
+    join_all(drains).await;
+    Played {
+        id,
+        prompt,
+        link,
+        viewers: socks,
+        n: 0,
+    }
+}
+
+/// Numbers `texts` as the next agent.text events and sends them as one `batch` frame.
+fn batch_frame(p: &mut Played, texts: &[String]) -> tokio_tungstenite::tungstenite::Message {
+    let events: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|t| {
+            p.n += 1;
+            json!({"n": p.n, "event": {"kind": "agent.text", "prompt": p.prompt, "text": t}})
+        })
+        .collect();
+    tokio_tungstenite::tungstenite::Message::Text(
+        json!({"type": "batch", "events": events})
+            .to_string()
+            .into(),
+    )
+}
+
+/// The markers `@@k@@` a frame carries.
+fn markers(t: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = t;
+    while let Some(i) = rest.find("@@") {
+        rest = &rest[i + 2..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !digits.is_empty() && rest[digits.len()..].starts_with("@@") {
+            if let Ok(k) = digits.parse() {
+                out.push(k);
+            }
+            rest = &rest[digits.len() + 2..];
+        }
+    }
+    out
+}
+
+/// Agent output to 10, 100 and 1,000 viewers as the real supervisor sends it: one `batch`
+/// frame every 50 ms holding `BENCH_BATCH` (default 1) `agent.text` events of ~50 ms of tokens.
+/// Clock: from the bench (as the sandbox) sending a frame on its link to that frame's text
+/// arriving at the last of the session's viewers (and, separately, at each viewer).
+async fn viewers() {
+    use futures_util::{SinkExt, StreamExt};
+    use nightshift_tests::fake_provider;
+    let (fake, url) = fake_provider::start().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", fake_provider::SECRET),
+        ("CONTROL_URL", "{self}"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("HEARTBEAT_TIMEOUT_MS", "900000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let rounds = bench_n(100);
+    let per_batch = env_num("BENCH_BATCH", 1).max(1);
+    println!("Agent output fan-out: one batch of {per_batch} agent.text every 50 ms, {rounds} batches, each session with only its viewers connected");
+    for n in [10usize, 100, 1000] {
+        let mut p = played_session(&server, &fake, &ada, n).await;
+        let frames: Vec<_> = (0..rounds)
+            .map(|k| {
+                let texts: Vec<String> = (0..per_batch)
+                    .map(|j| {
+                        if j == 0 {
+                            format!("@@{k}@@ the agent writes a few tokens ")
+                        } else {
+                            format!("and a few more tokens {j} ")
+                        }
+                    })
+                    .collect();
+                batch_frame(&mut p, &texts)
+            })
+            .collect();
+        let (mut sink, mut acks) = p.link.split();
+        // Acknowledgements are read (and dropped) while the batches go out.
+        let acker = tokio::spawn(async move { while let Some(Ok(_)) = acks.next().await {} });
+        let start = Instant::now();
+        let sender = async {
+            let mut sent = Vec::with_capacity(rounds);
+            for (k, f) in frames.into_iter().enumerate() {
+                tokio::time::sleep_until((start + Duration::from_millis(50 * k as u64)).into())
+                    .await;
+                sent.push(Instant::now());
+                sink.send(f).await.expect("send");
+            }
+            sent
+        };
+        let receivers = join_all(p.viewers.iter_mut().map(|ws| async move {
+            let mut at: Vec<Option<Instant>> = vec![None; rounds];
+            let mut got = 0;
+            while got < rounds {
+                let Some(t) = ws.next_raw(Duration::from_secs(30)).await else {
+                    break;
+                };
+                let now = Instant::now();
+                for k in markers(&t) {
+                    if k < rounds && at[k].is_none() {
+                        at[k] = Some(now);
+                        got += 1;
+                    }
+                }
+            }
+            at
+        }));
+        let (sent, arrivals) = tokio::join!(sender, receivers);
+        acker.abort();
+        let (mut last, mut each) = (Vec::new(), Vec::new());
+        let mut missing = 0usize;
+        for (k, s) in sent.iter().enumerate() {
+            let mut worst: Option<Instant> = None;
+            for a in &arrivals {
+                match a[k] {
+                    Some(t) => {
+                        each.push(ms(t - *s));
+                        worst = Some(worst.map_or(t, |w| w.max(t)));
+                    }
+                    None => missing += 1,
+                }
+            }
+            if let Some(w) = worst {
+                last.push(ms(w - *s));
+            }
+        }
+        report_first(
+            &format!("agent output -> all {n} viewers (last)"),
+            &mut last,
+        );
+        report(&format!("agent output -> each of {n} viewers"), &mut each);
+        if missing > 0 {
+            println!("  {missing} (viewer, batch) receipts missing");
+        }
+        drop(p.viewers);
+    }
+}
+
+/// Sends `total` agent.text events of `len`-character texts in batches of 200 (as fast as the
+/// session takes them) and waits for the last acknowledgement.
+async fn fill_log(p: &mut Played, total: usize, len: usize) {
+    use futures_util::{SinkExt, StreamExt};
+    let pad = "x".repeat(len.saturating_sub(12));
+    let mut left = total;
+    while left > 0 {
+        let k = left.min(200);
+        let texts: Vec<String> = (0..k).map(|j| format!("tok {j:>5} {pad} ")).collect();
+        let f = batch_frame(p, &texts);
+        p.link.send(f).await.expect("send");
+        left -= k;
+    }
+    while let Some(Ok(m)) = p.link.next().await {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+            if v["type"] == "ack" && v["n"].as_u64() == Some(p.n) {
+                break;
+            }
+        }
+    }
+}
+
+/// Connects with `since` and reads until the socket holds every event up to the head the
+/// hello names; returns (connect -> hello, connect -> caught up, bytes of events).
+async fn catch_up(api: &Api, who: &User, id: &str, client: &str, since: u64) -> (f64, f64, usize) {
+    let t = Instant::now();
+    let mut ws = api.connect(who, id, client, since).await;
+    let mut head = None;
+    let mut t_hello = 0.0;
+    let mut bytes = 0usize;
+    loop {
+        let Some(raw) = ws.next_raw(Duration::from_secs(60)).await else {
+            panic!("the socket closed while catching up");
+        };
+        bytes += raw.len();
+        let v: serde_json::Value = serde_json::from_str(&raw).unwrap_or_default();
+        if v["type"] == "hello" {
+            t_hello = ms(t.elapsed());
+            head = v["seq"].as_u64();
+            if head <= Some(since) {
+                break;
+            }
+        }
+        if v["type"] == "events" {
+            let last = v["events"]
+                .as_array()
+                .and_then(|e| e.last())
+                .and_then(|e| e["seq"].as_u64());
+            if head.is_some() && last >= head {
+                break;
+            }
+        }
+    }
+    let done = ms(t.elapsed());
+    ws.close().await;
+    (t_hello, done, bytes)
+}
+
+/// A reload of a busy session: a session with `BENCH_EVENTS` (default 20,000) agent events; a
+/// client connecting with since=0 until it holds the whole history (what opening or reloading
+/// the page costs), and one resuming with since=head-100 (a dropped connection). Clock: from
+/// the socket connect to the frame holding the head event. Then the same after the control
+/// plane restarts (the session's object is cold and reloads from SQLite).
+async fn reload() {
+    use nightshift_tests::fake_provider;
+    let (fake, url) = fake_provider::start().await;
+    let mut server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", fake_provider::SECRET),
+        ("CONTROL_URL", "{self}"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let total = env_num("BENCH_EVENTS", 20_000);
+    let n = bench_n(5);
+    let mut p = played_session(&server, &fake, &ada, 0).await;
+    let t = Instant::now();
+    fill_log(&mut p, total, 40).await;
+    println!(
+        "Reload of a busy session: {total} agent.text events of ~40 characters (stored in {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let id = p.id.clone();
+    let (mut hello, mut full, mut resume) = (Vec::new(), Vec::new(), Vec::new());
+    let mut size = 0;
+    let head = {
+        let mut ws = api.connect(&ada, &id, "probe", u64::MAX / 2).await;
+        let h = ws
+            .until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+            .await;
+        ws.close().await;
+        h["seq"].as_u64().expect("head")
+    };
+    for i in 0..n {
+        let (h, d, b) = catch_up(&api, &ada, &id, &format!("full{i}"), 0).await;
+        hello.push(h);
+        full.push(d);
+        size = b;
+    }
+    for i in 0..n {
+        let (_, d, _) = catch_up(
+            &api,
+            &ada,
+            &id,
+            &format!("resume{i}"),
+            head.saturating_sub(100),
+        )
+        .await;
+        resume.push(d);
+    }
+    report_first("connect since=0 -> hello", &mut hello);
+    report_first(
+        &format!("connect since=0 -> whole history ({head} events)"),
+        &mut full,
+    );
+    println!("  {:.1} MB of frames per full reload", size as f64 / 1e6);
+    report_first("connect since=head-100 -> caught up", &mut resume);
+    // After a restart: each object is cold (the first request reloads it from SQLite).
+    let restarts = env_num("BENCH_RESTARTS", 2);
+    let (mut cold_full, mut cold_resume) = (Vec::new(), Vec::new());
+    for i in 0..restarts {
+        // Alternate which reload comes first after the restart (that one finds the object cold).
+        server.restart().await;
+        if i % 2 == 0 {
+            cold_full.push(catch_up(&api, &ada, &id, &format!("cf{i}"), 0).await.1);
+        } else {
+            let since = head.saturating_sub(100);
+            cold_resume.push(catch_up(&api, &ada, &id, &format!("cr{i}"), since).await.1);
+        }
+    }
+    report(
+        "after restart: since=0 -> whole history (cold)",
+        &mut cold_full,
+    );
+    report(
+        "after restart: since=head-100 -> caught up (cold)",
+        &mut cold_resume,
+    );
+    drop(p.link);
+}
+
+/// The first request to an idle session: `BENCH_N` (default 5) sessions with a little history
+/// (100 lock events each); the control plane restarts (every object is cold and reloads from
+/// SQLite), then each session's first `GET /sessions/:id` against its second, and each other
+/// session's first socket connect -> `hello` against its second. The very first request after
+/// each restart (the Worker itself starting) is reported on its own. Repeated `BENCH_RESTARTS`
+/// (default 2) times.
+async fn idle() {
+    let mut server = Server::start(&[
+        ("PROMPT_RUNNER", "none"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("MAX_LOCK_TTL_MS", "86400000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let n = bench_n(5);
+    let mut get_ids = Vec::new();
+    let mut ws_ids = Vec::new();
+    for i in 0..2 * n {
+        let (id, _) = api.create_session(&ada, &format!("idle {i}")).await;
+        let mut w = api.connect(&ada, &id, "writer", u64::MAX / 2).await;
+        w.until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+            .await;
+        for r in 0..100 {
+            w.send(
+                json!({"type": "lock.acquire", "resource": format!("r{r}"), "ttl_ms": 86_400_000}),
+            )
+            .await;
+        }
+        let mut got = 0;
+        while got < 100 {
+            let Some(v) = w.next(Duration::from_secs(30)).await else {
+                panic!("writer closed");
+            };
+            got += v["events"]
+                .as_array()
+                .map(|e| e.iter().filter(|e| e["type"] == "lock.acquired").count())
+                .unwrap_or(0);
+        }
+        w.close().await;
+        if i % 2 == 0 {
+            get_ids.push(id);
+        } else {
+            ws_ids.push(id);
+        }
+    }
+    println!("First request to an idle session ({n} sessions of each kind, 100 lock events each), after the control plane restarts");
+    let restarts = env_num("BENCH_RESTARTS", 2);
+    let (mut very_first, mut get1, mut get2, mut hello1, mut hello2) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let get = |id: String| {
+        let api = api.clone();
+        let ada = ada.clone();
+        async move {
+            let t = Instant::now();
+            let (st, v) = api
+                .call("GET", &format!("/sessions/{id}"), &ada, None)
+                .await;
+            assert_eq!(st, 200, "{v}");
+            ms(t.elapsed())
+        }
+    };
+    let hello = |id: String, client: String| {
+        let api = api.clone();
+        let ada = ada.clone();
+        async move {
+            let t = Instant::now();
+            let mut ws = api.connect(&ada, &id, &client, u64::MAX / 2).await;
+            ws.until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+                .await;
+            let d = ms(t.elapsed());
+            ws.close().await;
+            d
+        }
+    };
+    for r in 0..restarts {
+        server.restart().await;
+        for (k, id) in get_ids.iter().enumerate() {
+            let first = get(id.clone()).await;
+            if k == 0 {
+                very_first.push(first);
+            } else {
+                get1.push(first);
+            }
+            get2.push(get(id.clone()).await);
+        }
+        for id in &ws_ids {
+            hello1.push(hello(id.clone(), format!("a{r}")).await);
+            hello2.push(hello(id.clone(), format!("b{r}")).await);
+        }
+    }
+    report(
+        "very first request after restart (GET, Worker cold)",
+        &mut very_first,
+    );
+    report("first GET /sessions/:id of an idle session", &mut get1);
+    report("second GET /sessions/:id", &mut get2);
+    report("first connect -> hello of an idle session", &mut hello1);
+    report("second connect -> hello", &mut hello2);
+}
+
+/// Presence latency: one client sends `typing` (true, then false, alternately) and the clock
+/// runs until the `presence.delta` showing it has arrived at every other client of the
+/// session. Sessions of 1 + 10 and 1 + 100 clients; the coalescing window is
+/// `presence_batch_ms(clients)` (40 ms and 101 ms).
+async fn presence() {
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "none"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("HEARTBEAT_TIMEOUT_MS", "900000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let rounds = bench_n(30);
+    println!("Presence: typing -> presence.delta at every other client ({rounds} rounds)");
+    for others in [10usize, 100] {
+        let (id, _) = api.create_session(&ada, "presence").await;
+        let mut typer = api.connect(&ada, &id, "typer", u64::MAX / 2).await;
+        typer
+            .until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+            .await;
+        let mut rest = connect_many(&api, &ada, &id, others, "o").await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        join_all(
+            rest.iter_mut()
+                .map(|ws| drain(ws, Duration::from_millis(300))),
+        )
+        .await;
+        drain(&mut typer, Duration::from_millis(50)).await;
+        let window = nightshift_core::session::presence_batch_ms(others + 1);
+        let (mut last, mut each) = (Vec::new(), Vec::new());
+        for k in 0..rounds {
+            let typing = k % 2 == 0;
+            let t = Instant::now();
+            typer
+                .send(json!({"type": "typing", "typing": typing}))
+                .await;
+            let waits = rest.iter_mut().map(|ws| async move {
+                loop {
+                    let Some(raw) = ws.next_raw(Duration::from_secs(30)).await else {
+                        panic!("socket closed waiting for presence");
+                    };
+                    if !raw.contains("presence.delta") || !raw.contains("\"typer\"") {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&raw).unwrap_or_default();
+                    let shown = v["updated"].as_array().is_some_and(|u| {
+                        u.iter()
+                            .any(|e| e["client"] == "typer" && e["typing"] == typing)
+                    });
+                    if shown {
+                        return Instant::now();
+                    }
+                }
+            });
+            let arrivals = join_all(waits).await;
+            each.extend(arrivals.iter().map(|a| ms(*a - t)));
+            last.push(ms(
+                arrivals.into_iter().max().unwrap_or_else(Instant::now) - t
+            ));
+            drain(&mut typer, Duration::from_millis(1)).await;
+            // A pause between rounds, as between a person's keystroke bursts.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        report_first(
+            &format!("typing -> shown at all {others} others (window {window} ms)"),
+            &mut last,
+        );
+        report(
+            &format!("typing -> shown at each of {others} others"),
+            &mut each,
+        );
+    }
 }
