@@ -108,7 +108,10 @@ async fn a_sandbox_reaches_only_its_own_sessions_children() {
     assert_eq!(st, 201, "{own}");
     let own = own["id"].as_str().expect("agent id").to_string();
     let (st, v) = tool(&api, &a, &token_a, json!({"op": "check", "id": own})).await;
-    assert_eq!(st, 404, "A's sandbox read an agent that is not its child: {v}");
+    assert_eq!(
+        st, 404,
+        "A's sandbox read an agent that is not its child: {v}"
+    );
     // And B's sandbox's list of children is empty.
     let (st, v) = tool(&api, &b, &token_b, json!({"op": "check"})).await;
     assert_eq!(st, 200, "{v}");
