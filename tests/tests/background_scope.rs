@@ -117,3 +117,69 @@ async fn a_sandbox_reaches_only_its_own_sessions_children() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["children"].as_array().map(Vec::len), Some(0), "{v}");
 }
+
+/// Audit #10: an agent cancelled around its start (queued, starting, or just running) never
+/// runs its prompt to the end: its session, if it got one, shows the prompt stopped, never
+/// finished. Cancels land at staggered moments after each spawn, so some fall inside the
+/// start (the session created, its prompt not yet queued).
+#[tokio::test]
+async fn an_agent_cancelled_around_its_start_never_runs_its_prompt() {
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "echo"),
+        ("ECHO_RUN_MS", "1500"),
+        ("BG_MAX_CONCURRENT", "20"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let mut spawns = Vec::new();
+    for i in 0..12u64 {
+        let (api, ada) = (&api, &ada);
+        spawns.push(async move {
+            let (st, v) = api
+                .call(
+                    "POST",
+                    "/background/spawn",
+                    &ada,
+                    Some(json!({"prompt": format!("agent {i}")})),
+                )
+                .await;
+            assert_eq!(st, 201, "{v}");
+            let id = v["id"].as_str().expect("id").to_string();
+            tokio::time::sleep(std::time::Duration::from_millis(i * 7)).await;
+            let (st, c) = api
+                .call("POST", &format!("/background/{id}/cancel"), &ada, None)
+                .await;
+            assert_eq!(st, 200, "cancel {id}: {c}");
+            id
+        });
+    }
+    let ids = futures_util::future::join_all(spawns).await;
+    // Longer than a run that had not been stopped would take.
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
+    for id in ids {
+        let (_, agent) = api
+            .call("GET", &format!("/background/{id}"), &ada, None)
+            .await;
+        let status = agent["status"].as_str().unwrap_or_default();
+        assert_eq!(status, "cancelled", "{id}: {agent}");
+        let Some(session) = agent["session"].as_str() else {
+            continue;
+        };
+        let (st, log) = api
+            .call(
+                "GET",
+                &format!("/multiplayer/{session}/events?since=0"),
+                &ada,
+                None,
+            )
+            .await;
+        assert_eq!(st, 200, "{log}");
+        let events = log["events"].as_array().cloned().unwrap_or_default();
+        let finished = events.iter().any(|e| e["type"] == "prompt.finished");
+        assert!(
+            !finished,
+            "cancelled agent {id}'s prompt finished: {events:?}"
+        );
+    }
+}
