@@ -1,6 +1,6 @@
 //! The RepositoryObject Durable Object: one per registered repository — its settings, image builds and warm pool (rules in core `repository` and `pool`).
 
-use nightshift_core::pool::{Pool, Slot, Work};
+use nightshift_core::pool::{self, Pool, Slot, Work};
 use nightshift_core::repository::{cron_slot, Change, Registry, Settings};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -453,6 +453,36 @@ impl RepositoryObject {
                 .await;
             }
         }
+        // Requested or booting too long (a lost create answer, a sandbox that never boots): given
+        // up; booting ones drain below, unrecorded creates are swept by their key label.
+        let now = now_ms();
+        self.with_pool(|p| p.expire(now, pool::PENDING_TIMEOUT_MS))?;
+        for key in self.pool()?.pending_sweeps() {
+            let (st, v) = provider::call(
+                &self.env,
+                Method::Get,
+                &format!("/v1/sandboxes?label=pool_key:{key}"),
+                None,
+            )
+            .await?;
+            if st != 200 {
+                continue;
+            }
+            let mut all_gone = true;
+            for sbx in v["sandboxes"].as_array().into_iter().flatten() {
+                if sbx["labels"]["pool"].as_str() != Some(settings.name.as_str()) {
+                    continue;
+                }
+                let Some(id) = sbx["id"].as_str() else {
+                    continue;
+                };
+                let (st, _) = provider::terminate(&self.env, id).await?;
+                all_gone &= st == 200 || st == 404;
+            }
+            if all_gone {
+                self.with_pool(|p| p.swept(&key))?;
+            }
+        }
         // Booting and ready sandboxes: ready, or gone.
         let watched: Vec<(String, String, Slot)> = self
             .pool()?
@@ -497,20 +527,16 @@ impl RepositoryObject {
                 "session_id": null,
                 "repository": {"clone_url": settings.clone_url, "base_branch": settings.base_branch, "egress": settings.egress},
                 "image": image,
-                "labels": {"pool": settings.name},
+                "labels": {"pool": settings.name, "pool_key": key},
             });
             match provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await {
                 Ok((201, v)) => {
                     let id = v["id"].as_str().unwrap_or_default().to_string();
-                    // Not known any more (or drained while it was asked for): not wanted.
-                    let drain = self.with_pool(|p| {
-                        !p.created(&key, &id)
-                            || p.entries
-                                .get(&key)
-                                .is_some_and(|e| e.slot == Slot::Draining)
-                    })?;
-                    if drain {
-                        let _ = provider::terminate(&self.env, &id).await;
+                    // Not known any more (given up, or drained while it was asked for): not wanted.
+                    if let Some(Work::Terminate { sandbox }) =
+                        self.with_pool(|p| p.created(&key, &id))?
+                    {
+                        let _ = provider::terminate(&self.env, &sandbox).await;
                         self.with_pool(|p| p.drained(&key))?;
                     }
                 }
@@ -526,12 +552,18 @@ impl RepositoryObject {
             || p.entries
                 .values()
                 .any(|e| matches!(e.slot, Slot::Requested | Slot::Booting | Slot::Draining));
+        let busy = busy || !p.sweeps.is_empty();
         let next = if busy {
             config::pool_poll_ms(&self.env)
         } else if !p.entries.is_empty() {
             60_000
         } else {
             return Ok(());
+        };
+        // Never later than the oldest pending entry's timeout.
+        let next = match p.next_deadline(pool::PENDING_TIMEOUT_MS) {
+            Some(d) => next.min(d.saturating_sub(now_ms()).max(1)),
+            None => next,
         };
         self.state
             .storage()

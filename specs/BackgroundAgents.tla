@@ -1,5 +1,8 @@
 \* BackgroundAgents: the background agents of one shard (core/src/background.rs), checked by core/tests/model_background_agents.rs.
 -------------------------- MODULE BackgroundAgents ---------------------------
+\* Design notes, not a checked artefact: nothing runs TLC or Apalache on this file. What runs is
+\* core/tests/model_background_agents.rs, an exhaustive bounded exploration of the production core types;
+\* core/tests/specs_match_checks.rs keeps the property names below and its checks in step.
 (* Companion of HostedAgent.tla. Background agents are spawned by people    *)
 (* (through the API), by a person's hosted session, or by the session a     *)
 (* running agent runs in; they wait queued until the scheduler starts them  *)
@@ -24,7 +27,12 @@
 (* about 20,000 states from the empty shard and 5,000 from the seed. Moves  *)
 (* to every status are tried on every agent, valid or not, as are an        *)
 (* unknown id and a taken one. Invariants and step properties carry the     *)
-(* same names there; mutants of the scheduler show each one catches a bug.  *)
+(* same names there. The test's mutants are edits inside the test harness   *)
+(* (a state patched after the real call, a limit loosened, or the code      *)
+(* before a fix re-implemented in the test): they show that each invariant  *)
+(* is not vacuous for those corruptions, not that an arbitrary edit to      *)
+(* core/src/background.rs is caught. For that see the mutation run of the   *)
+(* core (cargo-mutants; README, "Mutation testing of the core").            *)
 EXTENDS Naturals, FiniteSets, Sequences
 
 CONSTANTS Users, Ids, HumanSessions,
@@ -173,6 +181,22 @@ Next == \/ \E i \in Ids, u \in Users :
 
 Spec == Init /\ [][Next]_vars
 
+\* Helpers of the step properties below.
+\* The statuses of a shard, and replaying the answered transitions over them.
+St(a) == [i \in Ids |-> a[i].st]
+RECURSIVE Replay(_, _)
+Replay(st, log) == IF log = <<>> THEN st
+                   ELSE Replay([st EXCEPT ![Head(log).id] = Head(log).to], Tail(log))
+\* The shard just before the k-th transition of the call.
+At(k) == LET st == Replay(St(ag), SubSeq(last', 1, k - 1))
+         IN [i \in Ids |-> [ag'[i] EXCEPT !.st = st[i]]]
+\* A start passes over q (for c) when q fits and its user runs fewer agents, or q is an earlier one of the same user.
+PassedOver(a, q, c) == \/ Load(a, a[q].user) < Load(a, a[c].user)
+                       \/ a[q].user = a[c].user /\ a[q].arrival < a[c].arrival
+
+\* Checked by core/tests/model_background_agents.rs: every definition from here on is asserted there under
+\* the same name (invariants in every state reached, [][...]_vars properties on every step).
+
 \* ---- Invariants ----
 ConcurrencyLimit == Cardinality(Active(ag)) <= MaxConcurrent
 PerUserLimit == \A u \in Users : Load(ag, u) <= MaxPerUser
@@ -205,20 +229,11 @@ ValidTransitions == [][\A k \in 1..Len(last') :
                           \/ last'[k].from # None /\ CanMove(last'[k].from, last'[k].to)]_vars
 \* Replaying the answered transitions over the statuses before the call: each starts from the
 \* status the agent has at that point, and the replay ends in the statuses after it.
-St(a) == [i \in Ids |-> a[i].st]
-RECURSIVE Replay(_, _)
-Replay(st, log) == IF log = <<>> THEN st
-                   ELSE Replay([st EXCEPT ![Head(log).id] = Head(log).to], Tail(log))
 TransitionsReportEveryChange ==
     [][/\ \A k \in 1..Len(last') : Replay(St(ag), SubSeq(last', 1, k - 1))[last'[k].id] = last'[k].from
        /\ Replay(St(ag), last') = St(ag')]_vars
-\* The shard just before the k-th transition of the call.
-At(k) == LET st == Replay(St(ag), SubSeq(last', 1, k - 1))
-         IN [i \in Ids |-> [ag'[i] EXCEPT !.st = st[i]]]
 \* Fair: a start passes over no waiting agent that fits the limits and whose user runs fewer
 \* agents, nor an earlier one of the same user.
-PassedOver(a, q, c) == \/ Load(a, a[q].user) < Load(a, a[c].user)
-                       \/ a[q].user = a[c].user /\ a[q].arrival < a[c].arrival
 FairStarts == [][\A k \in 1..Len(last') :
                     last'[k].to = "starting" =>
                        \A q \in Waiting(At(k)) \ {last'[k].id} : ~PassedOver(At(k), q, last'[k].id)]_vars
@@ -234,6 +249,10 @@ CancelCascades == [][answer' = "ok" =>
 RefusedChangesNothing == [][answer' # "ok" => UNCHANGED <<ag, spawned, clock>>]_vars
 \* Nothing silently dropped: a spawn is refused (and adds nothing) or its agent is there,
 \* answered queued first.
+\* A spawn's answer is exactly SpawnRefusal's (true by construction of Spawn here; the Rust check
+\* asserts that the scheduler's answers follow these rules, in this order).
+SpawnRefusedPerLimits == [][\A i \in Ids, u \in Users, par \in Sessions \cup {None}, pd \in 0..MaxDepth :
+                              Spawn(i, u, par, pd) => answer' = SpawnRefusal(i, u, par, pd + 1)]_vars
 NothingSilentlyDropped == [][(call'.op = "spawn" /\ answer' = "ok") =>
                                /\ ag[call'.arg].st = None /\ ag'[call'.arg].st # None
                                /\ Len(last') > 0 /\ last'[1] = T(call'.arg, None, "queued")]_vars

@@ -1,4 +1,7 @@
 --------------------------- MODULE GitSyncGating ---------------------------
+\* Design notes, not a checked artefact: nothing runs TLC or Apalache on this file. What runs is
+\* core/tests/model_git_sync_gating.rs, an exhaustive bounded exploration of the production core types;
+\* core/tests/specs_match_checks.rs keeps the property names below and its checks in step.
 (* Read-before-sync with blocked writes. The agent may read from the moment   *)
 (* it starts; tools that can change files (write, edit, patch, bash, ...)     *)
 (* are refused with an explanation until the checkout has synced to the       *)
@@ -32,8 +35,13 @@ Use(t) == LET ok == t \notin WriteTools \/ sync = "synced"
 Next == StartSync \/ Fail \/ (\E c \in Commits : Synced(c)) \/ (\E t \in Tools : Use(t))
 Spec == Init /\ [][Next]_vars
 
+\* Checked by core/tests/model_git_sync_gating.rs: every definition from here on is asserted there under
+\* the same name (invariants in every state reached, [][...]_vars properties on every step).
+
 ReadsNeverBlocked == last.tool \notin WriteTools => last.allowed
 NoWriteBeforeSync == (last.tool \in WriteTools /\ last.allowed) => last.synced
 NoResyncAfterWrite == wrote => sync = "synced"
+\* Rust only: BlockedWritesExplain. (A blocked call's message names the tool and says why: the
+\* spec's decision record has no message.)
 SyncedCheckoutStable == [][(wrote /\ sync = "synced") => (sync' = "synced" /\ commit' = commit)]_vars
 =============================================================================

@@ -1,4 +1,7 @@
 ---------------------------- MODULE HostedAgent ----------------------------
+\* Design notes, not a checked artefact: nothing runs TLC or Apalache on this file. What runs is
+\* core/tests/model_hosted_agent.rs, an exhaustive bounded exploration of the production core types;
+\* core/tests/specs_match_checks.rs keeps the property names below and its checks in step.
 (* Sessions, membership, client limits, edit locks and session status.       *)
 (* Checked against the Rust state machine (core/src/session.rs) by            *)
 (* core/tests/model_hosted_agent.rs: every invariant below is an assertion    *)
@@ -84,13 +87,23 @@ Next == \/ Tick \/ Sweep \/ End
 
 Spec == Init /\ [][Next]_vars
 
+\* Checked by core/tests/model_hosted_agent.rs: every definition from here on is asserted there under
+\* the same name (invariants in every state reached, [][...]_vars properties on every step).
+
 ExactlyOneOwner == {u \in Users : members[u] = "owner"} = {Owner}
 ClientsBelongToMembers == \A c \in Clients : clients[c] # NoUser => IsMember(clients[c])
 ClientLimit == \A u \in Users : Cardinality(ClientsOf(u)) <= MaxClients
 LockHoldersAreMembers == \A r \in Resources : locks[r].holder # NoUser => IsMember(locks[r].holder)
 \* Single writer: a live lock changes hands only through release, leave or expiry.
-SingleWriter == [][\A r \in Resources :
-                    (locks[r].holder # NoUser /\ locks'[r].holder \notin {NoUser, locks[r].holder})
-                       => locks[r].exp <= now]_vars
+SingleWriter == [][/\ \A r \in Resources :
+                       (locks[r].holder # NoUser /\ locks'[r].holder \notin {NoUser, locks[r].holder})
+                          => locks[r].exp <= now
+                    \* A release frees the lock; whoever leaves holds nothing afterwards.
+                    /\ \A u \in Users, r \in Resources : Release(u, r) => locks'[r].holder = NoUser
+                    /\ \A u \in Users : Leave(u) => \A r \in Resources : locks'[r].holder # u]_vars
 EndedIsFinal == [][status = "ended" => status' = "ended"]_vars
+\* An ended session takes no new member and no new lock.
+EndedRefusesWork == [][status = "ended" => \A u \in Users : ~Join(u) /\ \A r \in Resources : ~Acquire(u, r)]_vars
+\* Rust only: EventsMirrorLocks, EventsMirrorMembers. (The locks and members rebuilt from the
+\* emitted events alone equal the state: the spec has no event log, the Rust check does.)
 =============================================================================

@@ -1,4 +1,7 @@
 ---------------------------- MODULE PromptQueue ----------------------------
+\* Design notes, not a checked artefact: nothing runs TLC or Apalache on this file. What runs is
+\* core/tests/model_prompt_queue.rs, an exhaustive bounded exploration of the production core types;
+\* core/tests/specs_match_checks.rs keeps the property names below and its checks in step.
 (* The per-session prompt queue: higher priority first, then first-come; one  *)
 (* running prompt; authors (or the owner) cancel and re-prioritise queued     *)
 (* prompts; stop ends the running one. Checked against core/src/queue.rs via  *)
@@ -64,6 +67,12 @@ Next == \/ \E u \in Users, p \in Prompts, pr \in Priorities : Enqueue(u, p, pr) 
 
 Spec == Init /\ [][Next]_vars
 
+\* Checked by core/tests/model_prompt_queue.rs: every definition from here on is asserted there under
+\* the same name (invariants in every state reached, [][...]_vars properties on every step).
+
+\* Rust only: RunningMatchesPointer, EventsMirrorQueue, StartedWereAcked. (The queue's running
+\* pointer agrees with the statuses, the statuses rebuilt from events equal the state, and only
+\* acknowledged prompts start: implementation detail the spec has no variables for.)
 AtMostOneRunning == Cardinality(Running) <= 1
 QueueBound == Cardinality(Queued) <= MaxQueued
 WorkConserving == Running = {} => Queued = {}

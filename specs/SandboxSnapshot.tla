@@ -1,5 +1,8 @@
 \* SandboxSnapshot: a session's snapshot manager (core/src/snapshot.rs), checked by core/tests/model_sandbox_snapshot.rs.
 --------------------------- MODULE SandboxSnapshot ---------------------------
+\* Design notes, not a checked artefact: nothing runs TLC or Apalache on this file. What runs is
+\* core/tests/model_sandbox_snapshot.rs, an exhaustive bounded exploration of the production core types;
+\* core/tests/specs_match_checks.rs keeps the property names below and its checks in step.
 (* A session's sandbox is live or has exited. After each turn, and before    *)
 (* the sandbox's time limit, the newest turn is snapshotted (one request at  *)
 (* a time); snapshots expire on a clock that advances in ticks, the oldest   *)
@@ -35,9 +38,10 @@ VARIABLES turns,      \* finished turns so far
           taken,      \* every snapshot the provider took and answered
           deleted,    \* ids deleted at the provider by the shell
           lost,       \* ids the provider lost on its own (the shell forgot them)
-          superseded  \* ids dropped because Keep newer snapshots were held
+          superseded, \* ids dropped because Keep newer snapshots were held
+          kept        \* ids that should be held (Land, Expire and Forget applied to ids alone)
 
-vars == <<turns, taking, snaps, toDelete, now, live, nextId, inFlight, taken, deleted, lost, superseded>>
+vars == <<turns, taking, snaps, toDelete, now, live, nextId, inFlight, taken, deleted, lost, superseded, kept>>
 
 Ids(S) == {s.id : s \in S}
 Max(S) == CHOOSE m \in S : \A x \in S : x <= m
@@ -49,6 +53,8 @@ LiveIn(S) == {s \in S : s.exp > now}
 \* Which snapshot a follow-up restores: {} is a cold start.
 Start == Newest(LiveIn(snaps))
 \* The latest turn whose snapshot completed and is still restorable: live, not lost, not superseded.
+\* The ghost's expiry pass: the kept ids whose snapshot is still live.
+KeptLive == {x.id : x \in {y \in taken : y.id \in kept /\ y.exp > now}}
 Covered == LET C == {s.turn : s \in {x \in LiveIn(taken) : x.id \notin lost \cup superseded}}
            IN IF C = {} THEN {} ELSE {Max(C)}
 
@@ -63,16 +69,18 @@ Land(S, n) == LET all == S \cup {n} IN IF Cardinality(all) > Keep THEN all \ {Ol
 
 Init == /\ turns = 0 /\ taking = {} /\ snaps = {} /\ toDelete = {} /\ now = 0 /\ live = TRUE
         /\ nextId = 0 /\ inFlight = {} /\ taken = {} /\ deleted = {} /\ lost = {} /\ superseded = {}
+        /\ kept = {}
 
 TurnEnded == /\ live /\ turns < MaxTurns /\ turns' = turns + 1
              /\ Request(turns + 1, snaps)
-             /\ UNCHANGED <<snaps, toDelete, now, live, nextId, taken, deleted, lost, superseded>>
+             /\ UNCHANGED <<snaps, toDelete, now, live, nextId, taken, deleted, lost, superseded, kept>>
 
 \* The near-limit alarm: drop expired snapshots (queued for deletion), then ask for the current turn.
-NearLimit == LET kept == LiveIn(snaps) IN
+NearLimit == LET fresh == LiveIn(snaps) IN
              /\ live
-             /\ snaps' = kept /\ toDelete' = toDelete \cup Ids(snaps \ kept)
-             /\ Request(turns, kept)
+             /\ snaps' = fresh /\ toDelete' = toDelete \cup Ids(snaps \ fresh)
+             /\ Request(turns, fresh)
+             /\ kept' = KeptLive
              /\ UNCHANGED <<turns, now, live, nextId, taken, deleted, lost, superseded>>
 
 \* Someone asks for a snapshot now (POST /sandbox/:id/snapshot): the current turn even if a
@@ -81,7 +89,7 @@ Requested == /\ live
              /\ IF taking = {}
                 THEN taking' = {turns} /\ inFlight' = inFlight \cup {turns}
                 ELSE UNCHANGED <<taking, inFlight>>
-             /\ UNCHANGED <<snaps, toDelete, turns, now, live, nextId, taken, deleted, lost, superseded>>
+             /\ UNCHANGED <<snaps, toDelete, turns, now, live, nextId, taken, deleted, lost, superseded, kept>>
 
 Taken == \E t \in inFlight :
            LET n == [id |-> nextId + 1, turn |-> t, at |-> now, exp |-> now + TTL]
@@ -91,40 +99,47 @@ Taken == \E t \in inFlight :
               /\ superseded' = superseded \cup Ids((snaps \cup {n}) \ held)
               /\ taking' = taking \ {t} /\ inFlight' = inFlight \ {t}
               /\ nextId' = nextId + 1 /\ taken' = taken \cup {n}
+              /\ kept' = LET K == kept \cup {n.id}
+                       IN IF Cardinality(K) > Keep
+                          THEN K \ {Oldest({y \in taken \cup {n} : y.id \in K}).id} ELSE K
               /\ UNCHANGED <<turns, now, live, deleted, lost>>
 
 \* The snapshot failed (the sandbox was already gone): nothing is held for it.
 NotTaken == \E t \in inFlight :
               /\ taking' = taking \ {t} /\ inFlight' = inFlight \ {t}
-              /\ UNCHANGED <<turns, snaps, toDelete, now, live, nextId, taken, deleted, lost, superseded>>
+              /\ UNCHANGED <<turns, snaps, toDelete, now, live, nextId, taken, deleted, lost, superseded, kept>>
 
 Exit == live /\ live' = FALSE
-        /\ UNCHANGED <<turns, taking, snaps, toDelete, now, nextId, inFlight, taken, deleted, lost, superseded>>
+        /\ UNCHANGED <<turns, taking, snaps, toDelete, now, nextId, inFlight, taken, deleted, lost, superseded, kept>>
 
 \* A follow-up on an exited sandbox: restore Start (or start cold).
 Restore == ~live /\ live' = TRUE
-           /\ UNCHANGED <<turns, taking, snaps, toDelete, now, nextId, inFlight, taken, deleted, lost, superseded>>
+           /\ UNCHANGED <<turns, taking, snaps, toDelete, now, nextId, inFlight, taken, deleted, lost, superseded, kept>>
 
 Tick == now < MaxTime /\ now' = now + 1
-        /\ UNCHANGED <<turns, taking, snaps, toDelete, live, nextId, inFlight, taken, deleted, lost, superseded>>
+        /\ UNCHANGED <<turns, taking, snaps, toDelete, live, nextId, inFlight, taken, deleted, lost, superseded, kept>>
 
 \* The expiry alarm.
 Expire == /\ snaps' = LiveIn(snaps) /\ toDelete' = toDelete \cup Ids(snaps \ LiveIn(snaps))
+          /\ kept' = KeptLive
           /\ UNCHANGED <<turns, taking, now, live, nextId, inFlight, taken, deleted, lost, superseded>>
 
 \* The provider confirmed a deletion.
 Delete(id) == /\ id \in toDelete /\ toDelete' = toDelete \ {id} /\ deleted' = deleted \cup {id}
-              /\ UNCHANGED <<turns, taking, snaps, now, live, nextId, inFlight, taken, lost, superseded>>
+              /\ UNCHANGED <<turns, taking, snaps, now, live, nextId, inFlight, taken, lost, superseded, kept>>
 
 \* The provider lost a held snapshot on its own (expired early): the shell forgets it.
 Forget(id) == /\ id \in Ids(snaps)
-              /\ snaps' = {s \in snaps : s.id # id} /\ lost' = lost \cup {id}
+              /\ snaps' = {s \in snaps : s.id # id} /\ lost' = lost \cup {id} /\ kept' = kept \ {id}
               /\ UNCHANGED <<turns, taking, toDelete, now, live, nextId, inFlight, taken, deleted, superseded>>
 
 Next == \/ TurnEnded \/ NearLimit \/ Requested \/ Taken \/ NotTaken \/ Exit \/ Restore \/ Tick \/ Expire
         \/ \E id \in 1..nextId : Delete(id) \/ Forget(id)
 
 Spec == Init /\ [][Next]_vars
+
+\* Checked by core/tests/model_sandbox_snapshot.rs: every definition from here on is asserted there under
+\* the same name (invariants in every state reached, [][...]_vars properties on every step).
 
 \* Restore picks the newest held snapshot still live; cold only when none is.
 RestoresNewestLive == /\ Cardinality(Start) <= 1
@@ -138,6 +153,11 @@ AtMostKeepHeld == Cardinality(snaps) <= Keep
 \* none held is also queued, deleted or lost.
 DroppedAreDeleted == /\ Ids(taken) \subseteq Ids(snaps) \cup toDelete \cup deleted \cup lost
                      /\ Ids(snaps) \cap (toDelete \cup deleted \cup lost) = {}
+                     /\ toDelete \cap deleted = {}
+\* The held snapshots are exactly the Keep newest taken by (turn, taken at), less those an expiry
+\* pass dropped and those the provider lost: the test keeps this set as its own ghost (kept),
+\* never reading it from the manager.
+KeepsNewest == Ids(snaps) = kept
 \* No work lost: restore yields the latest turn whose snapshot completed and is restorable
 \* (its checkout holds every earlier turn's work too).
 NoWorkLost == {s.turn : s \in Start} = Covered

@@ -25,6 +25,8 @@ pub struct Pooled {
     /// The image it boots from (`None`: a plain clone, the repository has no image yet).
     pub image: Option<String>,
     pub slot: Slot,
+    /// When it was requested: a `Requested` or `Booting` entry older than the pending timeout
+    /// is given up (see [`Pool::expire`]).
     pub since: u64,
 }
 
@@ -35,7 +37,16 @@ pub enum Work {
     Create { key: String, image: Option<String> },
     /// Terminate this provider sandbox (drained or no longer wanted).
     Terminate { sandbox: String },
+    /// A create for this key may have succeeded at the provider without the answer ever being
+    /// recorded (the object was evicted or crashed after the provider's 201): terminate every
+    /// provider sandbox labelled with the key, then call [`Pool::swept`].
+    Sweep { key: String },
 }
+
+/// How long a sandbox may stay `Requested` or `Booting` (from its request) before the pool gives
+/// it up: the entry stops counting as idle, its sandbox (if recorded) is terminated and an
+/// unrecorded create is swept by its key.
+pub const PENDING_TIMEOUT_MS: u64 = 15 * 60_000;
 
 /// The pool of one repository.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -50,6 +61,10 @@ pub struct Pool {
     pub claims: BTreeMap<String, String>,
     /// Counter for keys.
     pub next_key: u64,
+    /// Keys given up before their create was recorded: the provider sandboxes labelled with them
+    /// are still to be terminated (owed until [`Pool::swept`]).
+    #[serde(default)]
+    pub sweeps: std::collections::BTreeSet<String>,
 }
 
 impl Pool {
@@ -100,21 +115,87 @@ impl Pool {
         out
     }
 
-    /// The provider accepted the create: the sandbox boots.
-    pub fn created(&mut self, key: &str, sandbox: &str) -> bool {
+    /// The provider created `sandbox` for `key`. `None`: recorded, the sandbox boots (or the same
+    /// answer again). Otherwise the sandbox is not wanted and the returned work terminates it:
+    /// the key was drained while the create was in flight (the entry keeps the sandbox until
+    /// [`Pool::drained`]), or is unknown (given up, lost).
+    pub fn created(&mut self, key: &str, sandbox: &str) -> Option<Work> {
+        let unwanted = Some(Work::Terminate {
+            sandbox: sandbox.to_string(),
+        });
         match self.entries.get_mut(key) {
             Some(e) if e.slot == Slot::Requested => {
                 e.sandbox = Some(sandbox.to_string());
                 e.slot = Slot::Booting;
-                true
+                None
             }
+            Some(e) if e.sandbox.as_deref() == Some(sandbox) => None,
             // Drained while the create was in flight: it is terminated as soon as it exists.
             Some(e) if e.slot == Slot::Draining && e.sandbox.is_none() => {
                 e.sandbox = Some(sandbox.to_string());
-                true
+                unwanted
             }
-            _ => false,
+            _ => unwanted,
         }
+    }
+
+    /// Gives up what has been pending longer than `timeout` (from its request): a `Booting` entry
+    /// drains (its terminate is owed until [`Pool::drained`]); an entry whose create was never
+    /// recorded (`Requested`, or drained before the answer) is dropped and its key swept. The
+    /// next refill replaces them.
+    pub fn expire(&mut self, now: u64, timeout: u64) -> Vec<Work> {
+        let mut out = Vec::new();
+        let stale: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| Self::pending(e) && e.since.saturating_add(timeout) <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            let Some(e) = self.entries.get_mut(&k) else {
+                continue;
+            };
+            match e.sandbox.clone() {
+                Some(sandbox) => {
+                    e.slot = Slot::Draining;
+                    out.push(Work::Terminate { sandbox });
+                }
+                None => {
+                    self.entries.remove(&k);
+                    self.sweeps.insert(k.clone());
+                    out.push(Work::Sweep { key: k });
+                }
+            }
+        }
+        out
+    }
+
+    /// Waiting on the provider: requested, booting, or drained before its create was answered.
+    fn pending(e: &Pooled) -> bool {
+        match e.slot {
+            Slot::Requested | Slot::Booting => true,
+            Slot::Draining => e.sandbox.is_none(),
+            Slot::Ready => false,
+        }
+    }
+
+    /// When the oldest pending entry times out (for the alarm): `None` when nothing is pending.
+    pub fn next_deadline(&self, timeout: u64) -> Option<u64> {
+        self.entries
+            .values()
+            .filter(|e| Self::pending(e))
+            .map(|e| e.since.saturating_add(timeout))
+            .min()
+    }
+
+    /// Keys whose sweep is (still) owed; safe to repeat.
+    pub fn pending_sweeps(&self) -> Vec<String> {
+        self.sweeps.iter().cloned().collect()
+    }
+
+    /// Every provider sandbox labelled with `key` has been terminated.
+    pub fn swept(&mut self, key: &str) -> bool {
+        self.sweeps.remove(key)
     }
 
     /// The sandbox reported ready.
@@ -232,7 +313,8 @@ mod tests {
         let w = p.refill(0);
         assert_eq!(w.len(), 2);
         assert!(p.refill(0).is_empty(), "a second alarm plans nothing");
-        assert!(p.created("p1", "sbx_a") && p.created("p2", "sbx_b"));
+        assert_eq!(p.created("p1", "sbx_a"), None);
+        assert_eq!(p.created("p2", "sbx_b"), None);
         assert_eq!(p.claim("ses_1"), None, "nothing ready yet");
         assert!(p.booted("p1"));
         assert_eq!(p.claim("ses_1").as_deref(), Some("sbx_a"));
@@ -250,9 +332,104 @@ mod tests {
                 sandbox: "sbx_b".into()
             }]
         );
-        assert!(!p.booted("p3") && p.created("p3", "sbx_c"));
+        assert!(!p.booted("p3"));
+        assert_eq!(
+            p.created("p3", "sbx_c"),
+            Some(Work::Terminate {
+                sandbox: "sbx_c".into()
+            }),
+            "drained while its create was in flight"
+        );
+        assert!(
+            p.pending_drains()
+                .contains(&("p3".to_string(), "sbx_c".to_string())),
+            "its terminate is owed until drained"
+        );
         assert_eq!(p.idle(), 0);
         assert_eq!(p.refill(2).len(), 2);
         assert!(p.drained("p2") && p.drained("p3"));
+    }
+
+    #[test]
+    fn counts_refusals_and_exact_resizes() {
+        let mut p = Pool::new(3, Some("img_1".into()));
+        p.refill(0);
+        assert_eq!((p.idle(), p.ready()), (3, 0));
+        assert_eq!(p.created("p1", "sbx_a"), None);
+        assert_eq!(p.created("p2", "sbx_b"), None);
+        assert!(p.booted("p1"));
+        assert_eq!((p.idle(), p.ready()), (3, 1));
+        assert!(!p.lost("nope"), "unknown key");
+        assert!(!p.drained("p1"), "not draining");
+        assert!(
+            p.new_image("img_1").is_empty(),
+            "the same image drains nothing"
+        );
+        assert_eq!(p.idle(), 3);
+        assert_eq!(p.claim("ses_1").as_deref(), Some("sbx_a"));
+        assert_eq!(p.unclaim("ses_1").as_deref(), Some("sbx_a"));
+        assert_eq!(p.unclaim("ses_1"), None, "nothing left to unclaim");
+        assert_eq!(
+            p.resize(1),
+            vec![],
+            "requested ones drain first, and they have no sandbox yet"
+        );
+        assert_eq!(p.idle(), 1, "exactly the new size");
+        assert_eq!(p.entries["p2"].slot, Slot::Booting);
+        assert!(p.lost("p2") && !p.lost("p2"));
+        assert_eq!(p.idle(), 0);
+    }
+
+    #[test]
+    fn pending_entries_time_out_and_their_sandboxes_are_terminated() {
+        const T: u64 = 100;
+        let mut p = Pool::new(3, Some("img_1".into()));
+        assert_eq!(p.next_deadline(T), None);
+        assert_eq!(p.refill(10).len(), 3);
+        assert_eq!(p.next_deadline(T), Some(110));
+        assert_eq!(p.created("p1", "sbx_a"), None);
+        assert_eq!(p.created("p1", "sbx_a"), None, "the same answer again");
+        assert_eq!(p.created("p2", "sbx_b"), None);
+        assert!(p.booted("p2"));
+        assert_eq!(p.expire(109, T), vec![], "not yet");
+        // p1 is booting, p2 ready (kept), p3 was never answered (the object crashed).
+        let w = p.expire(110, T);
+        assert_eq!(
+            w,
+            vec![
+                Work::Terminate {
+                    sandbox: "sbx_a".into()
+                },
+                Work::Sweep { key: "p3".into() }
+            ]
+        );
+        assert_eq!(p.entries["p1"].slot, Slot::Draining);
+        assert!(!p.entries.contains_key("p3"));
+        assert_eq!(p.pending_sweeps(), vec!["p3".to_string()]);
+        assert_eq!(p.next_deadline(T), None, "nothing pending any more");
+        assert_eq!(p.idle(), 1, "only the ready one counts");
+        assert_eq!(p.refill(200).len(), 2, "the given-up ones are replaced");
+        assert_eq!(p.next_deadline(T), Some(300));
+        assert_eq!(
+            p.created("p3", "sbx_late"),
+            Some(Work::Terminate {
+                sandbox: "sbx_late".into()
+            }),
+            "a late answer for a given-up key is not wanted"
+        );
+        assert!(p.swept("p3") && !p.swept("p3"));
+        assert!(p.pending_sweeps().is_empty());
+        assert!(p.drained("p1"));
+        // A requested entry drained before its answer still times out (its answer may never come).
+        p.resize(0);
+        assert_eq!(p.idle(), 0);
+        assert_eq!(p.next_deadline(T), Some(300));
+        assert_eq!(
+            p.expire(300, T),
+            vec![
+                Work::Sweep { key: "p4".into() },
+                Work::Sweep { key: "p5".into() }
+            ]
+        );
     }
 }

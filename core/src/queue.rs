@@ -249,3 +249,68 @@ impl PromptQueue {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(id: &str, author: &str) -> NewPrompt {
+        NewPrompt {
+            id: id.into(),
+            author: author.into(),
+            author_name: author.into(),
+            text: "do it".into(),
+            priority: 0,
+            model: None,
+        }
+    }
+
+    #[test]
+    fn only_the_author_or_an_owner_may_cancel_reprioritise_or_stop() {
+        let mut q = PromptQueue::default();
+        q.enqueue(new("p1", "ada"), 0, 5).expect("p1");
+        q.enqueue(new("p2", "bob"), 0, 5).expect("p2");
+        q.enqueue(new("p3", "bob"), 0, 5).expect("p3");
+        assert_eq!(q.queued_count(), 3);
+        assert_eq!(q.start_next(1).as_deref(), Some("p1"));
+        assert_eq!(q.queued_count(), 2);
+        assert!(matches!(
+            q.cancel("p2", "ada", false, 2),
+            Err(CoreError::NotYourPrompt(_))
+        ));
+        assert!(matches!(
+            q.reprioritize("p2", "ada", false, 5),
+            Err(CoreError::NotYourPrompt(_))
+        ));
+        assert!(matches!(
+            q.cancel("p1", "ada", false, 2),
+            Err(CoreError::PromptNotQueued { ref status, .. }) if status == "running"
+        ));
+        assert!(matches!(
+            q.stop("bob", false, 2),
+            Err(CoreError::NotYourPrompt(_))
+        ));
+        assert_eq!(q.cancel("p2", "ada", true, 2), Ok(()), "an owner may");
+        assert_eq!(q.cancel("p3", "bob", false, 2), Ok(()), "the author may");
+        assert!(q.prompts["p2"].status.is_terminal());
+        assert!(!q.prompts["p1"].status.is_terminal());
+        assert!(matches!(
+            q.finish("p2", true, None, 3),
+            Err(CoreError::PromptNotQueued { ref status, .. }) if status == "cancelled"
+        ));
+        assert_eq!(
+            q.stop("bob", true, 3).as_deref(),
+            Ok("p1"),
+            "an owner may stop"
+        );
+        assert!(matches!(
+            q.stop("ada", false, 3),
+            Err(CoreError::NothingRunning)
+        ));
+        q.enqueue(new("p4", "ada"), 4, 5).expect("p4");
+        assert_eq!(q.start_next(4).as_deref(), Some("p4"));
+        assert_eq!(q.finish("p4", true, None, 5), Ok(()));
+        assert_eq!(q.prompts["p4"].status, PromptStatus::Completed);
+        assert_eq!(q.running, None);
+    }
+}

@@ -158,6 +158,7 @@ mod tests {
         s.taken(t, "snp_1", 10, 100);
         assert_eq!(s.near_limit(), Some(2));
         s.taken(2, "snp_2", 20, 50);
+        assert_eq!(s.next_expiry(), Some(50), "the earliest expiry held");
         assert_eq!(s.near_limit(), None, "turn 2 is already held");
         assert_eq!(
             s.start(30),
@@ -175,7 +176,14 @@ mod tests {
         );
         s.expire(100);
         assert_eq!(s.start(100), Start::Cold);
+        assert_eq!(s.next_expiry(), None, "nothing held");
         assert_eq!(s.to_delete, vec!["snp_1".to_string(), "snp_2".to_string()]);
+        s.deleted(&["snp_1".to_string()]);
+        assert_eq!(
+            s.to_delete,
+            vec!["snp_2".to_string()],
+            "deleted ones leave the queue"
+        );
     }
 
     #[test]

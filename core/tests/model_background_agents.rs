@@ -812,6 +812,11 @@ fn background_agents_invariants_hold_up_to_bound() {
             report.states > floor,
             "{name}: exploration too small: {report:?}"
         );
+        assert_eq!(
+            report.depth,
+            model.depth(),
+            "{name}: the bound was not reached: {report:?}"
+        );
     }
 }
 

@@ -206,8 +206,9 @@ impl Model for HostedAgent {
     }
 
     fn step_properties(&self, pre: &State, a: &Action, post: &State) -> Vec<(&'static str, bool)> {
-        // Single writer: a lock changes hands only when its previous holder's lease ran out
-        // or the previous holder released it (explicitly, by leaving, or forced by the owner).
+        // Single writer: a lock passes to another holder only when its previous holder's lease
+        // ran out. A release (by the holder, or forced by the owner) or the holder leaving frees
+        // it: the lock is absent afterwards, never handed straight to someone else.
         let single_writer =
             pre.session
                 .locks
@@ -215,10 +216,17 @@ impl Model for HostedAgent {
                 .all(|(r, l)| match post.session.locks.get(r) {
                     Some(n) if n.holder != l.holder => {
                         l.expires_at <= pre.now
-                            || matches!(a, Action::Release(..) | Action::Leave(_))
+                            && !matches!(a, Action::Release(..) | Action::Leave(_))
                     }
                     _ => true,
-                });
+                })
+                && match a {
+                    // An accepted release leaves the resource unlocked.
+                    Action::Release(_, r) => !post.session.locks.contains_key(RESOURCES[*r]),
+                    // Whoever left holds nothing any more.
+                    Action::Leave(u) => post.session.locks.values().all(|l| l.holder != USERS[*u]),
+                    _ => true,
+                };
         vec![
             ("SingleWriter", single_writer),
             (
@@ -271,4 +279,5 @@ fn hosted_agent_invariants_hold_up_to_bound() {
         .unwrap_or_else(|v| panic!("invariant {} violated by {:?}", v.invariant, v.trace));
     println!("HostedAgent: {report:?}");
     assert!(report.states > 5_000, "exploration too small: {report:?}");
+    assert_eq!(report.depth, DEPTH, "the bound was not reached: {report:?}");
 }

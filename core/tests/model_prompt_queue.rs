@@ -197,7 +197,31 @@ impl Model for PromptQueueModel {
             !p.status.is_terminal()
                 || post.session.queue.prompts.get(id).map(|n| n.status) == Some(p.status)
         });
-        vec![("TerminalIsFinal", terminal_final)]
+        // Prompts that started in this step (running now, not before).
+        let status = |s: &State, id: &str| s.session.queue.prompts.get(id).map(|p| p.status);
+        let newly_running: Vec<&String> = post
+            .session
+            .queue
+            .prompts
+            .keys()
+            .filter(|id| {
+                status(post, id) == Some(PromptStatus::Running)
+                    && status(pre, id) != Some(PromptStatus::Running)
+            })
+            .collect();
+        vec![
+            ("TerminalIsFinal", terminal_final),
+            (
+                "NoRunTwice",
+                newly_running.iter().all(|id| !pre.started.contains(*id)),
+            ),
+            (
+                "RunsInOrder",
+                newly_running
+                    .iter()
+                    .all(|id| best_queued_after(pre, post, id)),
+            ),
+        ]
     }
 }
 
@@ -216,11 +240,12 @@ fn best_queued_after(_pre: &State, post: &State, id: &str) -> bool {
         })
 }
 
-/// Bound: 2 users, 4 prompt ids, 2 priorities, queue bound 2, sequences of up to DEPTH actions.
+/// Bound: 2 users, 3 prompt ids, 2 priorities, queue bound 2, sequences of up to DEPTH actions.
 #[test]
 fn prompt_queue_invariants_hold_up_to_bound() {
     let report = explore(&PromptQueueModel, DEPTH)
         .unwrap_or_else(|v| panic!("invariant {} violated by {:?}", v.invariant, v.trace));
     println!("PromptQueue: {report:?}");
     assert!(report.states > 1_000, "exploration too small: {report:?}");
+    assert_eq!(report.depth, DEPTH, "the bound was not reached: {report:?}");
 }

@@ -1,4 +1,4 @@
-//! Model check of specs/SandboxSnapshot.tla against the Rust snapshot manager: newest live restore, one in flight, KEEP held, dropped ones deleted, no work lost; snapshots asked for through the API share the one-in-flight rule.
+//! Model check of specs/SandboxSnapshot.tla against the Rust snapshot manager: newest live restore, one in flight, KEEP held, dropped ones deleted, no work lost; snapshots asked for through the API share the one-in-flight rule. The expected set of held snapshots and the restore choice come from a ghost kept by this test alone (never from the manager's own lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +26,12 @@ struct State {
     taken: BTreeMap<String, (u64, u64, u64)>,
     /// Ghost: snapshots deleted at the provider by the shell.
     deleted: BTreeSet<String>,
-    /// Ghost: snapshots dropped because KEEP newer ones were held (superseded, not lost work).
+    /// Ghost, kept independently of the manager: the snapshots it should hold, i.e. the KEEP
+    /// newest taken by (turn, taken_at, order of arrival), less those dropped as expired by an
+    /// expiry pass and those the provider lost.
+    kept: BTreeSet<String>,
+    /// Ghost: snapshots dropped from `kept` because KEEP newer ones were held (superseded, not
+    /// lost work).
     superseded: BTreeSet<String>,
     /// Ghost: snapshots the provider lost on its own (the shell was told and forgot them).
     lost: BTreeSet<String>,
@@ -75,25 +80,38 @@ enum Mutant {
     RequestWhileInFlight,
 }
 
-/// The newest snapshot still live at `now` among those the provider took and neither the shell
-/// dropped nor the provider lost: (turn, taken_at, id).
-fn newest_live(s: &State) -> Option<(u64, u64, String)> {
-    s.snaps
-        .snaps
+/// The ghost's order of snapshots: (turn, taken_at, arrival).
+fn order(s: &State, id: &str) -> (u64, u64, u64) {
+    let g = s.taken[id];
+    let arrival = id.trim_start_matches("snp_").parse().unwrap_or(0);
+    (g.0, g.1, arrival)
+}
+
+/// The snapshot a restore should use, from the ghost alone: the newest of `kept` still live at
+/// `now`, as (turn, id).
+fn newest_live(s: &State) -> Option<(u64, String)> {
+    s.kept
         .iter()
-        .filter(|p| s.taken.get(&p.id).is_some_and(|g| g.2 > s.now))
-        .map(|p| (p.turn, p.taken_at, p.id.clone()))
-        .max()
+        .filter(|id| s.taken[*id].2 > s.now)
+        .max_by_key(|id| order(s, id))
+        .map(|id| (s.taken[id].0, id.clone()))
 }
 
 /// The latest turn whose snapshot completed and is still restorable at `now`: live, not lost by
-/// the provider, and not superseded by KEEP newer ones.
+/// the provider, and not superseded by KEEP newer ones (all from the ghost).
 fn latest_covered_turn(s: &State) -> Option<u64> {
     s.taken
         .iter()
         .filter(|(id, g)| g.2 > s.now && !s.lost.contains(*id) && !s.superseded.contains(*id))
         .map(|(_, g)| g.0)
         .max()
+}
+
+/// Ghost expiry pass: what an expiry at `now` drops.
+fn ghost_expire(t: &mut State) {
+    let now = t.now;
+    let taken = t.taken.clone();
+    t.kept.retain(|id| taken[id].2 > now);
 }
 
 impl Model for SandboxSnapshot {
@@ -108,6 +126,7 @@ impl Model for SandboxSnapshot {
             in_flight: None,
             taken: BTreeMap::new(),
             deleted: BTreeSet::new(),
+            kept: BTreeSet::new(),
             superseded: BTreeSet::new(),
             lost: BTreeSet::new(),
             doubled: false,
@@ -154,6 +173,7 @@ impl Model for SandboxSnapshot {
                 } else {
                     if self.mutant != Some(Mutant::NearLimitWithoutExpire) {
                         t.snaps.expire(t.now);
+                        ghost_expire(&mut t);
                     }
                     t.snaps.near_limit()
                 };
@@ -175,9 +195,18 @@ impl Model for SandboxSnapshot {
                 let turn = t.in_flight.take()?;
                 let id = format!("snp_{}", t.taken.len() + 1);
                 t.snaps.taken(turn, &id, t.now, t.now + TTL);
-                t.taken.insert(id, (turn, t.now, t.now + TTL));
-                let dropped = &t.snaps.to_delete[s.snaps.to_delete.len()..];
-                t.superseded.extend(dropped.iter().cloned());
+                t.taken.insert(id.clone(), (turn, t.now, t.now + TTL));
+                t.kept.insert(id);
+                while t.kept.len() > KEEP {
+                    let oldest = t
+                        .kept
+                        .iter()
+                        .min_by_key(|id| order(&t, id))
+                        .cloned()
+                        .expect("kept is not empty");
+                    t.kept.remove(&oldest);
+                    t.superseded.insert(oldest);
+                }
             }
             Action::NotTaken => {
                 let turn = t.in_flight.take()?;
@@ -205,6 +234,7 @@ impl Model for SandboxSnapshot {
             }
             Action::Expire => {
                 t.snaps.expire(t.now);
+                ghost_expire(&mut t);
                 if self.mutant == Some(Mutant::ExpireForgets) {
                     t.snaps.to_delete = s.snaps.to_delete.clone();
                 }
@@ -215,6 +245,7 @@ impl Model for SandboxSnapshot {
             }
             Action::Forget(id) => {
                 t.snaps.forget(id);
+                t.kept.remove(id);
                 t.lost.insert(id.clone());
             }
         }
@@ -241,11 +272,21 @@ impl Model for SandboxSnapshot {
         });
         let disjoint = held
             .iter()
-            .all(|id| !queued.contains(id) && !s.deleted.contains(*id) && !s.lost.contains(*id));
+            .all(|id| !queued.contains(id) && !s.deleted.contains(*id) && !s.lost.contains(*id))
+            && queued.iter().all(|id| !s.deleted.contains(*id));
         vec![
             (
                 "RestoresNewestLive",
-                picked.as_ref().map(|p| &p.0) == newest_live(s).as_ref().map(|n| &n.2),
+                picked.as_ref().map(|p| &p.0) == newest_live(s).as_ref().map(|n| &n.1),
+            ),
+            (
+                "KeepsNewest",
+                held.len() == s.snaps.snaps.len()
+                    && held.iter().copied().eq(s.kept.iter())
+                    && s.snaps
+                        .snaps
+                        .iter()
+                        .all(|p| s.taken.get(&p.id) == Some(&(p.turn, p.taken_at, p.expires_at))),
             ),
             (
                 "NeverRestoresExpired",
@@ -310,6 +351,7 @@ fn sandbox_snapshot_invariants_hold_up_to_bound() {
         .unwrap_or_else(|v| panic!("invariant {} violated by {:?}", v.invariant, v.trace));
     println!("SandboxSnapshot: {report:?}");
     assert!(report.states > 50_000, "exploration too small: {report:?}");
+    assert_eq!(report.depth, DEPTH, "the bound was not reached: {report:?}");
 }
 
 /// The check is not vacuous: each deliberate bug is caught within the same bound.

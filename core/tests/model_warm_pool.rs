@@ -1,24 +1,45 @@
-//! Model check of specs/WarmPool.tla against the Rust warm pool: no sandbox shared, pool bounded, only the latest image handed out, idempotent refills, drains final.
+//! Model check of specs/WarmPool.tla against the Rust warm pool: no sandbox shared, pool bounded, only the latest image handed out, idempotent refills, drains final, and every sandbox the provider created owned by the pool or terminated (a create answered by the provider but never recorded, as after a crash, is given up after the pending timeout and swept).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use nightshift_core::check::{explore, Model};
-use nightshift_core::pool::{Pool, Slot, Work};
+use nightshift_core::pool::{Pool, Pooled, Slot, Work};
 
 const SESSIONS: [&str; 2] = ["ses_a", "ses_b"];
 const IMAGES: [&str; 2] = ["img_1", "img_2"];
 const TARGETS: [u32; 3] = [0, 1, 2];
 /// The provider hands out at most this many sandbox ids (sbx_1 ..).
 const MAX_SANDBOXES: u32 = 4;
+/// The clock runs 0..=MAX_TIME in ticks.
+const MAX_TIME: u64 = 2;
+/// Ticks a sandbox may stay requested or booting before the pool gives it up.
+const TIMEOUT: u64 = 1;
 /// Depth of the exhaustive exploration (number of actions in a sequence).
 const DEPTH: usize = 8;
+
+/// One sandbox at the provider (ghost): the key it was created for, its image, and whether it still runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AtProvider {
+    key: String,
+    image: Option<String>,
+    alive: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct State {
     pool: Pool,
+    now: u64,
+    /// Ghost: keys whose create is on its way to the provider (not created, not refused yet),
+    /// with the time it was asked. Assumption (the provider contract's create is synchronous):
+    /// a create the provider has not carried out within TIMEOUT of the request never is.
+    asked: BTreeMap<String, u64>,
+    /// Ghost: every sandbox the provider created, by id (created is not yet recorded).
+    provider: BTreeMap<String, AtProvider>,
+    /// Ghost: the provider's answer (201, this sandbox) on its way back to the pool, by key.
+    answers: BTreeMap<String, String>,
     /// Ghost: every key ever planned by a refill, with the image it was planned from.
     planned: BTreeMap<String, Option<String>>,
-    /// Ghost: every sandbox the provider created, with the image of the key it was created for.
+    /// Ghost: every sandbox the pool recorded, with the image of the key it was created for.
     created: BTreeMap<String, Option<String>>,
     /// Ghost: every sandbox ever handed out, and to whom.
     handed: BTreeMap<String, String>,
@@ -41,11 +62,25 @@ struct State {
 #[derive(Debug, Clone)]
 enum Action {
     Refill,
-    /// The provider accepted the create of this key with a fresh sandbox id.
-    Created(String),
+    /// The provider created a sandbox (a fresh id) for this key's create; its answer is on its way.
+    ProviderCreated(String),
+    /// The provider refused this key's create: the pool forgets the key.
+    CreateRefused(String),
+    /// The object was evicted or crashed while this key's create was out: the answer (or the
+    /// request) is lost, and nothing records it.
+    Crash(String),
+    /// The provider's answer for this key reaches the pool; unwanted sandboxes are terminated.
+    Recorded(String),
     Booted(String),
+    /// A recorded sandbox died while pooled.
     Lost(String),
+    /// The terminate of this draining key's sandbox was confirmed.
     Drained(String),
+    /// Every provider sandbox labelled with this swept key was terminated.
+    Swept(String),
+    Tick,
+    /// The alarm gives up entries pending longer than TIMEOUT.
+    Expire,
     Claim(usize),
     Unclaim(usize),
     NewImage(usize),
@@ -65,6 +100,10 @@ enum Mutant {
     RefillForgets,
     /// A new image leaves the old image's ready sandboxes claimable.
     NewImageKeepsOld,
+    /// Expiry drops an unrecorded entry without owing a sweep of its key.
+    ExpireForgetsSweep,
+    /// Pending entries never time out.
+    NeverExpires,
 }
 
 impl WarmPool {
@@ -75,10 +114,12 @@ impl WarmPool {
                     if t.planned.insert(key.clone(), image.clone()).is_some() {
                         t.replanned = true;
                     }
+                    t.asked.insert(key.clone(), t.now);
                 }
                 Work::Terminate { sandbox } => {
                     t.terminated.insert(sandbox.clone());
                 }
+                Work::Sweep { .. } => {}
             }
         }
     }
@@ -93,6 +134,18 @@ impl WarmPool {
     }
 }
 
+/// Waiting on the provider (independent of the pool's own notion): requested, booting, or
+/// drained before its create was answered.
+fn pending(e: &Pooled) -> bool {
+    matches!(e.slot, Slot::Requested | Slot::Booting)
+        || (e.slot == Slot::Draining && e.sandbox.is_none())
+}
+
+/// An entry whose create has not been recorded (no sandbox yet).
+fn unrecorded(e: &Pooled) -> bool {
+    matches!(e.slot, Slot::Requested | Slot::Draining)
+}
+
 impl Model for WarmPool {
     type State = State;
     type Action = Action;
@@ -100,6 +153,10 @@ impl Model for WarmPool {
     fn init(&self) -> Vec<State> {
         vec![State {
             pool: Pool::new(1, None),
+            now: 0,
+            asked: BTreeMap::new(),
+            provider: BTreeMap::new(),
+            answers: BTreeMap::new(),
             planned: BTreeMap::new(),
             created: BTreeMap::new(),
             handed: BTreeMap::new(),
@@ -114,14 +171,23 @@ impl Model for WarmPool {
     }
 
     fn actions(&self, s: &State) -> Vec<Action> {
-        let mut v = vec![Action::Refill];
+        let mut v = vec![Action::Refill, Action::Tick, Action::Expire];
+        for k in s.asked.keys() {
+            v.push(Action::ProviderCreated(k.clone()));
+            v.push(Action::CreateRefused(k.clone()));
+            v.push(Action::Crash(k.clone()));
+        }
+        for k in s.answers.keys() {
+            v.push(Action::Recorded(k.clone()));
+            v.push(Action::Crash(k.clone()));
+        }
         // Every key ever planned, so stale and duplicated provider callbacks are explored too.
         for k in s.planned.keys() {
-            v.push(Action::Created(k.clone()));
             v.push(Action::Booted(k.clone()));
             v.push(Action::Lost(k.clone()));
             v.push(Action::Drained(k.clone()));
         }
+        v.extend(s.pool.sweeps.iter().map(|k| Action::Swept(k.clone())));
         for i in 0..SESSIONS.len() {
             v.push(Action::Claim(i));
             v.push(Action::Unclaim(i));
@@ -137,38 +203,109 @@ impl Model for WarmPool {
         let mut t = s.clone();
         let changed = match a {
             Action::Refill => {
-                let work = t.pool.refill(0);
+                let work = t.pool.refill(t.now);
                 if self.mutant == Some(Mutant::RefillForgets) {
                     t.pool.entries.retain(|_, e| e.slot != Slot::Requested);
                 }
                 Self::record(&mut t, &work);
                 !work.is_empty()
             }
-            Action::Created(key) => {
-                let n = t.created.len() as u32 + 1;
-                if n > MAX_SANDBOXES {
+            Action::ProviderCreated(key) => {
+                let n = t.provider.len() as u32 + 1;
+                let in_time = t.asked.get(key).is_some_and(|at| t.now < at + TIMEOUT);
+                if n > MAX_SANDBOXES || !in_time {
                     return None;
                 }
+                t.asked.remove(key);
                 let sbx = format!("sbx_{n}");
-                let ok = t.pool.created(key, &sbx);
-                if ok {
-                    let image = t.planned.get(key).cloned().flatten();
-                    t.created.insert(sbx, image);
+                let image = t.planned.get(key).cloned().flatten();
+                t.provider.insert(
+                    sbx.clone(),
+                    AtProvider {
+                        key: key.clone(),
+                        image,
+                        alive: true,
+                    },
+                );
+                t.answers.insert(key.clone(), sbx);
+                return Some(t);
+            }
+            Action::CreateRefused(key) => {
+                t.asked.remove(key)?;
+                t.pool.lost(key);
+                return Some(t);
+            }
+            Action::Crash(key) => {
+                if t.asked.remove(key).is_none() && t.answers.remove(key).is_none() {
+                    return None;
                 }
-                ok
+                return Some(t);
+            }
+            Action::Recorded(key) => {
+                let sbx = t.answers.remove(key)?;
+                let work = t.pool.created(key, &sbx);
+                if t.pool.key_of(&sbx).is_some() {
+                    let image = t.planned.get(key).cloned().flatten();
+                    t.created.insert(sbx.clone(), image);
+                }
+                if let Some(w) = work {
+                    Self::record(&mut t, std::slice::from_ref(&w));
+                    // The shell terminates it at once.
+                    if let Work::Terminate { sandbox } = &w {
+                        if let Some(p) = t.provider.get_mut(sandbox) {
+                            p.alive = false;
+                        }
+                    }
+                }
+                Self::observe(&mut t);
+                return Some(t);
             }
             Action::Booted(key) => t.pool.booted(key),
             Action::Lost(key) | Action::Drained(key) => {
-                let sbx = t.pool.entries.get(key).and_then(|e| e.sandbox.clone());
+                // Only recorded sandboxes die or are drained (a refused create is CreateRefused).
+                let sbx = t.pool.entries.get(key).and_then(|e| e.sandbox.clone())?;
                 let ok = if matches!(a, Action::Lost(_)) {
                     t.pool.lost(key)
                 } else {
                     t.pool.drained(key)
                 };
-                if let (true, Some(sbx)) = (ok, sbx) {
-                    t.released.insert(sbx);
+                if ok {
+                    t.released.insert(sbx.clone());
+                    if let Some(p) = t.provider.get_mut(&sbx) {
+                        p.alive = false;
+                    }
                 }
                 ok
+            }
+            Action::Swept(key) => {
+                if !t.pool.swept(key) {
+                    return None;
+                }
+                for p in t.provider.values_mut().filter(|p| p.key == *key) {
+                    p.alive = false;
+                }
+                true
+            }
+            Action::Tick => {
+                if t.now >= MAX_TIME {
+                    return None;
+                }
+                t.now += 1;
+                return Some(t);
+            }
+            Action::Expire => {
+                let work = if self.mutant == Some(Mutant::NeverExpires) {
+                    Vec::new()
+                } else {
+                    t.pool.expire(t.now, TIMEOUT)
+                };
+                if self.mutant == Some(Mutant::ExpireForgetsSweep) {
+                    t.pool.sweeps = s.pool.sweeps.clone();
+                }
+                Self::record(&mut t, &work);
+                // Always a step, so ExpireGivesUpStale judges an expiry that gives up nothing.
+                Self::observe(&mut t);
+                return Some(t);
             }
             Action::Claim(i) => {
                 let session = SESSIONS[*i];
@@ -292,6 +429,33 @@ impl Model for WarmPool {
                     Slot::Draining => true,
                 }),
             ),
+            (
+                "ProviderSandboxOwned",
+                // Every sandbox still running at the provider is recorded by a pool entry, handed
+                // out, on its way back in an answer, or stands for an entry whose create was never
+                // recorded: that entry is still pending (it times out, PendingTimesOut) or its key
+                // is owed a sweep. Nothing else may run.
+                s.provider
+                    .iter()
+                    .filter(|(_, at)| at.alive)
+                    .all(|(sbx, at)| {
+                        p.key_of(sbx).is_some()
+                            || s.handed.contains_key(sbx)
+                            || s.answers.get(&at.key) == Some(sbx)
+                            || p.entries
+                                .get(&at.key)
+                                .is_some_and(|e| e.sandbox.is_none() && unrecorded(e))
+                            || p.sweeps.contains(&at.key)
+                    }),
+            ),
+            (
+                "PendingTimesOut",
+                // The pool's next deadline is due no later than any pending entry's timeout.
+                p.entries.values().filter(|e| pending(e)).all(|e| {
+                    p.next_deadline(TIMEOUT)
+                        .is_some_and(|d| d <= e.since + TIMEOUT)
+                }),
+            ),
         ]
     }
 
@@ -300,7 +464,29 @@ impl Model for WarmPool {
         let idempotent = match a {
             Action::Refill => {
                 let mut again = post.pool.clone();
-                again.refill(0).is_empty() && again == post.pool
+                again.refill(post.now).is_empty() && again == post.pool
+            }
+            _ => true,
+        };
+        // After an expiry nothing pending is older than the bound; what was given up without a
+        // recorded sandbox is owed a sweep, and a given-up booting sandbox a terminate.
+        let expired = match a {
+            Action::Expire => {
+                let stale = |e: &Pooled| pending(e) && e.since + TIMEOUT <= post.now;
+                post.pool.entries.values().all(|e| !stale(e))
+                    && pre
+                        .pool
+                        .entries
+                        .iter()
+                        .filter(|(_, e)| stale(e))
+                        .all(|(k, e)| match &e.sandbox {
+                            None => post.pool.sweeps.contains(k),
+                            Some(sbx) => {
+                                post.terminated.contains(sbx)
+                                    && post.pool.entries.get(k).map(|e| e.slot)
+                                        == Some(Slot::Draining)
+                            }
+                        })
             }
             _ => true,
         };
@@ -326,17 +512,19 @@ impl Model for WarmPool {
             ("RefillIdempotent", idempotent),
             ("DrainingIsFinal", drain_final),
             ("RemovedKeysStayRemoved", keys_final),
+            ("ExpireGivesUpStale", expired),
         ]
     }
 }
 
-/// Bound: 2 sessions, 2 images (starting from none), targets 0..=2 (starting at 1), at most 4 sandbox ids, sequences of up to DEPTH (8) actions.
+/// Bound: 2 sessions, 2 images (starting from none), targets 0..=2 (starting at 1), at most 4 sandbox ids, clock 0..=2 with a 1-tick pending timeout, sequences of up to DEPTH (8) actions (crashes between the provider's create and the pool's record included).
 #[test]
 fn warm_pool_invariants_hold_up_to_bound() {
     let report = explore(&WarmPool { mutant: None }, DEPTH)
         .unwrap_or_else(|v| panic!("invariant {} violated by {:?}", v.invariant, v.trace));
     println!("WarmPool: {report:?}");
     assert!(report.states > 20_000, "exploration too small: {report:?}");
+    assert_eq!(report.depth, DEPTH, "the bound was not reached: {report:?}");
 }
 
 /// The check is not vacuous: each deliberate bug is caught within the same bound.
@@ -346,6 +534,8 @@ fn warm_pool_mutants_are_caught() {
         (Mutant::ClaimKeepsEntry, "NeverTwoSessionsOnOneSandbox"),
         (Mutant::RefillForgets, "RefillIdempotent"),
         (Mutant::NewImageKeepsOld, "NoOldImageHandedOut"),
+        (Mutant::ExpireForgetsSweep, "ExpireGivesUpStale"),
+        (Mutant::NeverExpires, "ExpireGivesUpStale"),
     ] {
         match explore(
             &WarmPool {
