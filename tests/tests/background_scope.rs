@@ -140,7 +140,7 @@ async fn an_agent_cancelled_around_its_start_never_runs_its_prompt() {
                 .call(
                     "POST",
                     "/background/spawn",
-                    &ada,
+                    ada,
                     Some(json!({"prompt": format!("agent {i}")})),
                 )
                 .await;
@@ -148,7 +148,7 @@ async fn an_agent_cancelled_around_its_start_never_runs_its_prompt() {
             let id = v["id"].as_str().expect("id").to_string();
             tokio::time::sleep(std::time::Duration::from_millis(i * 7)).await;
             let (st, c) = api
-                .call("POST", &format!("/background/{id}/cancel"), &ada, None)
+                .call("POST", &format!("/background/{id}/cancel"), ada, None)
                 .await;
             assert_eq!(st, 200, "cancel {id}: {c}");
             id
