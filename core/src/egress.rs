@@ -274,6 +274,53 @@ mod tests {
     }
 
     #[test]
+    fn clone_url_hosts_and_ports_are_read_exactly() {
+        let p = Policy::with_defaults(&["git.example.com:8443".into()]);
+        let check = |u: &str, dev: bool| check_clone_url(u, dev, false, &p);
+        // Host and port, IPv6 literals in brackets, with and without a port.
+        assert_eq!(
+            check("https://git.example.com:8443/a.git", false),
+            Ok(CloneSource::Remote {
+                host: "git.example.com".into(),
+                port: 8443
+            })
+        );
+        assert_eq!(
+            check("http://[::1]:8080/a.git", true),
+            Ok(CloneSource::Remote {
+                host: "::1".into(),
+                port: 8080
+            })
+        );
+        assert_eq!(
+            check("https://[2001:db8::1]/a.git", true),
+            Ok(CloneSource::Remote {
+                host: "2001:db8::1".into(),
+                port: 443
+            })
+        );
+        assert_eq!(
+            check("https://[::1]/a.git", false),
+            Err(CloneUrlError::Internal("::1".into()))
+        );
+        // Dev mode: local paths, plain http, and internal hosts are a developer's own.
+        assert_eq!(
+            check("file:///srv/a.git", true),
+            Ok(CloneSource::Local("/srv/a.git".into()))
+        );
+        assert!(check("http://localhost:9418/a.git", true).is_ok());
+        assert_eq!(
+            check("http://github.com/a", false),
+            Err(CloneUrlError::Scheme)
+        );
+        // An internal name outside dev mode, even on the allowlist's port.
+        assert!(matches!(
+            check("https://localhost/a.git", false),
+            Err(CloneUrlError::Internal(_))
+        ));
+    }
+
+    #[test]
     fn clone_urls_are_checked_against_mode_and_policy() {
         let p = Policy::with_defaults(&["git.example.com".into()]);
         let ok = |u: &str| check_clone_url(u, false, false, &p);

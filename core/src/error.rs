@@ -92,3 +92,53 @@ impl CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes and statuses are the public contract of every refusal: pinned here, unique.
+    #[test]
+    fn every_refusal_has_its_stable_code_and_status() {
+        let s = || "x".to_string();
+        let table = [
+            (CoreError::NotMember, "not_member", 403),
+            (CoreError::OwnerOnly, "owner_only", 403),
+            (CoreError::OwnerCannotLeave, "owner_cannot_leave", 409),
+            (CoreError::BadInvite, "bad_invite", 403),
+            (CoreError::ClientLimit { limit: 1 }, "client_limit", 429),
+            (CoreError::MemberLimit { limit: 1 }, "member_limit", 429),
+            (CoreError::UnknownClient(s()), "unknown_client", 404),
+            (CoreError::NotYourClient(s()), "not_your_client", 403),
+            (
+                CoreError::LockHeld {
+                    resource: s(),
+                    holder: s(),
+                    expires_at: 1,
+                },
+                "lock_held",
+                409,
+            ),
+            (CoreError::LockNotHeld(s()), "lock_not_held", 409),
+            (CoreError::QueueFull { max: 1 }, "queue_full", 429),
+            (CoreError::PromptNotFound(s()), "prompt_not_found", 404),
+            (CoreError::NotYourPrompt(s()), "not_your_prompt", 403),
+            (
+                CoreError::PromptNotQueued {
+                    id: s(),
+                    status: s(),
+                },
+                "prompt_not_queued",
+                409,
+            ),
+            (CoreError::NothingRunning, "nothing_running", 409),
+            (CoreError::Invalid(s()), "invalid_input", 400),
+            (CoreError::SessionEnded, "session_ended", 409),
+        ];
+        let mut codes = std::collections::BTreeSet::new();
+        for (error, code, status) in &table {
+            assert_eq!((error.code(), error.status()), (*code, *status), "{error}");
+            assert!(codes.insert(*code), "{code} twice");
+        }
+    }
+}

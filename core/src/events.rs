@@ -177,3 +177,32 @@ pub struct Event {
     #[serde(flatten)]
     pub kind: EventKind,
 }
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    /// `name()` is the same string the event is serialized under (`type`).
+    #[test]
+    fn an_events_name_is_its_wire_type() {
+        let kinds = [
+            EventKind::SessionEnded,
+            EventKind::EgressChanged { allow: Vec::new() },
+            EventKind::EgressBlocked {
+                host: "h".into(),
+                tool: None,
+            },
+            EventKind::BackgroundChild {
+                id: "bg".into(),
+                status: "queued".into(),
+                session: None,
+                title: None,
+                branch: None,
+            },
+        ];
+        for kind in &kinds {
+            let wire = serde_json::to_value(kind).unwrap_or_default();
+            assert_eq!(wire["type"].as_str(), Some(kind.name()), "{wire}");
+        }
+    }
+}

@@ -225,7 +225,6 @@ impl NonceCache {
     }
 }
 
-/// A per-sandbox token is random; only its hash is stored. True when `token` hashes to `hash`.
 /// Whether two secrets are equal, compared in constant time (the supervisor's API secret, a
 /// sandbox's model token).
 pub fn secrets_match(presented: &str, expected: &str) -> bool {
@@ -233,6 +232,7 @@ pub fn secrets_match(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
+/// A per-sandbox token is random; only its hash is stored. True when `token` hashes to `hash`.
 pub fn token_matches(token: &str, hash: &str) -> bool {
     use subtle::ConstantTimeEq;
     sha256_hex(token.as_bytes())
@@ -246,6 +246,61 @@ mod tests {
     use super::*;
 
     const N: &str = "nonce-0123456789abcdef";
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(secrets_match("s3cret-value", "s3cret-value"));
+        assert!(!secrets_match("s3cret-value", "s3cret-valuf"));
+        assert!(!secrets_match("s3cret", "s3cret-value"));
+        assert!(!secrets_match("", "s3cret"));
+    }
+
+    #[test]
+    fn refusals_have_stable_codes_and_statuses() {
+        assert_eq!(WINDOW_MS, 60_000);
+        for (error, code, status) in [
+            (SignError::Missing, "unsigned", 401),
+            (SignError::Stale, "stale_signature", 401),
+            (SignError::Bad, "bad_signature", 401),
+            (SignError::Replayed, "replayed_request", 401),
+            (SignError::Flooded, "capacity", 503),
+            (SignError::NoSecret, "provider_not_configured", 401),
+        ] {
+            assert_eq!((error.code(), error.status()), (code, status), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_window_is_inclusive_at_its_edge() {
+        let s = sign(b"k", "GET", "/v1/health", 1000, N, b"").expect("sign");
+        let at = |now: u64| verify(b"k", "GET", "/v1/health", hdr("1000", N, &s), b"", now);
+        assert_eq!(at(1000 + WINDOW_MS), Ok(1000));
+        assert_eq!(at(1000 + WINDOW_MS + 1), Err(SignError::Stale));
+    }
+
+    #[test]
+    fn a_nonce_is_kept_through_its_window_and_a_full_cache_refuses() {
+        let mut cache = NonceCache::new();
+        assert!(cache.is_empty());
+        assert_eq!(cache.remember(N, 0, 0), Ok(()));
+        assert!(!cache.is_empty());
+        // Still remembered at the window's last millisecond, forgotten after it.
+        assert_eq!(cache.remember(N, 0, WINDOW_MS), Err(SignError::Replayed));
+        assert_eq!(cache.remember(N, WINDOW_MS + 1, WINDOW_MS + 1), Ok(()));
+        // Full: refused while every remembered nonce is inside its window (its last
+        // millisecond included), accepted once they have all left it.
+        let mut full = NonceCache::new();
+        for i in 0..MAX_NONCES {
+            assert_eq!(full.remember(&format!("n{i}"), 0, 0), Ok(()));
+        }
+        assert_eq!(full.remember("one-more", 0, 0), Err(SignError::Flooded));
+        assert_eq!(
+            full.remember("one-more", 0, WINDOW_MS),
+            Err(SignError::Flooded)
+        );
+        assert_eq!(full.remember("one-more", 0, WINDOW_MS + 1), Ok(()));
+        assert_eq!(full.len(), 1);
+    }
 
     fn hdr<'a>(ts: &'a str, nonce: &'a str, sig: &'a str) -> Signed<'a> {
         Signed {

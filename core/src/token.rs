@@ -115,6 +115,18 @@ mod tests {
     }
 
     #[test]
+    fn refusals_have_stable_codes() {
+        for (error, code) in [
+            (TokenError::Malformed, "token_malformed"),
+            (TokenError::BadSignature, "token_invalid"),
+            (TokenError::Expired, "token_expired"),
+            (TokenError::NoSecret, "auth_not_configured"),
+        ] {
+            assert_eq!(error.code(), code);
+        }
+    }
+
+    #[test]
     fn round_trip() {
         let t = issue(&claims(100), b"k").expect("issue");
         let id = verify(&t, b"k", 50).expect("verify");
