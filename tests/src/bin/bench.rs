@@ -164,11 +164,53 @@ fn report_first(name: &str, samples: &mut [f64]) {
     );
 }
 
+type Link =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Plays session `id`'s sandbox: waits for the (fake) provider's create for that session, dials
+/// the sandbox link with its token and reads the welcome and the running prompt.
+async fn dial_sandbox_link(
+    fake: &nightshift_tests::fake_provider::Shared,
+    server: &Server,
+    id: &str,
+) -> Link {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let token = loop {
+        let t = fake.lock().ok().and_then(|f| {
+            f.creates
+                .iter()
+                .find(|c| c["session_id"] == id)
+                .and_then(|c| c["supervisor"]["sandbox_token"].as_str().map(String::from))
+        });
+        if let Some(t) = t {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut req = format!(
+        "{}/sandbox-link/{id}",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut link, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("sandbox link");
+    for _ in 0..2 {
+        link.next().await; // welcome, prompt
+    }
+    link
+}
+
 /// Sustained agent events into one session with 10 clients, as a sandbox sends them (batched).
 async fn agent_events() {
     use futures_util::{SinkExt, StreamExt};
     use nightshift_tests::fake_provider;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let (fake, url) = fake_provider::start().await;
@@ -205,33 +247,7 @@ async fn agent_events() {
         )
         .await;
     let prompt = p["id"].as_str().expect("prompt").to_string();
-    let token = loop {
-        let t = fake.lock().ok().and_then(|f| {
-            f.creates
-                .first()
-                .and_then(|c| c["supervisor"]["sandbox_token"].as_str().map(String::from))
-        });
-        if let Some(t) = t {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let mut req = format!(
-        "{}/sandbox-link/{id}",
-        server.base.replacen("http", "ws", 1)
-    )
-    .into_client_request()
-    .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    let (mut link, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("sandbox link");
-    for _ in 0..2 {
-        link.next().await; // welcome, prompt
-    }
+    let mut link = dial_sandbox_link(&fake, &server, &id).await;
     for ws in ten.iter_mut() {
         drain(ws, Duration::from_millis(200)).await;
     }
@@ -1156,9 +1172,7 @@ async fn cold_while_refilling() {
 struct Played {
     id: String,
     prompt: String,
-    link: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    link: Link,
     viewers: Vec<Ws>,
     /// The last event number sent on the link.
     n: u64,
@@ -1170,8 +1184,6 @@ async fn played_session(
     who: &User,
     viewers: usize,
 ) -> Played {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let api = server.client();
     let (st, s) = api
         .call(
@@ -1185,34 +1197,7 @@ async fn played_session(
     let id = s["id"].as_str().expect("id").to_string();
     let mut socks = connect_many(&api, who, &id, viewers, "v").await;
     let prompt = api.prompt(who, &id, "go").await;
-    let token = loop {
-        let t = fake.lock().ok().and_then(|f| {
-            f.creates
-                .iter()
-                .find(|c| c["session_id"] == id.as_str())
-                .and_then(|c| c["supervisor"]["sandbox_token"].as_str().map(String::from))
-        });
-        if let Some(t) = t {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let mut req = format!(
-        "{}/sandbox-link/{id}",
-        server.base.replacen("http", "ws", 1)
-    )
-    .into_client_request()
-    .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    let (mut link, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("sandbox link");
-    for _ in 0..2 {
-        link.next().await; // welcome, prompt
-    }
+    let link = dial_sandbox_link(fake, server, &id).await;
     let drains = socks
         .iter_mut()
         .map(|ws| drain(ws, Duration::from_millis(300)));
