@@ -484,7 +484,15 @@ async fn lifecycle(env: &[(&str, &str)]) {
         // namespace's: the innermost `NSpid` entry).
         let mut host = Vec::new();
         for (nap, inner) in naps.iter().zip(&printed) {
-            let found = running(&["sleep", nap]);
+            // `$!` is printed as soon as the shell forks, before the child has exec'd `setsid`
+            // and `setsid` has exec'd `sleep`: wait until the command line is `sleep N`.
+            let found = loop {
+                let found = running(&["sleep", nap]);
+                if !found.is_empty() || t.elapsed() > Duration::from_secs(20) {
+                    break found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             assert_eq!(found.len(), 1, "sleep {nap}: {found:?}");
             let nspid = ns_pids(found[0]);
             assert_eq!(
