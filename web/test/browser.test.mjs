@@ -136,6 +136,45 @@ test("the session view fits a phone without sideways scrolling, and the app is i
   assert.match(sw, /\/sw\.js$/);
 });
 
+test("the service worker serves only the app shell: API requests always reach the server, never the cache, and fail offline", { timeout: 90_000 }, async () => {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  const fromWorker = new Map();
+  page.on("response", (r) => fromWorker.set(new URL(r.url()).pathname, r.fromServiceWorker()));
+  await signIn(page, server.base, "sol", "Sol Worker");
+  await page.evaluate(() => navigator.serviceWorker.ready);
+  await page.reload();
+  await page.waitForSelector("#new");
+  assert.ok(await page.evaluate(() => navigator.serviceWorker.controller !== null), "the service worker controls the page");
+  // Online: the shell is answered through the worker (network first), the API past it.
+  assert.equal(fromWorker.get("/app.js"), true, "the shell goes through the service worker");
+  const online = await page.evaluate(async () => {
+    const health = await fetch("/health");
+    const sessions = await fetch("/sessions");
+    return { health: health.status, sessions: sessions.status, code: (await sessions.json()).error?.code };
+  });
+  assert.deepEqual(online, { health: 200, sessions: 401, code: "unauthenticated" });
+  assert.equal(fromWorker.get("/health"), false, "an API answer never comes from the service worker");
+  assert.equal(fromWorker.get("/sessions"), false);
+  const cached = await page.evaluate(async () => {
+    const names = await caches.keys();
+    const urls = [];
+    for (const name of names) for (const req of await (await caches.open(name)).keys()) urls.push(new URL(req.url).pathname);
+    return urls.sort();
+  });
+  const shell = ["/", "/app.js", "/icon.svg", "/index.html", "/manifest.webmanifest", "/style.css"];
+  assert.ok(cached.length > 0 && cached.every((p) => shell.includes(p)), `the cache holds only shell files: ${cached}`);
+  // Offline: the shell still loads from the cache; an API request fails instead of being answered.
+  await ctx.setOffline(true);
+  const offline = await page.evaluate(async () => {
+    const shellFile = await fetch("/app.js").then((r) => r.status, (e) => `failed: ${e}`);
+    const api = await fetch("/health").then((r) => `answered ${r.status}`, () => "failed");
+    return { shellFile, api };
+  });
+  assert.deepEqual(offline, { shellFile: 200, api: "failed" });
+  await ctx.close();
+});
+
 test("between a prompt's start and its first output the session shows the wait: what is awaited and the seconds ticking", { timeout: 90_000 }, async () => {
   const page = await (await browser.newContext()).newPage();
   await signIn(page, echoServer.base, "wes", "Wes Wait");
