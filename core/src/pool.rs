@@ -382,6 +382,9 @@ mod tests {
 
     #[test]
     fn pending_entries_time_out_and_their_sandboxes_are_terminated() {
+        // The repository object gives a pending entry 15 minutes (a cold image boot on a slow
+        // provider takes minutes; a create still unanswered after this is lost).
+        assert_eq!(PENDING_TIMEOUT_MS, 900_000);
         const T: u64 = 100;
         let mut p = Pool::new(3, Some("img_1".into()));
         assert_eq!(p.next_deadline(T), None);
