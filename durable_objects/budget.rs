@@ -5,7 +5,7 @@ use serde_json::json;
 use worker::*;
 
 use crate::config;
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 
 #[derive(Deserialize)]
 struct Hold {
@@ -123,7 +123,7 @@ impl GlobalBudget {
                     .collect();
                 json_of(200, &json!({"cap": cap, "holds": holds}))
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

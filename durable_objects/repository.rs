@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use worker::*;
 
 use crate::config;
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::platform::now_ms;
 use crate::provider;
 
@@ -75,11 +75,7 @@ impl DurableObject for RepositoryObject {
 }
 
 fn not_registered() -> ApiError {
-    ApiError::new(
-        404,
-        "repository_not_found",
-        "no such repository; register it with POST /repositories",
-    )
+    EdgeError::RepositoryNotRegistered.into()
 }
 
 impl RepositoryObject {
@@ -167,7 +163,7 @@ impl RepositoryObject {
             (Method::Get, ["builds", image, "logs"]) => {
                 self.settings()?;
                 if !self.registry()?.builds.iter().any(|b| b.image == *image) {
-                    return Err(ApiError::new(404, "image_not_found", "no such build"));
+                    return Err(EdgeError::BuildNotFound.into());
                 }
                 let follow = req.url()?.query().unwrap_or_default().contains("follow=1");
                 let q = if follow { "?follow=1" } else { "" };
@@ -187,8 +183,7 @@ impl RepositoryObject {
                 }
                 let b: Rollback = Self::body(&mut req).await?;
                 self.settings()?;
-                self.with_registry(|r| r.rollback(&b.image))?
-                    .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+                self.with_registry(|r| r.rollback(&b.image))??;
                 self.with_pool(|p| p.new_image(&b.image))?;
                 self.wake(0).await?;
                 json_of(200, &self.info()?)
@@ -238,19 +233,14 @@ impl RepositoryObject {
                 let c: ClaimRequest = Self::body(&mut req).await?;
                 json_of(200, &self.claim(c).await?)
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 
     async fn register(&self, s: Settings) -> ApiResult<Response> {
-        s.validate()
-            .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+        s.validate()?;
         if self.load::<Settings>("settings")?.is_some() {
-            return Err(ApiError::new(
-                409,
-                "repository_exists",
-                format!("{} is already registered; change it with PATCH", s.name),
-            ));
+            return Err(EdgeError::RepositoryExists(s.name).into());
         }
         self.save("settings", &s)?;
         self.save("registry", &Registry::default())?;
@@ -263,9 +253,7 @@ impl RepositoryObject {
 
     async fn change(&self, c: Change) -> ApiResult<Response> {
         let old = self.settings()?;
-        let new = old
-            .apply(c)
-            .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+        let new = old.apply(c)?;
         self.save("settings", &new)?;
         if new.pool_size != old.pool_size {
             self.with_pool(|p| p.resize(new.pool_size))?;
@@ -323,14 +311,14 @@ impl RepositoryObject {
         });
         let (st, v) = provider::call(&self.env, Method::Post, "/v1/images", Some(&body)).await?;
         if st != 201 {
-            return Err(ApiError::new(
-                502,
-                "build_refused",
-                format!(
-                    "the provider refused the build ({st}): {}",
-                    v["error"]["message"].as_str().unwrap_or("no reason given")
-                ),
-            ));
+            return Err(EdgeError::BuildRefused {
+                status: st,
+                reason: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+                    .to_string(),
+            }
+            .into());
         }
         let image = v["id"].as_str().unwrap_or_default().to_string();
         let now = now_ms();

@@ -2,7 +2,7 @@
 
 use worker::*;
 
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 
 #[derive(serde::Deserialize)]
 struct NameRow {
@@ -51,7 +51,7 @@ impl RepositoryIndex {
                 let names: Vec<String> = rows.into_iter().map(|r| r.name).collect();
                 json_of(200, &serde_json::json!({"names": names}))
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

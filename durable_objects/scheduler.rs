@@ -2,21 +2,73 @@
 
 use futures_util::stream;
 use nightshift_core::background::{BgError, Scheduler, Spawn, Status, Transition};
-use nightshift_core::session::Identity;
+use nightshift_core::ids::Identity;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use worker::*;
 
 use crate::auth::encode_identity;
-use crate::background::{on_shard, shard_of};
 use crate::config;
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::http::{call, index_add, session_stub};
 use crate::platform::{new_id, now_ms, random_hex};
-use crate::routes::{call, index_add, session_stub};
 
 /// Who is asking: a person (sees their own agents) or a session's sandbox (sees only the
 /// agents its session spawned). Set only by the Worker and the session object.
 pub const VIEWER_HEADER: &str = "x-nightshift-viewer";
+
+/// A tenant name: the scheduler shard's key and part of every agent id.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 40
+        && t.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// The shard an agent id names (`bg_<tenant>_<hex>`).
+pub(crate) fn shard_of(id: &str) -> ApiResult<String> {
+    let mut parts = id.splitn(3, '_');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("bg"), Some(t), Some(rest))
+            if valid_tenant(t)
+                && !rest.is_empty()
+                && rest.chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            Ok(t.to_string())
+        }
+        _ => Err(EdgeError::NoSuchAgent.into()),
+    }
+}
+
+pub(crate) fn scheduler_stub(env: &Env, shard: &str) -> ApiResult<Stub> {
+    Ok(env.durable_object("SCHEDULER")?.get_by_name(shard)?)
+}
+
+/// Calls a shard on behalf of a viewer (`user:<id>` or `session:<id>`).
+pub(crate) async fn on_shard(
+    env: &Env,
+    shard: &str,
+    viewer: &str,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    extra: Option<(&str, String)>,
+) -> ApiResult<Response> {
+    let headers = Headers::new();
+    headers.set(VIEWER_HEADER, viewer)?;
+    headers.set("x-nightshift-shard", shard)?;
+    if let Some((k, v)) = extra {
+        headers.set(k, &v)?;
+    }
+    call(
+        &scheduler_stub(env, shard)?,
+        method,
+        path,
+        Some(headers),
+        body,
+    )
+    .await
+}
 
 /// What a session keeps when it runs a background agent (`kv` key `background`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +161,7 @@ impl DurableObject for SchedulerObject {
 }
 
 fn bg(e: BgError) -> ApiError {
-    ApiError::new(e.status(), e.code(), e.to_string())
+    e.into()
 }
 
 fn sql_of(state: &State) -> ApiResult<SqlStorage> {
@@ -302,11 +354,11 @@ impl SchedulerObject {
             .get(VIEWER_HEADER)
             .ok()
             .flatten()
-            .ok_or_else(ApiError::unauthenticated)?;
+            .ok_or(EdgeError::Unauthenticated)?;
         match v.split_once(':') {
             Some(("user", u)) => Ok(Viewer::Person(u.to_string())),
             Some(("session", s)) => Ok(Viewer::Session(s.to_string())),
-            _ => Err(ApiError::unauthenticated()),
+            _ => Err(EdgeError::Unauthenticated.into()),
         }
     }
 
@@ -429,7 +481,7 @@ impl SchedulerObject {
                 self.rebalanced(&self.shard(&req)).await?;
                 json_of(200, &json!({"ok": true}))
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 
@@ -540,11 +592,11 @@ impl SchedulerObject {
             let status = created.status_code();
             let snap: Value = created.json().await.unwrap_or(Value::Null);
             if status != 201 {
-                return Err(ApiError::new(
-                    502,
-                    "agent_start_failed",
-                    format!("the agent's session was refused: {snap}"),
-                ));
+                return Err(EdgeError::AgentStartFailed {
+                    what: "session",
+                    answer: snap.to_string(),
+                }
+                .into());
             }
             index_add(&self.env, &r.identity.user, &snap).await?;
             let prompt = json!({"text": r.prompt});
@@ -558,13 +610,13 @@ impl SchedulerObject {
             .await?;
             if queued.status_code() != 202 {
                 let v: Value = queued.json().await.unwrap_or(Value::Null);
-                return Err(ApiError::new(
-                    502,
-                    "agent_start_failed",
-                    format!("the agent's prompt was refused: {v}"),
-                ));
+                return Err(EdgeError::AgentStartFailed {
+                    what: "prompt",
+                    answer: v.to_string(),
+                }
+                .into());
             }
-            Ok(())
+            Ok::<(), ApiError>(())
         }
         .await;
         let mut s = self.scheduler()?;
@@ -684,13 +736,7 @@ impl SchedulerObject {
         let newest = head.first().map_or(0, |e| e.seq);
         let after: i64 = match after {
             None => 0,
-            Some(a) => a.trim().parse().map_err(|_| {
-                ApiError::new(
-                    400,
-                    "invalid_event_id",
-                    "Last-Event-ID must be an event number",
-                )
-            })?,
+            Some(a) => a.trim().parse().map_err(|_| EdgeError::InvalidEventId)?,
         };
         let max_seq: Vec<EventRow> = sql
             .exec(
@@ -699,13 +745,7 @@ impl SchedulerObject {
             )?
             .to_array()?;
         if after < 0 || after > max_seq.first().map_or(0, |e| e.seq) {
-            return Err(ApiError::new(
-                409,
-                "stale_event_id",
-                format!(
-                    "event {after} is not one this agent's stream has sent (its newest is {newest}); resume from 0 to get everything"
-                ),
-            ));
+            return Err(EdgeError::StaleEventId { after, newest }.into());
         }
         let agent = r.id.clone();
         let state = (sql, agent, after, false);

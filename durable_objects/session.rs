@@ -4,10 +4,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 
 use nightshift_core::events::Event;
+use nightshift_core::ids::{Cursor, Identity};
 use nightshift_core::sandbox::{self as link, SandboxLink, SandboxMessage, Stage};
 use nightshift_core::session::{
-    presence_batch_ms, Cursor, Dirty, Identity, Meta, Outcome, Session, SessionStatus,
-    PRESENCE_DELTA_MAX, PRESENCE_SNAPSHOT_MAX,
+    presence_batch_ms, Dirty, Meta, Outcome, Session, SessionStatus, PRESENCE_DELTA_MAX,
+    PRESENCE_SNAPSHOT_MAX,
 };
 use nightshift_core::signing::{sha256_hex, token_matches};
 use nightshift_core::wire::{
@@ -22,7 +23,7 @@ use worker::*;
 
 use crate::auth::decode_identity;
 use crate::config;
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::platform::{new_id, now_ms, random_hex};
 use crate::provider;
 use crate::runner::{self, PromptRunner};
@@ -109,10 +110,7 @@ impl DurableObject for SessionObject {
         let text = match message {
             WebSocketIncomingMessage::String(s) => s,
             WebSocketIncomingMessage::Binary(_) => {
-                send_frame(
-                    &ws,
-                    &error_frame(None, "binary_not_supported", "send JSON text frames"),
-                );
+                send_frame(&ws, &edge_frame(EdgeError::BinaryNotSupported));
                 return Ok(());
             }
         };
@@ -168,11 +166,7 @@ fn check_sandbox_token(req: &Request, l: &SandboxLink) -> ApiResult<()> {
         .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
         .unwrap_or_default();
     if token.is_empty() || !token_matches(&token, &l.token_hash) {
-        return Err(ApiError::new(
-            401,
-            "bad_sandbox_token",
-            "this token does not belong to this session's sandbox",
-        ));
+        return Err(EdgeError::BadSandboxToken.into());
     }
     Ok(())
 }
@@ -185,6 +179,12 @@ fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
     if let Ok(text) = serde_json::to_string(frame) {
         let _ = ws.send_with_str(text);
     }
+}
+
+/// An error frame of the edge's own, answering no client frame.
+fn edge_frame(e: EdgeError) -> ServerMessage {
+    let e = ApiError::from(e);
+    error_frame(None, &e.code, &e.message)
 }
 
 fn error_frame(reference: Option<String>, code: &str, message: &str) -> ServerMessage {
@@ -206,13 +206,9 @@ struct EventsQuery {
 fn query_u64(v: Option<&String>, name: &str, default: u64) -> ApiResult<u64> {
     match v {
         None => Ok(default),
-        Some(s) => s.parse().map_err(|_| {
-            ApiError::new(
-                400,
-                "invalid_query",
-                format!("{name} must be a non-negative integer"),
-            )
-        }),
+        Some(s) => s
+            .parse()
+            .map_err(|_| EdgeError::QueryNotInteger(name.to_string()).into()),
     }
 }
 
@@ -260,11 +256,7 @@ impl SessionObject {
         if self.ensure_loaded()? {
             Ok(())
         } else {
-            Err(ApiError::new(
-                404,
-                "session_not_found",
-                "no such session; check the id or create one with POST /sessions",
-            ))
+            Err(EdgeError::SessionNotFound.into())
         }
     }
 
@@ -444,11 +436,7 @@ impl SessionObject {
                 )
                 .await?;
             }
-            return Err(ApiError::new(
-                400,
-                "no_repository",
-                "this session has no repository, so it cannot have a sandbox",
-            ));
+            return Err(EdgeError::NoRepositoryForSandbox.into());
         };
         let token = random_hex(32);
         let mut l = SandboxLink::spawning(sha256_hex(token.as_bytes()), now);
@@ -491,10 +479,7 @@ impl SessionObject {
                     v["error"]["message"].as_str().unwrap_or("no reason given")
                 );
                 self.sandbox_failed(&mut l, prompt, &msg).await?;
-                Ok((
-                    502,
-                    serde_json::json!({"error": {"code": "sandbox_failed", "message": msg}}),
-                ))
+                Ok(EdgeError::SandboxFailed(msg).answer())
             }
             Err(e) => {
                 self.sandbox_failed(&mut l, prompt, &e.message).await?;
@@ -538,23 +523,15 @@ impl SessionObject {
     /// The sandbox dials in with its token; one live sandbox socket per session.
     async fn accept_sandbox(&self, req: &Request) -> ApiResult<Response> {
         if !self.ensure_loaded()? {
-            return Err(ApiError::not_found("session"));
+            return Err(EdgeError::NotFound("session").into());
         }
         let sql = self.sql();
         let Some(mut l) = store::load_link(&sql)? else {
-            return Err(ApiError::new(
-                404,
-                "no_sandbox",
-                "this session has no sandbox",
-            ));
+            return Err(EdgeError::NoSandbox.into());
         };
         check_sandbox_token(req, &l)?;
         if !l.stage.is_live() {
-            return Err(ApiError::new(
-                410,
-                "sandbox_retired",
-                "this sandbox is no longer the session's sandbox",
-            ));
+            return Err(EdgeError::SandboxRetired.into());
         }
         let older = self.state.get_websockets_with_tag(SANDBOX);
         let pair = WebSocketPair::new().map_err(ApiError::from)?;
@@ -600,7 +577,7 @@ impl SessionObject {
         }
         let now = now_ms();
         l.last_seen = now;
-        let msg = link::parse_sandbox_message(text)?;
+        let msg = wire::parse_sandbox_message(text)?;
         match msg {
             SandboxMessage::Hello { sandbox } => {
                 if l.sandbox.is_none() {
@@ -661,11 +638,7 @@ impl SessionObject {
                 }
                 if let Some((got, expected)) = intake.gap {
                     let _ = ws.close(Some(4002), Some("out of order; reconnect and resend"));
-                    return Err(ApiError::new(
-                        409,
-                        "out_of_order",
-                        format!("event {got} arrived but {expected} is next"),
-                    ));
+                    return Err(EdgeError::OutOfOrder { got, expected }.into());
                 }
                 Ok(())
             }
@@ -688,7 +661,7 @@ impl SessionObject {
         for user in users {
             let result = async {
                 let stub = self.env.durable_object("USER_INDEX")?.get_by_name(&user)?;
-                crate::routes::call(&stub, Method::Post, "/status", None, Some(body.clone())).await
+                crate::http::call(&stub, Method::Post, "/status", None, Some(body.clone())).await
             }
             .await;
             if let Err(e) = result {
@@ -700,16 +673,12 @@ impl SessionObject {
     /// The sandbox's agent tools: checked by the sandbox token, run for the running prompt's author.
     async fn sandbox_tools(&self, req: &mut Request) -> ApiResult<Response> {
         if !self.ensure_loaded()? {
-            return Err(ApiError::not_found("session"));
+            return Err(EdgeError::NotFound("session").into());
         }
         let sql = self.sql();
-        let l = store::load_link(&sql)?
-            .ok_or_else(|| ApiError::new(404, "no_sandbox", "this session has no sandbox"))?;
+        let l = store::load_link(&sql)?.ok_or(EdgeError::NoSandbox)?;
         check_sandbox_token(req, &l)?;
-        let bytes = req
-            .bytes()
-            .await
-            .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
+        let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
         let tool: agent_session::ToolRequest =
             serde_json::from_slice(&bytes).map_err(agent_session::bad_tool_request)?;
         let (session, repository, author) = self.read(|s, _| {
@@ -725,13 +694,7 @@ impl SessionObject {
                 });
             (s.meta.id.clone(), s.meta.repository.clone(), author)
         })?;
-        let author = author.ok_or_else(|| {
-            ApiError::new(
-                409,
-                "no_running_prompt",
-                "agent tools work only while one of this session's prompts runs",
-            )
-        })?;
+        let author = author.ok_or(EdgeError::NoRunningPrompt)?;
         let (status, v) =
             agent_session::tool(&self.env, &sql, &session, repository, author, tool).await?;
         json_of(status, &v)
@@ -768,11 +731,7 @@ impl SessionObject {
                 return json_of(st, &v);
             }
             if l.stage == Stage::Spawning {
-                return Err(ApiError::new(
-                    409,
-                    "sandbox_spawning",
-                    "the session's sandbox is being created; list it in a moment",
-                ));
+                return Err(EdgeError::SandboxSpawning("list it in a moment").into());
             }
         }
         let (st, v) = self.spawn_sandbox(None, None).await?;
@@ -785,11 +744,7 @@ impl SessionObject {
         self.require_member(who)?;
         let sql = self.sql();
         let Some(turn) = snapshots::request(&sql)? else {
-            return Err(ApiError::new(
-                409,
-                "snapshot_in_progress",
-                "a snapshot of this session is being taken; retry in a moment",
-            ));
+            return Err(EdgeError::SnapshotInProgress.into());
         };
         self.snapshot_requested.set(true);
         let taken = snapshots::take(&self.env, &sql, Some(&b.sandbox), turn, now_ms()).await;
@@ -814,49 +769,31 @@ impl SessionObject {
         let snaps = snapshots::load(&sql)?;
         let snap = snaps.restorable(b.snapshot.as_deref(), now).cloned();
         let Some(snap) = snap else {
-            let message = match &b.snapshot {
-                Some(id) => format!(
-                    "this session has no live snapshot {id} (unknown, expired, deleted or another session's); GET /sessions/:id lists its snapshots"
-                ),
-                None => "this session has no live snapshot; take one with POST /sandbox/:id/snapshot".into(),
-            };
-            return Err(ApiError::new(404, "snapshot_not_found", message));
+            return Err(match b.snapshot {
+                Some(id) => EdgeError::SnapshotNotRestorable(id),
+                None => EdgeError::NoRestorableSnapshot,
+            }
+            .into());
         };
         if self.read(|s, _| s.queue.running.is_some())? {
-            return Err(ApiError::new(
-                409,
-                "prompt_running",
-                "a prompt is running in the session's sandbox; wait for it to finish (or stop it), then restore",
-            ));
+            return Err(EdgeError::PromptRunning.into());
         }
         let link = store::load_link(&sql)?;
         if link.as_ref().is_some_and(|l| l.stage == Stage::Spawning) {
-            return Err(ApiError::new(
-                409,
-                "sandbox_spawning",
-                "the session's sandbox is being created; restore once it is ready",
-            ));
+            return Err(EdgeError::SandboxSpawning("restore once it is ready").into());
         }
         // The provider may have lost it before its time.
         let path = format!("/v1/snapshots/{}", snap.id);
         match provider::call(&self.env, Method::Get, &path, None).await? {
             (200, _) => {}
-            (404, _) => {
-                return Err(ApiError::new(
-                    404,
-                    "snapshot_not_found",
-                    format!("the provider no longer has snapshot {}", snap.id),
-                ))
-            }
+            (404, _) => return Err(EdgeError::SnapshotGone(snap.id).into()),
             (status, v) => {
-                return Err(ApiError::new(
-                    502,
-                    "provider_unavailable",
-                    format!(
-                        "the provider could not look up snapshot {} ({status}): {v}",
-                        snap.id
-                    ),
-                ))
+                return Err(EdgeError::SnapshotLookupFailed {
+                    id: snap.id,
+                    status,
+                    answer: v.to_string(),
+                }
+                .into())
             }
         }
         // One sandbox per session: the current one is retired before the restored one takes its place.
@@ -1207,14 +1144,11 @@ impl SessionObject {
     }
 
     fn identity(req: &Request) -> ApiResult<Identity> {
-        decode_identity(req).ok_or_else(ApiError::unauthenticated)
+        decode_identity(req).ok_or_else(|| EdgeError::Unauthenticated.into())
     }
 
     async fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
-        let bytes = req
-            .bytes()
-            .await
-            .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
+        let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
         Ok(wire::parse_body(&bytes)?)
     }
 
@@ -1399,7 +1333,7 @@ impl SessionObject {
                 let b: wire::SandboxAuthorize = Self::body(&mut req).await?;
                 self.authorize_sandbox(&who, b).await
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 
@@ -1418,11 +1352,7 @@ impl SessionObject {
         req: &Request,
     ) -> ApiResult<Response> {
         if store::exists(&self.sql())? {
-            return Err(ApiError::new(
-                409,
-                "session_exists",
-                "this session already exists",
-            ));
+            return Err(EdgeError::SessionExists.into());
         }
         let title = body.check()?;
         let id = req
@@ -1470,11 +1400,7 @@ impl SessionObject {
     ) -> ApiResult<serde_json::Value> {
         wire::check_model(model.as_deref())?;
         if self.uses_sandboxes() && self.read(|s, _| s.meta.repository.is_none())? {
-            return Err(ApiError::new(
-                400,
-                "no_repository",
-                "this session has no repository, so prompts cannot run; create a session with `repository` set",
-            ));
+            return Err(EdgeError::NoRepositoryForPrompts.into());
         }
         let id = new_id("prm");
         let pid = id.clone();
@@ -1490,7 +1416,7 @@ impl SessionObject {
                 .get(id)
                 .map(|p| serde_json::to_value(p).unwrap_or_default())
         })?
-        .ok_or_else(|| ApiError::not_found("prompt"))
+        .ok_or_else(|| EdgeError::NotFound("prompt").into())
     }
 
     /// Everything a member needs to render the session.
@@ -1529,11 +1455,7 @@ impl SessionObject {
         let client = q("client").unwrap_or_else(|| new_id("cli"));
         let kind = q("kind").unwrap_or_else(|| "web".into());
         if kind.is_empty() || kind.len() > 32 {
-            return Err(ApiError::new(
-                400,
-                "invalid_query",
-                "kind must be 1-32 bytes",
-            ));
+            return Err(EdgeError::InvalidQuery("kind must be 1-32 bytes").into());
         }
         // Registers the client (membership and per-user limit checked by the core).
         let (c2, k2) = (client.clone(), kind.clone());

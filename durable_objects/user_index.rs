@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use worker::*;
 
-use crate::error::{json_of, json_response, ApiError, ApiResult};
+use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionEntry {
@@ -116,7 +116,7 @@ impl UserIndex {
                 json_response(200, format!("{{\"sessions\":[{}]}}", bodies.join(",")))
                     .map_err(ApiError::from)
             }
-            _ => Err(ApiError::not_found("route")),
+            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

@@ -1,14 +1,13 @@
 //! The session side of background agents: what an agent's session reports (its output, its end) and the sandbox's agent tools (`spawn_session`, `check_session`) calling the scheduler with the session's own scope.
 
 use nightshift_core::events::{Event, EventKind};
-use nightshift_core::session::Identity;
+use nightshift_core::ids::Identity;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::{Env, Method, SqlStorage};
 
-use crate::background::{on_shard, shard_of};
-use crate::error::{ApiError, ApiResult};
-use crate::scheduler::AgentLink;
+use crate::error::{ApiError, ApiResult, EdgeError};
+use crate::scheduler::{on_shard, shard_of, AgentLink};
 use crate::store;
 
 /// `kv` key: the agent this session runs (set when the scheduler creates it).
@@ -233,5 +232,5 @@ pub async fn end_children(env: &Env, sql: &SqlStorage, session: &str) {
 
 /// A tool request that is not one: refused with a stable code.
 pub fn bad_tool_request(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(400, "invalid_tool_request", format!("{e}"))
+    EdgeError::InvalidToolRequest(e.to_string()).into()
 }

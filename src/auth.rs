@@ -2,13 +2,13 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use nightshift_core::session::Identity;
+use nightshift_core::ids::Identity;
 use nightshift_core::token::{self, Claims};
 use nightshift_core::wire::DevSignIn;
 use worker::{Env, Request};
 
 use crate::config;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiResult, EdgeError};
 use crate::platform::now_ms;
 
 /// Header carrying the verified identity from the Worker to a Durable Object.
@@ -22,9 +22,7 @@ pub fn authenticate(req: &Request, env: &Env, allow_query: bool) -> ApiResult<Id
         Some(h) => h
             .strip_prefix("Bearer ")
             .map(str::to_string)
-            .ok_or_else(|| {
-                ApiError::new(401, "token_malformed", "use Authorization: Bearer <token>")
-            })?,
+            .ok_or(EdgeError::NotBearer)?,
         None if allow_query => req
             .url()
             .ok()
@@ -33,8 +31,8 @@ pub fn authenticate(req: &Request, env: &Env, allow_query: bool) -> ApiResult<Id
                     .find(|(k, _)| k == "token")
                     .map(|(_, v)| v.into_owned())
             })
-            .ok_or_else(ApiError::unauthenticated)?,
-        None => return Err(ApiError::unauthenticated()),
+            .ok_or(EdgeError::Unauthenticated)?,
+        None => return Err(EdgeError::Unauthenticated.into()),
     };
     Ok(token::verify(
         raw.trim(),
@@ -54,19 +52,11 @@ fn valid_user(user: &str) -> bool {
 /// `POST /auth/dev`: signs a person in by name. Only exists when DEV_AUTH=1.
 pub fn dev_sign_in(body: DevSignIn, env: &Env) -> ApiResult<serde_json::Value> {
     if !valid_user(&body.user) {
-        return Err(ApiError::new(
-            400,
-            "invalid_user",
-            "user must be 1-64 characters of a-z, 0-9, '-', '_' or '.'",
-        ));
+        return Err(EdgeError::InvalidUser.into());
     }
     let name = body.name.unwrap_or_else(|| body.user.clone());
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::new(
-            400,
-            "invalid_input",
-            "name must be 1-100 bytes",
-        ));
+        return Err(EdgeError::InvalidInput("name must be 1-100 bytes").into());
     }
     let now = now_ms();
     let claims = Claims {

@@ -2,12 +2,12 @@
 
 use serde::Deserialize;
 use serde_json::json;
-use worker::{Env, Headers, Method, Request, Response, Stub};
+use worker::{Env, Method, Request, Response};
 
 use crate::auth;
-use crate::error::{ApiError, ApiResult};
-use crate::routes::{call, no_route, read_body};
-use crate::scheduler::VIEWER_HEADER;
+use crate::error::{ApiError, ApiResult, EdgeError};
+use crate::http::{no_route, read_body};
+use crate::scheduler::{on_shard, shard_of, valid_tenant};
 
 /// `POST /background/spawn` as people send it.
 #[derive(Debug, Deserialize)]
@@ -23,63 +23,6 @@ struct SpawnRequest {
     /// The scheduler shard (one per tenant); `default` when absent.
     #[serde(default)]
     tenant: Option<String>,
-}
-
-/// A tenant name: the scheduler shard's key and part of every agent id.
-pub fn valid_tenant(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 40
-        && t.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
-
-/// The shard an agent id names (`bg_<tenant>_<hex>`).
-pub(crate) fn shard_of(id: &str) -> ApiResult<String> {
-    let mut parts = id.splitn(3, '_');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("bg"), Some(t), Some(rest))
-            if valid_tenant(t)
-                && !rest.is_empty()
-                && rest.chars().all(|c| c.is_ascii_hexdigit()) =>
-        {
-            Ok(t.to_string())
-        }
-        _ => Err(ApiError::new(
-            404,
-            "agent_not_found",
-            "no such background agent; ids look like bg_<tenant>_<hex>",
-        )),
-    }
-}
-
-pub(crate) fn scheduler_stub(env: &Env, shard: &str) -> ApiResult<Stub> {
-    Ok(env.durable_object("SCHEDULER")?.get_by_name(shard)?)
-}
-
-/// Calls a shard on behalf of a viewer (`user:<id>` or `session:<id>`).
-pub(crate) async fn on_shard(
-    env: &Env,
-    shard: &str,
-    viewer: &str,
-    method: Method,
-    path: &str,
-    body: Option<Vec<u8>>,
-    extra: Option<(&str, String)>,
-) -> ApiResult<Response> {
-    let headers = Headers::new();
-    headers.set(VIEWER_HEADER, viewer)?;
-    headers.set("x-nightshift-shard", shard)?;
-    if let Some((k, v)) = extra {
-        headers.set(k, &v)?;
-    }
-    call(
-        &scheduler_stub(env, shard)?,
-        method,
-        path,
-        Some(headers),
-        body,
-    )
-    .await
 }
 
 pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
@@ -99,19 +42,17 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                     .is_some_and(|x| x.trim().is_empty() || x.len() > max)
             };
             if too_long(&b.title, 200) || too_long(&b.repository, 1000) || too_long(&b.model, 200) {
-                return Err(ApiError::new(
-                    400,
-                    "invalid_input",
+                return Err(EdgeError::InvalidInput(
                     "title: 1-200 bytes, repository: 1-1000, model: 1-200",
-                ));
+                )
+                .into());
             }
             let tenant = b.tenant.clone().unwrap_or_else(|| "default".into());
             if !valid_tenant(&tenant) {
-                return Err(ApiError::new(
-                    400,
-                    "invalid_input",
+                return Err(EdgeError::InvalidInput(
                     "tenant: 1-40 lowercase letters, digits or '-'",
-                ));
+                )
+                .into());
             }
             let body = json!({"identity": who, "prompt": b.prompt, "repository": b.repository,
                 "model": b.model, "title": b.title});
@@ -135,11 +76,10 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_else(|| "default".into());
             if !valid_tenant(&tenant) {
-                return Err(ApiError::new(
-                    400,
-                    "invalid_input",
+                return Err(EdgeError::InvalidInput(
                     "tenant: 1-40 lowercase letters, digits or '-'",
-                ));
+                )
+                .into());
             }
             let path = format!("/agents{query}");
             on_shard(env, &tenant, &viewer, Method::Get, &path, None, None).await

@@ -9,6 +9,7 @@ mod auth;
 mod background;
 mod config;
 mod error;
+mod http;
 mod platform;
 mod provider;
 mod repositories;

@@ -5,12 +5,8 @@ use serde_json::Value;
 use worker::{Env, Fetch, Headers, Method, Request, RequestInit, Response};
 
 use crate::config;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiResult, EdgeError};
 use crate::platform::{now_ms, random_hex};
-
-fn unavailable(msg: String) -> ApiError {
-    ApiError::new(502, "provider_unavailable", msg)
-}
 
 /// Sends one signed request and returns the provider's response as it is (for streams).
 pub async fn send(
@@ -19,13 +15,7 @@ pub async fn send(
     path: &str,
     body: Option<&[u8]>,
 ) -> ApiResult<Response> {
-    let base = config::provider_url(env).ok_or_else(|| {
-        ApiError::new(
-            503,
-            "provider_not_configured",
-            "set PROVIDER_URL and PROVIDER_SECRET to run prompts in sandboxes",
-        )
-    })?;
+    let base = config::provider_url(env).ok_or(EdgeError::ProviderNotConfigured)?;
     let bytes = body.unwrap_or_default();
     let ts = now_ms();
     // A new nonce for every request (crypto.getRandomValues): the provider refuses a replay.
@@ -38,7 +28,7 @@ pub async fn send(
         &nonce,
         bytes,
     )
-    .map_err(|e| ApiError::new(503, e.code(), e.to_string()))?;
+    .map_err(EdgeError::Signing)?;
     let headers = Headers::new();
     headers.set(signing::TIMESTAMP_HEADER, &ts.to_string())?;
     headers.set(signing::NONCE_HEADER, &nonce)?;
@@ -51,10 +41,13 @@ pub async fn send(
     }
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let req = Request::new_with_init(&url, &init)?;
-    Fetch::Request(req)
-        .send()
-        .await
-        .map_err(|e| unavailable(format!("the provider at {base} did not answer: {e}")))
+    Fetch::Request(req).send().await.map_err(|e| {
+        EdgeError::ProviderSilent {
+            base,
+            error: e.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Sends one signed request; returns (status, JSON body).

@@ -5,19 +5,7 @@ use worker::{Env, Method, Request, Response, Stub};
 
 use crate::auth;
 use crate::error::{json_of, json_response, ApiError, ApiResult};
-use crate::routes::{call, no_route, read_body, read_bytes};
-
-/// The repository's object (one per name).
-pub(crate) fn repository_stub(env: &Env, name: &str) -> ApiResult<Stub> {
-    if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::new(
-            404,
-            "repository_not_found",
-            "no such repository",
-        ));
-    }
-    Ok(env.durable_object("REPOSITORY")?.get_by_name(name)?)
-}
+use crate::http::{call, no_route, read_body, read_bytes, repository_stub};
 
 fn index(env: &Env) -> ApiResult<Stub> {
     Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
@@ -29,8 +17,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
     match (method, segs) {
         (Method::Post, ["repositories"]) => {
             let s: Settings = read_body(req).await?;
-            s.validate()
-                .map_err(|e| ApiError::new(e.status(), e.code(), e.to_string()))?;
+            s.validate()?;
             let stub = repository_stub(env, &s.name)?;
             let body = serde_json::to_vec(&s).map_err(ApiError::internal)?;
             let mut resp = call(&stub, Method::Post, "/register", None, Some(body)).await?;

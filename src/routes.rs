@@ -1,12 +1,15 @@
 //! HTTP routing of the Worker: authenticate, check the shape of the request, forward to the right Durable Object.
 
-use nightshift_core::wire::{self, DevSignIn, MAX_BODY_BYTES};
-use worker::{Env, Headers, Method, Request, RequestInit, Response, Stub};
+use nightshift_core::wire::{self, DevSignIn};
+use worker::{Env, Headers, Method, Request, Response};
 
 use crate::auth::{self, encode_identity, IDENTITY_HEADER};
 use crate::config;
-use crate::error::{json_of, json_response, ApiError, ApiResult};
-use crate::platform::{new_id, now_ms, valid_id};
+use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
+use crate::http::{
+    call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub, user_index,
+};
+use crate::platform::{new_id, now_ms};
 use crate::user_index::SessionEntry;
 
 /// The OpenAPI document, served at `/openapi.json`.
@@ -35,11 +38,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         }
         (Method::Post, ["auth", "dev"]) => {
             if !config::dev_auth(env) {
-                return Err(ApiError::new(
-                    404,
-                    "not_found",
-                    "dev sign-in is disabled in this deployment; sign in with GitHub",
-                ));
+                return Err(EdgeError::DevSignInDisabled.into());
             }
             let body: DevSignIn = read_body(&mut req).await?;
             json_of(200, &auth::dev_sign_in(body, env)?)
@@ -87,84 +86,6 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
     }
 }
 
-pub(crate) fn no_route(req: &Request) -> ApiError {
-    ApiError::new(
-        404,
-        "not_found",
-        format!(
-            "no route {} {}; the API is described at /openapi.json",
-            req.method(),
-            req.path()
-        ),
-    )
-}
-
-pub(crate) async fn read_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
-    let bytes = read_bytes(req).await?;
-    Ok(wire::parse_body(&bytes)?)
-}
-
-pub(crate) async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
-    let declared = req
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(ApiError::new(
-            413,
-            "body_too_large",
-            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-        ));
-    }
-    let bytes = req
-        .bytes()
-        .await
-        .map_err(|_| ApiError::new(400, "invalid_body", "could not read the request body"))?;
-    if bytes.len() > MAX_BODY_BYTES {
-        return Err(ApiError::new(
-            413,
-            "body_too_large",
-            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-        ));
-    }
-    Ok(bytes)
-}
-
-pub(crate) fn session_stub(env: &Env, id: &str) -> ApiResult<Stub> {
-    if !valid_id("ses", id) {
-        return Err(ApiError::new(
-            404,
-            "session_not_found",
-            "no such session; check the id or create one with POST /sessions",
-        ));
-    }
-    Ok(env.durable_object("SESSION")?.get_by_name(id)?)
-}
-
-fn user_index(env: &Env, user: &str) -> ApiResult<Stub> {
-    Ok(env.durable_object("USER_INDEX")?.get_by_name(user)?)
-}
-
-/// Calls a Durable Object with an optional identity and body.
-pub(crate) async fn call(
-    stub: &Stub,
-    method: Method,
-    path_and_query: &str,
-    headers: Option<Headers>,
-    body: Option<Vec<u8>>,
-) -> ApiResult<Response> {
-    let mut init = RequestInit::new();
-    init.with_method(method);
-    init.with_headers(headers.unwrap_or_default());
-    if let Some(b) = body {
-        init.with_body(Some(js_sys::Uint8Array::from(b.as_slice()).into()));
-    }
-    let req = Request::new_with_init(&format!("https://do{path_and_query}"), &init)?;
-    Ok(stub.fetch_with_request(req).await?)
-}
-
 /// Authenticates, then forwards the request to the session's object at `/target`.
 async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiResult<Response> {
     let is_ws = target == "ws";
@@ -209,22 +130,6 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
         return json_response(status, text).map_err(ApiError::from);
     }
     Ok(resp)
-}
-
-pub(crate) async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -> ApiResult<()> {
-    let s = |k: &str| snap.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let entry = SessionEntry {
-        id: s("id").unwrap_or_default(),
-        title: s("title").unwrap_or_default(),
-        repository: s("repository"),
-        role: s("role").unwrap_or_else(|| "member".into()),
-        joined_at: now_ms(),
-        status: s("status").unwrap_or_else(|| "active".into()),
-    };
-    let idx = user_index(env, user)?;
-    let body = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
-    call(&idx, Method::Post, "/add", None, Some(body)).await?;
-    Ok(())
 }
 
 async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
@@ -297,17 +202,4 @@ async fn sandbox_background(req: &mut Request, env: &Env, id: &str) -> ApiResult
         Some(body),
     )
     .await
-}
-
-fn require_upgrade(req: &Request) -> ApiResult<()> {
-    let upgrade = req.headers().get("upgrade").ok().flatten();
-    if upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            426,
-            "upgrade_required",
-            "connect with a WebSocket (Upgrade: websocket)",
-        ))
-    }
 }

@@ -8,9 +8,9 @@ use serde_json::Value;
 use worker::{Env, Headers, Method, Request, Response};
 
 use crate::auth::{self, encode_identity, IDENTITY_HEADER};
-use crate::error::{json_of, ApiError, ApiResult};
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::http::{call, read_body, read_bytes, session_stub};
 use crate::provider;
-use crate::routes::{call, read_body, read_bytes, session_stub};
 
 /// The provider's answer as the API's answer (JSON status and body as they are).
 fn relay(status: u16, v: &Value) -> ApiResult<Response> {
@@ -40,11 +40,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             let b: SandboxRestore = read_body(req).await?;
             if let Some(id) = &b.snapshot {
                 if !valid_id("snp_", id) {
-                    return Err(ApiError::new(
-                        404,
-                        "snapshot_not_found",
-                        format!("no snapshot {id}"),
-                    ));
+                    return Err(EdgeError::NoSnapshot(id.to_string()).into());
                 }
             }
             let stub = session_stub(env, &b.session_id)?;
@@ -66,7 +62,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 .query_pairs()
                 .find(|(k, _)| k == "session_id")
                 .map(|(_, v)| v.into_owned())
-                .ok_or_else(|| ApiError::new(400, "invalid_query", "pass ?session_id=ses_…"))?;
+                .ok_or(EdgeError::InvalidQuery("pass ?session_id=ses_…"))?;
             let auth = SandboxAuthorize {
                 sandbox: None,
                 op: "list".into(),
@@ -86,11 +82,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         (m, ["sandbox", id, rest @ ..]) => {
             let id = id.to_string();
             if !valid_id("sbx_", &id) {
-                return Err(ApiError::new(
-                    404,
-                    "sandbox_not_found",
-                    format!("no sandbox {id}"),
-                ));
+                return Err(EdgeError::SandboxNotFound(id.to_string()).into());
             }
             let op = match (&m, rest) {
                 (Method::Get, []) => "get",
@@ -102,7 +94,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 (Method::Get, ["git"]) => "git",
                 (Method::Post, ["git", "sync"]) => "git.sync",
                 (Method::Post, ["snapshot"]) => "snapshot",
-                _ => return Err(ApiError::not_found("route")),
+                _ => return Err(EdgeError::NotFound("route").into()),
             };
             // Bad input is refused before anything is asked of anyone.
             let body = if op == "exec" {
@@ -125,21 +117,13 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                 {
-                    return Err(ApiError::new(
-                        400,
-                        "invalid_service",
-                        "a service is a name such as `supervisor` or `opencode`",
-                    ));
+                    return Err(EdgeError::InvalidService.into());
                 }
             }
             let (st, sandbox) =
                 provider::call(env, Method::Get, &format!("/v1/sandboxes/{id}"), None).await?;
             if st == 404 {
-                return Err(ApiError::new(
-                    404,
-                    "sandbox_not_found",
-                    format!("no sandbox {id}"),
-                ));
+                return Err(EdgeError::SandboxNotFound(id.to_string()).into());
             }
             let session = sandbox["session_id"]
                 .as_str()
@@ -162,11 +146,14 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 "get" => relay(st, &sandbox),
                 "snapshot" => {
                     if matches!(sandbox["status"].as_str(), Some("terminated" | "failed")) {
-                        return Err(ApiError::new(
-                            409,
-                            "sandbox_terminated",
-                            format!("sandbox {id} is {}; its checkout is gone, so it cannot be snapshotted; restore one of the session's snapshots instead", sandbox["status"].as_str().unwrap_or("terminated")),
-                        ));
+                        return Err(EdgeError::SandboxTerminated {
+                            id: id.to_string(),
+                            status: sandbox["status"]
+                                .as_str()
+                                .unwrap_or("terminated")
+                                .to_string(),
+                        }
+                        .into());
                     }
                     // The session takes it, so it is listed, restored, expired and deleted like a turn's.
                     let stub = session_stub(env, &session)?;
@@ -208,7 +195,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 }
             }
         }
-        _ => Err(ApiError::not_found("route")),
+        _ => Err(EdgeError::NotFound("route").into()),
     }
 }
 

@@ -6,11 +6,10 @@ use serde_json::{json, Value};
 use worker::{Env, Method, SqlStorage};
 
 use crate::config;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiResult, EdgeError};
+use crate::http::{call, repository_stub};
 use crate::provider;
-use crate::repositories::repository_stub;
 use crate::repository::ClaimAnswer;
-use crate::routes::call;
 use crate::store;
 
 /// Where the session's repository is cloned from (kept after the first start, for restores).
@@ -94,11 +93,7 @@ pub async fn start(
         ));
     }
     if let Some(snapshot) = only {
-        return Err(ApiError::new(
-            404,
-            "snapshot_not_found",
-            format!("this session has no live snapshot {snapshot}"),
-        ));
+        return Err(EdgeError::NoLiveSnapshot(snapshot.to_string()).into());
     }
     // 2. A registered repository: a warm sandbox, or its latest image. A session with pushed
     // work continues its branch, which a pooled sandbox (synced to the base) does not have.

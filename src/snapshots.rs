@@ -6,7 +6,7 @@ use serde_json::json;
 use worker::{console_error, Env, Method, SqlStorage};
 
 use crate::config;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, EdgeError};
 use crate::provider;
 use crate::sandbox_start::SNAPSHOTS;
 use crate::store;
@@ -78,10 +78,7 @@ pub async fn take(
             let path = format!("/v1/sandboxes/{id}/snapshot");
             provider::call(env, Method::Post, &path, Some(&json!({"ttl_ms": ttl}))).await
         }
-        None => Ok((
-            409,
-            json!({"error": {"code": "no_sandbox", "message": "the session has no live sandbox"}}),
-        )),
+        None => Ok(EdgeError::NoLiveSandbox.answer()),
     };
     // Re-read: the state may have moved while the provider worked.
     let mut s = load(sql)?;
@@ -98,13 +95,13 @@ pub async fn take(
         Ok((status, v)) => {
             console_error!("snapshot of turn {turn} refused ({status}): {v}");
             s.not_taken(turn);
-            Err(ApiError::new(
+            let text = |k: &str| v["error"][k].as_str().map(String::from);
+            Err(EdgeError::SnapshotRefused {
                 status,
-                v["error"]["code"].as_str().unwrap_or("snapshot_failed"),
-                v["error"]["message"]
-                    .as_str()
-                    .unwrap_or("the provider did not take the snapshot"),
-            ))
+                code: text("code"),
+                message: text("message"),
+            }
+            .into())
         }
         Err(e) => {
             console_error!("snapshot of turn {turn}: {}", e.message);

@@ -1,6 +1,7 @@
 //! Session persistence in Durable Object SQLite: the schema, loading a session, and writing exactly the rows a command touched.
 
-use nightshift_core::events::{Actor, Event, EventKind};
+use nightshift_core::events::{Event, EventKind};
+use nightshift_core::ids::Actor;
 use nightshift_core::queue::Prompt;
 use nightshift_core::session::{Client, Dirty, Lock, Member, Meta, Session};
 use serde::de::DeserializeOwned;

@@ -93,6 +93,22 @@ impl CoreError {
 
 pub type CoreResult<T> = Result<T, CoreError>;
 
+/// A refusal at the wire level: stable code plus a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,24 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ids::{Actor, Role};
 use crate::queue::Prompt;
-use crate::session::Role;
-
-/// Who caused an event: a person, or the system (sweeps, expiry, runner).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Actor {
-    pub user: String,
-    pub name: String,
-}
-
-impl Actor {
-    pub fn system() -> Actor {
-        Actor {
-            user: "system".into(),
-            name: "Nightshift".into(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

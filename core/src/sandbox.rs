@@ -1,9 +1,7 @@
-//! The session's link to its sandbox: lifecycle stage, acknowledged delivery of agent events, and the sandbox wire messages.
+//! The session's link to its sandbox: lifecycle stage, acknowledged delivery of agent events, and the messages a sandbox sends (parsed in `wire`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-use crate::wire::WireError;
 
 /// Where the session's sandbox is in its life, as the session sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -225,63 +223,6 @@ pub enum SandboxMessage {
     Events(Vec<(u64, AgentEvent)>),
 }
 
-/// Most events in one `batch` frame.
-pub const MAX_BATCH: usize = 500;
-
-fn numbered(v: &Value) -> Result<(u64, AgentEvent), WireError> {
-    let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
-        WireError::new("invalid_message", "an event needs `n`, a positive integer")
-    })?;
-    let event: AgentEvent = serde_json::from_value(v["event"].clone())
-        .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
-    Ok((n, event))
-}
-
-/// Largest frame a sandbox may send.
-pub const MAX_SANDBOX_FRAME: usize = 256 * 1024;
-
-pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
-    if text.len() > MAX_SANDBOX_FRAME {
-        return Err(WireError::new(
-            "frame_too_large",
-            format!("sandbox frames are at most {MAX_SANDBOX_FRAME} bytes"),
-        ));
-    }
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| WireError::new("invalid_json", format!("not JSON: {e}")))?;
-    match v["type"].as_str() {
-        Some("hello") => {
-            let sandbox = v["sandbox"]
-                .as_str()
-                .filter(|s| !s.is_empty() && s.len() <= 100)
-                .ok_or_else(|| WireError::new("invalid_message", "hello needs `sandbox`"))?;
-            Ok(SandboxMessage::Hello {
-                sandbox: sandbox.to_string(),
-            })
-        }
-        Some("heartbeat") => Ok(SandboxMessage::Heartbeat),
-        Some("event") => Ok(SandboxMessage::Events(vec![numbered(&v)?])),
-        Some("batch") => {
-            let items = v["events"]
-                .as_array()
-                .filter(|a| !a.is_empty() && a.len() <= MAX_BATCH)
-                .ok_or_else(|| {
-                    WireError::new(
-                        "invalid_message",
-                        format!("a batch carries `events`: 1 to {MAX_BATCH} numbered events"),
-                    )
-                })?;
-            // All or nothing: one bad event refuses the whole frame.
-            let events = items.iter().map(numbered).collect::<Result<Vec<_>, _>>()?;
-            Ok(SandboxMessage::Events(events))
-        }
-        _ => Err(WireError::new(
-            "unknown_type",
-            "a sandbox sends hello, heartbeat, event or batch",
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,44 +278,5 @@ mod tests {
         assert!(l.is_lost(6_000, 30_000, 5_000));
         l.stage = Stage::Lost;
         assert!(!l.is_lost(99_999, 30_000, 5_000));
-    }
-
-    #[test]
-    fn sandbox_messages_parse_or_get_codes() {
-        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
-        let ok = parse_sandbox_message(
-            r#"{"type":"event","n":3,"event":{"kind":"agent.text","prompt":"p","text":"hi"}}"#,
-        );
-        assert!(matches!(ok, Ok(SandboxMessage::Events(ref v)) if v.len() == 1 && v[0].0 == 3));
-        let batch = parse_sandbox_message(
-            r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"agent.text","prompt":"p","text":"b"}}]}"#,
-        );
-        assert!(matches!(batch, Ok(SandboxMessage::Events(ref v)) if v.len() == 2));
-        assert_eq!(
-            code(r#"{"type":"batch","events":[]}"#),
-            Some("invalid_message")
-        );
-        assert_eq!(
-            code(
-                r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"nope"}}]}"#
-            ),
-            Some("invalid_event")
-        );
-        assert_eq!(code("nope"), Some("invalid_json"));
-        assert_eq!(code(r#"{"type":"x"}"#), Some("unknown_type"));
-        assert_eq!(
-            code(r#"{"type":"event","n":0,"event":{}}"#),
-            Some("invalid_message")
-        );
-        assert_eq!(
-            code(r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p"}}"#),
-            Some("invalid_event")
-        );
-        assert_eq!(
-            code(
-                r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p","text":"t","x":1}}"#
-            ),
-            Some("invalid_event")
-        );
     }
 }

@@ -10,37 +10,10 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::error::{CoreError, CoreResult};
-use crate::events::{Actor, EventKind, LockReleaseReason};
+use crate::events::{EventKind, LockReleaseReason};
+use crate::ids::{Actor, ClientId, Cursor, Identity, Role, UserId};
 use crate::queue::{NewPrompt, PromptId, PromptQueue};
 use crate::sandbox::AgentEvent;
-
-pub type UserId = String;
-pub type ClientId = String;
-
-/// The authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Identity {
-    pub user: UserId,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-}
-
-impl Identity {
-    pub fn actor(&self) -> Actor {
-        Actor {
-            user: self.user.clone(),
-            name: self.name.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Owner,
-    Member,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,14 +30,6 @@ pub struct Member {
     pub email: Option<String>,
     pub role: Role,
     pub joined_at: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Cursor {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
-    pub line: u32,
-    pub column: u32,
 }
 
 /// One connected client (a browser tab, the Slack bot, the extension, ...).

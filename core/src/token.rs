@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::session::Identity;
+use crate::ids::Identity;
 
 type HmacSha256 = Hmac<Sha256>;
 

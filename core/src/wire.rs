@@ -1,32 +1,19 @@
-//! The wire format: HTTP request bodies, WebSocket client messages and server frames. The only module that parses input.
+//! The wire format: HTTP request bodies, WebSocket client messages and server frames, sandbox frames. The only module that parses input.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::error::WireError;
 use crate::events::Event;
-use crate::session::{Client, Cursor};
+use crate::ids::Cursor;
+use crate::sandbox::{AgentEvent, SandboxMessage};
+use crate::session::Client;
 
 /// Largest HTTP body the API accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Largest WebSocket message a client may send.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// A refusal at the wire level: stable code plus a message that says what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl WireError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> WireError {
-        WireError {
-            code,
-            message: message.into(),
-        }
-    }
-}
 
 /// Parses a JSON body of a known shape, with a clear error for each way it can be wrong.
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
@@ -390,6 +377,65 @@ pub fn error_json(code: &str, message: &str) -> String {
     serde_json::json!({ "error": { "code": code, "message": message } }).to_string()
 }
 
+// ---- Sandbox frames ---------------------------------------------------------------------
+
+/// Most events in one `batch` frame.
+pub const MAX_BATCH: usize = 500;
+
+fn numbered(v: &Value) -> Result<(u64, AgentEvent), WireError> {
+    let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
+        WireError::new("invalid_message", "an event needs `n`, a positive integer")
+    })?;
+    let event: AgentEvent = serde_json::from_value(v["event"].clone())
+        .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
+    Ok((n, event))
+}
+
+/// Largest frame a sandbox may send.
+pub const MAX_SANDBOX_FRAME: usize = 256 * 1024;
+
+pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
+    if text.len() > MAX_SANDBOX_FRAME {
+        return Err(WireError::new(
+            "frame_too_large",
+            format!("sandbox frames are at most {MAX_SANDBOX_FRAME} bytes"),
+        ));
+    }
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| WireError::new("invalid_json", format!("not JSON: {e}")))?;
+    match v["type"].as_str() {
+        Some("hello") => {
+            let sandbox = v["sandbox"]
+                .as_str()
+                .filter(|s| !s.is_empty() && s.len() <= 100)
+                .ok_or_else(|| WireError::new("invalid_message", "hello needs `sandbox`"))?;
+            Ok(SandboxMessage::Hello {
+                sandbox: sandbox.to_string(),
+            })
+        }
+        Some("heartbeat") => Ok(SandboxMessage::Heartbeat),
+        Some("event") => Ok(SandboxMessage::Events(vec![numbered(&v)?])),
+        Some("batch") => {
+            let items = v["events"]
+                .as_array()
+                .filter(|a| !a.is_empty() && a.len() <= MAX_BATCH)
+                .ok_or_else(|| {
+                    WireError::new(
+                        "invalid_message",
+                        format!("a batch carries `events`: 1 to {MAX_BATCH} numbered events"),
+                    )
+                })?;
+            // All or nothing: one bad event refuses the whole frame.
+            let events = items.iter().map(numbered).collect::<Result<Vec<_>, _>>()?;
+            Ok(SandboxMessage::Events(events))
+        }
+        _ => Err(WireError::new(
+            "unknown_type",
+            "a sandbox sends hello, heartbeat, event or batch",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +495,164 @@ mod tests {
         );
         let ok = parse_body::<PromptRequest>(br#"{"text":"hi","priority":2}"#).map(|p| p.priority);
         assert_eq!(ok, Ok(2));
+    }
+
+    #[test]
+    fn size_limits_are_64_kib_inclusive() {
+        assert_eq!((MAX_BODY_BYTES, MAX_MESSAGE_BYTES), (65_536, 65_536));
+        // A body of exactly the limit is read; one byte more is refused before parsing.
+        let mut body = br#"{"text":"hi"}"#.to_vec();
+        body.resize(MAX_BODY_BYTES, b' ');
+        assert_eq!(
+            parse_body::<PromptRequest>(&body).map(|p| p.text),
+            Ok("hi".to_string())
+        );
+        let mut frame = r#"{"type":"ping"}"#.to_string();
+        frame.push_str(&" ".repeat(MAX_MESSAGE_BYTES - frame.len()));
+        assert_eq!(parse_client_message(&frame).1, Ok(ClientMessage::Ping));
+    }
+
+    #[test]
+    fn a_session_title_is_trimmed_and_bounded() {
+        let create = |title: &str, repository: Option<String>| CreateSession {
+            title: title.to_string(),
+            repository,
+            model: None,
+        };
+        assert_eq!(
+            create("  Fix the build ", None).check(),
+            Ok("Fix the build".into())
+        );
+        let longest = "t".repeat(crate::session::MAX_TITLE_LEN);
+        assert_eq!(create(&longest, None).check(), Ok(longest.clone()));
+        for bad in ["", "   ", &format!("{longest}t")] {
+            assert_eq!(
+                create(bad, None).check().map_err(|e| e.code),
+                Err("invalid_input"),
+                "{bad:?}"
+            );
+        }
+        assert!(create("x", Some("r".repeat(1000))).check().is_ok());
+        for bad in [String::new(), "r".repeat(1001)] {
+            assert_eq!(
+                create("x", Some(bad)).check().map_err(|e| e.code),
+                Err("invalid_input")
+            );
+        }
+        let bad_model = CreateSession {
+            model: Some("scripted".into()),
+            ..create("x", None)
+        };
+        assert_eq!(bad_model.check().map_err(|e| e.code), Err("invalid_model"));
+    }
+
+    #[test]
+    fn a_lock_lasts_a_minute_unless_asked() {
+        let body = parse_body::<LockRequest>(br#"{"resource":"file:a"}"#).map(|l| l.ttl_ms);
+        assert_eq!(body, Ok(60_000));
+        let (_, frame) = parse_client_message(r#"{"type":"lock.acquire","resource":"file:a"}"#);
+        assert_eq!(
+            frame,
+            Ok(ClientMessage::LockAcquire {
+                resource: "file:a".into(),
+                ttl_ms: 60_000
+            })
+        );
+    }
+
+    #[test]
+    fn only_a_cursor_frame_is_a_cursor() {
+        let (_, frame) =
+            parse_client_message(r#"{"type":"cursor","file":"a.rs","line":3,"column":7}"#);
+        let cursor = frame.ok().and_then(ClientMessage::cursor);
+        assert_eq!(
+            cursor,
+            Some(Cursor {
+                file: Some("a.rs".into()),
+                line: 3,
+                column: 7
+            })
+        );
+        assert_eq!(ClientMessage::Ping.cursor(), None);
+    }
+
+    #[test]
+    fn a_ref_is_at_most_128_bytes() {
+        let frame = |reference: &str| format!(r#"{{"type":"ping","ref":"{reference}"}}"#);
+        let longest = "r".repeat(128);
+        let (echoed, parsed) = parse_client_message(&frame(&longest));
+        assert_eq!((echoed, parsed), (Some(longest), Ok(ClientMessage::Ping)));
+        let (echoed, parsed) = parse_client_message(&frame(&"r".repeat(129)));
+        assert_eq!(echoed, None);
+        assert_eq!(parsed.map_err(|e| e.code), Err("invalid_message"));
+    }
+
+    #[test]
+    fn an_error_body_is_code_and_message() {
+        let body: Value =
+            serde_json::from_str(&error_json("not_found", "no such session")).unwrap_or_default();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "not_found", "message": "no such session"}})
+        );
+    }
+
+    #[test]
+    fn an_exec_names_a_program() {
+        let exec = |command: &[&str]| ExecRequest {
+            command: command.iter().map(|c| c.to_string()).collect(),
+            cwd: None,
+            env: None,
+            timeout_ms: None,
+            stdin: None,
+        };
+        assert!(exec(&["git", "status"]).check().is_ok());
+        for bad in [&[][..], &[""][..]] {
+            assert_eq!(
+                exec(bad).check().map_err(|e| e.code),
+                Err("invalid_command"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sandbox_messages_parse_or_get_codes() {
+        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
+        let ok = parse_sandbox_message(
+            r#"{"type":"event","n":3,"event":{"kind":"agent.text","prompt":"p","text":"hi"}}"#,
+        );
+        assert!(matches!(ok, Ok(SandboxMessage::Events(ref v)) if v.len() == 1 && v[0].0 == 3));
+        let batch = parse_sandbox_message(
+            r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"agent.text","prompt":"p","text":"b"}}]}"#,
+        );
+        assert!(matches!(batch, Ok(SandboxMessage::Events(ref v)) if v.len() == 2));
+        assert_eq!(
+            code(r#"{"type":"batch","events":[]}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(
+                r#"{"type":"batch","events":[{"n":1,"event":{"kind":"agent.text","prompt":"p","text":"a"}},{"n":2,"event":{"kind":"nope"}}]}"#
+            ),
+            Some("invalid_event")
+        );
+        assert_eq!(code("nope"), Some("invalid_json"));
+        assert_eq!(code(r#"{"type":"x"}"#), Some("unknown_type"));
+        assert_eq!(
+            code(r#"{"type":"event","n":0,"event":{}}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p"}}"#),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            code(
+                r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p","text":"t","x":1}}"#
+            ),
+            Some("invalid_event")
+        );
     }
 }
 

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use nightshift_core::check::{explore, Model};
 use nightshift_core::events::EventKind;
-use nightshift_core::session::{Identity, Limits, Meta, Role, Session, SessionStatus};
+use nightshift_core::ids::{Identity, Role};
+use nightshift_core::session::{Limits, Meta, Session, SessionStatus};
 
 const USERS: [&str; 3] = ["owner", "u1", "u2"];
 const CLIENTS: [&str; 3] = ["c1", "c2", "c3"];

@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nightshift_core::check::{explore, Model};
 use nightshift_core::events::EventKind;
+use nightshift_core::ids::Identity;
 use nightshift_core::queue::PromptStatus;
-use nightshift_core::session::{Identity, Limits, Meta, Session, SessionStatus};
+use nightshift_core::session::{Limits, Meta, Session, SessionStatus};
 
 const USERS: [&str; 2] = ["owner", "u1"];
 const PROMPTS: [&str; 3] = ["p1", "p2", "p3"];

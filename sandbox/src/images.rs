@@ -10,14 +10,14 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::procs;
-use crate::provider::{
+use crate::state::{
     err, local_remote, now_ms, parse, random_hex, redact_url, run_git, signed, sse_lines, valid_id,
-    ErrorBody, LogFile, LogQuery, Refusal, Repository, Shared,
+    ErrorBody, Image, LogFile, LogQuery, Refusal, Repository, Shared,
 };
 
 /// A build gets this long when its request names no `timeout_ms`.
@@ -25,22 +25,6 @@ const DEFAULT_BUILD_TIMEOUT_MS: u64 = 20 * 60 * 1000;
 /// At most this many setup commands, each at most this long.
 const MAX_COMMANDS: usize = 50;
 const MAX_COMMAND_BYTES: usize = 4096;
-
-/// The contract's Image object.
-#[derive(Debug, Clone, Serialize)]
-pub struct Image {
-    pub id: String,
-    pub status: &'static str,
-    pub repository: Repository,
-    pub commit: Option<String>,
-    pub created_at: u64,
-    pub ready_at: Option<u64>,
-    pub setup: Vec<String>,
-    pub test: Option<String>,
-    pub test_exit_code: Option<i32>,
-    pub labels: BTreeMap<String, String>,
-    pub error: Option<ErrorBody>,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,7 +69,7 @@ fn update(p: &Shared, id: &str, f: impl FnOnce(&mut Image)) {
 /// Writes the image's record in its provider-owned folder (found again after a restart).
 pub(crate) fn record(p: &Shared, image: &Image) {
     if let Ok(bytes) = serde_json::to_vec(image) {
-        crate::provider::write_record(&p.host_dir(&image.id), "image.json", &bytes);
+        crate::state::write_record(&p.host_dir(&image.id), "image.json", &bytes);
     }
 }
 

@@ -11,4 +11,5 @@ pub mod procs;
 pub mod provider;
 pub mod scripted;
 pub mod socket_path;
+pub mod state;
 pub mod supervisor;

@@ -149,8 +149,8 @@ impl Settings {
                 .as_str()
                 .filter(|t| t.len() >= 16)
                 .map(String::from)
-                .unwrap_or_else(|| crate::provider::random_hex(16)),
-            opencode_password: crate::provider::random_hex(16),
+                .unwrap_or_else(|| crate::state::random_hex(16)),
+            opencode_password: crate::state::random_hex(16),
             egress_socket: all.get("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from),
             model_token: secrets["model_token"].as_str().map(String::from),
             model_vendors: secrets["model_vendors"]

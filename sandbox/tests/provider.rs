@@ -1476,7 +1476,7 @@ async fn without_isolation_an_unmarked_setsid_process_still_dies() {
 
 #[test]
 fn redact_url_removes_credentials_only() {
-    use nightshift_sandbox::provider::redact_url;
+    use nightshift_sandbox::state::redact_url;
     assert_eq!(
         redact_url("https://u:p@github.com/o/r.git"),
         "https://github.com/o/r.git"
@@ -1495,7 +1495,7 @@ fn redact_url_removes_credentials_only() {
 
 #[test]
 fn env_names_are_checked() {
-    use nightshift_sandbox::provider::allowed_env_name;
+    use nightshift_sandbox::state::allowed_env_name;
     for ok in ["FOO", "_X", "A1_B", "NIGHTSHIFT_X", "ENVIRONMENT", "LD"] {
         assert!(allowed_env_name(ok), "{ok}");
     }

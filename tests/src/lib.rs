@@ -795,7 +795,7 @@ impl Compute {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let nonce = nightshift_sandbox::provider::random_hex(16);
+        let nonce = nightshift_sandbox::state::random_hex(16);
         let sig = nightshift_core::signing::sign(
             self.secret.as_bytes(),
             method,

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use nightshift_sandbox::procs;
-use nightshift_sandbox::provider::{
-    find_bwrap, probe_bubblewrap, router, sweep_snapshots, watch_disk, Config, Isolation, Provider,
-    DEFAULT_LIFETIME_MS,
+use nightshift_sandbox::provider::{router, sweep_snapshots, watch_disk};
+use nightshift_sandbox::state::{
+    find_bwrap, probe_bubblewrap, Config, Isolation, Provider, DEFAULT_LIFETIME_MS,
 };
 
 const USAGE: &str = "usage: PROVIDER_SECRET=… nightshift-provider [--port 8790] [--root DIR]
