@@ -1,24 +1,24 @@
 //! The Session Durable Object: one per session. Loads from SQLite, applies commands through the core, persists, then broadcasts over hibernating WebSockets.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use nightshift_core::events::Event;
-use nightshift_core::ids::{Cursor, Identity};
-use nightshift_core::sandbox::{self as link, SandboxLink, SandboxMessage, Stage};
-use nightshift_core::session::{
-    presence_batch_ms, Dirty, Meta, Outcome, Session, SessionStatus, PRESENCE_DELTA_MAX,
-    PRESENCE_SNAPSHOT_MAX,
+use nightshift_core::hosted::{
+    CloseCode, DownFrame, Effect, Entropy, HostedSession, Input, LinkTiming, PollAnswer, SandboxOp,
+    SpawnAnswer,
 };
-use nightshift_core::signing::{sha256_hex, token_matches};
+use nightshift_core::ids::{Cursor, Identity};
+use nightshift_core::session::{
+    Meta, Outcome, Session, SessionStatus, PRESENCE_DELTA_MAX, PRESENCE_SNAPSHOT_MAX,
+};
+use nightshift_core::signing::sha256_hex;
 use nightshift_core::wire::{
     self, ClientMessage, CreateSession, CursorUpdate, ErrorBody, JoinSession, LockRequest,
     PresenceEntry, PromptRequest, Reprioritize, ServerMessage, UnlockRequest,
 };
 use nightshift_core::CoreResult;
 use serde::{Deserialize, Serialize};
-use std::future::Future;
-use std::pin::Pin;
 use worker::*;
 
 use crate::auth::decode_identity;
@@ -40,10 +40,12 @@ struct Attachment {
     identity: Identity,
 }
 
-/// What the sandbox's socket remembers across hibernation.
+/// What the sandbox's socket remembers across hibernation: the link generation (its token's
+/// hash) it was opened for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SandboxAttachment {
-    sandbox_link: String,
+    #[serde(default)]
+    link: Option<String>,
     conn: String,
 }
 
@@ -53,7 +55,7 @@ const PEOPLE: &str = "people";
 const SANDBOX: &str = "sandbox";
 
 struct Loaded {
-    session: Session,
+    hosted: HostedSession,
     last_seq: u64,
 }
 
@@ -63,8 +65,6 @@ pub struct SessionObject {
     env: Env,
     /// Cache of the stored session; rebuilt from SQLite whenever the object wakes.
     cache: RefCell<Option<Loaded>>,
-    /// Clients whose presence changed since the last presence broadcast.
-    presence_changes: RefCell<BTreeSet<String>>,
     /// The alarm time this instance last set (None: unknown).
     alarm_at: Cell<Option<u64>>,
     /// A snapshot asked for through the API is being taken (its request records it, not the alarm).
@@ -77,7 +77,6 @@ impl DurableObject for SessionObject {
             state,
             env,
             cache: RefCell::new(None),
-            presence_changes: RefCell::new(BTreeSet::new()),
             alarm_at: Cell::new(None),
             snapshot_requested: Cell::new(false),
         }
@@ -96,9 +95,9 @@ impl DurableObject for SessionObject {
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
         let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
-            if let Ok(Some(_)) = ws.deserialize_attachment::<SandboxAttachment>() {
+            if let Ok(Some(sa)) = ws.deserialize_attachment::<SandboxAttachment>() {
                 if let WebSocketIncomingMessage::String(text) = message {
-                    if let Err(e) = self.on_sandbox_message(&ws, &text).await {
+                    if let Err(e) = self.on_sandbox_message(&sa, &text).await {
                         send_frame(&ws, &error_frame(None, &e.code, &e.message));
                     }
                 }
@@ -156,23 +155,14 @@ impl DurableObject for SessionObject {
     }
 }
 
-/// Only the session's own sandbox holds the token (compared by hash, constant time).
-fn check_sandbox_token(req: &Request, l: &SandboxLink) -> ApiResult<()> {
-    let token = req
-        .headers()
+/// Only the sandbox's bearer token (checked against the live link by the core).
+fn bearer(req: &Request) -> String {
+    req.headers()
         .get("authorization")
         .ok()
         .flatten()
         .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
-        .unwrap_or_default();
-    if token.is_empty() || !token_matches(&token, &l.token_hash) {
-        return Err(EdgeError::BadSandboxToken.into());
-    }
-    Ok(())
-}
-
-fn send_frame_text(ws: &WebSocket, text: &str) {
-    let _ = ws.send_with_str(text);
+        .unwrap_or_default()
 }
 
 fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
@@ -212,6 +202,36 @@ fn query_u64(v: Option<&String>, name: &str, default: u64) -> ApiResult<u64> {
     }
 }
 
+/// New sandbox tokens from the platform's randomness.
+struct Tokens;
+
+impl Entropy for Tokens {
+    fn token(&mut self) -> String {
+        random_hex(32)
+    }
+}
+
+/// The prompt a command stopped, from its effects.
+fn stopped(effects: &[Effect]) -> Option<String> {
+    effects.iter().find_map(|e| match e {
+        Effect::ToSandbox(DownFrame::Stop { prompt }) | Effect::RunnerAbort { prompt } => {
+            Some(prompt.clone())
+        }
+        _ => None,
+    })
+}
+
+/// Whether a command's effects store any event.
+fn stores_events(effects: &[Effect]) -> bool {
+    effects
+        .iter()
+        .any(|e| matches!(e, Effect::Store { events, .. } if !events.is_empty()))
+}
+
+/// What the provider answered to the last spawn an execution carried out: its status and body
+/// (a refusal is answered as `sandbox_failed`), or the error that kept it from answering.
+type SpawnResult = Option<ApiResult<(u16, serde_json::Value)>>;
+
 impl SessionObject {
     fn sql(&self) -> SqlStorage {
         self.state.storage().sql()
@@ -221,12 +241,24 @@ impl SessionObject {
         runner::from_config(&config::runner(&self.env), config::echo_run_ms(&self.env))
     }
 
+    fn timing(&self) -> LinkTiming {
+        LinkTiming {
+            heartbeat_timeout_ms: config::sandbox_heartbeat_timeout_ms(&self.env),
+            grace_ms: config::sandbox_grace_ms(&self.env),
+        }
+    }
+
+    fn uses_sandboxes(&self) -> bool {
+        config::runner(&self.env) == "sandbox"
+    }
+
     /// Makes sure the cache holds the stored session; false when there is none.
     fn ensure_loaded(&self) -> ApiResult<bool> {
         if self.cache.borrow().is_some() {
             return Ok(true);
         }
-        let Some((mut session, last_seq)) = store::load(&self.sql())? else {
+        let sql = self.sql();
+        let Some((mut session, last_seq)) = store::load(&sql)? else {
             return Ok(false);
         };
         // Clients whose socket is gone (the process restarted) are no longer present.
@@ -247,8 +279,10 @@ impl SessionObject {
             session.disconnect(c);
         }
         let dirty = session.take_dirty();
-        store::persist(&self.sql(), &session, &dirty)?;
-        *self.cache.borrow_mut() = Some(Loaded { session, last_seq });
+        store::persist(&sql, &session, &dirty)?;
+        let link = store::load_link(&sql)?;
+        let hosted = HostedSession::new(session, link, self.timing(), self.uses_sandboxes());
+        *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
         Ok(true)
     }
 
@@ -262,262 +296,227 @@ impl SessionObject {
 
     /// Reads from the cached session (which must be loaded).
     fn read<T>(&self, f: impl FnOnce(&Session, u64) -> T) -> ApiResult<T> {
+        self.read_hosted(|h, seq| f(&h.session, seq))
+    }
+
+    /// Reads from the cached hosted session (which must be loaded).
+    fn read_hosted<T>(&self, f: impl FnOnce(&HostedSession, u64) -> T) -> ApiResult<T> {
         let cache = self.cache.borrow();
         let l = cache
             .as_ref()
             .ok_or_else(|| ApiError::internal("session not loaded"))?;
-        Ok(f(&l.session, l.last_seq))
+        Ok(f(&l.hosted, l.last_seq))
     }
 
-    /// Applies one command: core decides, then store, then broadcast, then side effects.
+    /// Hands one step to the core (synchronously, the borrow released before anything awaits).
+    fn decide<T>(
+        &self,
+        f: impl FnOnce(&mut HostedSession, u64, &mut dyn Entropy) -> T,
+    ) -> ApiResult<T> {
+        let now = now_ms();
+        let mut cache = self.cache.borrow_mut();
+        let l = cache
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("session not loaded"))?;
+        Ok(f(&mut l.hosted, now, &mut Tokens))
+    }
+
+    /// Applies one command: the core decides, then its effects are carried out.
     async fn apply(
         &self,
         f: impl FnOnce(&mut Session, u64) -> CoreResult<Outcome>,
-    ) -> ApiResult<(Outcome, Vec<Event>)> {
+    ) -> ApiResult<Vec<Effect>> {
         self.require_loaded()?;
-        let now = now_ms();
-        let result = {
-            let mut cache = self.cache.borrow_mut();
-            let l = cache
-                .as_mut()
-                .ok_or_else(|| ApiError::internal("session not loaded"))?;
-            match f(&mut l.session, now) {
-                Err(e) => Err(ApiError::from(e)),
-                Ok(mut out) => {
-                    let dirty = l.session.take_dirty();
-                    if out.presence_changed {
-                        let mut changes = self.presence_changes.borrow_mut();
-                        for d in &dirty {
-                            if let Dirty::Client(c) = d {
-                                changes.insert(c.clone());
-                            }
-                        }
-                    }
-                    let sql = self.sql();
-                    let stored = store::persist(&sql, &l.session, &dirty).and_then(|_| {
-                        store::append(&sql, &mut l.last_seq, now, std::mem::take(&mut out.events))
-                    });
-                    match stored {
-                        Ok(events) => Ok((out, events)),
-                        Err(e) => Err(e),
-                    }
-                }
-            }
-        };
-        let (out, events) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                if e.status >= 500 {
-                    // Storage failed: forget the cache so the next request reloads what is stored.
-                    *self.cache.borrow_mut() = None;
-                }
-                return Err(e);
-            }
-        };
-        self.after(&out, &events, now).await?;
-        Ok((out, events))
+        let effects = self.decide(|h, now, tokens| h.command(now, tokens, f))??;
+        self.execute(effects.clone()).await?;
+        Ok(effects)
     }
 
-    /// Broadcast and side effects of a stored command.
-    async fn after(&self, out: &Outcome, events: &[Event], now: u64) -> ApiResult<()> {
-        self.broadcast_events(events);
-        if let Some((ok, result)) = agent_session::ending(events) {
-            if let Some(link) = agent_session::link(&self.sql())? {
-                if let Err(e) = agent_session::report_end(&self.env, &link, ok, result).await {
-                    console_error!("reporting agent {} ended: {}", link.agent, e.message);
+    /// Hands an input to the core and carries out its effects.
+    async fn input(&self, input: Input) -> ApiResult<SpawnResult> {
+        self.require_loaded()?;
+        let effects = self.decide(|h, now, tokens| h.handle(input, now, tokens))?;
+        self.execute(effects).await
+    }
+
+    /// Carries out effects in order — store (then broadcast), sockets, network — feeding each
+    /// provider answer back to the core and carrying out what it decides next, then sets the
+    /// alarm. A failed store forgets the cache (the next request reloads what is stored) and
+    /// stops: nothing after it (an acknowledgement included) is carried out.
+    async fn execute(&self, effects: Vec<Effect>) -> ApiResult<SpawnResult> {
+        let mut queue: VecDeque<Effect> = effects.into();
+        let mut spawned: SpawnResult = None;
+        while let Some(effect) = queue.pop_front() {
+            let next = match self.carry_out(effect, &mut spawned).await {
+                Ok(next) => next,
+                Err(e) => {
+                    if e.status >= 500 {
+                        *self.cache.borrow_mut() = None;
+                    }
+                    let _ = self.schedule_alarm(now_ms()).await;
+                    return Err(e);
+                }
+            };
+            if let Some(input) = next {
+                let more = self.decide(|h, now, tokens| h.handle(input, now, tokens))?;
+                for e in more.into_iter().rev() {
+                    queue.push_front(e);
                 }
             }
         }
-        for c in &out.disconnect {
-            for ws in self.state.get_websockets_with_tag(c) {
-                let _ = ws.close(Some(4000), Some("removed from session"));
-            }
-        }
+        self.schedule_alarm(now_ms()).await?;
+        Ok(spawned)
+    }
+
+    /// Carries out one effect; a provider call answers with the input that reports it.
+    async fn carry_out(
+        &self,
+        effect: Effect,
+        spawned: &mut SpawnResult,
+    ) -> ApiResult<Option<Input>> {
         let sql = self.sql();
-        if self.uses_sandboxes() {
-            if let Some(id) = &out.abort {
-                let frame = serde_json::json!({"type": "stop", "prompt": id}).to_string();
-                for ws in self.state.get_websockets_with_tag(SANDBOX) {
-                    let _ = ws.send_with_str(&frame);
-                }
-            }
-            if let Some(id) = &out.start {
-                self.dispatch(id.clone()).await?;
-            }
-            return self.schedule_alarm(now).await;
-        }
-        let runner = self.runner();
-        if let Some(id) = &out.abort {
-            runner.abort(&sql, id)?;
-        }
-        if let Some(id) = &out.start {
-            runner.start(&sql, id, now)?;
-        }
-        self.schedule_alarm(now).await
-    }
-
-    fn uses_sandboxes(&self) -> bool {
-        config::runner(&self.env) == "sandbox"
-    }
-
-    /// The running prompt as the sandbox receives it.
-    fn prompt_frame(&self, id: &str) -> ApiResult<Option<String>> {
-        self.read(|s, _| {
-            let p = s.queue.prompts.get(id)?;
-            let email = s
-                .members
-                .get(&p.author)
-                .and_then(|m| m.email.clone())
-                .unwrap_or_else(|| format!("{}@users.nightshift.local", p.author));
-            Some(
-                serde_json::json!({"type": "prompt", "prompt": {
-                    "id": p.id, "text": p.text, "author_name": p.author_name,
-                    "author_email": email, "model": p.model.clone().or_else(|| s.meta.model.clone())}})
-                .to_string(),
-            )
-        })
-    }
-
-    /// Hands a prompt that became running to the session's sandbox, spawning one when there is none.
-    fn dispatch(&self, id: String) -> Pin<Box<dyn Future<Output = ApiResult<()>> + '_>> {
-        Box::pin(async move {
-            let sql = self.sql();
-            if let Some(mut l) = store::load_link(&sql)? {
-                if l.stage == Stage::Stopped {
-                    if let Some(sbx) = l.sandbox.clone() {
-                        let path = format!("/v1/sandboxes/{sbx}/start");
-                        if let Ok((200, _)) =
-                            provider::call(&self.env, Method::Post, &path, None).await
+        match effect {
+            Effect::Store { dirty, events } => {
+                let now = now_ms();
+                let stored = {
+                    let mut cache = self.cache.borrow_mut();
+                    let l = cache
+                        .as_mut()
+                        .ok_or_else(|| ApiError::internal("session not loaded"))?;
+                    store::persist(&sql, &l.hosted.session, &dirty)?;
+                    store::append(&sql, &mut l.last_seq, now, events)?
+                };
+                self.broadcast_events(&stored);
+                if let Some((ok, result)) = agent_session::ending(&stored) {
+                    if let Some(link) = agent_session::link(&sql)? {
+                        if let Err(e) =
+                            agent_session::report_end(&self.env, &link, ok, result).await
                         {
-                            l.stage = Stage::Spawning;
-                            l.last_seen = now_ms();
-                            l.disconnected_at = None;
-                            store::save_link(&sql, &l)?;
-                            self.apply(|s, _| {
-                                Ok(s.sandbox_status(
-                                    "starting",
-                                    "starting the stopped sandbox again".into(),
-                                ))
-                            })
-                            .await?;
-                            return Ok(());
+                            console_error!("reporting agent {} ended: {}", link.agent, e.message);
                         }
                     }
-                }
-                if l.stage.is_live() {
-                    if let Some(frame) = self.prompt_frame(&id)? {
-                        for ws in self.state.get_websockets_with_tag(SANDBOX) {
-                            let _ = ws.send_with_str(&frame);
-                        }
-                    }
-                    // Not connected yet: the prompt is sent when the sandbox dials in.
-                    return Ok(());
                 }
             }
-            self.spawn_sandbox(Some(&id), None).await.map(|_| ())
-        })
-    }
-
-    /// Gets the session a new sandbox (`src/sandbox_start.rs`) and makes it the session's link;
-    /// `snapshot` restores exactly that snapshot (`POST /sandbox/restore`).
-    async fn spawn_sandbox(
-        &self,
-        prompt: Option<&str>,
-        snapshot: Option<&str>,
-    ) -> ApiResult<(u16, serde_json::Value)> {
-        let sql = self.sql();
-        let now = now_ms();
-        let repository = self.read(|s, _| s.meta.repository.clone())?;
-        let Some(repository) = repository else {
-            if let Some(p) = prompt {
-                self.fail_running(
-                    p,
-                    "no_repository: this session has no repository to work in",
+            Effect::SaveLink => {
+                if let Some(link) = self.read_hosted(|h, _| h.link.clone())? {
+                    store::save_link(&sql, &link)?;
+                }
+            }
+            Effect::Disconnect(clients) => {
+                for c in &clients {
+                    for ws in self.state.get_websockets_with_tag(c) {
+                        let _ = ws.close(Some(4000), Some("removed from session"));
+                    }
+                }
+            }
+            Effect::ToSandbox(frame) => {
+                let text = serde_json::to_string(&frame).map_err(ApiError::internal)?;
+                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                    let _ = ws.send_with_str(&text);
+                }
+            }
+            Effect::CloseSandbox(code) => {
+                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                    let _ = ws.close(Some(code.code()), Some(code.reason()));
+                }
+            }
+            Effect::Refuse { link } => {
+                let refused = CloseCode::Refused;
+                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                    let att = ws
+                        .deserialize_attachment::<SandboxAttachment>()
+                        .ok()
+                        .flatten();
+                    if att.is_some_and(|a| a.link.as_deref().unwrap_or_default() == link) {
+                        let _ = ws.close(Some(refused.code()), Some(refused.reason()));
+                    }
+                }
+            }
+            Effect::Spawn { token, snapshot } => {
+                let link = sha256_hex(token.as_bytes());
+                let (session_id, repository) =
+                    self.read(|s, _| (s.meta.id.clone(), s.meta.repository.clone()))?;
+                let repository = repository.unwrap_or_default();
+                let started = sandbox_start::start(
+                    &self.env,
+                    &sql,
+                    &session_id,
+                    &repository,
+                    &token,
+                    now_ms(),
+                    snapshot.as_deref(),
                 )
-                .await?;
-            }
-            return Err(EdgeError::NoRepositoryForSandbox.into());
-        };
-        let token = random_hex(32);
-        let mut l = SandboxLink::spawning(sha256_hex(token.as_bytes()), now);
-        store::save_link(&sql, &l)?;
-        self.apply(|s, _| {
-            Ok(s.sandbox_status("spawning", "asking the provider for a sandbox".into()))
-        })
-        .await?;
-        let session_id = self.read(|s, _| s.meta.id.clone())?;
-        let answer = sandbox_start::start(
-            &self.env,
-            &sql,
-            &session_id,
-            &repository,
-            &token,
-            now,
-            snapshot,
-        )
-        .await;
-        match answer.map(|a| (a.status, a.sandbox, a.how)) {
-            Ok((201, v, how)) => {
-                l.sandbox = v["id"].as_str().map(String::from);
-                l.expires_at = v["expires_at"].as_u64();
-                // The sandbox may already have dialled in and moved the link on: keep its progress.
-                if let Some(mut current) = store::load_link(&sql)? {
-                    if current.token_hash == l.token_hash {
-                        current.sandbox = l.sandbox.clone();
-                        current.expires_at = l.expires_at;
-                        l = current;
+                .await;
+                let answer = match started {
+                    Ok(s) if s.status == 201 => {
+                        *spawned = Some(Ok((201, s.sandbox.clone())));
+                        SpawnAnswer::Created {
+                            sandbox: s.sandbox["id"].as_str().unwrap_or_default().to_string(),
+                            expires_at: s.sandbox["expires_at"].as_u64(),
+                            how: s.how,
+                        }
                     }
-                }
-                store::save_link(&sql, &l)?;
-                self.apply(|s, _| Ok(s.sandbox_status("spawning", how)))
-                    .await?;
-                Ok((201, v))
+                    Ok(s) => {
+                        let message = format!(
+                            "the provider refused the sandbox ({}): {}",
+                            s.status,
+                            s.sandbox["error"]["message"]
+                                .as_str()
+                                .unwrap_or("no reason given")
+                        );
+                        *spawned = Some(Ok(EdgeError::SandboxFailed(message.clone()).answer()));
+                        SpawnAnswer::Failed { message }
+                    }
+                    Err(e) => {
+                        let message = e.message.clone();
+                        *spawned = Some(Err(e));
+                        SpawnAnswer::Failed { message }
+                    }
+                };
+                return Ok(Some(Input::Spawned { link, answer }));
             }
-            Ok((status, v, _)) => {
-                let msg = format!(
-                    "the provider refused the sandbox ({status}): {}",
-                    v["error"]["message"].as_str().unwrap_or("no reason given")
+            Effect::StartStopped { sandbox } => {
+                let path = format!("/v1/sandboxes/{sandbox}/start");
+                let ok = matches!(
+                    provider::call(&self.env, Method::Post, &path, None).await,
+                    Ok((200, _))
                 );
-                self.sandbox_failed(&mut l, prompt, &msg).await?;
-                Ok(EdgeError::SandboxFailed(msg).answer())
+                return Ok(Some(Input::Started { sandbox, ok }));
             }
-            Err(e) => {
-                self.sandbox_failed(&mut l, prompt, &e.message).await?;
-                Err(e)
+            Effect::Poll { sandbox } => {
+                let path = format!("/v1/sandboxes/{sandbox}");
+                let answer = match provider::call(&self.env, Method::Get, &path, None).await {
+                    Ok((200, v)) if v["status"] == "failed" || v["status"] == "terminated" => {
+                        PollAnswer::Failed {
+                            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
+                            message: v["error"]["message"]
+                                .as_str()
+                                .unwrap_or("no reason given")
+                                .into(),
+                        }
+                    }
+                    Ok((404, _)) => PollAnswer::Gone,
+                    _ => PollAnswer::Pending,
+                };
+                return Ok(Some(Input::Polled { sandbox, answer }));
+            }
+            Effect::Terminate { sandbox } => {
+                if let Err(e) = provider::terminate(&self.env, &sandbox).await {
+                    console_error!("terminating sandbox {sandbox}: {}", e.message);
+                }
+            }
+            Effect::RunnerStart { prompt } => self.runner().start(&sql, &prompt, now_ms())?,
+            Effect::RunnerAbort { prompt } => self.runner().abort(&sql, &prompt)?,
+            Effect::RememberBranch(branch) => {
+                // A later cold start continues this branch (src/sandbox_start.rs).
+                store::kv_put(&sql, sandbox_start::BRANCH, &branch)?;
+            }
+            Effect::TurnEnded => {
+                // Taken by the alarm, so the acknowledgement never waits for a copy.
+                snapshots::turn_ended(&sql)?;
             }
         }
-    }
-
-    async fn sandbox_failed(
-        &self,
-        l: &mut SandboxLink,
-        prompt: Option<&str>,
-        msg: &str,
-    ) -> ApiResult<()> {
-        l.stage = Stage::Failed;
-        store::save_link(&self.sql(), l)?;
-        let detail = msg.to_string();
-        self.apply(|s, _| Ok(s.sandbox_status("failed", detail)))
-            .await?;
-        match prompt {
-            Some(p) => {
-                self.fail_running(p, &format!("sandbox_failed: {msg}"))
-                    .await
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Ends the running prompt as failed (it is never silently dropped).
-    async fn fail_running(&self, prompt: &str, reason: &str) -> ApiResult<()> {
-        let running = self.read(|s, _| s.queue.running.as_deref() == Some(prompt))?;
-        if running {
-            let reason = reason.to_string();
-            let p = prompt.to_string();
-            self.apply(move |s, now| s.finish_prompt(&p, false, Some(reason), now))
-                .await?;
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// The sandbox dials in with its token; one live sandbox socket per session.
@@ -525,127 +524,51 @@ impl SessionObject {
         if !self.ensure_loaded()? {
             return Err(EdgeError::NotFound("session").into());
         }
-        let sql = self.sql();
-        let Some(mut l) = store::load_link(&sql)? else {
-            return Err(EdgeError::NoSandbox.into());
-        };
-        check_sandbox_token(req, &l)?;
-        if !l.stage.is_live() {
-            return Err(EdgeError::SandboxRetired.into());
-        }
+        let token = bearer(req);
+        let link = self.read_hosted(|h, _| h.admit(&token))??;
         let older = self.state.get_websockets_with_tag(SANDBOX);
         let pair = WebSocketPair::new().map_err(ApiError::from)?;
         let server = pair.server;
         self.state.accept_websocket_with_tags(&server, &[SANDBOX]);
         server
             .serialize_attachment(SandboxAttachment {
-                sandbox_link: l.sandbox.clone().unwrap_or_default(),
+                link: Some(link),
                 conn: random_hex(8),
             })
             .map_err(ApiError::from)?;
         for ws in older {
-            let _ = ws.close(Some(4001), Some("replaced by a newer sandbox connection"));
+            let _ = ws.close(
+                Some(CloseCode::Replaced.code()),
+                Some(CloseCode::Replaced.reason()),
+            );
         }
-        l.disconnected_at = None;
-        l.last_seen = now_ms();
-        store::save_link(&sql, &l)?;
-        send_frame_text(
-            &server,
-            &serde_json::json!({"type": "welcome", "last_n": l.last_n}).to_string(),
-        );
-        let running = self.read(|s, _| s.queue.running.clone())?;
-        if let Some(id) = running {
-            if let Some(frame) = self.prompt_frame(&id)? {
-                send_frame_text(&server, &frame);
-            }
-        }
-        self.schedule_alarm(now_ms()).await?;
+        self.input(Input::SandboxConnected).await?;
         Response::from_websocket(pair.client).map_err(ApiError::from)
     }
 
-    /// One frame from the sandbox: events are stored in order, then acknowledged.
-    async fn on_sandbox_message(&self, ws: &WebSocket, text: &str) -> ApiResult<()> {
-        self.require_loaded()?;
-        let sql = self.sql();
-        let Some(mut l) = store::load_link(&sql)? else {
-            let _ = ws.close(Some(4003), Some("refused: no sandbox"));
-            return Ok(());
-        };
-        if !l.stage.is_live() {
-            let _ = ws.close(Some(4003), Some("refused: this sandbox was retired"));
-            return Ok(());
-        }
-        let now = now_ms();
-        l.last_seen = now;
-        let msg = wire::parse_sandbox_message(text)?;
-        match msg {
-            SandboxMessage::Hello { sandbox } => {
-                if l.sandbox.is_none() {
-                    l.sandbox = Some(sandbox);
-                }
-                store::save_link(&sql, &l)
-            }
-            SandboxMessage::Heartbeat => store::save_link(&sql, &l),
-            SandboxMessage::Events(batch) => {
-                let intake = l.intake(batch);
-                let accepted = intake.accepted;
-                let turn_ended = accepted
-                    .iter()
-                    .any(|e| matches!(e, link::AgentEvent::Done { .. }));
-                let pushed = accepted.iter().find_map(|e| match e {
-                    link::AgentEvent::Done {
-                        branch: Some(b), ..
-                    } => Some(b.clone()),
-                    _ => None,
-                });
-                if !accepted.is_empty() {
-                    // Output of a prompt that is no longer running is skipped by the core.
-                    if let Err(e) = self
-                        .apply(move |s, now| Ok(s.agent_events(accepted, now)))
-                        .await
-                    {
-                        if e.status >= 500 {
-                            // Not stored: not acknowledged; the sandbox resends.
-                            return Err(e);
-                        }
-                    }
-                }
-                l.last_n = intake.last_n;
-                if let Some(stage) = intake.stage {
-                    l.stage = stage;
-                }
-                store::save_link(&sql, &l)?;
-                send_frame_text(
-                    ws,
-                    &serde_json::json!({"type": "ack", "n": l.last_n}).to_string(),
-                );
-                if let Some(b) = pushed {
-                    // A later cold start continues this branch (src/sandbox_start.rs).
-                    store::kv_put(&sql, sandbox_start::BRANCH, &b)?;
-                }
-                if turn_ended && snapshots::turn_ended(&sql)? {
-                    // Taken by the alarm, so the acknowledgement never waits for a copy.
-                    self.schedule_alarm(now).await?;
-                }
-                if l.stage == Stage::Failed {
-                    if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
-                        self.fail_running(
-                            &p,
-                            "sandbox_failed: the sandbox could not start the agent; see its logs",
-                        )
-                        .await?;
-                    }
-                }
-                if let Some((got, expected)) = intake.gap {
-                    let _ = ws.close(Some(4002), Some("out of order; reconnect and resend"));
-                    return Err(EdgeError::OutOfOrder { got, expected }.into());
-                }
-                Ok(())
-            }
+    /// The link generation a sandbox socket was opened for (sockets from before generations
+    /// were recorded count as the current one).
+    fn socket_link(&self, att: &SandboxAttachment) -> ApiResult<String> {
+        match &att.link {
+            Some(link) => Ok(link.clone()),
+            None => self.read_hosted(|h, _| {
+                h.link
+                    .as_ref()
+                    .map(|l| l.token_hash.clone())
+                    .unwrap_or_default()
+            }),
         }
     }
 
-    /// Every member's list of sessions shows this one as ended (best effort: a failure is logged).
+    /// One frame from a sandbox socket: parsed here, decided by the core.
+    async fn on_sandbox_message(&self, att: &SandboxAttachment, text: &str) -> ApiResult<()> {
+        self.require_loaded()?;
+        let message = wire::parse_sandbox_message(text)?;
+        let link = self.socket_link(att)?;
+        self.input(Input::SandboxFrame { link, message }).await?;
+        Ok(())
+    }
+
     async fn mark_ended_in_indexes(&self) {
         let Ok((id, users)) = self.read(|s, _| {
             (
@@ -670,29 +593,25 @@ impl SessionObject {
         }
     }
 
-    /// The sandbox's agent tools: checked by the sandbox token, run for the running prompt's author.
+    /// The sandbox's agent tools: checked by the live sandbox's token, run for the running
+    /// prompt's author (a retired sandbox's token opens nothing).
     async fn sandbox_tools(&self, req: &mut Request) -> ApiResult<Response> {
         if !self.ensure_loaded()? {
             return Err(EdgeError::NotFound("session").into());
         }
+        let token = bearer(req);
+        self.read_hosted(|h, _| h.admit(&token))??;
         let sql = self.sql();
-        let l = store::load_link(&sql)?.ok_or(EdgeError::NoSandbox)?;
-        check_sandbox_token(req, &l)?;
         let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
         let tool: agent_session::ToolRequest =
             serde_json::from_slice(&bytes).map_err(agent_session::bad_tool_request)?;
-        let (session, repository, author) = self.read(|s, _| {
-            let author = s
-                .queue
-                .running
-                .as_ref()
-                .and_then(|p| s.queue.prompts.get(p))
-                .map(|p| Identity {
-                    user: p.author.clone(),
-                    name: p.author_name.clone(),
-                    email: s.members.get(&p.author).and_then(|m| m.email.clone()),
-                });
-            (s.meta.id.clone(), s.meta.repository.clone(), author)
+        let (session, repository, author) = self.read_hosted(|h, _| {
+            let s = &h.session;
+            (
+                s.meta.id.clone(),
+                s.meta.repository.clone(),
+                h.running_author(),
+            )
         })?;
         let author = author.ok_or(EdgeError::NoRunningPrompt)?;
         let (status, v) =
@@ -700,46 +619,29 @@ impl SessionObject {
         json_of(status, &v)
     }
 
-    /// Someone started typing (`prompt.typing`): get the session a sandbox before the prompt is sent.
-    async fn warm_up(&self) -> ApiResult<()> {
-        if !self.uses_sandboxes() || self.read(|s, _| s.meta.repository.is_none())? {
-            return Ok(());
-        }
-        let has = store::load_link(&self.sql())?
-            .is_some_and(|l| l.stage.is_live() || l.stage == Stage::Stopped);
-        if has {
-            return Ok(());
-        }
-        match self.spawn_sandbox(None, None).await {
-            Ok(_) => self.schedule_alarm(now_ms()).await,
-            // Visible as a sandbox status; typing itself never fails.
-            Err(e) => {
-                console_error!("warm-up on typing: {}", e.message);
-                Ok(())
-            }
+    /// Answers with what the last spawn of an execution got from the provider.
+    fn spawn_answer(spawned: SpawnResult) -> ApiResult<Response> {
+        match spawned {
+            Some(Ok((status, v))) => json_of(status, &v),
+            Some(Err(e)) => Err(e),
+            None => Err(ApiError::internal("no sandbox was asked for")),
         }
     }
 
     /// `POST /sandbox`: the session's live sandbox, or a new one.
     async fn ensure_sandbox(&self, who: &Identity) -> ApiResult<Response> {
         self.require_member(who)?;
-        if let Some(l) = store::load_link(&self.sql())? {
-            if let (true, Some(id)) = (l.stage.is_live(), l.sandbox.as_ref()) {
-                let (st, v) =
-                    provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None)
-                        .await?;
-                return json_of(st, &v);
-            }
-            if l.stage == Stage::Spawning {
-                return Err(EdgeError::SandboxSpawning("list it in a moment").into());
-            }
+        let live = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
+        if let Some(id) = live {
+            let (st, v) =
+                provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None)
+                    .await?;
+            return json_of(st, &v);
         }
-        let (st, v) = self.spawn_sandbox(None, None).await?;
-        json_of(st, &v)
+        let effects = self.decide(|h, now, tokens| h.ensure(now, tokens))??;
+        Self::spawn_answer(self.execute(effects).await?)
     }
 
-    /// `POST /sandbox/:id/snapshot`: snapshots one of the session's sandboxes now and records it in
-    /// the session's list, through the same path as a turn's snapshot (`snapshots::take`).
     async fn snapshot_now(&self, who: &Identity, b: wire::SnapshotNow) -> ApiResult<Response> {
         self.require_member(who)?;
         let sql = self.sql();
@@ -756,8 +658,8 @@ impl SessionObject {
 
     /// `POST /sandbox/restore`: a new sandbox for the session from one of its live snapshots (the
     /// newest when none is named). It becomes the session's sandbox the way a follow-up's restore
-    /// does (`spawn_sandbox`); the sandbox it replaces is retired and terminated. Everything that
-    /// can refuse is checked before anything changes.
+    /// does; the sandbox it replaces is retired and terminated. Everything that can refuse is
+    /// checked before anything changes.
     async fn restore_sandbox(
         &self,
         who: &Identity,
@@ -775,13 +677,7 @@ impl SessionObject {
             }
             .into());
         };
-        if self.read(|s, _| s.queue.running.is_some())? {
-            return Err(EdgeError::PromptRunning.into());
-        }
-        let link = store::load_link(&sql)?;
-        if link.as_ref().is_some_and(|l| l.stage == Stage::Spawning) {
-            return Err(EdgeError::SandboxSpawning("restore once it is ready").into());
-        }
+        self.read_hosted(|h, _| h.check_restore())??;
         // The provider may have lost it before its time.
         let path = format!("/v1/snapshots/{}", snap.id);
         match provider::call(&self.env, Method::Get, &path, None).await? {
@@ -796,183 +692,25 @@ impl SessionObject {
                 .into())
             }
         }
-        // One sandbox per session: the current one is retired before the restored one takes its place.
-        if let Some(l) = link {
-            let old = l.sandbox.clone();
-            let detail = format!(
-                "{} restored snapshot {}; this sandbox is retired",
-                who.name, snap.id
-            );
-            self.retire_sandbox(l, Stage::None, "terminated", detail, None)
-                .await?;
-            if let Some(id) = old {
-                if let Err(e) = provider::terminate(&self.env, &id).await {
-                    console_error!("terminating replaced sandbox {id}: {}", e.message);
-                }
-            }
-        }
-        let (st, v) = self.spawn_sandbox(None, Some(&snap.id)).await?;
-        json_of(st, &v)
+        let name = who.name.clone();
+        let effects = self.decide(|h, now, tokens| h.restore(&name, &snap.id, now, tokens))??;
+        Self::spawn_answer(self.execute(effects).await?)
     }
 
-    /// Retires the session's sandbox (`stage` is `Stopped` or `None`): its socket is refused, the
-    /// session says so (`what`), and a running prompt fails with `reason`. The provider is not
-    /// asked anything here.
-    async fn retire_sandbox(
-        &self,
-        mut l: SandboxLink,
-        stage: Stage,
-        what: &str,
-        detail: String,
-        reason: Option<String>,
-    ) -> ApiResult<()> {
-        let sql = self.sql();
-        if l.stage.is_live() {
-            l.stage = stage;
-            store::save_link(&sql, &l)?;
-            for ws in self.state.get_websockets_with_tag(SANDBOX) {
-                let _ = ws.close(
-                    Some(4005),
-                    Some("refused: the sandbox was stopped through the API"),
-                );
-            }
-            self.apply(|s, _| Ok(s.sandbox_status(what, detail)))
-                .await?;
-            if let (Some(p), Some(reason)) = (self.read(|s, _| s.queue.running.clone())?, reason) {
-                self.fail_running(&p, &reason).await?;
-            }
-        } else if stage == Stage::None && l.stage == Stage::Stopped {
-            l.stage = Stage::None;
-            store::save_link(&sql, &l)?;
-        }
-        Ok(())
-    }
-
-    /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own sandbox retire it first.
+    /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own
+    /// sandbox retire it first (the core decides).
     async fn authorize_sandbox(
         &self,
         who: &Identity,
         b: wire::SandboxAuthorize,
     ) -> ApiResult<Response> {
         self.require_member(who)?;
-        let sql = self.sql();
-        let Some(mut l) = store::load_link(&sql)? else {
-            return json_of(200, &serde_json::json!({"ok": true}));
-        };
-        if b.sandbox.is_none() || l.sandbox != b.sandbox {
-            return json_of(200, &serde_json::json!({"ok": true}));
-        }
-        let (stage, what) = match b.op.as_str() {
-            "stop" => (Stage::Stopped, "stopped"),
-            "terminate" => (Stage::None, "terminated"),
-            "start" => {
-                if l.stage == Stage::Stopped {
-                    l.stage = Stage::Spawning;
-                    l.last_seen = now_ms();
-                    l.disconnected_at = None;
-                    store::save_link(&sql, &l)?;
-                }
-                return json_of(200, &serde_json::json!({"ok": true}));
-            }
-            _ => return json_of(200, &serde_json::json!({"ok": true})),
-        };
-        let detail = format!("{} {what} the sandbox", who.name);
-        let reason = format!(
-            "sandbox_{what}: {} {what} the sandbox while this prompt ran",
-            who.name
-        );
-        self.retire_sandbox(l, stage, what, detail, Some(reason))
-            .await?;
+        let op = SandboxOp::parse(&b.op);
+        let name = who.name.clone();
+        let effects = self
+            .decide(|h, now, tokens| h.authorize(&name, b.sandbox.as_deref(), op, now, tokens))?;
+        self.execute(effects).await?;
         json_of(200, &serde_json::json!({"ok": true}))
-    }
-
-    /// A sandbox that has not dialled in yet: the provider says whether it failed (a missing
-    /// repository, a failed clone) so the prompt waiting for it fails with the reason.
-    async fn poll_spawning(&self, mut l: SandboxLink, now: u64) -> ApiResult<()> {
-        let sql = self.sql();
-        let running = self.read(|s, _| s.queue.running.clone())?;
-        if l.spawn_timed_out(now) {
-            return self
-                .sandbox_failed(
-                    &mut l,
-                    running.as_deref(),
-                    "the sandbox did not start within 3 minutes",
-                )
-                .await;
-        }
-        let Some(id) = l.sandbox.clone() else {
-            l.last_seen = now;
-            return store::save_link(&sql, &l);
-        };
-        let answer =
-            provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None).await;
-        // Reload: the sandbox may have dialled in while the provider answered.
-        let Some(mut l) = store::load_link(&sql)? else {
-            return Ok(());
-        };
-        if l.stage != Stage::Spawning || l.sandbox.as_deref() != Some(id.as_str()) {
-            return Ok(());
-        }
-        match answer {
-            Ok((200, v)) if v["status"] == "failed" || v["status"] == "terminated" => {
-                let msg = format!(
-                    "the provider could not start the sandbox: {}: {}",
-                    v["error"]["code"].as_str().unwrap_or("unknown"),
-                    v["error"]["message"].as_str().unwrap_or("no reason given")
-                );
-                self.sandbox_failed(&mut l, running.as_deref(), &msg).await
-            }
-            Ok((404, _)) => {
-                self.sandbox_failed(
-                    &mut l,
-                    running.as_deref(),
-                    "the provider no longer knows this sandbox",
-                )
-                .await
-            }
-            _ => {
-                l.last_seen = now;
-                store::save_link(&sql, &l)
-            }
-        }
-    }
-
-    /// The sandbox stopped answering: say so, fail its running prompt, and retire it.
-    async fn check_sandbox(&self, now: u64) -> ApiResult<()> {
-        let sql = self.sql();
-        let Some(mut l) = store::load_link(&sql)? else {
-            return Ok(());
-        };
-        let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
-        let grace = config::sandbox_grace_ms(&self.env);
-        if l.needs_spawn_poll(now) {
-            return self.poll_spawning(l, now).await;
-        }
-        if !l.is_lost(now, hb, grace) {
-            return Ok(());
-        }
-        l.stage = Stage::Lost;
-        store::save_link(&sql, &l)?;
-        for ws in self.state.get_websockets_with_tag(SANDBOX) {
-            let _ = ws.close(Some(4004), Some("refused: the sandbox was declared lost"));
-        }
-        let detail =
-            "the sandbox stopped responding; the next prompt gets a new sandbox".to_string();
-        self.apply(|s, _| Ok(s.sandbox_status("lost", detail)))
-            .await?;
-        if let Some(p) = self.read(|s, _| s.queue.running.clone())? {
-            self.fail_running(
-                &p,
-                "sandbox_lost: the sandbox stopped while this prompt ran; send it again to retry",
-            )
-            .await?;
-        }
-        if let Some(id) = &l.sandbox {
-            if let Err(e) = provider::terminate(&self.env, id).await {
-                console_error!("terminating lost sandbox {id}: {}", e.message);
-            }
-        }
-        Ok(())
     }
 
     fn broadcast_events(&self, events: &[Event]) {
@@ -990,30 +728,20 @@ impl SessionObject {
         }
     }
 
-    /// Sets the alarm to the earliest deadline: presence flush, sweeps, lock expiry, runner.
+    /// Sets the alarm to the earliest deadline: the hosted session's (presence, sweeps, locks,
+    /// the sandbox's heartbeat, grace, spawn poll and retry), the runner's and the snapshots'.
     async fn schedule_alarm(&self, now: u64) -> ApiResult<()> {
-        let (mut next, clients) = self.read(|s, _| (s.next_deadline(), s.clients.len()))?;
-        if !self.presence_changes.borrow().is_empty() {
-            let flush = now + presence_batch_ms(clients);
-            next = Some(next.map_or(flush, |n| n.min(flush)));
-        }
+        let (mut next, link) = self.read_hosted(|h, _| (h.next_deadline(), h.link.clone()))?;
+        let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
         if let Some(due) = self.runner().next_due(&self.sql())? {
-            next = Some(next.map_or(due, |n| n.min(due)));
+            at(due);
         }
         if self.uses_sandboxes() {
-            let l = store::load_link(&self.sql())?;
-            if let Some(l) = &l {
-                let hb = config::sandbox_heartbeat_timeout_ms(&self.env);
-                let grace = config::sandbox_grace_ms(&self.env);
-                if let Some(due) = l.deadline(hb, grace) {
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                }
-            }
             let requested = self.snapshot_requested.get();
             if let Some(due) =
-                snapshots::deadline(&self.env, &self.sql(), l.as_ref(), now, requested)?
+                snapshots::deadline(&self.env, &self.sql(), link.as_ref(), now, requested)?
             {
-                next = Some(next.map_or(due, |n| n.min(due)));
+                at(due);
             }
         }
         let Some(next) = next else { return Ok(()) };
@@ -1029,12 +757,24 @@ impl SessionObject {
         Ok(())
     }
 
+    /// The alarm: runner completions that are due, the hosted session's timers, snapshot
+    /// upkeep, the presence batch. Whatever fails, the alarm is set again.
     async fn on_alarm(&self) -> ApiResult<()> {
         if !self.ensure_loaded()? {
             return Ok(());
         }
+        let result = self.alarm_steps().await;
+        self.flush_presence();
+        let rearmed = match self.ensure_loaded() {
+            Ok(true) => self.schedule_alarm(now_ms()).await,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        result.and(rearmed)
+    }
+
+    async fn alarm_steps(&self) -> ApiResult<()> {
         let now = now_ms();
-        // Runner completions that are due.
         let runner = self.runner();
         for (prompt, due) in runner.jobs(&self.sql())? {
             if due > now {
@@ -1056,21 +796,20 @@ impl SessionObject {
                     .await;
             }
         }
+        self.input(Input::Alarm).await?;
         if self.uses_sandboxes() {
-            self.check_sandbox(now).await?;
-            let l = store::load_link(&self.sql())?;
+            let link = self.read_hosted(|h, _| h.link.clone())?;
             let requested = self.snapshot_requested.get();
-            snapshots::upkeep(&self.env, &self.sql(), l.as_ref(), now, requested).await?;
+            snapshots::upkeep(&self.env, &self.sql(), link.as_ref(), now, requested).await?;
         }
-        // Heartbeat sweep and lock expiry.
-        self.apply(|s, now| Ok(s.sweep(now))).await?;
-        self.flush_presence();
-        self.schedule_alarm(now_ms()).await
+        Ok(())
     }
 
     /// Sends coalesced presence changes to every socket.
     fn flush_presence(&self) {
-        let changed: BTreeSet<String> = std::mem::take(&mut *self.presence_changes.borrow_mut());
+        let Ok(changed) = self.decide(|h, _, _| h.take_presence()) else {
+            return;
+        };
         if changed.is_empty() {
             return;
         }
@@ -1107,18 +846,23 @@ impl SessionObject {
         let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
             if let Ok(Some(sa)) = ws.deserialize_attachment::<SandboxAttachment>() {
                 let _ = ws.close(Some(1000), Some("closed"));
+                if !matches!(self.ensure_loaded(), Ok(true)) {
+                    return;
+                }
+                let Ok(link) = self.socket_link(&sa) else {
+                    return;
+                };
+                // Another socket of the same sandbox (a reconnect) keeps it connected.
                 let others = self.state.get_websockets_with_tag(SANDBOX).iter().any(|o| {
                     o.deserialize_attachment::<SandboxAttachment>()
                         .ok()
                         .flatten()
-                        .is_some_and(|a| a.conn != sa.conn)
+                        .is_some_and(|a| {
+                            a.conn != sa.conn && self.socket_link(&a).ok().as_ref() == Some(&link)
+                        })
                 });
                 if !others {
-                    if let Ok(Some(mut l)) = store::load_link(&self.sql()) {
-                        l.disconnected_at = Some(now_ms());
-                        let _ = store::save_link(&self.sql(), &l);
-                        let _ = self.schedule_alarm(now_ms()).await;
-                    }
+                    let _ = self.input(Input::SandboxClosed { link }).await;
                 }
             }
             return;
@@ -1201,9 +945,9 @@ impl SessionObject {
         match (method, segs.as_slice()) {
             (Method::Post, ["join"]) => {
                 let body: JoinSession = Self::body(&mut req).await?;
-                let (out, _) = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
+                let effects = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
                 let snapshot = self.snapshot(&who)?;
-                json_of(if out.events.is_empty() { 200 } else { 201 }, &snapshot)
+                json_of(if stores_events(&effects) { 201 } else { 200 }, &snapshot)
             }
             (Method::Get, ["snapshot"]) => {
                 let mut v = self.snapshot(&who)?;
@@ -1223,10 +967,9 @@ impl SessionObject {
                 store::kv_put(&sql, sandbox_start::EGRESS, &b.allow)?;
                 // A live sandbox gets the new list at once; a later one at its start.
                 let mut applied = false;
-                if let Some(l) = store::load_link(&sql)? {
-                    if let (true, Some(id)) = (l.stage.is_live(), l.sandbox.as_ref()) {
-                        applied = sandbox_start::apply_egress(&self.env, id, &b.allow).await;
-                    }
+                let live = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
+                if let Some(id) = live {
+                    applied = sandbox_start::apply_egress(&self.env, &id, &b.allow).await;
                 }
                 json_of(
                     200,
@@ -1274,8 +1017,8 @@ impl SessionObject {
                 json_of(200, &self.read(queue_json)?)
             }
             (Method::Post, ["stop"]) => {
-                let (out, _) = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
-                json_of(200, &serde_json::json!({ "stopped": out.abort }))
+                let effects = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
+                json_of(200, &serde_json::json!({ "stopped": stopped(&effects) }))
             }
             (Method::Post, ["lock"]) => {
                 let b: LockRequest = Self::body(&mut req).await?;
@@ -1387,7 +1130,8 @@ impl SessionObject {
         }
         let mut last_seq = 0;
         store::append(&sql, &mut last_seq, now, out.events)?;
-        *self.cache.borrow_mut() = Some(Loaded { session, last_seq });
+        let hosted = HostedSession::new(session, None, self.timing(), self.uses_sandboxes());
+        *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
         json_of(201, &self.snapshot(who)?)
     }
 
@@ -1529,7 +1273,10 @@ impl SessionObject {
                 self.apply(|s, now| s.set_typing(who, client, typing, now))
                     .await?;
                 if typing {
-                    self.warm_up().await?;
+                    // Visible as a sandbox status; typing itself never fails.
+                    if let Err(e) = self.input(Input::Typing).await {
+                        console_error!("warm-up on typing: {}", e.message);
+                    }
                 }
                 Ok(None)
             }

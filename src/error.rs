@@ -93,30 +93,15 @@ pub enum EdgeError {
     InvalidService,
     #[error("sandbox {id} is {status}; its checkout is gone, so it cannot be snapshotted; restore one of the session's snapshots instead")]
     SandboxTerminated { id: String, status: String },
-    #[error("this token does not belong to this session's sandbox")]
-    BadSandboxToken,
-    #[error("this session has no repository, so it cannot have a sandbox")]
-    NoRepositoryForSandbox,
     #[error("this session has no repository, so prompts cannot run; create a session with `repository` set")]
     NoRepositoryForPrompts,
-    #[error("this session has no sandbox")]
-    NoSandbox,
     #[error("the session has no live sandbox")]
     NoLiveSandbox,
-    #[error("this sandbox is no longer the session's sandbox")]
-    SandboxRetired,
-    /// The session's sandbox is being created; the text says when to come back.
-    #[error("the session's sandbox is being created; {0}")]
-    SandboxSpawning(&'static str),
     /// The provider refused to create the sandbox; the text says how.
     #[error("{0}")]
     SandboxFailed(String),
-    #[error("event {got} arrived but {expected} is next")]
-    OutOfOrder { got: u64, expected: u64 },
     #[error("agent tools work only while one of this session's prompts runs")]
     NoRunningPrompt,
-    #[error("a prompt is running in the session's sandbox; wait for it to finish (or stop it), then restore")]
-    PromptRunning,
     #[error("{0}")]
     InvalidToolRequest(String),
     #[error("no such repository")]
@@ -179,17 +164,10 @@ impl EdgeError {
             EdgeError::SandboxNotFound(_) => "sandbox_not_found",
             EdgeError::InvalidService => "invalid_service",
             EdgeError::SandboxTerminated { .. } => "sandbox_terminated",
-            EdgeError::BadSandboxToken => "bad_sandbox_token",
-            EdgeError::NoRepositoryForSandbox | EdgeError::NoRepositoryForPrompts => {
-                "no_repository"
-            }
-            EdgeError::NoSandbox | EdgeError::NoLiveSandbox => "no_sandbox",
-            EdgeError::SandboxRetired => "sandbox_retired",
-            EdgeError::SandboxSpawning(_) => "sandbox_spawning",
+            EdgeError::NoRepositoryForPrompts => "no_repository",
+            EdgeError::NoLiveSandbox => "no_sandbox",
             EdgeError::SandboxFailed(_) => "sandbox_failed",
-            EdgeError::OutOfOrder { .. } => "out_of_order",
             EdgeError::NoRunningPrompt => "no_running_prompt",
-            EdgeError::PromptRunning => "prompt_running",
             EdgeError::InvalidToolRequest(_) => "invalid_tool_request",
             EdgeError::RepositoryNotFound | EdgeError::RepositoryNotRegistered => {
                 "repository_not_found"
@@ -214,11 +192,10 @@ impl EdgeError {
             | EdgeError::UnreadableBody
             | EdgeError::BinaryNotSupported
             | EdgeError::InvalidService
-            | EdgeError::NoRepositoryForSandbox
             | EdgeError::NoRepositoryForPrompts
             | EdgeError::InvalidToolRequest(_)
             | EdgeError::InvalidEventId => 400,
-            EdgeError::Unauthenticated | EdgeError::NotBearer | EdgeError::BadSandboxToken => 401,
+            EdgeError::Unauthenticated | EdgeError::NotBearer => 401,
             EdgeError::NotFound(_)
             | EdgeError::NoRoute { .. }
             | EdgeError::DevSignInDisabled
@@ -229,7 +206,6 @@ impl EdgeError {
             | EdgeError::NoSnapshot(_)
             | EdgeError::SnapshotGone(_)
             | EdgeError::SandboxNotFound(_)
-            | EdgeError::NoSandbox
             | EdgeError::RepositoryNotFound
             | EdgeError::RepositoryNotRegistered
             | EdgeError::BuildNotFound
@@ -238,13 +214,9 @@ impl EdgeError {
             | EdgeError::SnapshotInProgress
             | EdgeError::SandboxTerminated { .. }
             | EdgeError::NoLiveSandbox
-            | EdgeError::SandboxSpawning(_)
-            | EdgeError::OutOfOrder { .. }
             | EdgeError::NoRunningPrompt
-            | EdgeError::PromptRunning
             | EdgeError::RepositoryExists(_)
             | EdgeError::StaleEventId { .. } => 409,
-            EdgeError::SandboxRetired => 410,
             EdgeError::BodyTooLarge => 413,
             EdgeError::UpgradeRequired => 426,
             EdgeError::Internal(_) => 500,
@@ -525,24 +497,10 @@ mod tests {
                 "sandbox_terminated",
                 409,
             ),
-            (BadSandboxToken, "bad_sandbox_token", 401),
-            (NoRepositoryForSandbox, "no_repository", 400),
             (NoRepositoryForPrompts, "no_repository", 400),
-            (NoSandbox, "no_sandbox", 404),
             (NoLiveSandbox, "no_sandbox", 409),
-            (SandboxRetired, "sandbox_retired", 410),
-            (SandboxSpawning("x"), "sandbox_spawning", 409),
             (SandboxFailed(s()), "sandbox_failed", 502),
-            (
-                OutOfOrder {
-                    got: 3,
-                    expected: 2,
-                },
-                "out_of_order",
-                409,
-            ),
             (NoRunningPrompt, "no_running_prompt", 409),
-            (PromptRunning, "prompt_running", 409),
             (InvalidToolRequest(s()), "invalid_tool_request", 400),
             (RepositoryNotFound, "repository_not_found", 404),
             (RepositoryNotRegistered, "repository_not_found", 404),
@@ -604,6 +562,16 @@ mod tests {
             NothingRunning,
             Invalid(s()),
             SessionEnded,
+            NoSandbox,
+            BadSandboxToken,
+            SandboxRetired,
+            SandboxSpawning("x"),
+            PromptRunning,
+            NoRepository,
+            OutOfOrder {
+                got: 3,
+                expected: 2,
+            },
         ]
     }
 

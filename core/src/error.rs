@@ -45,6 +45,20 @@ pub enum CoreError {
     Invalid(String),
     #[error("the session has ended")]
     SessionEnded,
+    #[error("this session has no sandbox")]
+    NoSandbox,
+    #[error("this token does not belong to this session's sandbox")]
+    BadSandboxToken,
+    #[error("this sandbox is no longer the session's sandbox")]
+    SandboxRetired,
+    #[error("the session's sandbox is being created; {0}")]
+    SandboxSpawning(&'static str),
+    #[error("a prompt is running in the session's sandbox; wait for it to finish (or stop it), then restore")]
+    PromptRunning,
+    #[error("this session has no repository, so it cannot have a sandbox")]
+    NoRepository,
+    #[error("event {got} arrived but {expected} is next")]
+    OutOfOrder { got: u64, expected: u64 },
 }
 
 impl CoreError {
@@ -68,6 +82,13 @@ impl CoreError {
             CoreError::NothingRunning => "nothing_running",
             CoreError::Invalid(_) => "invalid_input",
             CoreError::SessionEnded => "session_ended",
+            CoreError::NoSandbox => "no_sandbox",
+            CoreError::BadSandboxToken => "bad_sandbox_token",
+            CoreError::SandboxRetired => "sandbox_retired",
+            CoreError::SandboxSpawning(_) => "sandbox_spawning",
+            CoreError::PromptRunning => "prompt_running",
+            CoreError::NoRepository => "no_repository",
+            CoreError::OutOfOrder { .. } => "out_of_order",
         }
     }
 
@@ -82,7 +103,14 @@ impl CoreError {
             | CoreError::PromptNotQueued { .. }
             | CoreError::NothingRunning
             | CoreError::OwnerCannotLeave
-            | CoreError::SessionEnded => 409,
+            | CoreError::SessionEnded
+            | CoreError::SandboxSpawning(_)
+            | CoreError::PromptRunning
+            | CoreError::OutOfOrder { .. } => 409,
+            CoreError::NoSandbox => 404,
+            CoreError::BadSandboxToken => 401,
+            CoreError::SandboxRetired => 410,
+            CoreError::NoRepository => 400,
             CoreError::ClientLimit { .. }
             | CoreError::MemberLimit { .. }
             | CoreError::QueueFull { .. } => 429,
@@ -150,6 +178,20 @@ mod tests {
             (CoreError::NothingRunning, "nothing_running", 409),
             (CoreError::Invalid(s()), "invalid_input", 400),
             (CoreError::SessionEnded, "session_ended", 409),
+            (CoreError::NoSandbox, "no_sandbox", 404),
+            (CoreError::BadSandboxToken, "bad_sandbox_token", 401),
+            (CoreError::SandboxRetired, "sandbox_retired", 410),
+            (CoreError::SandboxSpawning("x"), "sandbox_spawning", 409),
+            (CoreError::PromptRunning, "prompt_running", 409),
+            (CoreError::NoRepository, "no_repository", 400),
+            (
+                CoreError::OutOfOrder {
+                    got: 3,
+                    expected: 2,
+                },
+                "out_of_order",
+                409,
+            ),
         ];
         let mut codes = std::collections::BTreeSet::new();
         for (error, code, status) in &table {

@@ -6,6 +6,7 @@ pub mod egress;
 pub mod error;
 pub mod events;
 pub mod gating;
+pub mod hosted;
 pub mod ids;
 pub mod pool;
 pub mod queue;

@@ -48,6 +48,23 @@ pub struct SandboxLink {
     /// When the provider ends the sandbox (its lifetime); it is snapshotted before.
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// The prompt this sandbox acknowledged starting (it sent an event for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_on: Option<String>,
+    /// How many times the running prompt was handed to a new sandbox because the last one died
+    /// before it started it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub handovers: u32,
+    /// Spawns that failed in a row (reset when a sandbox is ready).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
+    /// After a failed spawn: no new spawn for the running prompt before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SandboxLink {
@@ -61,6 +78,10 @@ impl SandboxLink {
             last_seen: now,
             disconnected_at: None,
             expires_at: None,
+            working_on: None,
+            handovers: 0,
+            failures: 0,
+            retry_at: None,
         }
     }
 
@@ -183,6 +204,9 @@ pub enum AgentEvent {
         #[serde(default)]
         tool: Option<String>,
     },
+    /// The sandbox took the prompt and handed it to the agent (its acknowledgement of starting it).
+    #[serde(rename = "prompt.accepted")]
+    Accepted { prompt: String },
     #[serde(rename = "prompt.done")]
     Done {
         prompt: String,
@@ -204,6 +228,7 @@ impl AgentEvent {
             | AgentEvent::Tool { prompt, .. }
             | AgentEvent::Step { prompt, .. }
             | AgentEvent::Error { prompt, .. }
+            | AgentEvent::Accepted { prompt }
             | AgentEvent::Done { prompt, .. } => Some(prompt),
             AgentEvent::Status { .. }
             | AgentEvent::Blocked { .. }

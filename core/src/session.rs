@@ -916,6 +916,8 @@ impl Session {
                 let work = branch.zip(commit);
                 return self.finish_prompt_with(&prompt, ok, reason, work, now);
             }
+            // The link records it (`SandboxLink::working_on`); the log has the agent's own output.
+            AgentEvent::Accepted { .. } => return Ok(out),
             AgentEvent::Text { prompt, text } => EventKind::AgentText { prompt, text },
             AgentEvent::Status { stage, detail } => EventKind::SandboxStatus { stage, detail },
             AgentEvent::Tool {

@@ -914,6 +914,9 @@ pub async fn run_prompts(
     };
     let mut oc_session: Option<String> = None;
     while let Some(job) = jobs.recv().await {
+        // The session learns the prompt is in the agent's hands: if this sandbox dies from now
+        // on, the prompt fails with the reason instead of moving to a new sandbox.
+        s.emit(json!({"kind": "prompt.accepted", "prompt": job.id}));
         let result = run_one(&s, &base, &mut oc_session, &job, &mut stops).await;
         let (ok, reason) = match &result {
             Ok(()) => (true, None),

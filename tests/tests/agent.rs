@@ -246,6 +246,54 @@ async fn a_killed_sandbox_is_detected_and_its_prompt_is_not_lost() {
     assert_eq!(f2["ok"], true, "{f2}");
 }
 
+/// A follow-up sent just after the sandbox crashed, before the session declared it lost, was
+/// never started by that sandbox: it runs in the next one (restored from the turn's snapshot)
+/// instead of failing with "send it again".
+#[tokio::test]
+async fn a_follow_up_sent_just_after_a_crash_runs_in_the_next_sandbox() {
+    let recording = json!({"turns": [
+        {"when": "Write one", "text": "Writing one.", "tool_calls": [{"name": "write", "arguments": {"filePath": "one.txt", "content": "one\n"}}]},
+        {"when": "Write one", "text": "Wrote one.txt."},
+        {"when": "What now", "text": "Still here."}
+    ]});
+    let (compute, server) = start(recording, &[], &[("SANDBOX_GRACE_MS", "3000")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("crash");
+    let (id, _) = api.create_session_on(&ada, "Crash", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let p1 = prompt(&api, &ada, &id, "Write one").await;
+    let f1 = finished(&mut a, &p1).await;
+    assert_eq!(f1["ok"], true, "{f1}");
+    let killed = kill_sandboxes(&compute);
+    assert!(killed > 0, "no sandbox process found");
+    // Inside the grace period: the session still counts the dead sandbox as its own.
+    let p2 = prompt(&api, &ada, &id, "What now").await;
+    let lost = a
+        .event_within(secs(30), "sandbox.status", |e| e["stage"] == "lost")
+        .await;
+    assert!(
+        lost["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("before it started prompt {p2}"))),
+        "{lost}"
+    );
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+    let texts: Vec<Value> = a
+        .seen
+        .iter()
+        .filter(|e| e["type"] == "agent.text" && e["prompt"] == p2.as_str())
+        .cloned()
+        .collect();
+    assert!(
+        texts.iter().any(|e| e["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Still here."))),
+        "{texts:?}"
+    );
+}
+
 /// SIGKILLs every process carrying a sandbox mark of this compute; returns how many.
 fn kill_sandboxes(compute: &Compute) -> usize {
     let mut n = 0;

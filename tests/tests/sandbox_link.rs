@@ -301,6 +301,13 @@ async fn a_silent_sandbox_is_declared_lost_and_terminated() {
     let mut ws = first_sandbox_link(&fakep, &server.base, &id).await;
     send(&mut ws, json!({"type": "event", "n": 1, "event": {"kind": "sandbox.status", "stage": "ready", "detail": "up"}})).await;
     assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 1})));
+    // The sandbox took the prompt (a prompt it never took would move to a new sandbox instead).
+    send(
+        &mut ws,
+        json!({"type": "event", "n": 2, "event": {"kind": "prompt.accepted", "prompt": p1}}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await, Some(json!({"type": "ack", "n": 2})));
     // Then silence, with the socket still open (a hung sandbox).
     web.event_within(secs(20), "sandbox.status", |e| e["stage"] == "lost")
         .await;

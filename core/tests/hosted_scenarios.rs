@@ -1,0 +1,584 @@
+//! Scenario tests of the hosted session, written as data: a script of inputs, and the effects they produce as text.
+//!
+//! A script line is `who: what` (`alice: prompt p1`, `sandbox: events text p1 hi; done p1`,
+//! `provider: created sbx_1`, `alarm +31s`); the expected log lists every effect of each line
+//! under it, so a change in what the session does (or in the order it does it) shows as a diff.
+
+use nightshift_core::events::EventKind;
+use nightshift_core::hosted::{
+    DownFrame, Effect, Entropy, HostedSession, Input, LinkTiming, PollAnswer, SandboxOp,
+    SpawnAnswer,
+};
+use nightshift_core::ids::Identity;
+use nightshift_core::sandbox::{AgentEvent, SandboxMessage};
+use nightshift_core::session::{Limits, Meta, Session, SessionStatus};
+use nightshift_core::signing::sha256_hex;
+
+struct Counter(u32);
+
+impl Entropy for Counter {
+    fn token(&mut self) -> String {
+        self.0 += 1;
+        format!("token_{}", self.0)
+    }
+}
+
+fn person(user: &str) -> Identity {
+    Identity {
+        user: user.into(),
+        name: user.to_uppercase(),
+        email: Some(format!("{user}@example.com")),
+    }
+}
+
+const TIMING: LinkTiming = LinkTiming {
+    heartbeat_timeout_ms: 30_000,
+    grace_ms: 10_000,
+};
+
+fn hosted(repository: Option<&str>) -> HostedSession {
+    let meta = Meta {
+        id: "ses_1".into(),
+        title: "t".into(),
+        repository: repository.map(str::to_string),
+        owner: "alice".into(),
+        invite: "inv".into(),
+        created_at: 0,
+        status: SessionStatus::Active,
+        limits: Limits::default(),
+        next_arrival: 0,
+        model: None,
+    };
+    let (mut session, _) = Session::create(meta, &person("alice"));
+    session.take_dirty();
+    let invite = session.meta.invite.clone();
+    let _ = session.join(&person("bob"), &invite, 0);
+    session.take_dirty();
+    HostedSession::new(session, None, TIMING, true)
+}
+
+fn event(kind: &EventKind) -> String {
+    match kind {
+        EventKind::PromptQueued { prompt } => format!("prompt.queued {}", prompt.id),
+        EventKind::PromptStarted { id, .. } => format!("prompt.started {id}"),
+        EventKind::PromptStopped { id } => format!("prompt.stopped {id}"),
+        EventKind::PromptFinished { id, ok, reason, .. } => match reason {
+            Some(r) => format!("prompt.finished {id} ok={ok}: {r}"),
+            None => format!("prompt.finished {id} ok={ok}"),
+        },
+        EventKind::SandboxStatus { stage, detail } => format!("sandbox.status {stage}: {detail}"),
+        EventKind::AgentText { prompt, text } => format!("agent.text {prompt} {text}"),
+        other => serde_json::to_value(other)
+            .ok()
+            .and_then(|v| v["type"].as_str().map(str::to_string))
+            .unwrap_or_default(),
+    }
+}
+
+fn effect(e: &Effect) -> Vec<String> {
+    match e {
+        Effect::Store { events, .. } if events.is_empty() => vec!["store rows".into()],
+        Effect::Store { events, .. } => events
+            .iter()
+            .map(|(_, k)| format!("store {}", event(k)))
+            .collect(),
+        Effect::SaveLink => vec!["save link".into()],
+        Effect::Disconnect(c) => vec![format!("disconnect {}", c.join(","))],
+        Effect::ToSandbox(DownFrame::Prompt { prompt }) => {
+            vec![format!(
+                "to sandbox: prompt {} by {}",
+                prompt.id, prompt.author_email
+            )]
+        }
+        Effect::ToSandbox(DownFrame::Welcome { last_n }) => {
+            vec![format!("to sandbox: welcome {last_n}")]
+        }
+        Effect::ToSandbox(DownFrame::Ack { n }) => vec![format!("to sandbox: ack {n}")],
+        Effect::ToSandbox(DownFrame::Stop { prompt }) => vec![format!("to sandbox: stop {prompt}")],
+        Effect::ToSandbox(DownFrame::Error { error }) => {
+            vec![format!("to sandbox: error {}", error.code)]
+        }
+        Effect::CloseSandbox(code) => vec![format!("close sandbox {}", code.code())],
+        Effect::Refuse { .. } => vec!["refuse socket".into()],
+        Effect::Spawn { token, snapshot } => match snapshot {
+            Some(s) => vec![format!("spawn {token} from {s}")],
+            None => vec![format!("spawn {token}")],
+        },
+        Effect::StartStopped { sandbox } => vec![format!("start {sandbox}")],
+        Effect::Poll { sandbox } => vec![format!("poll {sandbox}")],
+        Effect::Terminate { sandbox } => vec![format!("terminate {sandbox}")],
+        Effect::RunnerStart { prompt } => vec![format!("runner start {prompt}")],
+        Effect::RunnerAbort { prompt } => vec![format!("runner abort {prompt}")],
+        Effect::RememberBranch(b) => vec![format!("remember branch {b}")],
+        Effect::TurnEnded => vec!["turn ended".into()],
+    }
+}
+
+/// One sandbox event in script form: `text p1 hi`, `tool p1`, `done p1`, `status ready`.
+fn agent_event(words: &[&str]) -> AgentEvent {
+    match words {
+        ["text", p, text @ ..] => AgentEvent::Text {
+            prompt: p.to_string(),
+            text: text.join(" "),
+        },
+        ["done", p] => AgentEvent::Done {
+            prompt: p.to_string(),
+            ok: true,
+            reason: None,
+            branch: Some("nightshift/ses_1".into()),
+            commit: Some("abc".into()),
+        },
+        ["status", stage] => AgentEvent::Status {
+            stage: stage.to_string(),
+            detail: String::new(),
+        },
+        _ => panic!("unknown event {words:?}"),
+    }
+}
+
+/// Runs `script` and returns the log: each line, then its effects indented.
+fn run(mut h: HostedSession, script: &str) -> String {
+    let mut entropy = Counter(0);
+    let mut now = 0u64;
+    let mut n = 0u64;
+    let mut log = String::new();
+    // The link generation the sandbox's socket was opened for (its token's hash).
+    let link = |h: &HostedSession| {
+        h.link
+            .as_ref()
+            .map(|l| l.token_hash.clone())
+            .unwrap_or_default()
+    };
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        log.push_str(line);
+        log.push('\n');
+        let (who, what) = line.split_once(": ").unwrap_or((line, ""));
+        let words: Vec<&str> = what.split_whitespace().collect();
+        let effects: Result<Vec<Effect>, String> = match (who, words.as_slice()) {
+            (w, _) if w.starts_with("alarm +") => {
+                let secs: u64 = w
+                    .trim_start_matches("alarm +")
+                    .trim_end_matches('s')
+                    .parse()
+                    .unwrap_or(0);
+                now += secs * 1000;
+                Ok(h.handle(Input::Alarm, now, &mut entropy))
+            }
+            ("typing", _) => Ok(h.handle(Input::Typing, now, &mut entropy)),
+            (user, ["prompt", id]) => {
+                let who = person(user);
+                let id = id.to_string();
+                h.command(now, &mut entropy, |s, now| {
+                    s.enqueue_prompt(&who, id.clone(), id, 0, None, now)
+                })
+                .map_err(|e| e.code().to_string())
+            }
+            (user, ["stop"]) => {
+                let who = person(user);
+                h.command(now, &mut entropy, |s, now| s.stop_prompt(&who, now))
+                    .map_err(|e| e.code().to_string())
+            }
+            (user, ["stops", "sandbox"]) => {
+                let sandbox = h.link.as_ref().and_then(|l| l.sandbox.clone());
+                Ok(h.authorize(user, sandbox.as_deref(), SandboxOp::Stop, now, &mut entropy))
+            }
+            ("provider", ["created", id]) => {
+                let link = link(&h);
+                Ok(h.handle(
+                    Input::Spawned {
+                        link,
+                        answer: SpawnAnswer::Created {
+                            sandbox: id.to_string(),
+                            expires_at: None,
+                            how: "started".into(),
+                        },
+                    },
+                    now,
+                    &mut entropy,
+                ))
+            }
+            ("provider", ["refuses", msg @ ..]) => {
+                let link = link(&h);
+                Ok(h.handle(
+                    Input::Spawned {
+                        link,
+                        answer: SpawnAnswer::Failed {
+                            message: msg.join(" "),
+                        },
+                    },
+                    now,
+                    &mut entropy,
+                ))
+            }
+            ("provider", ["says", id, "gone"]) => Ok(h.handle(
+                Input::Polled {
+                    sandbox: id.to_string(),
+                    answer: PollAnswer::Gone,
+                },
+                now,
+                &mut entropy,
+            )),
+            ("sandbox", ["connects"]) => h
+                .admit(&format!("token_{}", entropy.0))
+                .map(|_| {
+                    n = h.link.as_ref().map_or(0, |l| l.last_n);
+                    h.handle(Input::SandboxConnected, now, &mut entropy)
+                })
+                .map_err(|e| e.code().to_string()),
+            ("sandbox", ["closes"]) => {
+                let link = link(&h);
+                Ok(h.handle(Input::SandboxClosed { link }, now, &mut entropy))
+            }
+            ("sandbox", ["heartbeat"]) => {
+                let link = link(&h);
+                Ok(h.handle(
+                    Input::SandboxFrame {
+                        link,
+                        message: SandboxMessage::Heartbeat,
+                    },
+                    now,
+                    &mut entropy,
+                ))
+            }
+            ("sandbox", ["events", ..]) | ("old sandbox", ["events", ..]) => {
+                let batch = what["events".len()..]
+                    .split(';')
+                    .map(|e| {
+                        n += 1;
+                        let words: Vec<&str> = e.split_whitespace().collect();
+                        (n, agent_event(&words))
+                    })
+                    .collect();
+                let link = if who == "old sandbox" {
+                    sha256_hex(b"token_1")
+                } else {
+                    link(&h)
+                };
+                Ok(h.handle(
+                    Input::SandboxFrame {
+                        link,
+                        message: SandboxMessage::Events(batch),
+                    },
+                    now,
+                    &mut entropy,
+                ))
+            }
+            _ => panic!("unknown script line {line:?}"),
+        };
+        match effects {
+            Ok(effects) => {
+                for e in effects.iter().flat_map(effect) {
+                    log.push_str("  ");
+                    log.push_str(&e);
+                    log.push('\n');
+                }
+            }
+            Err(code) => log.push_str(&format!("  refused: {code}\n")),
+        }
+    }
+    log
+}
+
+#[track_caller]
+fn check(script: &str, expected: &str) {
+    // Compared line by line with the indentation dropped (effects are indented under their line).
+    let lines = |text: &str| -> String {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let got = lines(&run(hosted(Some("acme/app")), script));
+    let want = lines(expected);
+    assert_eq!(got, want, "\n--- got ---\n{got}\n--- want ---\n{want}");
+}
+
+#[test]
+fn a_first_prompt_spawns_a_sandbox_which_runs_it_and_acknowledges_what_it_stored() {
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 hello
+         sandbox: events done p1",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 hello
+           store sandbox.status ready: 
+           store agent.text p1 hello
+           save link
+           to sandbox: ack 2
+         sandbox: events done p1
+           store prompt.finished p1 ok=true
+           save link
+           to sandbox: ack 3
+           remember branch nightshift/ses_1
+           turn ended",
+    );
+}
+
+#[test]
+fn a_failed_spawn_fails_only_the_prompt_it_was_for_and_the_next_spawn_backs_off() {
+    check(
+        "alice: prompt p1
+         bob: prompt p2
+         bob: prompt p3
+         provider: refuses the provider is down
+         alarm +1s
+         provider: refuses still down
+         alarm +1s
+         alarm +1s",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         bob: prompt p2
+           store prompt.queued p2
+         bob: prompt p3
+           store prompt.queued p3
+         provider: refuses the provider is down
+           save link
+           store sandbox.status failed: the provider is down
+           store prompt.finished p1 ok=false: sandbox_failed: the provider is down
+           store prompt.started p2
+         alarm +1s
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_2
+         provider: refuses still down
+           save link
+           store sandbox.status failed: still down
+           store prompt.finished p2 ok=false: sandbox_failed: still down
+           store prompt.started p3
+         alarm +1s
+         alarm +1s
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_3",
+    );
+}
+
+#[test]
+fn a_sandbox_that_dies_before_it_started_the_prompt_hands_it_to_the_next_sandbox() {
+    // The follow-up is sent while the sandbox is disconnected but not yet declared lost.
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 one; done p1
+         sandbox: closes
+         alice: prompt p2
+         alarm +10s",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 one; done p1
+           store sandbox.status ready: 
+           store agent.text p1 one
+           store prompt.finished p1 ok=true
+           save link
+           to sandbox: ack 3
+           remember branch nightshift/ses_1
+           turn ended
+         sandbox: closes
+           save link
+         alice: prompt p2
+           store prompt.queued p2
+           store prompt.started p2
+           to sandbox: prompt p2 by alice@example.com
+         alarm +10s
+           save link
+           close sandbox 4004
+           store sandbox.status lost: the sandbox stopped responding before it started prompt p2; a new sandbox runs it
+           terminate sbx_1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_2",
+    );
+}
+
+#[test]
+fn a_sandbox_that_dies_while_the_agent_works_fails_that_prompt_with_the_reason() {
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 working
+         bob: prompt p2
+         alarm +30s",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 working
+           store sandbox.status ready: 
+           store agent.text p1 working
+           save link
+           to sandbox: ack 2
+         bob: prompt p2
+           store prompt.queued p2
+         alarm +30s
+           save link
+           close sandbox 4004
+           store sandbox.status lost: the sandbox stopped responding; the next prompt gets a new sandbox
+           store prompt.finished p1 ok=false: sandbox_lost: the sandbox stopped while this prompt ran; send it again to retry
+           store prompt.started p2
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_2
+           terminate sbx_1",
+    );
+}
+
+#[test]
+fn a_retired_sandbox_never_changes_the_queue_and_its_token_opens_nothing() {
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready
+         alice: stops sandbox
+         old sandbox: events text p1 late; done p1
+         sandbox: connects",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready
+           store sandbox.status ready: 
+           save link
+           to sandbox: ack 1
+         alice: stops sandbox
+           save link
+           close sandbox 4005
+           store sandbox.status stopped: alice stopped the sandbox
+           store prompt.finished p1 ok=false: sandbox_stopped: alice stopped the sandbox while this prompt ran
+         old sandbox: events text p1 late; done p1
+           refuse socket
+         sandbox: connects
+           refused: sandbox_retired",
+    );
+}
+
+#[test]
+fn typing_after_a_failed_spawn_does_not_spawn_again_until_someone_prompts() {
+    check(
+        "typing
+         provider: refuses no capacity
+         typing
+         alarm +5s
+         typing",
+        "typing
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: refuses no capacity
+           save link
+           store sandbox.status failed: no capacity
+         typing
+         alarm +5s
+         typing",
+    );
+}
+
+#[test]
+fn a_stop_is_sent_to_the_sandbox_and_the_next_prompt_follows() {
+    check(
+        "alice: prompt p1
+         bob: prompt p2
+         provider: created sbx_1
+         sandbox: connects
+         bob: stop
+         alice: stop",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         bob: prompt p2
+           store prompt.queued p2
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         bob: stop
+           refused: not_your_prompt
+         alice: stop
+           store prompt.stopped p1
+           store prompt.started p2
+           to sandbox: stop p1
+           to sandbox: prompt p2 by bob@example.com",
+    );
+}
+
+#[test]
+fn a_spawning_sandbox_that_the_provider_lost_fails_its_prompt() {
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         alarm +1s
+         provider: says sbx_1 gone",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         alarm +1s
+           save link
+           poll sbx_1
+         provider: says sbx_1 gone
+           save link
+           store sandbox.status failed: the provider no longer knows this sandbox
+           store prompt.finished p1 ok=false: sandbox_failed: the provider no longer knows this sandbox",
+    );
+}
