@@ -54,6 +54,13 @@ const PEOPLE: &str = "people";
 /// Tag of the sandbox's socket.
 const SANDBOX: &str = "sandbox";
 
+/// The tag of one client's sockets. Prefixed, so no client id or user name can ever equal a
+/// reserved tag (`people`, `sandbox`); at most 7 + 128 bytes (the core bounds client ids), so the
+/// runtime's 256-byte limit on a tag (which it would answer with a panic) is never reached.
+fn client_tag(client: &str) -> String {
+    format!("client:{client}")
+}
+
 struct Loaded {
     hosted: HostedSession,
     last_seq: u64,
@@ -404,7 +411,7 @@ impl SessionObject {
             }
             Effect::Disconnect(clients) => {
                 for c in &clients {
-                    for ws in self.state.get_websockets_with_tag(c) {
+                    for ws in self.state.get_websockets_with_tag(&client_tag(c)) {
                         let _ = ws.close(Some(4000), Some("removed from session"));
                     }
                 }
@@ -870,7 +877,7 @@ impl SessionObject {
         // A reconnect with the same client id may already have replaced this socket.
         let replaced = self
             .state
-            .get_websockets_with_tag(&att.client)
+            .get_websockets_with_tag(&client_tag(&att.client))
             .iter()
             .any(|other| {
                 other
@@ -1205,11 +1212,12 @@ impl SessionObject {
         let (c2, k2) = (client.clone(), kind.clone());
         self.apply(|s, now| s.connect(who, &c2, &k2, now)).await?;
         // Close an older socket of the same client id: this one replaces it.
-        let older = self.state.get_websockets_with_tag(&client);
+        let tag = client_tag(&client);
+        let older = self.state.get_websockets_with_tag(&tag);
         let pair = WebSocketPair::new().map_err(ApiError::from)?;
         let server = pair.server;
         self.state
-            .accept_websocket_with_tags(&server, &[client.as_str(), who.user.as_str(), PEOPLE]);
+            .accept_websocket_with_tags(&server, &[tag.as_str(), PEOPLE]);
         server
             .serialize_attachment(Attachment {
                 client: client.clone(),

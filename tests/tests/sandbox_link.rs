@@ -404,3 +404,42 @@ async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
     assert_eq!(texts, vec!["t1 ", "t2 ", "t3 ", "t4 ", "t5 "]);
     drop(e);
 }
+
+/// Client ids and user names are never socket tags of their own: a person called `sandbox`,
+/// connected as clients `sandbox` and `people`, gets none of the sandbox's frames, and the
+/// sandbox dialling in (which replaces older sandbox sockets) closes neither of theirs.
+#[tokio::test]
+async fn a_person_named_like_a_reserved_socket_tag_is_only_a_person() {
+    let (fakep, server) = with_fake_provider(&[]).await;
+    let api = server.client();
+    let who = api.sign_in("sandbox").await;
+    let id = session_on(&api, &who, "Tags", "/srv/git/tags.git").await;
+    let mut clients = vec![
+        api.connect(&who, &id, "sandbox", 0).await,
+        api.connect(&who, &id, "people", 0).await,
+    ];
+    let (_, p) = prompt(&api, &who, &id, "go").await;
+    let pid = p["id"].as_str().expect("prompt").to_string();
+    let mut link = first_sandbox_link(&fakep, &server.base, &id).await;
+    send(&mut link, json!({"type": "event", "n": 1, "event": {"kind": "agent.text", "prompt": pid, "text": "hi"}})).await;
+    assert_eq!(recv(&mut link).await, Some(json!({"type": "ack", "n": 1})));
+    for ws in &mut clients {
+        let mut kinds = Vec::new();
+        loop {
+            let frame = ws
+                .next(secs(10))
+                .await
+                .expect("the person's socket stays open");
+            kinds.push(frame["type"].as_str().unwrap_or_default().to_string());
+            if ws.seen.iter().any(|e| e["type"] == "agent.text") {
+                break;
+            }
+        }
+        for sandbox_frame in ["welcome", "prompt", "ack", "stop"] {
+            assert!(
+                !kinds.iter().any(|k| k == sandbox_frame),
+                "a person received the sandbox's {sandbox_frame}: {kinds:?}"
+            );
+        }
+    }
+}
