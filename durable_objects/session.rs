@@ -507,6 +507,18 @@ impl SessionObject {
                 };
                 return Ok(Some(Input::Polled { sandbox, answer }));
             }
+            Effect::FinalSnapshot { sandbox } => {
+                // None: a snapshot is being taken right now, and it holds the same work.
+                if let Some(turn) = snapshots::request(&sql)? {
+                    self.snapshot_requested.set(true);
+                    let taken =
+                        snapshots::take(&self.env, &sql, Some(&sandbox), turn, now_ms()).await;
+                    self.snapshot_requested.set(false);
+                    if let Err(e) = taken? {
+                        console_error!("the final snapshot of {sandbox}: {}", e.message);
+                    }
+                }
+            }
             Effect::Terminate { sandbox } => {
                 if let Err(e) = provider::terminate(&self.env, &sandbox).await {
                     console_error!("terminating sandbox {sandbox}: {}", e.message);

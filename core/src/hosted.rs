@@ -241,6 +241,10 @@ pub enum Effect {
     Terminate {
         sandbox: String,
     },
+    /// Snapshot the sandbox's work now, before it is terminated (the session ended).
+    FinalSnapshot {
+        sandbox: String,
+    },
     /// The runner in the object (no sandboxes): start or abort a prompt.
     RunnerStart {
         prompt: String,
@@ -504,6 +508,10 @@ impl HostedSession {
     /// Turns a session outcome into effects: store, close removed clients, then hand a started
     /// prompt to the sandbox (or runner) and tell it about a stopped one.
     fn carry(&mut self, out: Outcome, now: u64, entropy: &mut dyn Entropy, fx: &mut Vec<Effect>) {
+        let ended = out
+            .events
+            .iter()
+            .any(|(_, kind)| matches!(kind, EventKind::SessionEnded));
         let dirty = self.session.take_dirty();
         if out.presence_changed {
             for d in &dirty {
@@ -537,6 +545,33 @@ impl HostedSession {
             } else {
                 fx.push(Effect::RunnerStart { prompt: id });
             }
+        }
+        if ended {
+            self.end_sandbox(now, entropy, fx);
+        }
+    }
+
+    /// The session ended: its sandbox's work is snapshotted, then the sandbox is terminated.
+    fn end_sandbox(&mut self, now: u64, entropy: &mut dyn Entropy, fx: &mut Vec<Effect>) {
+        let Some(l) = self.link.as_mut() else {
+            return;
+        };
+        if !(l.stage.is_live() || l.stage == Stage::Stopped) {
+            return;
+        }
+        // A sandbox still being created is terminated when the provider answers (`spawned`).
+        let sandbox = l.sandbox.clone();
+        l.stage = Stage::None;
+        fx.push(Effect::SaveLink);
+        fx.push(Effect::CloseSandbox(CloseCode::Retired));
+        let detail =
+            "the session ended: the sandbox's work was snapshotted and the sandbox terminated";
+        self.status("terminated", detail.into(), now, entropy, fx);
+        if let Some(sandbox) = sandbox {
+            fx.push(Effect::FinalSnapshot {
+                sandbox: sandbox.clone(),
+            });
+            fx.push(Effect::Terminate { sandbox });
         }
     }
 
@@ -617,6 +652,11 @@ impl HostedSession {
                 expires_at,
                 how,
             } => {
+                if !l.stage.is_live() {
+                    // Retired while the provider created it (ended, restored over, failed).
+                    fx.push(Effect::Terminate { sandbox });
+                    return;
+                }
                 // The sandbox may already have dialled in and moved the link on: keep its progress.
                 l.sandbox = Some(sandbox);
                 l.expires_at = expires_at;

@@ -107,6 +107,7 @@ fn effect(e: &Effect) -> Vec<String> {
         Effect::StartStopped { sandbox } => vec![format!("start {sandbox}")],
         Effect::Poll { sandbox } => vec![format!("poll {sandbox}")],
         Effect::Terminate { sandbox } => vec![format!("terminate {sandbox}")],
+        Effect::FinalSnapshot { sandbox } => vec![format!("final snapshot of {sandbox}")],
         Effect::RunnerStart { prompt } => vec![format!("runner start {prompt}")],
         Effect::RunnerAbort { prompt } => vec![format!("runner abort {prompt}")],
         Effect::RememberBranch(b) => vec![format!("remember branch {b}")],
@@ -172,6 +173,11 @@ fn run(mut h: HostedSession, script: &str) -> String {
                     s.enqueue_prompt(&who, id.clone(), id, 0, None, now)
                 })
                 .map_err(|e| e.code().to_string())
+            }
+            (user, ["ends", "the", "session"]) => {
+                let who = person(user);
+                h.command(now, &mut entropy, |s, now| s.end(&who, now))
+                    .map_err(|e| e.code().to_string())
             }
             (user, ["stop"]) => {
                 let who = person(user);
@@ -580,5 +586,67 @@ fn a_spawning_sandbox_that_the_provider_lost_fails_its_prompt() {
            save link
            store sandbox.status failed: the provider no longer knows this sandbox
            store prompt.finished p1 ok=false: sandbox_failed: the provider no longer knows this sandbox",
+    );
+}
+
+#[test]
+fn ending_the_session_snapshots_and_terminates_its_sandbox() {
+    check(
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 working
+         alice: ends the session",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 working
+           store sandbox.status ready:
+           store agent.text p1 working
+           save link
+           to sandbox: ack 2
+         alice: ends the session
+           store prompt.stopped p1
+           store session.ended
+           to sandbox: stop p1
+           save link
+           close sandbox 4005
+           store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
+           final snapshot of sbx_1
+           terminate sbx_1",
+    );
+}
+
+#[test]
+fn a_sandbox_created_after_the_session_ended_is_terminated() {
+    check(
+        "alice: prompt p1
+         alice: ends the session
+         provider: created sbx_late",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         alice: ends the session
+           store prompt.stopped p1
+           store session.ended
+           to sandbox: stop p1
+           save link
+           close sandbox 4005
+           store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
+         provider: created sbx_late
+           terminate sbx_late",
     );
 }

@@ -294,6 +294,82 @@ async fn a_follow_up_sent_just_after_a_crash_runs_in_the_next_sandbox() {
     );
 }
 
+/// Ending a session ends its sandbox with its work: the sandbox's last state (a draft that was
+/// never committed included) is snapshotted, then the sandbox is terminated at the provider.
+#[tokio::test]
+async fn ending_a_session_snapshots_its_sandbox_and_terminates_it() {
+    let recording = json!({"turns": [{"text": "Nothing to change."}]});
+    let (compute, server) = start(recording, &[], &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("end");
+    let (id, _) = api.create_session_on(&ada, "End", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let p1 = prompt(&api, &ada, &id, "Look around").await;
+    assert_eq!(finished(&mut a, &p1).await["ok"], true);
+    let snapshots = |v: &Value| v["snapshots"].as_array().map_or(0, Vec::len);
+    // The turn's own snapshot first, so the final one is a second.
+    let t = std::time::Instant::now();
+    while snapshots(
+        &api.call("GET", &format!("/sessions/{id}"), &ada, None)
+            .await
+            .1,
+    ) < 1
+    {
+        assert!(t.elapsed() < RUN, "no snapshot after the turn");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, mine) = api
+        .call("GET", &format!("/sandbox?session_id={id}"), &ada, None)
+        .await;
+    let sbx = mine["sandboxes"][0]["id"]
+        .as_str()
+        .expect("sandbox")
+        .to_string();
+    let draft = json!({"command": ["sh", "-c", "echo draft > draft.txt"]});
+    let (st, out) = api
+        .call("POST", &format!("/sandbox/{sbx}/exec"), &ada, Some(draft))
+        .await;
+    assert_eq!(st, 200, "{out}");
+    let (st, ended) = api
+        .call("POST", &format!("/sessions/{id}/end"), &ada, None)
+        .await;
+    assert_eq!(st, 200, "{ended}");
+    let (_, after) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(snapshots(&after), 2, "the final snapshot: {after}");
+    let (_, gone) = compute
+        .provider("GET", &format!("/v1/sandboxes/{sbx}"), None)
+        .await;
+    assert_eq!(gone["status"], "terminated", "{gone}");
+    let terminated = a
+        .event_within(secs(10), "sandbox.status", |e| e["stage"] == "terminated")
+        .await;
+    assert!(
+        terminated["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("snapshotted")),
+        "{terminated}"
+    );
+    // The final snapshot holds the draft (the local provider keeps a snapshot's checkout on disk).
+    let last = after["snapshots"][1]["id"]
+        .as_str()
+        .expect("snapshot")
+        .to_string();
+    let kept = compute
+        .dir
+        .join("provider/snapshots")
+        .join(&last)
+        .join("repo/draft.txt");
+    assert_eq!(
+        std::fs::read_to_string(&kept).ok().as_deref(),
+        Some("draft\n"),
+        "{}",
+        kept.display()
+    );
+}
+
 /// SIGKILLs every process carrying a sandbox mark of this compute; returns how many.
 fn kill_sandboxes(compute: &Compute) -> usize {
     let mut n = 0;
