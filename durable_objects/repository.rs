@@ -560,3 +560,16 @@ impl RepositoryObject {
         Ok(())
     }
 }
+
+/// The `kv` value `cron_slot` (`settings`, `registry` and `pool` are core types, pinned in
+/// `core/tests/stored_formats.rs`).
+#[cfg(test)]
+mod stored_formats {
+    use crate::store::stored_formats::pinned;
+
+    #[test]
+    fn cron_slot_format_unchanged() {
+        pinned::<Option<u64>>("28333333");
+        pinned::<Option<u64>>("null");
+    }
+}

@@ -814,3 +814,22 @@ fn agent_json(r: &Record) -> Value {
         "finished_at": r.finished_at, "result": r.result,
     })
 }
+
+/// The agents' rows (`agents` table) and the link a session keeps (its `kv` key `background`).
+#[cfg(test)]
+mod stored_formats {
+    use super::{AgentLink, Record};
+    use crate::store::stored_formats::pinned;
+
+    #[test]
+    fn agent_link_format_unchanged() {
+        pinned::<AgentLink>(r#"{"agent":"bg_acme_1f","shard":"acme","depth":2}"#);
+    }
+
+    #[test]
+    fn record_format_unchanged() {
+        pinned::<Record>(
+            r#"{"id":"bg_acme_1f","identity":{"user":"u_ada","name":"Ada","email":"ada@example.com"},"title":"Write tests","prompt":"Add tests for the login form","repository":"acme/web","model":"claude-sonnet","parent":"ses_1","status":"completed","session":"ses_2","created_at":1700000000000,"started_at":1700000001000,"finished_at":1700000009000,"result":{"branch":"nightshift/ses_2","commit":"4f2c9e1","ok":true,"reason":"done"}}"#,
+        );
+    }
+}

@@ -120,3 +120,22 @@ impl UserIndex {
         }
     }
 }
+
+/// The rows of the `sessions` table.
+#[cfg(test)]
+mod stored_formats {
+    use super::SessionEntry;
+    use crate::store::stored_formats::{older, pinned};
+
+    #[test]
+    fn session_entry_format_unchanged() {
+        pinned::<SessionEntry>(
+            r#"{"id":"ses_1","title":"Fix the login","repository":"acme/web","role":"owner","joined_at":1700000000000,"status":"ended"}"#,
+        );
+        // Before entries recorded a repository and the session's status.
+        let e = older::<SessionEntry>(
+            r#"{"id":"ses_1","title":"Fix the login","role":"member","joined_at":1700000000000}"#,
+        );
+        assert_eq!((e.repository, e.status.as_str()), (None, "active"));
+    }
+}

@@ -234,3 +234,14 @@ pub async fn end_children(env: &Env, sql: &SqlStorage, session: &str) {
 pub fn bad_tool_request(e: impl std::fmt::Display) -> ApiError {
     EdgeError::InvalidToolRequest(e.to_string()).into()
 }
+
+/// The session's `kv` value `children` (its `background` link is pinned beside `AgentLink`).
+#[cfg(test)]
+mod stored_formats {
+    use crate::store::stored_formats::pinned;
+
+    #[test]
+    fn children_format_unchanged() {
+        pinned::<Vec<String>>(r#"["bg_acme_1f","bg_acme_2a"]"#);
+    }
+}

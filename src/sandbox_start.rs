@@ -190,3 +190,32 @@ async fn claim(
     }
     r.json().await.ok()
 }
+
+/// The session's `kv` values this file reads: `repository_source`, `branch`, `session_egress`.
+#[cfg(test)]
+mod stored_formats {
+    use super::Source;
+    use crate::store::stored_formats::{older, pinned};
+
+    #[test]
+    fn source_format_unchanged() {
+        pinned::<Source>(
+            r#"{"clone_url":"https://github.com/acme/web.git","base_branch":"develop","egress":["registry.example.com"]}"#,
+        );
+        // Before repositories had an egress allowlist.
+        let s = older::<Source>(
+            r#"{"clone_url":"https://github.com/acme/web.git","base_branch":"main"}"#,
+        );
+        assert!(s.egress.is_empty());
+    }
+
+    #[test]
+    fn branch_format_unchanged() {
+        pinned::<String>(r#""nightshift/ses_1""#);
+    }
+
+    #[test]
+    fn session_egress_format_unchanged() {
+        pinned::<Vec<String>>(r#"["example.com","*.npmjs.org"]"#);
+    }
+}

@@ -255,3 +255,28 @@ pub fn kv_put<T: serde::Serialize>(sql: &SqlStorage, k: &str, v: &T) -> ApiResul
     .map_err(internal)?;
     Ok(())
 }
+
+/// Pins of the stored bodies whose types live in the Worker crate (the core's are pinned in
+/// `core/tests/stored_formats.rs`): each file holding such a type has its own
+/// `mod stored_formats` using `pinned`.
+#[cfg(test)]
+pub mod stored_formats {
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    /// Reads `literal` as a `T` and checks that writing it again gives `literal` byte for byte.
+    pub fn pinned<T: Serialize + DeserializeOwned>(literal: &str) -> T {
+        let value: T = serde_json::from_str(literal)
+            .unwrap_or_else(|e| panic!("the stored form no longer reads: {e}\n{literal}"));
+        let again = serde_json::to_string(&value)
+            .unwrap_or_else(|e| panic!("the stored form no longer writes: {e}\n{literal}"));
+        assert_eq!(again, literal, "the stored form changed");
+        value
+    }
+
+    /// Reads an older stored form (fields added since are absent) as a `T`.
+    pub fn older<T: DeserializeOwned>(literal: &str) -> T {
+        serde_json::from_str(literal)
+            .unwrap_or_else(|e| panic!("an older stored form no longer reads: {e}\n{literal}"))
+    }
+}
