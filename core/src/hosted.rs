@@ -34,6 +34,24 @@ pub const FIRST_RETRY_MS: u64 = 1_000;
 /// Longest wait between two spawns after failures.
 pub const MAX_RETRY_MS: u64 = 60_000;
 
+/// How much one prompt's agent may send before it is stopped: its events are stored, so an
+/// agent (or a hostile repository steering it) that floods the session would otherwise grow
+/// the log without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventLimit {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+impl Default for EventLimit {
+    fn default() -> EventLimit {
+        EventLimit {
+            events: 20_000,
+            bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
 /// How long a sandbox may be silent or disconnected before it counts as lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LinkTiming {
@@ -270,6 +288,8 @@ pub struct HostedSession {
     pub presence: BTreeSet<ClientId>,
     /// When the pending presence changes were first recorded.
     presence_since: Option<u64>,
+    /// The most one prompt's agent may send.
+    pub event_limit: EventLimit,
 }
 
 impl HostedSession {
@@ -286,6 +306,7 @@ impl HostedSession {
             sandboxes,
             presence: BTreeSet::new(),
             presence_since: None,
+            event_limit: EventLimit::default(),
         }
     }
 
@@ -810,12 +831,39 @@ impl HostedSession {
             SandboxMessage::Events(batch) => batch,
         };
         let intake = l.intake(batch);
-        let accepted = intake.accepted;
+        let mut accepted = intake.accepted;
+        let mut flooded = None;
         if let Some(id) = &running {
             if accepted.iter().any(|e| e.prompt() == Some(id.as_str())) {
+                if l.working_on.as_deref() != Some(id.as_str()) {
+                    l.prompt_events = 0;
+                    l.prompt_bytes = 0;
+                }
                 l.working_on = Some(id.clone());
                 l.handovers = 0;
             }
+            // The running prompt's output counts against its limit; past it, the rest of the
+            // batch's output for it is acknowledged and dropped, and the prompt is stopped.
+            let limit = self.event_limit;
+            let mut kept = Vec::with_capacity(accepted.len());
+            for e in accepted {
+                if e.prompt() != Some(id.as_str()) || matches!(e, AgentEvent::Done { .. }) {
+                    kept.push(e);
+                    continue;
+                }
+                let size = serde_json::to_vec(&e).map_or(0, |v| v.len() as u64);
+                if flooded.is_none()
+                    && (l.prompt_events >= limit.events || l.prompt_bytes + size > limit.bytes)
+                {
+                    flooded = Some(id.clone());
+                }
+                if flooded.is_none() {
+                    l.prompt_events += 1;
+                    l.prompt_bytes += size;
+                    kept.push(e);
+                }
+            }
+            accepted = kept;
         }
         let turn_ended = accepted
             .iter()
@@ -848,6 +896,27 @@ impl HostedSession {
         }
         if turn_ended {
             fx.push(Effect::TurnEnded);
+        }
+        if let Some(id) = flooded {
+            let limit = self.event_limit;
+            let message = format!(
+                "the agent sent more than {} events or {} bytes for this prompt; it was stopped so the session stays usable — split the task into smaller prompts",
+                limit.events, limit.bytes
+            );
+            let error = AgentEvent::Error {
+                prompt: id.clone(),
+                message,
+            };
+            if let Ok(out) = self.session.agent_event(error, now) {
+                self.carry(out, now, entropy, fx);
+            }
+            fx.push(Effect::ToSandbox(DownFrame::Stop { prompt: id }));
+            self.fail_running(
+                "event_limit: the agent's output for this prompt passed the session's limit",
+                now,
+                entropy,
+                fx,
+            );
         }
         if stage == Stage::Failed {
             self.fail_running(

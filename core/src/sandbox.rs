@@ -61,6 +61,15 @@ pub struct SandboxLink {
     /// After a failed spawn: no new spawn for the running prompt before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<u64>,
+    /// Output stored for `working_on` so far (events, and their bytes as JSON).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub prompt_events: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub prompt_bytes: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -82,6 +91,8 @@ impl SandboxLink {
             handovers: 0,
             failures: 0,
             retry_at: None,
+            prompt_events: 0,
+            prompt_bytes: 0,
         }
     }
 

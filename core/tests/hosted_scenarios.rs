@@ -6,8 +6,8 @@
 
 use nightshift_core::events::EventKind;
 use nightshift_core::hosted::{
-    DownFrame, Effect, Entropy, HostedSession, Input, LinkTiming, PollAnswer, SandboxOp,
-    SpawnAnswer,
+    DownFrame, Effect, Entropy, EventLimit, HostedSession, Input, LinkTiming, PollAnswer,
+    SandboxOp, SpawnAnswer,
 };
 use nightshift_core::ids::Identity;
 use nightshift_core::sandbox::{AgentEvent, SandboxMessage};
@@ -287,6 +287,11 @@ fn run(mut h: HostedSession, script: &str) -> String {
 
 #[track_caller]
 fn check(script: &str, expected: &str) {
+    check_with(hosted(Some("acme/app")), script, expected);
+}
+
+#[track_caller]
+fn check_with(h: HostedSession, script: &str, expected: &str) {
     // Compared line by line with the indentation dropped (effects are indented under their line).
     let lines = |text: &str| -> String {
         text.lines()
@@ -295,7 +300,7 @@ fn check(script: &str, expected: &str) {
             .map(|l| format!("{l}\n"))
             .collect()
     };
-    let got = lines(&run(hosted(Some("acme/app")), script));
+    let got = lines(&run(h, script));
     let want = lines(expected);
     assert_eq!(got, want, "\n--- got ---\n{got}\n--- want ---\n{want}");
 }
@@ -648,5 +653,47 @@ fn a_sandbox_created_after_the_session_ended_is_terminated() {
            store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
          provider: created sbx_late
            terminate sbx_late",
+    );
+}
+
+#[test]
+fn an_agent_that_floods_the_session_is_stopped_with_a_clear_error() {
+    let mut h = hosted(Some("acme/app"));
+    h.event_limit = EventLimit {
+        events: 2,
+        bytes: 1 << 20,
+    };
+    check_with(
+        h,
+        "alice: prompt p1
+         bob: prompt p2
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events text p1 a; text p1 b; text p1 c; text p1 d",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         bob: prompt p2
+           store prompt.queued p2
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events text p1 a; text p1 b; text p1 c; text p1 d
+           store agent.text p1 a
+           store agent.text p1 b
+           save link
+           to sandbox: ack 4
+           store agent.error
+           to sandbox: stop p1
+           store prompt.finished p1 ok=false: event_limit: the agent's output for this prompt passed the session's limit
+           store prompt.started p2
+           to sandbox: prompt p2 by bob@example.com",
     );
 }

@@ -143,9 +143,10 @@ fn event_format_unchanged() {
 #[test]
 fn sandbox_link_format_unchanged() {
     pinned::<SandboxLink>(
-        r##"{"stage":"ready","sandbox":"sbx_9","token_hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","last_n":41,"spawned_at":1700000000000,"last_seen":1700000004000,"disconnected_at":1700000004500,"expires_at":1700003600000,"working_on":"p_1","handovers":1,"failures":2,"retry_at":1700000010000}"##,
+        r##"{"stage":"ready","sandbox":"sbx_9","token_hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","last_n":41,"spawned_at":1700000000000,"last_seen":1700000004000,"disconnected_at":1700000004500,"expires_at":1700003600000,"working_on":"p_1","handovers":1,"failures":2,"retry_at":1700000010000,"prompt_events":12,"prompt_bytes":3456}"##,
     );
-    // Before `expires_at`, `working_on`, `handovers`, `failures` and `retry_at` were added.
+    // Before `expires_at`, `working_on`, `handovers`, `failures`, `retry_at`, `prompt_events`
+    // and `prompt_bytes` were added.
     let old = r##"{"stage":"spawning","sandbox":null,"token_hash":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","last_n":0,"spawned_at":1700000000000,"last_seen":1700000000000,"disconnected_at":null}"##;
     let l = older::<SandboxLink>(old);
     assert_eq!(l.stage, Stage::Spawning);
@@ -154,6 +155,7 @@ fn sandbox_link_format_unchanged() {
         (None, None, None)
     );
     assert_eq!((l.handovers, l.failures), (0, 0));
+    assert_eq!((l.prompt_events, l.prompt_bytes), (0, 0));
     // Written back, it only gains `expires_at` (null); the other new fields stay out when empty.
     let again = serde_json::to_string(&l).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
