@@ -74,8 +74,6 @@ pub struct SessionObject {
     cache: RefCell<Option<Loaded>>,
     /// The alarm time this instance last set (None: unknown).
     alarm_at: Cell<Option<u64>>,
-    /// A snapshot asked for through the API is being taken (its request records it, not the alarm).
-    snapshot_requested: Cell<bool>,
 }
 
 impl DurableObject for SessionObject {
@@ -85,7 +83,6 @@ impl DurableObject for SessionObject {
             env,
             cache: RefCell::new(None),
             alarm_at: Cell::new(None),
-            snapshot_requested: Cell::new(false),
         }
     }
 
@@ -239,6 +236,14 @@ fn stores_events(effects: &[Effect]) -> bool {
 /// (a refusal is answered as `sandbox_failed`), or the error that kept it from answering.
 type SpawnResult = Option<ApiResult<(u16, serde_json::Value)>>;
 
+/// The provider's answers an execution's caller may answer with: the last spawn's, and the
+/// last snapshot's (its id, or why it was not taken).
+#[derive(Default)]
+struct Answers {
+    spawned: SpawnResult,
+    snapshot: Option<ApiResult<String>>,
+}
+
 impl SessionObject {
     fn sql(&self) -> SqlStorage {
         self.state.storage().sql()
@@ -288,7 +293,11 @@ impl SessionObject {
         let dirty = session.take_dirty();
         store::persist(&sql, &session, &dirty)?;
         let link = store::load_link(&sql)?;
-        let hosted = HostedSession::new(session, link, self.timing(), self.uses_sandboxes());
+        let hosted = HostedSession::new(session, link, self.timing(), self.uses_sandboxes())
+            .with_snapshots(
+                snapshots::load(&sql)?,
+                config::snapshot_margin_ms(&self.env),
+            );
         *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
         Ok(true)
     }
@@ -340,7 +349,7 @@ impl SessionObject {
     }
 
     /// Hands an input to the core and carries out its effects.
-    async fn input(&self, input: Input) -> ApiResult<SpawnResult> {
+    async fn input(&self, input: Input) -> ApiResult<Answers> {
         self.require_loaded()?;
         let effects = self.decide(|h, now, tokens| h.handle(input, now, tokens))?;
         self.execute(effects).await
@@ -350,11 +359,11 @@ impl SessionObject {
     /// provider answer back to the core and carrying out what it decides next, then sets the
     /// alarm. A failed store forgets the cache (the next request reloads what is stored) and
     /// stops: nothing after it (an acknowledgement included) is carried out.
-    async fn execute(&self, effects: Vec<Effect>) -> ApiResult<SpawnResult> {
+    async fn execute(&self, effects: Vec<Effect>) -> ApiResult<Answers> {
         let mut queue: VecDeque<Effect> = effects.into();
-        let mut spawned: SpawnResult = None;
+        let mut answers = Answers::default();
         while let Some(effect) = queue.pop_front() {
-            let next = match self.carry_out(effect, &mut spawned).await {
+            let next = match self.carry_out(effect, &mut answers).await {
                 Ok(next) => next,
                 Err(e) => {
                     if e.status >= 500 {
@@ -364,23 +373,20 @@ impl SessionObject {
                     return Err(e);
                 }
             };
-            if let Some(input) = next {
-                let more = self.decide(|h, now, tokens| h.handle(input, now, tokens))?;
-                for e in more.into_iter().rev() {
-                    queue.push_front(e);
-                }
+            let mut more = Vec::new();
+            for input in next {
+                more.extend(self.decide(|h, now, tokens| h.handle(input, now, tokens))?);
+            }
+            for e in more.into_iter().rev() {
+                queue.push_front(e);
             }
         }
         self.schedule_alarm(now_ms()).await?;
-        Ok(spawned)
+        Ok(answers)
     }
 
     /// Carries out one effect; a provider call answers with the input that reports it.
-    async fn carry_out(
-        &self,
-        effect: Effect,
-        spawned: &mut SpawnResult,
-    ) -> ApiResult<Option<Input>> {
+    async fn carry_out(&self, effect: Effect, answers: &mut Answers) -> ApiResult<Vec<Input>> {
         let sql = self.sql();
         match effect {
             Effect::Store { dirty, events } => {
@@ -444,9 +450,11 @@ impl SessionObject {
                 let (session_id, repository) =
                     self.read(|s, _| (s.meta.id.clone(), s.meta.repository.clone()))?;
                 let repository = repository.unwrap_or_default();
+                let snaps = self.read_hosted(|h, _| h.snapshots.clone())?;
                 let started = sandbox_start::start(
                     &self.env,
                     &sql,
+                    &snaps,
                     &session_id,
                     &repository,
                     &token,
@@ -454,9 +462,11 @@ impl SessionObject {
                     snapshot.as_deref(),
                 )
                 .await;
+                let mut lost = Vec::new();
                 let answer = match started {
                     Ok(s) if s.status == 201 => {
-                        *spawned = Some(Ok((201, s.sandbox.clone())));
+                        lost = s.lost;
+                        answers.spawned = Some(Ok((201, s.sandbox.clone())));
                         SpawnAnswer::Created {
                             sandbox: s.sandbox["id"].as_str().unwrap_or_default().to_string(),
                             expires_at: s.sandbox["expires_at"].as_u64(),
@@ -464,6 +474,7 @@ impl SessionObject {
                         }
                     }
                     Ok(s) => {
+                        lost = s.lost;
                         let message = format!(
                             "the provider refused the sandbox ({}): {}",
                             s.status,
@@ -471,16 +482,21 @@ impl SessionObject {
                                 .as_str()
                                 .unwrap_or("no reason given")
                         );
-                        *spawned = Some(Ok(EdgeError::SandboxFailed(message.clone()).answer()));
+                        answers.spawned =
+                            Some(Ok(EdgeError::SandboxFailed(message.clone()).answer()));
                         SpawnAnswer::Failed { message }
                     }
                     Err(e) => {
                         let message = e.message.clone();
-                        *spawned = Some(Err(e));
+                        answers.spawned = Some(Err(e));
                         SpawnAnswer::Failed { message }
                     }
                 };
-                return Ok(Some(Input::Spawned { link, answer }));
+                let mut next = vec![Input::Spawned { link, answer }];
+                if !lost.is_empty() {
+                    next.insert(0, Input::SnapshotsLost { ids: lost });
+                }
+                return Ok(next);
             }
             Effect::StartStopped { sandbox } => {
                 let path = format!("/v1/sandboxes/{sandbox}/start");
@@ -488,7 +504,7 @@ impl SessionObject {
                     provider::call(&self.env, Method::Post, &path, None).await,
                     Ok((200, _))
                 );
-                return Ok(Some(Input::Started { sandbox, ok }));
+                return Ok(vec![Input::Started { sandbox, ok }]);
             }
             Effect::Poll { sandbox } => {
                 let path = format!("/v1/sandboxes/{sandbox}");
@@ -505,19 +521,31 @@ impl SessionObject {
                     Ok((404, _)) => PollAnswer::Gone,
                     _ => PollAnswer::Pending,
                 };
-                return Ok(Some(Input::Polled { sandbox, answer }));
+                return Ok(vec![Input::Polled { sandbox, answer }]);
             }
-            Effect::FinalSnapshot { sandbox } => {
-                // None: a snapshot is being taken right now, and it holds the same work.
-                if let Some(turn) = snapshots::request(&sql)? {
-                    self.snapshot_requested.set(true);
-                    let taken =
-                        snapshots::take(&self.env, &sql, Some(&sandbox), turn, now_ms()).await;
-                    self.snapshot_requested.set(false);
-                    if let Err(e) = taken? {
-                        console_error!("the final snapshot of {sandbox}: {}", e.message);
+            Effect::TakeSnapshot { sandbox, turn } => {
+                let taken = snapshots::take(&self.env, sandbox.as_deref(), now_ms()).await;
+                let next = match &taken {
+                    Ok((id, expires_at)) => Input::SnapshotTaken {
+                        turn,
+                        id: id.clone(),
+                        expires_at: *expires_at,
+                    },
+                    Err(e) => {
+                        console_error!("snapshot of turn {turn}: {}", e.message);
+                        Input::SnapshotNotTaken { turn }
                     }
-                }
+                };
+                answers.snapshot = Some(taken.map(|(id, _)| id));
+                return Ok(vec![next]);
+            }
+            Effect::DeleteSnapshots { ids } => {
+                let gone = snapshots::delete(&self.env, &ids).await;
+                return Ok(vec![Input::SnapshotsDeleted { ids: gone }]);
+            }
+            Effect::SaveSnapshots => {
+                let snaps = self.read_hosted(|h, _| h.snapshots.clone())?;
+                snapshots::save(&sql, &snaps)?;
             }
             Effect::Terminate { sandbox } => {
                 if let Err(e) = provider::terminate(&self.env, &sandbox).await {
@@ -530,12 +558,8 @@ impl SessionObject {
                 // A later cold start continues this branch (src/sandbox_start.rs).
                 store::kv_put(&sql, sandbox_start::BRANCH, &branch)?;
             }
-            Effect::TurnEnded => {
-                // Taken by the alarm, so the acknowledgement never waits for a copy.
-                snapshots::turn_ended(&sql)?;
-            }
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// The sandbox dials in with its token; one live sandbox socket per session.
@@ -658,21 +682,20 @@ impl SessionObject {
             return json_of(st, &v);
         }
         let effects = self.decide(|h, now, tokens| h.ensure(now, tokens))??;
-        Self::spawn_answer(self.execute(effects).await?)
+        Self::spawn_answer(self.execute(effects).await?.spawned)
     }
 
     async fn snapshot_now(&self, who: &Identity, b: wire::SnapshotNow) -> ApiResult<Response> {
         self.require_member(who)?;
-        let sql = self.sql();
-        let Some(turn) = snapshots::request(&sql)? else {
-            return Err(EdgeError::SnapshotInProgress.into());
-        };
-        self.snapshot_requested.set(true);
-        let taken = snapshots::take(&self.env, &sql, Some(&b.sandbox), turn, now_ms()).await;
-        self.snapshot_requested.set(false);
-        // Snapshots beyond `KEEP` (and a turn that ended meanwhile) are the alarm's to handle.
-        self.schedule_alarm(now_ms()).await?;
-        json_of(201, &taken??)
+        let effects = self.decide(|h, _, _| h.request_snapshot(&b.sandbox))??;
+        let taken = self.execute(effects).await?.snapshot;
+        let id = taken.ok_or_else(|| ApiError::internal("no snapshot was taken"))??;
+        let snap =
+            self.read_hosted(|h, _| h.snapshots.snaps.iter().find(|s| s.id == id).cloned())?;
+        json_of(
+            201,
+            &snap.ok_or_else(|| ApiError::internal("the snapshot was not recorded"))?,
+        )
     }
 
     /// `POST /sandbox/restore`: a new sandbox for the session from one of its live snapshots (the
@@ -685,10 +708,8 @@ impl SessionObject {
         b: wire::SandboxRestore,
     ) -> ApiResult<Response> {
         self.require_member(who)?;
-        let sql = self.sql();
         let now = now_ms();
-        let snaps = snapshots::load(&sql)?;
-        let snap = snaps.restorable(b.snapshot.as_deref(), now).cloned();
+        let snap = self.read_hosted(|h, _| h.restorable(b.snapshot.as_deref(), now).cloned())?;
         let Some(snap) = snap else {
             return Err(match b.snapshot {
                 Some(id) => EdgeError::SnapshotNotRestorable(id),
@@ -713,7 +734,7 @@ impl SessionObject {
         }
         let name = who.name.clone();
         let effects = self.decide(|h, now, tokens| h.restore(&name, &snap.id, now, tokens))??;
-        Self::spawn_answer(self.execute(effects).await?)
+        Self::spawn_answer(self.execute(effects).await?.spawned)
     }
 
     /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own
@@ -750,18 +771,9 @@ impl SessionObject {
     /// Sets the alarm to the earliest deadline: the hosted session's (presence, sweeps, locks,
     /// the sandbox's heartbeat, grace, spawn poll and retry), the runner's and the snapshots'.
     async fn schedule_alarm(&self, now: u64) -> ApiResult<()> {
-        let (mut next, link) = self.read_hosted(|h, _| (h.next_deadline(), h.link.clone()))?;
-        let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        let mut next = self.read_hosted(|h, _| h.next_deadline())?;
         if let Some(due) = self.runner().next_due(&self.sql())? {
-            at(due);
-        }
-        if self.uses_sandboxes() {
-            let requested = self.snapshot_requested.get();
-            if let Some(due) =
-                snapshots::deadline(&self.env, &self.sql(), link.as_ref(), now, requested)?
-            {
-                at(due);
-            }
+            next = Some(next.map_or(due, |n| n.min(due)));
         }
         let Some(next) = next else { return Ok(()) };
         if let Some(current) = self.alarm_at.get() {
@@ -816,11 +828,6 @@ impl SessionObject {
             }
         }
         self.input(Input::Alarm).await?;
-        if self.uses_sandboxes() {
-            let link = self.read_hosted(|h, _| h.link.clone())?;
-            let requested = self.snapshot_requested.get();
-            snapshots::upkeep(&self.env, &self.sql(), link.as_ref(), now, requested).await?;
-        }
         Ok(())
     }
 
@@ -971,8 +978,8 @@ impl SessionObject {
             (Method::Get, ["snapshot"]) => {
                 let mut v = self.snapshot(&who)?;
                 // Where the work can be restored from if the sandbox goes away.
-                v["snapshots"] = serde_json::to_value(snapshots::load(&self.sql())?.snaps)
-                    .map_err(ApiError::internal)?;
+                let snaps = self.read_hosted(|h, _| h.snapshots.snaps.clone())?;
+                v["snapshots"] = serde_json::to_value(snaps).map_err(ApiError::internal)?;
                 json_of(200, &v)
             }
             (Method::Post, ["leave"]) => {
@@ -1015,9 +1022,16 @@ impl SessionObject {
                 json_of(200, &serde_json::json!({ "ok": true }))
             }
             (Method::Post, ["prompt"]) => {
+                let header = req
+                    .headers()
+                    .get(wire::IDEMPOTENCY_KEY_HEADER)
+                    .ok()
+                    .flatten();
                 let b: PromptRequest = Self::body(&mut req).await?;
-                let p = self.enqueue(&who, b.text, b.priority, b.model).await?;
-                json_of(202, &p)
+                let key = b.idempotency_key(header)?;
+                let (p, new) = self.enqueue(&who, b.text, b.priority, b.model, key).await?;
+                // A repeat of a stored key answers 200 with the stored prompt.
+                json_of(if new { 202 } else { 200 }, &p)
             }
             (Method::Delete, ["prompt", id]) => {
                 let id = id.to_string();
@@ -1149,7 +1163,8 @@ impl SessionObject {
         }
         let mut last_seq = 0;
         store::append(&sql, &mut last_seq, now, out.events)?;
-        let hosted = HostedSession::new(session, None, self.timing(), self.uses_sandboxes());
+        let hosted = HostedSession::new(session, None, self.timing(), self.uses_sandboxes())
+            .with_snapshots(Default::default(), config::snapshot_margin_ms(&self.env));
         *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
         json_of(201, &self.snapshot(who)?)
     }
@@ -1160,16 +1175,29 @@ impl SessionObject {
         text: String,
         priority: i32,
         model: Option<String>,
-    ) -> ApiResult<serde_json::Value> {
+        key: Option<String>,
+    ) -> ApiResult<(serde_json::Value, bool)> {
         wire::check_model(model.as_deref())?;
         if self.uses_sandboxes() && self.read(|s, _| s.meta.repository.is_none())? {
             return Err(EdgeError::NoRepositoryForPrompts.into());
         }
-        let id = new_id("prm");
-        let pid = id.clone();
-        self.apply(move |s, now| s.enqueue_prompt(who, pid, text, priority, model, now))
-            .await?;
-        self.prompt_json(&id)
+        // The core decides whether the key names a stored prompt; this only passes it on.
+        let submission = nightshift_core::session::PromptSubmission {
+            id: new_id("prm"),
+            text,
+            priority,
+            model,
+            key,
+        };
+        let mut submitted = None;
+        self.apply(|s, now| {
+            let (done, out) = s.submit_prompt(who, submission, now)?;
+            submitted = Some(done);
+            Ok(out)
+        })
+        .await?;
+        let done = submitted.ok_or_else(|| ApiError::internal("prompt not submitted"))?;
+        Ok((self.prompt_json(done.id())?, done.is_new()))
     }
 
     fn prompt_json(&self, id: &str) -> ApiResult<serde_json::Value> {
@@ -1177,7 +1205,7 @@ impl SessionObject {
             s.queue
                 .prompts
                 .get(id)
-                .map(|p| serde_json::to_value(p).unwrap_or_default())
+                .map(|p| serde_json::to_value(p.public()).unwrap_or_default())
         })?
         .ok_or_else(|| EdgeError::NotFound("prompt").into())
     }
@@ -1304,7 +1332,8 @@ impl SessionObject {
                 text,
                 priority,
                 model,
-            } => Ok(Some(self.enqueue(who, text, priority, model).await?)),
+                key,
+            } => Ok(Some(self.enqueue(who, text, priority, model, key).await?.0)),
             ClientMessage::Cancel { id } => {
                 self.apply(|s, now| s.cancel_prompt(who, &id, now)).await?;
                 Ok(None)
@@ -1358,5 +1387,12 @@ fn queue_json(s: &Session, _last_seq: u64) -> serde_json::Value {
         .collect();
     recent.sort_by_key(|p| std::cmp::Reverse(p.arrival));
     recent.truncate(20);
-    serde_json::json!({ "running": running, "queued": queued, "recent": recent })
+    // As members see prompts: without their authors' idempotency keys.
+    use nightshift_core::queue::Prompt;
+    let public = |ps: Vec<&Prompt>| ps.into_iter().map(Prompt::public).collect::<Vec<_>>();
+    serde_json::json!({
+        "running": running.map(Prompt::public),
+        "queued": public(queued),
+        "recent": public(recent),
+    })
 }

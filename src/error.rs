@@ -77,8 +77,6 @@ pub enum EdgeError {
     NoSnapshot(String),
     #[error("the provider no longer has snapshot {0}")]
     SnapshotGone(String),
-    #[error("a snapshot of this session is being taken; retry in a moment")]
-    SnapshotInProgress,
     /// The provider did not take a snapshot: its status, and its code and message when it gave
     /// them (passed through).
     #[error("{}", .message.as_deref().unwrap_or("the provider did not take the snapshot"))]
@@ -159,7 +157,6 @@ impl EdgeError {
             | EdgeError::NoRestorableSnapshot
             | EdgeError::NoSnapshot(_)
             | EdgeError::SnapshotGone(_) => "snapshot_not_found",
-            EdgeError::SnapshotInProgress => "snapshot_in_progress",
             EdgeError::SnapshotRefused { code, .. } => code.as_deref().unwrap_or("snapshot_failed"),
             EdgeError::SandboxNotFound(_) => "sandbox_not_found",
             EdgeError::InvalidService => "invalid_service",
@@ -211,7 +208,6 @@ impl EdgeError {
             | EdgeError::BuildNotFound
             | EdgeError::NoSuchAgent => 404,
             EdgeError::SessionExists
-            | EdgeError::SnapshotInProgress
             | EdgeError::SandboxTerminated { .. }
             | EdgeError::NoLiveSandbox
             | EdgeError::NoRunningPrompt
@@ -477,7 +473,6 @@ mod tests {
             (NoRestorableSnapshot, "snapshot_not_found", 404),
             (NoSnapshot(s()), "snapshot_not_found", 404),
             (SnapshotGone(s()), "snapshot_not_found", 404),
-            (SnapshotInProgress, "snapshot_in_progress", 409),
             (
                 SnapshotRefused {
                     status: 502,
@@ -572,6 +567,7 @@ mod tests {
                 got: 3,
                 expected: 2,
             },
+            SnapshotInProgress,
         ]
     }
 

@@ -97,6 +97,15 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
         require_upgrade(req)?;
         headers.set("upgrade", "websocket")?;
     }
+    // A prompt's idempotency key travels to the object, which hands it to the core.
+    if let Some(key) = req
+        .headers()
+        .get(wire::IDEMPOTENCY_KEY_HEADER)
+        .ok()
+        .flatten()
+    {
+        headers.set(wire::IDEMPOTENCY_KEY_HEADER, &key)?;
+    }
     let method = req.method();
     let body = match method {
         Method::Post | Method::Put | Method::Patch => Some(read_bytes(req).await?),

@@ -30,19 +30,23 @@ pub const EGRESS: &str = "session_egress";
 /// The key under which a session keeps the branch its work was pushed to.
 pub const BRANCH: &str = "branch";
 
-/// The provider's answer (status, Sandbox object) and a sentence on how the sandbox was got.
+/// The provider's answer (status, Sandbox object), a sentence on how the sandbox was got, and
+/// the snapshots found gone at the provider on the way (the session forgets them).
 pub struct Started {
     pub status: u16,
     pub sandbox: Value,
     pub how: String,
+    pub lost: Vec<String>,
 }
 
 /// Starts (or claims) the session's sandbox. `repository` is a registered repository's name or a
 /// clone URL. `only` restores exactly that snapshot (`POST /sandbox/restore`): its refusal is the
 /// answer, with no fall-back to another snapshot or a fresh start.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     env: &Env,
     sql: &SqlStorage,
+    snapshots: &Snapshots,
     session_id: &str,
     repository: &str,
     token: &str,
@@ -61,7 +65,8 @@ pub async fn start(
         all
     };
     // 1. The newest live snapshot holds the session's earlier work.
-    let mut snaps: Snapshots = store::kv_get(sql, SNAPSHOTS)?.unwrap_or_default();
+    let mut snaps = snapshots.clone();
+    let mut lost = Vec::new();
     let source: Option<Source> = store::kv_get(sql, SOURCE)?;
     while let (Some(snap), Some(src)) = (snaps.restorable(only, now).cloned(), source.as_ref()) {
         let (snapshot, turn) = (snap.id, snap.turn);
@@ -75,17 +80,19 @@ pub async fn start(
                 status,
                 sandbox: v,
                 how: format!("restored snapshot {snapshot} (the work of prompt {turn})"),
+                lost,
             });
         }
         // Expired or lost at the provider: forget it and try the next, then start cold.
         snaps.forget(&snapshot);
-        store::kv_put(sql, SNAPSHOTS, &snaps)?;
+        lost.push(snapshot.clone());
         let code = v["error"]["code"].as_str().unwrap_or("unknown").to_string();
         if only.is_some() {
             return Ok(Started {
                 status,
                 sandbox: v,
                 how: format!("snapshot {snapshot} is gone ({code})"),
+                lost,
             });
         }
         notes.push(format!(
@@ -128,6 +135,7 @@ pub async fn start(
             status: 201,
             sandbox: json!({"id": id, "status": "ready", "expires_at": expires_at, "image": image}),
             how: notes.join("; "),
+            lost,
         });
     }
     let image = claimed.and_then(|c| c.image);
@@ -155,6 +163,7 @@ pub async fn start(
         status,
         sandbox: v,
         how: notes.join("; "),
+        lost,
     })
 }
 

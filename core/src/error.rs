@@ -59,6 +59,8 @@ pub enum CoreError {
     NoRepository,
     #[error("event {got} arrived but {expected} is next")]
     OutOfOrder { got: u64, expected: u64 },
+    #[error("a snapshot of this session is being taken; retry in a moment")]
+    SnapshotInProgress,
 }
 
 impl CoreError {
@@ -89,6 +91,7 @@ impl CoreError {
             CoreError::PromptRunning => "prompt_running",
             CoreError::NoRepository => "no_repository",
             CoreError::OutOfOrder { .. } => "out_of_order",
+            CoreError::SnapshotInProgress => "snapshot_in_progress",
         }
     }
 
@@ -106,7 +109,8 @@ impl CoreError {
             | CoreError::SessionEnded
             | CoreError::SandboxSpawning(_)
             | CoreError::PromptRunning
-            | CoreError::OutOfOrder { .. } => 409,
+            | CoreError::OutOfOrder { .. }
+            | CoreError::SnapshotInProgress => 409,
             CoreError::NoSandbox => 404,
             CoreError::BadSandboxToken => 401,
             CoreError::SandboxRetired => 410,
@@ -192,6 +196,7 @@ mod tests {
                 "out_of_order",
                 409,
             ),
+            (CoreError::SnapshotInProgress, "snapshot_in_progress", 409),
         ];
         let mut codes = std::collections::BTreeSet::new();
         for (error, code, status) in &table {

@@ -26,6 +26,7 @@ use crate::ids::{Actor, ClientId, Identity};
 use crate::sandbox::{AgentEvent, SandboxLink, SandboxMessage, Stage};
 use crate::session::{presence_batch_ms, Dirty, Outcome, Session};
 use crate::signing::{sha256_hex, token_matches};
+use crate::snapshot::{Snap, Snapshots};
 
 /// Most times a prompt is handed to a new sandbox because the last one died before it started it.
 pub const MAX_HANDOVERS: u32 = 2;
@@ -214,6 +215,18 @@ pub enum Input {
     Started { sandbox: String, ok: bool },
     /// The provider answered a poll of the spawning `sandbox`.
     Polled { sandbox: String, answer: PollAnswer },
+    /// The provider took the snapshot of `turn` (`TakeSnapshot`).
+    SnapshotTaken {
+        turn: u64,
+        id: String,
+        expires_at: u64,
+    },
+    /// The provider did not take the snapshot of `turn` (refused, unreachable, no sandbox).
+    SnapshotNotTaken { turn: u64 },
+    /// The provider deleted (or no longer had) these snapshots.
+    SnapshotsDeleted { ids: Vec<String> },
+    /// A spawn found these snapshots gone at the provider.
+    SnapshotsLost { ids: Vec<String> },
     /// Someone started typing: get a sandbox before the prompt arrives.
     Typing,
     /// The alarm rang.
@@ -259,10 +272,18 @@ pub enum Effect {
     Terminate {
         sandbox: String,
     },
-    /// Snapshot the sandbox's work now, before it is terminated (the session ended).
-    FinalSnapshot {
-        sandbox: String,
+    /// Snapshot `sandbox` (none: the session has no live one) for `turn`; answer with
+    /// [`Input::SnapshotTaken`] or [`Input::SnapshotNotTaken`].
+    TakeSnapshot {
+        sandbox: Option<String>,
+        turn: u64,
     },
+    /// Delete these snapshots at the provider; answer with [`Input::SnapshotsDeleted`].
+    DeleteSnapshots {
+        ids: Vec<String>,
+    },
+    /// Store the session's snapshot list as it is now.
+    SaveSnapshots,
     /// The runner in the object (no sandboxes): start or abort a prompt.
     RunnerStart {
         prompt: String,
@@ -272,8 +293,6 @@ pub enum Effect {
     },
     /// The session's work was pushed to this branch (a later cold start continues it).
     RememberBranch(String),
-    /// A turn ended in the sandbox: its snapshot is owed.
-    TurnEnded,
 }
 
 /// A session with its sandbox link.
@@ -290,6 +309,14 @@ pub struct HostedSession {
     presence_since: Option<u64>,
     /// The most one prompt's agent may send.
     pub event_limit: EventLimit,
+    /// The session's snapshots (stored; restored from, kept at most `KEEP`).
+    pub snapshots: Snapshots,
+    /// How long before the sandbox's lifetime ends its work is snapshotted.
+    pub snapshot_margin_ms: u64,
+    /// A snapshot is being taken (memory only: after a restart the alarm asks again).
+    snapshot_in_flight: bool,
+    /// Snapshots whose deletion the provider has been asked for.
+    deleting: bool,
 }
 
 impl HostedSession {
@@ -307,7 +334,42 @@ impl HostedSession {
             presence: BTreeSet::new(),
             presence_since: None,
             event_limit: EventLimit::default(),
+            snapshots: Snapshots::default(),
+            snapshot_margin_ms: 0,
+            snapshot_in_flight: false,
+            deleting: false,
         }
+    }
+
+    /// The session's snapshots and how long before a sandbox's end its work is snapshotted.
+    pub fn with_snapshots(mut self, snapshots: Snapshots, margin_ms: u64) -> HostedSession {
+        self.snapshots = snapshots;
+        self.snapshot_margin_ms = margin_ms;
+        self
+    }
+
+    /// `POST /sandbox/:id/snapshot`: snapshot `sandbox` now, recorded like a turn's snapshot.
+    pub fn request_snapshot(&mut self, sandbox: &str) -> CoreResult<Vec<Effect>> {
+        if self.snapshot_in_flight {
+            return Err(CoreError::SnapshotInProgress);
+        }
+        let turn = self
+            .snapshots
+            .requested()
+            .ok_or(CoreError::SnapshotInProgress)?;
+        self.snapshot_in_flight = true;
+        Ok(vec![
+            Effect::SaveSnapshots,
+            Effect::TakeSnapshot {
+                sandbox: Some(sandbox.to_string()),
+                turn,
+            },
+        ])
+    }
+
+    /// The snapshot a restore may use: `id`, or the newest live one.
+    pub fn restorable(&self, id: Option<&str>, now: u64) -> Option<&Snap> {
+        self.snapshots.restorable(id, now)
     }
 
     /// Runs a command on the session and composes what it started or stopped with the sandbox.
@@ -341,6 +403,33 @@ impl HostedSession {
             Input::Started { sandbox, ok } => self.started(&sandbox, ok, now, entropy, &mut fx),
             Input::Polled { sandbox, answer } => {
                 self.polled(&sandbox, answer, now, entropy, &mut fx)
+            }
+            Input::SnapshotTaken {
+                turn,
+                id,
+                expires_at,
+            } => {
+                self.snapshot_in_flight = false;
+                self.snapshots.taken(turn, &id, now, expires_at);
+                // A turn that ended while this one was copied is snapshotted next.
+                self.snapshots.near_limit();
+                fx.push(Effect::SaveSnapshots);
+            }
+            Input::SnapshotNotTaken { turn } => {
+                self.snapshot_in_flight = false;
+                self.snapshots.not_taken(turn);
+                fx.push(Effect::SaveSnapshots);
+            }
+            Input::SnapshotsDeleted { ids } => {
+                self.deleting = false;
+                self.snapshots.deleted(&ids);
+                fx.push(Effect::SaveSnapshots);
+            }
+            Input::SnapshotsLost { ids } => {
+                for id in &ids {
+                    self.snapshots.forget(id);
+                }
+                fx.push(Effect::SaveSnapshots);
             }
             Input::Typing => self.warm_up(now, entropy, &mut fx),
             Input::Alarm => self.alarm(now, entropy, &mut fx),
@@ -521,6 +610,24 @@ impl HostedSession {
                 at(t);
             }
         }
+        if self.sandboxes {
+            let s = &self.snapshots;
+            if let Some(t) = s.next_expiry() {
+                at(t);
+            }
+            // Owed work is due at once (0: as soon as the alarm can ring).
+            if (s.taking.is_some() && !self.snapshot_in_flight)
+                || (!s.to_delete.is_empty() && !self.deleting)
+            {
+                at(0);
+            }
+            let live = self.link.as_ref().filter(|l| l.stage.is_live());
+            if let Some(end) = live.and_then(|l| l.expires_at) {
+                if !s.holds_current() {
+                    at(end.saturating_sub(self.snapshot_margin_ms));
+                }
+            }
+        }
         next
     }
 
@@ -589,9 +696,15 @@ impl HostedSession {
             "the session ended: the sandbox's work was snapshotted and the sandbox terminated";
         self.status("terminated", detail.into(), now, entropy, fx);
         if let Some(sandbox) = sandbox {
-            fx.push(Effect::FinalSnapshot {
-                sandbox: sandbox.clone(),
-            });
+            // None: a snapshot is being taken right now, and it holds the same work.
+            if let (false, Some(turn)) = (self.snapshot_in_flight, self.snapshots.requested()) {
+                self.snapshot_in_flight = true;
+                fx.push(Effect::SaveSnapshots);
+                fx.push(Effect::TakeSnapshot {
+                    sandbox: Some(sandbox.clone()),
+                    turn,
+                });
+            }
             fx.push(Effect::Terminate { sandbox });
         }
     }
@@ -895,7 +1008,9 @@ impl HostedSession {
             fx.push(Effect::RememberBranch(b));
         }
         if turn_ended {
-            fx.push(Effect::TurnEnded);
+            // Taken by the alarm (a deadline of now), so the acknowledgement never waits.
+            self.snapshots.turn_ended();
+            fx.push(Effect::SaveSnapshots);
         }
         if let Some(id) = flooded {
             let limit = self.event_limit;
@@ -968,6 +1083,48 @@ impl HostedSession {
         }
         let out = self.session.sweep(now);
         self.carry(out, now, entropy, fx);
+        if self.sandboxes {
+            self.snapshot_upkeep(now, fx);
+        }
+    }
+
+    /// Takes an owed snapshot (a turn, or the sandbox nearing its lifetime), drops expired
+    /// ones and deletes what was dropped at the provider.
+    fn snapshot_upkeep(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let before = self.snapshots.clone();
+        self.snapshots.expire(now);
+        let live = self
+            .link
+            .as_ref()
+            .filter(|l| l.stage.is_live())
+            .map(|l| (l.sandbox.clone(), l.expires_at));
+        if let Some((_, Some(end))) = &live {
+            if end.saturating_sub(self.snapshot_margin_ms) <= now {
+                self.snapshots.near_limit();
+            }
+        }
+        if let (Some(turn), false) = (self.snapshots.taking, self.snapshot_in_flight) {
+            match live.and_then(|(sandbox, _)| sandbox) {
+                Some(sandbox) => {
+                    self.snapshot_in_flight = true;
+                    fx.push(Effect::TakeSnapshot {
+                        sandbox: Some(sandbox),
+                        turn,
+                    });
+                }
+                // The sandbox that did the turn is gone: nothing holds its work to copy.
+                None => self.snapshots.not_taken(turn),
+            }
+        }
+        if self.snapshots != before {
+            fx.push(Effect::SaveSnapshots);
+        }
+        if !self.snapshots.to_delete.is_empty() && !self.deleting {
+            self.deleting = true;
+            fx.push(Effect::DeleteSnapshots {
+                ids: self.snapshots.to_delete.clone(),
+            });
+        }
     }
 
     /// A running prompt waits for a spawn's retry (its last spawn failed).

@@ -58,6 +58,35 @@ pub struct Prompt {
     pub finished_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The author's idempotency key (`Idempotency-Key`, or `key` on the socket): the same
+    /// author submitting it again gets this prompt back. Stored with the prompt, never shown
+    /// (see [`Prompt::public`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+}
+
+impl Prompt {
+    /// The prompt as members and events see it: without its author's client key.
+    pub fn public(&self) -> Prompt {
+        Prompt {
+            client_key: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// Longest client key a prompt may carry.
+pub const MAX_CLIENT_KEY_LEN: usize = 128;
+
+/// A client key is 1-128 bytes of printable ASCII (space to `~`).
+pub fn check_client_key(key: &str) -> CoreResult<()> {
+    let printable = key.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+    if key.is_empty() || key.len() > MAX_CLIENT_KEY_LEN || !printable {
+        return Err(CoreError::Invalid(format!(
+            "idempotency key must be 1-{MAX_CLIENT_KEY_LEN} bytes of printable ASCII"
+        )));
+    }
+    Ok(())
 }
 
 /// What a caller asks to enqueue.
@@ -69,6 +98,8 @@ pub struct NewPrompt {
     pub text: String,
     pub priority: i32,
     pub model: Option<String>,
+    /// The author's idempotency key, if any (checked with [`check_client_key`]).
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -113,6 +144,14 @@ impl PromptQueue {
             .ok_or_else(|| CoreError::PromptNotFound(id.to_string()))
     }
 
+    /// The prompt `author` submitted with client key `key`, while the queue holds it. Keys
+    /// are per author: the same key from someone else names a different prompt.
+    pub fn find_by_key(&self, author: &str, key: &str) -> Option<&Prompt> {
+        self.prompts
+            .values()
+            .find(|p| p.author == author && p.client_key.as_deref() == Some(key))
+    }
+
     pub fn enqueue(&mut self, new: NewPrompt, now: u64, max_queued: u32) -> CoreResult<&Prompt> {
         check_priority(new.priority)?;
         if new.text.trim().is_empty() {
@@ -123,6 +162,14 @@ impl PromptQueue {
                 "prompt id {} already used",
                 new.id
             )));
+        }
+        if let Some(key) = &new.client_key {
+            check_client_key(key)?;
+            if self.find_by_key(&new.author, key).is_some() {
+                return Err(CoreError::Invalid(
+                    "idempotency key already names one of your prompts".into(),
+                ));
+            }
         }
         if self.queued_count() >= max_queued as usize {
             return Err(CoreError::QueueFull { max: max_queued });
@@ -145,6 +192,7 @@ impl PromptQueue {
                 started_at: None,
                 finished_at: None,
                 reason: None,
+                client_key: new.client_key,
             },
         );
         self.get(&id)
@@ -262,6 +310,7 @@ mod tests {
             text: "do it".into(),
             priority: 0,
             model: None,
+            client_key: None,
         }
     }
 
@@ -312,5 +361,81 @@ mod tests {
         assert_eq!(q.finish("p4", true, None, 5), Ok(()));
         assert_eq!(q.prompts["p4"].status, PromptStatus::Completed);
         assert_eq!(q.running, None);
+    }
+
+    fn keyed(id: &str, author: &str, key: &str) -> NewPrompt {
+        NewPrompt {
+            client_key: Some(key.into()),
+            ..new(id, author)
+        }
+    }
+
+    #[test]
+    fn a_client_key_is_one_to_128_bytes_of_printable_ascii() {
+        for good in ["k", "retry-1 of 3", "~!@#$%^&*()", &"a".repeat(128)] {
+            assert_eq!(check_client_key(good), Ok(()), "{good:?}");
+        }
+        for bad in [
+            "",
+            &"a".repeat(129),
+            "tab\there",
+            "line\n",
+            "caf\u{e9}",
+            "\u{7f}",
+        ] {
+            assert!(
+                matches!(check_client_key(bad), Err(CoreError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        let mut q = PromptQueue::default();
+        assert!(matches!(
+            q.enqueue(keyed("p1", "ada", ""), 0, 5),
+            Err(CoreError::Invalid(_))
+        ));
+        assert!(q.prompts.is_empty());
+    }
+
+    #[test]
+    fn keys_are_per_author_and_never_name_two_prompts() {
+        let mut q = PromptQueue::default();
+        q.enqueue(keyed("p1", "ada", "k"), 0, 5).expect("p1");
+        q.enqueue(keyed("p2", "bob", "k"), 0, 5)
+            .expect("bob's k is his own");
+        assert!(matches!(
+            q.enqueue(keyed("p3", "ada", "k"), 0, 5),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(q.find_by_key("ada", "k").map(|p| p.id.as_str()), Some("p1"));
+        assert_eq!(q.find_by_key("bob", "k").map(|p| p.id.as_str()), Some("p2"));
+        assert_eq!(q.find_by_key("cy", "k"), None);
+        assert_eq!(q.find_by_key("ada", "other"), None);
+        // Still remembered once the prompt has run.
+        q.start_next(1);
+        q.finish("p1", true, None, 2).expect("finish");
+        assert_eq!(q.find_by_key("ada", "k").map(|p| p.id.as_str()), Some("p1"));
+    }
+
+    #[test]
+    fn the_key_is_stored_but_not_shown_and_old_rows_still_read() {
+        let mut q = PromptQueue::default();
+        let p = q
+            .enqueue(keyed("p1", "ada", "k1"), 0, 5)
+            .expect("p1")
+            .clone();
+        let stored = serde_json::to_value(&p).expect("json");
+        assert_eq!(stored["client_key"], "k1");
+        let back: Prompt = serde_json::from_value(stored).expect("row");
+        assert_eq!(back, p);
+        let shown = serde_json::to_value(p.public()).expect("json");
+        assert!(shown.get("client_key").is_none(), "{shown}");
+        let unkeyed = q.enqueue(new("p2", "ada"), 0, 5).expect("p2").clone();
+        let row = serde_json::to_value(&unkeyed).expect("json");
+        assert!(row.get("client_key").is_none(), "no key, no field: {row}");
+        // A row stored before keys existed.
+        let old = serde_json::json!({"id":"p0","author":"ada","author_name":"Ada","text":"x",
+            "priority":0,"arrival":0,"status":"completed","queued_at":0});
+        let old: Prompt = serde_json::from_value(old).expect("old row");
+        assert_eq!(old.client_key, None);
     }
 }

@@ -124,6 +124,39 @@ impl Outcome {
     }
 }
 
+/// A prompt as its author submits it (`Session::submit_prompt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptSubmission {
+    /// The id it gets if it is new.
+    pub id: PromptId,
+    pub text: String,
+    pub priority: i32,
+    pub model: Option<String>,
+    /// The author's idempotency key: 1-128 bytes of printable ASCII.
+    pub key: Option<String>,
+}
+
+/// What a submission did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// A new prompt was queued.
+    Queued(PromptId),
+    /// The author's key already named this prompt; nothing changed.
+    Existing(PromptId),
+}
+
+impl Submitted {
+    pub fn id(&self) -> &str {
+        match self {
+            Submitted::Queued(id) | Submitted::Existing(id) => id,
+        }
+    }
+
+    pub fn is_new(&self) -> bool {
+        matches!(self, Submitted::Queued(_))
+    }
+}
+
 /// Session metadata that lives in one row.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Meta {
@@ -753,6 +786,51 @@ impl Session {
         model: Option<String>,
         now: u64,
     ) -> CoreResult<Outcome> {
+        let submission = PromptSubmission {
+            id,
+            text,
+            priority,
+            model,
+            key: None,
+        };
+        self.submit_prompt(who, submission, now).map(|(_, out)| out)
+    }
+
+    /// Queues a prompt unless its author already stored one under the same client key: then
+    /// that prompt answers (whatever its status now) and nothing changes — no new prompt, no
+    /// event. Keys are per author and last as long as the queue holds their prompt. The same
+    /// key with a different text is refused (a key names one prompt). A refused submission
+    /// stores nothing, so its retry is a first submission.
+    pub fn submit_prompt(
+        &mut self,
+        who: &Identity,
+        submission: PromptSubmission,
+        now: u64,
+    ) -> CoreResult<(Submitted, Outcome)> {
+        let PromptSubmission {
+            id,
+            text,
+            priority,
+            model,
+            key,
+        } = submission;
+        if let Some(key) = &key {
+            crate::queue::check_client_key(key)?;
+            let stored = self
+                .queue
+                .find_by_key(&who.user, key)
+                .filter(|_| self.is_member(&who.user));
+            if let Some(p) = stored {
+                if p.text != text {
+                    return Err(CoreError::Invalid(
+                        "this idempotency key already names a prompt with a different text; \
+                         use a new key for a new prompt"
+                            .into(),
+                    ));
+                }
+                return Ok((Submitted::Existing(p.id.clone()), Outcome::default()));
+            }
+        }
         self.require_active()?;
         self.require_member(&who.user)?;
         if text.len() > self.meta.limits.max_prompt_bytes {
@@ -772,18 +850,19 @@ impl Session {
                     text,
                     priority,
                     model,
+                    client_key: key,
                 },
                 now,
                 max,
             )?
-            .clone();
+            .public();
         self.meta.next_arrival = self.queue.next_arrival;
         self.dirty.insert(Dirty::Meta);
-        self.dirty.insert(Dirty::Prompt(id));
+        self.dirty.insert(Dirty::Prompt(id.clone()));
         let mut out = Outcome::default();
         out.event(who.actor(), EventKind::PromptQueued { prompt });
         self.start_next(now, &mut out);
-        Ok(out)
+        Ok((Submitted::Queued(id), out))
     }
 
     pub fn cancel_prompt(&mut self, who: &Identity, id: &str, now: u64) -> CoreResult<Outcome> {
@@ -1007,7 +1086,201 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::presence_batch_ms;
+    use super::*;
+
+    fn person(user: &str) -> Identity {
+        Identity {
+            user: user.into(),
+            name: user.into(),
+            email: None,
+        }
+    }
+
+    /// Ada owns it, Bob is a member; at most `max_queued` prompts wait.
+    fn session(max_queued: u32) -> Session {
+        let meta = Meta {
+            id: "ses".into(),
+            title: "t".into(),
+            repository: None,
+            owner: "ada".into(),
+            invite: "inv".into(),
+            created_at: 0,
+            status: SessionStatus::Active,
+            limits: Limits {
+                max_queued,
+                ..Limits::default()
+            },
+            next_arrival: 0,
+            model: None,
+        };
+        let (mut s, _) = Session::create(meta, &person("ada"));
+        s.join(&person("bob"), "inv", 0).expect("bob joins");
+        s.take_dirty();
+        s
+    }
+
+    fn submit(
+        s: &mut Session,
+        who: &str,
+        id: &str,
+        text: &str,
+        key: Option<&str>,
+    ) -> CoreResult<(Submitted, Outcome)> {
+        let submission = PromptSubmission {
+            id: id.into(),
+            text: text.into(),
+            priority: 0,
+            model: None,
+            key: key.map(String::from),
+        };
+        s.submit_prompt(&person(who), submission, 1)
+    }
+
+    fn queued_events(out: &Outcome) -> Vec<&crate::queue::Prompt> {
+        out.events
+            .iter()
+            .filter_map(|(_, k)| match k {
+                EventKind::PromptQueued { prompt } => Some(prompt),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_same_key_twice_is_one_prompt_with_one_event() {
+        let mut s = session(5);
+        let (first, out) = submit(&mut s, "bob", "p1", "fix it", Some("k1")).expect("first");
+        assert_eq!(first, Submitted::Queued("p1".into()));
+        let shown = queued_events(&out);
+        assert_eq!(shown.len(), 1);
+        assert_eq!(
+            shown[0].client_key, None,
+            "the event does not carry the key"
+        );
+        assert_eq!(s.queue.prompts["p1"].client_key.as_deref(), Some("k1"));
+        assert!(!s.take_dirty().is_empty());
+        let before = s.clone();
+        let (again, out) = submit(&mut s, "bob", "p2", "fix it", Some("k1")).expect("retry");
+        assert_eq!(again, Submitted::Existing("p1".into()));
+        assert!(!again.is_new());
+        assert_eq!(again.id(), "p1");
+        assert_eq!(out, Outcome::default(), "no event, nothing to run");
+        assert_eq!(s, before, "nothing changed");
+        assert!(s.take_dirty().is_empty(), "nothing to store");
+        // It answers with its current status, even once it has run.
+        s.finish_prompt("p1", true, None, 2).expect("finish");
+        let (again, out) = submit(&mut s, "bob", "p3", "fix it", Some("k1")).expect("later");
+        assert_eq!((again.id(), out.events.len()), ("p1", 0));
+        assert_eq!(s.queue.prompts.len(), 1);
+        // A key names one prompt: another text under it is refused and changes nothing.
+        let before = s.clone();
+        assert!(matches!(
+            submit(&mut s, "bob", "p4", "something else", Some("k1")),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(s, before);
+        // Without a key every submission is new.
+        submit(&mut s, "bob", "p5", "fix it", None).expect("unkeyed");
+        submit(&mut s, "bob", "p6", "fix it", None).expect("unkeyed");
+        assert_eq!(s.queue.prompts.len(), 3);
+    }
+
+    #[test]
+    fn the_same_key_from_someone_else_is_another_prompt() {
+        let mut s = session(5);
+        let (a, _) = submit(&mut s, "ada", "p1", "fix it", Some("k")).expect("ada");
+        let (b, out) = submit(&mut s, "bob", "p2", "fix it", Some("k")).expect("bob");
+        assert_eq!(
+            (a, b),
+            (
+                Submitted::Queued("p1".into()),
+                Submitted::Queued("p2".into())
+            )
+        );
+        assert_eq!(queued_events(&out).len(), 1);
+        assert_eq!(s.queue.prompts.len(), 2);
+        // A non-member cannot read someone's prompt back through their key, nor their own.
+        let (again, _) = submit(&mut s, "bob", "p3", "fix it", Some("k")).expect("bob again");
+        assert_eq!(again.id(), "p2");
+        s.leave(&person("bob")).expect("bob leaves");
+        assert!(matches!(
+            submit(&mut s, "bob", "p3", "fix it", Some("k")),
+            Err(CoreError::NotMember)
+        ));
+        assert!(matches!(
+            submit(&mut s, "cy", "p3", "fix it", Some("k")),
+            Err(CoreError::NotMember)
+        ));
+    }
+
+    #[test]
+    fn a_refused_keyed_submission_stores_nothing_and_its_retry_stores_once() {
+        let mut s = session(1);
+        submit(&mut s, "ada", "p1", "runs", None).expect("runs at once");
+        submit(&mut s, "ada", "p2", "waits", None).expect("waits");
+        s.take_dirty();
+        let before = s.clone();
+        assert_eq!(
+            submit(&mut s, "bob", "p3", "mine", Some("k")).map(|_| ()),
+            Err(CoreError::QueueFull { max: 1 })
+        );
+        assert_eq!(s, before, "a refusal changes nothing");
+        assert!(s.take_dirty().is_empty());
+        assert_eq!(s.queue.find_by_key("bob", "k"), None);
+        // Room frees up: the retry is a first submission, and the one after it a repeat.
+        s.cancel_prompt(&person("ada"), "p2", 2).expect("cancel");
+        let (first, out) = submit(&mut s, "bob", "p4", "mine", Some("k")).expect("retry");
+        assert_eq!(first, Submitted::Queued("p4".into()));
+        assert_eq!(queued_events(&out).len(), 1);
+        let (again, out) = submit(&mut s, "bob", "p5", "mine", Some("k")).expect("repeat");
+        assert_eq!(
+            (again, out.events.len()),
+            (Submitted::Existing("p4".into()), 0)
+        );
+        let mine: Vec<_> = s
+            .queue
+            .prompts
+            .values()
+            .filter(|p| p.author == "bob")
+            .collect();
+        assert_eq!(mine.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_key_is_refused_before_anything_else() {
+        let mut s = session(5);
+        for bad in ["", "caf\u{e9}", "new\nline"] {
+            assert!(matches!(
+                submit(&mut s, "bob", "p1", "x", Some(bad)),
+                Err(CoreError::Invalid(_))
+            ));
+        }
+        let long = "k".repeat(129);
+        assert!(matches!(
+            submit(&mut s, "bob", "p1", "x", Some(&long)),
+            Err(CoreError::Invalid(_))
+        ));
+        assert!(s.queue.prompts.is_empty());
+        assert!(s.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_stored_prompt_answers_its_key_after_the_session_ends() {
+        let mut s = session(5);
+        submit(&mut s, "ada", "p1", "one", None).expect("running");
+        submit(&mut s, "bob", "p2", "two", Some("k")).expect("queued");
+        s.end(&person("ada"), 3).expect("end");
+        let (again, out) = submit(&mut s, "bob", "p3", "two", Some("k")).expect("stored");
+        assert_eq!((again.id(), out.events.len()), ("p2", 0));
+        assert_eq!(
+            s.queue.prompts["p2"].status,
+            crate::queue::PromptStatus::Cancelled
+        );
+        assert_eq!(
+            submit(&mut s, "bob", "p4", "two", Some("new")).map(|_| ()),
+            Err(CoreError::SessionEnded)
+        );
+    }
 
     #[test]
     fn presence_window_grows_with_the_session_and_is_bounded() {

@@ -125,6 +125,28 @@ pub struct PromptRequest {
     pub priority: i32,
     #[serde(default)]
     pub model: Option<String>,
+    /// An idempotency key in the body, for clients that cannot set the `Idempotency-Key`
+    /// header (the header is the primary way).
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// The HTTP header carrying a prompt's idempotency key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+impl PromptRequest {
+    /// The idempotency key from the `Idempotency-Key` header and/or the body's `key`; both
+    /// may be given only if they agree. Its shape is checked when the prompt is submitted.
+    pub fn idempotency_key(&self, header: Option<String>) -> Result<Option<String>, WireError> {
+        match (header, &self.key) {
+            (Some(h), Some(b)) if h != *b => Err(WireError::new(
+                "invalid_input",
+                "the Idempotency-Key header and the body's key differ; send one",
+            )),
+            (Some(h), _) => Ok(Some(h)),
+            (None, b) => Ok(b.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +197,9 @@ pub enum ClientMessage {
         priority: i32,
         #[serde(default)]
         model: Option<String>,
+        /// Idempotency key: resending the frame with the same key acks the stored prompt.
+        #[serde(default)]
+        key: Option<String>,
     },
     #[serde(rename = "prompt.cancel")]
     Cancel { id: String },
@@ -445,6 +470,39 @@ mod tests {
         let (r, m) = parse_client_message(r#"{"type":"typing","typing":true,"ref":"a1"}"#);
         assert_eq!(r.as_deref(), Some("a1"));
         assert_eq!(m, Ok(ClientMessage::Typing { typing: true }));
+        let (_, m) = parse_client_message(r#"{"type":"prompt","text":"hi","key":"k1"}"#);
+        assert_eq!(
+            m,
+            Ok(ClientMessage::Prompt {
+                text: "hi".into(),
+                priority: 0,
+                model: None,
+                key: Some("k1".into()),
+            })
+        );
+        let (_, m) = parse_client_message(r#"{"type":"prompt","text":"hi"}"#);
+        assert!(matches!(m, Ok(ClientMessage::Prompt { key: None, .. })));
+    }
+
+    #[test]
+    fn a_prompt_key_comes_from_the_header_or_the_body_not_two_different_ones() {
+        let req = |body: &str| parse_body::<PromptRequest>(body.as_bytes()).expect("body");
+        let plain = req(r#"{"text":"hi"}"#);
+        let keyed = req(r#"{"text":"hi","key":"k1"}"#);
+        assert_eq!(plain.idempotency_key(None), Ok(None));
+        assert_eq!(
+            plain.idempotency_key(Some("h".into())),
+            Ok(Some("h".into()))
+        );
+        assert_eq!(keyed.idempotency_key(None), Ok(Some("k1".into())));
+        assert_eq!(
+            keyed.idempotency_key(Some("k1".into())),
+            Ok(Some("k1".into()))
+        );
+        assert_eq!(
+            keyed.idempotency_key(Some("k2".into())).map_err(|e| e.code),
+            Err("invalid_input")
+        );
     }
 
     #[test]
@@ -652,6 +710,39 @@ mod tests {
                 r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p","text":"t","x":1}}"#
             ),
             Some("invalid_event")
+        );
+    }
+
+    #[test]
+    fn sandbox_frames_are_bounded_and_hello_names_its_sandbox() {
+        let parse = |t: &str| parse_sandbox_message(t).map_err(|e| e.code);
+        // 256 KiB inclusive: a heartbeat padded to exactly the limit is taken, one byte more is not.
+        let heartbeat = r#"{"type":"heartbeat"}"#;
+        let padded = |len: usize| format!("{heartbeat}{}", " ".repeat(len - heartbeat.len()));
+        assert_eq!(parse(&padded(256 * 1024)), Ok(SandboxMessage::Heartbeat));
+        assert_eq!(parse(&padded(256 * 1024 + 1)), Err("frame_too_large"));
+        assert_eq!(parse(heartbeat), Ok(SandboxMessage::Heartbeat));
+        // Hello: a sandbox id of 1 to 100 bytes.
+        let hello = |id: &str| parse(&format!(r#"{{"type":"hello","sandbox":"{id}"}}"#));
+        assert_eq!(
+            hello("sbx_1"),
+            Ok(SandboxMessage::Hello {
+                sandbox: "sbx_1".into()
+            })
+        );
+        let longest = "s".repeat(100);
+        assert_eq!(
+            hello(&longest),
+            Ok(SandboxMessage::Hello {
+                sandbox: longest.clone()
+            })
+        );
+        assert_eq!(hello(&"s".repeat(101)), Err("invalid_message"));
+        assert_eq!(hello(""), Err("invalid_message"));
+        assert_eq!(parse(r#"{"type":"hello"}"#), Err("invalid_message"));
+        assert_eq!(
+            parse(r#"{"type":"hello","sandbox":7}"#),
+            Err("invalid_message")
         );
     }
 }

@@ -107,11 +107,15 @@ fn effect(e: &Effect) -> Vec<String> {
         Effect::StartStopped { sandbox } => vec![format!("start {sandbox}")],
         Effect::Poll { sandbox } => vec![format!("poll {sandbox}")],
         Effect::Terminate { sandbox } => vec![format!("terminate {sandbox}")],
-        Effect::FinalSnapshot { sandbox } => vec![format!("final snapshot of {sandbox}")],
+        Effect::TakeSnapshot { sandbox, turn } => vec![format!(
+            "snapshot {} for turn {turn}",
+            sandbox.as_deref().unwrap_or("(no sandbox)")
+        )],
+        Effect::DeleteSnapshots { ids } => vec![format!("delete snapshots {}", ids.join(","))],
+        Effect::SaveSnapshots => vec!["save snapshots".into()],
         Effect::RunnerStart { prompt } => vec![format!("runner start {prompt}")],
         Effect::RunnerAbort { prompt } => vec![format!("runner abort {prompt}")],
         Effect::RememberBranch(b) => vec![format!("remember branch {b}")],
-        Effect::TurnEnded => vec!["turn ended".into()],
     }
 }
 
@@ -336,7 +340,7 @@ fn a_first_prompt_spawns_a_sandbox_which_runs_it_and_acknowledges_what_it_stored
            save link
            to sandbox: ack 3
            remember branch nightshift/ses_1
-           turn ended",
+           save snapshots",
     );
 }
 
@@ -414,7 +418,7 @@ fn a_sandbox_that_dies_before_it_started_the_prompt_hands_it_to_the_next_sandbox
            save link
            to sandbox: ack 3
            remember branch nightshift/ses_1
-           turn ended
+           save snapshots
          sandbox: closes
            save link
          alice: prompt p2
@@ -428,7 +432,8 @@ fn a_sandbox_that_dies_before_it_started_the_prompt_hands_it_to_the_next_sandbox
            terminate sbx_1
            save link
            store sandbox.status spawning: asking the provider for a sandbox
-           spawn token_2",
+           spawn token_2
+           save snapshots",
     );
 }
 
@@ -627,7 +632,8 @@ fn ending_the_session_snapshots_and_terminates_its_sandbox() {
            save link
            close sandbox 4005
            store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
-           final snapshot of sbx_1
+           save snapshots
+           snapshot sbx_1 for turn 0
            terminate sbx_1",
     );
 }

@@ -371,3 +371,110 @@ async fn client_limit_locks_and_expiry() {
     assert_eq!(c1.close_frame(secs(10)).await, Some(4000), "c1 was swept");
     assert_eq!(c2b.close_frame(secs(10)).await, Some(4000), "c2 was swept");
 }
+
+#[tokio::test]
+async fn a_prompt_retried_with_its_idempotency_key_is_stored_once() {
+    // `none`: prompts stay where the queue puts them, so nothing races the checks.
+    let server = Server::start(&[("PROMPT_RUNNER", "none")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let (id, invite) = api.create_session(&ada, "Retry").await;
+    api.join(&bob, &id, &invite).await;
+    let url = format!("{}/multiplayer/{id}/prompt", api.base);
+    let post = |who: &nightshift_tests::User, key: Option<String>, body: Value| {
+        let mut rb = api.http.post(&url).bearer_auth(&who.token).json(&body);
+        if let Some(k) = key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        async move {
+            let resp = rb.send().await.expect("request");
+            let st = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (st, v)
+        }
+    };
+    let body = json!({"text": "fix the build"});
+    let key = || Some("retry-1 ~!".to_string());
+
+    let (st, first) = post(&ada, key(), body.clone()).await;
+    assert_eq!(st, 202, "{first}");
+    let pid = first["id"].as_str().expect("id").to_string();
+    assert!(first.get("client_key").is_none(), "{first}");
+    // The retry answers 200 with the stored prompt, as it is now.
+    let (st, again) = post(&ada, key(), body.clone()).await;
+    assert_eq!(
+        (st, again["id"].as_str()),
+        (200, Some(pid.as_str())),
+        "{again}"
+    );
+    assert_eq!(again["status"], "running");
+    // The body's `key` is the same key; the socket frame's too.
+    let (st, in_body) = post(
+        &ada,
+        None,
+        json!({"text": "fix the build", "key": "retry-1 ~!"}),
+    )
+    .await;
+    assert_eq!(
+        (st, in_body["id"].as_str()),
+        (200, Some(pid.as_str())),
+        "{in_body}"
+    );
+    let mut ws = api.connect(&ada, &id, "ada-tab", 0).await;
+    ws.send(json!({"type":"prompt","text":"fix the build","key":"retry-1 ~!","ref":"r1"}))
+        .await;
+    let ack = ws
+        .until(secs(5), "prompt ack", |v| {
+            v["type"] == "ack" && v["ref"] == "r1"
+        })
+        .await;
+    assert_eq!(ack["result"]["id"].as_str(), Some(pid.as_str()), "{ack}");
+    // Bob's same key is his own prompt.
+    let (st, bobs) = post(&bob, key(), body.clone()).await;
+    assert_eq!(st, 202, "{bobs}");
+    assert_ne!(bobs["id"].as_str(), Some(pid.as_str()));
+    // Malformed or conflicting keys are refused.
+    let (st, bad) = post(&ada, Some("k".repeat(129)), body.clone()).await;
+    assert_eq!(
+        (st, bad["error"]["code"].as_str()),
+        (400, Some("invalid_input"))
+    );
+    let (st, bad) = post(&ada, Some("a".into()), json!({"text": "x", "key": "b"})).await;
+    assert_eq!(
+        (st, bad["error"]["code"].as_str()),
+        (400, Some("invalid_input"))
+    );
+
+    // One prompt of Ada's, one prompt.queued for it, and the key shown nowhere.
+    let (_, q) = api
+        .call("GET", &format!("/multiplayer/{id}/prompts"), &bob, None)
+        .await;
+    assert_eq!(q["running"]["id"].as_str(), Some(pid.as_str()), "{q}");
+    let queued = q["queued"].as_array().cloned().unwrap_or_default();
+    assert_eq!(queued.len(), 1, "only Bob's waits: {q}");
+    assert_eq!(queued[0]["id"], bobs["id"]);
+    assert!(!q.to_string().contains("retry-1"), "{q}");
+    let (_, ev) = api
+        .call(
+            "GET",
+            &format!("/multiplayer/{id}/events?since=0"),
+            &bob,
+            None,
+        )
+        .await;
+    let queued_ids: Vec<&str> = ev["events"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["type"] == "prompt.queued")
+                .filter_map(|e| e["prompt"]["id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        queued_ids,
+        vec![pid.as_str(), bobs["id"].as_str().unwrap_or("")]
+    );
+    assert!(!ev.to_string().contains("retry-1"), "{ev}");
+}
