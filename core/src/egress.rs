@@ -320,6 +320,26 @@ mod tests {
         ));
     }
 
+    /// A port is split off only after a host, or after a whole bracketed IPv6 literal: text
+    /// between the `]` and the last `:` makes the authority malformed, so it is not read as a
+    /// host and port that a wildcard pattern could allow.
+    #[test]
+    fn a_malformed_bracketed_authority_is_not_split_into_host_and_port() {
+        let p = Policy::with_defaults(&["*.example.com:8443".into()]);
+        let check = |u: &str| check_clone_url(u, false, false, &p);
+        assert_eq!(
+            check("https://git.example.com:8443/a.git"),
+            Ok(CloneSource::Remote {
+                host: "git.example.com".into(),
+                port: 8443
+            })
+        );
+        assert_eq!(
+            check("https://[x]git.example.com:8443/a.git"),
+            Err(CloneUrlError::NotAllowed("x]git.example.com:8443".into()))
+        );
+    }
+
     #[test]
     fn clone_urls_are_checked_against_mode_and_policy() {
         let p = Policy::with_defaults(&["git.example.com".into()]);

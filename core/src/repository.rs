@@ -367,4 +367,148 @@ mod tests {
         assert_eq!(r.latest.as_deref(), Some("img_1"));
         assert_eq!(cron_slot(61 * 60_000, 30), Some(2));
     }
+
+    #[test]
+    fn errors_have_their_http_status() {
+        let not_ready = RepoError::ImageNotReady {
+            id: "img".into(),
+            status: "failed".into(),
+        };
+        assert_eq!(
+            [
+                RepoError::Invalid("x".into()).status(),
+                RepoError::ImageNotFound("img".into()).status(),
+                not_ready.status(),
+            ],
+            [400, 404, 409]
+        );
+    }
+
+    /// Each bound is inclusive: the settings are taken exactly at it and refused one past it.
+    #[test]
+    fn validation_bounds_are_inclusive() {
+        let check = |f: &dyn Fn(&mut Settings)| {
+            let mut s = settings();
+            f(&mut s);
+            s.validate().map_err(|e| e.code())
+        };
+        let ok = Ok(());
+        let bad = Err("invalid_repository");
+        // The name: 1 to 100 of letters, digits, '-', '_', '.', not starting with '.'.
+        assert_eq!(check(&|s| s.name = "a".repeat(100)), ok);
+        assert_eq!(check(&|s| s.name = "a".repeat(101)), bad);
+        assert_eq!(check(&|s| s.name = "A-z_0.9".into()), ok);
+        for name in ["", "a/b", "a b", "é", ".hidden"] {
+            assert_eq!(check(&|s| s.name = name.into()), bad, "{name:?}");
+        }
+        // The clone URL: not blank, at most 2048 bytes.
+        assert_eq!(check(&|s| s.clone_url = "u".repeat(2048)), ok);
+        assert_eq!(check(&|s| s.clone_url = "u".repeat(2049)), bad);
+        // The base branch: 1 to 200 bytes, no leading '-', no "..", no space.
+        assert_eq!(check(&|s| s.base_branch = "b".repeat(200)), ok);
+        assert_eq!(check(&|s| s.base_branch = "b".repeat(201)), bad);
+        assert_eq!(check(&|s| s.base_branch = "feature/x-1".into()), ok);
+        for b in ["", "-x", "a..b", "a b"] {
+            assert_eq!(check(&|s| s.base_branch = b.into()), bad, "{b:?}");
+        }
+        // Setup: at most 50 commands; setup and test commands non-blank, at most 4096 bytes.
+        assert_eq!(check(&|s| s.setup = vec!["make".into(); 50]), ok);
+        assert_eq!(check(&|s| s.setup = vec!["make".into(); 51]), bad);
+        assert_eq!(check(&|s| s.setup = vec!["x".repeat(4096)]), ok);
+        assert_eq!(check(&|s| s.setup = vec!["x".repeat(4097)]), bad);
+        assert_eq!(check(&|s| s.test = Some("cargo test".into())), ok);
+        assert_eq!(check(&|s| s.test = Some("x".repeat(4096))), ok);
+        assert_eq!(check(&|s| s.test = Some("x".repeat(4097))), bad);
+        assert_eq!(check(&|s| s.test = Some(" ".into())), bad);
+        // The pool: at most MAX_POOL warm sandboxes.
+        assert_eq!(check(&|s| s.pool_size = MAX_POOL), ok);
+        assert_eq!(check(&|s| s.pool_size = MAX_POOL + 1), bad);
+        // Scheduled builds: at most once a week apart (0: on demand only).
+        assert_eq!(check(&|s| s.build_every_min = 0), ok);
+        assert_eq!(check(&|s| s.build_every_min = 10_080), ok);
+        assert_eq!(check(&|s| s.build_every_min = 10_081), bad);
+    }
+
+    #[test]
+    fn has_reason_and_building_tell_builds_apart() {
+        let mut r = Registry::default();
+        assert!(!r.has_reason("manual"));
+        assert_eq!(r.building(), None);
+        r.started("img_1", "manual", 0);
+        r.finished("img_1", true, None, None, None, 1);
+        assert!(r.has_reason("manual"));
+        assert!(!r.has_reason("cron:7"));
+        assert_eq!(r.building(), None, "a ready build is not building");
+        r.started("img_2", "cron:7", 2);
+        assert!(r.has_reason("cron:7"));
+        assert_eq!(r.building().map(|b| b.image.as_str()), Some("img_2"));
+    }
+
+    #[test]
+    fn finished_takes_only_the_running_build_of_that_image() {
+        let mut r = Registry::default();
+        r.started("img_1", "manual", 0);
+        r.finished("img_1", true, Some("c1".into()), None, None, 1);
+        r.started("img_2", "manual", 2);
+        // A second answer for an image already finished changes nothing.
+        let f = r.finished("img_1", false, None, None, Some("late".into()), 3);
+        assert_eq!(f.new_latest, None);
+        assert_eq!(
+            (r.builds[0].status.as_str(), r.builds[0].error.as_deref()),
+            ("ready", None)
+        );
+        assert_eq!(r.builds[1].status, "building");
+        // Nor does one for an unknown image.
+        let f = r.finished("img_9", true, None, None, None, 4);
+        assert_eq!((f.new_latest, r.latest.as_deref()), (None, Some("img_1")));
+        let f = r.finished("img_2", true, None, None, None, 5);
+        assert_eq!(f.new_latest.as_deref(), Some("img_2"));
+        assert_eq!(r.builds[1].finished_at, Some(5));
+    }
+
+    /// The history keeps HISTORY builds; past it the oldest that is neither the latest nor
+    /// running goes, and only a ready one is reported for deletion at the provider.
+    #[test]
+    fn history_is_bounded_and_never_drops_the_latest_or_a_running_build() {
+        let mut r = Registry::default();
+        // img_0 stays running throughout; img_1 fails; the rest are ready.
+        r.started("img_0", "manual", 0);
+        r.started("img_1", "manual", 0);
+        r.finished("img_1", false, None, None, Some("setup_failed".into()), 0);
+        for i in 2..HISTORY {
+            let img = format!("img_{i}");
+            r.started(&img, "manual", i as u64);
+            let f = r.finished(&img, true, None, None, None, i as u64);
+            assert_eq!(f.dropped, Vec::<String>::new(), "{img}");
+        }
+        assert_eq!(r.builds.len(), HISTORY, "exactly HISTORY are all kept");
+        // The oldest ready image is made latest again; later builds fail, so it stays latest.
+        r.rollback("img_2").expect("rollback");
+        // One past the bound: the failed img_1 goes, unreported (the provider kept no image).
+        r.started("img_20", "manual", 20);
+        let f = r.finished("img_20", false, None, None, None, 20);
+        assert_eq!(f.dropped, Vec::<String>::new());
+        assert_eq!(r.builds.len(), HISTORY);
+        assert!(r.builds.iter().all(|b| b.image != "img_1"));
+        // Next: not the running img_0, not the latest img_2, but the ready img_3.
+        r.started("img_21", "manual", 21);
+        let f = r.finished("img_21", false, None, None, None, 21);
+        assert_eq!(f.dropped, vec!["img_3".to_string()]);
+        assert_eq!(r.builds.len(), HISTORY);
+        assert_eq!(
+            (r.builds[0].image.as_str(), r.builds[0].status.as_str()),
+            ("img_0", "building"),
+            "the running build stays"
+        );
+        assert_eq!(r.builds[1].image, "img_2", "the latest stays");
+        assert_eq!(r.latest.as_deref(), Some("img_2"));
+    }
+
+    #[test]
+    fn no_cron_slot_without_an_interval() {
+        assert_eq!(cron_slot(123_456, 0), None);
+        assert_eq!(cron_slot(0, 0), None);
+        assert_eq!(cron_slot(59_999, 1), Some(0));
+        assert_eq!(cron_slot(60_000, 1), Some(1));
+    }
 }

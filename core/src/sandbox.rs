@@ -315,4 +315,151 @@ mod tests {
         l.stage = Stage::Lost;
         assert!(!l.is_lost(99_999, 30_000, 5_000));
     }
+
+    #[test]
+    fn intake_moves_the_stage_on_status_events() {
+        let status = |stage: &str| AgentEvent::Status {
+            stage: stage.into(),
+            detail: "d".into(),
+        };
+        let l = SandboxLink::spawning("h".into(), 0);
+        let stage_after = |stages: &[&str]| {
+            let batch = stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as u64 + 1, status(s)))
+                .collect();
+            l.intake(batch).stage
+        };
+        assert_eq!(stage_after(&["syncing"]), Some(Stage::Syncing));
+        assert_eq!(stage_after(&["starting"]), Some(Stage::Syncing));
+        assert_eq!(stage_after(&["ready"]), Some(Stage::Ready));
+        assert_eq!(stage_after(&["failed"]), Some(Stage::Failed));
+        // Another stage name is taken in as an event but moves nothing.
+        assert_eq!(stage_after(&["cloning"]), None);
+        assert_eq!(stage_after(&[]), None);
+        // The latest reported stage wins, and an unknown one does not undo it.
+        assert_eq!(
+            stage_after(&["syncing", "ready", "cloning"]),
+            Some(Stage::Ready)
+        );
+        assert_eq!(stage_after(&["ready", "failed"]), Some(Stage::Failed));
+        assert_eq!(
+            stage_after(&["starting", "failed", "syncing"]),
+            Some(Stage::Syncing)
+        );
+        // Events that are not statuses move nothing.
+        let done = AgentEvent::Done {
+            prompt: "p".into(),
+            ok: false,
+            reason: Some("failed".into()),
+            branch: None,
+            commit: None,
+        };
+        let i = l.intake(vec![(1, done.clone())]);
+        assert_eq!((i.stage, i.accepted), (None, vec![done]));
+    }
+
+    #[test]
+    fn deadlines_for_spawning_connected_and_disconnected() {
+        let (heartbeat, grace) = (30_000, 5_000);
+        let mut l = SandboxLink::spawning("h".into(), 0);
+        l.last_seen = 7_000;
+        assert_eq!(l.deadline(heartbeat, grace), Some(7_000 + SPAWN_POLL_MS));
+        for stage in [Stage::Syncing, Stage::Ready] {
+            l.stage = stage;
+            assert_eq!(l.deadline(heartbeat, grace), Some(37_000), "{stage:?}");
+        }
+        l.disconnected_at = Some(9_000);
+        assert_eq!(l.deadline(heartbeat, grace), Some(14_000));
+        l.stage = Stage::Spawning;
+        assert_eq!(l.deadline(heartbeat, grace), Some(14_000));
+        for stage in [Stage::None, Stage::Stopped, Stage::Lost, Stage::Failed] {
+            l.stage = stage;
+            assert_eq!(l.deadline(heartbeat, grace), None, "{stage:?}");
+        }
+    }
+
+    #[test]
+    fn events_name_their_prompt() {
+        let p = || "pr_1".to_string();
+        let with_prompt = [
+            AgentEvent::Text {
+                prompt: p(),
+                text: "t".into(),
+            },
+            AgentEvent::Tool {
+                prompt: p(),
+                call: "c".into(),
+                tool: "bash".into(),
+                status: "done".into(),
+                input: None,
+                output: None,
+                error: None,
+            },
+            AgentEvent::Step {
+                prompt: p(),
+                reason: None,
+                tokens: Value::Null,
+                cost: Value::Null,
+            },
+            AgentEvent::Error {
+                prompt: p(),
+                message: "m".into(),
+            },
+            AgentEvent::Accepted { prompt: p() },
+            AgentEvent::Done {
+                prompt: p(),
+                ok: true,
+                reason: None,
+                branch: None,
+                commit: None,
+            },
+        ];
+        for ev in &with_prompt {
+            assert_eq!(ev.prompt(), Some("pr_1"), "{ev:?}");
+        }
+        let without = [
+            AgentEvent::Status {
+                stage: "ready".into(),
+                detail: "pr_1".into(),
+            },
+            AgentEvent::Blocked {
+                tool: "bash".into(),
+                message: "pr_1".into(),
+            },
+            AgentEvent::EgressBlocked {
+                host: "pr_1".into(),
+                tool: None,
+            },
+        ];
+        for ev in &without {
+            assert_eq!(ev.prompt(), None, "{ev:?}");
+        }
+    }
+
+    /// The counters are stored only when set: a link that never used them keeps its older
+    /// stored shape, and set ones are written and read back.
+    #[test]
+    fn counters_are_stored_only_when_set() {
+        let mut l = SandboxLink::spawning("h".into(), 0);
+        let stored = serde_json::to_value(&l).expect("json");
+        for key in ["handovers", "failures", "prompt_events", "prompt_bytes"] {
+            assert!(stored.get(key).is_none(), "{key}");
+        }
+        (l.handovers, l.failures, l.prompt_events, l.prompt_bytes) = (1, 2, 3, 4);
+        let stored = serde_json::to_value(&l).expect("json");
+        for (key, n) in [
+            ("handovers", 1),
+            ("failures", 2),
+            ("prompt_events", 3),
+            ("prompt_bytes", 4),
+        ] {
+            assert_eq!(stored[key], n, "{key}");
+        }
+        assert_eq!(
+            serde_json::from_value::<SandboxLink>(stored).expect("json"),
+            l
+        );
+    }
 }
