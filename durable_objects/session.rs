@@ -543,6 +543,26 @@ impl SessionObject {
                 let gone = snapshots::delete(&self.env, &ids).await;
                 return Ok(vec![Input::SnapshotsDeleted { ids: gone }]);
             }
+            Effect::SweepSandboxes => {
+                let session = self.read(|s, _| s.meta.id.clone())?;
+                let keep = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
+                let path = format!("/v1/sandboxes?session_id={session}");
+                if let Ok((200, v)) = provider::call(&self.env, Method::Get, &path, None).await {
+                    let listed = v["sandboxes"].as_array().cloned().unwrap_or_default();
+                    for sandbox in listed {
+                        let id = sandbox["id"].as_str().unwrap_or_default();
+                        if id.is_empty()
+                            || Some(id) == keep.as_deref()
+                            || sandbox["status"] == "terminated"
+                        {
+                            continue;
+                        }
+                        if let Err(e) = provider::terminate(&self.env, id).await {
+                            console_error!("terminating stray sandbox {id}: {}", e.message);
+                        }
+                    }
+                }
+            }
             Effect::SaveSnapshots => {
                 let snaps = self.read_hosted(|h, _| h.snapshots.clone())?;
                 snapshots::save(&sql, &snaps)?;

@@ -284,6 +284,9 @@ pub enum Effect {
     },
     /// Store the session's snapshot list as it is now.
     SaveSnapshots,
+    /// Terminate every sandbox the provider holds for this session (one whose id the session
+    /// never learned: its create was never answered, or it never dialled in).
+    SweepSandboxes,
     /// The runner in the object (no sandboxes): start or abort a prompt.
     RunnerStart {
         prompt: String,
@@ -813,7 +816,13 @@ impl HostedSession {
             .saturating_mul(1 << l.failures.saturating_sub(1).min(16))
             .min(MAX_RETRY_MS);
         l.retry_at = Some(now + wait);
+        let sandbox = l.sandbox.clone();
         fx.push(Effect::SaveLink);
+        // A sandbox that could not start is of no more use; its resources go back.
+        fx.push(match sandbox {
+            Some(sandbox) => Effect::Terminate { sandbox },
+            None => Effect::SweepSandboxes,
+        });
         self.status("failed", message.to_string(), now, entropy, fx);
         self.fail_running(&format!("sandbox_failed: {message}"), now, entropy, fx);
     }
@@ -1034,6 +1043,9 @@ impl HostedSession {
             );
         }
         if stage == Stage::Failed {
+            if let Some(sandbox) = self.link.as_ref().and_then(|l| l.sandbox.clone()) {
+                fx.push(Effect::Terminate { sandbox });
+            }
             self.fail_running(
                 "sandbox_failed: the sandbox could not start the agent; see its logs",
                 now,

@@ -113,6 +113,7 @@ fn effect(e: &Effect) -> Vec<String> {
         )],
         Effect::DeleteSnapshots { ids } => vec![format!("delete snapshots {}", ids.join(","))],
         Effect::SaveSnapshots => vec!["save snapshots".into()],
+        Effect::SweepSandboxes => vec!["sweep the session's sandboxes".into()],
         Effect::RunnerStart { prompt } => vec![format!("runner start {prompt}")],
         Effect::RunnerAbort { prompt } => vec![format!("runner abort {prompt}")],
         Effect::RememberBranch(b) => vec![format!("remember branch {b}")],
@@ -367,6 +368,7 @@ fn a_failed_spawn_fails_only_the_prompt_it_was_for_and_the_next_spawn_backs_off(
            store prompt.queued p3
          provider: refuses the provider is down
            save link
+           sweep the session's sandboxes
            store sandbox.status failed: the provider is down
            store prompt.finished p1 ok=false: sandbox_failed: the provider is down
            store prompt.started p2
@@ -376,6 +378,7 @@ fn a_failed_spawn_fails_only_the_prompt_it_was_for_and_the_next_spawn_backs_off(
            spawn token_2
          provider: refuses still down
            save link
+           sweep the session's sandboxes
            store sandbox.status failed: still down
            store prompt.finished p2 ok=false: sandbox_failed: still down
            store prompt.started p3
@@ -532,6 +535,7 @@ fn typing_after_a_failed_spawn_does_not_spawn_again_until_someone_prompts() {
            spawn token_1
          provider: refuses no capacity
            save link
+           sweep the session's sandboxes
            store sandbox.status failed: no capacity
          typing
          alarm +5s
@@ -594,6 +598,7 @@ fn a_spawning_sandbox_that_the_provider_lost_fails_its_prompt() {
            poll sbx_1
          provider: says sbx_1 gone
            save link
+           terminate sbx_1
            store sandbox.status failed: the provider no longer knows this sandbox
            store prompt.finished p1 ok=false: sandbox_failed: the provider no longer knows this sandbox",
     );
