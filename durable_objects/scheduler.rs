@@ -1,7 +1,9 @@
 //! The SchedulerObject Durable Object: one per tenant shard — background agents' limits, fair queue and statuses (rules in core `background`); each agent runs as its own session.
 
+use futures_util::lock::Mutex;
 use futures_util::stream;
 use nightshift_core::background::{BgError, Scheduler, Spawn, Status, Transition};
+use nightshift_core::budget::{Holding, Request as SlotRequest};
 use nightshift_core::ids::Identity;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -121,6 +123,12 @@ struct BodyRow {
 }
 
 #[derive(Deserialize)]
+struct KvRow {
+    k: String,
+    body: String,
+}
+
+#[derive(Deserialize)]
 struct EventRow {
     seq: i64,
     body: String,
@@ -145,11 +153,18 @@ impl Viewer {
 pub struct SchedulerObject {
     state: State,
     env: Env,
+    /// One exchange with the global budget at a time: each exchange's report then counts every
+    /// earlier answer (core `budget`).
+    budget_turn: Mutex<()>,
 }
 
 impl DurableObject for SchedulerObject {
     fn new(state: State, env: Env) -> Self {
-        SchedulerObject { state, env }
+        SchedulerObject {
+            state,
+            env,
+            budget_turn: Mutex::new(()),
+        }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
@@ -188,7 +203,9 @@ impl SchedulerObject {
             .unwrap_or_else(|| "default".into())
     }
 
-    fn scheduler(&self) -> ApiResult<Scheduler> {
+    /// The scheduler as stored, with the limits of the configuration (they may change between
+    /// deploys).
+    fn stored_scheduler(&self) -> ApiResult<Scheduler> {
         let rows: Vec<BodyRow> = self
             .sql()?
             .exec("SELECT body FROM kv WHERE k = 'scheduler'", None)?
@@ -197,75 +214,110 @@ impl SchedulerObject {
             Some(r) => serde_json::from_str(&r.body).map_err(ApiError::internal)?,
             None => Scheduler::default(),
         };
-        // Limits come from the configuration (they may change between deploys); the shard runs
-        // at most as many as it holds slots of the global budget.
         s.limits = config::background_limits(&self.env);
-        s.limits.max_concurrent = s.limits.max_concurrent.min(self.held()?);
         Ok(s)
     }
 
-    /// Slots of the global budget this shard holds.
-    fn held(&self) -> ApiResult<u32> {
-        let rows: Vec<BodyRow> = self
-            .sql()?
-            .exec("SELECT body FROM kv WHERE k = 'held'", None)?
-            .to_array()?;
-        Ok(rows.first().and_then(|r| r.body.parse().ok()).unwrap_or(0))
+    /// The scheduler to act with: it runs at most as many agents as the shard holds slots of
+    /// the global budget.
+    fn scheduler(&self) -> ApiResult<Scheduler> {
+        let mut s = self.stored_scheduler()?;
+        s.hold(self.holding()?.held);
+        Ok(s)
     }
 
-    fn set_held(&self, n: u32) -> ApiResult<()> {
-        self.sql()?.exec(
-            "INSERT OR REPLACE INTO kv (k, body) VALUES ('held', ?)",
-            vec![n.to_string().into()],
-        )?;
+    /// The shard's holding of the global budget (`kv` keys `held` and `budget_seq`).
+    fn holding(&self) -> ApiResult<Holding> {
+        let rows: Vec<KvRow> = self
+            .sql()?
+            .exec(
+                "SELECT k, body FROM kv WHERE k IN ('held', 'budget_seq')",
+                None,
+            )?
+            .to_array()?;
+        let value = |k: &str| rows.iter().find(|r| r.k == k).map(|r| r.body.as_str());
+        Ok(Holding {
+            held: value("held").and_then(|b| b.parse().ok()).unwrap_or(0),
+            seq: value("budget_seq")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0),
+        })
+    }
+
+    fn save_holding(&self, h: &Holding) -> ApiResult<()> {
+        let sql = self.sql()?;
+        for (k, v) in [
+            ("held", h.held.to_string()),
+            ("budget_seq", h.seq.to_string()),
+        ] {
+            sql.exec(
+                "INSERT OR REPLACE INTO kv (k, body) VALUES (?, ?)",
+                vec![k.into(), v.into()],
+            )?;
+        }
         Ok(())
     }
 
-    /// Holds as many global slots as the shard can use now (running + waiting + `extra`, up to
-    /// its own limit): asks for more, gives back the rest (waking shards that wait for them).
-    /// Returns whether it got more.
-    async fn rebalance(&self, shard: &str, extra: u32) -> ApiResult<bool> {
-        let cfg = config::background_limits(&self.env);
-        let s = self.scheduler()?;
-        let active = s.agents.values().filter(|a| a.status.is_active()).count() as u32;
-        let want = cfg.max_concurrent.min(active + s.queued() + extra);
-        let held = self.held()?;
-        let budget = self.env.durable_object("BUDGET")?.get_by_name("global")?;
-        if want > held {
-            let body = json!({"shard": shard, "n": want - held})
-                .to_string()
-                .into_bytes();
-            let mut r = call(&budget, Method::Post, "/acquire", None, Some(body)).await?;
+    /// Holds as many global slots as the shard can use now (core `Scheduler::slots_wanted`, with
+    /// `extra` agents about to be spawned): asks for more or gives back the rest, in one
+    /// exchange that carries the shard's report (with nothing to change, it still reports when
+    /// `report`: woken by the budget). Wakes the shards the answer names. Returns whether it got
+    /// more.
+    async fn rebalance(&self, shard: &str, extra: u32, report: bool) -> ApiResult<bool> {
+        let (got, wake) = {
+            let _turn = self.budget_turn.lock().await;
+            let wanted = self.stored_scheduler()?.slots_wanted(extra);
+            let mut holding = self.holding()?;
+            let Some(ex) = holding.ask(wanted, report) else {
+                return Ok(false);
+            };
+            // Stored before asking: released slots are given up whatever the call's fate, and
+            // the exchange number is never reused.
+            self.save_holding(&holding)?;
+            let path = match ex.request {
+                SlotRequest::Acquire(_) => "/acquire",
+                SlotRequest::Release(_) => "/release",
+            };
+            let body = json!({"shard": shard, "n": ex.request.n(), "held": ex.report.held,
+                "seq": ex.report.seq});
+            let budget = self.env.durable_object("BUDGET")?.get_by_name("global")?;
+            let mut r = call(
+                &budget,
+                Method::Post,
+                path,
+                None,
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
             let v: Value = r.json().await.map_err(ApiError::internal)?;
-            let granted = v["granted"].as_u64().unwrap_or(0) as u32;
-            // Re-read: another request of this shard may have changed it meanwhile.
-            self.set_held(self.held()? + granted)?;
-            return Ok(granted > 0);
-        }
-        if held > want {
-            let n = held - want;
-            self.set_held(held - n)?;
-            let body = json!({"shard": shard, "n": n}).to_string().into_bytes();
-            let mut r = call(&budget, Method::Post, "/release", None, Some(body)).await?;
-            let v: Value = r.json().await.map_err(ApiError::internal)?;
-            for w in v["wake"].as_array().cloned().unwrap_or_default() {
-                let Some(w) = w.as_str() else { continue };
-                let woke =
-                    on_shard(&self.env, w, "budget:", Method::Post, "/wake", None, None).await;
-                if let Err(e) = woke {
-                    console_error!("waking shard {w}: {}", e.message);
-                }
+            let granted = v["granted"]
+                .as_u64()
+                .and_then(|g| u32::try_from(g).ok())
+                .unwrap_or(0);
+            let mut holding = self.holding()?;
+            let got = holding.granted(granted);
+            self.save_holding(&holding)?;
+            (got, v["wake"].as_array().cloned().unwrap_or_default())
+        };
+        for w in wake {
+            let Some(w) = w.as_str() else { continue };
+            let woke = on_shard(&self.env, w, "budget:", Method::Post, "/wake", None, None).await;
+            if let Err(e) = woke {
+                console_error!("waking shard {w}: {}", e.message);
             }
         }
-        Ok(false)
+        Ok(got)
     }
 
-    /// After a change: settle the slots, and start whatever newly granted slots allow.
-    async fn rebalanced(&self, shard: &str) -> ApiResult<()> {
+    /// After a change: settle the slots, and start whatever newly granted slots allow (`report`:
+    /// the first exchange reports even with nothing to change).
+    async fn rebalanced(&self, shard: &str, report: bool) -> ApiResult<()> {
+        let mut report = report;
         for _ in 0..4 {
-            if !self.rebalance(shard, 0).await? {
+            if !self.rebalance(shard, 0, report).await? {
                 return Ok(());
             }
+            report = false;
             let mut s = self.scheduler()?;
             let ts = s.schedule();
             self.save_scheduler(&s)?;
@@ -381,14 +433,14 @@ impl SchedulerObject {
             (Method::Post, ["spawn"]) => {
                 let shard = self.shard(&req);
                 let b: SpawnBody = req.json().await.map_err(ApiError::internal)?;
-                self.rebalance(&shard, 1).await?;
+                self.rebalance(&shard, 1, false).await?;
                 let r = self.spawn(b, &shard).await;
-                self.rebalanced(&shard).await?;
+                self.rebalanced(&shard, false).await?;
                 r
             }
             (Method::Post, ["wake"]) => {
                 let shard = self.shard(&req);
-                self.rebalanced(&shard).await?;
+                self.rebalanced(&shard, true).await?;
                 json_of(200, &json!({"ok": true}))
             }
             (Method::Get, ["agents"]) => {
@@ -436,7 +488,7 @@ impl SchedulerObject {
                 let ts = s.cancel(&r.id).map_err(bg)?;
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
-                self.rebalanced(&self.shard(&req)).await?;
+                self.rebalanced(&self.shard(&req), false).await?;
                 let r = self.visible(&viewer, id)?;
                 json_of(200, &agent_json(&r))
             }
@@ -468,7 +520,7 @@ impl SchedulerObject {
                 let shard = self.shard(&req);
                 let f: Finished = req.json().await.map_err(ApiError::internal)?;
                 let r = self.finished(&f.id, f.ok, f.result).await;
-                self.rebalanced(&shard).await?;
+                self.rebalanced(&shard, false).await?;
                 r
             }
             (Method::Post, ["parent-ended"]) => {
@@ -478,7 +530,7 @@ impl SchedulerObject {
                 let ts = s.cancel_children_of(&session);
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
-                self.rebalanced(&self.shard(&req)).await?;
+                self.rebalanced(&self.shard(&req), false).await?;
                 json_of(200, &json!({"ok": true}))
             }
             _ => Err(EdgeError::NotFound("route").into()),

@@ -199,6 +199,23 @@ impl Scheduler {
             .count() as u32
     }
 
+    /// Slots of the global budget the shard can use now: its starting, running and queued
+    /// agents plus `extra` about to be spawned, at most its own `max_concurrent` (call it
+    /// before `hold` lowers that limit to the holding).
+    pub fn slots_wanted(&self, extra: u32) -> u32 {
+        let demand = self
+            .active(|_| true)
+            .saturating_add(self.queued())
+            .saturating_add(extra);
+        self.limits.max_concurrent.min(demand)
+    }
+
+    /// The shard holds `held` slots of the global budget: it runs at most that many agents at
+    /// once (its own limit, or the holding when that is smaller).
+    pub fn hold(&mut self, held: u32) {
+        self.limits.max_concurrent = self.limits.max_concurrent.min(held);
+    }
+
     /// Adds an agent (queued), then starts whatever the limits allow. Refused — never
     /// dropped — when it would nest too deep, exceed the parent's fan-out, or overflow the queue.
     pub fn spawn(&mut self, s: Spawn) -> Result<Vec<Transition>, BgError> {
@@ -465,5 +482,101 @@ mod tests {
             s.cancel("p").map_err(|e| e.code()),
             Err("invalid_transition")
         );
+    }
+
+    #[test]
+    fn statuses_have_wire_names_and_errors_http_statuses() {
+        use Status::*;
+        let names: Vec<&str> = [Queued, Starting, Running, Completed, Failed, Cancelled]
+            .into_iter()
+            .map(Status::as_str)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "queued",
+                "starting",
+                "running",
+                "completed",
+                "failed",
+                "cancelled"
+            ]
+        );
+        // The wire name is the stored (serde) name.
+        for st in [Queued, Starting, Running, Completed, Failed, Cancelled] {
+            assert_eq!(
+                serde_json::to_value(st).expect("json"),
+                serde_json::json!(st.as_str())
+            );
+        }
+        let statuses: Vec<(&str, u16)> = [
+            BgError::QueueFull { max: 1 },
+            BgError::TooDeep { depth: 4, max: 3 },
+            BgError::TooManyChildren { max: 2 },
+            BgError::NotFound("a".into()),
+            BgError::InvalidTransition {
+                id: "a".into(),
+                status: "completed".into(),
+                to: "running".into(),
+            },
+            BgError::NotYours("a".into()),
+            BgError::Invalid("x".into()),
+        ]
+        .iter()
+        .map(|e| (e.code(), e.status()))
+        .collect();
+        assert_eq!(
+            statuses,
+            [
+                ("queue_full", 429),
+                ("too_deep", 429),
+                ("too_many_children", 429),
+                ("agent_not_found", 404),
+                ("invalid_transition", 409),
+                ("not_your_agent", 403),
+                ("invalid_input", 400),
+            ]
+        );
+    }
+
+    /// First come, first started within a user, whatever the ids' order: the arrival numbers
+    /// follow the spawns, and `next_arrival` is the last one handed out (as stored), so a
+    /// spawn after a restore comes after every agent already there.
+    #[test]
+    fn arrival_follows_spawn_order_not_ids() {
+        let limits = Limits {
+            max_concurrent: 1,
+            ..Limits::default()
+        };
+        let mut s = Scheduler::new(limits);
+        for id in ["m", "z", "a", "k"] {
+            spawn(&mut s, id, "ada", None);
+            assert_eq!(s.agents[id].arrival, s.next_arrival, "{id}");
+        }
+        let arrivals: Vec<u64> = ["m", "z", "a", "k"]
+            .iter()
+            .map(|id| s.agents[*id].arrival)
+            .collect();
+        assert_eq!(arrivals, [1, 2, 3, 4]);
+        let started = |t: Vec<Transition>| {
+            t.into_iter()
+                .filter(|t| t.to == Status::Starting)
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        };
+        s.transition("m", Status::Running).expect("run");
+        let next = s.transition("m", Status::Completed).expect("done");
+        assert_eq!(started(next), ["z"]);
+        // Restored from storage: a new spawn ("b", before "z"'s and "k"'s ids) waits behind both.
+        let mut s: Scheduler =
+            serde_json::from_value(serde_json::to_value(&s).expect("json")).expect("json");
+        spawn(&mut s, "b", "ada", None);
+        assert_eq!(s.agents["b"].arrival, 5);
+        let next = s.transition("z", Status::Failed).expect("fail");
+        assert_eq!(started(next), ["a"]);
+        let next = s.cancel("a").expect("cancel");
+        assert_eq!(started(next), ["k"]);
+        let next = s.transition("k", Status::Failed).expect("fail");
+        assert_eq!(started(next), ["b"]);
     }
 }

@@ -1,6 +1,7 @@
-//! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, background agents, warm pools, images and snapshots, with no I/O.
+//! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, background agents and their global budget, warm pools, images and snapshots, with no I/O.
 
 pub mod background;
+pub mod budget;
 pub mod check;
 pub mod egress;
 pub mod error;

@@ -20,6 +20,7 @@ const CORE_LAYERS: &[&[&str]] = &[
         "repository",
         "snapshot",
         "background",
+        "budget",
         "signing",
         "token",
         "egress",
