@@ -104,6 +104,12 @@ SingleWriter == [][/\ \A r \in Resources :
 EndedIsFinal == [][status = "ended" => status' = "ended"]_vars
 \* An ended session takes no new member and no new lock.
 EndedRefusesWork == [][status = "ended" => \A u \in Users : ~Join(u) /\ \A r \in Resources : ~Acquire(u, r)]_vars
+\* A sweep at time now frees every lock whose lease ended by now and drops every client silent for
+\* the whole timeout, and nothing else.
+SweepClears == [][Sweep => /\ \A r \in Resources :
+                                locks'[r].holder # NoUser <=> (locks[r].holder # NoUser /\ locks[r].exp > now)
+                           /\ \A c \in Clients :
+                                clients'[c] # NoUser <=> (clients[c] # NoUser /\ lastSeen[c] + Timeout > now)]_vars
 \* Rust only: EventsMirrorLocks, EventsMirrorMembers. (The locks and members rebuilt from the
 \* emitted events alone equal the state: the spec has no event log, the Rust check does.)
 =============================================================================

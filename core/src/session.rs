@@ -1151,6 +1151,7 @@ mod tests {
         let mut s = session(5);
         let (first, out) = submit(&mut s, "bob", "p1", "fix it", Some("k1")).expect("first");
         assert_eq!(first, Submitted::Queued("p1".into()));
+        assert!(first.is_new());
         let shown = queued_events(&out);
         assert_eq!(shown.len(), 1);
         assert_eq!(
@@ -1301,5 +1302,569 @@ mod tests {
             assert!(w >= last, "window shrank at {n} clients");
             last = w;
         }
+    }
+
+    // ---- survivors of the mutation run (issue 14) ----------------------------------------
+
+    fn cursor(file: Option<String>) -> Cursor {
+        Cursor {
+            file,
+            line: 1,
+            column: 2,
+        }
+    }
+
+    fn kinds(out: &Outcome) -> Vec<EventKind> {
+        out.events.iter().map(|(_, k)| k.clone()).collect()
+    }
+
+    fn released(resource: &str, holder: &str, reason: LockReleaseReason) -> EventKind {
+        EventKind::LockReleased {
+            resource: resource.into(),
+            holder: holder.into(),
+            reason,
+        }
+    }
+
+    #[test]
+    fn absorb_appends_in_order_ors_presence_and_the_later_start_wins() {
+        let status = |s: &str| EventKind::SandboxStatus {
+            stage: s.into(),
+            detail: String::new(),
+        };
+        let mut first = Outcome {
+            events: vec![(Actor::system(), status("a"))],
+            presence_changed: false,
+            disconnect: vec!["c1".into()],
+            start: Some("p1".into()),
+            abort: Some("p0".into()),
+        };
+        first.absorb(Outcome {
+            events: vec![(Actor::system(), status("b"))],
+            presence_changed: true,
+            disconnect: vec!["c2".into()],
+            start: Some("p2".into()),
+            abort: None,
+        });
+        assert_eq!(kinds(&first), vec![status("a"), status("b")]);
+        assert!(first.presence_changed);
+        assert_eq!(first.disconnect, vec!["c1".to_string(), "c2".to_string()]);
+        assert_eq!(first.start.as_deref(), Some("p2"));
+        assert_eq!(first.abort.as_deref(), Some("p0"));
+        // A later outcome without presence, start or abort clears none of them.
+        first.absorb(Outcome::default());
+        assert!(first.presence_changed);
+        assert_eq!(first.start.as_deref(), Some("p2"));
+        assert_eq!(first.abort.as_deref(), Some("p0"));
+        first.absorb(Outcome {
+            abort: Some("p3".into()),
+            ..Outcome::default()
+        });
+        assert_eq!(first.abort.as_deref(), Some("p3"));
+    }
+
+    #[test]
+    fn a_users_color_is_fnv1a_of_their_id() {
+        assert_eq!(color_for("ada"), "#9a6324");
+        assert_eq!(color_for("bob"), "#800000");
+        assert_eq!(color_for("cy"), "#3cb44b");
+        assert_eq!(color_for("dee"), "#469990");
+        let mut s = session(5);
+        s.connect(&person("bob"), "c1", "web", 1).expect("connect");
+        assert_eq!(s.clients["c1"].color, "#800000");
+    }
+
+    #[test]
+    fn a_session_continues_the_arrival_counter_of_its_meta() {
+        let mut meta = session(5).meta;
+        meta.next_arrival = 7;
+        let (mut s, _) = Session::create(meta, &person("ada"));
+        submit(&mut s, "ada", "p1", "x", None).expect("submit");
+        assert_eq!(s.queue.prompts["p1"].arrival, 7);
+        assert_eq!(s.meta.next_arrival, 8);
+    }
+
+    #[test]
+    fn restore_rebuilds_the_session_and_finds_the_running_prompt() {
+        let mut s = session(5);
+        s.connect(&person("bob"), "c1", "web", 1).expect("connect");
+        s.acquire_lock(&person("bob"), "r", 10, 1).expect("lock");
+        submit(&mut s, "ada", "p1", "runs", None).expect("p1");
+        submit(&mut s, "bob", "p2", "waits", None).expect("p2");
+        s.take_dirty();
+        let restored = Session::restore(
+            s.meta.clone(),
+            s.members.values().cloned().collect(),
+            s.clients.values().cloned().collect(),
+            s.locks.values().cloned().collect(),
+            s.queue.prompts.values().cloned().collect(),
+        );
+        assert_eq!(restored.queue.running.as_deref(), Some("p1"));
+        assert_eq!(restored, s);
+    }
+
+    #[test]
+    fn take_dirty_names_exactly_the_rows_each_command_changed() {
+        let (mut s, _) = Session::create(session(5).meta, &person("ada"));
+        assert_eq!(
+            s.take_dirty(),
+            vec![Dirty::Meta, Dirty::Member("ada".into())]
+        );
+        assert_eq!(s.take_dirty(), vec![]);
+        s.join(&person("bob"), "inv", 1).expect("join");
+        assert_eq!(s.take_dirty(), vec![Dirty::Member("bob".into())]);
+        s.connect(&person("bob"), "c1", "web", 1).expect("connect");
+        assert_eq!(s.take_dirty(), vec![Dirty::Client("c1".into())]);
+        s.acquire_lock(&person("bob"), "r", 10, 1).expect("lock");
+        assert_eq!(s.take_dirty(), vec![Dirty::Lock("r".into())]);
+        submit(&mut s, "bob", "p1", "x", None).expect("submit");
+        assert_eq!(
+            s.take_dirty(),
+            vec![Dirty::Meta, Dirty::Prompt("p1".into())]
+        );
+        s.leave(&person("bob")).expect("leave");
+        assert_eq!(
+            s.take_dirty(),
+            vec![
+                Dirty::Member("bob".into()),
+                Dirty::Client("c1".into()),
+                Dirty::Lock("r".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_owner_ends_the_session_or_opens_egress() {
+        let mut s = session(5);
+        assert!(s.is_owner("ada"));
+        assert!(!s.is_owner("bob"));
+        assert!(!s.is_owner("cy"));
+        let allow = vec!["example.com".to_string()];
+        let before = s.clone();
+        assert_eq!(
+            s.set_egress(&person("bob"), &allow),
+            Err(CoreError::OwnerOnly)
+        );
+        assert_eq!(s.end(&person("bob"), 1), Err(CoreError::OwnerOnly));
+        assert_eq!(s.leave(&person("ada")), Err(CoreError::OwnerCannotLeave));
+        assert!(matches!(
+            s.set_egress(&person("ada"), &["not a host!".to_string()]),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(s, before, "refusals change nothing");
+        let out = s.set_egress(&person("ada"), &allow).expect("owner");
+        assert_eq!(kinds(&out), vec![EventKind::EgressChanged { allow }]);
+        let out = s.end(&person("ada"), 1).expect("owner ends");
+        assert_eq!(kinds(&out), vec![EventKind::SessionEnded]);
+        assert_eq!(s.meta.status, SessionStatus::Ended);
+    }
+
+    #[test]
+    fn an_ended_session_refuses_new_work() {
+        let mut s = session(5);
+        s.end(&person("ada"), 1).expect("end");
+        s.take_dirty();
+        let before = s.clone();
+        let ended = Err(CoreError::SessionEnded);
+        assert_eq!(s.join(&person("cy"), "inv", 2), ended);
+        assert_eq!(s.set_egress(&person("ada"), &[]), ended);
+        assert_eq!(s.end(&person("ada"), 2), ended);
+        assert_eq!(s.acquire_lock(&person("bob"), "r", 10, 2), ended);
+        assert_eq!(
+            s.enqueue_prompt(&person("bob"), "p1".into(), "x".into(), 0, None, 2),
+            ended
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn joining_needs_the_invite_and_room() {
+        let mut s = session(5);
+        s.meta.limits.max_members = 3;
+        let before = s.clone();
+        assert_eq!(s.join(&person("cy"), "wrong", 1), Err(CoreError::BadInvite));
+        assert_eq!(s, before);
+        let out = s.join(&person("cy"), "inv", 1).expect("third member");
+        assert_eq!(
+            kinds(&out),
+            vec![EventKind::MemberJoined {
+                user: "cy".into(),
+                name: "cy".into(),
+                role: Role::Member
+            }]
+        );
+        assert_eq!(s.join(&person("cy"), "inv", 2), Ok(Outcome::default()));
+        assert_eq!(
+            s.join(&person("dee"), "inv", 2),
+            Err(CoreError::MemberLimit { limit: 3 })
+        );
+    }
+
+    #[test]
+    fn leaving_reports_presence_only_when_it_closed_clients() {
+        let mut s = session(5);
+        let out = s.leave(&person("bob")).expect("leave");
+        assert!(!out.presence_changed);
+        assert!(out.disconnect.is_empty());
+        s.join(&person("bob"), "inv", 1).expect("rejoin");
+        s.connect(&person("bob"), "c1", "web", 1).expect("connect");
+        s.acquire_lock(&person("bob"), "r", 10, 1).expect("lock");
+        let out = s.leave(&person("bob")).expect("leave");
+        assert!(out.presence_changed);
+        assert_eq!(out.disconnect, vec!["c1".to_string()]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                released("r", "bob", LockReleaseReason::Left),
+                EventKind::MemberLeft { user: "bob".into() }
+            ]
+        );
+        assert!(s.clients.is_empty() && s.locks.is_empty());
+    }
+
+    #[test]
+    fn a_client_belongs_to_its_user_up_to_the_per_user_limit() {
+        let mut s = session(5);
+        s.meta.limits.max_clients_per_user = 2;
+        let bob = person("bob");
+        let ada = person("ada");
+        s.connect(&bob, "c1", "web", 1).expect("first");
+        assert_eq!((s.clients_of("bob"), s.clients_of("ada")), (1, 0));
+        s.connect(&bob, "c2", "web", 1).expect("at the limit");
+        assert_eq!(s.clients_of("bob"), 2);
+        assert_eq!(
+            s.connect(&bob, "c3", "web", 1),
+            Err(CoreError::ClientLimit { limit: 2 })
+        );
+        s.connect(&bob, "c1", "slack", 2)
+            .expect("reconnecting is not another");
+        assert_eq!(s.clients_of("bob"), 2);
+        s.take_dirty();
+        let before = s.clone();
+        let theirs = Err(CoreError::NotYourClient("c1".into()));
+        assert_eq!(s.connect(&ada, "c1", "web", 3), theirs);
+        assert_eq!(s.heartbeat(&ada, "c1", 3), theirs);
+        assert_eq!(s.set_cursor(&ada, "c1", cursor(None), 3), theirs);
+        assert_eq!(s.set_typing(&ada, "c1", true, 3), theirs);
+        assert_eq!(
+            s.heartbeat(&bob, "c9", 3),
+            Err(CoreError::UnknownClient("c9".into()))
+        );
+        assert_eq!(s, before);
+        assert_eq!(s.heartbeat(&bob, "c1", 3), Ok(Outcome::default()));
+        assert_eq!(s.clients["c1"].last_seen, 3);
+    }
+
+    #[test]
+    fn a_client_id_is_1_to_128_bytes() {
+        let mut s = session(5);
+        let bob = person("bob");
+        assert!(matches!(
+            s.connect(&bob, "", "web", 1),
+            Err(CoreError::Invalid(_))
+        ));
+        s.connect(&bob, &"c".repeat(128), "web", 1)
+            .expect("128 bytes");
+        assert!(matches!(
+            s.connect(&bob, &"c".repeat(129), "web", 1),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(s.clients.len(), 1);
+    }
+
+    #[test]
+    fn connect_disconnect_cursor_and_typing_report_presence() {
+        let mut s = session(5);
+        let bob = person("bob");
+        assert!(
+            s.connect(&bob, "c1", "web", 1)
+                .expect("connect")
+                .presence_changed
+        );
+        let out = s.set_cursor(&bob, "c1", cursor(None), 2).expect("cursor");
+        assert!(out.presence_changed);
+        assert_eq!(s.clients["c1"].last_seen, 2);
+        assert!(
+            s.set_typing(&bob, "c1", true, 3)
+                .expect("typing")
+                .presence_changed
+        );
+        assert!(s.clients["c1"].typing);
+        assert!(
+            !s.set_typing(&bob, "c1", true, 4)
+                .expect("still")
+                .presence_changed
+        );
+        assert!(
+            s.set_typing(&bob, "c1", false, 5)
+                .expect("stops")
+                .presence_changed
+        );
+        assert!(!s.heartbeat(&bob, "c1", 6).expect("beat").presence_changed);
+        s.take_dirty();
+        let out = s.disconnect("c1");
+        assert!(out.presence_changed);
+        assert!(s.clients.is_empty());
+        assert_eq!(s.take_dirty(), vec![Dirty::Client("c1".into())]);
+        assert_eq!(s.disconnect("c1"), Outcome::default());
+        assert!(s.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_cursor_file_path_is_at_most_the_resource_limit() {
+        let mut s = session(5);
+        let bob = person("bob");
+        s.connect(&bob, "c1", "web", 1).expect("connect");
+        let at = "f".repeat(MAX_RESOURCE_LEN);
+        s.set_cursor(&bob, "c1", cursor(Some("src/main.rs".into())), 2)
+            .expect("short path");
+        s.set_cursor(&bob, "c1", cursor(Some(at.clone())), 2)
+            .expect("at the limit");
+        assert_eq!(s.clients["c1"].cursor, Some(cursor(Some(at))));
+        let before = s.clone();
+        let long = "f".repeat(MAX_RESOURCE_LEN + 1);
+        assert!(matches!(
+            s.set_cursor(&bob, "c1", cursor(Some(long)), 3),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_sweep_at_exactly_the_deadline_expires_the_lock_and_drops_the_client() {
+        let mut s = session(5);
+        s.meta.limits.heartbeat_timeout_ms = 100;
+        assert_eq!(s.next_deadline(), None);
+        s.connect(&person("bob"), "c1", "web", 0).expect("c1");
+        s.connect(&person("ada"), "c2", "web", 10).expect("c2");
+        s.acquire_lock(&person("bob"), "a", 50, 0).expect("a");
+        s.acquire_lock(&person("ada"), "b", 50, 10).expect("b");
+        s.take_dirty();
+        assert_eq!(s.next_deadline(), Some(50));
+        let before = s.clone();
+        assert_eq!(s.sweep(49), Outcome::default());
+        assert_eq!(s, before);
+
+        let out = s.sweep(50);
+        assert_eq!(
+            kinds(&out),
+            vec![released("a", "bob", LockReleaseReason::Expired)]
+        );
+        assert!(!out.presence_changed && out.disconnect.is_empty());
+        assert_eq!(s.locks.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(s.take_dirty(), vec![Dirty::Lock("a".into())]);
+        assert_eq!(s.next_deadline(), Some(60));
+        s.sweep(60);
+        assert!(s.locks.is_empty());
+        assert_eq!(s.next_deadline(), Some(100));
+
+        assert_eq!(s.sweep(99), Outcome::default());
+        s.take_dirty();
+        let out = s.sweep(100);
+        assert!(out.presence_changed);
+        assert_eq!(out.disconnect, vec!["c1".to_string()]);
+        assert!(out.events.is_empty());
+        assert_eq!(s.clients.keys().collect::<Vec<_>>(), vec!["c2"]);
+        assert_eq!(s.take_dirty(), vec![Dirty::Client("c1".into())]);
+        assert_eq!(s.next_deadline(), Some(110));
+        s.sweep(110);
+        assert!(s.clients.is_empty());
+        assert_eq!(s.next_deadline(), None);
+
+        // Locks alone set the deadline too.
+        s.acquire_lock(&person("bob"), "c", 30, 200).expect("c");
+        assert_eq!(s.next_deadline(), Some(230));
+    }
+
+    #[test]
+    fn a_lock_names_1_to_512_bytes_for_1_ms_to_the_longest_lease() {
+        let mut s = session(5);
+        s.meta.limits.max_lock_ttl_ms = 100;
+        let bob = person("bob");
+        let invalid = |r: CoreResult<Outcome>| matches!(r, Err(CoreError::Invalid(_)));
+        assert!(invalid(s.acquire_lock(&bob, "", 10, 0)));
+        let long = "r".repeat(MAX_RESOURCE_LEN + 1);
+        assert!(invalid(s.acquire_lock(&bob, &long, 10, 0)));
+        assert!(invalid(s.acquire_lock(&bob, "r", 0, 0)));
+        assert!(invalid(s.acquire_lock(&bob, "r", 101, 0)));
+        assert!(s.locks.is_empty());
+        s.acquire_lock(&bob, "r", 1, 0).expect("1 ms");
+        s.acquire_lock(&bob, "s", 100, 0)
+            .expect("the longest lease");
+        s.acquire_lock(&bob, &"r".repeat(MAX_RESOURCE_LEN), 10, 0)
+            .expect("512 bytes");
+        assert_eq!(s.locks["r"].expires_at, 1);
+        assert_eq!(s.locks["s"].expires_at, 100);
+        assert_eq!(s.locks.len(), 3);
+    }
+
+    #[test]
+    fn a_lock_is_held_until_exactly_its_expiry_and_a_renewal_keeps_its_start() {
+        let mut s = session(5);
+        let (ada, bob) = (person("ada"), person("bob"));
+        s.acquire_lock(&bob, "r", 10, 0).expect("bob");
+        let before = s.clone();
+        assert_eq!(
+            s.acquire_lock(&ada, "r", 10, 9),
+            Err(CoreError::LockHeld {
+                resource: "r".into(),
+                holder: "bob".into(),
+                expires_at: 10
+            })
+        );
+        assert_eq!(s, before);
+        let out = s.acquire_lock(&ada, "r", 10, 10).expect("expired at 10");
+        assert_eq!(
+            kinds(&out),
+            vec![
+                released("r", "bob", LockReleaseReason::Expired),
+                EventKind::LockAcquired {
+                    resource: "r".into(),
+                    holder: "ada".into(),
+                    expires_at: 20
+                }
+            ]
+        );
+        assert_eq!(s.locks["r"].acquired_at, 10, "a new holder starts now");
+        let out = s.acquire_lock(&ada, "r", 10, 15).expect("renew");
+        assert_eq!(out.events.len(), 1, "a renewal releases nothing");
+        assert_eq!(
+            (s.locks["r"].acquired_at, s.locks["r"].expires_at),
+            (10, 25),
+            "a renewal keeps when it was taken"
+        );
+    }
+
+    #[test]
+    fn a_lock_is_released_by_its_holder_or_forced_by_the_owner() {
+        let mut s = session(5);
+        let (ada, bob) = (person("ada"), person("bob"));
+        s.acquire_lock(&bob, "r", 10, 0).expect("bob");
+        let out = s.release_lock(&bob, "r").expect("holder");
+        assert_eq!(
+            kinds(&out),
+            vec![released("r", "bob", LockReleaseReason::Released)]
+        );
+        s.acquire_lock(&bob, "r", 10, 0).expect("bob again");
+        let out = s.release_lock(&ada, "r").expect("owner");
+        assert_eq!(
+            kinds(&out),
+            vec![released("r", "bob", LockReleaseReason::Forced)]
+        );
+        s.acquire_lock(&ada, "q", 10, 0).expect("ada");
+        assert_eq!(
+            s.release_lock(&bob, "q"),
+            Err(CoreError::LockNotHeld("q".into()))
+        );
+        assert_eq!(
+            s.release_lock(&bob, "none"),
+            Err(CoreError::LockNotHeld("none".into()))
+        );
+        assert!(s.locks.contains_key("q"));
+    }
+
+    #[test]
+    fn a_prompt_is_at_most_the_byte_limit() {
+        let mut s = session(5);
+        s.meta.limits.max_prompt_bytes = 10;
+        let bob = person("bob");
+        s.enqueue_prompt(&bob, "p1".into(), "a".repeat(10), 0, None, 1)
+            .expect("at the limit");
+        assert!(matches!(
+            s.enqueue_prompt(&bob, "p2".into(), "a".repeat(11), 0, None, 1),
+            Err(CoreError::Invalid(_))
+        ));
+        assert_eq!(s.queue.prompts.len(), 1);
+    }
+
+    #[test]
+    fn agent_output_is_taken_only_for_the_running_prompt() {
+        let mut s = session(5);
+        submit(&mut s, "ada", "p1", "runs", None).expect("p1");
+        submit(&mut s, "bob", "p2", "waits", None).expect("p2");
+        let text = |p: &str, t: &str| EventKind::AgentText {
+            prompt: p.into(),
+            text: t.into(),
+        };
+        let out = s.agent_text("p1", "hi".into()).expect("running");
+        assert_eq!(kinds(&out), vec![text("p1", "hi")]);
+        assert!(s.agent_text("p2", "no".into()).is_err());
+        let ev = |p: &str, t: &str| AgentEvent::Text {
+            prompt: p.into(),
+            text: t.into(),
+        };
+        let out = s.agent_event(ev("p1", "a"), 2).expect("running");
+        assert_eq!(kinds(&out), vec![text("p1", "a")]);
+        assert!(s.agent_event(ev("p2", "b"), 2).is_err());
+        let status = AgentEvent::Status {
+            stage: "ready".into(),
+            detail: "d".into(),
+        };
+        let done = AgentEvent::Done {
+            prompt: "p1".into(),
+            ok: true,
+            reason: None,
+            branch: None,
+            commit: None,
+        };
+        let out = s.agent_events(vec![ev("p1", "c"), ev("p2", "late"), status, done], 3);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                text("p1", "c"),
+                EventKind::SandboxStatus {
+                    stage: "ready".into(),
+                    detail: "d".into()
+                },
+                EventKind::PromptFinished {
+                    id: "p1".into(),
+                    ok: true,
+                    reason: None,
+                    branch: None,
+                    commit: None
+                },
+                EventKind::PromptStarted {
+                    id: "p2".into(),
+                    author: "bob".into()
+                },
+            ]
+        );
+        assert_eq!(out.start.as_deref(), Some("p2"));
+    }
+
+    #[test]
+    fn background_children_and_sandbox_stages_are_system_events() {
+        let mut s = session(5);
+        let out = s.background_child(
+            "bg1".into(),
+            "running".into(),
+            Some("ses2".into()),
+            Some("t".into()),
+            Some("b".into()),
+        );
+        assert_eq!(
+            out.events,
+            vec![(
+                Actor::system(),
+                EventKind::BackgroundChild {
+                    id: "bg1".into(),
+                    status: "running".into(),
+                    session: Some("ses2".into()),
+                    title: Some("t".into()),
+                    branch: Some("b".into()),
+                }
+            )]
+        );
+        let out = s.sandbox_status("lost", "gone".into());
+        assert_eq!(
+            out.events,
+            vec![(
+                Actor::system(),
+                EventKind::SandboxStatus {
+                    stage: "lost".into(),
+                    detail: "gone".into()
+                }
+            )]
+        );
     }
 }

@@ -228,8 +228,29 @@ impl Model for HostedAgent {
                     Action::Leave(u) => post.session.locks.values().all(|l| l.holder != USERS[*u]),
                     _ => true,
                 };
+        // A sweep at time t leaves no lock whose lease ended by t and no client silent for the
+        // whole timeout, and removes nothing else.
+        let timeout = pre.session.meta.limits.heartbeat_timeout_ms;
+        let sweep_clears = !matches!(a, Action::Sweep)
+            || (post.session.clients.keys().collect::<Vec<_>>()
+                == pre
+                    .session
+                    .clients
+                    .values()
+                    .filter(|c| c.last_seen + timeout > pre.now)
+                    .map(|c| &c.id)
+                    .collect::<Vec<_>>()
+                && post.session.locks.keys().collect::<Vec<_>>()
+                    == pre
+                        .session
+                        .locks
+                        .values()
+                        .filter(|l| l.expires_at > pre.now)
+                        .map(|l| &l.resource)
+                        .collect::<Vec<_>>());
         vec![
             ("SingleWriter", single_writer),
+            ("SweepClears", sweep_clears),
             (
                 "EndedIsFinal",
                 pre.session.meta.status != SessionStatus::Ended
