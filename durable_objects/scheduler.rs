@@ -153,6 +153,8 @@ impl Viewer {
 pub struct SchedulerObject {
     state: State,
     env: Env,
+    /// Wakes the agents' event streams when an event is stored (instead of polling storage).
+    stored: Notify,
     /// One exchange with the global budget at a time: each exchange's report then counts every
     /// earlier answer (core `budget`).
     budget_turn: Mutex<()>,
@@ -163,6 +165,7 @@ impl DurableObject for SchedulerObject {
         SchedulerObject {
             state,
             env,
+            stored: Notify::default(),
             budget_turn: Mutex::new(()),
         }
     }
@@ -372,6 +375,7 @@ impl SchedulerObject {
             "INSERT INTO events (agent, body) VALUES (?, ?)",
             vec![agent.into(), body.to_string().into()],
         )?;
+        self.stored.notify();
         Ok(())
     }
 
@@ -800,12 +804,14 @@ impl SchedulerObject {
             return Err(EdgeError::StaleEventId { after, newest }.into());
         }
         let agent = r.id.clone();
-        let state = (sql, agent, after, false);
-        let s = stream::unfold(state, |(sql, agent, mut after, done)| async move {
+        let state = (sql, agent, after, false, self.stored.clone());
+        let s = stream::unfold(state, |(sql, agent, mut after, done, stored)| async move {
             if done {
                 return None;
             }
             loop {
+                // Read before looking, so an event stored after the query still wakes us.
+                let seen = stored.generation();
                 let rows: Vec<EventRow> = sql
                     .exec(
                         "SELECT seq, body FROM events WHERE agent = ? AND seq > ? ORDER BY seq LIMIT 100",
@@ -831,7 +837,7 @@ impl SchedulerObject {
                     }
                     return Some((
                         Ok::<Vec<u8>, Error>(text.into_bytes()),
-                        (sql, agent, after, ended),
+                        (sql, agent, after, ended, stored),
                     ));
                 }
                 let ended: Vec<BodyRow> = sql
@@ -847,13 +853,54 @@ impl SchedulerObject {
                 if over {
                     return None;
                 }
-                Delay::from(std::time::Duration::from_millis(250)).await;
+                // Until the next stored event (at most a minute, as a safety net).
+                let wake = Box::pin(stored.changed(seen));
+                let timeout = Box::pin(Delay::from(std::time::Duration::from_secs(60)));
+                futures_util::future::select(wake, timeout).await;
             }
         });
         let headers = Headers::new();
         headers.set("content-type", "text/event-stream")?;
         headers.set("cache-control", "no-cache")?;
         Ok(Response::from_stream(s)?.with_headers(headers))
+    }
+}
+
+/// A wake-up for everything waiting on this object's stored events: a generation counter and the
+/// wakers of the futures waiting for it to move (one object, one thread: no locking).
+#[derive(Debug, Default, Clone)]
+struct Notify {
+    inner: std::rc::Rc<std::cell::RefCell<(u64, Vec<std::task::Waker>)>>,
+}
+
+impl Notify {
+    fn generation(&self) -> u64 {
+        self.inner.borrow().0
+    }
+
+    /// Something was stored: every waiter wakes.
+    fn notify(&self) {
+        let wakers = {
+            let mut inner = self.inner.borrow_mut();
+            inner.0 += 1;
+            std::mem::take(&mut inner.1)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Ready once something was stored after generation `seen`.
+    fn changed(&self, seen: u64) -> impl std::future::Future<Output = ()> {
+        let inner = self.inner.clone();
+        std::future::poll_fn(move |cx| {
+            let mut inner = inner.borrow_mut();
+            if inner.0 != seen {
+                return std::task::Poll::Ready(());
+            }
+            inner.1.push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
     }
 }
 
@@ -882,6 +929,35 @@ mod stored_formats {
     fn record_format_unchanged() {
         pinned::<Record>(
             r#"{"id":"bg_acme_1f","identity":{"user":"u_ada","name":"Ada","email":"ada@example.com"},"title":"Write tests","prompt":"Add tests for the login form","repository":"acme/web","model":"claude-sonnet","parent":"ses_1","status":"completed","session":"ses_2","created_at":1700000000000,"started_at":1700000001000,"finished_at":1700000009000,"result":{"branch":"nightshift/ses_2","commit":"4f2c9e1","ok":true,"reason":"done"}}"#,
+        );
+    }
+}
+
+#[cfg(test)]
+mod notify_tests {
+    use super::Notify;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn a_waiting_stream_wakes_when_an_event_is_stored_and_not_before() {
+        let stored = Notify::default();
+        let seen = stored.generation();
+        let mut waiting = Box::pin(stored.changed(seen));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Pending);
+        assert_eq!(
+            waiting.as_mut().poll(&mut cx),
+            Poll::Pending,
+            "nothing stored yet"
+        );
+        stored.notify();
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(()));
+        // Stored between the look and the wait: the wait returns at once.
+        let late = stored.generation() - 1;
+        assert_eq!(
+            Box::pin(stored.changed(late)).as_mut().poll(&mut cx),
+            Poll::Ready(())
         );
     }
 }
