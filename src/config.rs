@@ -44,6 +44,7 @@ pub fn limits(env: &Env) -> Limits {
         max_lock_ttl_ms: num(env, "MAX_LOCK_TTL_MS", d.max_lock_ttl_ms),
         heartbeat_timeout_ms: num(env, "HEARTBEAT_TIMEOUT_MS", d.heartbeat_timeout_ms),
         max_prompt_bytes: num(env, "MAX_PROMPT_BYTES", d.max_prompt_bytes),
+        max_locks: num(env, "MAX_LOCKS", d.max_locks),
     }
 }
 

@@ -271,6 +271,7 @@ pub const ALL_CODES: &[&str] = &[
     "invalid_transition",
     "invalid_user",
     "lock_held",
+    "lock_limit",
     "lock_not_held",
     "malformed_json",
     "member_limit",
@@ -568,6 +569,7 @@ mod tests {
                 expected: 2,
             },
             SnapshotInProgress,
+            LockLimit { limit: 1 },
         ]
     }
 

@@ -61,6 +61,8 @@ pub enum CoreError {
     OutOfOrder { got: u64, expected: u64 },
     #[error("a snapshot of this session is being taken; retry in a moment")]
     SnapshotInProgress,
+    #[error("the session already holds {limit} edit locks; release one first")]
+    LockLimit { limit: u32 },
 }
 
 impl CoreError {
@@ -92,6 +94,7 @@ impl CoreError {
             CoreError::NoRepository => "no_repository",
             CoreError::OutOfOrder { .. } => "out_of_order",
             CoreError::SnapshotInProgress => "snapshot_in_progress",
+            CoreError::LockLimit { .. } => "lock_limit",
         }
     }
 
@@ -117,7 +120,8 @@ impl CoreError {
             CoreError::NoRepository => 400,
             CoreError::ClientLimit { .. }
             | CoreError::MemberLimit { .. }
-            | CoreError::QueueFull { .. } => 429,
+            | CoreError::QueueFull { .. }
+            | CoreError::LockLimit { .. } => 429,
             CoreError::Invalid(_) => 400,
         }
     }
@@ -197,6 +201,7 @@ mod tests {
                 409,
             ),
             (CoreError::SnapshotInProgress, "snapshot_in_progress", 409),
+            (CoreError::LockLimit { limit: 1 }, "lock_limit", 429),
         ];
         let mut codes = std::collections::BTreeSet::new();
         for (error, code, status) in &table {

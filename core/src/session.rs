@@ -65,6 +65,13 @@ pub struct Limits {
     pub max_lock_ttl_ms: u64,
     pub heartbeat_timeout_ms: u64,
     pub max_prompt_bytes: usize,
+    /// Live edit locks a session holds at most (sessions stored before this limit get the default).
+    #[serde(default = "default_max_locks")]
+    pub max_locks: u32,
+}
+
+fn default_max_locks() -> u32 {
+    Limits::default().max_locks
 }
 
 impl Default for Limits {
@@ -76,6 +83,7 @@ impl Default for Limits {
             max_lock_ttl_ms: 10 * 60 * 1000,
             heartbeat_timeout_ms: 60 * 1000,
             max_prompt_bytes: 32 * 1024,
+            max_locks: 256,
         }
     }
 }
@@ -676,6 +684,15 @@ impl Session {
                 self.meta.limits.max_lock_ttl_ms
             )));
         }
+        // A new lock counts against the session's bound; live locks only (expired ones go at
+        // the next sweep, or to whoever takes the resource).
+        let renewing = self.locks.get(resource).is_some_and(|l| l.expires_at > now);
+        let live = self.locks.values().filter(|l| l.expires_at > now).count();
+        if !renewing && live >= self.meta.limits.max_locks as usize {
+            return Err(CoreError::LockLimit {
+                limit: self.meta.limits.max_locks,
+            });
+        }
         let mut out = Outcome::default();
         if let Some(l) = self.locks.get(resource) {
             if l.holder != who.user {
@@ -1117,6 +1134,30 @@ mod tests {
         s.join(&person("bob"), "inv", 0).expect("bob joins");
         s.take_dirty();
         s
+    }
+
+    #[test]
+    fn a_session_holds_at_most_its_bound_of_live_locks() {
+        let mut s = session(5);
+        s.meta.limits.max_locks = 2;
+        let ada = person("ada");
+        s.acquire_lock(&ada, "a", 100, 0).expect("a");
+        s.acquire_lock(&person("bob"), "b", 50, 0).expect("b");
+        let before = s.clone();
+        assert_eq!(
+            s.acquire_lock(&ada, "c", 100, 10).err(),
+            Some(CoreError::LockLimit { limit: 2 })
+        );
+        assert_eq!(s, before, "a refused lock changes nothing");
+        // Renewing a lock it holds is not a new one.
+        s.acquire_lock(&ada, "a", 100, 10).expect("renew a");
+        // Once b has expired (not yet swept) it no longer counts.
+        s.acquire_lock(&ada, "c", 100, 50)
+            .expect("c after b expired");
+        assert_eq!(
+            s.acquire_lock(&person("bob"), "d", 100, 50).err(),
+            Some(CoreError::LockLimit { limit: 2 })
+        );
     }
 
     fn submit(

@@ -41,13 +41,15 @@ fn older<T: DeserializeOwned>(literal: &str) -> T {
 #[test]
 fn meta_format_unchanged() {
     pinned::<Meta>(
-        r##"{"id":"ses_1","title":"Fix the login","repository":"acme/web","owner":"u_ada","invite":"inv_7f3a","created_at":1700000000000,"status":"active","limits":{"max_clients_per_user":8,"max_members":200,"max_queued":50,"max_lock_ttl_ms":600000,"heartbeat_timeout_ms":60000,"max_prompt_bytes":32768},"next_arrival":5,"model":"claude-sonnet"}"##,
+        r##"{"id":"ses_1","title":"Fix the login","repository":"acme/web","owner":"u_ada","invite":"inv_7f3a","created_at":1700000000000,"status":"active","limits":{"max_clients_per_user":8,"max_members":200,"max_queued":50,"max_lock_ttl_ms":600000,"heartbeat_timeout_ms":60000,"max_prompt_bytes":32768,"max_locks":256},"next_arrival":5,"model":"claude-sonnet"}"##,
     );
     // Without a repository or a session model (both optional, skipped when empty).
     let m = older::<Meta>(
         r##"{"id":"ses_1","title":"Fix the login","owner":"u_ada","invite":"inv_7f3a","created_at":1700000000000,"status":"ended","limits":{"max_clients_per_user":8,"max_members":200,"max_queued":50,"max_lock_ttl_ms":600000,"heartbeat_timeout_ms":60000,"max_prompt_bytes":32768},"next_arrival":0}"##,
     );
     assert_eq!((m.repository, m.model), (None, None));
+    // Stored before `max_locks` existed: the default bound applies.
+    assert_eq!(m.limits.max_locks, 256);
 }
 
 #[test]
