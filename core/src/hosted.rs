@@ -102,6 +102,19 @@ impl CloseCode {
         }
     }
 
+    /// The close code as the sandbox receives it (`None`: not one of the session's).
+    pub fn from_code(code: u16) -> Option<CloseCode> {
+        [
+            CloseCode::Replaced,
+            CloseCode::OutOfOrder,
+            CloseCode::Refused,
+            CloseCode::Lost,
+            CloseCode::Retired,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+
     /// The sandbox must not reconnect after this close (its supervisor gives up).
     pub fn is_refusal(self) -> bool {
         matches!(
@@ -1270,5 +1283,59 @@ impl HostedSession {
     ) {
         let out = self.session.sandbox_status(stage, detail);
         self.carry(out, now, entropy, fx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_the_links_4001_to_4005_and_say_whether_to_come_back() {
+        let all = [
+            (CloseCode::Replaced, 4001, false),
+            (CloseCode::OutOfOrder, 4002, false),
+            (CloseCode::Refused, 4003, true),
+            (CloseCode::Lost, 4004, true),
+            (CloseCode::Retired, 4005, true),
+        ];
+        for (close, code, refusal) in all {
+            assert_eq!(close.code(), code);
+            assert_eq!(CloseCode::from_code(code), Some(close));
+            assert_eq!(close.is_refusal(), refusal, "{close:?}");
+            assert_eq!(close.reason().starts_with("refused"), refusal, "{close:?}");
+        }
+        assert_eq!(CloseCode::from_code(1000), None);
+        assert_eq!(CloseCode::from_code(4000), None);
+    }
+
+    #[test]
+    fn down_frames_keep_their_wire_shape() {
+        let frames = [
+            (
+                DownFrame::Welcome { last_n: 3 },
+                r#"{"type":"welcome","last_n":3}"#,
+            ),
+            (DownFrame::Ack { n: 4 }, r#"{"type":"ack","n":4}"#),
+            (
+                DownFrame::Stop {
+                    prompt: "p1".into(),
+                },
+                r#"{"type":"stop","prompt":"p1"}"#,
+            ),
+            (
+                DownFrame::Error {
+                    error: DownError {
+                        code: "out_of_order".into(),
+                        message: "m".into(),
+                    },
+                },
+                r#"{"type":"error","error":{"code":"out_of_order","message":"m"}}"#,
+            ),
+        ];
+        for (frame, text) in frames {
+            assert_eq!(serde_json::to_string(&frame).ok().as_deref(), Some(text));
+            assert_eq!(serde_json::from_str::<DownFrame>(text).ok(), Some(frame));
+        }
     }
 }

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use nightshift_core::gating::{Decision, Gate, SyncState};
+use nightshift_core::hosted::{CloseCode, DownFrame, PromptFrame};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::process::Command;
@@ -183,6 +184,18 @@ pub struct PromptJob {
     pub author_email: String,
     #[serde(default)]
     pub model: Option<String>,
+}
+
+impl From<PromptFrame> for PromptJob {
+    fn from(p: PromptFrame) -> PromptJob {
+        PromptJob {
+            id: p.id,
+            text: p.text,
+            author_name: p.author_name,
+            author_email: p.author_email,
+            model: p.model,
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -1320,38 +1333,44 @@ async fn link_once(
                 let text = match msg {
                     Message::Text(t) => t.to_string(),
                     Message::Close(c) => {
+                        let code = c.as_ref().map(|c| u16::from(c.code));
                         let reason = c.map(|c| c.reason.to_string()).unwrap_or_default();
-                        if reason.starts_with("refused") {
+                        // The session's close codes say whether to come back (core::hosted).
+                        let refused = code
+                            .and_then(CloseCode::from_code)
+                            .is_some_and(CloseCode::is_refusal);
+                        if refused || reason.starts_with("refused") {
                             return Err(LinkEnd::Refused(reason));
                         }
                         return Err(LinkEnd::Lost(format!("closed: {reason}")));
                     }
                     _ => continue,
                 };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
-                match v["type"].as_str().unwrap_or("") {
-                    "welcome" => {
-                        let have = v["last_n"].as_u64().unwrap_or(0);
-                        s.welcome(have);
-                        sent = Some(have);
+                // The session's frames, typed by the core (the same type the session sends).
+                let Ok(frame) = serde_json::from_str::<DownFrame>(&text) else {
+                    log(&format!("ignoring an unknown frame from the session: {text}"));
+                    continue;
+                };
+                match frame {
+                    DownFrame::Welcome { last_n } => {
+                        s.welcome(last_n);
+                        sent = Some(last_n);
                     }
-                    "ack" => drop_acked(s, v["n"].as_u64().unwrap_or(0)),
-                    "prompt" => {
-                        if let Ok(job) = serde_json::from_value::<PromptJob>(v["prompt"].clone()) {
-                            // A prompt resent after a reconnect is run once.
-                            if seen.insert(job.id.clone()) {
-                                log(&format!("prompt {} received", job.id));
-                                let _ = jobs.send(job);
-                            }
+                    DownFrame::Ack { n } => drop_acked(s, n),
+                    DownFrame::Prompt { prompt } => {
+                        let job = PromptJob::from(prompt);
+                        // A prompt resent after a reconnect is run once.
+                        if seen.insert(job.id.clone()) {
+                            log(&format!("prompt {} received", job.id));
+                            let _ = jobs.send(job);
                         }
                     }
-                    "stop" => {
-                        if let Some(id) = v["prompt"].as_str() {
-                            let _ = stops.send(id.to_string());
-                        }
+                    DownFrame::Stop { prompt } => {
+                        let _ = stops.send(prompt);
                     }
-                    "error" => log(&format!("session says: {text}")),
-                    _ => {}
+                    DownFrame::Error { error } => {
+                        log(&format!("session says: {}: {}", error.code, error.message))
+                    }
                 }
             }
         }
