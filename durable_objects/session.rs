@@ -215,21 +215,29 @@ impl Entropy for Tokens {
     }
 }
 
-/// The prompt a command stopped, from its effects.
-fn stopped(effects: &[Effect]) -> Option<String> {
-    effects.iter().find_map(|e| match e {
-        Effect::ToSandbox(DownFrame::Stop { prompt }) | Effect::RunnerAbort { prompt } => {
-            Some(prompt.clone())
-        }
-        _ => None,
-    })
+/// What a command's answer needs from its effects, read before they are carried out (so the
+/// effects themselves are moved, never copied).
+struct Applied {
+    /// The prompt the command stopped.
+    stopped: Option<String>,
+    /// The command stored at least one event.
+    stored_events: bool,
 }
 
-/// Whether a command's effects store any event.
-fn stores_events(effects: &[Effect]) -> bool {
-    effects
-        .iter()
-        .any(|e| matches!(e, Effect::Store { events, .. } if !events.is_empty()))
+impl Applied {
+    fn of(effects: &[Effect]) -> Applied {
+        Applied {
+            stopped: effects.iter().find_map(|e| match e {
+                Effect::ToSandbox(DownFrame::Stop { prompt }) | Effect::RunnerAbort { prompt } => {
+                    Some(prompt.clone())
+                }
+                _ => None,
+            }),
+            stored_events: effects
+                .iter()
+                .any(|e| matches!(e, Effect::Store { events, .. } if !events.is_empty())),
+        }
+    }
 }
 
 /// What the provider answered to the last spawn an execution carried out: its status and body
@@ -341,11 +349,12 @@ impl SessionObject {
     async fn apply(
         &self,
         f: impl FnOnce(&mut Session, u64) -> CoreResult<Outcome>,
-    ) -> ApiResult<Vec<Effect>> {
+    ) -> ApiResult<Applied> {
         self.require_loaded()?;
         let effects = self.decide(|h, now, tokens| h.command(now, tokens, f))??;
-        self.execute(effects.clone()).await?;
-        Ok(effects)
+        let applied = Applied::of(&effects);
+        self.execute(effects).await?;
+        Ok(applied)
     }
 
     /// Hands an input to the core and carries out its effects.
@@ -991,9 +1000,9 @@ impl SessionObject {
         match (method, segs.as_slice()) {
             (Method::Post, ["join"]) => {
                 let body: JoinSession = Self::body(&mut req).await?;
-                let effects = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
+                let applied = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
                 let snapshot = self.snapshot(&who)?;
-                json_of(if stores_events(&effects) { 201 } else { 200 }, &snapshot)
+                json_of(if applied.stored_events { 201 } else { 200 }, &snapshot)
             }
             (Method::Get, ["snapshot"]) => {
                 let mut v = self.snapshot(&who)?;
@@ -1070,8 +1079,8 @@ impl SessionObject {
                 json_of(200, &self.read(queue_json)?)
             }
             (Method::Post, ["stop"]) => {
-                let effects = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
-                json_of(200, &serde_json::json!({ "stopped": stopped(&effects) }))
+                let applied = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
+                json_of(200, &serde_json::json!({ "stopped": applied.stopped }))
             }
             (Method::Post, ["lock"]) => {
                 let b: LockRequest = Self::body(&mut req).await?;
