@@ -984,6 +984,18 @@ pub async fn start_with_compute(
 }
 
 impl Api {
+    /// The id of the first sandbox `GET /sandbox?session_id=` lists for a session.
+    pub async fn session_sandbox(&self, who: &User, session: &str) -> String {
+        let (st, mine) = self
+            .call("GET", &format!("/sandbox?session_id={session}"), who, None)
+            .await;
+        assert_eq!(st, 200, "{mine}");
+        mine["sandboxes"][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sandbox listed for {session}: {mine}"))
+            .to_string()
+    }
+
     /// Sends a prompt over HTTP; returns its id.
     pub async fn prompt(&self, who: &User, session: &str, text: &str) -> String {
         let (st, v) = self

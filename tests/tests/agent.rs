@@ -319,13 +319,7 @@ async fn ending_a_session_snapshots_its_sandbox_and_terminates_it() {
         assert!(t.elapsed() < RUN, "no snapshot after the turn");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let (_, mine) = api
-        .call("GET", &format!("/sandbox?session_id={id}"), &ada, None)
-        .await;
-    let sbx = mine["sandboxes"][0]["id"]
-        .as_str()
-        .expect("sandbox")
-        .to_string();
+    let sbx = api.session_sandbox(&ada, &id).await;
     let draft = json!({"command": ["sh", "-c", "echo draft > draft.txt"]});
     let (st, out) = api
         .call("POST", &format!("/sandbox/{sbx}/exec"), &ada, Some(draft))

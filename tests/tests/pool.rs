@@ -342,13 +342,7 @@ async fn a_follow_up_after_the_sandbox_exited_restores_the_newest_snapshot() {
     assert_eq!(snap["turn"], 1, "{snap}");
 
     // The sandbox dies; the session notices.
-    let (_, mine) = api
-        .call("GET", &format!("/sandbox?session_id={id}"), &ada, None)
-        .await;
-    let sbx = mine["sandboxes"][0]["id"]
-        .as_str()
-        .expect("sandbox")
-        .to_string();
+    let sbx = api.session_sandbox(&ada, &id).await;
     let (st, _) = compute
         .provider("POST", &format!("/v1/sandboxes/{sbx}/terminate"), None)
         .await;
