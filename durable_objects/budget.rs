@@ -2,11 +2,13 @@
 
 use nightshift_core::budget::{Budget, Report, Request as SlotRequest, Wake};
 use serde::Deserialize;
-use serde_json::json;
 use worker::*;
 
 use crate::config;
-use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::error::{json_of, ApiResult, EdgeError};
+use crate::objects::{
+    read_body, BudgetRoute, BudgetStatus, SchedulerRoute, ShardHold, SlotAnswer, SlotAsk, Viewer,
+};
 use crate::scheduler::on_shard;
 
 /// How long after a shard starts waiting the alarm asks every holder to report (and every
@@ -30,25 +32,12 @@ struct Seen {
     seq: i64,
 }
 
-/// An exchange from a shard: `n` slots, with its report (`seq`, `held`; absent from shards
-/// that predate reconciling).
-#[derive(Deserialize)]
-struct Ask {
-    shard: String,
-    n: u32,
-    #[serde(default)]
-    held: Option<u32>,
-    #[serde(default)]
-    seq: Option<u64>,
-}
-
-impl Ask {
-    fn report(&self) -> Option<Report> {
-        Some(Report {
-            seq: self.seq?,
-            held: self.held?,
-        })
-    }
+/// The report an exchange carries (absent from shards that predate reconciling).
+fn report_of(ask: &SlotAsk) -> Option<Report> {
+    Some(Report {
+        seq: ask.seq?,
+        held: ask.held?,
+    })
 }
 
 #[durable_object]
@@ -78,9 +67,9 @@ impl DurableObject for GlobalBudget {
                     let woke = on_shard(
                         &self.env,
                         &shard,
-                        "budget:",
-                        Method::Post,
-                        "/wake",
+                        &Viewer::Budget,
+                        &SchedulerRoute::Wake,
+                        "",
                         None,
                         None,
                     )
@@ -175,42 +164,45 @@ impl GlobalBudget {
     }
 
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
-        let path = req.path();
-        match (req.method(), path.as_str()) {
+        let Some(route) = BudgetRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
             // Lends up to `n` slots (`granted`), or takes `n` back; `wake`: the shards to wake
             // because slots came back.
-            (Method::Post, "/acquire" | "/release") => {
-                let a: Ask = req.json().await.map_err(ApiError::internal)?;
-                let request = if path == "/acquire" {
-                    SlotRequest::Acquire(a.n)
+            BudgetRoute::Acquire | BudgetRoute::Release => {
+                let ask: SlotAsk = read_body(&mut req).await?;
+                let request = if route == BudgetRoute::Acquire {
+                    SlotRequest::Acquire(ask.n)
                 } else {
-                    SlotRequest::Release(a.n)
+                    SlotRequest::Release(ask.n)
                 };
-                let mut b = self.load()?;
-                let answer = b.exchange(&a.shard, a.report(), request);
-                self.save(&b, &a.shard)?;
+                let mut budget = self.load()?;
+                let answer = budget.exchange(&ask.shard, report_of(&ask), request);
+                self.save(&budget, &ask.shard)?;
                 // The answer stands even if the alarm cannot be set (the next exchange tries).
-                if let Err(e) = self.arm(&b).await {
+                if let Err(e) = self.arm(&budget).await {
                     console_error!("budget: setting the alarm: {}", e.message);
                 }
                 let wake: Vec<String> = answer.wake.into_iter().map(|Wake(s)| s).collect();
-                match request {
-                    SlotRequest::Acquire(_) => {
-                        json_of(200, &json!({"granted": answer.granted, "wake": wake}))
-                    }
-                    SlotRequest::Release(_) => json_of(200, &json!({"wake": wake})),
-                }
+                let granted = match request {
+                    SlotRequest::Acquire(_) => Some(answer.granted),
+                    SlotRequest::Release(_) => None,
+                };
+                json_of(200, &SlotAnswer { granted, wake })
             }
-            (Method::Get, "/status") => {
-                let holds: Vec<_> = self
+            BudgetRoute::Status => {
+                let holds: Vec<ShardHold> = self
                     .holds()?
                     .into_iter()
-                    .map(|h| json!({"shard": h.shard, "held": h.n}))
+                    .map(|h| ShardHold {
+                        held: h.n,
+                        shard: h.shard,
+                    })
                     .collect();
                 let cap = config::background_global_max(&self.env);
-                json_of(200, &json!({"cap": cap, "holds": holds}))
+                json_of(200, &BudgetStatus { cap, holds })
             }
-            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

@@ -8,42 +8,19 @@ use worker::*;
 
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::http::call;
+use crate::objects::{encode, CronAnswer, RepositoryIndexRoute, RepositoryName, RepositoryRoute};
+pub use crate::objects::{ClaimAnswer, ClaimRequest};
 use crate::platform::now_ms;
-use crate::provider;
+use crate::provider::{self, done_or_gone};
+use nightshift_core::provider::{
+    Assign, BuildImage, CreateSandbox, ErrorBody, ImageStatus, Repository, SandboxStatus,
+    SupervisorSpec,
+};
 
 #[derive(Deserialize)]
 struct BodyRow {
     body: String,
-}
-
-/// A session asks for a sandbox: a warm one is assigned to it at once, or it is told how to start one.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClaimRequest {
-    pub session_id: String,
-    pub control_url: String,
-    pub sandbox_token: String,
-    /// `false`: only say how to start one (the session continues pushed work, which a
-    /// pooled sandbox synced to the base does not have).
-    #[serde(default = "yes")]
-    pub take: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ClaimAnswer {
-    /// The pooled sandbox now working for the session; `None`: start one (from `image`).
-    pub sandbox: Option<String>,
-    pub expires_at: Option<u64>,
-    pub image: Option<String>,
-    pub clone_url: String,
-    pub base_branch: String,
-    /// The repository's egress allowlist (beyond the provider's defaults).
-    #[serde(default)]
-    pub egress: Vec<String>,
 }
 
 #[durable_object]
@@ -76,6 +53,18 @@ impl DurableObject for RepositoryObject {
 
 fn not_registered() -> ApiError {
     EdgeError::RepositoryNotRegistered.into()
+}
+
+/// A registration that did not complete: its refusal (code and status unchanged) says that
+/// nothing was stored and what to do.
+fn nothing_registered(e: ApiError) -> ApiError {
+    ApiError {
+        message: format!(
+            "{}; nothing was registered: register the repository again (POST /repositories) once this is fixed",
+            e.message
+        ),
+        ..e
+    }
 }
 
 impl RepositoryObject {
@@ -143,26 +132,27 @@ impl RepositoryObject {
     }
 
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
-        let path = req.path();
-        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        match (req.method(), segs.as_slice()) {
-            (Method::Post, ["register"]) => {
+        let Some(route) = RepositoryRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
+            RepositoryRoute::Register => {
                 let s: Settings = Self::body(&mut req).await?;
                 self.register(s).await
             }
-            (Method::Get, ["info"]) => json_of(200, &self.info()?),
-            (Method::Patch, ["settings"]) => {
+            RepositoryRoute::Info => json_of(200, &self.info()?),
+            RepositoryRoute::Settings => {
                 let c: Change = Self::body(&mut req).await?;
                 self.change(c).await
             }
-            (Method::Post, ["builds"]) => {
+            RepositoryRoute::Builds => {
                 self.settings()?;
                 let (st, v) = self.start_build("manual").await?;
                 json_of(st, &v)
             }
-            (Method::Get, ["builds", image, "logs"]) => {
+            RepositoryRoute::BuildLogs(image) => {
                 self.settings()?;
-                if !self.registry()?.builds.iter().any(|b| b.image == *image) {
+                if !self.registry()?.builds.iter().any(|b| b.image == image) {
                     return Err(EdgeError::BuildNotFound.into());
                 }
                 let follow = req.url()?.query().unwrap_or_default().contains("follow=1");
@@ -175,7 +165,7 @@ impl RepositoryObject {
                 )
                 .await?)
             }
-            (Method::Post, ["rollback"]) => {
+            RepositoryRoute::Rollback => {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Rollback {
@@ -188,7 +178,7 @@ impl RepositoryObject {
                 self.wake(0).await?;
                 json_of(200, &self.info()?)
             }
-            (Method::Post, ["cron"]) => {
+            RepositoryRoute::Cron => {
                 // The slot of the delivery's scheduled time (`at`; a duplicated delivery carries
                 // the same one), else of now.
                 let at = req
@@ -199,10 +189,7 @@ impl RepositoryObject {
                     .unwrap_or_else(now_ms);
                 let s = self.settings()?;
                 let Some(slot) = cron_slot(at, s.build_every_min) else {
-                    return json_of(
-                        200,
-                        &json!({"built": false, "why": "scheduled builds are off"}),
-                    );
+                    return json_of(200, &CronAnswer::not_built("scheduled builds are off"));
                 };
                 let reason = format!("cron:{slot}");
                 let r = self.registry()?;
@@ -211,17 +198,21 @@ impl RepositoryObject {
                 // overlapping deliveries exactly one goes on to build.
                 let taken: Option<u64> = self.load::<Option<u64>>("cron_slot")?.flatten();
                 if r.has_reason(&reason) || taken == Some(slot) {
-                    return json_of(
-                        200,
-                        &json!({"built": false, "why": "already built in this slot"}),
-                    );
+                    return json_of(200, &CronAnswer::not_built("already built in this slot"));
                 }
                 if r.building().is_some() {
-                    return json_of(200, &json!({"built": false, "why": "a build is running"}));
+                    return json_of(200, &CronAnswer::not_built("a build is running"));
                 }
                 self.save("cron_slot", &Some(slot))?;
                 match self.start_build(&reason).await {
-                    Ok((_, v)) => json_of(200, &json!({"built": true, "build": v})),
+                    Ok((_, v)) => json_of(
+                        200,
+                        &CronAnswer {
+                            build: Some(v),
+                            built: true,
+                            why: None,
+                        },
+                    ),
                     Err(e) => {
                         // Nothing was built: a later delivery in this slot may try again.
                         self.save("cron_slot", &taken)?;
@@ -229,26 +220,114 @@ impl RepositoryObject {
                     }
                 }
             }
-            (Method::Post, ["claim"]) => {
-                let c: ClaimRequest = Self::body(&mut req).await?;
+            RepositoryRoute::Claim => {
+                let c: ClaimRequest = crate::objects::read_body(&mut req).await?;
                 json_of(200, &self.claim(c).await?)
             }
-            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 
+    /// Registers the repository, all or nothing: its first build is asked of the provider and
+    /// its name listed in the index before anything is stored here, then its rows are stored in
+    /// one synchronous block (settings last: a repository is registered once they are stored).
+    /// When a step fails nothing stays (the build asked for is deleted at the provider, the name
+    /// taken off the index) and the refusal says so; registering again later works.
     async fn register(&self, s: Settings) -> ApiResult<Response> {
         s.validate()?;
         if self.load::<Settings>("settings")?.is_some() {
             return Err(EdgeError::RepositoryExists(s.name).into());
         }
-        self.save("settings", &s)?;
-        self.save("registry", &Registry::default())?;
-        self.save("pool", &Pool::new(s.pool_size, None))?;
         // The first image is built at once; the pool fills from a plain clone meanwhile.
-        self.start_build("registered").await?;
-        self.wake(0).await?;
+        let image = self
+            .ask_build(&s, "registered")
+            .await
+            .map_err(nothing_registered)?;
+        if let Err(e) = self.list_in_index(&s.name).await {
+            self.forget_image(&image).await;
+            return Err(nothing_registered(e));
+        }
+        // A registration of the same name that finished while this one waited wins.
+        if self.load::<Settings>("settings")?.is_some() {
+            self.forget_image(&image).await;
+            return Err(EdgeError::RepositoryExists(s.name).into());
+        }
+        let mut registry = Registry::default();
+        registry.started(&image, "registered", now_ms());
+        let stored = self
+            .save("registry", &registry)
+            .and_then(|()| self.save("pool", &Pool::new(s.pool_size, None)))
+            .and_then(|()| self.save("settings", &s));
+        if let Err(e) = stored {
+            self.forget_rows();
+            self.unlist_in_index(&s.name).await;
+            self.forget_image(&image).await;
+            return Err(nothing_registered(e));
+        }
+        // Registered: the build is followed from the alarm (any later call sets it too).
+        if let Err(e) = self.wake(0).await {
+            console_error!("repository {}: setting the alarm: {}", s.name, e.message);
+        }
         json_of(201, &self.info()?)
+    }
+
+    /// Lists the name in the repository index (for listing and the cron).
+    async fn list_in_index(&self, name: &str) -> ApiResult<()> {
+        let index = self
+            .env
+            .durable_object("REPOSITORY_INDEX")?
+            .get_by_name("all")?;
+        let add = RepositoryIndexRoute::Add;
+        let body = encode(&RepositoryName {
+            name: name.to_string(),
+        })?;
+        let resp = call(&index, add.method(), add.path(), None, Some(body)).await?;
+        match resp.status_code() {
+            200 => Ok(()),
+            status => Err(ApiError::internal(format!(
+                "the repository index answered {status}"
+            ))),
+        }
+    }
+
+    /// Takes the name off the index again (best effort: a listed name whose repository is not
+    /// registered is not shown, and registering it again lists it once).
+    async fn unlist_in_index(&self, name: &str) {
+        let result = async {
+            let index = self
+                .env
+                .durable_object("REPOSITORY_INDEX")?
+                .get_by_name("all")?;
+            let remove = RepositoryIndexRoute::Remove;
+            let body = encode(&RepositoryName {
+                name: name.to_string(),
+            })?;
+            call(&index, remove.method(), remove.path(), None, Some(body)).await
+        }
+        .await;
+        if let Err(e) = result {
+            console_error!("repository {name}: taking it off the index: {}", e.message);
+        }
+    }
+
+    /// Deletes the rows a registration that did not complete may have stored.
+    fn forget_rows(&self) {
+        let forgot = self.sql().and_then(|sql| {
+            sql.exec(
+                "DELETE FROM kv WHERE k IN ('settings', 'registry', 'pool')",
+                None,
+            )?;
+            Ok(())
+        });
+        if let Err(e) = forgot {
+            console_error!("repository: forgetting a registration: {}", e.message);
+        }
+    }
+
+    /// Deletes an image nothing records (best effort).
+    async fn forget_image(&self, image: &str) {
+        if let Err(e) = provider::delete_image(&self.env, image).await {
+            console_error!("deleting unrecorded image {image}: {}", e.message);
+        }
     }
 
     async fn change(&self, c: Change) -> ApiResult<Response> {
@@ -303,24 +382,7 @@ impl RepositoryObject {
         if let Some(b) = self.registry()?.building() {
             return Ok((202, serde_json::to_value(b).map_err(ApiError::internal)?));
         }
-        let body = json!({
-            "repository": {"clone_url": s.clone_url, "base_branch": s.base_branch, "egress": s.egress},
-            "setup": s.setup, "test": s.test,
-            "timeout_ms": config::build_timeout_ms(&self.env),
-            "labels": {"repository": s.name, "reason": reason},
-        });
-        let (st, v) = provider::call(&self.env, Method::Post, "/v1/images", Some(&body)).await?;
-        if st != 201 {
-            return Err(EdgeError::BuildRefused {
-                status: st,
-                reason: v["error"]["message"]
-                    .as_str()
-                    .unwrap_or("no reason given")
-                    .to_string(),
-            }
-            .into());
-        }
-        let image = v["id"].as_str().unwrap_or_default().to_string();
+        let image = self.ask_build(&s, reason).await?;
         let now = now_ms();
         let reason = reason.to_string();
         let b = self.with_registry(|r| {
@@ -330,6 +392,28 @@ impl RepositoryObject {
         })?;
         self.wake(0).await?;
         Ok((201, serde_json::to_value(b).map_err(ApiError::internal)?))
+    }
+
+    /// Asks the provider for an image build of `s`; returns the image's id (nothing recorded).
+    async fn ask_build(&self, s: &Settings, reason: &str) -> ApiResult<String> {
+        let build = BuildImage {
+            repository: repository_of(s),
+            setup: s.setup.clone(),
+            test: s.test.clone(),
+            timeout_ms: Some(config::build_timeout_ms(&self.env)),
+            labels: [("repository", s.name.as_str()), ("reason", reason)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        match provider::build_image(&self.env, &build).await? {
+            Ok(image) => Ok(image.id),
+            Err(refused) => Err(EdgeError::BuildRefused {
+                status: refused.status,
+                reason: refused.message().to_string(),
+            }
+            .into()),
+        }
     }
 
     async fn claim(&self, c: ClaimRequest) -> ApiResult<ClaimAnswer> {
@@ -349,18 +433,21 @@ impl RepositoryObject {
         let Some(sbx) = self.with_pool(|p| p.claim(&c.session_id))? else {
             return Ok(answer);
         };
-        let body = json!({"session_id": c.session_id,
-            "supervisor": {"control_url": c.control_url, "sandbox_token": c.sandbox_token}});
-        let path = format!("/v1/sandboxes/{sbx}/assign");
-        let assigned = provider::call(&self.env, Method::Post, &path, Some(&body)).await;
-        match assigned {
-            Ok((200, v)) => {
+        let assign = Assign {
+            session_id: c.session_id.clone(),
+            supervisor: SupervisorSpec {
+                control_url: c.control_url.clone(),
+                sandbox_token: c.sandbox_token.clone(),
+            },
+        };
+        match provider::assign(&self.env, &sbx, &assign).await {
+            Ok(Ok(assigned)) => {
                 // Handed over: the claim is done (a later claim of this session, after its
                 // sandbox is gone, gets a new one; this one is never handed out again).
                 self.with_pool(|p| p.unclaim(&c.session_id))?;
                 answer.sandbox = Some(sbx);
-                answer.expires_at = v["expires_at"].as_u64();
-                answer.image = v["image"].as_str().map(String::from);
+                answer.expires_at = assigned.expires_at;
+                answer.image = assigned.image;
             }
             other => {
                 // Not usable after all: the session starts one itself; this one is retired.
@@ -400,45 +487,28 @@ impl RepositoryObject {
             .map(|b| b.image.clone())
             .collect();
         for image in building {
-            let (st, v) =
-                provider::call(&self.env, Method::Get, &format!("/v1/images/{image}"), None)
-                    .await?;
-            let status = v["status"].as_str().unwrap_or_default();
-            if st == 200 && status == "building" {
-                continue;
-            }
-            let ok = st == 200 && status == "ready";
-            let error = (!ok).then(|| {
-                format!(
-                    "{}: {}",
-                    v["error"]["code"].as_str().unwrap_or("image_not_found"),
-                    v["error"]["message"]
-                        .as_str()
-                        .unwrap_or("the provider lost the build")
-                )
-            });
+            let found = provider::get_image(&self.env, &image).await?;
+            let why = |error: Option<ErrorBody>| {
+                let (code, message) = error.map_or(("image_not_found".into(), None), |e| {
+                    (e.code, Some(e.message))
+                });
+                let message = message.unwrap_or_else(|| "the provider lost the build".into());
+                format!("{code}: {message}")
+            };
+            let (ok, commit, test_exit_code, error) = match found {
+                Ok(i) if i.status == ImageStatus::Building => continue,
+                Ok(i) if i.status == ImageStatus::Ready => (true, i.commit, i.test_exit_code, None),
+                Ok(i) => (false, i.commit, i.test_exit_code, Some(why(i.error))),
+                Err(refused) => (false, None, None, Some(why(refused.error))),
+            };
             let now = now_ms();
-            let done = self.with_registry(|r| {
-                r.finished(
-                    &image,
-                    ok,
-                    v["commit"].as_str().map(String::from),
-                    v["test_exit_code"].as_i64().map(|c| c as i32),
-                    error,
-                    now,
-                )
-            })?;
+            let done =
+                self.with_registry(|r| r.finished(&image, ok, commit, test_exit_code, error, now))?;
             if let Some(img) = &done.new_latest {
                 self.with_pool(|p| p.new_image(img))?;
             }
             for old in done.dropped {
-                let _ = provider::call(
-                    &self.env,
-                    Method::Delete,
-                    &format!("/v1/images/{old}"),
-                    None,
-                )
-                .await;
+                let _ = provider::delete_image(&self.env, &old).await;
             }
         }
         // Requested or booting too long (a lost create answer, a sandbox that never boots): given
@@ -446,26 +516,15 @@ impl RepositoryObject {
         let now = now_ms();
         self.with_pool(|p| p.expire(now, pool::PENDING_TIMEOUT_MS))?;
         for key in self.pool()?.pending_sweeps() {
-            let (st, v) = provider::call(
-                &self.env,
-                Method::Get,
-                &format!("/v1/sandboxes?label=pool_key:{key}"),
-                None,
-            )
-            .await?;
-            if st != 200 {
+            let Ok(listed) = provider::list_labelled(&self.env, "pool_key", &key).await? else {
                 continue;
-            }
+            };
             let mut all_gone = true;
-            for sbx in v["sandboxes"].as_array().into_iter().flatten() {
-                if sbx["labels"]["pool"].as_str() != Some(settings.name.as_str()) {
+            for sbx in listed.sandboxes {
+                if sbx.labels.get("pool") != Some(&settings.name) {
                     continue;
                 }
-                let Some(id) = sbx["id"].as_str() else {
-                    continue;
-                };
-                let (st, _) = provider::terminate(&self.env, id).await?;
-                all_gone &= st == 200 || st == 404;
+                all_gone &= done_or_gone(&provider::terminate(&self.env, &sbx.id).await?);
             }
             if all_gone {
                 self.with_pool(|p| p.swept(&key))?;
@@ -480,27 +539,22 @@ impl RepositoryObject {
             .filter_map(|(k, e)| e.sandbox.clone().map(|s| (k.clone(), s, e.slot)))
             .collect();
         for (key, sbx, slot) in watched {
-            let (st, v) = provider::call(
-                &self.env,
-                Method::Get,
-                &format!("/v1/sandboxes/{sbx}"),
-                None,
-            )
-            .await?;
-            let status = v["status"].as_str().unwrap_or_default();
-            if st == 404 || matches!(status, "failed" | "terminated" | "stopped") {
+            let found = provider::get_sandbox(&self.env, &sbx).await?;
+            let gone = matches!(&found, Err(refused) if refused.is_not_found());
+            let status = found.ok().map(|s| s.status);
+            let ended = status.is_some_and(|s| s.is_over() || s == SandboxStatus::Stopped);
+            if gone || ended {
                 self.with_pool(|p| p.lost(&key))?;
-                if status == "stopped" {
+                if status == Some(SandboxStatus::Stopped) {
                     let _ = provider::terminate(&self.env, &sbx).await;
                 }
-            } else if slot == Slot::Booting && status == "ready" {
+            } else if slot == Slot::Booting && status == Some(SandboxStatus::Ready) {
                 self.with_pool(|p| p.booted(&key))?;
             }
         }
         // Drains owed.
         for (key, sbx) in self.pool()?.pending_drains() {
-            let (st, _) = provider::terminate(&self.env, &sbx).await?;
-            if st == 200 || st == 404 {
+            if done_or_gone(&provider::terminate(&self.env, &sbx).await?) {
                 self.with_pool(|p| p.drained(&key))?;
             }
         }
@@ -511,15 +565,23 @@ impl RepositoryObject {
             let Work::Create { key, image } = w else {
                 continue;
             };
-            let body = json!({
-                "session_id": null,
-                "repository": {"clone_url": settings.clone_url, "base_branch": settings.base_branch, "egress": settings.egress},
-                "image": image,
-                "labels": {"pool": settings.name, "pool_key": key},
-            });
-            match provider::call(&self.env, Method::Post, "/v1/sandboxes", Some(&body)).await {
-                Ok((201, v)) => {
-                    let id = v["id"].as_str().unwrap_or_default().to_string();
+            let create = CreateSandbox {
+                session_id: None,
+                repository: repository_of(&settings),
+                image,
+                snapshot: None,
+                env: Default::default(),
+                supervisor: None,
+                timeout_ms: None,
+                lifetime_ms: None,
+                labels: [("pool", settings.name.as_str()), ("pool_key", key.as_str())]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            };
+            match provider::create_sandbox(&self.env, &create).await {
+                Ok(Ok(created)) => {
+                    let id = created.value.id;
                     // Not known any more (given up, or drained while it was asked for): not wanted.
                     if let Some(Work::Terminate { sandbox }) =
                         self.with_pool(|p| p.created(&key, &id))?
@@ -558,6 +620,15 @@ impl RepositoryObject {
             .set_alarm(i64::try_from(next).unwrap_or(1000))
             .await?;
         Ok(())
+    }
+}
+
+/// Where the repository's images and sandboxes are cloned from (the provider contract's form).
+fn repository_of(s: &Settings) -> Repository {
+    Repository {
+        clone_url: s.clone_url.clone(),
+        base_branch: s.base_branch.clone(),
+        egress: s.egress.clone(),
     }
 }
 

@@ -2,7 +2,8 @@
 
 use worker::*;
 
-use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::error::{json_of, ApiResult, EdgeError};
+use crate::objects::{read_body, Added, Names, Removed, RepositoryIndexRoute, RepositoryName};
 
 #[derive(serde::Deserialize)]
 struct NameRow {
@@ -34,24 +35,30 @@ impl RepositoryIndex {
             "CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY)",
             None,
         )?;
-        match (req.method(), req.path().as_str()) {
-            (Method::Post, "/add") => {
-                let v: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
-                let name = v["name"].as_str().unwrap_or_default().to_string();
+        let Some(route) = RepositoryIndexRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
+            RepositoryIndexRoute::Add => {
+                let entry: RepositoryName = read_body(&mut req).await?;
                 sql.exec(
                     "INSERT OR IGNORE INTO names (name) VALUES (?)",
-                    vec![name.into()],
+                    vec![entry.name.into()],
                 )?;
-                json_of(200, &serde_json::json!({"added": true}))
+                json_of(200, &Added { added: true })
             }
-            (Method::Get, "/list") => {
+            RepositoryIndexRoute::Remove => {
+                let entry: RepositoryName = read_body(&mut req).await?;
+                sql.exec("DELETE FROM names WHERE name = ?", vec![entry.name.into()])?;
+                json_of(200, &Removed { removed: true })
+            }
+            RepositoryIndexRoute::List => {
                 let rows: Vec<NameRow> = sql
                     .exec("SELECT name FROM names ORDER BY name LIMIT 1000", None)?
                     .to_array()?;
                 let names: Vec<String> = rows.into_iter().map(|r| r.name).collect();
-                json_of(200, &serde_json::json!({"names": names}))
+                json_of(200, &Names { names })
             }
-            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

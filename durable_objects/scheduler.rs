@@ -13,11 +13,14 @@ use crate::auth::encode_identity;
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::http::{call, index_add, session_stub};
+use crate::objects::{
+    encode, read_answer, read_body, with_query, AgentOutput, AgentPrompt, AgentResult,
+    AgentSession, BudgetRoute, ChildUpdate, Finished, OkAnswer, ParentEnded, SchedulerRoute,
+    SessionRoute, SlotAnswer, SlotAsk, Viewer, BACKGROUND_HEADER, IDENTITY_HEADER,
+    LAST_EVENT_ID_HEADER, SESSION_HEADER, SHARD_HEADER, VIEWER_HEADER,
+};
+pub use crate::objects::{AgentLink, SpawnBody};
 use crate::platform::{new_id, now_ms, random_hex};
-
-/// Who is asking: a person (sees their own agents) or a session's sandbox (sees only the
-/// agents its session spawned). Set only by the Worker and the session object.
-pub const VIEWER_HEADER: &str = "x-nightshift-viewer";
 
 /// A tenant name: the scheduler shard's key and part of every agent id.
 pub fn valid_tenant(t: &str) -> bool {
@@ -46,56 +49,31 @@ pub(crate) fn scheduler_stub(env: &Env, shard: &str) -> ApiResult<Stub> {
     Ok(env.durable_object("SCHEDULER")?.get_by_name(shard)?)
 }
 
-/// Calls a shard on behalf of a viewer (`user:<id>` or `session:<id>`).
+/// Calls a shard's `route` (with the people's `query`, `?…` or empty) on behalf of a viewer; a
+/// people's event stream passes its `Last-Event-ID` on.
 pub(crate) async fn on_shard(
     env: &Env,
     shard: &str,
-    viewer: &str,
-    method: Method,
-    path: &str,
+    viewer: &Viewer,
+    route: &SchedulerRoute,
+    query: &str,
     body: Option<Vec<u8>>,
-    extra: Option<(&str, String)>,
+    last_event_id: Option<String>,
 ) -> ApiResult<Response> {
     let headers = Headers::new();
-    headers.set(VIEWER_HEADER, viewer)?;
-    headers.set("x-nightshift-shard", shard)?;
-    if let Some((k, v)) = extra {
-        headers.set(k, &v)?;
+    headers.set(VIEWER_HEADER, &viewer.header())?;
+    headers.set(SHARD_HEADER, shard)?;
+    if let Some(last) = last_event_id {
+        headers.set(LAST_EVENT_ID_HEADER, &last)?;
     }
     call(
         &scheduler_stub(env, shard)?,
-        method,
-        path,
+        route.method(),
+        &with_query(&route.path(), query),
         Some(headers),
         body,
     )
     .await
-}
-
-/// What a session keeps when it runs a background agent (`kv` key `background`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AgentLink {
-    pub agent: String,
-    pub shard: String,
-    pub depth: u32,
-}
-
-/// A spawn request as the scheduler receives it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpawnBody {
-    pub identity: Identity,
-    pub prompt: String,
-    #[serde(default)]
-    pub repository: Option<String>,
-    #[serde(default)]
-    pub model: Option<String>,
-    #[serde(default)]
-    pub title: Option<String>,
-    #[serde(default)]
-    pub parent: Option<String>,
-    #[serde(default)]
-    pub parent_depth: u32,
 }
 
 /// Everything kept about one agent beside the core's scheduling state.
@@ -134,18 +112,13 @@ struct EventRow {
     body: String,
 }
 
-enum Viewer {
-    Person(String),
-    Session(String),
-}
-
-impl Viewer {
-    /// A person sees their own agents; a sandbox only the agents its session spawned.
-    fn sees(&self, r: &Record) -> bool {
-        match self {
-            Viewer::Person(u) => &r.identity.user == u,
-            Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
-        }
+/// A person sees their own agents; a sandbox only the agents its session spawned (an agent's
+/// session and the budget see none: they only report and wake).
+fn sees(viewer: &Viewer, r: &Record) -> bool {
+    match viewer {
+        Viewer::Person(u) => &r.identity.user == u,
+        Viewer::Session(s) => r.parent.as_deref() == Some(s.as_str()),
+        Viewer::Agent(_) | Viewer::Budget => false,
     }
 }
 
@@ -200,7 +173,7 @@ impl SchedulerObject {
 
     fn shard(&self, req: &Request) -> String {
         req.headers()
-            .get("x-nightshift-shard")
+            .get(SHARD_HEADER)
             .ok()
             .flatten()
             .unwrap_or_else(|| "default".into())
@@ -277,36 +250,44 @@ impl SchedulerObject {
             // Stored before asking: released slots are given up whatever the call's fate, and
             // the exchange number is never reused.
             self.save_holding(&holding)?;
-            let path = match ex.request {
-                SlotRequest::Acquire(_) => "/acquire",
-                SlotRequest::Release(_) => "/release",
+            let route = match ex.request {
+                SlotRequest::Acquire(_) => BudgetRoute::Acquire,
+                SlotRequest::Release(_) => BudgetRoute::Release,
             };
-            let body = json!({"shard": shard, "n": ex.request.n(), "held": ex.report.held,
-                "seq": ex.report.seq});
+            let ask = SlotAsk {
+                held: Some(ex.report.held),
+                n: ex.request.n(),
+                seq: Some(ex.report.seq),
+                shard: shard.to_string(),
+            };
             let budget = self.env.durable_object("BUDGET")?.get_by_name("global")?;
-            let mut r = call(
+            let mut resp = call(
                 &budget,
-                Method::Post,
-                path,
+                route.method(),
+                route.path(),
                 None,
-                Some(body.to_string().into_bytes()),
+                Some(encode(&ask)?),
             )
             .await?;
-            let v: Value = r.json().await.map_err(ApiError::internal)?;
-            let granted = v["granted"]
-                .as_u64()
-                .and_then(|g| u32::try_from(g).ok())
-                .unwrap_or(0);
+            let answer: SlotAnswer = read_answer(&mut resp, route.path()).await?;
             let mut holding = self.holding()?;
-            let got = holding.granted(granted);
+            let got = holding.granted(answer.granted.unwrap_or(0));
             self.save_holding(&holding)?;
-            (got, v["wake"].as_array().cloned().unwrap_or_default())
+            (got, answer.wake)
         };
-        for w in wake {
-            let Some(w) = w.as_str() else { continue };
-            let woke = on_shard(&self.env, w, "budget:", Method::Post, "/wake", None, None).await;
+        for shard in wake {
+            let woke = on_shard(
+                &self.env,
+                &shard,
+                &Viewer::Budget,
+                &SchedulerRoute::Wake,
+                "",
+                None,
+                None,
+            )
+            .await;
             if let Err(e) = woke {
-                console_error!("waking shard {w}: {}", e.message);
+                console_error!("waking shard {shard}: {}", e.message);
             }
         }
         Ok(got)
@@ -404,16 +385,16 @@ impl SchedulerObject {
         Ok(changed)
     }
 
+    /// Who reads agents: a person or a session's sandbox (anyone else is refused).
     fn viewer(req: &Request) -> ApiResult<Viewer> {
-        let v = req
+        let header = req
             .headers()
             .get(VIEWER_HEADER)
             .ok()
             .flatten()
             .ok_or(EdgeError::Unauthenticated)?;
-        match v.split_once(':') {
-            Some(("user", u)) => Ok(Viewer::Person(u.to_string())),
-            Some(("session", s)) => Ok(Viewer::Session(s.to_string())),
+        match Viewer::parse(&header) {
+            Ok(viewer @ (Viewer::Person(_) | Viewer::Session(_))) => Ok(viewer),
             _ => Err(EdgeError::Unauthenticated.into()),
         }
     }
@@ -422,7 +403,7 @@ impl SchedulerObject {
         let r = self
             .record(id)?
             .ok_or_else(|| bg(BgError::NotFound(id.into())))?;
-        if viewer.sees(&r) {
+        if sees(viewer, &r) {
             Ok(r)
         } else {
             // Another person's or another tree's agent is not even said to exist.
@@ -431,23 +412,24 @@ impl SchedulerObject {
     }
 
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
-        let path = req.path();
-        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        match (req.method(), segs.as_slice()) {
-            (Method::Post, ["spawn"]) => {
+        let Some(route) = SchedulerRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
+            SchedulerRoute::Spawn => {
                 let shard = self.shard(&req);
-                let b: SpawnBody = req.json().await.map_err(ApiError::internal)?;
+                let b: SpawnBody = read_body(&mut req).await?;
                 self.rebalance(&shard, 1, false).await?;
                 let r = self.spawn(b, &shard).await;
                 self.rebalanced(&shard, false).await?;
                 r
             }
-            (Method::Post, ["wake"]) => {
+            SchedulerRoute::Wake => {
                 let shard = self.shard(&req);
                 self.rebalanced(&shard, true).await?;
-                json_of(200, &json!({"ok": true}))
+                json_of(200, &OkAnswer::yes())
             }
-            (Method::Get, ["agents"]) => {
+            SchedulerRoute::Agents => {
                 let viewer = Self::viewer(&req)?;
                 let url = req.url()?;
                 let q = |k: &str| {
@@ -466,7 +448,7 @@ impl SchedulerObject {
                 let mut out = Vec::new();
                 for row in rows {
                     let r: Record = serde_json::from_str(&row.body).map_err(ApiError::internal)?;
-                    let mine = viewer.sees(&r);
+                    let mine = sees(&viewer, &r);
                     let wanted = parent.as_ref().is_none_or(|p| r.parent.as_ref() == Some(p))
                         && status.as_ref().is_none_or(|s| r.status.as_str() == s)
                         && user.as_ref().is_none_or(|u| &r.identity.user == u);
@@ -476,32 +458,32 @@ impl SchedulerObject {
                 }
                 json_of(200, &json!({"agents": out}))
             }
-            (Method::Get, ["agents", id]) => {
+            SchedulerRoute::Agent(id) => {
                 let viewer = Self::viewer(&req)?;
-                json_of(200, &agent_json(&self.visible(&viewer, id)?))
+                json_of(200, &agent_json(&self.visible(&viewer, &id)?))
             }
-            (Method::Get, ["agents", id, "output"]) => {
+            SchedulerRoute::AgentOutput(id) => {
                 let viewer = Self::viewer(&req)?;
-                let r = self.visible(&viewer, id)?;
+                let r = self.visible(&viewer, &id)?;
                 self.output(&r).await
             }
-            (Method::Post, ["agents", id, "cancel"]) => {
+            SchedulerRoute::AgentCancel(id) => {
                 let viewer = Self::viewer(&req)?;
-                let r = self.visible(&viewer, id)?;
+                let r = self.visible(&viewer, &id)?;
                 let mut s = self.scheduler()?;
                 let ts = s.cancel(&r.id).map_err(bg)?;
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
                 self.rebalanced(&self.shard(&req), false).await?;
-                let r = self.visible(&viewer, id)?;
+                let r = self.visible(&viewer, &id)?;
                 json_of(200, &agent_json(&r))
             }
-            (Method::Get, ["agents", id, "events"]) => {
+            SchedulerRoute::AgentEvents(id) => {
                 let viewer = Self::viewer(&req)?;
-                let r = self.visible(&viewer, id)?;
+                let r = self.visible(&viewer, &id)?;
                 let after = req
                     .headers()
-                    .get("last-event-id")
+                    .get(LAST_EVENT_ID_HEADER)
                     .ok()
                     .flatten()
                     .or_else(|| {
@@ -513,31 +495,24 @@ impl SchedulerObject {
                     });
                 self.events(&r, after.as_deref())
             }
-            (Method::Post, ["finished"]) => {
-                #[derive(Deserialize)]
-                struct Finished {
-                    id: String,
-                    ok: bool,
-                    #[serde(default)]
-                    result: Value,
-                }
+            SchedulerRoute::Finished => {
                 let shard = self.shard(&req);
-                let f: Finished = req.json().await.map_err(ApiError::internal)?;
-                let r = self.finished(&f.id, f.ok, f.result).await;
+                let finished: Finished = read_body(&mut req).await?;
+                let r = self
+                    .finished(&finished.id, finished.ok, finished.result)
+                    .await;
                 self.rebalanced(&shard, false).await?;
                 r
             }
-            (Method::Post, ["parent-ended"]) => {
-                let v: Value = req.json().await.map_err(ApiError::internal)?;
-                let session = v["session"].as_str().unwrap_or_default().to_string();
+            SchedulerRoute::ParentEnded => {
+                let ended: ParentEnded = read_body(&mut req).await?;
                 let mut s = self.scheduler()?;
-                let ts = s.cancel_children_of(&session);
+                let ts = s.cancel_children_of(&ended.session);
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
                 self.rebalanced(&self.shard(&req), false).await?;
-                json_of(200, &json!({"ok": true}))
+                json_of(200, &OkAnswer::yes())
             }
-            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 
@@ -630,19 +605,21 @@ impl SchedulerObject {
         let started = async {
             let stub = session_stub(&self.env, &sid)?;
             let headers = Headers::new();
-            headers.set(crate::auth::IDENTITY_HEADER, &encode_identity(&r.identity))?;
-            headers.set("x-nightshift-session", &sid)?;
-            headers.set(
-                "x-nightshift-background",
-                &serde_json::to_string(&link).map_err(ApiError::internal)?,
-            )?;
-            let body = json!({"title": r.title, "repository": r.repository, "model": r.model});
+            headers.set(IDENTITY_HEADER, &encode_identity(&r.identity))?;
+            headers.set(SESSION_HEADER, &sid)?;
+            headers.set(BACKGROUND_HEADER, &link.header()?)?;
+            let body = AgentSession {
+                model: r.model.clone(),
+                repository: r.repository.clone(),
+                title: r.title.clone(),
+            };
+            let create = SessionRoute::Create;
             let mut created = call(
                 &stub,
-                Method::Post,
-                "/create",
+                create.method(),
+                create.path(),
                 Some(headers.clone()),
-                Some(body.to_string().into_bytes()),
+                Some(encode(&body)?),
             )
             .await?;
             let status = created.status_code();
@@ -655,13 +632,16 @@ impl SchedulerObject {
                 .into());
             }
             index_add(&self.env, &r.identity.user, &snap).await?;
-            let prompt = json!({"text": r.prompt});
+            let prompt = AgentPrompt {
+                text: r.prompt.clone(),
+            };
+            let send = SessionRoute::Prompt;
             let mut queued = call(
                 &stub,
-                Method::Post,
-                "/prompt",
+                send.method(),
+                send.path(),
                 Some(headers),
-                Some(prompt.to_string().into_bytes()),
+                Some(encode(&prompt)?),
             )
             .await?;
             if queued.status_code() != 202 {
@@ -715,10 +695,16 @@ impl SchedulerObject {
                 }
                 self.save_scheduler(&s)?;
                 self.settle(ts).await?;
-                json_of(200, &json!({"ok": true}))
+                json_of(200, &OkAnswer::yes())
             }
             // Already cancelled (or ended): nothing changes.
-            Err(e) => json_of(200, &json!({"ok": false, "why": e.to_string()})),
+            Err(e) => json_of(
+                200,
+                &OkAnswer {
+                    ok: false,
+                    why: Some(e.to_string()),
+                },
+            ),
         }
     }
 
@@ -726,7 +712,8 @@ impl SchedulerObject {
         let Some(sid) = &r.session else { return };
         let result = async {
             let stub = session_stub(&self.env, sid)?;
-            call(&stub, Method::Post, "/background/cancel", None, None).await
+            let cancel = SessionRoute::BackgroundCancel;
+            call(&stub, cancel.method(), cancel.path(), None, None).await
         }
         .await;
         if let Err(e) = result {
@@ -736,20 +723,22 @@ impl SchedulerObject {
 
     async fn tell_parent(&self, r: &Record) {
         let Some(parent) = &r.parent else { return };
-        let branch = r
-            .result
-            .as_ref()
-            .and_then(|v| v["branch"].as_str().map(String::from));
-        let body = json!({"id": r.id, "status": r.status.as_str(), "session": r.session,
-            "title": r.title, "branch": branch});
+        let update = ChildUpdate {
+            branch: r.result.as_ref().and_then(|v| AgentResult::of(v).branch),
+            id: r.id.clone(),
+            session: r.session.clone(),
+            status: r.status.as_str().to_string(),
+            title: Some(r.title.clone()),
+        };
         let result = async {
             let stub = session_stub(&self.env, parent)?;
+            let tell = SessionRoute::BackgroundChild;
             call(
                 &stub,
-                Method::Post,
-                "/background/child",
+                tell.method(),
+                tell.path(),
                 None,
-                Some(body.to_string().into_bytes()),
+                Some(encode(&update)?),
             )
             .await
         }
@@ -765,11 +754,12 @@ impl SchedulerObject {
             "result": r.result, "message": null, "files": []});
         if let Some(sid) = &r.session {
             let stub = session_stub(&self.env, sid)?;
-            let mut resp = call(&stub, Method::Get, "/background/output", None, None).await?;
+            let ask = SessionRoute::BackgroundOutput;
+            let mut resp = call(&stub, ask.method(), ask.path(), None, None).await?;
             if resp.status_code() == 200 {
-                let v: Value = resp.json().await.unwrap_or(Value::Null);
-                out["message"] = v["message"].clone();
-                out["files"] = v["files"].clone();
+                let output: AgentOutput = read_answer(&mut resp, ask.path()).await?;
+                out["message"] = Value::String(output.message);
+                out["files"] = json!(output.files);
             }
         }
         if let Some(res) = &r.result {

@@ -1,33 +1,33 @@
-//! The Session Durable Object: one per session. Loads from SQLite, applies commands through the core, persists, then broadcasts over hibernating WebSockets.
+//! The Session Durable Object: the executor of one `HostedSession`. It decodes a request or frame, hands it to the core, carries out the effects the core returns in order (store, then broadcast; sockets; provider and object calls), feeds each answer back as an input, and sets its alarm from the core's next deadline.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, VecDeque};
 
+use nightshift_core::api::{
+    self, Answer, PeopleClose, RouteError, SessionRequest, SessionView, View,
+};
 use nightshift_core::events::Event;
 use nightshift_core::hosted::{
-    CloseCode, DownFrame, Effect, Entropy, HostedSession, Input, LinkTiming, PollAnswer, SandboxOp,
-    SpawnAnswer,
+    CloseCode, Command, Done, Effect, Entropy, HostedSession, Input, LinkTiming, SandboxOp,
 };
-use nightshift_core::ids::{Cursor, Identity};
-use nightshift_core::session::{
-    Meta, Outcome, Session, SessionStatus, PRESENCE_DELTA_MAX, PRESENCE_SNAPSHOT_MAX,
-};
-use nightshift_core::signing::sha256_hex;
+use nightshift_core::ids::Identity;
+use nightshift_core::session::{Meta, Session, SessionStatus};
+use nightshift_core::store::{self, Kv, Rows, Stored, Written};
 use nightshift_core::wire::{
-    self, ClientMessage, CreateSession, CursorUpdate, ErrorBody, JoinSession, LockRequest,
-    PresenceEntry, PromptRequest, Reprioritize, ServerMessage, UnlockRequest,
+    self, ClientMessage, CreateSession, ErrorBody, PresenceEntry, ServerMessage,
 };
-use nightshift_core::CoreResult;
 use serde::{Deserialize, Serialize};
 use worker::*;
 
 use crate::auth::decode_identity;
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::objects::{self, ChildUpdate, OkAnswer, SessionRoute, StatusChange, UserIndexRoute};
 use crate::platform::{new_id, now_ms, random_hex};
 use crate::provider;
-use crate::runner::{self, PromptRunner};
-use crate::{agent_session, sandbox_start, snapshots, store};
+use crate::session_provider::{self, Answers, Context, SpawnResult};
+use crate::store::SqlRows;
+use crate::{agent_session, store as sql_store};
 
 /// Events replayed per frame when a client catches up.
 const REPLAY_CHUNK: u32 = 500;
@@ -110,37 +110,24 @@ impl DurableObject for SessionObject {
             let _ = ws.close(Some(1008), Some("unknown connection; reconnect"));
             return Ok(());
         };
-        let text = match message {
-            WebSocketIncomingMessage::String(s) => s,
-            WebSocketIncomingMessage::Binary(_) => {
-                send_frame(&ws, &edge_frame(EdgeError::BinaryNotSupported));
-                return Ok(());
-            }
+        let WebSocketIncomingMessage::String(text) = message else {
+            let e = ApiError::from(EdgeError::BinaryNotSupported);
+            send_frame(&ws, &error_frame(None, &e.code, &e.message));
+            return Ok(());
         };
         let (reference, parsed) = wire::parse_client_message(&text);
-        let msg = match parsed {
-            Ok(m) => m,
-            Err(e) => {
-                send_frame(&ws, &error_frame(reference, e.code, &e.message));
-                return Ok(());
-            }
-        };
-        let reply = self.on_client_message(&att, msg).await;
-        let frame = match reply {
-            Ok(result) => ServerMessage::Ack { reference, result },
-            Err(e) => error_frame(reference, &e.code, &e.message),
+        let frame = match parsed {
+            Err(e) => error_frame(reference, e.code, &e.message),
+            Ok(msg) => match self.on_client_message(&att, msg).await {
+                Ok(result) => ServerMessage::Ack { reference, result },
+                Err(e) => error_frame(reference, &e.code, &e.message),
+            },
         };
         send_frame(&ws, &frame);
         Ok(())
     }
 
-    async fn websocket_close(
-        &self,
-        ws: WebSocket,
-        _code: usize,
-        _reason: String,
-        _was_clean: bool,
-    ) -> Result<()> {
+    async fn websocket_close(&self, ws: WebSocket, _: usize, _: String, _: bool) -> Result<()> {
         self.drop_socket(&ws).await;
         Ok(())
     }
@@ -161,49 +148,42 @@ impl DurableObject for SessionObject {
 
 /// Only the sandbox's bearer token (checked against the live link by the core).
 fn bearer(req: &Request) -> String {
-    req.headers()
-        .get("authorization")
-        .ok()
-        .flatten()
+    let header = req.headers().get("authorization").ok().flatten();
+    header
         .and_then(|h| h.strip_prefix("Bearer ").map(str::to_string))
         .unwrap_or_default()
 }
 
-fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
+fn send_text(sockets: &[WebSocket], frame: &ServerMessage) {
     if let Ok(text) = serde_json::to_string(frame) {
-        let _ = ws.send_with_str(text);
+        for ws in sockets {
+            let _ = ws.send_with_str(&text);
+        }
     }
 }
 
-/// An error frame of the edge's own, answering no client frame.
-fn edge_frame(e: EdgeError) -> ServerMessage {
-    let e = ApiError::from(e);
-    error_frame(None, &e.code, &e.message)
+fn send_frame(ws: &WebSocket, frame: &ServerMessage) {
+    send_text(std::slice::from_ref(ws), frame);
 }
 
 fn error_frame(reference: Option<String>, code: &str, message: &str) -> ServerMessage {
-    ServerMessage::Error {
-        reference,
-        error: ErrorBody {
-            code: code.to_string(),
-            message: message.to_string(),
-        },
+    let (code, message) = (code.to_string(), message.to_string());
+    let error = ErrorBody { code, message };
+    ServerMessage::Error { reference, error }
+}
+
+/// Who an object's call to the session acts as.
+fn system() -> Identity {
+    let actor = nightshift_core::ids::Actor::system();
+    Identity {
+        user: actor.user,
+        name: actor.name,
+        email: None,
     }
 }
 
-#[derive(Deserialize, Default)]
-struct EventsQuery {
-    since: Option<String>,
-    limit: Option<String>,
-}
-
-fn query_u64(v: Option<&String>, name: &str, default: u64) -> ApiResult<u64> {
-    match v {
-        None => Ok(default),
-        Some(s) => s
-            .parse()
-            .map_err(|_| EdgeError::QueryNotInteger(name.to_string()).into()),
-    }
+fn not_loaded() -> ApiError {
+    ApiError::internal("session not loaded")
 }
 
 /// New sandbox tokens from the platform's randomness.
@@ -215,61 +195,30 @@ impl Entropy for Tokens {
     }
 }
 
-/// What a command's answer needs from its effects, read before they are carried out (so the
-/// effects themselves are moved, never copied).
-struct Applied {
-    /// The prompt the command stopped.
-    stopped: Option<String>,
-    /// The command stored at least one event.
-    stored_events: bool,
-}
-
-impl Applied {
-    fn of(effects: &[Effect]) -> Applied {
-        Applied {
-            stopped: effects.iter().find_map(|e| match e {
-                Effect::ToSandbox(DownFrame::Stop { prompt }) | Effect::RunnerAbort { prompt } => {
-                    Some(prompt.clone())
-                }
-                _ => None,
-            }),
-            stored_events: effects
-                .iter()
-                .any(|e| matches!(e, Effect::Store { events, .. } if !events.is_empty())),
-        }
-    }
-}
-
-/// What the provider answered to the last spawn an execution carried out: its status and body
-/// (a refusal is answered as `sandbox_failed`), or the error that kept it from answering.
-type SpawnResult = Option<ApiResult<(u16, serde_json::Value)>>;
-
-/// The provider's answers an execution's caller may answer with: the last spawn's, and the
-/// last snapshot's (its id, or why it was not taken).
-#[derive(Default)]
-struct Answers {
-    spawned: SpawnResult,
-    snapshot: Option<ApiResult<String>>,
-}
-
 impl SessionObject {
     fn sql(&self) -> SqlStorage {
         self.state.storage().sql()
     }
 
-    fn runner(&self) -> Box<dyn PromptRunner> {
-        runner::from_config(&config::runner(&self.env), config::echo_run_ms(&self.env))
+    fn rows(&self) -> SqlRows {
+        SqlRows(self.sql())
     }
 
-    fn timing(&self) -> LinkTiming {
-        LinkTiming {
-            heartbeat_timeout_ms: config::sandbox_heartbeat_timeout_ms(&self.env),
-            grace_ms: config::sandbox_grace_ms(&self.env),
+    /// The hosted session for a stored (or new) session, with this deployment's settings.
+    fn hosted(&self, stored: Stored) -> HostedSession {
+        let env = &self.env;
+        let timing = LinkTiming {
+            heartbeat_timeout_ms: config::sandbox_heartbeat_timeout_ms(env),
+            grace_ms: config::sandbox_grace_ms(env),
+        };
+        let runner = config::runner(env);
+        let hosted = HostedSession::new(stored.session, stored.link, timing, runner == "sandbox")
+            .with_snapshots(stored.snapshots, config::snapshot_margin_ms(env))
+            .with_idle(config::sandbox_idle_ms(env));
+        match runner.as_str() {
+            "echo" => hosted.with_echo(config::echo_run_ms(env), stored.jobs),
+            _ => hosted,
         }
-    }
-
-    fn uses_sandboxes(&self) -> bool {
-        config::runner(&self.env) == "sandbox"
     }
 
     /// Makes sure the cache holds the stored session; false when there is none.
@@ -277,59 +226,43 @@ impl SessionObject {
         if self.cache.borrow().is_some() {
             return Ok(true);
         }
-        let sql = self.sql();
-        let Some((mut session, last_seq)) = store::load(&sql)? else {
+        let mut rows = self.rows();
+        if !rows.exists()? {
+            return Ok(false);
+        }
+        // Tables added since the session was created are created once, here.
+        rows.create()?;
+        let Some(stored) = store::load(&rows)? else {
             return Ok(false);
         };
-        // Clients whose socket is gone (the process restarted) are no longer present.
+        let mut last_seq = stored.last_seq;
+        let mut hosted = self.hosted(stored);
         let live: BTreeSet<String> = self
             .state
-            .get_websockets()
+            .get_websockets_with_tag(PEOPLE)
             .iter()
             .filter_map(|ws| ws.deserialize_attachment::<Attachment>().ok().flatten())
             .map(|a| a.client)
             .collect();
-        let gone: Vec<String> = session
-            .clients
-            .keys()
-            .filter(|c| !live.contains(*c))
-            .cloned()
-            .collect();
-        for c in &gone {
-            session.disconnect(c);
+        for effect in hosted.woke(&live) {
+            store::write(&mut rows, &hosted, &mut last_seq, now_ms(), effect)?;
         }
-        let dirty = session.take_dirty();
-        store::persist(&sql, &session, &dirty)?;
-        let link = store::load_link(&sql)?;
-        let hosted = HostedSession::new(session, link, self.timing(), self.uses_sandboxes())
-            .with_snapshots(
-                snapshots::load(&sql)?,
-                config::snapshot_margin_ms(&self.env),
-            );
         *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
         Ok(true)
     }
 
     fn require_loaded(&self) -> ApiResult<()> {
-        if self.ensure_loaded()? {
-            Ok(())
-        } else {
-            Err(EdgeError::SessionNotFound.into())
+        match self.ensure_loaded()? {
+            true => Ok(()),
+            false => Err(EdgeError::SessionNotFound.into()),
         }
     }
 
-    /// Reads from the cached session (which must be loaded).
-    fn read<T>(&self, f: impl FnOnce(&Session, u64) -> T) -> ApiResult<T> {
-        self.read_hosted(|h, seq| f(&h.session, seq))
-    }
-
     /// Reads from the cached hosted session (which must be loaded).
-    fn read_hosted<T>(&self, f: impl FnOnce(&HostedSession, u64) -> T) -> ApiResult<T> {
+    fn read<T>(&self, f: impl FnOnce(&HostedSession, u64) -> T) -> ApiResult<T> {
         let cache = self.cache.borrow();
-        let l = cache
-            .as_ref()
-            .ok_or_else(|| ApiError::internal("session not loaded"))?;
-        Ok(f(&l.hosted, l.last_seq))
+        let loaded = cache.as_ref().ok_or_else(not_loaded)?;
+        Ok(f(&loaded.hosted, loaded.last_seq))
     }
 
     /// Hands one step to the core (synchronously, the borrow released before anything awaits).
@@ -339,22 +272,15 @@ impl SessionObject {
     ) -> ApiResult<T> {
         let now = now_ms();
         let mut cache = self.cache.borrow_mut();
-        let l = cache
-            .as_mut()
-            .ok_or_else(|| ApiError::internal("session not loaded"))?;
-        Ok(f(&mut l.hosted, now, &mut Tokens))
+        let loaded = cache.as_mut().ok_or_else(not_loaded)?;
+        Ok(f(&mut loaded.hosted, now, &mut Tokens))
     }
 
-    /// Applies one command: the core decides, then its effects are carried out.
-    async fn apply(
-        &self,
-        f: impl FnOnce(&mut Session, u64) -> CoreResult<Outcome>,
-    ) -> ApiResult<Applied> {
+    /// Runs a person's command and carries out its effects.
+    async fn run(&self, who: &Identity, command: Command) -> ApiResult<(Done, Answers)> {
         self.require_loaded()?;
-        let effects = self.decide(|h, now, tokens| h.command(now, tokens, f))??;
-        let applied = Applied::of(&effects);
-        self.execute(effects).await?;
-        Ok(applied)
+        let (done, effects) = self.decide(|h, now, tokens| h.run(who, command, now, tokens))??;
+        Ok((done, self.execute(effects).await?))
     }
 
     /// Hands an input to the core and carries out its effects.
@@ -364,10 +290,10 @@ impl SessionObject {
         self.execute(effects).await
     }
 
-    /// Carries out effects in order — store (then broadcast), sockets, network — feeding each
-    /// provider answer back to the core and carrying out what it decides next, then sets the
-    /// alarm. A failed store forgets the cache (the next request reloads what is stored) and
-    /// stops: nothing after it (an acknowledgement included) is carried out.
+    /// Carries out effects in order, feeding each answer back to the core and carrying out
+    /// what it decides next (before the rest), then sets the alarm. A failed store forgets the
+    /// cache (the next request reloads what is stored) and stops: nothing after it (an
+    /// acknowledgement included) is carried out. The alarm is set whatever happens.
     async fn execute(&self, effects: Vec<Effect>) -> ApiResult<Answers> {
         let mut queue: VecDeque<Effect> = effects.into();
         let mut answers = Answers::default();
@@ -378,217 +304,117 @@ impl SessionObject {
                     if e.status >= 500 {
                         *self.cache.borrow_mut() = None;
                     }
-                    let _ = self.schedule_alarm(now_ms()).await;
+                    let _ = self.schedule_alarm().await;
                     return Err(e);
                 }
             };
-            let mut more = Vec::new();
-            for input in next {
-                more.extend(self.decide(|h, now, tokens| h.handle(input, now, tokens))?);
-            }
-            for e in more.into_iter().rev() {
-                queue.push_front(e);
+            for input in next.into_iter().rev() {
+                let more = self.decide(|h, now, tokens| h.handle(input, now, tokens))?;
+                for e in more.into_iter().rev() {
+                    queue.push_front(e);
+                }
             }
         }
-        self.schedule_alarm(now_ms()).await?;
+        self.schedule_alarm().await?;
         Ok(answers)
     }
 
-    /// Carries out one effect; a provider call answers with the input that reports it.
+    /// Carries out one effect; a provider call answers with the inputs that report it.
     async fn carry_out(&self, effect: Effect, answers: &mut Answers) -> ApiResult<Vec<Input>> {
-        let sql = self.sql();
+        let written = {
+            let mut cache = self.cache.borrow_mut();
+            let loaded = cache.as_mut().ok_or_else(not_loaded)?;
+            let (hosted, seq) = (&loaded.hosted, &mut loaded.last_seq);
+            store::write(&mut self.rows(), hosted, seq, now_ms(), effect)?
+        };
+        let effect = match written {
+            Written::Stored(events) => {
+                self.stored(&events).await?;
+                return Ok(Vec::new());
+            }
+            Written::Other(effect) => effect,
+        };
+        let sandbox = || self.state.get_websockets_with_tag(SANDBOX);
         match effect {
-            Effect::Store { dirty, events } => {
-                let now = now_ms();
-                let stored = {
-                    let mut cache = self.cache.borrow_mut();
-                    let l = cache
-                        .as_mut()
-                        .ok_or_else(|| ApiError::internal("session not loaded"))?;
-                    store::persist(&sql, &l.hosted.session, &dirty)?;
-                    store::append(&sql, &mut l.last_seq, now, events)?
-                };
-                self.broadcast_events(&stored);
-                if let Some((ok, result)) = agent_session::ending(&stored) {
-                    if let Some(link) = agent_session::link(&sql)? {
-                        if let Err(e) =
-                            agent_session::report_end(&self.env, &link, ok, result).await
-                        {
-                            console_error!("reporting agent {} ended: {}", link.agent, e.message);
-                        }
-                    }
-                }
-            }
-            Effect::SaveLink => {
-                if let Some(link) = self.read_hosted(|h, _| h.link.clone())? {
-                    store::save_link(&sql, &link)?;
-                }
-            }
             Effect::Disconnect(clients) => {
-                for c in &clients {
-                    for ws in self.state.get_websockets_with_tag(&client_tag(c)) {
-                        let _ = ws.close(Some(4000), Some("removed from session"));
+                for client in &clients {
+                    for ws in self.state.get_websockets_with_tag(&client_tag(client)) {
+                        let removed = PeopleClose::Removed;
+                        let _ = ws.close(Some(removed.code()), Some(removed.reason()));
                     }
                 }
             }
             Effect::ToSandbox(frame) => {
                 let text = serde_json::to_string(&frame).map_err(ApiError::internal)?;
-                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                for ws in sandbox() {
                     let _ = ws.send_with_str(&text);
                 }
             }
             Effect::CloseSandbox(code) => {
-                for ws in self.state.get_websockets_with_tag(SANDBOX) {
+                for ws in sandbox() {
                     let _ = ws.close(Some(code.code()), Some(code.reason()));
                 }
             }
             Effect::Refuse { link } => {
                 let refused = CloseCode::Refused;
-                for ws in self.state.get_websockets_with_tag(SANDBOX) {
-                    let att = ws
-                        .deserialize_attachment::<SandboxAttachment>()
-                        .ok()
-                        .flatten();
-                    if att.is_some_and(|a| a.link.as_deref().unwrap_or_default() == link) {
+                for ws in sandbox() {
+                    let att = ws.deserialize_attachment::<SandboxAttachment>();
+                    if att.ok().flatten().and_then(|a| a.link).unwrap_or_default() == link {
                         let _ = ws.close(Some(refused.code()), Some(refused.reason()));
                     }
                 }
             }
-            Effect::Spawn { token, snapshot } => {
-                let link = sha256_hex(token.as_bytes());
-                let (session_id, repository) =
-                    self.read(|s, _| (s.meta.id.clone(), s.meta.repository.clone()))?;
-                let repository = repository.unwrap_or_default();
-                let snaps = self.read_hosted(|h, _| h.snapshots.clone())?;
-                let started = sandbox_start::start(
-                    &self.env,
-                    &sql,
-                    &snaps,
-                    &session_id,
-                    &repository,
-                    &token,
-                    now_ms(),
-                    snapshot.as_deref(),
-                )
-                .await;
-                let mut lost = Vec::new();
-                let answer = match started {
-                    Ok(s) if s.status == 201 => {
-                        lost = s.lost;
-                        answers.spawned = Some(Ok((201, s.sandbox.clone())));
-                        SpawnAnswer::Created {
-                            sandbox: s.sandbox["id"].as_str().unwrap_or_default().to_string(),
-                            expires_at: s.sandbox["expires_at"].as_u64(),
-                            how: s.how,
-                        }
-                    }
-                    Ok(s) => {
-                        lost = s.lost;
-                        let message = format!(
-                            "the provider refused the sandbox ({}): {}",
-                            s.status,
-                            s.sandbox["error"]["message"]
-                                .as_str()
-                                .unwrap_or("no reason given")
-                        );
-                        answers.spawned =
-                            Some(Ok(EdgeError::SandboxFailed(message.clone()).answer()));
-                        SpawnAnswer::Failed { message }
-                    }
-                    Err(e) => {
-                        let message = e.message.clone();
-                        answers.spawned = Some(Err(e));
-                        SpawnAnswer::Failed { message }
-                    }
-                };
-                let mut next = vec![Input::Spawned { link, answer }];
-                if !lost.is_empty() {
-                    next.insert(0, Input::SnapshotsLost { ids: lost });
-                }
-                return Ok(next);
-            }
-            Effect::StartStopped { sandbox } => {
-                let path = format!("/v1/sandboxes/{sandbox}/start");
-                let ok = matches!(
-                    provider::call(&self.env, Method::Post, &path, None).await,
-                    Ok((200, _))
-                );
-                return Ok(vec![Input::Started { sandbox, ok }]);
-            }
-            Effect::Poll { sandbox } => {
-                let path = format!("/v1/sandboxes/{sandbox}");
-                let answer = match provider::call(&self.env, Method::Get, &path, None).await {
-                    Ok((200, v)) if v["status"] == "failed" || v["status"] == "terminated" => {
-                        PollAnswer::Failed {
-                            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
-                            message: v["error"]["message"]
-                                .as_str()
-                                .unwrap_or("no reason given")
-                                .into(),
-                        }
-                    }
-                    Ok((404, _)) => PollAnswer::Gone,
-                    _ => PollAnswer::Pending,
-                };
-                return Ok(vec![Input::Polled { sandbox, answer }]);
-            }
-            Effect::TakeSnapshot { sandbox, turn } => {
-                let taken = snapshots::take(&self.env, sandbox.as_deref(), now_ms()).await;
-                let next = match &taken {
-                    Ok((id, expires_at)) => Input::SnapshotTaken {
-                        turn,
-                        id: id.clone(),
-                        expires_at: *expires_at,
-                    },
-                    Err(e) => {
-                        console_error!("snapshot of turn {turn}: {}", e.message);
-                        Input::SnapshotNotTaken { turn }
-                    }
-                };
-                answers.snapshot = Some(taken.map(|(id, _)| id));
-                return Ok(vec![next]);
-            }
-            Effect::DeleteSnapshots { ids } => {
-                let gone = snapshots::delete(&self.env, &ids).await;
-                return Ok(vec![Input::SnapshotsDeleted { ids: gone }]);
-            }
-            Effect::SweepSandboxes => {
-                let session = self.read(|s, _| s.meta.id.clone())?;
-                let keep = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
-                let path = format!("/v1/sandboxes?session_id={session}");
-                if let Ok((200, v)) = provider::call(&self.env, Method::Get, &path, None).await {
-                    let listed = v["sandboxes"].as_array().cloned().unwrap_or_default();
-                    for sandbox in listed {
-                        let id = sandbox["id"].as_str().unwrap_or_default();
-                        if id.is_empty()
-                            || Some(id) == keep.as_deref()
-                            || sandbox["status"] == "terminated"
-                        {
-                            continue;
-                        }
-                        if let Err(e) = provider::terminate(&self.env, id).await {
-                            console_error!("terminating stray sandbox {id}: {}", e.message);
-                        }
-                    }
-                }
-            }
-            Effect::SaveSnapshots => {
-                let snaps = self.read_hosted(|h, _| h.snapshots.clone())?;
-                snapshots::save(&sql, &snaps)?;
-            }
-            Effect::Terminate { sandbox } => {
-                if let Err(e) = provider::terminate(&self.env, &sandbox).await {
-                    console_error!("terminating sandbox {sandbox}: {}", e.message);
-                }
-            }
-            Effect::RunnerStart { prompt } => self.runner().start(&sql, &prompt, now_ms())?,
-            Effect::RunnerAbort { prompt } => self.runner().abort(&sql, &prompt)?,
-            Effect::RememberBranch(branch) => {
-                // A later cold start continues this branch (src/sandbox_start.rs).
-                store::kv_put(&sql, sandbox_start::BRANCH, &branch)?;
+            Effect::Ended { members } => self.ended(members).await,
+            other => {
+                let ctx = self.read(|h, _| Context::of(h))?;
+                let (env, sql) = (&self.env, &self.sql());
+                return session_provider::carry_out(env, sql, ctx, other, answers, now_ms()).await;
             }
         }
         Ok(Vec::new())
+    }
+
+    /// Events were stored: every person sees them; a background agent's session that ended its
+    /// prompt tells its agent.
+    async fn stored(&self, events: &[Event]) -> ApiResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let frame = ServerMessage::Events {
+            events: events.to_vec(),
+        };
+        send_text(&self.state.get_websockets_with_tag(PEOPLE), &frame);
+        if let Some((ok, result)) = agent_session::ending(events) {
+            if let Some(link) = agent_session::link(&self.sql())? {
+                if let Err(e) = agent_session::report_end(&self.env, &link, ok, result).await {
+                    console_error!("reporting agent {} ended: {}", link.agent, e.message);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The session ended: each member's index marks it ended; the agents it spawned end too.
+    async fn ended(&self, members: Vec<String>) {
+        let Ok(id) = self.read(|h, _| h.session.meta.id.clone()) else {
+            return;
+        };
+        let route = UserIndexRoute::Status;
+        let Ok(body) = objects::encode(&StatusChange::ended(&id)) else {
+            return;
+        };
+        for user in members {
+            let result = async {
+                let stub = self.env.durable_object("USER_INDEX")?.get_by_name(&user)?;
+                let body = Some(body.clone());
+                crate::http::call(&stub, route.method(), route.path(), None, body).await
+            }
+            .await;
+            if let Err(e) = result {
+                console_error!("marking session {id} ended for {user}: {}", e.message);
+            }
+        }
+        agent_session::end_children(&self.env, &self.sql(), &id).await;
     }
 
     /// The sandbox dials in with its token; one live sandbox socket per session.
@@ -596,23 +422,22 @@ impl SessionObject {
         if !self.ensure_loaded()? {
             return Err(EdgeError::NotFound("session").into());
         }
-        let token = bearer(req);
-        let link = self.read_hosted(|h, _| h.admit(&token))??;
+        let link = self.read(|h, _| h.admit(&bearer(req)))??;
         let older = self.state.get_websockets_with_tag(SANDBOX);
         let pair = WebSocketPair::new().map_err(ApiError::from)?;
-        let server = pair.server;
-        self.state.accept_websocket_with_tags(&server, &[SANDBOX]);
-        server
-            .serialize_attachment(SandboxAttachment {
-                link: Some(link),
-                conn: random_hex(8),
-            })
+        self.state
+            .accept_websocket_with_tags(&pair.server, &[SANDBOX]);
+        let conn = random_hex(8);
+        let attachment = SandboxAttachment {
+            link: Some(link),
+            conn,
+        };
+        pair.server
+            .serialize_attachment(attachment)
             .map_err(ApiError::from)?;
+        let replaced = CloseCode::Replaced;
         for ws in older {
-            let _ = ws.close(
-                Some(CloseCode::Replaced.code()),
-                Some(CloseCode::Replaced.reason()),
-            );
+            let _ = ws.close(Some(replaced.code()), Some(replaced.reason()));
         }
         self.input(Input::SandboxConnected).await?;
         Response::from_websocket(pair.client).map_err(ApiError::from)
@@ -623,12 +448,9 @@ impl SessionObject {
     fn socket_link(&self, att: &SandboxAttachment) -> ApiResult<String> {
         match &att.link {
             Some(link) => Ok(link.clone()),
-            None => self.read_hosted(|h, _| {
-                h.link
-                    .as_ref()
-                    .map(|l| l.token_hash.clone())
-                    .unwrap_or_default()
-            }),
+            None => self
+                .read(|h, _| h.link.as_ref().map(|l| l.token_hash.clone()))
+                .map(Option::unwrap_or_default),
         }
     }
 
@@ -641,51 +463,22 @@ impl SessionObject {
         Ok(())
     }
 
-    async fn mark_ended_in_indexes(&self) {
-        let Ok((id, users)) = self.read(|s, _| {
-            (
-                s.meta.id.clone(),
-                s.members.keys().cloned().collect::<Vec<_>>(),
-            )
-        }) else {
-            return;
-        };
-        let body = serde_json::json!({"id": id, "status": "ended"})
-            .to_string()
-            .into_bytes();
-        for user in users {
-            let result = async {
-                let stub = self.env.durable_object("USER_INDEX")?.get_by_name(&user)?;
-                crate::http::call(&stub, Method::Post, "/status", None, Some(body.clone())).await
-            }
-            .await;
-            if let Err(e) = result {
-                console_error!("marking session {id} ended for {user}: {}", e.message);
-            }
-        }
-    }
-
     /// The sandbox's agent tools: checked by the live sandbox's token, run for the running
     /// prompt's author (a retired sandbox's token opens nothing).
     async fn sandbox_tools(&self, req: &mut Request) -> ApiResult<Response> {
         if !self.ensure_loaded()? {
             return Err(EdgeError::NotFound("session").into());
         }
-        let token = bearer(req);
-        self.read_hosted(|h, _| h.admit(&token))??;
-        let sql = self.sql();
+        self.read(|h, _| h.admit(&bearer(req)))??;
         let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
         let tool: agent_session::ToolRequest =
             serde_json::from_slice(&bytes).map_err(agent_session::bad_tool_request)?;
-        let (session, repository, author) = self.read_hosted(|h, _| {
-            let s = &h.session;
-            (
-                s.meta.id.clone(),
-                s.meta.repository.clone(),
-                h.running_author(),
-            )
+        let (session, repository, author) = self.read(|h, _| {
+            let meta = &h.session.meta;
+            (meta.id.clone(), meta.repository.clone(), h.running_author())
         })?;
         let author = author.ok_or(EdgeError::NoRunningPrompt)?;
+        let sql = self.sql();
         let (status, v) =
             agent_session::tool(&self.env, &sql, &session, repository, author, tool).await?;
         json_of(status, &v)
@@ -701,30 +494,18 @@ impl SessionObject {
     }
 
     /// `POST /sandbox`: the session's live sandbox, or a new one.
-    async fn ensure_sandbox(&self, who: &Identity) -> ApiResult<Response> {
-        self.require_member(who)?;
-        let live = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
-        if let Some(id) = live {
-            let (st, v) =
-                provider::call(&self.env, Method::Get, &format!("/v1/sandboxes/{id}"), None)
-                    .await?;
-            return json_of(st, &v);
-        }
+    async fn ensure_sandbox(&self) -> ApiResult<Response> {
         let effects = self.decide(|h, now, tokens| h.ensure(now, tokens))??;
         Self::spawn_answer(self.execute(effects).await?.spawned)
     }
 
-    async fn snapshot_now(&self, who: &Identity, b: wire::SnapshotNow) -> ApiResult<Response> {
-        self.require_member(who)?;
+    async fn snapshot_now(&self, b: wire::SnapshotNow) -> ApiResult<Response> {
         let effects = self.decide(|h, _, _| h.request_snapshot(&b.sandbox))??;
         let taken = self.execute(effects).await?.snapshot;
         let id = taken.ok_or_else(|| ApiError::internal("no snapshot was taken"))??;
-        let snap =
-            self.read_hosted(|h, _| h.snapshots.snaps.iter().find(|s| s.id == id).cloned())?;
-        json_of(
-            201,
-            &snap.ok_or_else(|| ApiError::internal("the snapshot was not recorded"))?,
-        )
+        let snap = self.read(|h, _| h.snapshots.snaps.iter().find(|s| s.id == id).cloned())?;
+        let snap = snap.ok_or_else(|| ApiError::internal("the snapshot was not recorded"))?;
+        json_of(201, &snap)
     }
 
     /// `POST /sandbox/restore`: a new sandbox for the session from one of its live snapshots (the
@@ -736,9 +517,8 @@ impl SessionObject {
         who: &Identity,
         b: wire::SandboxRestore,
     ) -> ApiResult<Response> {
-        self.require_member(who)?;
         let now = now_ms();
-        let snap = self.read_hosted(|h, _| h.restorable(b.snapshot.as_deref(), now).cloned())?;
+        let snap = self.read(|h, _| h.restorable(b.snapshot.as_deref(), now).cloned())?;
         let Some(snap) = snap else {
             return Err(match b.snapshot {
                 Some(id) => EdgeError::SnapshotNotRestorable(id),
@@ -746,19 +526,17 @@ impl SessionObject {
             }
             .into());
         };
-        self.read_hosted(|h, _| h.check_restore())??;
+        self.read(|h, _| h.check_restore())??;
         // The provider may have lost it before its time.
-        let path = format!("/v1/snapshots/{}", snap.id);
-        match provider::call(&self.env, Method::Get, &path, None).await? {
-            (200, _) => {}
-            (404, _) => return Err(EdgeError::SnapshotGone(snap.id).into()),
-            (status, v) => {
-                return Err(EdgeError::SnapshotLookupFailed {
-                    id: snap.id,
-                    status,
-                    answer: v.to_string(),
-                }
-                .into())
+        match provider::get_snapshot(&self.env, &snap.id).await? {
+            Ok(_) => {}
+            Err(refused) if refused.is_not_found() => {
+                return Err(EdgeError::SnapshotGone(snap.id).into())
+            }
+            Err(refused) => {
+                let (status, answer) = (refused.status, refused.body.to_string());
+                let id = snap.id;
+                return Err(EdgeError::SnapshotLookupFailed { id, status, answer }.into());
             }
         }
         let name = who.name.clone();
@@ -773,381 +551,235 @@ impl SessionObject {
         who: &Identity,
         b: wire::SandboxAuthorize,
     ) -> ApiResult<Response> {
-        self.require_member(who)?;
         let op = SandboxOp::parse(&b.op);
-        let name = who.name.clone();
-        let effects = self
-            .decide(|h, now, tokens| h.authorize(&name, b.sandbox.as_deref(), op, now, tokens))?;
+        let (name, sandbox) = (who.name.clone(), b.sandbox.as_deref());
+        let effects = self.decide(|h, now, tokens| h.authorize(&name, sandbox, op, now, tokens))?;
         self.execute(effects).await?;
-        json_of(200, &serde_json::json!({"ok": true}))
+        json_of(200, &OkAnswer::yes())
     }
 
-    fn broadcast_events(&self, events: &[Event]) {
-        if events.is_empty() {
-            return;
-        }
-        let frame = ServerMessage::Events {
-            events: events.to_vec(),
+    /// Sets the alarm to the core's next deadline (unless an earlier one is already set).
+    async fn schedule_alarm(&self) -> ApiResult<()> {
+        let Some(next) = self.read(|h, _| h.next_deadline())? else {
+            return Ok(());
         };
-        let Ok(text) = serde_json::to_string(&frame) else {
-            return;
-        };
-        for ws in self.state.get_websockets_with_tag(PEOPLE) {
-            let _ = ws.send_with_str(&text);
+        if self.alarm_at.get().is_some_and(|current| current <= next) {
+            return Ok(());
         }
-    }
-
-    /// Sets the alarm to the earliest deadline: the hosted session's (presence, sweeps, locks,
-    /// the sandbox's heartbeat, grace, spawn poll and retry), the runner's and the snapshots'.
-    async fn schedule_alarm(&self, now: u64) -> ApiResult<()> {
-        let mut next = self.read_hosted(|h, _| h.next_deadline())?;
-        if let Some(due) = self.runner().next_due(&self.sql())? {
-            next = Some(next.map_or(due, |n| n.min(due)));
-        }
-        let Some(next) = next else { return Ok(()) };
-        if let Some(current) = self.alarm_at.get() {
-            if current <= next {
-                return Ok(());
-            }
-        }
+        let now = now_ms();
         let at = next.max(now + 1);
-        let offset = i64::try_from(at.saturating_sub(now_ms())).unwrap_or(0);
+        let offset = i64::try_from(at - now).unwrap_or(0);
         self.state.storage().set_alarm(offset).await?;
         self.alarm_at.set(Some(at));
         Ok(())
     }
 
-    /// The alarm: runner completions that are due, the hosted session's timers, snapshot
-    /// upkeep, the presence batch. Whatever fails, the alarm is set again.
+    /// The alarm: the core's timers, then the presence batch. Whatever fails, the alarm is set
+    /// again.
     async fn on_alarm(&self) -> ApiResult<()> {
         if !self.ensure_loaded()? {
             return Ok(());
         }
-        let result = self.alarm_steps().await;
+        let result = self.input(Input::Alarm).await.map(drop);
         self.flush_presence();
         let rearmed = match self.ensure_loaded() {
-            Ok(true) => self.schedule_alarm(now_ms()).await,
+            Ok(true) => self.schedule_alarm().await,
             Ok(false) => Ok(()),
             Err(e) => Err(e),
         };
         result.and(rearmed)
     }
 
-    async fn alarm_steps(&self) -> ApiResult<()> {
-        let now = now_ms();
-        let runner = self.runner();
-        for (prompt, due) in runner.jobs(&self.sql())? {
-            if due > now {
-                continue;
-            }
-            let text = self.read(|s, _| s.queue.prompts.get(&prompt).map(|p| p.text.clone()))?;
-            store::runner_cancel(&self.sql(), &prompt)?;
-            if let Some(text) = text {
-                let reply = runner.reply(&text);
-                let p = prompt.clone();
-                let _ = self
-                    .apply(move |s, now| {
-                        let mut out = s.agent_text(&p, reply)?;
-                        let fin = s.finish_prompt(&p, true, None, now)?;
-                        out.events.extend(fin.events);
-                        out.start = fin.start;
-                        Ok(out)
-                    })
-                    .await;
-            }
-        }
-        self.input(Input::Alarm).await?;
-        Ok(())
-    }
-
     /// Sends coalesced presence changes to every socket.
     fn flush_presence(&self) {
-        let Ok(changed) = self.decide(|h, _, _| h.take_presence()) else {
-            return;
-        };
-        if changed.is_empty() {
-            return;
-        }
-        let Ok(frame) = self.read(|s, _| {
-            let mut updated = Vec::new();
-            let mut left = Vec::new();
-            let mut truncated = false;
-            for c in changed {
-                match s.clients.get(&c) {
-                    Some(_) if updated.len() >= PRESENCE_DELTA_MAX => truncated = true,
-                    Some(client) => updated.push(PresenceEntry::from(client)),
-                    None if left.len() >= PRESENCE_DELTA_MAX => truncated = true,
-                    None => left.push(c),
-                }
-            }
-            ServerMessage::PresenceDelta {
-                updated,
-                left,
-                total: s.clients.len(),
-                truncated,
-            }
-        }) else {
-            return;
-        };
-        let Ok(text) = serde_json::to_string(&frame) else {
-            return;
-        };
-        for ws in self.state.get_websockets_with_tag(PEOPLE) {
-            let _ = ws.send_with_str(&text);
+        let delta = self.decide(|h, _, _| {
+            let changed = h.take_presence();
+            api::presence_delta(&h.session, changed)
+        });
+        if let Ok(Some(frame)) = delta {
+            send_text(&self.state.get_websockets_with_tag(PEOPLE), &frame);
         }
     }
 
     async fn drop_socket(&self, ws: &WebSocket) {
+        let _ = ws.close(Some(1000), Some("closed"));
         let Ok(Some(att)) = ws.deserialize_attachment::<Attachment>() else {
             if let Ok(Some(sa)) = ws.deserialize_attachment::<SandboxAttachment>() {
-                let _ = ws.close(Some(1000), Some("closed"));
-                if !matches!(self.ensure_loaded(), Ok(true)) {
-                    return;
-                }
-                let Ok(link) = self.socket_link(&sa) else {
-                    return;
-                };
-                // Another socket of the same sandbox (a reconnect) keeps it connected.
-                let others = self.state.get_websockets_with_tag(SANDBOX).iter().any(|o| {
-                    o.deserialize_attachment::<SandboxAttachment>()
-                        .ok()
-                        .flatten()
-                        .is_some_and(|a| {
-                            a.conn != sa.conn && self.socket_link(&a).ok().as_ref() == Some(&link)
-                        })
-                });
-                if !others {
-                    let _ = self.input(Input::SandboxClosed { link }).await;
-                }
+                self.drop_sandbox_socket(&sa).await;
             }
             return;
         };
         // A reconnect with the same client id may already have replaced this socket.
-        let replaced = self
-            .state
-            .get_websockets_with_tag(&client_tag(&att.client))
-            .iter()
-            .any(|other| {
-                other
-                    .deserialize_attachment::<Attachment>()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|a| a.conn != att.conn)
-            });
-        let _ = ws.close(Some(1000), Some("closed"));
-        if replaced {
+        let sockets = self.state.get_websockets_with_tag(&client_tag(&att.client));
+        let replaced = sockets.iter().any(|other| {
+            let other = other.deserialize_attachment::<Attachment>().ok().flatten();
+            other.is_some_and(|a| a.conn != att.conn)
+        });
+        if !replaced {
+            let client = att.client.clone();
+            let _ = self
+                .run(&att.identity, Command::Disconnect { client })
+                .await;
+        }
+    }
+
+    async fn drop_sandbox_socket(&self, sa: &SandboxAttachment) {
+        if !matches!(self.ensure_loaded(), Ok(true)) {
             return;
         }
-        let client = att.client.clone();
-        let _ = self.apply(move |s, _| Ok(s.disconnect(&client))).await;
-    }
-
-    fn identity(req: &Request) -> ApiResult<Identity> {
-        decode_identity(req).ok_or_else(|| EdgeError::Unauthenticated.into())
-    }
-
-    async fn body<T: serde::de::DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
-        let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
-        Ok(wire::parse_body(&bytes)?)
+        let Ok(link) = self.socket_link(sa) else {
+            return;
+        };
+        // Another socket of the same sandbox (a reconnect) keeps it connected.
+        let others = self.state.get_websockets_with_tag(SANDBOX).iter().any(|o| {
+            let other = o
+                .deserialize_attachment::<SandboxAttachment>()
+                .ok()
+                .flatten();
+            other.is_some_and(|a| {
+                a.conn != sa.conn && self.socket_link(&a).ok() == Some(link.clone())
+            })
+        });
+        if !others {
+            let _ = self.input(Input::SandboxClosed { link }).await;
+        }
     }
 
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
         let path = req.path();
         let method = req.method();
-        if path == "/sandbox-link" {
-            return self.accept_sandbox(&req).await;
-        }
         // Reached only from other objects (the Worker never forwards these paths).
-        match (method.clone(), path.as_str()) {
-            (Method::Post, "/sandbox/background") => return self.sandbox_tools(&mut req).await,
-            (Method::Post, "/background/child") => {
-                let v: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
-                self.require_loaded()?;
-                let s = |k: &str| v[k].as_str().map(String::from);
-                let (id, status) = (s("id").unwrap_or_default(), s("status").unwrap_or_default());
-                let (session, title, branch) = (s("session"), s("title"), s("branch"));
-                self.apply(move |x, _| Ok(x.background_child(id, status, session, title, branch)))
-                    .await?;
-                return json_of(200, &serde_json::json!({"ok": true}));
+        match SessionRoute::parse(&method, &path) {
+            Some(SessionRoute::SandboxLink) => return self.accept_sandbox(&req).await,
+            Some(SessionRoute::SandboxTools) => return self.sandbox_tools(&mut req).await,
+            Some(SessionRoute::BackgroundChild) => {
+                let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
+                let b: ChildUpdate = objects::decode_body(&path, &bytes)?;
+                let command = Command::BackgroundChild {
+                    id: b.id,
+                    status: b.status,
+                    session: b.session,
+                    title: b.title,
+                    branch: b.branch,
+                };
+                self.run(&system(), command).await?;
+                return json_of(200, &OkAnswer::yes());
             }
-            (Method::Post, "/background/cancel") => {
-                self.require_loaded()?;
-                let owner = self.read(|s, _| {
-                    s.members.get(&s.meta.owner).map(|m| Identity {
-                        user: m.user.clone(),
-                        name: m.name.clone(),
-                        email: m.email.clone(),
-                    })
-                })?;
-                if let Some(who) = owner {
-                    // Nothing running is fine: the agent may not have started its prompt yet.
-                    let _ = self.apply(|s, now| s.stop_prompt(&who, now)).await;
-                }
-                return json_of(200, &serde_json::json!({"ok": true}));
+            Some(SessionRoute::BackgroundCancel) => {
+                self.run(&system(), Command::BackgroundCancel).await?;
+                return json_of(200, &OkAnswer::yes());
             }
-            (Method::Get, "/background/output") => {
-                return json_of(200, &agent_session::output(&self.sql())?);
+            Some(SessionRoute::BackgroundOutput) => {
+                return json_of(200, &agent_session::output(&self.sql())?)
             }
             _ => {}
         }
-        let who = Self::identity(&req)?;
-        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-        if segs.as_slice() == ["create"] && method == Method::Post {
-            let body: CreateSession = Self::body(&mut req).await?;
+        let who = decode_identity(&req).ok_or(EdgeError::Unauthenticated)?;
+        if path != SessionRoute::Create.path() {
+            self.require_loaded()?;
+        }
+        let url = req.url().map_err(ApiError::from)?;
+        let query: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let key = req
+            .headers()
+            .get(wire::IDEMPOTENCY_KEY_HEADER)
+            .ok()
+            .flatten();
+        let body = match method {
+            Method::Get | Method::Head => Vec::new(),
+            _ => req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?,
+        };
+        let request = api::decode(method.as_ref(), &path, &query, key, &body, || new_id("prm"))
+            .map_err(|e| match e {
+                RouteError::NoRoute => ApiError::from(EdgeError::NotFound("route")),
+                RouteError::Wire(e) => ApiError::from(e),
+            })?;
+        if let SessionRequest::Create(body) = request {
             return self.create(&who, body, &req).await;
         }
-        self.require_loaded()?;
-        match (method, segs.as_slice()) {
-            (Method::Post, ["join"]) => {
-                let body: JoinSession = Self::body(&mut req).await?;
-                let applied = self.apply(|s, now| s.join(&who, &body.invite, now)).await?;
-                let snapshot = self.snapshot(&who)?;
-                json_of(if applied.stored_events { 201 } else { 200 }, &snapshot)
+        self.read(|h, _| api::check_access(&h.session, &who, &request))??;
+        match request {
+            SessionRequest::Command(command, answer) => self.command(&who, command, answer).await,
+            SessionRequest::Snapshot => self.read(|h, seq| {
+                let mut view = SessionView::of(&h.session, &who, seq);
+                view.snapshots = Some(&h.snapshots.snaps);
+                json_of(200, &view)
+            })?,
+            SessionRequest::Prompts => {
+                self.read(|h, _| json_of(200, &api::QueueView::of(&h.session)))?
             }
-            (Method::Get, ["snapshot"]) => {
-                let mut v = self.snapshot(&who)?;
-                // Where the work can be restored from if the sandbox goes away.
-                let snaps = self.read_hosted(|h, _| h.snapshots.snaps.clone())?;
-                v["snapshots"] = serde_json::to_value(snaps).map_err(ApiError::internal)?;
-                json_of(200, &v)
-            }
-            (Method::Post, ["leave"]) => {
-                self.apply(|s, _| s.leave(&who)).await?;
-                json_of(200, &serde_json::json!({ "left": true }))
-            }
-            (Method::Put, ["egress"]) => {
-                let b: wire::SessionEgress = Self::body(&mut req).await?;
-                self.apply(|s, _| s.set_egress(&who, &b.allow)).await?;
-                let sql = self.sql();
-                store::kv_put(&sql, sandbox_start::EGRESS, &b.allow)?;
-                // A live sandbox gets the new list at once; a later one at its start.
-                let mut applied = false;
-                let live = self.read_hosted(|h, _| h.live_sandbox().map(str::to_string))?;
-                if let Some(id) = live {
-                    applied = sandbox_start::apply_egress(&self.env, &id, &b.allow).await;
-                }
+            SessionRequest::Locks => self.read(|h, _| {
                 json_of(
                     200,
-                    &serde_json::json!({"allow": b.allow, "applied_to_live_sandbox": applied}),
+                    &api::LocksView {
+                        locks: h.session.locks.values().collect(),
+                    },
                 )
-            }
-            (Method::Post, ["end"]) => {
-                self.apply(|s, now| s.end(&who, now)).await?;
-                self.mark_ended_in_indexes().await;
-                let id = self.read(|s, _| s.meta.id.clone())?;
-                agent_session::end_children(&self.env, &self.sql(), &id).await;
-                json_of(200, &self.snapshot(&who)?)
-            }
-            (Method::Put, ["cursor"]) => {
-                let b: CursorUpdate = Self::body(&mut req).await?;
-                let cursor = Cursor {
-                    file: b.file,
-                    line: b.line,
-                    column: b.column,
-                };
-                let client = b.client.clone();
-                self.apply(|s, now| s.set_cursor(&who, &client, cursor, now))
-                    .await?;
-                json_of(200, &serde_json::json!({ "ok": true }))
-            }
-            (Method::Post, ["prompt"]) => {
-                let header = req
-                    .headers()
-                    .get(wire::IDEMPOTENCY_KEY_HEADER)
-                    .ok()
-                    .flatten();
-                let b: PromptRequest = Self::body(&mut req).await?;
-                let key = b.idempotency_key(header)?;
-                let (p, new) = self.enqueue(&who, b.text, b.priority, b.model, key).await?;
-                // A repeat of a stored key answers 200 with the stored prompt.
-                json_of(if new { 202 } else { 200 }, &p)
-            }
-            (Method::Delete, ["prompt", id]) => {
-                let id = id.to_string();
-                self.apply(|s, now| s.cancel_prompt(&who, &id, now)).await?;
-                json_of(200, &self.prompt_json(&id)?)
-            }
-            (Method::Patch, ["prompt", id]) => {
-                let b: Reprioritize = Self::body(&mut req).await?;
-                let id = id.to_string();
-                self.apply(|s, _| s.reprioritize_prompt(&who, &id, b.priority))
-                    .await?;
-                json_of(200, &self.prompt_json(&id)?)
-            }
-            (Method::Get, ["prompts"]) => {
-                self.require_member(&who)?;
-                json_of(200, &self.read(queue_json)?)
-            }
-            (Method::Post, ["stop"]) => {
-                let applied = self.apply(|s, now| s.stop_prompt(&who, now)).await?;
-                json_of(200, &serde_json::json!({ "stopped": applied.stopped }))
-            }
-            (Method::Post, ["lock"]) => {
-                let b: LockRequest = Self::body(&mut req).await?;
-                self.apply(|s, now| s.acquire_lock(&who, &b.resource, b.ttl_ms, now))
-                    .await?;
-                json_of(200, &self.read(|s, _| s.locks.get(&b.resource).cloned())?)
-            }
-            (Method::Post, ["unlock"]) => {
-                let b: UnlockRequest = Self::body(&mut req).await?;
-                self.apply(|s, _| s.release_lock(&who, &b.resource)).await?;
-                json_of(200, &serde_json::json!({ "released": b.resource }))
-            }
-            (Method::Get, ["locks"]) => {
-                self.require_member(&who)?;
+            })?,
+            SessionRequest::Presence => self.read(|h, _| {
+                let clients: Vec<PresenceEntry> = h
+                    .session
+                    .clients
+                    .values()
+                    .map(PresenceEntry::from)
+                    .collect();
                 json_of(
                     200,
-                    &self.read(
-                        |s, _| serde_json::json!({ "locks": s.locks.values().collect::<Vec<_>>() }),
-                    )?,
+                    &api::PresenceView {
+                        total: clients.len(),
+                        clients,
+                    },
                 )
-            }
-            (Method::Get, ["presence"]) => {
-                self.require_member(&who)?;
-                let all: Vec<PresenceEntry> =
-                    self.read(|s, _| s.clients.values().map(PresenceEntry::from).collect())?;
-                json_of(
-                    200,
-                    &serde_json::json!({ "total": all.len(), "clients": all }),
-                )
-            }
-            (Method::Get, ["events"]) => {
-                self.require_member(&who)?;
-                let q: EventsQuery = req.query().unwrap_or_default();
-                let since = query_u64(q.since.as_ref(), "since", 0)?;
-                let limit = query_u64(q.limit.as_ref(), "limit", 1000)?.clamp(1, 5000) as u32;
-                let rows = store::events_after(&self.sql(), since, limit)?;
+            })?,
+            SessionRequest::Events { since, limit } => {
+                let bodies = sql_store::events_after(&self.sql(), since, limit)?;
                 let last_seq = self.read(|_, seq| seq)?;
-                let body = format!(
-                    "{{\"last_seq\":{last_seq},\"events\":[{}]}}",
-                    rows.join(",")
-                );
-                crate::error::json_response(200, body).map_err(ApiError::from)
+                crate::error::json_response(200, api::events_page(last_seq, &bodies))
+                    .map_err(ApiError::from)
             }
-            (Method::Get, ["ws"]) => self.accept_socket(&who, &req).await,
-            (Method::Post, ["sandbox", "ensure"]) => self.ensure_sandbox(&who).await,
-            (Method::Post, ["sandbox", "snapshot"]) => {
-                let b: wire::SnapshotNow = Self::body(&mut req).await?;
-                self.snapshot_now(&who, b).await
-            }
-            (Method::Post, ["sandbox", "restore"]) => {
-                let b: wire::SandboxRestore = Self::body(&mut req).await?;
-                self.restore_sandbox(&who, b).await
-            }
-            (Method::Post, ["sandbox", "authorize"]) => {
-                let b: wire::SandboxAuthorize = Self::body(&mut req).await?;
-                self.authorize_sandbox(&who, b).await
-            }
-            _ => Err(EdgeError::NotFound("route").into()),
+            SessionRequest::Socket {
+                since,
+                client,
+                kind,
+            } => self.accept_socket(&who, since, client, kind).await,
+            SessionRequest::SandboxEnsure => self.ensure_sandbox().await,
+            SessionRequest::SandboxSnapshot(b) => self.snapshot_now(b).await,
+            SessionRequest::SandboxRestore(b) => self.restore_sandbox(&who, b).await,
+            SessionRequest::SandboxAuthorize(b) => self.authorize_sandbox(&who, b).await,
+            SessionRequest::Create(_) => Err(EdgeError::SessionExists.into()),
         }
     }
 
-    fn require_member(&self, who: &Identity) -> ApiResult<()> {
-        if self.read(|s, _| s.is_member(&who.user))? {
-            Ok(())
-        } else {
-            Err(nightshift_core::CoreError::NotMember.into())
-        }
+    /// Runs a command and renders its answer's view.
+    async fn answered<T>(
+        &self,
+        who: &Identity,
+        command: Command,
+        answer: &Answer,
+        f: impl FnOnce(u16, View) -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let (done, answers) = self.run(who, command).await?;
+        let applied = answers.egress_applied;
+        self.read(
+            |h, seq| match api::answer(h, who, answer, &done, seq, applied) {
+                Ok((status, view)) => f(status, view),
+                Err(api::ViewError::NotMember) => Err(nightshift_core::CoreError::NotMember.into()),
+                Err(api::ViewError::NoPrompt) => Err(EdgeError::NotFound("prompt").into()),
+            },
+        )?
+    }
+
+    async fn command(
+        &self,
+        who: &Identity,
+        command: Command,
+        answer: Answer,
+    ) -> ApiResult<Response> {
+        self.answered(who, command, &answer, |status, view| json_of(status, &view))
+            .await
     }
 
     async fn create(
@@ -1156,15 +788,13 @@ impl SessionObject {
         body: CreateSession,
         req: &Request,
     ) -> ApiResult<Response> {
-        if store::exists(&self.sql())? {
+        let mut rows = self.rows();
+        if rows.exists()? {
             return Err(EdgeError::SessionExists.into());
         }
         let title = body.check()?;
-        let id = req
-            .headers()
-            .get("x-nightshift-session")
-            .ok()
-            .flatten()
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let id = header(objects::SESSION_HEADER)
             .ok_or_else(|| ApiError::internal("missing session id"))?;
         let now = now_ms();
         let meta = Meta {
@@ -1180,106 +810,42 @@ impl SessionObject {
             model: body.model,
         };
         let (mut session, out) = Session::create(meta, who);
-        let sql = self.sql();
-        store::create_schema(&sql)?;
-        let dirty = session.take_dirty();
-        store::persist(&sql, &session, &dirty)?;
+        let events = store::create(&mut rows, &mut session, now, out.events)?;
         // A background agent's session knows its agent (set only by the scheduler object).
-        if let Some(link) = req.headers().get("x-nightshift-background").ok().flatten() {
-            let link: crate::scheduler::AgentLink =
-                serde_json::from_str(&link).map_err(ApiError::internal)?;
-            store::kv_put(&sql, agent_session::LINK, &link)?;
+        if let Some(link) = header(objects::BACKGROUND_HEADER) {
+            let link = objects::AgentLink::from_header(&link)?;
+            store::put(&mut rows, &store::Key::Kv(Kv::AgentLink), Some(&link))?;
         }
-        let mut last_seq = 0;
-        store::append(&sql, &mut last_seq, now, out.events)?;
-        let hosted = HostedSession::new(session, None, self.timing(), self.uses_sandboxes())
-            .with_snapshots(Default::default(), config::snapshot_margin_ms(&self.env));
+        let last_seq = events.last().map_or(0, |e| e.seq);
+        let stored = Stored {
+            session,
+            link: None,
+            snapshots: Default::default(),
+            jobs: Default::default(),
+            last_seq,
+        };
+        let hosted = self.hosted(stored);
         *self.cache.borrow_mut() = Some(Loaded { hosted, last_seq });
-        json_of(201, &self.snapshot(who)?)
+        self.read(|h, seq| json_of(201, &SessionView::of(&h.session, who, seq)))?
     }
 
-    async fn enqueue(
+    async fn accept_socket(
         &self,
         who: &Identity,
-        text: String,
-        priority: i32,
-        model: Option<String>,
-        key: Option<String>,
-    ) -> ApiResult<(serde_json::Value, bool)> {
-        wire::check_model(model.as_deref())?;
-        if self.uses_sandboxes() && self.read(|s, _| s.meta.repository.is_none())? {
-            return Err(EdgeError::NoRepositoryForPrompts.into());
-        }
-        // The core decides whether the key names a stored prompt; this only passes it on.
-        let submission = nightshift_core::session::PromptSubmission {
-            id: new_id("prm"),
-            text,
-            priority,
-            model,
-            key,
-        };
-        let mut submitted = None;
-        self.apply(|s, now| {
-            let (done, out) = s.submit_prompt(who, submission, now)?;
-            submitted = Some(done);
-            Ok(out)
-        })
-        .await?;
-        let done = submitted.ok_or_else(|| ApiError::internal("prompt not submitted"))?;
-        Ok((self.prompt_json(done.id())?, done.is_new()))
-    }
-
-    fn prompt_json(&self, id: &str) -> ApiResult<serde_json::Value> {
-        self.read(|s, _| {
-            s.queue
-                .prompts
-                .get(id)
-                .map(|p| serde_json::to_value(p.public()).unwrap_or_default())
-        })?
-        .ok_or_else(|| EdgeError::NotFound("prompt").into())
-    }
-
-    /// Everything a member needs to render the session.
-    fn snapshot(&self, who: &Identity) -> ApiResult<serde_json::Value> {
-        self.require_member(who)?;
-        self.read(|s, last_seq| {
-            let presence = presence_frame(s);
-            serde_json::json!({
-                "id": s.meta.id,
-                "title": s.meta.title,
-                "repository": s.meta.repository,
-                "model": s.meta.model,
-                "owner": s.meta.owner,
-                "status": s.meta.status,
-                "created_at": s.meta.created_at,
-                "invite": s.meta.invite,
-                "limits": s.meta.limits,
-                "role": s.members.get(&who.user).map(|m| m.role),
-                "members": s.members.values().collect::<Vec<_>>(),
-                "presence": presence,
-                "locks": s.locks.values().collect::<Vec<_>>(),
-                "queue": queue_json(s, last_seq),
-                "last_seq": last_seq,
-            })
-        })
-    }
-
-    async fn accept_socket(&self, who: &Identity, req: &Request) -> ApiResult<Response> {
-        let url = req.url().map_err(ApiError::from)?;
-        let q = |k: &str| {
-            url.query_pairs()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.into_owned())
-        };
-        let since = query_u64(q("since").as_ref(), "since", 0)?;
-        let client = q("client").unwrap_or_else(|| new_id("cli"));
-        let kind = q("kind").unwrap_or_else(|| "web".into());
-        if kind.is_empty() || kind.len() > 32 {
-            return Err(EdgeError::InvalidQuery("kind must be 1-32 bytes").into());
-        }
+        since: u64,
+        client: Option<String>,
+        kind: String,
+    ) -> ApiResult<Response> {
+        let client = client.unwrap_or_else(|| new_id("cli"));
         // Registers the client (membership and per-user limit checked by the core).
-        let (c2, k2) = (client.clone(), kind.clone());
-        self.apply(|s, now| s.connect(who, &c2, &k2, now)).await?;
+        self.run(
+            who,
+            Command::Connect {
+                client: client.clone(),
+                kind,
+            },
+        )
+        .await?;
         // Close an older socket of the same client id: this one replaces it.
         let tag = client_tag(&client);
         let older = self.state.get_websockets_with_tag(&tag);
@@ -1287,42 +853,48 @@ impl SessionObject {
         let server = pair.server;
         self.state
             .accept_websocket_with_tags(&server, &[tag.as_str(), PEOPLE]);
+        let conn = random_hex(8);
+        let identity = who.clone();
+        let attachment = Attachment {
+            client: client.clone(),
+            conn,
+            identity,
+        };
         server
-            .serialize_attachment(Attachment {
-                client: client.clone(),
-                conn: random_hex(8),
-                identity: who.clone(),
-            })
+            .serialize_attachment(attachment)
             .map_err(ApiError::from)?;
         for ws in older {
-            let _ = ws.close(Some(4001), Some("replaced by a newer connection"));
+            let replaced = PeopleClose::Replaced;
+            let _ = ws.close(Some(replaced.code()), Some(replaced.reason()));
         }
         // Hello, then every event after `since`, then a presence snapshot; live events follow.
-        let last_seq = self.read(|_, seq| seq)?;
-        send_frame(
-            &server,
-            &ServerMessage::Hello {
-                client: client.clone(),
-                user: who.user.clone(),
-                seq: last_seq,
-            },
-        );
-        let mut cursor = since;
-        while cursor < last_seq {
-            let rows = store::events_after(&self.sql(), cursor, REPLAY_CHUNK)?;
-            if rows.is_empty() {
+        let seq = self.read(|_, seq| seq)?;
+        let user = who.user.clone();
+        send_frame(&server, &ServerMessage::Hello { client, user, seq });
+        let (mut cursor, mut sent) = (since, 0);
+        let max = config::replay_max_events(&self.env);
+        while cursor < seq {
+            let page = api::replay_page(sent, max, REPLAY_CHUNK);
+            if page == 0 {
+                // Bounded work per connect: the client reconnects from `cursor` at once.
+                let close = PeopleClose::ReplayContinues;
+                let _ = server.close(Some(close.code()), Some(close.reason()));
+                return Response::from_websocket(pair.client).map_err(ApiError::from);
+            }
+            let bodies = sql_store::events_after(&self.sql(), cursor, page)?;
+            if bodies.is_empty() {
                 break;
             }
-            let mut events = Vec::with_capacity(rows.len());
-            for r in rows {
-                let ev: Event = serde_json::from_str(&r).map_err(ApiError::internal)?;
-                cursor = ev.seq;
-                events.push(ev);
+            sent += bodies.len() as u64;
+            let mut events = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                let event: Event = serde_json::from_str(&body).map_err(ApiError::internal)?;
+                cursor = event.seq;
+                events.push(event);
             }
             send_frame(&server, &ServerMessage::Events { events });
         }
-        let presence = self.read(|s, _| presence_frame(s))?;
-        send_frame(&server, &presence);
+        send_frame(&server, &self.read(|h, _| api::presence_frame(&h.session))?);
         Response::from_websocket(pair.client).map_err(ApiError::from)
     }
 
@@ -1331,97 +903,11 @@ impl SessionObject {
         att: &Attachment,
         msg: ClientMessage,
     ) -> ApiResult<Option<serde_json::Value>> {
-        let who = &att.identity;
-        let client = att.client.as_str();
-        match msg {
-            ClientMessage::Ping => {
-                self.apply(|s, now| s.heartbeat(who, client, now)).await?;
-                Ok(None)
-            }
-            m @ ClientMessage::Cursor { .. } => {
-                let cursor = m
-                    .cursor()
-                    .ok_or_else(|| ApiError::internal("cursor message without cursor"))?;
-                self.apply(|s, now| s.set_cursor(who, client, cursor, now))
-                    .await?;
-                Ok(None)
-            }
-            ClientMessage::Typing { typing } => {
-                self.apply(|s, now| s.set_typing(who, client, typing, now))
-                    .await?;
-                if typing {
-                    // Visible as a sandbox status; typing itself never fails.
-                    if let Err(e) = self.input(Input::Typing).await {
-                        console_error!("warm-up on typing: {}", e.message);
-                    }
-                }
-                Ok(None)
-            }
-            ClientMessage::Prompt {
-                text,
-                priority,
-                model,
-                key,
-            } => Ok(Some(self.enqueue(who, text, priority, model, key).await?.0)),
-            ClientMessage::Cancel { id } => {
-                self.apply(|s, now| s.cancel_prompt(who, &id, now)).await?;
-                Ok(None)
-            }
-            ClientMessage::Reprioritize { id, priority } => {
-                self.apply(|s, _| s.reprioritize_prompt(who, &id, priority))
-                    .await?;
-                Ok(None)
-            }
-            ClientMessage::Stop => {
-                self.apply(|s, now| s.stop_prompt(who, now)).await?;
-                Ok(None)
-            }
-            ClientMessage::LockAcquire { resource, ttl_ms } => {
-                self.apply(|s, now| s.acquire_lock(who, &resource, ttl_ms, now))
-                    .await?;
-                Ok(None)
-            }
-            ClientMessage::LockRelease { resource } => {
-                self.apply(|s, _| s.release_lock(who, &resource)).await?;
-                Ok(None)
-            }
-        }
+        let (command, answer) = api::client_command(msg, &att.client, || new_id("prm"))?;
+        let to_value = |_: u16, view: View| serde_json::to_value(view).map_err(ApiError::internal);
+        let value = self
+            .answered(&att.identity, command, &answer, to_value)
+            .await?;
+        Ok(matches!(answer, Answer::Prompt(_)).then_some(value))
     }
-}
-
-fn presence_frame(s: &Session) -> ServerMessage {
-    ServerMessage::Presence {
-        clients: s
-            .clients
-            .values()
-            .take(PRESENCE_SNAPSHOT_MAX)
-            .map(PresenceEntry::from)
-            .collect(),
-        total: s.clients.len(),
-    }
-}
-
-fn queue_json(s: &Session, _last_seq: u64) -> serde_json::Value {
-    let running = s
-        .queue
-        .running
-        .as_ref()
-        .and_then(|id| s.queue.prompts.get(id));
-    let queued = s.queue.queued_in_order();
-    let mut recent: Vec<_> = s
-        .queue
-        .prompts
-        .values()
-        .filter(|p| p.status.is_terminal())
-        .collect();
-    recent.sort_by_key(|p| std::cmp::Reverse(p.arrival));
-    recent.truncate(20);
-    // As members see prompts: without their authors' idempotency keys.
-    use nightshift_core::queue::Prompt;
-    let public = |ps: Vec<&Prompt>| ps.into_iter().map(Prompt::public).collect::<Vec<_>>();
-    serde_json::json!({
-        "running": running.map(Prompt::public),
-        "queued": public(queued),
-        "recent": public(recent),
-    })
 }

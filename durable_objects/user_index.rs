@@ -1,26 +1,11 @@
 //! The UserIndex Durable Object: one per person, listing the sessions they own or joined.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use worker::*;
 
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionEntry {
-    pub id: String,
-    pub title: String,
-    #[serde(default)]
-    pub repository: Option<String>,
-    pub role: String,
-    pub joined_at: u64,
-    /// `active` or `ended`, kept up to date by the session when it ends.
-    #[serde(default = "active")]
-    pub status: String,
-}
-
-fn active() -> String {
-    "active".into()
-}
+pub use crate::objects::SessionEntry;
+use crate::objects::{read_body, RemoveSession, Removed, StatusChange, Updated, UserIndexRoute};
 
 #[derive(Deserialize)]
 struct BodyRow {
@@ -56,55 +41,56 @@ impl UserIndex {
     }
 
     async fn route(&self, mut req: Request) -> ApiResult<Response> {
-        match (req.method(), req.path().as_str()) {
-            (Method::Post, "/add") => {
-                let e: SessionEntry = req.json().await.map_err(ApiError::internal)?;
-                let body = serde_json::to_string(&e).map_err(ApiError::internal)?;
+        let Some(route) = UserIndexRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
+            UserIndexRoute::Add => {
+                let entry: SessionEntry = read_body(&mut req).await?;
+                let body = serde_json::to_string(&entry).map_err(ApiError::internal)?;
                 self.sql()?.exec(
                     "INSERT OR REPLACE INTO sessions (id, joined_at, body) VALUES (?, ?, ?)",
                     vec![
-                        e.id.as_str().into(),
-                        SqlStorageValue::Integer(i64::try_from(e.joined_at).unwrap_or(0)),
+                        entry.id.as_str().into(),
+                        SqlStorageValue::Integer(i64::try_from(entry.joined_at).unwrap_or(0)),
                         body.into(),
                     ],
                 )?;
-                json_of(200, &e)
+                json_of(200, &entry)
             }
-            (Method::Post, "/remove") => {
-                let e: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
-                let id = e
-                    .get("id")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_string();
+            UserIndexRoute::Remove => {
+                let remove: RemoveSession = read_body(&mut req).await?;
                 self.sql()?
-                    .exec("DELETE FROM sessions WHERE id = ?", vec![id.into()])?;
-                json_of(200, &serde_json::json!({ "removed": true }))
+                    .exec("DELETE FROM sessions WHERE id = ?", vec![remove.id.into()])?;
+                json_of(200, &Removed { removed: true })
             }
-            (Method::Post, "/status") => {
-                let v: serde_json::Value = req.json().await.map_err(ApiError::internal)?;
-                let id = v["id"].as_str().unwrap_or_default().to_string();
-                let status = v["status"].as_str().unwrap_or("active").to_string();
+            UserIndexRoute::Status => {
+                let change: StatusChange = read_body(&mut req).await?;
                 let sql = self.sql()?;
                 let rows: Vec<BodyRow> = sql
                     .exec(
                         "SELECT body FROM sessions WHERE id = ?",
-                        vec![id.as_str().into()],
+                        vec![change.id.as_str().into()],
                     )?
                     .to_array()?;
                 if let Some(row) = rows.first() {
-                    let mut e: SessionEntry =
+                    let mut entry: SessionEntry =
                         serde_json::from_str(&row.body).map_err(ApiError::internal)?;
-                    e.status = status;
-                    let body = serde_json::to_string(&e).map_err(ApiError::internal)?;
+                    entry.status = change.status;
+                    let body = serde_json::to_string(&entry).map_err(ApiError::internal)?;
                     sql.exec(
                         "UPDATE sessions SET body = ? WHERE id = ?",
-                        vec![body.into(), id.into()],
+                        vec![body.into(), change.id.into()],
                     )?;
                 }
-                json_of(200, &serde_json::json!({ "updated": !rows.is_empty() }))
+                json_of(
+                    200,
+                    &Updated {
+                        updated: !rows.is_empty(),
+                    },
+                )
             }
-            (Method::Get, "/list") => {
+            UserIndexRoute::List => {
                 let rows: Vec<BodyRow> = self
                     .sql()?
                     .exec(
@@ -113,10 +99,10 @@ impl UserIndex {
                     )?
                     .to_array()?;
                 let bodies: Vec<String> = rows.into_iter().map(|r| r.body).collect();
+                // The stored rows are `SessionEntry`s already: passed on as they are.
                 json_response(200, format!("{{\"sessions\":[{}]}}", bodies.join(",")))
                     .map_err(ApiError::from)
             }
-            _ => Err(EdgeError::NotFound("route").into()),
         }
     }
 }

@@ -4,16 +4,20 @@ use nightshift_core::events::{Event, EventKind};
 use nightshift_core::ids::Identity;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use worker::{Env, Method, SqlStorage};
+use worker::{Env, SqlStorage};
 
 use crate::error::{ApiError, ApiResult, EdgeError};
-use crate::scheduler::{on_shard, shard_of, AgentLink};
+use crate::objects::{
+    decode_answer, encode, AgentLink, AgentOutput, Finished, ParentEnded, SchedulerRoute,
+    SpawnBody, Spawned, Viewer,
+};
+use crate::scheduler::{on_shard, shard_of};
 use crate::store;
 
 /// `kv` key: the agent this session runs (set when the scheduler creates it).
-pub const LINK: &str = "background";
+pub const LINK: nightshift_core::store::Kv = nightshift_core::store::Kv::AgentLink;
 /// `kv` key: ids of the agents this session spawned (for cancelling them when it ends).
-pub const CHILDREN: &str = "children";
+pub const CHILDREN: nightshift_core::store::Kv = nightshift_core::store::Kv::Children;
 
 pub fn link(sql: &SqlStorage) -> ApiResult<Option<AgentLink>> {
     store::kv_get(sql, LINK)
@@ -42,23 +46,20 @@ pub fn ending(events: &[Event]) -> Option<(bool, Value)> {
 
 /// Tells the scheduler that this session's agent ended.
 pub async fn report_end(env: &Env, link: &AgentLink, ok: bool, result: Value) -> ApiResult<()> {
-    let body = json!({"id": link.agent, "ok": ok, "result": result});
-    let viewer = format!("agent:{}", link.agent);
-    on_shard(
-        env,
-        &link.shard,
-        &viewer,
-        Method::Post,
-        "/finished",
-        Some(body.to_string().into_bytes()),
-        None,
-    )
-    .await?;
+    let finished = Finished {
+        id: link.agent.clone(),
+        ok,
+        result,
+    };
+    let viewer = Viewer::Agent(link.agent.clone());
+    let route = SchedulerRoute::Finished;
+    let body = Some(encode(&finished)?);
+    on_shard(env, &link.shard, &viewer, &route, "", body, None).await?;
     Ok(())
 }
 
 /// The agent's final message (its last prompt's text) and the files it changed.
-pub fn output(sql: &SqlStorage) -> ApiResult<Value> {
+pub fn output(sql: &SqlStorage) -> ApiResult<AgentOutput> {
     let mut message = String::new();
     let mut last_prompt: Option<String> = None;
     let mut files: Vec<String> = Vec::new();
@@ -107,7 +108,7 @@ pub fn output(sql: &SqlStorage) -> ApiResult<Value> {
             }
         }
     }
-    Ok(json!({"message": message, "files": files}))
+    Ok(AgentOutput { files, message })
 }
 
 /// A request of the sandbox's agent tools.
@@ -142,36 +143,36 @@ pub async fn tool(
         .as_ref()
         .map_or("default".to_string(), |l| l.shard.clone());
     let depth = own.as_ref().map_or(0, |l| l.depth);
-    let viewer = format!("session:{session}");
+    let viewer = Viewer::Session(session.to_string());
     match req {
         ToolRequest::Spawn {
             prompt,
             repository: repo,
             model,
         } => {
-            let body = json!({"identity": author, "prompt": prompt,
-                "repository": repo.or(repository), "model": model,
-                "parent": session, "parent_depth": depth});
-            let mut r = on_shard(
-                env,
-                &shard,
-                &viewer,
-                Method::Post,
-                "/spawn",
-                Some(body.to_string().into_bytes()),
-                None,
-            )
-            .await?;
-            let status = r.status_code();
-            let v: Value = r.json().await.unwrap_or(Value::Null);
+            let body = SpawnBody {
+                identity: author,
+                model,
+                parent: Some(session.to_string()),
+                parent_depth: depth,
+                prompt,
+                repository: repo.or(repository),
+                title: None,
+            };
+            let route = SchedulerRoute::Spawn;
+            let mut resp =
+                on_shard(env, &shard, &viewer, &route, "", Some(encode(&body)?), None).await?;
+            let status = resp.status_code();
+            let bytes = resp.bytes().await.map_err(ApiError::internal)?;
+            // The whole answer goes back to the sandbox (an agent, or a refusal).
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if status == 201 {
+                let spawned: Spawned = decode_answer(&route.path(), &bytes)?;
                 let mut kids: Vec<String> = store::kv_get(sql, CHILDREN)?.unwrap_or_default();
-                if let Some(id) = v["id"].as_str() {
-                    kids.push(id.to_string());
-                    store::kv_put(sql, CHILDREN, &kids)?;
-                }
+                kids.push(spawned.id);
+                store::kv_put(sql, CHILDREN, &kids)?;
             }
-            Ok((status, v))
+            Ok((status, answer))
         }
         ToolRequest::Check { id } => {
             let ids: Vec<String> = match id {
@@ -180,16 +181,8 @@ pub async fn tool(
             };
             let mut out = Vec::new();
             for i in ids {
-                let mut r = on_shard(
-                    env,
-                    &shard,
-                    &viewer,
-                    Method::Get,
-                    &format!("/agents/{i}/output"),
-                    None,
-                    None,
-                )
-                .await?;
+                let route = SchedulerRoute::AgentOutput(i);
+                let mut r = on_shard(env, &shard, &viewer, &route, "", None, None).await?;
                 let status = r.status_code();
                 let v: Value = r.json().await.unwrap_or(Value::Null);
                 if status != 200 {
@@ -211,19 +204,14 @@ pub async fn end_children(env: &Env, sql: &SqlStorage, session: &str) {
     let mut shards: Vec<String> = kids.iter().filter_map(|k| shard_of(k).ok()).collect();
     shards.sort();
     shards.dedup();
-    let body = json!({"session": session}).to_string().into_bytes();
+    let ended = ParentEnded {
+        session: session.to_string(),
+    };
+    let Ok(body) = encode(&ended) else { return };
+    let viewer = Viewer::Session(session.to_string());
+    let route = SchedulerRoute::ParentEnded;
     for shard in shards {
-        let viewer = format!("session:{session}");
-        let r = on_shard(
-            env,
-            &shard,
-            &viewer,
-            Method::Post,
-            "/parent-ended",
-            Some(body.clone()),
-            None,
-        )
-        .await;
+        let r = on_shard(env, &shard, &viewer, &route, "", Some(body.clone()), None).await;
         if let Err(e) = r {
             worker::console_error!("cancelling {session}'s agents in {shard}: {}", e.message);
         }

@@ -11,8 +11,9 @@ use crate::config;
 use crate::error::{ApiResult, EdgeError};
 use crate::platform::now_ms;
 
-/// Header carrying the verified identity from the Worker to a Durable Object.
-pub const IDENTITY_HEADER: &str = "x-nightshift-identity";
+/// Header carrying the verified identity from the Worker to a Durable Object (named with the
+/// object protocol's other headers).
+pub use crate::objects::IDENTITY_HEADER;
 
 /// Verifies the caller's token from `Authorization: Bearer` (or `?token=` for WebSockets,
 /// which browsers cannot give headers).

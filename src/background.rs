@@ -1,12 +1,12 @@
 //! `/background…`: people spawn, list, read, cancel and follow background agents; each request goes to the agent's scheduler shard.
 
 use serde::Deserialize;
-use serde_json::json;
 use worker::{Env, Method, Request, Response};
 
 use crate::auth;
-use crate::error::{ApiError, ApiResult, EdgeError};
+use crate::error::{ApiResult, EdgeError};
 use crate::http::{no_route, read_body};
+use crate::objects::{encode, SchedulerRoute, SpawnBody, Viewer, LAST_EVENT_ID_HEADER};
 use crate::scheduler::{on_shard, shard_of, valid_tenant};
 
 /// `POST /background/spawn` as people send it.
@@ -27,7 +27,7 @@ struct SpawnRequest {
 
 pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
     let who = auth::authenticate(req, env, false)?;
-    let viewer = format!("user:{}", who.user);
+    let viewer = Viewer::Person(who.user.clone());
     let method = req.method();
     let query = req
         .url()
@@ -54,16 +54,23 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 )
                 .into());
             }
-            let body = json!({"identity": who, "prompt": b.prompt, "repository": b.repository,
-                "model": b.model, "title": b.title});
-            let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
+            let body = SpawnBody {
+                identity: who,
+                model: b.model,
+                parent: None,
+                parent_depth: 0,
+                prompt: b.prompt,
+                repository: b.repository,
+                title: b.title,
+            };
+            let route = SchedulerRoute::Spawn;
             on_shard(
                 env,
                 &tenant,
                 &viewer,
-                Method::Post,
-                "/spawn",
-                Some(bytes),
+                &route,
+                "",
+                Some(encode(&body)?),
                 None,
             )
             .await
@@ -81,38 +88,29 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 )
                 .into());
             }
-            let path = format!("/agents{query}");
-            on_shard(env, &tenant, &viewer, Method::Get, &path, None, None).await
+            let route = SchedulerRoute::Agents;
+            on_shard(env, &tenant, &viewer, &route, &query, None, None).await
         }
         (Method::Get, ["background", id]) => {
             let shard = shard_of(id)?;
-            on_shard(
-                env,
-                &shard,
-                &viewer,
-                Method::Get,
-                &format!("/agents/{id}"),
-                None,
-                None,
-            )
-            .await
+            let route = SchedulerRoute::Agent(id.to_string());
+            on_shard(env, &shard, &viewer, &route, "", None, None).await
         }
         (Method::Post, ["background", id, "cancel"]) => {
             let shard = shard_of(id)?;
-            let path = format!("/agents/{id}/cancel");
-            on_shard(env, &shard, &viewer, Method::Post, &path, None, None).await
+            let route = SchedulerRoute::AgentCancel(id.to_string());
+            on_shard(env, &shard, &viewer, &route, "", None, None).await
         }
         (Method::Get, ["background", id, "output"]) => {
             let shard = shard_of(id)?;
-            let path = format!("/agents/{id}/output");
-            on_shard(env, &shard, &viewer, Method::Get, &path, None, None).await
+            let route = SchedulerRoute::AgentOutput(id.to_string());
+            on_shard(env, &shard, &viewer, &route, "", None, None).await
         }
         (Method::Get, ["background", id, "events"]) => {
             let shard = shard_of(id)?;
-            let last = req.headers().get("last-event-id").ok().flatten();
-            let path = format!("/agents/{id}/events{query}");
-            let extra = last.map(|l| ("last-event-id", l));
-            on_shard(env, &shard, &viewer, Method::Get, &path, None, extra).await
+            let last = req.headers().get(LAST_EVENT_ID_HEADER).ok().flatten();
+            let route = SchedulerRoute::AgentEvents(id.to_string());
+            on_shard(env, &shard, &viewer, &route, &query, None, last).await
         }
         _ => Err(no_route(req)),
     }

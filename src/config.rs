@@ -55,6 +55,18 @@ pub fn runner(env: &Env) -> String {
 }
 
 /// How long the echo runner takes per prompt.
+/// Events one connect replays at most (`REPLAY_MAX_EVENTS`, default 10,000); beyond them the
+/// socket is closed with `4002` and the client reconnects from where the replay stopped.
+pub fn replay_max_events(env: &Env) -> u64 {
+    num(env, "REPLAY_MAX_EVENTS", 10_000).max(1)
+}
+
+/// A live sandbox with nothing to do for this long is snapshotted and stopped
+/// (`SANDBOX_IDLE_MS`, default 15 minutes; 0: never). A running prompt is never idle.
+pub fn sandbox_idle_ms(env: &Env) -> u64 {
+    num(env, "SANDBOX_IDLE_MS", 15 * 60 * 1000)
+}
+
 pub fn echo_run_ms(env: &Env) -> u64 {
     num(env, "ECHO_RUN_MS", 1500)
 }

@@ -35,8 +35,6 @@ pub enum EdgeError {
     /// A query parameter that is missing or malformed; the text says which and how.
     #[error("{0}")]
     InvalidQuery(&'static str),
-    #[error("{0} must be a non-negative integer")]
-    QueryNotInteger(String),
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
     BodyTooLarge,
     #[error("could not read the request body")]
@@ -91,8 +89,6 @@ pub enum EdgeError {
     InvalidService,
     #[error("sandbox {id} is {status}; its checkout is gone, so it cannot be snapshotted; restore one of the session's snapshots instead")]
     SandboxTerminated { id: String, status: String },
-    #[error("this session has no repository, so prompts cannot run; create a session with `repository` set")]
-    NoRepositoryForPrompts,
     #[error("the session has no live sandbox")]
     NoLiveSandbox,
     /// The provider refused to create the sandbox; the text says how.
@@ -139,7 +135,7 @@ impl EdgeError {
             EdgeError::NotBearer => "token_malformed",
             EdgeError::InvalidUser => "invalid_user",
             EdgeError::InvalidInput(_) => "invalid_input",
-            EdgeError::InvalidQuery(_) | EdgeError::QueryNotInteger(_) => "invalid_query",
+            EdgeError::InvalidQuery(_) => "invalid_query",
             EdgeError::BodyTooLarge => "body_too_large",
             EdgeError::UnreadableBody => "invalid_body",
             EdgeError::SessionNotFound => "session_not_found",
@@ -161,7 +157,6 @@ impl EdgeError {
             EdgeError::SandboxNotFound(_) => "sandbox_not_found",
             EdgeError::InvalidService => "invalid_service",
             EdgeError::SandboxTerminated { .. } => "sandbox_terminated",
-            EdgeError::NoRepositoryForPrompts => "no_repository",
             EdgeError::NoLiveSandbox => "no_sandbox",
             EdgeError::SandboxFailed(_) => "sandbox_failed",
             EdgeError::NoRunningPrompt => "no_running_prompt",
@@ -185,11 +180,9 @@ impl EdgeError {
             EdgeError::InvalidUser
             | EdgeError::InvalidInput(_)
             | EdgeError::InvalidQuery(_)
-            | EdgeError::QueryNotInteger(_)
             | EdgeError::UnreadableBody
             | EdgeError::BinaryNotSupported
             | EdgeError::InvalidService
-            | EdgeError::NoRepositoryForPrompts
             | EdgeError::InvalidToolRequest(_)
             | EdgeError::InvalidEventId => 400,
             EdgeError::Unauthenticated | EdgeError::NotBearer => 401,
@@ -440,7 +433,6 @@ mod tests {
             (InvalidUser, "invalid_user", 400),
             (InvalidInput("x"), "invalid_input", 400),
             (InvalidQuery("x"), "invalid_query", 400),
-            (QueryNotInteger(s()), "invalid_query", 400),
             (BodyTooLarge, "body_too_large", 413),
             (UnreadableBody, "invalid_body", 400),
             (SessionNotFound, "session_not_found", 404),
@@ -493,7 +485,6 @@ mod tests {
                 "sandbox_terminated",
                 409,
             ),
-            (NoRepositoryForPrompts, "no_repository", 400),
             (NoLiveSandbox, "no_sandbox", 409),
             (SandboxFailed(s()), "sandbox_failed", 502),
             (NoRunningPrompt, "no_running_prompt", 409),

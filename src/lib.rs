@@ -10,13 +10,14 @@ mod background;
 mod config;
 mod error;
 mod http;
+mod objects;
 mod platform;
 mod provider;
 mod repositories;
 mod routes;
-mod runner;
 mod sandbox_api;
 mod sandbox_start;
+mod session_provider;
 mod snapshots;
 mod store;
 

@@ -6,6 +6,9 @@ use worker::{Env, Method, Request, Response, Stub};
 use crate::auth;
 use crate::error::{json_of, json_response, ApiError, ApiResult};
 use crate::http::{call, no_route, read_body, read_bytes, repository_stub};
+use crate::objects::{
+    encode, read_answer, with_query, Names, RepositoryIndexRoute, RepositoryRoute,
+};
 
 fn index(env: &Env) -> ApiResult<Stub> {
     Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
@@ -18,13 +21,10 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         (Method::Post, ["repositories"]) => {
             let s: Settings = read_body(req).await?;
             s.validate()?;
-            let stub = repository_stub(env, &s.name)?;
-            let body = serde_json::to_vec(&s).map_err(ApiError::internal)?;
-            let mut resp = call(&stub, Method::Post, "/register", None, Some(body)).await?;
-            if resp.status_code() == 201 {
-                let entry = serde_json::json!({"name": s.name}).to_string().into_bytes();
-                call(&index(env)?, Method::Post, "/add", None, Some(entry)).await?;
-            }
+            // The object registers all or nothing (its index entry included): its answer is
+            // the registration, or a refusal saying nothing was stored.
+            let body = Some(encode(&s)?);
+            let mut resp = on_repository(env, &s.name, RepositoryRoute::Register, "", body).await?;
             let status = resp.status_code();
             let text = resp.text().await?;
             json_response(status, text).map_err(ApiError::from)
@@ -33,8 +33,11 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             let names = list(env).await?;
             let mut out = Vec::new();
             for n in names {
-                let mut r =
-                    call(&repository_stub(env, &n)?, Method::Get, "/info", None, None).await?;
+                let info = RepositoryRoute::Info;
+                let stub = repository_stub(env, &n)?;
+                let mut r = call(&stub, info.method(), &info.path(), None, None).await?;
+                // A listed name that is not registered (a registration that did not complete)
+                // is not shown.
                 if r.status_code() == 200 {
                     out.push(r.json::<serde_json::Value>().await?);
                 }
@@ -42,35 +45,14 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             json_of(200, &serde_json::json!({"repositories": out}))
         }
         (Method::Get, ["repositories", name]) => {
-            call(
-                &repository_stub(env, name)?,
-                Method::Get,
-                "/info",
-                None,
-                None,
-            )
-            .await
+            on_repository(env, name, RepositoryRoute::Info, "", None).await
         }
         (Method::Patch, ["repositories", name]) => {
             let body = read_bytes(req).await?;
-            call(
-                &repository_stub(env, name)?,
-                Method::Patch,
-                "/settings",
-                None,
-                Some(body),
-            )
-            .await
+            on_repository(env, name, RepositoryRoute::Settings, "", Some(body)).await
         }
         (Method::Post, ["repositories", name, "builds"]) => {
-            call(
-                &repository_stub(env, name)?,
-                Method::Post,
-                "/builds",
-                None,
-                None,
-            )
-            .await
+            on_repository(env, name, RepositoryRoute::Builds, "", None).await
         }
         (Method::Get, ["repositories", name, "builds", image, "logs"]) => {
             let q = req
@@ -78,35 +60,35 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 .query()
                 .map(|q| format!("?{q}"))
                 .unwrap_or_default();
-            let path = format!("/builds/{image}/logs{q}");
-            call(&repository_stub(env, name)?, Method::Get, &path, None, None).await
+            let route = RepositoryRoute::BuildLogs((*image).to_string());
+            on_repository(env, name, route, &q, None).await
         }
         (Method::Post, ["repositories", name, "rollback"]) => {
             let body = read_bytes(req).await?;
-            call(
-                &repository_stub(env, name)?,
-                Method::Post,
-                "/rollback",
-                None,
-                Some(body),
-            )
-            .await
+            on_repository(env, name, RepositoryRoute::Rollback, "", Some(body)).await
         }
         _ => Err(no_route(req)),
     }
 }
 
+/// Calls the repository `name`'s object at `route` (with the people's `query`, `?…` or empty).
+async fn on_repository(
+    env: &Env,
+    name: &str,
+    route: RepositoryRoute,
+    query: &str,
+    body: Option<Vec<u8>>,
+) -> ApiResult<Response> {
+    let stub = repository_stub(env, name)?;
+    let path = with_query(&route.path(), query);
+    call(&stub, route.method(), &path, None, body).await
+}
+
 async fn list(env: &Env) -> ApiResult<Vec<String>> {
-    let mut r = call(&index(env)?, Method::Get, "/list", None, None).await?;
-    let v: serde_json::Value = r.json().await?;
-    Ok(v["names"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|n| n.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default())
+    let route = RepositoryIndexRoute::List;
+    let mut r = call(&index(env)?, route.method(), route.path(), None, None).await?;
+    let names: Names = read_answer(&mut r, route.path()).await?;
+    Ok(names.names)
 }
 
 /// The cron trigger: every repository builds when its interval's slot has no build yet. The
@@ -115,8 +97,8 @@ async fn list(env: &Env) -> ApiResult<Vec<String>> {
 pub async fn scheduled(env: &Env, at_ms: u64) -> ApiResult<()> {
     for n in list(env).await? {
         let stub = repository_stub(env, &n)?;
-        let path = format!("/cron?at={at_ms}");
-        match call(&stub, Method::Post, &path, None, None).await {
+        let path = RepositoryRoute::cron_at(at_ms);
+        match call(&stub, RepositoryRoute::Cron.method(), &path, None, None).await {
             Ok(mut r) => {
                 let text = r.text().await.unwrap_or_default();
                 worker::console_log!("scheduled build of {n}: {text}");

@@ -9,8 +9,10 @@ use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 use crate::http::{
     call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub, user_index,
 };
+use crate::objects::{
+    encode, OkAnswer, RemoveSession, SessionEntry, SessionRoute, UserIndexRoute, SESSION_HEADER,
+};
 use crate::platform::{new_id, now_ms};
-use crate::user_index::SessionEntry;
 
 /// The OpenAPI document, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -32,7 +34,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     match (method.clone(), segs.as_slice()) {
-        (Method::Get, ["health"]) => json_of(200, &serde_json::json!({ "ok": true })),
+        (Method::Get, ["health"]) => json_of(200, &OkAnswer::yes()),
         (Method::Get, ["openapi.json"]) => {
             json_response(200, OPENAPI.to_string()).map_err(ApiError::from)
         }
@@ -51,7 +53,8 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Get, ["sessions"]) => {
             let who = auth::authenticate(&req, env, false)?;
             let stub = user_index(env, &who.user)?;
-            call(&stub, Method::Get, "/list", None, None).await
+            let list = UserIndexRoute::List;
+            call(&stub, list.method(), list.path(), None, None).await
         }
         (Method::Get, ["sessions", id]) => forward(&mut req, env, id, "snapshot").await,
         (Method::Post, ["sessions", id, "end"]) => forward(&mut req, env, id, "end").await,
@@ -132,9 +135,7 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
                 index_add(env, &who.user, &snap).await?;
             }
         } else {
-            let idx = user_index(env, &who.user)?;
-            let body = serde_json::json!({ "id": id }).to_string().into_bytes();
-            call(&idx, Method::Post, "/remove", None, Some(body)).await?;
+            remove_from_index(env, &who.user, id).await?;
         }
         return json_response(status, text).map_err(ApiError::from);
     }
@@ -151,7 +152,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();
     headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
-    headers.set("x-nightshift-session", &id)?;
+    headers.set(SESSION_HEADER, &id)?;
     // The session and the creator's index entry are written at the same time (one round
     // trip instead of two); the entry is taken back if the session is not created.
     let entry = SessionEntry {
@@ -163,10 +164,17 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
         status: "active".into(),
     };
     let idx = user_index(env, &who.user)?;
-    let entry_bytes = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
+    let entry_bytes = encode(&entry)?;
+    let (create, add) = (SessionRoute::Create, UserIndexRoute::Add);
     let (created, indexed) = futures_util::future::join(
-        call(&stub, Method::Post, "/create", Some(headers), Some(bytes)),
-        call(&idx, Method::Post, "/add", None, Some(entry_bytes)),
+        call(
+            &stub,
+            create.method(),
+            create.path(),
+            Some(headers),
+            Some(bytes),
+        ),
+        call(&idx, add.method(), add.path(), None, Some(entry_bytes)),
     )
     .await;
     let mut resp = created?;
@@ -174,8 +182,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     let text = resp.text().await?;
     if status != 201 {
         if indexed.is_ok() {
-            let body = serde_json::json!({ "id": id }).to_string().into_bytes();
-            call(&idx, Method::Post, "/remove", None, Some(body)).await?;
+            remove_from_index(env, &who.user, &id).await?;
         }
     } else {
         indexed?;
@@ -192,7 +199,17 @@ async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Respo
     if let Some(auth) = req.headers().get("authorization").ok().flatten() {
         headers.set("authorization", &auth)?;
     }
-    call(&stub, Method::Get, "/sandbox-link", Some(headers), None).await
+    let link = SessionRoute::SandboxLink;
+    call(&stub, link.method(), link.path(), Some(headers), None).await
+}
+
+/// Takes a session off a person's index (they left, or it was not created).
+async fn remove_from_index(env: &Env, user: &str, id: &str) -> ApiResult<()> {
+    let idx = user_index(env, user)?;
+    let remove = UserIndexRoute::Remove;
+    let body = encode(&RemoveSession { id: id.to_string() })?;
+    call(&idx, remove.method(), remove.path(), None, Some(body)).await?;
+    Ok(())
 }
 
 /// A sandbox's agent tools (`spawn_session`, `check_session`): the session checks the sandbox token.
@@ -203,10 +220,11 @@ async fn sandbox_background(req: &mut Request, env: &Env, id: &str) -> ApiResult
         headers.set("authorization", &auth)?;
     }
     let body = read_bytes(req).await?;
+    let tools = SessionRoute::SandboxTools;
     call(
         &stub,
-        Method::Post,
-        "/sandbox/background",
+        tools.method(),
+        tools.path(),
         Some(headers),
         Some(body),
     )

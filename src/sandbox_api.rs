@@ -12,7 +12,8 @@ use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::http::{call, read_body, read_bytes, session_stub};
 use crate::provider;
 
-/// The provider's answer as the API's answer (JSON status and body as they are).
+/// The provider's answer as the API's answer (JSON status and body as they are), for the
+/// answers passed on unread (git status, exec, stop, start, terminate).
 fn relay(status: u16, v: &Value) -> ApiResult<Response> {
     json_of(status, v)
 }
@@ -70,14 +71,10 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             if let Err(r) = authorize(env, &who_header, &session, &auth).await? {
                 return Ok(r);
             }
-            let (st, v) = provider::call(
-                env,
-                Method::Get,
-                &format!("/v1/sandboxes?session_id={session}"),
-                None,
-            )
-            .await?;
-            relay(st, &v)
+            match provider::list_sandboxes(env, &session).await? {
+                Ok(listed) => json_of(200, &listed),
+                Err(refused) => refused.relay(),
+            }
         }
         (m, ["sandbox", id, rest @ ..]) => {
             let id = id.to_string();
@@ -120,15 +117,15 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                     return Err(EdgeError::InvalidService.into());
                 }
             }
-            let (st, sandbox) =
-                provider::call(env, Method::Get, &format!("/v1/sandboxes/{id}"), None).await?;
-            if st == 404 {
-                return Err(EdgeError::SandboxNotFound(id.to_string()).into());
-            }
-            let session = sandbox["session_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let sandbox = match provider::get_sandbox(env, &id).await? {
+                Ok(sandbox) => sandbox,
+                Err(refused) if refused.is_not_found() => {
+                    return Err(EdgeError::SandboxNotFound(id.to_string()).into())
+                }
+                // The provider could not say whose sandbox it is: its answer, as it is.
+                Err(refused) => return refused.relay(),
+            };
+            let session = sandbox.session_id.clone().unwrap_or_default();
             let auth = SandboxAuthorize {
                 sandbox: Some(id.clone()),
                 op: op.into(),
@@ -143,15 +140,12 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 format!("/v1/sandboxes/{id}/{tail}")
             };
             match op {
-                "get" => relay(st, &sandbox),
+                "get" => json_of(200, &sandbox),
                 "snapshot" => {
-                    if matches!(sandbox["status"].as_str(), Some("terminated" | "failed")) {
+                    if sandbox.status.is_over() {
                         return Err(EdgeError::SandboxTerminated {
                             id: id.to_string(),
-                            status: sandbox["status"]
-                                .as_str()
-                                .unwrap_or("terminated")
-                                .to_string(),
+                            status: sandbox.status.to_string(),
                         }
                         .into());
                     }

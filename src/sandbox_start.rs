@@ -1,14 +1,19 @@
 //! How a session gets a sandbox: restore its newest (or a named) snapshot, else claim a warm one from its repository's pool, else start one cold (from the latest image when there is one).
 
+use std::collections::BTreeMap;
+
+use nightshift_core::provider::{
+    CreateSandbox, Repository, Sandbox, SandboxStatus, SetEgress, SupervisorSpec,
+};
 use nightshift_core::snapshot::Snapshots;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use worker::{Env, Method, SqlStorage};
 
 use crate::config;
 use crate::error::{ApiResult, EdgeError};
 use crate::http::{call, repository_stub};
-use crate::provider;
+use crate::provider::{self, AsSent};
 use crate::repository::ClaimAnswer;
 use crate::store;
 
@@ -22,19 +27,53 @@ struct Source {
     egress: Vec<String>,
 }
 
-/// The key under which a session keeps its snapshots.
-pub const SNAPSHOTS: &str = "snapshots";
-const SOURCE: &str = "repository_source";
+/// The key under which a session keeps where its repository is cloned from.
+const SOURCE: nightshift_core::store::Kv = nightshift_core::store::Kv::Source;
 /// The key under which a session keeps its owner's extra egress hosts.
-pub const EGRESS: &str = "session_egress";
+pub const EGRESS: nightshift_core::store::Kv = nightshift_core::store::Kv::Egress;
 /// The key under which a session keeps the branch its work was pushed to.
-pub const BRANCH: &str = "branch";
+pub const BRANCH: nightshift_core::store::Kv = nightshift_core::store::Kv::Branch;
 
-/// The provider's answer (status, Sandbox object), a sentence on how the sandbox was got, and
-/// the snapshots found gone at the provider on the way (the session forgets them).
+/// The sandbox a session got: the provider's Sandbox, or a warm one claimed from its
+/// repository's pool (as much of it as the claim says). Serialised as the API answers it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Got {
+    /// As the provider sent it (the API answers with it unchanged).
+    Sandbox(Box<AsSent<Sandbox>>),
+    Claimed(Claimed),
+}
+
+/// A warm sandbox claimed from the pool (`status` is always `ready`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Claimed {
+    pub id: String,
+    pub status: SandboxStatus,
+    pub expires_at: Option<u64>,
+    pub image: Option<String>,
+}
+
+impl Got {
+    pub fn id(&self) -> &str {
+        match self {
+            Got::Sandbox(sandbox) => &sandbox.id,
+            Got::Claimed(claimed) => &claimed.id,
+        }
+    }
+
+    /// When the provider ends the sandbox (its lifetime).
+    pub fn expires_at(&self) -> Option<u64> {
+        match self {
+            Got::Sandbox(sandbox) => sandbox.expires_at,
+            Got::Claimed(claimed) => claimed.expires_at,
+        }
+    }
+}
+
+/// The sandbox (or the provider's refusal), a sentence on how it was got, and the snapshots
+/// found gone at the provider on the way (the session forgets them).
 pub struct Started {
-    pub status: u16,
-    pub sandbox: Value,
+    pub answer: provider::Answer<Got>,
     pub how: String,
     pub lost: Vec<String>,
 }
@@ -54,15 +93,31 @@ pub async fn start(
     only: Option<&str>,
 ) -> ApiResult<Started> {
     let control = config::control_url(env).unwrap_or_default();
-    let supervisor = json!({"control_url": control, "sandbox_token": token});
-    let labels = json!({"session": session_id});
     let mut notes = Vec::new();
     // The owner's extra egress hosts join the repository's for every sandbox of the session.
     let session_egress: Vec<String> = store::kv_get(sql, EGRESS)?.unwrap_or_default();
-    let with_session = |repo: &[String]| {
-        let mut all = repo.to_vec();
-        all.extend(session_egress.iter().cloned());
-        all
+    // What every sandbox of the session is created with; a cold start adds its image and branch.
+    let create = |src: &Source| {
+        let mut egress = src.egress.clone();
+        egress.extend(session_egress.iter().cloned());
+        CreateSandbox {
+            session_id: Some(session_id.to_string()),
+            repository: Repository {
+                clone_url: src.clone_url.clone(),
+                base_branch: src.base_branch.clone(),
+                egress,
+            },
+            image: None,
+            snapshot: None,
+            env: BTreeMap::new(),
+            supervisor: Some(SupervisorSpec {
+                control_url: control.clone(),
+                sandbox_token: token.to_string(),
+            }),
+            timeout_ms: None,
+            lifetime_ms: None,
+            labels: BTreeMap::from([("session".to_string(), session_id.to_string())]),
+        }
     };
     // 1. The newest live snapshot holds the session's earlier work.
     let mut snaps = snapshots.clone();
@@ -70,27 +125,23 @@ pub async fn start(
     let source: Option<Source> = store::kv_get(sql, SOURCE)?;
     while let (Some(snap), Some(src)) = (snaps.restorable(only, now).cloned(), source.as_ref()) {
         let (snapshot, turn) = (snap.id, snap.turn);
-        let body = json!({"session_id": session_id,
-            "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": with_session(&src.egress)},
-            "supervisor": supervisor, "labels": labels});
-        let path = format!("/v1/snapshots/{snapshot}/restore");
-        let (status, v) = provider::call(env, Method::Post, &path, Some(&body)).await?;
-        if status == 201 {
-            return Ok(Started {
-                status,
-                sandbox: v,
-                how: format!("restored snapshot {snapshot} (the work of prompt {turn})"),
-                lost,
-            });
-        }
+        let refused = match provider::restore_snapshot(env, &snapshot, &create(src)).await? {
+            Ok(sandbox) => {
+                return Ok(Started {
+                    answer: Ok(Got::Sandbox(Box::new(sandbox))),
+                    how: format!("restored snapshot {snapshot} (the work of prompt {turn})"),
+                    lost,
+                })
+            }
+            Err(refused) => refused,
+        };
         // Expired or lost at the provider: forget it and try the next, then start cold.
         snaps.forget(&snapshot);
         lost.push(snapshot.clone());
-        let code = v["error"]["code"].as_str().unwrap_or("unknown").to_string();
+        let code = refused.code().to_string();
         if only.is_some() {
             return Ok(Started {
-                status,
-                sandbox: v,
+                answer: Err(refused),
                 how: format!("snapshot {snapshot} is gone ({code})"),
                 lost,
             });
@@ -132,8 +183,12 @@ pub async fn start(
             apply_egress(env, id, &session_egress).await;
         }
         return Ok(Started {
-            status: 201,
-            sandbox: json!({"id": id, "status": "ready", "expires_at": expires_at, "image": image}),
+            answer: Ok(Got::Claimed(Claimed {
+                id: id.clone(),
+                status: SandboxStatus::Ready,
+                expires_at: *expires_at,
+                image: image.clone(),
+            })),
             how: notes.join("; "),
             lost,
         });
@@ -146,22 +201,14 @@ pub async fn start(
     if let Some(b) = &branch {
         notes.push(format!("continuing {b}"));
     }
-    let env_vars = match &branch {
-        Some(b) => json!({"NIGHTSHIFT_CONTINUE_BRANCH": b}),
-        None => json!({}),
-    };
-    let body = json!({
-        "session_id": session_id,
-        "repository": {"clone_url": src.clone_url, "base_branch": src.base_branch, "egress": with_session(&src.egress)},
-        "image": image,
-        "env": env_vars,
-        "supervisor": supervisor,
-        "labels": labels,
-    });
-    let (status, v) = provider::call(env, Method::Post, "/v1/sandboxes", Some(&body)).await?;
+    let mut body = create(&src);
+    body.image = image;
+    if let Some(b) = branch {
+        body.env.insert("NIGHTSHIFT_CONTINUE_BRANCH".into(), b);
+    }
+    let answer = provider::create_sandbox(env, &body).await?;
     Ok(Started {
-        status,
-        sandbox: v,
+        answer: answer.map(|sandbox| Got::Sandbox(Box::new(sandbox))),
         how: notes.join("; "),
         lost,
     })
@@ -170,12 +217,10 @@ pub async fn start(
 /// Gives a live sandbox the session's extra egress hosts (`POST /v1/sandboxes/{id}/egress`);
 /// whether the provider took them.
 pub async fn apply_egress(env: &Env, sandbox: &str, allow: &[String]) -> bool {
-    let body = json!({ "allow": allow });
-    let path = format!("/v1/sandboxes/{sandbox}/egress");
-    matches!(
-        provider::call(env, Method::Post, &path, Some(&body)).await,
-        Ok((200, _))
-    )
+    let egress = SetEgress {
+        allow: allow.to_vec(),
+    };
+    matches!(provider::set_egress(env, sandbox, &egress).await, Ok(Ok(_)))
 }
 
 /// Asks the repository's pool; `None` when the repository is not registered (or does not answer).

@@ -1,11 +1,11 @@
-//! Session persistence in Durable Object SQLite: the schema, loading a session, and writing exactly the rows a command touched.
+//! Session persistence in Durable Object SQLite: the core's storage seam (`nightshift_core::store::Rows`) over the object's tables.
+//!
+//! Which rows a step writes, how events are numbered and how a session is read back are the
+//! core's (`core/src/store.rs`); this file only maps a typed key to its table and row.
 
-use nightshift_core::events::{Event, EventKind};
-use nightshift_core::ids::Actor;
-use nightshift_core::queue::Prompt;
-use nightshift_core::session::{Client, Dirty, Lock, Member, Meta, Session};
+use nightshift_core::store::{self as core_store, Key, Kv, Rows, StoreError, StoreResult, Table};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use worker::{SqlStorage, SqlStorageValue};
 
 use crate::error::{ApiError, ApiResult};
@@ -19,241 +19,193 @@ struct BodyRow {
 }
 
 #[derive(Deserialize)]
+struct IdRow {
+    id: String,
+    body: String,
+}
+
+#[derive(Deserialize)]
 struct NumRow {
     n: f64,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("storage: {e}"))
-}
-
-/// Creates the tables of a new session.
-pub fn create_schema(sql: &SqlStorage) -> ApiResult<()> {
-    // One call for all statements: one crossing into the runtime instead of eight.
-    sql.exec(SCHEMA, None).map_err(internal)?;
-    Ok(())
-}
-
-/// True when this object holds a session (read-only check: an unknown id writes nothing).
-pub fn exists(sql: &SqlStorage) -> ApiResult<bool> {
-    let rows: Vec<NumRow> = sql
-        .exec(
-            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-            None,
-        )
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    Ok(rows.first().is_some_and(|r| r.n > 0.0))
-}
-
-fn all<T: DeserializeOwned>(sql: &SqlStorage, table: &str) -> ApiResult<Vec<T>> {
-    let rows: Vec<BodyRow> = sql
-        .exec(&format!("SELECT body FROM {table}"), None)
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    rows.into_iter()
-        .map(|r| serde_json::from_str(&r.body).map_err(internal))
-        .collect()
-}
-
-/// Loads the whole session and the last sequence number of its log.
-pub fn load(sql: &SqlStorage) -> ApiResult<Option<(Session, u64)>> {
-    if !exists(sql)? {
-        return Ok(None);
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
     }
-    let metas: Vec<Meta> = all(sql, "meta")?;
-    let Some(meta) = metas.into_iter().next() else {
-        return Ok(None);
-    };
-    let members: Vec<Member> = all(sql, "members")?;
-    let clients: Vec<Client> = all(sql, "clients")?;
-    let locks: Vec<Lock> = all(sql, "locks")?;
-    let prompts: Vec<Prompt> = all(sql, "prompts")?;
-    let last: Vec<NumRow> = sql
-        .exec("SELECT COALESCE(MAX(seq), 0) AS n FROM events", None)
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    let last_seq = last.first().map(|r| r.n as u64).unwrap_or(0);
-    Ok(Some((
-        Session::restore(meta, members, clients, locks, prompts),
-        last_seq,
-    )))
 }
 
-fn put<T: Serialize>(sql: &SqlStorage, table: &str, id: &str, value: Option<&T>) -> ApiResult<()> {
-    match value {
-        Some(v) => {
-            let body = serde_json::to_string(v).map_err(internal)?;
-            sql.exec(
-                &format!("INSERT OR REPLACE INTO {table} (id, body) VALUES (?, ?)"),
-                vec![id.into(), body.into()],
-            )
-            .map_err(internal)?;
-        }
-        None => {
-            sql.exec(
-                &format!("DELETE FROM {table} WHERE id = ?"),
-                vec![id.into()],
-            )
-            .map_err(internal)?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes the rows named by `dirty` from the session's current state.
-pub fn persist(sql: &SqlStorage, s: &Session, dirty: &[Dirty]) -> ApiResult<()> {
-    for d in dirty {
-        match d {
-            Dirty::Meta => {
-                let body = serde_json::to_string(&s.meta).map_err(internal)?;
-                sql.exec(
-                    "INSERT OR REPLACE INTO meta (k, body) VALUES ('session', ?)",
-                    vec![body.into()],
-                )
-                .map_err(internal)?;
-            }
-            Dirty::Member(u) => put(sql, "members", u, s.members.get(u))?,
-            Dirty::Client(c) => put(sql, "clients", c, s.clients.get(c))?,
-            Dirty::Lock(r) => put(sql, "locks", r, s.locks.get(r))?,
-            Dirty::Prompt(p) => put(sql, "prompts", p, s.queue.prompts.get(p))?,
-        }
-    }
-    Ok(())
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
 }
 
 fn int(n: u64) -> SqlStorageValue {
     SqlStorageValue::Integer(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
-/// Appends events to the log, numbering them after `last_seq`; returns them as stored.
-pub fn append(
-    sql: &SqlStorage,
-    last_seq: &mut u64,
-    at: u64,
-    events: Vec<(Actor, EventKind)>,
-) -> ApiResult<Vec<Event>> {
-    let mut out = Vec::with_capacity(events.len());
-    for (actor, kind) in events {
-        let ev = Event {
-            seq: *last_seq + 1,
-            at,
-            actor,
-            kind,
-        };
-        let body = serde_json::to_string(&ev).map_err(internal)?;
-        sql.exec(
-            "INSERT INTO events (seq, at, body) VALUES (?, ?, ?)",
-            vec![int(ev.seq), int(at), body.into()],
-        )
-        .map_err(internal)?;
-        *last_seq = ev.seq;
-        out.push(ev);
+/// The id column of a table (and the value stored in it for `key`).
+fn id_column(table: Table) -> &'static str {
+    match table {
+        Table::Meta | Table::Kv => "k",
+        Table::Runner => "prompt",
+        Table::Link => "k",
+        _ => "id",
     }
-    Ok(out)
+}
+
+fn id_value(key: &Key) -> SqlStorageValue {
+    match key {
+        Key::Link => SqlStorageValue::Integer(1),
+        other => other.id().into(),
+    }
+}
+
+/// A session object's tables, as the core's rows.
+pub struct SqlRows(pub SqlStorage);
+
+impl SqlRows {
+    fn rows<T: DeserializeOwned>(
+        &self,
+        query: &str,
+        args: Vec<SqlStorageValue>,
+    ) -> StoreResult<Vec<T>> {
+        self.0
+            .exec(query, Some(args))
+            .and_then(|c| c.to_array())
+            .map_err(io)
+    }
+}
+
+impl Rows for SqlRows {
+    fn create(&mut self) -> StoreResult<()> {
+        // One call for all statements: one crossing into the runtime instead of nine.
+        self.0.exec(SCHEMA, None).map_err(io)?;
+        Ok(())
+    }
+
+    fn exists(&self) -> StoreResult<bool> {
+        let rows: Vec<NumRow> = self.rows(
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            Vec::new(),
+        )?;
+        Ok(rows.first().is_some_and(|r| r.n > 0.0))
+    }
+
+    fn get(&self, key: &Key) -> StoreResult<Option<String>> {
+        let table = key.table();
+        if table == Table::Runner {
+            let rows: Vec<NumRow> = self.rows(
+                "SELECT due AS n FROM runner WHERE prompt = ?",
+                vec![id_value(key)],
+            )?;
+            return Ok(rows.first().map(|r| (r.n as u64).to_string()));
+        }
+        let query = format!(
+            "SELECT body FROM {} WHERE {} = ?",
+            table.name(),
+            id_column(table)
+        );
+        let rows: Vec<BodyRow> = self.rows(&query, vec![id_value(key)])?;
+        Ok(rows.into_iter().next().map(|r| r.body))
+    }
+
+    fn put(&mut self, key: &Key, body: &str) -> StoreResult<()> {
+        let table = key.table();
+        if table == Table::Runner {
+            let due: u64 = body.parse().map_err(io)?;
+            self.0
+                .exec(
+                    "INSERT OR REPLACE INTO runner (prompt, due) VALUES (?, ?)",
+                    Some(vec![id_value(key), int(due)]),
+                )
+                .map_err(io)?;
+            return Ok(());
+        }
+        let query = format!(
+            "INSERT OR REPLACE INTO {} ({}, body) VALUES (?, ?)",
+            table.name(),
+            id_column(table)
+        );
+        self.0
+            .exec(&query, Some(vec![id_value(key), body.into()]))
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &Key) -> StoreResult<()> {
+        let table = key.table();
+        let query = format!(
+            "DELETE FROM {} WHERE {} = ?",
+            table.name(),
+            id_column(table)
+        );
+        self.0.exec(&query, Some(vec![id_value(key)])).map_err(io)?;
+        Ok(())
+    }
+
+    fn scan(&self, table: Table) -> StoreResult<Vec<(String, String)>> {
+        if table == Table::Runner {
+            #[derive(Deserialize)]
+            struct Job {
+                prompt: String,
+                due: f64,
+            }
+            let jobs: Vec<Job> = self.rows("SELECT prompt, due FROM runner", Vec::new())?;
+            return Ok(jobs
+                .into_iter()
+                .map(|j| (j.prompt, (j.due as u64).to_string()))
+                .collect());
+        }
+        let query = format!(
+            "SELECT CAST({} AS TEXT) AS id, body FROM {}",
+            id_column(table),
+            table.name()
+        );
+        let rows: Vec<IdRow> = self.rows(&query, Vec::new())?;
+        Ok(rows.into_iter().map(|r| (r.id, r.body)).collect())
+    }
+
+    fn append(&mut self, seq: u64, at: u64, body: &str) -> StoreResult<()> {
+        self.0
+            .exec(
+                "INSERT INTO events (seq, at, body) VALUES (?, ?, ?)",
+                Some(vec![int(seq), int(at), body.into()]),
+            )
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn last_seq(&self) -> StoreResult<u64> {
+        let rows: Vec<NumRow> =
+            self.rows("SELECT COALESCE(MAX(seq), 0) AS n FROM events", Vec::new())?;
+        Ok(rows.first().map(|r| r.n as u64).unwrap_or(0))
+    }
+
+    fn events_after(&self, since: u64, limit: u32) -> StoreResult<Vec<String>> {
+        let rows: Vec<BodyRow> = self.rows(
+            "SELECT body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            vec![int(since), int(u64::from(limit))],
+        )?;
+        Ok(rows.into_iter().map(|r| r.body).collect())
+    }
 }
 
 /// Raw JSON of the events after `since`, in order, at most `limit`.
 pub fn events_after(sql: &SqlStorage, since: u64, limit: u32) -> ApiResult<Vec<String>> {
-    let rows: Vec<BodyRow> = sql
-        .exec(
-            "SELECT body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            vec![int(since), int(u64::from(limit))],
-        )
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    Ok(rows.into_iter().map(|r| r.body).collect())
-}
-
-#[derive(Deserialize)]
-struct RunnerRow {
-    prompt: String,
-    due: f64,
-}
-
-/// Records that the runner should finish `prompt` at `due`.
-pub fn runner_schedule(sql: &SqlStorage, prompt: &str, due: u64) -> ApiResult<()> {
-    sql.exec(
-        "INSERT OR REPLACE INTO runner (prompt, due) VALUES (?, ?)",
-        vec![prompt.into(), int(due)],
-    )
-    .map_err(internal)?;
-    Ok(())
-}
-
-pub fn runner_cancel(sql: &SqlStorage, prompt: &str) -> ApiResult<()> {
-    sql.exec("DELETE FROM runner WHERE prompt = ?", vec![prompt.into()])
-        .map_err(internal)?;
-    Ok(())
-}
-
-/// All scheduled runner completions.
-pub fn runner_jobs(sql: &SqlStorage) -> ApiResult<Vec<(String, u64)>> {
-    let rows: Vec<RunnerRow> = sql
-        .exec("SELECT prompt, due FROM runner ORDER BY due", None)
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    Ok(rows.into_iter().map(|r| (r.prompt, r.due as u64)).collect())
-}
-
-/// The session's sandbox link, if it ever had a sandbox.
-pub fn load_link(sql: &SqlStorage) -> ApiResult<Option<nightshift_core::sandbox::SandboxLink>> {
-    sql.exec(
-        "CREATE TABLE IF NOT EXISTS sandbox_link (k INTEGER PRIMARY KEY CHECK (k = 1), body TEXT NOT NULL)",
-        None,
-    )
-    .map_err(internal)?;
-    let rows: Vec<BodyRow> = sql
-        .exec("SELECT body FROM sandbox_link WHERE k = 1", None)
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    match rows.first() {
-        None => Ok(None),
-        Some(r) => serde_json::from_str(&r.body).map(Some).map_err(internal),
-    }
-}
-
-pub fn save_link(sql: &SqlStorage, link: &nightshift_core::sandbox::SandboxLink) -> ApiResult<()> {
-    let body = serde_json::to_string(link).map_err(internal)?;
-    sql.exec(
-        "INSERT OR REPLACE INTO sandbox_link (k, body) VALUES (1, ?)",
-        vec![body.into()],
-    )
-    .map_err(internal)?;
-    Ok(())
-}
-
-fn kv_table(sql: &SqlStorage) -> ApiResult<()> {
-    sql.exec(
-        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL)",
-        None,
-    )
-    .map_err(internal)?;
-    Ok(())
+    Ok(SqlRows(sql.clone()).events_after(since, limit)?)
 }
 
 /// A small JSON value the session keeps beside its state (snapshots, where its repository lives).
-pub fn kv_get<T: serde::de::DeserializeOwned>(sql: &SqlStorage, k: &str) -> ApiResult<Option<T>> {
-    kv_table(sql)?;
-    let rows: Vec<BodyRow> = sql
-        .exec("SELECT body FROM kv WHERE k = ?", vec![k.into()])
-        .and_then(|c| c.to_array())
-        .map_err(internal)?;
-    match rows.first() {
-        None => Ok(None),
-        Some(r) => serde_json::from_str(&r.body).map(Some).map_err(internal),
-    }
+pub fn kv_get<T: DeserializeOwned>(sql: &SqlStorage, k: Kv) -> ApiResult<Option<T>> {
+    Ok(core_store::get(&SqlRows(sql.clone()), &Key::Kv(k))?)
 }
 
-pub fn kv_put<T: serde::Serialize>(sql: &SqlStorage, k: &str, v: &T) -> ApiResult<()> {
-    kv_table(sql)?;
-    let body = serde_json::to_string(v).map_err(internal)?;
-    sql.exec(
-        "INSERT OR REPLACE INTO kv (k, body) VALUES (?, ?)",
-        vec![k.into(), body.into()],
-    )
-    .map_err(internal)?;
-    Ok(())
+pub fn kv_put<T: serde::Serialize>(sql: &SqlStorage, k: Kv, v: &T) -> ApiResult<()> {
+    Ok(core_store::put(
+        &mut SqlRows(sql.clone()),
+        &Key::Kv(k),
+        Some(v),
+    )?)
 }
 
 /// Pins of the stored bodies whose types live in the Worker crate (the core's are pinned in

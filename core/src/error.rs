@@ -55,7 +55,7 @@ pub enum CoreError {
     SandboxSpawning(&'static str),
     #[error("a prompt is running in the session's sandbox; wait for it to finish (or stop it), then restore")]
     PromptRunning,
-    #[error("this session has no repository, so it cannot have a sandbox")]
+    #[error("this session has no repository, so it has no sandbox and prompts cannot run; create a session with `repository` set")]
     NoRepository,
     #[error("event {got} arrived but {expected} is next")]
     OutOfOrder { got: u64, expected: u64 },

@@ -16,15 +16,15 @@
 //!   refused by the link generation they carry.
 //! - Every acknowledged event is stored once, in order: the acknowledgement follows the store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, CoreResult};
 use crate::events::EventKind;
-use crate::ids::{Actor, ClientId, Identity};
+use crate::ids::{Actor, ClientId, Cursor, Identity};
 use crate::sandbox::{AgentEvent, SandboxLink, SandboxMessage, Stage};
-use crate::session::{presence_batch_ms, Dirty, Outcome, Session};
+use crate::session::{presence_batch_ms, Dirty, Outcome, PromptSubmission, Session, Submitted};
 use crate::signing::{sha256_hex, token_matches};
 use crate::snapshot::{Snap, Snapshots};
 
@@ -264,9 +264,7 @@ pub enum Effect {
     CloseSandbox(CloseCode),
     /// Close the sockets opened for link generation `link` (not the session's live sandbox):
     /// refused.
-    Refuse {
-        link: String,
-    },
+    Refuse { link: String },
     /// Ask the provider for a sandbox with this token (restore `snapshot` only, when named);
     /// answer with [`Input::Spawned`] for link `sha256(token)`.
     Spawn {
@@ -274,41 +272,109 @@ pub enum Effect {
         snapshot: Option<String>,
     },
     /// Start a stopped sandbox again; answer with [`Input::Started`].
-    StartStopped {
-        sandbox: String,
-    },
+    StartStopped { sandbox: String },
     /// Ask the provider about a spawning sandbox; answer with [`Input::Polled`].
-    Poll {
-        sandbox: String,
-    },
+    Poll { sandbox: String },
     /// Terminate a sandbox at the provider (best effort; nothing waits for it).
-    Terminate {
-        sandbox: String,
-    },
+    Terminate { sandbox: String },
     /// Snapshot `sandbox` (none: the session has no live one) for `turn`; answer with
     /// [`Input::SnapshotTaken`] or [`Input::SnapshotNotTaken`].
-    TakeSnapshot {
-        sandbox: Option<String>,
-        turn: u64,
-    },
+    TakeSnapshot { sandbox: Option<String>, turn: u64 },
     /// Delete these snapshots at the provider; answer with [`Input::SnapshotsDeleted`].
-    DeleteSnapshots {
-        ids: Vec<String>,
-    },
+    DeleteSnapshots { ids: Vec<String> },
     /// Store the session's snapshot list as it is now.
     SaveSnapshots,
     /// Terminate every sandbox the provider holds for this session (one whose id the session
     /// never learned: its create was never answered, or it never dialled in).
     SweepSandboxes,
-    /// The runner in the object (no sandboxes): start or abort a prompt.
-    RunnerStart {
-        prompt: String,
-    },
-    RunnerAbort {
-        prompt: String,
-    },
+    /// The echo runner's job for `prompt`: due at that time, or none (stored, so it survives
+    /// eviction).
+    SaveRunnerJob { prompt: String, due: Option<u64> },
     /// The session's work was pushed to this branch (a later cold start continues it).
     RememberBranch(String),
+    /// Stop the sandbox at the provider (its disk kept; a start boots it again).
+    StopSandbox { sandbox: String },
+    /// Answer with the provider's record of the session's live sandbox.
+    Describe { sandbox: String },
+    /// Store the session's egress allow-list (a later sandbox starts with it).
+    SaveEgress(Vec<String>),
+    /// Give the live sandbox the new egress allow-list at once.
+    ApplyEgress { sandbox: String, allow: Vec<String> },
+    /// The session ended: its members' indexes mark it ended, and a background agent's child
+    /// sessions end with it.
+    Ended { members: Vec<String> },
+}
+
+/// A person's command (over HTTP or their socket), or an object's on their behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Join {
+        invite: String,
+    },
+    Leave,
+    End,
+    SetEgress {
+        allow: Vec<String>,
+    },
+    Connect {
+        client: String,
+        kind: String,
+    },
+    Disconnect {
+        client: String,
+    },
+    Heartbeat {
+        client: String,
+    },
+    Cursor {
+        client: String,
+        cursor: Cursor,
+    },
+    /// Typing started or stopped; a start warms a sandbox up before the prompt arrives.
+    Typing {
+        client: String,
+        typing: bool,
+    },
+    Submit(PromptSubmission),
+    Cancel {
+        prompt: String,
+    },
+    Reprioritize {
+        prompt: String,
+        priority: i32,
+    },
+    Stop,
+    Lock {
+        resource: String,
+        ttl_ms: u64,
+    },
+    Unlock {
+        resource: String,
+    },
+    /// A background agent's child session changed (from the scheduler object).
+    BackgroundChild {
+        id: String,
+        status: String,
+        session: Option<String>,
+        title: Option<String>,
+        branch: Option<String>,
+    },
+    /// The background agent was cancelled: its running prompt stops, as if by the owner
+    /// (nothing running is fine: the agent may not have started yet).
+    BackgroundCancel,
+}
+
+/// What a command did, for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// Nothing beyond its effects.
+    Applied,
+    /// A join stored a new member (false: already one).
+    Joined { new: bool },
+    /// A prompt submission: the prompt, and whether it is new (a repeated key: not).
+    Submitted(Submitted),
+    /// The prompt a stop stopped, if any.
+    Stopped(Option<String>),
 }
 
 /// A session with its sandbox link.
@@ -333,6 +399,17 @@ pub struct HostedSession {
     snapshot_in_flight: bool,
     /// Snapshots whose deletion the provider has been asked for.
     deleting: bool,
+    /// Without sandboxes: the echo runner answers each prompt this long after it starts (None:
+    /// running prompts wait for compute).
+    pub echo_ms: Option<u64>,
+    /// The echo runner's jobs: prompt → when it is answered.
+    pub jobs: BTreeMap<String, u64>,
+    /// A live sandbox with nothing to do for this long is snapshotted and stopped (None: never).
+    pub idle_ms: Option<u64>,
+    /// Since when the live sandbox has had nothing to do (memory only: a woken object counts
+    /// from when it woke). A running prompt is work however quiet it is — a long tool call or
+    /// test run is not idleness — and typing counts as about to work.
+    idle_since: Option<u64>,
 }
 
 impl HostedSession {
@@ -354,7 +431,25 @@ impl HostedSession {
             snapshot_margin_ms: 0,
             snapshot_in_flight: false,
             deleting: false,
+            echo_ms: None,
+            jobs: BTreeMap::new(),
+            idle_ms: None,
+            idle_since: None,
         }
+    }
+
+    /// A live sandbox idle for `idle_ms` is snapshotted and stopped (0: never).
+    pub fn with_idle(mut self, idle_ms: u64) -> HostedSession {
+        self.idle_ms = (idle_ms > 0).then_some(idle_ms);
+        self
+    }
+
+    /// Without sandboxes, the echo runner: answers each prompt `run_ms` after it starts; `jobs`
+    /// are the stored ones.
+    pub fn with_echo(mut self, run_ms: u64, jobs: BTreeMap<String, u64>) -> HostedSession {
+        self.echo_ms = Some(run_ms);
+        self.jobs = jobs;
+        self
     }
 
     /// The session's snapshots and how long before a sandbox's end its work is snapshotted.
@@ -401,9 +496,125 @@ impl HostedSession {
         Ok(effects)
     }
 
+    /// Runs a person's command: the session decides, then what it started or stopped is
+    /// composed with the sandbox (or the echo runner).
+    pub fn run(
+        &mut self,
+        who: &Identity,
+        command: Command,
+        now: u64,
+        entropy: &mut dyn Entropy,
+    ) -> CoreResult<(Done, Vec<Effect>)> {
+        let s = &mut self.session;
+        let mut done = Done::Applied;
+        let mut warm = false;
+        let mut egress = None;
+        let out = match command {
+            Command::Join { invite } => {
+                let out = s.join(who, &invite, now)?;
+                done = Done::Joined {
+                    new: !out.events.is_empty(),
+                };
+                out
+            }
+            Command::Leave => s.leave(who)?,
+            Command::End => s.end(who, now)?,
+            Command::SetEgress { allow } => {
+                let out = s.set_egress(who, &allow)?;
+                egress = Some(allow);
+                out
+            }
+            Command::Connect { client, kind } => s.connect(who, &client, &kind, now)?,
+            Command::Disconnect { client } => s.disconnect(&client),
+            Command::Heartbeat { client } => s.heartbeat(who, &client, now)?,
+            Command::Cursor { client, cursor } => s.set_cursor(who, &client, cursor, now)?,
+            Command::Typing { client, typing } => {
+                warm = typing;
+                s.set_typing(who, &client, typing, now)?
+            }
+            Command::Submit(submission) => {
+                if self.sandboxes && s.meta.repository.is_none() {
+                    return Err(CoreError::NoRepository);
+                }
+                let (submitted, out) = s.submit_prompt(who, submission, now)?;
+                done = Done::Submitted(submitted);
+                out
+            }
+            Command::Cancel { prompt } => s.cancel_prompt(who, &prompt, now)?,
+            Command::Reprioritize { prompt, priority } => {
+                s.reprioritize_prompt(who, &prompt, priority)?
+            }
+            Command::Stop => {
+                let out = s.stop_prompt(who, now)?;
+                done = Done::Stopped(out.abort.clone());
+                out
+            }
+            Command::Lock { resource, ttl_ms } => s.acquire_lock(who, &resource, ttl_ms, now)?,
+            Command::Unlock { resource } => s.release_lock(who, &resource)?,
+            Command::BackgroundChild {
+                id,
+                status,
+                session,
+                title,
+                branch,
+            } => s.background_child(id, status, session, title, branch),
+            Command::BackgroundCancel => {
+                let owner = s.members.get(&s.meta.owner).map(|m| Identity {
+                    user: m.user.clone(),
+                    name: m.name.clone(),
+                    email: m.email.clone(),
+                });
+                owner
+                    .and_then(|owner| s.stop_prompt(&owner, now).ok())
+                    .unwrap_or_default()
+            }
+        };
+        let mut effects = Vec::new();
+        self.carry(out, now, entropy, &mut effects);
+        if warm {
+            self.warm_up(now, entropy, &mut effects);
+        }
+        self.track_idle(now, warm);
+        if let Some(allow) = egress {
+            // Stored for a later sandbox's start; a live sandbox gets the new list at once.
+            effects.push(Effect::SaveEgress(allow.clone()));
+            if let Some(sandbox) = self.live_sandbox() {
+                effects.push(Effect::ApplyEgress {
+                    sandbox: sandbox.to_string(),
+                    allow,
+                });
+            }
+        }
+        Ok((done, effects))
+    }
+
+    /// The object woke with these people's sockets still open: everyone else recorded as
+    /// present left while it was away (their process restarted).
+    pub fn woke(&mut self, live: &BTreeSet<ClientId>) -> Vec<Effect> {
+        let gone: Vec<ClientId> = self
+            .session
+            .clients
+            .keys()
+            .filter(|client| !live.contains(*client))
+            .cloned()
+            .collect();
+        for client in &gone {
+            self.session.disconnect(client);
+        }
+        let dirty = self.session.take_dirty();
+        if dirty.is_empty() {
+            return Vec::new();
+        }
+        vec![Effect::Store {
+            dirty,
+            events: Vec::new(),
+        }]
+    }
+
     /// Handles one input.
     pub fn handle(&mut self, input: Input, now: u64, entropy: &mut dyn Entropy) -> Vec<Effect> {
         let mut fx = Vec::new();
+        let typing = input == Input::Typing;
         match input {
             Input::SandboxConnected => self.connected(now, &mut fx),
             Input::SandboxFrame { link, message } => {
@@ -450,7 +661,63 @@ impl HostedSession {
             Input::Typing => self.warm_up(now, entropy, &mut fx),
             Input::Alarm => self.alarm(now, entropy, &mut fx),
         }
+        self.track_idle(now, typing);
         fx
+    }
+
+    /// Notes whether the live sandbox has work: none since `now` if it had some (or someone
+    /// is typing).
+    fn track_idle(&mut self, now: u64, typing: bool) {
+        if self.idle_ms.is_none() {
+            return;
+        }
+        let working = self.session.queue.running.is_some();
+        let live = self.link.as_ref().is_some_and(|l| l.stage.is_live());
+        if working || !live {
+            self.idle_since = None;
+        } else if typing || self.idle_since.is_none() {
+            self.idle_since = Some(now);
+        }
+    }
+
+    /// Snapshots `sandbox`'s work before it goes away (unless a snapshot is being taken right
+    /// now: it holds the same work).
+    fn snapshot_work(&mut self, sandbox: &str, fx: &mut Vec<Effect>) {
+        if let (false, Some(turn)) = (self.snapshot_in_flight, self.snapshots.requested()) {
+            self.snapshot_in_flight = true;
+            fx.push(Effect::SaveSnapshots);
+            fx.push(Effect::TakeSnapshot {
+                sandbox: Some(sandbox.to_string()),
+                turn,
+            });
+        }
+    }
+
+    /// A live sandbox idle for `idle_ms`: its work is snapshotted, then it is stopped (its disk
+    /// kept); the next prompt starts it again.
+    fn idle_stop(&mut self, now: u64, entropy: &mut dyn Entropy, fx: &mut Vec<Effect>) {
+        let (Some(idle_ms), Some(since)) = (self.idle_ms, self.idle_since) else {
+            return;
+        };
+        if since.saturating_add(idle_ms) > now || self.session.queue.running.is_some() {
+            return;
+        }
+        let Some(sandbox) = self.live_sandbox().map(str::to_string) else {
+            return;
+        };
+        self.snapshot_work(&sandbox, fx);
+        let idle = match idle_ms {
+            ms if ms < 120_000 => format!("{} s", ms.div_ceil(1000)),
+            ms => format!("{} min", ms.div_ceil(60_000)),
+        };
+        let detail = format!(
+            "the sandbox had nothing to do for {idle}: its work was snapshotted and it was stopped; the next prompt starts it again"
+        );
+        // Stopped at the provider before its socket is closed: a supervisor that exits on its
+        // own first would be seen by the provider as having died.
+        fx.push(Effect::StopSandbox { sandbox });
+        self.retire(Stage::Stopped, "stopped", detail, None, now, entropy, fx);
+        self.idle_since = None;
     }
 
     /// May a sandbox holding `token` use the session's sandbox routes (dial in, call tools)? Only
@@ -469,6 +736,10 @@ impl HostedSession {
     /// `POST /sandbox`: a new sandbox unless the session has a live one (the caller answers
     /// with it) or one on its way.
     pub fn ensure(&mut self, now: u64, entropy: &mut dyn Entropy) -> CoreResult<Vec<Effect>> {
+        if let Some(sandbox) = self.live_sandbox() {
+            let sandbox = sandbox.to_string();
+            return Ok(vec![Effect::Describe { sandbox }]);
+        }
         if let Some(l) = &self.link {
             if l.stage == Stage::Spawning {
                 return Err(CoreError::SandboxSpawning("list it in a moment"));
@@ -615,6 +886,13 @@ impl HostedSession {
     pub fn next_deadline(&self) -> Option<u64> {
         let mut next = self.session.next_deadline();
         let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        if let Some(due) = self.jobs.values().min() {
+            at(*due);
+        }
+        if let (Some(idle_ms), Some(since), true) = (self.idle_ms, self.idle_since, self.sandboxes)
+        {
+            at(since.saturating_add(idle_ms));
+        }
         if let Some(since) = self.presence_since {
             at(since + presence_batch_ms(self.session.clients.len()));
         }
@@ -679,19 +957,30 @@ impl HostedSession {
         if let Some(id) = out.abort {
             if self.sandboxes {
                 fx.push(Effect::ToSandbox(DownFrame::Stop { prompt: id }));
-            } else {
-                fx.push(Effect::RunnerAbort { prompt: id });
+            } else if self.jobs.remove(&id).is_some() {
+                fx.push(Effect::SaveRunnerJob {
+                    prompt: id,
+                    due: None,
+                });
             }
         }
         if let Some(id) = out.start {
             if self.sandboxes {
                 self.dispatch(&id, now, entropy, fx);
-            } else {
-                fx.push(Effect::RunnerStart { prompt: id });
+            } else if let Some(run_ms) = self.echo_ms {
+                let due = now.saturating_add(run_ms);
+                self.jobs.insert(id.clone(), due);
+                fx.push(Effect::SaveRunnerJob {
+                    prompt: id,
+                    due: Some(due),
+                });
             }
         }
         if ended {
             self.end_sandbox(now, entropy, fx);
+            fx.push(Effect::Ended {
+                members: self.session.members.keys().cloned().collect(),
+            });
         }
     }
 
@@ -712,15 +1001,7 @@ impl HostedSession {
             "the session ended: the sandbox's work was snapshotted and the sandbox terminated";
         self.status("terminated", detail.into(), now, entropy, fx);
         if let Some(sandbox) = sandbox {
-            // None: a snapshot is being taken right now, and it holds the same work.
-            if let (false, Some(turn)) = (self.snapshot_in_flight, self.snapshots.requested()) {
-                self.snapshot_in_flight = true;
-                fx.push(Effect::SaveSnapshots);
-                fx.push(Effect::TakeSnapshot {
-                    sandbox: Some(sandbox.clone()),
-                    turn,
-                });
-            }
+            self.snapshot_work(&sandbox, fx);
             fx.push(Effect::Terminate { sandbox });
         }
     }
@@ -1094,6 +1375,7 @@ impl HostedSession {
 
     /// The alarm: sweeps, the sandbox's liveness, and a spawn's retry.
     fn alarm(&mut self, now: u64, entropy: &mut dyn Entropy, fx: &mut Vec<Effect>) {
+        self.echo_due(now, entropy, fx);
         self.check_link(now, entropy, fx);
         if self.waiting_for_retry()
             && self
@@ -1110,6 +1392,47 @@ impl HostedSession {
         self.carry(out, now, entropy, fx);
         if self.sandboxes {
             self.snapshot_upkeep(now, fx);
+            self.idle_stop(now, entropy, fx);
+        }
+    }
+
+    /// The echo runner answers the prompts whose time has come (a clearly labelled local
+    /// stand-in for compute: `echo: <prompt>`).
+    fn echo_due(&mut self, now: u64, entropy: &mut dyn Entropy, fx: &mut Vec<Effect>) {
+        let due: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(prompt, _)| prompt.clone())
+            .collect();
+        for prompt in due {
+            self.jobs.remove(&prompt);
+            fx.push(Effect::SaveRunnerJob {
+                prompt: prompt.clone(),
+                due: None,
+            });
+            let Some(text) = self
+                .session
+                .queue
+                .prompts
+                .get(&prompt)
+                .map(|p| p.text.clone())
+            else {
+                continue;
+            };
+            let answered = self
+                .session
+                .agent_text(&prompt, format!("echo: {text}"))
+                .and_then(|mut out| {
+                    let fin = self.session.finish_prompt(&prompt, true, None, now)?;
+                    out.events.extend(fin.events);
+                    out.start = fin.start;
+                    Ok(out)
+                });
+            // A prompt stopped meanwhile has nothing to answer.
+            if let Ok(out) = answered {
+                self.carry(out, now, entropy, fx);
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Nightshift's pure core: the rules of sessions, presence, edit locks, the prompt queue, background agents and their global budget, warm pools, images and snapshots, with no I/O.
 
+pub mod api;
 pub mod background;
 pub mod budget;
 pub mod check;
@@ -10,12 +11,14 @@ pub mod gating;
 pub mod hosted;
 pub mod ids;
 pub mod pool;
+pub mod provider;
 pub mod queue;
 pub mod repository;
 pub mod sandbox;
 pub mod session;
 pub mod signing;
 pub mod snapshot;
+pub mod store;
 pub mod token;
 pub mod wire;
 

@@ -75,6 +75,30 @@ impl Prompt {
     }
 }
 
+/// Terminal prompts (completed, failed, cancelled, stopped) a session's queue keeps, at least:
+/// beyond them the oldest are pruned ([`PromptQueue::prune_terminal`]). Their events stay in the
+/// log; only the queue (memory and the `prompts` rows) forgets them, so a session that has run
+/// or cancelled any number of prompts wakes with at most this many (plus the queued and running
+/// ones). The queue view's recent list shows [`RECENT_PROMPTS`] of them.
+pub const TERMINAL_WINDOW: usize = 100;
+
+/// Terminal prompts the queue view lists as "recent" (newest arrival first).
+pub const RECENT_PROMPTS: usize = 20;
+
+/// The window a session with at most `max_queued` waiting prompts keeps: [`TERMINAL_WINDOW`], or
+/// more when the queue bound is so large that the recent list could otherwise lose an entry.
+///
+/// Pruning removes the prompts that ended first. A prompt among the [`RECENT_PROMPTS`] newest
+/// by arrival can only be outlived by prompts that arrived after it (fewer than
+/// `RECENT_PROMPTS`) or that arrived before it and were still waiting or running when it ended
+/// (at most `max_queued + 1`). A window above their sum therefore never prunes it, and the
+/// recent list is the one an unpruned queue would show (given a clock that does not go back:
+/// ending times are the shell's `now`).
+pub fn terminal_window(max_queued: u32) -> usize {
+    let max_queued = usize::try_from(max_queued).unwrap_or(usize::MAX);
+    TERMINAL_WINDOW.max(max_queued.saturating_add(RECENT_PROMPTS + 1))
+}
+
 /// Longest client key a prompt may carry.
 pub const MAX_CLIENT_KEY_LEN: usize = 128;
 
@@ -144,8 +168,9 @@ impl PromptQueue {
             .ok_or_else(|| CoreError::PromptNotFound(id.to_string()))
     }
 
-    /// The prompt `author` submitted with client key `key`, while the queue holds it. Keys
-    /// are per author: the same key from someone else names a different prompt.
+    /// The prompt `author` submitted with client key `key`, while the queue holds it (a pruned
+    /// prompt's key is forgotten with it). Keys are per author: the same key from someone else
+    /// names a different prompt.
     pub fn find_by_key(&self, author: &str, key: &str) -> Option<&Prompt> {
         self.prompts
             .values()
@@ -263,6 +288,41 @@ impl PromptQueue {
         p.finished_at = Some(now);
         self.running = None;
         Ok(id)
+    }
+
+    /// Terminal prompts the queue holds.
+    pub fn terminal_count(&self) -> usize {
+        self.prompts
+            .values()
+            .filter(|p| p.status.is_terminal())
+            .count()
+    }
+
+    /// Removes the terminal prompts beyond the `keep` that ended last and returns their ids
+    /// (oldest first). Ended first means the earliest `finished_at`, then the earliest arrival
+    /// (a prompt without `finished_at` counts as oldest). Queued and running prompts are never
+    /// removed. A pruned id is unknown afterwards, so prompt ids must be fresh (the shell's are
+    /// random) for an id never to name two prompts.
+    pub fn prune_terminal(&mut self, keep: usize) -> Vec<PromptId> {
+        let mut terminal: Vec<(Option<u64>, u64, &PromptId)> = self
+            .prompts
+            .values()
+            .filter(|p| p.status.is_terminal())
+            .map(|p| (p.finished_at, p.arrival, &p.id))
+            .collect();
+        let Some(excess) = terminal.len().checked_sub(keep).filter(|n| *n > 0) else {
+            return Vec::new();
+        };
+        terminal.sort_unstable();
+        let pruned: Vec<PromptId> = terminal
+            .into_iter()
+            .take(excess)
+            .map(|(_, _, id)| id.clone())
+            .collect();
+        for id in &pruned {
+            self.prompts.remove(id);
+        }
+        pruned
     }
 
     /// Ends the running prompt with an outcome reported by the runner.
@@ -414,6 +474,28 @@ mod tests {
         q.start_next(1);
         q.finish("p1", true, None, 2).expect("finish");
         assert_eq!(q.find_by_key("ada", "k").map(|p| p.id.as_str()), Some("p1"));
+    }
+
+    #[test]
+    fn pruning_removes_the_terminal_prompts_that_ended_first() {
+        let mut q = PromptQueue::default();
+        for id in ["a", "b", "c", "d", "e"] {
+            q.enqueue(new(id, "ada"), 0, 10).expect("enqueue");
+        }
+        assert_eq!(q.start_next(1).as_deref(), Some("a"));
+        // d ends first, then c and b in the same millisecond: the earlier arrival, b, counts
+        // as ending first.
+        q.cancel("d", "ada", false, 2).expect("d");
+        q.cancel("c", "ada", false, 3).expect("c");
+        q.cancel("b", "ada", false, 3).expect("b");
+        assert_eq!(q.prune_terminal(3), Vec::<PromptId>::new());
+        assert_eq!(q.prune_terminal(1), vec!["d".to_string(), "b".to_string()]);
+        assert_eq!(q.terminal_count(), 1);
+        assert!(q.prompts.contains_key("c"));
+        // Running and queued prompts stay, whatever the window.
+        assert_eq!(q.prune_terminal(0), vec!["c".to_string()]);
+        assert_eq!(q.prompts.keys().collect::<Vec<_>>(), ["a", "e"]);
+        assert_eq!(q.running.as_deref(), Some("a"));
     }
 
     #[test]

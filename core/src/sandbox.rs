@@ -248,7 +248,8 @@ impl AgentEvent {
     }
 }
 
-/// Frames a sandbox sends to its session.
+/// Frames a sandbox sends to its session, as the session takes them in (parsed from an
+/// [`UpFrame`] by `wire::parse_sandbox_message`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SandboxMessage {
     Hello {
@@ -257,6 +258,57 @@ pub enum SandboxMessage {
     Heartbeat,
     /// One or more numbered events (`event` carries one, `batch` several).
     Events(Vec<(u64, AgentEvent)>),
+}
+
+/// The sandbox link's up direction on the wire: the frames a sandbox's supervisor sends its
+/// session, tagged by `type`. The supervisor serialises these; the session parses them with
+/// `wire::parse_sandbox_message`, which enforces the limits (`wire::MAX_SANDBOX_FRAME`,
+/// `wire::MAX_BATCH`, [`MAX_SANDBOX_ID`], `n > 0`). Unknown fields are ignored, so a newer
+/// supervisor may add some; the field names never change (an older supervisor's frames must
+/// still parse). The down direction is `hosted::DownFrame`.
+///
+/// `E` is the event's type: [`AgentEvent`] for every real frame. The parser reads a frame
+/// with its events still raw JSON first, so a malformed frame (`invalid_message`) and a
+/// malformed event (`invalid_event`) are told apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum UpFrame<E = AgentEvent> {
+    /// First frame on every connection: which sandbox this is.
+    Hello { sandbox: String },
+    /// A sign of life (every few seconds; any frame counts as one).
+    Heartbeat,
+    /// One numbered event (older supervisors; the current one sends `batch`).
+    Event(Numbered<E>),
+    /// Numbered events in order, taken all or nothing.
+    Batch { events: Vec<Numbered<E>> },
+}
+
+/// The `type` of every [`UpFrame`], as on the wire.
+pub const UP_FRAME_TYPES: [&str; 4] = ["hello", "heartbeat", "event", "batch"];
+
+/// Longest sandbox id a `hello` may name (bytes).
+pub const MAX_SANDBOX_ID: usize = 100;
+
+/// One event with its number: the sandbox numbers its events 1, 2, 3 … and resends every
+/// event the session has not acknowledged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Numbered<E = AgentEvent> {
+    pub n: u64,
+    pub event: E,
+}
+
+impl From<UpFrame> for SandboxMessage {
+    fn from(frame: UpFrame) -> SandboxMessage {
+        let pair = |numbered: Numbered| (numbered.n, numbered.event);
+        match frame {
+            UpFrame::Hello { sandbox } => SandboxMessage::Hello { sandbox },
+            UpFrame::Heartbeat => SandboxMessage::Heartbeat,
+            UpFrame::Event(numbered) => SandboxMessage::Events(vec![pair(numbered)]),
+            UpFrame::Batch { events } => {
+                SandboxMessage::Events(events.into_iter().map(pair).collect())
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,10 @@
 //! Every command checks everything first and mutates only when it succeeds, so a refused
 //! command leaves the state exactly as it was. Mutations record which stored rows changed
 //! (`take_dirty`) so the shell can persist precisely those rows.
+//!
+//! State is bounded: the queue keeps the terminal prompts of a window
+//! ([`crate::queue::terminal_window`]) and prunes older ones (their rows are named dirty, so the
+//! shell deletes them; their events stay in the log).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -191,6 +195,9 @@ pub struct Session {
     pub locks: BTreeMap<String, Lock>,
     pub queue: PromptQueue,
     dirty: BTreeSet<Dirty>,
+    /// Terminal prompts kept, when not the default for the session's limits (tests and model
+    /// checks set a small one: [`Session::with_terminal_window`]).
+    keep_terminal: Option<usize>,
 }
 
 const COLORS: [&str; 12] = [
@@ -239,6 +246,7 @@ impl Session {
             },
             meta,
             dirty: BTreeSet::new(),
+            keep_terminal: None,
         };
         let now = s.meta.created_at;
         s.members.insert(
@@ -273,7 +281,9 @@ impl Session {
         (s, out)
     }
 
-    /// Rebuilds a session from its stored rows.
+    /// Rebuilds a session from its stored rows. Rows beyond the window of terminal prompts (a
+    /// session stored before the window existed) are pruned at once and named dirty, so the
+    /// shell's next write deletes them.
     pub fn restore(
         meta: Meta,
         members: Vec<Member>,
@@ -285,7 +295,7 @@ impl Session {
             .iter()
             .find(|p| p.status == crate::queue::PromptStatus::Running)
             .map(|p| p.id.clone());
-        Session {
+        let mut session = Session {
             queue: PromptQueue {
                 next_arrival: meta.next_arrival,
                 running,
@@ -296,6 +306,32 @@ impl Session {
             clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
             locks: locks.into_iter().map(|l| (l.resource.clone(), l)).collect(),
             dirty: BTreeSet::new(),
+            keep_terminal: None,
+        };
+        session.prune_terminal();
+        session
+    }
+
+    /// The same session keeping `window` terminal prompts instead of the default (for tests and
+    /// model checks, where the default is out of reach); prunes to it at once.
+    pub fn with_terminal_window(mut self, window: usize) -> Session {
+        self.keep_terminal = Some(window);
+        self.prune_terminal();
+        self
+    }
+
+    /// How many terminal prompts the queue keeps: [`crate::queue::terminal_window`] of the
+    /// session's queue bound, unless set by [`Session::with_terminal_window`].
+    pub fn terminal_window(&self) -> usize {
+        self.keep_terminal
+            .unwrap_or_else(|| crate::queue::terminal_window(self.meta.limits.max_queued))
+    }
+
+    /// Drops the terminal prompts beyond the window (their rows become dirty: deleted).
+    fn prune_terminal(&mut self) {
+        let window = self.terminal_window();
+        for id in self.queue.prune_terminal(window) {
+            self.dirty.insert(Dirty::Prompt(id));
         }
     }
 
@@ -464,6 +500,7 @@ impl Session {
         }
         self.meta.status = SessionStatus::Ended;
         self.dirty.insert(Dirty::Meta);
+        self.prune_terminal();
         out.event(who.actor(), EventKind::SessionEnded);
         Ok(out)
     }
@@ -815,7 +852,9 @@ impl Session {
 
     /// Queues a prompt unless its author already stored one under the same client key: then
     /// that prompt answers (whatever its status now) and nothing changes — no new prompt, no
-    /// event. Keys are per author and last as long as the queue holds their prompt. The same
+    /// event. Keys are per author and last as long as the queue holds their prompt: a prompt
+    /// pruned from the window of terminal ones ([`crate::queue::terminal_window`] prompts ended
+    /// after it) takes its key along, and the key is then new again. The same
     /// key with a different text is refused (a key names one prompt). A refused submission
     /// stores nothing, so its retry is a first submission.
     pub fn submit_prompt(
@@ -887,6 +926,7 @@ impl Session {
         let owner = self.is_owner(&who.user);
         self.queue.cancel(id, &who.user, owner, now)?;
         self.dirty.insert(Dirty::Prompt(id.to_string()));
+        self.prune_terminal();
         let mut out = Outcome::default();
         out.event(
             who.actor(),
@@ -926,6 +966,7 @@ impl Session {
         out.event(who.actor(), EventKind::PromptStopped { id: id.clone() });
         out.abort = Some(id);
         self.start_next(now, &mut out);
+        self.prune_terminal();
         Ok(out)
     }
 
@@ -967,6 +1008,7 @@ impl Session {
             },
         );
         self.start_next(now, &mut out);
+        self.prune_terminal();
         Ok(out)
     }
 

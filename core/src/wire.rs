@@ -7,7 +7,9 @@ use serde_json::Value;
 pub use crate::error::WireError;
 use crate::events::Event;
 use crate::ids::Cursor;
-use crate::sandbox::{AgentEvent, SandboxMessage};
+use crate::sandbox::{
+    AgentEvent, Numbered, SandboxMessage, UpFrame, MAX_SANDBOX_ID, UP_FRAME_TYPES,
+};
 use crate::session::Client;
 
 /// Largest HTTP body the API accepts.
@@ -407,19 +409,20 @@ pub fn error_json(code: &str, message: &str) -> String {
 /// Most events in one `batch` frame.
 pub const MAX_BATCH: usize = 500;
 
-fn numbered(v: &Value) -> Result<(u64, AgentEvent), WireError> {
-    let n = v["n"].as_u64().filter(|n| *n > 0).ok_or_else(|| {
-        WireError::new("invalid_message", "an event needs `n`, a positive integer")
-    })?;
-    let event: AgentEvent = serde_json::from_value(v["event"].clone())
-        .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
-    Ok((n, event))
-}
-
 /// Largest frame a sandbox may send.
 pub const MAX_SANDBOX_FRAME: usize = 256 * 1024;
 
+/// Parses one frame a sandbox sent up its link, as the session takes it in.
 pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
+    parse_up_frame(text).map(SandboxMessage::from)
+}
+
+/// Parses one [`UpFrame`] with every limit of the link: at most [`MAX_SANDBOX_FRAME`] bytes, a
+/// `hello` naming a sandbox of 1 to [`MAX_SANDBOX_ID`] bytes, a `batch` of 1 to [`MAX_BATCH`]
+/// events, each numbered `n > 0`, and each event an [`AgentEvent`]. All or nothing: one bad
+/// event refuses the whole frame. Codes: `frame_too_large`, `invalid_json`, `unknown_type`,
+/// `invalid_message` (the frame's shape or a limit), `invalid_event` (an event, by number).
+pub fn parse_up_frame(text: &str) -> Result<UpFrame, WireError> {
     if text.len() > MAX_SANDBOX_FRAME {
         return Err(WireError::new(
             "frame_too_large",
@@ -428,37 +431,57 @@ pub fn parse_sandbox_message(text: &str) -> Result<SandboxMessage, WireError> {
     }
     let v: Value = serde_json::from_str(text)
         .map_err(|e| WireError::new("invalid_json", format!("not JSON: {e}")))?;
-    match v["type"].as_str() {
-        Some("hello") => {
-            let sandbox = v["sandbox"]
-                .as_str()
-                .filter(|s| !s.is_empty() && s.len() <= 100)
-                .ok_or_else(|| WireError::new("invalid_message", "hello needs `sandbox`"))?;
-            Ok(SandboxMessage::Hello {
-                sandbox: sandbox.to_string(),
-            })
-        }
-        Some("heartbeat") => Ok(SandboxMessage::Heartbeat),
-        Some("event") => Ok(SandboxMessage::Events(vec![numbered(&v)?])),
-        Some("batch") => {
-            let items = v["events"]
-                .as_array()
-                .filter(|a| !a.is_empty() && a.len() <= MAX_BATCH)
-                .ok_or_else(|| {
-                    WireError::new(
-                        "invalid_message",
-                        format!("a batch carries `events`: 1 to {MAX_BATCH} numbered events"),
-                    )
-                })?;
-            // All or nothing: one bad event refuses the whole frame.
-            let events = items.iter().map(numbered).collect::<Result<Vec<_>, _>>()?;
-            Ok(SandboxMessage::Events(events))
-        }
-        _ => Err(WireError::new(
+    let named = v.get("type").and_then(Value::as_str);
+    let Some(kind) = UP_FRAME_TYPES.into_iter().find(|t| named == Some(*t)) else {
+        return Err(WireError::new(
             "unknown_type",
             "a sandbox sends hello, heartbeat, event or batch",
-        )),
+        ));
+    };
+    let batch_shape = || format!("a batch carries `events`: 1 to {MAX_BATCH} numbered events");
+    // The frame with its events as raw JSON (absent: null), each checked below on its own.
+    let raw: UpFrame<Option<Value>> = serde_json::from_value(v).map_err(|e| {
+        let why = match kind {
+            "hello" => "hello needs `sandbox`".to_string(),
+            "batch" => format!("{} ({e})", batch_shape()),
+            _ => format!("an event needs `n`, a positive integer ({e})"),
+        };
+        WireError::new("invalid_message", why)
+    })?;
+    match raw {
+        UpFrame::Hello { sandbox } => {
+            if sandbox.is_empty() || sandbox.len() > MAX_SANDBOX_ID {
+                return Err(WireError::new("invalid_message", "hello needs `sandbox`"));
+            }
+            Ok(UpFrame::Hello { sandbox })
+        }
+        UpFrame::Heartbeat => Ok(UpFrame::Heartbeat),
+        UpFrame::Event(numbered) => Ok(UpFrame::Event(typed_event(numbered)?)),
+        UpFrame::Batch { events } => {
+            if events.is_empty() || events.len() > MAX_BATCH {
+                return Err(WireError::new("invalid_message", batch_shape()));
+            }
+            let events = events
+                .into_iter()
+                .map(typed_event)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(UpFrame::Batch { events })
+        }
     }
+}
+
+/// One numbered event of a frame: its number first, then the event itself.
+fn typed_event(raw: Numbered<Option<Value>>) -> Result<Numbered, WireError> {
+    let n = raw.n;
+    if n == 0 {
+        return Err(WireError::new(
+            "invalid_message",
+            "an event needs `n`, a positive integer",
+        ));
+    }
+    let event: AgentEvent = serde_json::from_value(raw.event.unwrap_or(Value::Null))
+        .map_err(|e| WireError::new("invalid_event", format!("event {n}: {e}")))?;
+    Ok(Numbered { n, event })
 }
 
 #[cfg(test)]
@@ -710,6 +733,161 @@ mod tests {
                 r#"{"type":"event","n":1,"event":{"kind":"agent.text","prompt":"p","text":"t","x":1}}"#
             ),
             Some("invalid_event")
+        );
+    }
+
+    #[test]
+    fn an_older_supervisors_frames_still_parse() {
+        // Byte for byte as the supervisor wrote them with `json!` (keys sorted, no null fields).
+        let hello = parse_sandbox_message(r#"{"sandbox":"sbx_1","type":"hello"}"#);
+        assert_eq!(
+            hello,
+            Ok(SandboxMessage::Hello {
+                sandbox: "sbx_1".into()
+            })
+        );
+        let batch = concat!(
+            r#"{"events":["#,
+            r#"{"event":{"kind":"prompt.accepted","prompt":"pr_1"},"n":1},"#,
+            r#"{"event":{"call":"c1","input":{"command":"ls"},"kind":"agent.tool","prompt":"pr_1","status":"running","tool":"bash"},"n":2},"#,
+            r#"{"event":{"cost":0,"kind":"agent.step","prompt":"pr_1","reason":"stop","tokens":{"output":3}},"n":3},"#,
+            r#"{"event":{"kind":"egress.blocked","host":"evil.example:443","tool":null},"n":4},"#,
+            r#"{"event":{"branch":"nightshift/ses_1","commit":"abc","kind":"prompt.done","ok":true,"prompt":"pr_1","reason":null},"n":5}"#,
+            r#"],"type":"batch"}"#
+        );
+        let Ok(SandboxMessage::Events(events)) = parse_sandbox_message(batch) else {
+            panic!(
+                "an older batch is refused: {:?}",
+                parse_sandbox_message(batch)
+            );
+        };
+        let numbers: Vec<u64> = events.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            events[1].1,
+            AgentEvent::Tool {
+                prompt: "pr_1".into(),
+                call: "c1".into(),
+                tool: "bash".into(),
+                status: "running".into(),
+                input: Some(serde_json::json!({"command": "ls"})),
+                output: None,
+                error: None,
+            }
+        );
+        assert_eq!(
+            events[4].1,
+            AgentEvent::Done {
+                prompt: "pr_1".into(),
+                ok: true,
+                reason: None,
+                branch: Some("nightshift/ses_1".into()),
+                commit: Some("abc".into()),
+            }
+        );
+        assert_eq!(
+            parse_sandbox_message(r#"{"type":"heartbeat"}"#),
+            Ok(SandboxMessage::Heartbeat)
+        );
+    }
+
+    #[test]
+    fn an_up_frame_round_trips_through_the_parser() {
+        let text = |t: &str| AgentEvent::Text {
+            prompt: "pr_1".into(),
+            text: t.into(),
+        };
+        let frames = [
+            UpFrame::Hello {
+                sandbox: "sbx_1".into(),
+            },
+            UpFrame::Heartbeat,
+            UpFrame::Event(Numbered {
+                n: 7,
+                event: text("one"),
+            }),
+            UpFrame::Batch {
+                events: vec![
+                    Numbered {
+                        n: 8,
+                        event: text("a"),
+                    },
+                    Numbered {
+                        n: 9,
+                        event: AgentEvent::Accepted {
+                            prompt: "pr_1".into(),
+                        },
+                    },
+                ],
+            },
+        ];
+        for frame in frames {
+            let encoded = serde_json::to_string(&frame).unwrap_or_default();
+            assert_eq!(parse_up_frame(&encoded), Ok(frame.clone()), "{encoded}");
+        }
+        // The wire names: `type` tags the frame, `n` and `event` each numbered event.
+        let batch = UpFrame::Batch {
+            events: vec![Numbered {
+                n: 1,
+                event: text("a"),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&batch).unwrap_or_default(),
+            serde_json::json!({"type": "batch", "events": [{"n": 1, "event": {"kind": "agent.text", "prompt": "pr_1", "text": "a"}}]})
+        );
+    }
+
+    #[test]
+    fn a_bad_frame_and_a_bad_event_get_their_own_codes() {
+        let code = |t: &str| parse_sandbox_message(t).err().map(|e| e.code);
+        // The event's number is checked before the event; a missing event is a bad event.
+        assert_eq!(code(r#"{"type":"event","n":1}"#), Some("invalid_event"));
+        assert_eq!(
+            code(r#"{"type":"event","n":1,"event":null}"#),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            code(r#"{"type":"event","event":{"kind":"agent.text","prompt":"p","text":"t"}}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(r#"{"type":"event","n":"1","event":{}}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(code(r#"{"type":"batch"}"#), Some("invalid_message"));
+        assert_eq!(
+            code(r#"{"type":"batch","events":{"n":1}}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(r#"{"type":"batch","events":[5]}"#),
+            Some("invalid_message")
+        );
+        assert_eq!(
+            code(r#"{"type":"batch","events":[{"n":0,"event":{}}]}"#),
+            Some("invalid_message")
+        );
+        // Not an object, or no string `type`: not a sandbox frame.
+        for frame in ["5", "[1]", r#"{"type":5}"#, r#"{"sandbox":"s"}"#] {
+            assert_eq!(code(frame), Some("unknown_type"), "{frame}");
+        }
+        // At most MAX_BATCH events in one frame.
+        let item = r#"{"n":1,"event":{"kind":"prompt.accepted","prompt":"p"}}"#;
+        let many = |k: usize| {
+            format!(
+                r#"{{"type":"batch","events":[{}]}}"#,
+                vec![item; k].join(",")
+            )
+        };
+        assert!(
+            matches!(parse_sandbox_message(&many(MAX_BATCH)), Ok(SandboxMessage::Events(e)) if e.len() == MAX_BATCH)
+        );
+        assert_eq!(code(&many(MAX_BATCH + 1)), Some("invalid_message"));
+        // Unknown fields of a frame are ignored (a newer supervisor may add some).
+        assert_eq!(
+            parse_sandbox_message(r#"{"type":"heartbeat","load":0.5}"#),
+            Ok(SandboxMessage::Heartbeat)
         );
     }
 

@@ -114,9 +114,18 @@ fn effect(e: &Effect) -> Vec<String> {
         Effect::DeleteSnapshots { ids } => vec![format!("delete snapshots {}", ids.join(","))],
         Effect::SaveSnapshots => vec!["save snapshots".into()],
         Effect::SweepSandboxes => vec!["sweep the session's sandboxes".into()],
-        Effect::RunnerStart { prompt } => vec![format!("runner start {prompt}")],
-        Effect::RunnerAbort { prompt } => vec![format!("runner abort {prompt}")],
+        Effect::SaveRunnerJob { prompt, due } => match due {
+            Some(due) => vec![format!("echo {prompt} at {due}")],
+            None => vec![format!("echo {prompt} cancelled")],
+        },
         Effect::RememberBranch(b) => vec![format!("remember branch {b}")],
+        Effect::SaveEgress(allow) => vec![format!("save egress {}", allow.join(","))],
+        Effect::ApplyEgress { sandbox, allow } => {
+            vec![format!("egress {} to {sandbox}", allow.join(","))]
+        }
+        Effect::Describe { sandbox } => vec![format!("describe {sandbox}")],
+        Effect::StopSandbox { sandbox } => vec![format!("stop {sandbox}")],
+        Effect::Ended { members } => vec![format!("ended for {}", members.join(","))],
     }
 }
 
@@ -639,7 +648,8 @@ fn ending_the_session_snapshots_and_terminates_its_sandbox() {
            store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
            save snapshots
            snapshot sbx_1 for turn 0
-           terminate sbx_1",
+           terminate sbx_1
+           ended for alice,bob",
     );
 }
 
@@ -662,6 +672,7 @@ fn a_sandbox_created_after_the_session_ended_is_terminated() {
            save link
            close sandbox 4005
            store sandbox.status terminated: the session ended: the sandbox's work was snapshotted and the sandbox terminated
+           ended for alice,bob
          provider: created sbx_late
            terminate sbx_late",
     );
@@ -706,5 +717,96 @@ fn an_agent_that_floods_the_session_is_stopped_with_a_clear_error() {
            store prompt.finished p1 ok=false: event_limit: the agent's output for this prompt passed the session's limit
            store prompt.started p2
            to sandbox: prompt p2 by bob@example.com",
+    );
+}
+
+#[test]
+fn an_idle_sandbox_is_snapshotted_and_stopped_and_the_next_prompt_starts_it_again() {
+    check_with(
+        hosted(Some("acme/app")).with_idle(20_000),
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 one; done p1
+         alarm +19s
+         sandbox: heartbeat
+         alarm +2s
+         alice: prompt p2",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 one; done p1
+           store sandbox.status ready:
+           store agent.text p1 one
+           store prompt.finished p1 ok=true
+           save link
+           to sandbox: ack 3
+           remember branch nightshift/ses_1
+           save snapshots
+         alarm +19s
+           snapshot sbx_1 for turn 1
+         sandbox: heartbeat
+           save link
+         alarm +2s
+           stop sbx_1
+           save link
+           close sandbox 4005
+           store sandbox.status stopped: the sandbox had nothing to do for 20 s: its work was snapshotted and it was stopped; the next prompt starts it again
+         alice: prompt p2
+           store prompt.queued p2
+           store prompt.started p2
+           start sbx_1",
+    );
+}
+
+#[test]
+fn a_quiet_running_prompt_is_work_not_idleness() {
+    // X5: a long tool call sends nothing for a long time; its sandbox is never stopped for it.
+    check_with(
+        hosted(Some("acme/app")).with_idle(20_000),
+        "alice: prompt p1
+         provider: created sbx_1
+         sandbox: connects
+         sandbox: events status ready; text p1 running the test suite
+         alarm +19s
+         sandbox: heartbeat
+         alarm +19s
+         sandbox: heartbeat
+         alarm +19s",
+        "alice: prompt p1
+           store prompt.queued p1
+           store prompt.started p1
+           save link
+           store sandbox.status spawning: asking the provider for a sandbox
+           spawn token_1
+         provider: created sbx_1
+           save link
+           store sandbox.status spawning: started
+         sandbox: connects
+           save link
+           to sandbox: welcome 0
+           to sandbox: prompt p1 by alice@example.com
+         sandbox: events status ready; text p1 running the test suite
+           store sandbox.status ready:
+           store agent.text p1 running the test suite
+           save link
+           to sandbox: ack 2
+         alarm +19s
+         sandbox: heartbeat
+           save link
+         alarm +19s
+         sandbox: heartbeat
+           save link
+         alarm +19s",
     );
 }

@@ -10,14 +10,13 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::json;
+use nightshift_core::provider::{BuildImage, Deleted};
 use tokio::io::AsyncWriteExt;
 
 use crate::procs;
 use crate::state::{
     err, local_remote, now_ms, parse, random_hex, redact_url, run_git, signed, sse_lines, valid_id,
-    ErrorBody, Image, LogFile, LogQuery, Refusal, Repository, Shared,
+    ErrorBody, Image, ImageStatus, LogFile, LogQuery, Refusal, Repository, Shared,
 };
 
 /// A build gets this long when its request names no `timeout_ms`.
@@ -25,20 +24,6 @@ const DEFAULT_BUILD_TIMEOUT_MS: u64 = 20 * 60 * 1000;
 /// At most this many setup commands, each at most this long.
 const MAX_COMMANDS: usize = 50;
 const MAX_COMMAND_BYTES: usize = 4096;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BuildBody {
-    repository: Repository,
-    #[serde(default)]
-    setup: Vec<String>,
-    #[serde(default)]
-    test: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
 
 fn image_dir(p: &Shared, id: &str) -> PathBuf {
     p.cfg.root.join("images").join(id)
@@ -75,41 +60,33 @@ pub(crate) fn record(p: &Shared, image: &Image) {
 
 /// Images recorded by an earlier run of the provider: ready ones are usable again; a build
 /// the restart interrupted is failed (`interrupted`), never left `building`.
-pub(crate) fn recover(p: &Shared, records: &[(String, serde_json::Value)]) {
-    for (id, v) in records {
-        let status = match v["status"].as_str() {
-            Some("ready") if image_dir(p, id).join("repo").exists() => "ready",
-            Some("failed") => "failed",
-            _ => "failed",
-        };
-        let Ok(repository) = serde_json::from_value::<Repository>(v["repository"].clone()) else {
-            continue;
-        };
-        let error = match (status, v["status"].as_str()) {
-            ("failed", Some("failed")) => Some(ErrorBody {
-                code: v["error"]["code"].as_str().unwrap_or("internal").into(),
-                message: v["error"]["message"].as_str().unwrap_or("").into(),
-            }),
-            ("failed", _) => Some(ErrorBody {
-                code: "interrupted".into(),
-                message:
-                    "the provider restarted during the build, or its files are gone; build again"
-                        .into(),
-            }),
-            _ => None,
+pub(crate) fn recover(p: &Shared, records: &[(String, Image)]) {
+    for (id, recorded) in records {
+        let files_kept = image_dir(p, id).join("repo").exists();
+        let (status, error) = match recorded.status {
+            ImageStatus::Ready if files_kept => (ImageStatus::Ready, None),
+            ImageStatus::Failed => (
+                ImageStatus::Failed,
+                Some(recorded.error.clone().unwrap_or(ErrorBody {
+                    code: "internal".into(),
+                    message: String::new(),
+                })),
+            ),
+            _ => (
+                ImageStatus::Failed,
+                Some(ErrorBody {
+                    code: "interrupted".into(),
+                    message:
+                        "the provider restarted during the build, or its files are gone; build again"
+                            .into(),
+                }),
+            ),
         };
         let image = Image {
             id: id.clone(),
             status,
-            repository,
-            commit: v["commit"].as_str().map(String::from),
-            created_at: v["created_at"].as_u64().unwrap_or(0),
-            ready_at: v["ready_at"].as_u64(),
-            setup: serde_json::from_value(v["setup"].clone()).unwrap_or_default(),
-            test: v["test"].as_str().map(String::from),
-            test_exit_code: v["test_exit_code"].as_i64().map(|c| c as i32),
-            labels: serde_json::from_value(v["labels"].clone()).unwrap_or_default(),
             error,
+            ..recorded.clone()
         };
         record(p, &image);
         if let Ok(mut m) = p.images.lock() {
@@ -129,7 +106,7 @@ fn not_found(id: &str) -> Refusal {
 /// The directory of a ready image, for a sandbox to start from.
 pub(crate) fn ready_dir(p: &Shared, id: &str) -> Result<PathBuf, Refusal> {
     let img = get(p, id).ok_or_else(|| not_found(id))?;
-    if img.status != "ready" {
+    if img.status != ImageStatus::Ready {
         return Err(Refusal(
             StatusCode::CONFLICT,
             "image_not_ready",
@@ -147,7 +124,7 @@ pub(crate) async fn build(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let b: BuildBody = match parse(&body) {
+    let b: BuildImage = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -171,7 +148,7 @@ pub(crate) async fn build(
     let id = format!("img_{}", random_hex(12));
     let img = Image {
         id: id.clone(),
-        status: "building",
+        status: ImageStatus::Building,
         repository: Repository {
             clone_url: redact_url(&b.repository.clone_url),
             ..b.repository.clone()
@@ -200,7 +177,7 @@ pub(crate) async fn build(
             eprintln!("provider: image {id} failed: {code}: {message}");
             note(&build_log(&p2, &id), &format!("build failed: {message}")).await;
             update(&p2, &id, |i| {
-                i.status = "failed";
+                i.status = ImageStatus::Failed;
                 i.error = Some(ErrorBody {
                     code: code.into(),
                     message,
@@ -221,7 +198,7 @@ async fn note(log: &Path, line: &str) {
 
 type BuildError = (&'static str, String);
 
-async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result<(), BuildError> {
+async fn run_build(p: &Shared, id: &str, b: &BuildImage, deadline: u64) -> Result<(), BuildError> {
     let dir = image_dir(p, id);
     let log = build_log(p, id);
     let internal = |e: std::io::Error| ("internal", format!("cannot create the image: {e}"));
@@ -292,7 +269,7 @@ async fn run_build(p: &Shared, id: &str, b: &BuildBody, deadline: u64) -> Result
     }
     note(&log, "image ready").await;
     update(p, id, |i| {
-        i.status = "ready";
+        i.status = ImageStatus::Ready;
         i.ready_at = Some(now_ms());
     });
     Ok(())
@@ -374,7 +351,7 @@ pub(crate) async fn delete(
         let _ = tokio::fs::remove_dir_all(image_dir(&p, &id)).await;
         let _ = tokio::fs::remove_dir_all(p.host_dir(&id)).await;
     }
-    Json(json!({"id": id, "deleted": true})).into_response()
+    Json(Deleted::new(&id)).into_response()
 }
 
 pub(crate) async fn logs(
@@ -392,6 +369,6 @@ pub(crate) async fn logs(
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     let p2 = p.clone();
     sse_lines(LogFile::Owned(build_log(&p, &id)), follow, move || {
-        get(&p2, &id).is_some_and(|i| i.status == "building")
+        get(&p2, &id).is_some_and(|i| i.status == ImageStatus::Building)
     })
 }

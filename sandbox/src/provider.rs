@@ -17,10 +17,15 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use nightshift_core::provider::{
+    Assign, Deleted, EgressAnswer, Exec, ExecResult, GitStatus, Health, Limits, SandboxList,
+    SetEgress, Snapshot, TakeSnapshot,
+};
+
 use crate::state::{
     check_env, err, kill_roots, local_remote, now_ms, parse, random_hex, redact_url, run_git,
-    signed, sse_lines, valid_id, CreateBody, Entry, ErrorBody, LogFile, LogQuery, Provider,
-    Refusal, Repository, Sandbox, Shared, SupervisorSpec,
+    signed, sse_lines, valid_id, CreateSandbox, Entry, ErrorBody, LogFile, LogQuery, Provider,
+    Refusal, Repository, Sandbox, SandboxStatus, Shared,
 };
 use crate::{images, procs};
 
@@ -37,18 +42,18 @@ impl Provider {
             .flatten()
         {
             let id = entry.file_name().to_string_lossy().to_string();
-            let read = |name: &str| {
-                std::fs::read(entry.path().join(name))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            };
+            let bytes = |name: &str| std::fs::read(entry.path().join(name)).ok();
             if valid_id(&id, "img_") {
-                if let Some(v) = read("image.json") {
-                    images.push((id, v));
+                if let Some(image) =
+                    bytes("image.json").and_then(|b| serde_json::from_slice(&b).ok())
+                {
+                    images.push((id, image));
                 }
             } else if valid_id(&id, "sbx_") {
-                if let Some(v) = read("sandbox.json") {
-                    sandboxes.push((id, v));
+                if let Some(sandbox) =
+                    bytes("sandbox.json").and_then(|b| serde_json::from_slice::<Sandbox>(&b).ok())
+                {
+                    sandboxes.push((id, sandbox));
                 }
             }
         }
@@ -57,49 +62,37 @@ impl Provider {
         for group in self.cfg.groups.existing() {
             self.cfg.groups.kill_and_remove(&group).await;
         }
-        for (id, v) in &sandboxes {
+        for (id, record) in &sandboxes {
             procs::kill_marked(id).await;
-            let over = matches!(v["status"].as_str(), Some("terminated" | "failed"));
-            let Ok(repository) = serde_json::from_value::<Repository>(v["repository"].clone())
-            else {
-                continue;
+            let create = CreateSandbox {
+                session_id: record.session_id.clone(),
+                repository: record.repository.clone(),
+                image: record.image.clone(),
+                snapshot: record.snapshot.clone(),
+                env: BTreeMap::new(),
+                supervisor: None,
+                timeout_ms: None,
+                lifetime_ms: None,
+                labels: record.labels.clone(),
             };
-            let create: CreateBody = match serde_json::from_value(json!({
-                "session_id": v["session_id"], "repository": repository,
-                "image": v["image"], "snapshot": v["snapshot"], "labels": v["labels"],
-            })) {
-                Ok(c) => c,
-                Err(_) => continue,
-            };
-            let error = if over {
-                v["error"]["code"].as_str().map(|code| ErrorBody {
-                    code: code.into(),
-                    message: v["error"]["message"].as_str().unwrap_or("").into(),
-                })
+            let error = if record.status.is_over() {
+                record.error.clone()
             } else {
                 Some(ErrorBody {
                     code: "lost".into(),
                     message: "the provider restarted and the sandbox's processes ended; start a new sandbox (its checkout and snapshots are kept)".into(),
                 })
             };
-            let status = match v["status"].as_str() {
-                Some("terminated") => "terminated",
-                _ => "failed",
+            let status = match record.status {
+                SandboxStatus::Terminated => SandboxStatus::Terminated,
+                _ => SandboxStatus::Failed,
             };
             let sandbox = Sandbox {
                 id: id.clone(),
-                session_id: create.session_id.clone(),
                 status,
-                repository: create.repository.clone(),
-                image: create.image.clone(),
-                snapshot: create.snapshot.clone(),
-                created_at: v["created_at"].as_u64().unwrap_or(0),
-                ready_at: v["ready_at"].as_u64(),
-                terminated_at: v["terminated_at"].as_u64(),
-                expires_at: v["expires_at"].as_u64().unwrap_or(0),
-                labels: create.labels.clone(),
                 error,
-                isolation: self.cfg.isolation,
+                isolation: Some(self.cfg.isolation.into()),
+                ..record.clone()
             };
             self.record(&sandbox);
             if let Ok(mut map) = self.sandboxes.lock() {
@@ -153,18 +146,21 @@ pub fn router(p: Shared) -> Router {
 
 async fn health(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap) -> Response {
     signed!(p, m, u, h, []);
-    Json(json!({
-        "ok": true,
-        "provider": "local",
-        "isolation": p.cfg.isolation,
-        "limits": {"processes": p.process_limit(), "cgroups": p.cfg.groups.names()},
-    }))
+    Json(Health {
+        ok: true,
+        provider: "local".into(),
+        isolation: p.cfg.isolation.into(),
+        limits: Some(Limits {
+            processes: p.process_limit().into(),
+            cgroups: p.cfg.groups.names().into_iter().map(String::from).collect(),
+        }),
+    })
     .into_response()
 }
 
 async fn create(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap, body: Bytes) -> Response {
     signed!(p, m, u, h, body);
-    let c: CreateBody = match parse(&body) {
+    let c: CreateSandbox = match parse(&body) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -200,12 +196,14 @@ async fn create(State(p): State<Shared>, m: Method, u: Uri, h: HeaderMap, body: 
     start_sandbox(&p, c, source).await
 }
 
+/// A snapshot's record (`meta.json`, the contract's Snapshot as it was answered).
+fn snapshot_meta(dir: &Path) -> Option<Snapshot> {
+    let text = std::fs::read_to_string(dir.join("meta.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 fn snapshot_expired(dir: &Path) -> bool {
-    let meta: Value = std::fs::read_to_string(dir.join("meta.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    meta["expires_at"].as_u64().is_some_and(|e| e <= now_ms())
+    snapshot_meta(dir).is_some_and(|meta| meta.expires_at <= now_ms())
 }
 
 /// Copies a directory, copy-on-write where the filesystem supports it (`cp --reflink=auto`).
@@ -221,7 +219,7 @@ pub(crate) async fn copy_tree(from: &Path, to: &Path) -> bool {
 }
 
 /// Starts a sandbox; `from` is a snapshot's or an image's directory whose `repo` becomes the checkout.
-async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Response {
+async fn start_sandbox(p: &Shared, c: CreateSandbox, from: Option<PathBuf>) -> Response {
     if c.session_id.as_deref() == Some("") || c.repository.clone_url.is_empty() {
         return err(
             StatusCode::BAD_REQUEST,
@@ -238,7 +236,7 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
     let sandbox = Sandbox {
         id: id.clone(),
         session_id: c.session_id.clone(),
-        status: "creating",
+        status: SandboxStatus::Creating,
         repository: Repository {
             clone_url: redact_url(&c.repository.clone_url),
             ..c.repository.clone()
@@ -248,10 +246,10 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
         created_at,
         ready_at: None,
         terminated_at: None,
-        expires_at: created_at + c.lifetime_ms.unwrap_or(p.cfg.lifetime_ms),
+        expires_at: Some(created_at + c.lifetime_ms.unwrap_or(p.cfg.lifetime_ms)),
         labels: c.labels.clone(),
         error: None,
-        isolation: p.cfg.isolation,
+        isolation: Some(p.cfg.isolation.into()),
     };
     if let Ok(mut map) = p.sandboxes.lock() {
         map.insert(
@@ -280,11 +278,15 @@ async fn start_sandbox(p: &Shared, c: CreateBody, from: Option<PathBuf>) -> Resp
 async fn expire(p: Shared, id: String) {
     loop {
         let Some(s) = p.get(&id) else { return };
-        if s.status == "terminated" || s.status == "failed" {
+        if s.status.is_over() {
             return;
         }
+        // Always set here: this provider gives every sandbox a lifetime.
+        let Some(expires_at) = s.expires_at else {
+            return;
+        };
         let now = now_ms();
-        if now >= s.expires_at {
+        if now >= expires_at {
             eprintln!("provider: sandbox {id} reached its lifetime; terminating");
             // The reason first, so the sandbox is never seen terminated without it.
             p.update(&id, |e| {
@@ -293,15 +295,15 @@ async fn expire(p: Shared, id: String) {
                     message: "the sandbox reached the end of its lifetime".into(),
                 })
             });
-            halt(&p, &id, "terminated").await;
+            halt(&p, &id, SandboxStatus::Terminated).await;
             return;
         }
-        tokio::time::sleep(Duration::from_millis((s.expires_at - now).min(60_000))).await;
+        tokio::time::sleep(Duration::from_millis((expires_at - now).min(60_000))).await;
     }
 }
 
 /// Prepares the checkout, starts the supervisor and waits for it to report its port.
-async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<PathBuf>) {
+async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateSandbox, from: Option<PathBuf>) {
     let repo = dir.join("repo");
     let host = p.host_dir(&id);
     for d in [
@@ -472,7 +474,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
     let pgid = child.id().map(|x| x as i32);
     p.update(&id, |e| {
         e.pgid = pgid;
-        e.sandbox.status = "syncing";
+        e.sandbox.status = SandboxStatus::Syncing;
     });
     // Secrets go on standard input after start, never into an image or a snapshot.
     if let Some(mut stdin) = child.stdin.take() {
@@ -504,8 +506,12 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
         let expected = {
             let map = p2.sandboxes.lock().ok();
             map.and_then(|m| {
-                m.get(&id2)
-                    .map(|e| matches!(e.sandbox.status, "terminated" | "stopped") || e.pgid != pgid)
+                m.get(&id2).map(|e| {
+                    matches!(
+                        e.sandbox.status,
+                        SandboxStatus::Terminated | SandboxStatus::Stopped
+                    ) || e.pgid != pgid
+                })
             })
             .unwrap_or(true)
         };
@@ -523,7 +529,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
     let deadline = now_ms() + c.timeout_ms.unwrap_or(120_000).min(600_000);
     loop {
         let Some(s) = p.get(&id) else { return };
-        if s.status == "terminated" || s.status == "failed" {
+        if s.status.is_over() {
             return;
         }
         let read = procs::read_beneath(&dir, &["state", "supervisor.json"], 0, 64 * 1024);
@@ -533,8 +539,8 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateBody, from: Option<P
                 p.update(&id, |e| e.supervisor_port = port);
                 if v["ready"] == true {
                     p.update(&id, |e| {
-                        if e.sandbox.status == "syncing" {
-                            e.sandbox.status = "ready";
+                        if e.sandbox.status == SandboxStatus::Syncing {
+                            e.sandbox.status = SandboxStatus::Ready;
                             e.sandbox.ready_at = Some(now_ms());
                         }
                     });
@@ -583,7 +589,7 @@ async fn list(
         .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).is_some_and(|x| x == v)))
         .collect();
     out.sort_by_key(|s| s.created_at);
-    Json(json!({"sandboxes": out})).into_response()
+    Json(SandboxList { sandboxes: out }).into_response()
 }
 
 /// The sandbox as it is now.
@@ -604,7 +610,7 @@ fn live(p: &Shared, id: &str) -> Result<(Sandbox, PathBuf), Refusal> {
             format!("no sandbox {id}"),
         ));
     };
-    if s.status == "terminated" || s.status == "failed" {
+    if s.status.is_over() {
         let msg = format!("sandbox {id} is {}", s.status);
         return Err(Refusal(StatusCode::CONFLICT, "sandbox_terminated", msg));
     }
@@ -630,20 +636,6 @@ async fn get_one(
     current(&p, &id)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    command: Vec<String>,
-    #[serde(default)]
-    cwd: Option<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-    #[serde(default)]
-    stdin: Option<String>,
-}
-
 /// Output kept per stream; the rest is cut and `truncated` is set.
 const MAX_OUTPUT: usize = 1 << 20;
 
@@ -656,7 +648,7 @@ async fn exec(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let b: ExecBody = match parse(&body) {
+    let b: Exec = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -761,13 +753,13 @@ async fn exec(
         }
     };
     let text = |v: &[u8]| String::from_utf8_lossy(&v[..v.len().min(MAX_OUTPUT)]).to_string();
-    Json(json!({
-        "exit_code": status.code().unwrap_or(-1),
-        "stdout": text(&out),
-        "stderr": text(&errs),
-        "duration_ms": now_ms() - started,
-        "truncated": out.len() > MAX_OUTPUT || errs.len() > MAX_OUTPUT,
-    }))
+    Json(ExecResult {
+        exit_code: status.code().unwrap_or(-1),
+        stdout: text(&out),
+        stderr: text(&errs),
+        duration_ms: now_ms() - started,
+        truncated: out.len() > MAX_OUTPUT || errs.len() > MAX_OUTPUT,
+    })
     .into_response()
 }
 
@@ -828,8 +820,7 @@ async fn logs(
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     let p2 = p.clone();
     sse_lines(file, follow, move || {
-        p2.get(&id)
-            .is_some_and(|s| s.status != "terminated" && s.status != "failed")
+        p2.get(&id).is_some_and(|s| !s.status.is_over())
     })
 }
 
@@ -844,22 +835,22 @@ async fn terminate(
     let Some(s) = p.get(&id) else {
         return not_found(&id);
     };
-    if s.status != "terminated" {
+    if s.status != SandboxStatus::Terminated {
         // Anything that left the group (setsid, double fork) is found by its sandbox mark.
-        halt(&p, &id, "terminated").await;
+        halt(&p, &id, SandboxStatus::Terminated).await;
     }
     current(&p, &id)
 }
 
 /// Kills the sandbox's processes and sets its status (`stopped` keeps its directory for a later start).
-async fn halt(p: &Shared, id: &str, status: &'static str) {
+async fn halt(p: &Shared, id: &str, status: SandboxStatus) {
     let mut roots = Vec::new();
     p.update(id, |e| {
         e.sandbox.status = status;
         roots.extend(e.pgid.take());
         roots.append(&mut e.execs);
         e.supervisor_port = None;
-        if status == "terminated" {
+        if status == SandboxStatus::Terminated {
             e.sandbox.terminated_at = Some(now_ms());
             // Its socket closes and its folder goes with it.
             e.egress = None;
@@ -884,15 +875,15 @@ async fn stop(
         return not_found(&id);
     };
     match s.status {
-        "terminated" => {
+        SandboxStatus::Terminated => {
             return err(
                 StatusCode::CONFLICT,
                 "sandbox_terminated",
                 format!("sandbox {id} is terminated"),
             )
         }
-        "stopped" => {}
-        _ => halt(&p, &id, "stopped").await,
+        SandboxStatus::Stopped => {}
+        _ => halt(&p, &id, SandboxStatus::Stopped).await,
     }
     current(&p, &id)
 }
@@ -908,7 +899,7 @@ async fn start(
     let Some(s) = p.get(&id) else {
         return not_found(&id);
     };
-    if s.status != "stopped" {
+    if s.status != SandboxStatus::Stopped {
         return err(
             StatusCode::CONFLICT,
             "sandbox_not_stopped",
@@ -926,10 +917,10 @@ async fn start(
         return not_found(&id);
     };
     p.update(&id, |e| {
-        e.sandbox.status = "creating";
+        e.sandbox.status = SandboxStatus::Creating;
         e.sandbox.ready_at = None;
         e.sandbox.error = None;
-        e.sandbox.expires_at = now_ms() + e.create.lifetime_ms.unwrap_or(p.cfg.lifetime_ms);
+        e.sandbox.expires_at = Some(now_ms() + e.create.lifetime_ms.unwrap_or(p.cfg.lifetime_ms));
     });
     // The sandbox's own file: removed without following a link it may have planted.
     let _ = procs::remove_beneath(&dir, &["state", "supervisor.json"]);
@@ -937,13 +928,6 @@ async fn start(
     let id2 = id.clone();
     tokio::spawn(async move { boot(p2, id2, dir, create, None).await });
     current(&p, &id)
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    #[serde(default)]
-    ttl_ms: Option<u64>,
 }
 
 async fn snapshot(
@@ -955,8 +939,8 @@ async fn snapshot(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let b: SnapshotBody = if body.is_empty() {
-        SnapshotBody::default()
+    let b: TakeSnapshot = if body.is_empty() {
+        TakeSnapshot::default()
     } else {
         match parse(&body) {
             Ok(b) => b,
@@ -981,9 +965,14 @@ async fn snapshot(
     }
     let created = now_ms();
     let expires = created + b.ttl_ms.unwrap_or(30 * 24 * 3600 * 1000);
-    let meta =
-        json!({"id": snap_id, "sandbox_id": id, "created_at": created, "expires_at": expires});
-    if let Err(e) = tokio::fs::write(sdir.join("meta.json"), meta.to_string()).await {
+    let meta = Snapshot {
+        id: snap_id,
+        sandbox_id: id,
+        created_at: created,
+        expires_at: expires,
+    };
+    let bytes = serde_json::to_vec(&meta).unwrap_or_default();
+    if let Err(e) = tokio::fs::write(sdir.join("meta.json"), bytes).await {
         return err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
     }
     (StatusCode::CREATED, Json(meta)).into_response()
@@ -998,7 +987,7 @@ async fn restore(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let mut c: CreateBody = match parse(&body) {
+    let mut c: CreateSandbox = match parse(&body) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -1014,12 +1003,6 @@ async fn restore(
     start_sandbox(&p, c, Some(sdir)).await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EgressBody {
-    allow: Vec<String>,
-}
-
 /// `POST /v1/sandboxes/{id}/egress`: the session owner's extra hosts, in force at once.
 async fn set_egress(
     State(p): State<Shared>,
@@ -1030,7 +1013,7 @@ async fn set_egress(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let b: EgressBody = match parse(&body) {
+    let b: SetEgress = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -1055,7 +1038,12 @@ async fn set_egress(
             })
         })
         .unwrap_or(false);
-    Json(json!({"id": id, "allow": b.allow, "enforced": enforced})).into_response()
+    Json(EgressAnswer {
+        id,
+        allow: b.allow,
+        enforced,
+    })
+    .into_response()
 }
 
 /// Forwards to the supervisor's loopback API.
@@ -1064,10 +1052,7 @@ async fn to_supervisor(p: &Shared, id: &str, method: Method, path: &str) -> Resp
         return r.into_response();
     }
     let Some((port, secret)) = p.supervisor_api(id) else {
-        return Json(
-            json!({"sync": {"state": "not_started"}, "branch": null, "head": null, "dirty": false}),
-        )
-        .into_response();
+        return Json(GitStatus::not_started()).into_response();
     };
     match supervisor_call(p, id, port, &secret, method, path, None).await {
         Ok((status, v)) => {
@@ -1227,8 +1212,8 @@ async fn snapshot_get(
         Err(r) => return r.into_response(),
     };
     match tokio::fs::read_to_string(d.join("meta.json")).await {
-        Ok(t) => match serde_json::from_str::<Value>(&t) {
-            Ok(v) => Json(v).into_response(),
+        Ok(t) => match serde_json::from_str::<Snapshot>(&t) {
+            Ok(meta) => Json(meta).into_response(),
             Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         },
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
@@ -1246,7 +1231,7 @@ async fn snapshot_delete(
     if valid_id(&id, "snp_") {
         let _ = tokio::fs::remove_dir_all(p.cfg.root.join("snapshots").join(&id)).await;
     }
-    Json(json!({"id": id, "deleted": true})).into_response()
+    Json(Deleted::new(&id)).into_response()
 }
 
 /// Frees the storage of expired snapshots, every `every`.
@@ -1277,7 +1262,12 @@ pub async fn watch_disk(p: Shared, every: Duration) {
         let live: Vec<String> = match p.sandboxes.lock() {
             Ok(map) => map
                 .iter()
-                .filter(|(_, e)| !matches!(e.sandbox.status, "terminated" | "failed" | "stopped"))
+                .filter(|(_, e)| {
+                    !matches!(
+                        e.sandbox.status,
+                        SandboxStatus::Terminated | SandboxStatus::Failed | SandboxStatus::Stopped
+                    )
+                })
                 .map(|(id, _)| id.clone())
                 .collect(),
             Err(_) => Vec::new(),
@@ -1290,7 +1280,7 @@ pub async fn watch_disk(p: Shared, every: Duration) {
             if used <= limit {
                 continue;
             }
-            halt(&p, &id, "terminated").await;
+            halt(&p, &id, SandboxStatus::Terminated).await;
             let dir = p.cfg.root.join("sandboxes").join(&id);
             let _ = tokio::fs::remove_dir_all(&dir).await;
             p.fail(
@@ -1306,13 +1296,6 @@ pub async fn watch_disk(p: Shared, every: Duration) {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AssignBody {
-    session_id: String,
-    supervisor: SupervisorSpec,
-}
-
 /// Gives a pooled (ready, unassigned) sandbox to a session; its supervisor dials it at once.
 async fn assign(
     State(p): State<Shared>,
@@ -1323,7 +1306,7 @@ async fn assign(
     body: Bytes,
 ) -> Response {
     signed!(p, m, u, h, body);
-    let b: AssignBody = match parse(&body) {
+    let b: Assign = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -1347,7 +1330,7 @@ async fn assign(
                 "sandbox_assigned",
                 format!("sandbox {id} already works for another session"),
             )),
-            Some(e) if e.sandbox.status != "ready" => Err(Refusal(
+            Some(e) if e.sandbox.status != SandboxStatus::Ready => Err(Refusal(
                 StatusCode::CONFLICT,
                 "sandbox_not_ready",
                 format!(
@@ -1387,8 +1370,11 @@ async fn assign(
             }
         }
     }
-    let assignment = json!({"session_id": b.session_id, "control_url": b.supervisor.control_url,
-        "sandbox_token": b.supervisor.sandbox_token});
+    let assignment = crate::supervisor::Assignment {
+        session_id: b.session_id,
+        control_url: b.supervisor.control_url,
+        sandbox_token: b.supervisor.sandbox_token,
+    };
     let sent = supervisor_call(
         &p,
         &id,
@@ -1396,7 +1382,7 @@ async fn assign(
         &secret,
         Method::POST,
         "/assign",
-        Some(assignment),
+        serde_json::to_value(&assignment).ok(),
     )
     .await;
     match sent {

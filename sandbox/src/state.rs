@@ -1,4 +1,4 @@
-//! The local provider's state and what its handlers share: configuration and isolation, the contract's Sandbox and Image objects, the request signature check, refusals, body parsing and log streaming.
+//! The local provider's state and what its handlers share: configuration and isolation, the sandboxes and images it holds (as the contract's objects, `nightshift_core::provider`), the request signature check, refusals, body parsing and log streaming.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -11,18 +11,26 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nightshift_core::signing;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 use tokio::process::Command;
 
 use crate::procs;
 
-/// How sandboxes are isolated from the machine and from each other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// How this provider isolates sandboxes from the machine and from each other (reported as
+/// the contract's [`nightshift_core::provider::Isolation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
     Bubblewrap,
     None,
+}
+
+impl From<Isolation> for nightshift_core::provider::Isolation {
+    fn from(isolation: Isolation) -> Self {
+        match isolation {
+            Isolation::Bubblewrap => nightshift_core::provider::Isolation::Bubblewrap,
+            Isolation::None => nightshift_core::provider::Isolation::None,
+        }
+    }
 }
 
 /// Where bubblewrap is looked for (never through `PATH`, which a caller could influence).
@@ -192,75 +200,12 @@ pub fn redact_url(text: &str) -> String {
     out
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Repository {
-    pub clone_url: String,
-    #[serde(default = "main_branch")]
-    pub base_branch: String,
-    /// Hosts beyond the defaults this repository's sandboxes may reach (egress allowlist).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub egress: Vec<String>,
-}
-
-fn main_branch() -> String {
-    "main".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SupervisorSpec {
-    pub control_url: String,
-    pub sandbox_token: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateBody {
-    /// `None` for a pooled sandbox: it boots fully and waits for `assign`.
-    pub session_id: Option<String>,
-    pub repository: Repository,
-    #[serde(default)]
-    pub image: Option<String>,
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub supervisor: Option<SupervisorSpec>,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    #[serde(default)]
-    pub lifetime_ms: Option<u64>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
-
-/// The contract's Sandbox object.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Sandbox {
-    pub id: String,
-    pub session_id: Option<String>,
-    pub status: &'static str,
-    pub repository: Repository,
-    pub image: Option<String>,
-    pub snapshot: Option<String>,
-    pub created_at: u64,
-    pub ready_at: Option<u64>,
-    pub terminated_at: Option<u64>,
-    /// The provider terminates the sandbox at this time (its lifetime).
-    pub expires_at: u64,
-    pub labels: BTreeMap<String, String>,
-    pub error: Option<ErrorBody>,
-    /// How this sandbox is isolated (`none` says plainly that it is not).
-    pub isolation: Isolation,
-}
+// The contract's objects and bodies are the core's (`nightshift_core::provider`), shared with
+// the control plane's client and pinned by the contract's fixtures.
+pub use nightshift_core::provider::{
+    CreateSandbox, ErrorAnswer, ErrorBody, Image, ImageStatus, Repository, Sandbox, SandboxStatus,
+    SupervisorSpec,
+};
 
 pub(crate) struct Entry {
     pub(crate) sandbox: Sandbox,
@@ -270,7 +215,7 @@ pub(crate) struct Entry {
     /// Loopback port of the supervisor's local API, once it has said it.
     pub(crate) supervisor_port: Option<u16>,
     /// What the sandbox was created with (to start it again after a stop).
-    pub(crate) create: CreateBody,
+    pub(crate) create: CreateSandbox,
     /// The bearer secret of the supervisor's local API (given to it on stdin; never in a file
     /// the provider reads back).
     pub(crate) api_secret: String,
@@ -316,11 +261,7 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 pub(crate) fn err(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
+    (status, Json(ErrorAnswer::new(code, message))).into_response()
 }
 
 impl Provider {
@@ -339,9 +280,9 @@ impl Provider {
         let live: Vec<(String, Vec<i32>)> = match self.sandboxes.lock() {
             Ok(mut map) => map
                 .iter_mut()
-                .filter(|(_, e)| e.sandbox.status != "terminated")
+                .filter(|(_, e)| e.sandbox.status != SandboxStatus::Terminated)
                 .map(|(id, e)| {
-                    e.sandbox.status = "terminated";
+                    e.sandbox.status = SandboxStatus::Terminated;
                     let roots = e.pgid.into_iter().chain(e.execs.drain(..)).collect();
                     (id.clone(), roots)
                 })
@@ -517,7 +458,7 @@ impl Provider {
         let message = self.scrub(&message);
         eprintln!("provider: sandbox {id} failed: {code}: {message}");
         self.update(id, |e| {
-            e.sandbox.status = "failed";
+            e.sandbox.status = SandboxStatus::Failed;
             e.sandbox.error = Some(ErrorBody {
                 code: code.into(),
                 message,
@@ -954,20 +895,4 @@ pub(crate) fn sse_lines(
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stream"))
-}
-
-/// The contract's Image object.
-#[derive(Debug, Clone, Serialize)]
-pub struct Image {
-    pub id: String,
-    pub status: &'static str,
-    pub repository: Repository,
-    pub commit: Option<String>,
-    pub created_at: u64,
-    pub ready_at: Option<u64>,
-    pub setup: Vec<String>,
-    pub test: Option<String>,
-    pub test_exit_code: Option<i32>,
-    pub labels: BTreeMap<String, String>,
-    pub error: Option<ErrorBody>,
 }

@@ -14,7 +14,9 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use nightshift_core::gating::{Decision, Gate, SyncState};
 use nightshift_core::hosted::{CloseCode, DownFrame, PromptFrame};
-use serde::Deserialize;
+use nightshift_core::provider::GitStatus;
+use nightshift_core::sandbox::{AgentEvent, Numbered, UpFrame};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::process::Command;
 use tokio::sync::{mpsc, Notify};
@@ -201,8 +203,8 @@ impl From<PromptFrame> for PromptJob {
 pub struct Supervisor {
     pub cfg: Settings,
     gate: Mutex<Gate>,
-    /// Unacknowledged outgoing messages: (n, message).
-    outbox: Mutex<VecDeque<(u64, Value)>>,
+    /// Unacknowledged events, numbered.
+    outbox: Mutex<VecDeque<Numbered>>,
     next_n: Mutex<u64>,
     wake: Notify,
     /// The OpenCode server's base URL once it is up.
@@ -216,8 +218,9 @@ pub struct Supervisor {
     running_tool: Mutex<Option<String>>,
 }
 
-/// Where the session link goes: set at start, or later for a pooled sandbox.
-#[derive(Debug, Clone, Deserialize)]
+/// Where the session link goes: set at start, or later for a pooled sandbox (`POST /assign`
+/// from the provider).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Assignment {
     pub session_id: String,
@@ -290,8 +293,8 @@ impl Supervisor {
         }
     }
 
-    /// Queues a message for the session; it is resent until acknowledged.
-    pub fn emit(&self, msg: Value) {
+    /// Queues an event for the session; it is resent until acknowledged.
+    pub fn emit(&self, event: AgentEvent) {
         {
             // Numbering and queueing happen under one lock so renumbering cannot interleave.
             let Ok(mut next) = self.next_n.lock() else {
@@ -299,7 +302,7 @@ impl Supervisor {
             };
             *next += 1;
             if let Ok(mut o) = self.outbox.lock() {
-                o.push_back((*next, msg));
+                o.push_back(Numbered { n: *next, event });
             }
         }
         self.wake.notify_one();
@@ -312,13 +315,13 @@ impl Supervisor {
             if let Ok(mut o) = self.outbox.lock() {
                 if last_n > *next {
                     let mut n = last_n;
-                    for (k, _) in o.iter_mut() {
+                    for numbered in o.iter_mut() {
                         n += 1;
-                        *k = n;
+                        numbered.n = n;
                     }
                     *next = n;
                 }
-                while o.front().is_some_and(|(n, _)| *n <= last_n) {
+                while o.front().is_some_and(|e| e.n <= last_n) {
                     o.pop_front();
                 }
             }
@@ -334,7 +337,10 @@ impl Supervisor {
 
     fn status(&self, stage: &str, detail: &str) {
         log(&format!("stage {stage} {detail}"));
-        self.emit(json!({"kind": "sandbox.status", "stage": stage, "detail": detail}));
+        self.emit(AgentEvent::Status {
+            stage: stage.into(),
+            detail: detail.into(),
+        });
     }
 
     fn sync_state(&self) -> SyncState {
@@ -623,13 +629,17 @@ async fn gate(State(s): State<Shared>, Query(q): Query<GateQuery>) -> Response {
     match decision {
         Decision::Allow => Json(json!({"allow": true})).into_response(),
         Decision::Block { message } => {
-            s.emit(json!({"kind": "agent.blocked", "tool": q.tool, "message": message}));
+            s.emit(AgentEvent::Blocked {
+                tool: q.tool.clone(),
+                message: message.clone(),
+            });
             Json(json!({"allow": false, "message": message})).into_response()
         }
     }
 }
 
-async fn git_status_value(s: &Shared) -> Value {
+/// The checkout as the provider's `GET /v1/sandboxes/{id}/git` answers it.
+async fn git_status_value(s: &Shared) -> GitStatus {
     let repo = s.cfg.repo();
     let head = git(&repo, &["rev-parse", "HEAD"]).await.ok();
     let branch = git(&repo, &["rev-parse", "--abbrev-ref", "HEAD"])
@@ -639,7 +649,12 @@ async fn git_status_value(s: &Shared) -> Value {
         .await
         .map(|o| !o.is_empty())
         .unwrap_or(false);
-    json!({"sync": s.sync_state(), "branch": branch, "head": head, "dirty": dirty})
+    GitStatus {
+        sync: s.sync_state(),
+        branch,
+        head,
+        dirty,
+    }
 }
 
 async fn git_status(State(s): State<Shared>) -> Response {
@@ -929,27 +944,32 @@ pub async fn run_prompts(
     while let Some(job) = jobs.recv().await {
         // The session learns the prompt is in the agent's hands: if this sandbox dies from now
         // on, the prompt fails with the reason instead of moving to a new sandbox.
-        s.emit(json!({"kind": "prompt.accepted", "prompt": job.id}));
+        s.emit(AgentEvent::Accepted {
+            prompt: job.id.clone(),
+        });
         let result = run_one(&s, &base, &mut oc_session, &job, &mut stops).await;
-        let (ok, reason) = match &result {
+        let (mut ok, mut reason) = match result {
             Ok(()) => (true, None),
-            Err(e) => (false, Some(e.clone())),
+            Err(e) => (false, Some(e)),
         };
-        let mut done = json!({"kind": "prompt.done", "prompt": job.id, "ok": ok, "reason": reason});
+        let (mut branch, mut commit) = (None, None);
         if ok {
             match commit_and_push(&s, &job).await {
-                Ok(Some((branch, commit))) => {
-                    done["branch"] = json!(branch);
-                    done["commit"] = json!(commit);
-                }
+                Ok(Some((pushed, head))) => (branch, commit) = (Some(pushed), Some(head)),
                 Ok(None) => {}
                 Err(e) => {
-                    done["ok"] = json!(false);
-                    done["reason"] = json!(format!("the work could not be pushed: {e}"));
+                    ok = false;
+                    reason = Some(format!("the work could not be pushed: {e}"));
                 }
             }
         }
-        s.emit(done);
+        s.emit(AgentEvent::Done {
+            prompt: job.id.clone(),
+            ok,
+            reason,
+            branch,
+            commit,
+        });
     }
 }
 
@@ -1018,7 +1038,7 @@ async fn run_one(
                 continue;
             }
             _ = tokio::time::sleep(flush_every), if !text.is_empty() => {
-                s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                s.emit(text_event(job, &mut text));
                 last_flush = tokio::time::Instant::now();
                 continue;
             }
@@ -1051,26 +1071,29 @@ async fn run_one(
                     }
                     text.push_str(p["delta"].as_str().unwrap_or(""));
                     if last_flush.elapsed() >= flush_every {
-                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                        s.emit(text_event(job, &mut text));
                         last_flush = tokio::time::Instant::now();
                     }
                 }
                 "message.part.updated" => {
                     let part = &p["part"];
                     if !text.is_empty() && part["type"] != "text" {
-                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                        s.emit(text_event(job, &mut text));
                     }
-                    if let Some(m) = translate_part(&job.id, part) {
-                        if m["kind"] == "agent.tool" {
-                            if let Ok(mut t) = s.running_tool.lock() {
-                                *t = (m["status"] == "running")
-                                    .then(|| m["tool"].as_str().map(String::from))
-                                    .flatten();
+                    if let Some(event) = translate_part(&job.id, part) {
+                        let fresh = match &event {
+                            AgentEvent::Tool {
+                                call, tool, status, ..
+                            } => {
+                                if let Ok(mut t) = s.running_tool.lock() {
+                                    *t = (status == "running").then(|| tool.clone());
+                                }
+                                reported.insert((call.clone(), status.clone()))
                             }
-                        }
-                        let key = (m["call"].to_string(), m["status"].to_string());
-                        if m["kind"] != "agent.tool" || reported.insert(key) {
-                            s.emit(m);
+                            _ => true,
+                        };
+                        if fresh {
+                            s.emit(event);
                         }
                     }
                 }
@@ -1081,13 +1104,16 @@ async fn run_one(
                         .unwrap_or("the agent failed")
                         .to_string();
                     if !stopped {
-                        s.emit(json!({"kind": "agent.error", "prompt": job.id, "message": msg}));
+                        s.emit(AgentEvent::Error {
+                            prompt: job.id.clone(),
+                            message: msg.clone(),
+                        });
                     }
                     error = Some(msg);
                 }
                 "session.idle" => {
                     if !text.is_empty() {
-                        s.emit(json!({"kind": "agent.text", "prompt": job.id, "text": std::mem::take(&mut text)}));
+                        s.emit(text_event(job, &mut text));
                     }
                     if stopped {
                         return Err("stopped".into());
@@ -1103,18 +1129,28 @@ async fn run_one(
     }
 }
 
+/// The text gathered so far as one `agent.text` event (the buffer is emptied).
+fn text_event(job: &PromptJob, text: &mut String) -> AgentEvent {
+    AgentEvent::Text {
+        prompt: job.id.clone(),
+        text: std::mem::take(text),
+    }
+}
+
 /// Turns an OpenCode part into a session event, if it is one people should see.
-pub fn translate_part(prompt: &str, part: &Value) -> Option<Value> {
-    let cut = |v: &Value, n: usize| -> Value {
+pub fn translate_part(prompt: &str, part: &Value) -> Option<AgentEvent> {
+    // A field OpenCode left out (or null) is left out of the event too.
+    let present = |v: &Value| Some(v.clone()).filter(|v| !v.is_null());
+    let cut = |v: &Value, n: usize| -> Option<Value> {
         match v.as_str() {
             Some(t) if t.len() > n => {
                 let mut end = n;
                 while !t.is_char_boundary(end) {
                     end -= 1;
                 }
-                json!(format!("{}… ({} bytes)", &t[..end], t.len()))
+                Some(Value::String(format!("{}… ({} bytes)", &t[..end], t.len())))
             }
-            _ => v.clone(),
+            _ => present(v),
         }
     };
     match part["type"].as_str()? {
@@ -1124,18 +1160,28 @@ pub fn translate_part(prompt: &str, part: &Value) -> Option<Value> {
             if status == "pending" {
                 return None;
             }
-            let mut m = json!({"kind": "agent.tool", "prompt": prompt, "call": part["callID"],
-                "tool": part["tool"], "status": status});
-            match status {
-                "running" => m["input"] = st["input"].clone(),
-                "completed" => m["output"] = cut(&st["output"], 4096),
-                "error" => m["error"] = cut(&st["error"], 4096),
-                _ => {}
-            }
-            Some(m)
+            Some(AgentEvent::Tool {
+                prompt: prompt.into(),
+                call: part["callID"].as_str()?.into(),
+                tool: part["tool"].as_str()?.into(),
+                status: status.into(),
+                input: (status == "running")
+                    .then(|| present(&st["input"]))
+                    .flatten(),
+                output: (status == "completed")
+                    .then(|| cut(&st["output"], 4096))
+                    .flatten(),
+                error: (status == "error")
+                    .then(|| cut(&st["error"], 4096))
+                    .flatten(),
+            })
         }
-        "step-finish" => Some(json!({"kind": "agent.step", "prompt": prompt,
-            "reason": part["reason"], "tokens": part["tokens"], "cost": part["cost"]})),
+        "step-finish" => Some(AgentEvent::Step {
+            prompt: prompt.into(),
+            reason: part["reason"].as_str().map(String::from),
+            tokens: part["tokens"].clone(),
+            cost: part["cost"].clone(),
+        }),
         _ => None,
     }
 }
@@ -1245,8 +1291,26 @@ pub async fn link(
     }
 }
 
-/// Events per `batch` frame (the session accepts up to 500).
+/// Events per `batch` frame (the session accepts up to `wire::MAX_BATCH`).
 const BATCH: usize = 200;
+const _: () = assert!(BATCH <= nightshift_core::wire::MAX_BATCH);
+
+/// One frame up the link, as the session parses it (`core::wire::parse_up_frame`).
+fn up(frame: &UpFrame) -> Message {
+    Message::Text(serde_json::to_string(frame).unwrap_or_default().into())
+}
+
+/// Pending events as `batch` frames of at most [`BATCH`] events each, in order.
+fn batches(pending: Vec<Numbered>) -> Vec<UpFrame> {
+    let mut frames = Vec::new();
+    let mut events = pending.into_iter().peekable();
+    while events.peek().is_some() {
+        frames.push(UpFrame::Batch {
+            events: events.by_ref().take(BATCH).collect(),
+        });
+    }
+    frames
+}
 
 enum LinkEnd {
     Refused(String),
@@ -1293,8 +1357,10 @@ async fn link_once(
         Err(e) => return Err(LinkEnd::Lost(e.to_string())),
     };
     let (mut tx, mut rx) = ws.split();
-    let hello = json!({"type": "hello", "sandbox": s.cfg.sandbox_id});
-    tx.send(Message::Text(hello.to_string().into()))
+    let hello = UpFrame::Hello {
+        sandbox: s.cfg.sandbox_id.clone(),
+    };
+    tx.send(up(&hello))
         .await
         .map_err(|e| LinkEnd::Lost(e.to_string()))?;
     // Messages with n <= sent have been written to this connection.
@@ -1303,28 +1369,27 @@ async fn link_once(
     loop {
         // Send everything not yet sent on this connection.
         if let Some(from) = sent {
-            let pending: Vec<(u64, Value)> = s
+            let pending: Vec<Numbered> = s
                 .outbox
                 .lock()
-                .map(|o| o.iter().filter(|(n, _)| *n > from).cloned().collect())
+                .map(|o| o.iter().filter(|e| e.n > from).cloned().collect())
                 .unwrap_or_default();
             // Everything pending goes in as few frames as possible (one store, one broadcast each).
-            for chunk in pending.chunks(BATCH) {
-                let events: Vec<Value> = chunk
-                    .iter()
-                    .map(|(n, m)| json!({"n": n, "event": m}))
-                    .collect();
-                let frame = json!({"type": "batch", "events": events});
-                tx.send(Message::Text(frame.to_string().into()))
+            for frame in batches(pending) {
+                let last = match &frame {
+                    UpFrame::Batch { events } => events.last().map(|e| e.n),
+                    _ => None,
+                };
+                tx.send(up(&frame))
                     .await
                     .map_err(|e| LinkEnd::Lost(e.to_string()))?;
-                sent = chunk.last().map(|(n, _)| *n);
+                sent = last.or(sent);
             }
         }
         tokio::select! {
             _ = s.wake.notified() => {}
             _ = beat.tick() => {
-                tx.send(Message::Text(json!({"type": "heartbeat"}).to_string().into()))
+                tx.send(up(&UpFrame::Heartbeat))
                     .await
                     .map_err(|e| LinkEnd::Lost(e.to_string()))?;
             }
@@ -1456,9 +1521,10 @@ async fn forward_egress(s: Option<Shared>, listener: tokio::net::TcpListener, so
                     });
                     if let (Some(host), Some(s)) = (blocked, &s) {
                         let tool = s.running_tool.lock().ok().and_then(|t| t.clone());
-                        s.emit(
-                            json!({"kind": "egress.blocked", "host": host.trim(), "tool": tool}),
-                        );
+                        s.emit(AgentEvent::EgressBlocked {
+                            host: host.trim().into(),
+                            tool,
+                        });
                     }
                 }
                 if in_w.write_all(&first[..n]).await.is_err() {
@@ -1474,7 +1540,7 @@ async fn forward_egress(s: Option<Shared>, listener: tokio::net::TcpListener, so
 
 fn drop_acked(s: &Shared, upto: u64) {
     if let Ok(mut o) = s.outbox.lock() {
-        while o.front().is_some_and(|(n, _)| *n <= upto) {
+        while o.front().is_some_and(|e| e.n <= upto) {
             o.pop_front();
         }
     }
@@ -1613,7 +1679,7 @@ mod tests {
     fn numbers(s: &Supervisor) -> Vec<u64> {
         s.outbox
             .lock()
-            .map(|o| o.iter().map(|(n, _)| *n).collect())
+            .map(|o| o.iter().map(|e| e.n).collect())
             .unwrap_or_default()
     }
 
@@ -1631,17 +1697,18 @@ mod tests {
     #[test]
     fn welcome_drops_what_is_stored_and_a_restarted_supervisor_continues_the_numbers() {
         let s = Supervisor::new(settings());
-        s.emit(json!({"kind": "a"}));
-        s.emit(json!({"kind": "b"}));
-        s.emit(json!({"kind": "c"}));
+        let accepted = |p: &str| AgentEvent::Accepted { prompt: p.into() };
+        s.emit(accepted("a"));
+        s.emit(accepted("b"));
+        s.emit(accepted("c"));
         s.welcome(1);
         assert_eq!(numbers(&s), vec![2, 3]);
         // A fresh supervisor (numbers from 1) meets a session that has stored 40 events.
         let fresh = Supervisor::new(settings());
-        fresh.emit(json!({"kind": "x"}));
+        fresh.emit(accepted("x"));
         fresh.welcome(40);
         assert_eq!(numbers(&fresh), vec![41]);
-        fresh.emit(json!({"kind": "y"}));
+        fresh.emit(accepted("y"));
         assert_eq!(numbers(&fresh), vec![41, 42]);
     }
 
@@ -1679,9 +1746,18 @@ mod tests {
     fn tool_parts_become_events_and_long_output_is_cut() {
         let part = json!({"type": "tool", "callID": "c1", "tool": "bash",
             "state": {"status": "completed", "output": "x".repeat(5000)}});
-        let e = translate_part("p", &part).expect("event");
-        assert_eq!(e["kind"], "agent.tool");
-        assert!(e["output"]
+        let Some(AgentEvent::Tool {
+            status,
+            output: Some(output),
+            input: None,
+            error: None,
+            ..
+        }) = translate_part("p", &part)
+        else {
+            panic!("not a completed tool: {:?}", translate_part("p", &part));
+        };
+        assert_eq!(status, "completed");
+        assert!(output
             .as_str()
             .is_some_and(|o| o.len() < 4200 && o.ends_with("(5000 bytes)")));
         let pending =
@@ -1690,8 +1766,142 @@ mod tests {
         let step =
             json!({"type": "step-finish", "reason": "stop", "tokens": {"output": 3}, "cost": 0});
         assert_eq!(
-            translate_part("p", &step).expect("step")["kind"],
-            "agent.step"
+            translate_part("p", &step),
+            Some(AgentEvent::Step {
+                prompt: "p".into(),
+                reason: Some("stop".into()),
+                tokens: json!({"output": 3}),
+                cost: json!(0),
+            })
         );
+        // A tool part without its call id is no event (the session would refuse the batch).
+        let nameless = json!({"type": "tool", "tool": "bash", "state": {"status": "running"}});
+        assert_eq!(translate_part("p", &nameless), None);
+    }
+
+    /// The text of a frame as the supervisor puts it on the socket.
+    fn on_the_wire(frame: &UpFrame) -> String {
+        match up(frame) {
+            Message::Text(text) => text.to_string(),
+            other => panic!("not a text frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_session_parses_every_frame_the_supervisor_sends() {
+        use nightshift_core::sandbox::SandboxMessage;
+        use nightshift_core::wire::{parse_sandbox_message, parse_up_frame};
+        let s = Supervisor::new(settings());
+        // Every kind of event the supervisor emits, built the way it builds them.
+        s.status("ready", "the agent is ready");
+        s.emit(AgentEvent::Blocked {
+            tool: "bash".into(),
+            message: "Blocked: the checkout is syncing".into(),
+        });
+        s.emit(AgentEvent::Accepted {
+            prompt: "pr_1".into(),
+        });
+        let job = PromptJob {
+            id: "pr_1".into(),
+            text: "t".into(),
+            author_name: "a".into(),
+            author_email: "a@example.com".into(),
+            model: None,
+        };
+        s.emit(text_event(&job, &mut "hello".to_string()));
+        let running = json!({"type": "tool", "callID": "c1", "tool": "bash",
+            "state": {"status": "running", "input": {"command": "ls"}}});
+        let failed = json!({"type": "tool", "callID": "c1", "tool": "bash",
+            "state": {"status": "error", "error": "exit 1"}});
+        let step =
+            json!({"type": "step-finish", "reason": "stop", "tokens": {"output": 3}, "cost": 0.5});
+        for part in [running, failed, step] {
+            s.emit(translate_part("pr_1", &part).expect("an event"));
+        }
+        s.emit(AgentEvent::Error {
+            prompt: "pr_1".into(),
+            message: "the model refused".into(),
+        });
+        s.emit(AgentEvent::EgressBlocked {
+            host: "evil.example:443".into(),
+            tool: Some("bash".into()),
+        });
+        s.emit(AgentEvent::Done {
+            prompt: "pr_1".into(),
+            ok: true,
+            reason: None,
+            branch: Some("nightshift/ses_1".into()),
+            commit: Some("abc".into()),
+        });
+        let pending: Vec<Numbered> = s
+            .outbox
+            .lock()
+            .map(|o| o.iter().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(pending.len(), 10);
+        let hello = UpFrame::Hello {
+            sandbox: s.cfg.sandbox_id.clone(),
+        };
+        assert_eq!(
+            parse_sandbox_message(&on_the_wire(&hello)),
+            Ok(SandboxMessage::Hello {
+                sandbox: "sbx_1".into()
+            })
+        );
+        assert_eq!(
+            parse_sandbox_message(&on_the_wire(&UpFrame::Heartbeat)),
+            Ok(SandboxMessage::Heartbeat)
+        );
+        let frames = batches(pending.clone());
+        assert_eq!(frames.len(), 1);
+        let parsed = parse_up_frame(&on_the_wire(&frames[0]));
+        assert_eq!(
+            parsed,
+            Ok(UpFrame::Batch {
+                events: pending.clone()
+            })
+        );
+        let expected: Vec<(u64, AgentEvent)> =
+            pending.into_iter().map(|e| (e.n, e.event)).collect();
+        assert_eq!(
+            parse_sandbox_message(&on_the_wire(&frames[0])),
+            Ok(SandboxMessage::Events(expected))
+        );
+    }
+
+    #[test]
+    fn pending_events_go_up_in_batches_the_session_accepts() {
+        use nightshift_core::wire::{parse_up_frame, MAX_SANDBOX_FRAME};
+        let pending: Vec<Numbered> = (1..=450)
+            .map(|n| Numbered {
+                n,
+                event: AgentEvent::Text {
+                    prompt: "pr_1".into(),
+                    text: "x".repeat(100),
+                },
+            })
+            .collect();
+        let frames = batches(pending);
+        let sizes: Vec<usize> = frames
+            .iter()
+            .map(|f| match f {
+                UpFrame::Batch { events } => events.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [BATCH, BATCH, 50]);
+        let mut next = 1;
+        for frame in &frames {
+            let text = on_the_wire(frame);
+            assert!(text.len() <= MAX_SANDBOX_FRAME);
+            let Ok(UpFrame::Batch { events }) = parse_up_frame(&text) else {
+                panic!("refused: {text}");
+            };
+            for e in events {
+                assert_eq!(e.n, next);
+                next += 1;
+            }
+        }
+        assert!(batches(Vec::new()).is_empty());
     }
 }

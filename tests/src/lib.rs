@@ -422,6 +422,7 @@ impl Api {
             pinger: None,
             last_seq: since,
             seen: Vec::new(),
+            closed_with: None,
         }
     }
 }
@@ -437,6 +438,8 @@ pub struct Ws {
     pub last_seq: u64,
     /// Every durable event received, in arrival order.
     pub seen: Vec<Value>,
+    /// The close code the server ended the socket with, once `next` has read it.
+    pub closed_with: Option<u16>,
 }
 
 impl Drop for Ws {
@@ -548,7 +551,10 @@ impl Ws {
                     }
                     return Some(v);
                 }
-                Message::Close(_) => return None,
+                Message::Close(frame) => {
+                    self.closed_with = Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                    return None;
+                }
                 _ => continue,
             }
         }

@@ -615,3 +615,55 @@ async fn a_control_plane_restart_mid_run_loses_and_duplicates_nothing() {
         .collect();
     assert_eq!(text, full);
 }
+
+#[tokio::test]
+async fn an_idle_sandbox_is_snapshotted_and_stopped_and_a_follow_up_starts_it_again() {
+    // X5 (the idle half): 3 s with nothing to do stops the sandbox after a snapshot; the
+    // follow-up boots the same sandbox again, with the first turn's file still there.
+    let recording = json!({"turns": [
+        {"text": "Writing it.", "tool_calls": [{"name": "write", "arguments": {"filePath": "one.txt", "content": "one\n"}}]},
+        {"text": "Wrote one.txt."},
+        {"text": "Still here."}
+    ]});
+    let (compute, server) = start(recording, &[], &[("SANDBOX_IDLE_MS", "3000")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let remote = compute.remote_repo("idle");
+    let (id, _) = api.create_session_on(&ada, "Idle", &remote).await;
+    let mut a = api.connect(&ada, &id, "ada-web", 0).await;
+    let p1 = prompt(&api, &ada, &id, "Write one.txt").await;
+    let f1 = finished(&mut a, &p1).await;
+    assert_eq!(f1["ok"], true, "{f1}");
+    let sbx = api.session_sandbox(&ada, &id).await;
+    let stopped = a
+        .event_within(secs(30), "sandbox.status", |e| e["stage"] == "stopped")
+        .await;
+    assert!(
+        stopped["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nothing to do") && d.contains("snapshotted")),
+        "{stopped}"
+    );
+    let (_, at_provider) = compute
+        .provider("GET", &format!("/v1/sandboxes/{sbx}"), None)
+        .await;
+    assert_eq!(at_provider["status"], "stopped", "{at_provider}");
+    let (_, session) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert!(
+        session["snapshots"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()),
+        "no snapshot before the stop: {session}"
+    );
+    // The follow-up starts the same sandbox again and runs there.
+    let p2 = prompt(&api, &ada, &id, "Anything else?").await;
+    let f2 = finished(&mut a, &p2).await;
+    assert_eq!(f2["ok"], true, "{f2}");
+    assert_eq!(api.session_sandbox(&ada, &id).await, sbx);
+    let (_, again) = compute
+        .provider("GET", &format!("/v1/sandboxes/{sbx}"), None)
+        .await;
+    assert_ne!(again["status"], "stopped", "{again}");
+}

@@ -478,3 +478,74 @@ async fn a_prompt_retried_with_its_idempotency_key_is_stored_once() {
     );
     assert!(!ev.to_string().contains("retry-1"), "{ev}");
 }
+
+#[tokio::test]
+async fn a_long_log_is_replayed_in_bounded_pages_across_reconnects() {
+    // At most 25 events per connect: a client far behind catches up over several connects,
+    // each ending with close code 4002, with no gap and no duplicate (the harness checks each
+    // event is last_seq + 1), and only the last connect goes live.
+    let server = Server::start(&[("REPLAY_MAX_EVENTS", "25")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (id, _) = api.create_session(&ada, "Long log").await;
+    for i in 0..60 {
+        let path = format!("/multiplayer/{id}/lock");
+        let body = json!({"resource": format!("f{i}")});
+        let (st, v) = api.call("POST", &path, &ada, Some(body)).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (_, log) = api
+        .call(
+            "GET",
+            &format!("/multiplayer/{id}/events?since=0"),
+            &ada,
+            None,
+        )
+        .await;
+    let head = log["last_seq"].as_u64().expect("last_seq");
+    assert!(head > 60, "the log holds {head} events");
+    let mut since = 0;
+    let mut seen = Vec::new();
+    let mut connects = 0;
+    loop {
+        connects += 1;
+        assert!(connects <= 10, "the replay never finished");
+        let mut ws = api.connect(&ada, &id, "tab", since).await;
+        let hello = ws.next(secs(5)).await.expect("hello");
+        assert_eq!(hello["type"], "hello");
+        let mut presence = false;
+        loop {
+            match ws.next(secs(5)).await {
+                Some(f) if f["type"] == "events" => {}
+                Some(f) if f["type"] == "presence" => {
+                    presence = true;
+                    break;
+                }
+                Some(f) if f["type"] == "presence.delta" => {}
+                Some(f) => panic!("unexpected frame {f}"),
+                None => break,
+            }
+        }
+        let got = ws.seen.len();
+        assert!(got <= 25, "one connect replayed {got} events");
+        since = ws.last_seq;
+        seen.append(&mut ws.seen);
+        if presence {
+            break;
+        }
+        assert_eq!(
+            ws.closed_with,
+            Some(4002),
+            "a connect that stops replaying says so"
+        );
+        assert_eq!(got, 25, "a page that ends a connect is a full page");
+    }
+    assert!(connects >= 3, "{connects} connects for {head} events");
+    let numbers: Vec<u64> = seen.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+    assert!(numbers.len() as u64 >= head);
+    assert_eq!(
+        serde_json::Value::Array(seen[..head as usize].to_vec()),
+        log["events"]
+    );
+}

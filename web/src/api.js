@@ -91,6 +91,8 @@ export class SessionSocket {
     ws.onclose = (ev) => {
       if (this.closed) return;
       if (ev.code === 4000) { this.handlers.status?.("removed"); return; }
+      // 4002: the replay of a long log continues from lastSeq on a new connect, at once.
+      if (ev.code === 4002) { this.open(); return; }
       this.handlers.status?.("reconnecting");
       setTimeout(() => this.open(), this.retry);
       this.retry = Math.min(this.retry * 2, 5000);

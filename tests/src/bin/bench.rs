@@ -136,6 +136,9 @@ async fn main() {
     if run("presence") {
         presence().await;
     }
+    if run("wake") {
+        wake().await;
+    }
     if run("background") {
         background().await;
     }
@@ -1663,4 +1666,136 @@ async fn presence() {
             &mut each,
         );
     }
+}
+
+/// Sends `frames` over `ws` and reads until each one's `ack` (matched by `ref`) has arrived;
+/// returns the acks' `result`s in the order of `frames`. An `error` answer panics.
+async fn acked(ws: &mut Ws, frames: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let refs: Vec<String> = frames
+        .iter()
+        .map(|f| f["ref"].as_str().expect("frame ref").to_string())
+        .collect();
+    for frame in frames {
+        ws.send(frame).await;
+    }
+    let mut results = vec![serde_json::Value::Null; refs.len()];
+    let mut left = refs.len();
+    while left > 0 {
+        let Some(v) = ws.next(Duration::from_secs(60)).await else {
+            panic!("socket closed with {left} acks missing");
+        };
+        let Some(k) = refs.iter().position(|r| v["ref"] == r.as_str()) else {
+            continue;
+        };
+        assert_eq!(v["type"], "ack", "{v}");
+        results[k] = v["result"].clone();
+        left -= 1;
+    }
+    results
+}
+
+/// Wake after an enqueue/cancel loop: one member (Bob) queues and cancels `BENCH_CYCLES`
+/// (default 10,000) prompts over his socket, in batches of 25 (25 `prompt` frames, their acks,
+/// then 25 `prompt.cancel` frames, their acks), behind Ada's prompt that keeps running (no
+/// runner). Then the control plane restarts `BENCH_RESTARTS` (default 3) times (every object
+/// cold) and the clock runs for the first `GET /sessions/:id` of that session, which loads it
+/// from SQLite; beside it, the first GET of a session that never had a prompt, after the same
+/// restart, and a second GET of the looped one (warm). The Worker's own cold start is taken by
+/// a request to a third session first.
+async fn wake() {
+    const BATCH: usize = 25;
+    let mut server = Server::start(&[("PROMPT_RUNNER", "none")]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bob = api.sign_in("bob").await;
+    let cycles = env_num("BENCH_CYCLES", 10_000);
+    let (looped, invite) = api.create_session(&ada, "wake: looped").await;
+    api.join(&bob, &looped, &invite).await;
+    let (quiet, _) = api.create_session(&ada, "wake: quiet").await;
+    let (worker, _) = api.create_session(&ada, "wake: worker").await;
+    // Ada's prompt runs for ever (no runner), so Bob's wait in the queue until cancelled.
+    api.prompt(&ada, &looped, "holds the runner").await;
+    let mut ws = api
+        .connect(&bob, &looped, "looper", u64::MAX / 2)
+        .await
+        .pinging(Duration::from_secs(10));
+    ws.until(Duration::from_secs(30), "hello", |v| v["type"] == "hello")
+        .await;
+    println!(
+        "Wake after an enqueue/cancel loop: {cycles} prompts queued and cancelled by one member (socket, batches of {BATCH})"
+    );
+    let started = Instant::now();
+    let mut per_batch: Vec<f64> = Vec::new();
+    let mut done = 0;
+    while done < cycles {
+        let n = BATCH.min(cycles - done);
+        let t = Instant::now();
+        let prompts: Vec<serde_json::Value> = (done..done + n)
+            .map(|i| json!({"type": "prompt", "text": format!("loop {i}"), "ref": format!("p{i}")}))
+            .collect();
+        let ids: Vec<String> = acked(&mut ws, prompts)
+            .await
+            .iter()
+            .map(|r| r["id"].as_str().expect("acked prompt id").to_string())
+            .collect();
+        let cancels: Vec<serde_json::Value> = ids
+            .iter()
+            .zip(done..)
+            .map(|(id, i)| json!({"type": "prompt.cancel", "id": id, "ref": format!("c{i}")}))
+            .collect();
+        acked(&mut ws, cancels).await;
+        per_batch.push(ms(t.elapsed()) / n as f64);
+        done += n;
+    }
+    ws.close().await;
+    let total = started.elapsed();
+    println!(
+        "loop: {cycles} cycles in {:.1} s ({:.0} cycles/s)",
+        total.as_secs_f64(),
+        cycles as f64 / total.as_secs_f64()
+    );
+    let tenth = (per_batch.len() / 10).max(1);
+    let mut first: Vec<f64> = per_batch.iter().take(tenth).copied().collect();
+    let mut last: Vec<f64> = per_batch.iter().rev().take(tenth).copied().collect();
+    report("one cycle, first tenth of the loop (per batch)", &mut first);
+    report("one cycle, last tenth of the loop (per batch)", &mut last);
+    let get = |id: String| {
+        let api = api.clone();
+        let ada = ada.clone();
+        async move {
+            let t = Instant::now();
+            let (st, v) = api
+                .call("GET", &format!("/sessions/{id}"), &ada, None)
+                .await;
+            assert_eq!(st, 200, "{v}");
+            (ms(t.elapsed()), v)
+        }
+    };
+    let (_, view) = get(looped.clone()).await;
+    println!(
+        "the looped session's view lists {} recent, {} queued, running {}",
+        view["queue"]["recent"].as_array().map_or(0, Vec::len),
+        view["queue"]["queued"].as_array().map_or(0, Vec::len),
+        !view["queue"]["running"].is_null()
+    );
+    let restarts = env_num("BENCH_RESTARTS", 3);
+    let (mut cold_worker, mut woke, mut woke_quiet, mut warm) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..restarts {
+        server.restart().await;
+        cold_worker.push(get(worker.clone()).await.0);
+        woke.push(get(looped.clone()).await.0);
+        woke_quiet.push(get(quiet.clone()).await.0);
+        warm.push(get(looped.clone()).await.0);
+    }
+    report(
+        "very first request after restart (Worker cold)",
+        &mut cold_worker,
+    );
+    report(
+        &format!("first GET after restart, {cycles} cancelled"),
+        &mut woke,
+    );
+    report("first GET after restart, no prompt ever", &mut woke_quiet);
+    report("second GET of the looped session", &mut warm);
 }

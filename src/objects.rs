@@ -1,0 +1,1327 @@
+//! The object-to-object protocol: every internal path, body, answer and header name the Worker's routers and the Durable Objects send one another, typed once and used by both ends.
+//!
+//! Objects are reachable only through the Worker, so these messages never cross the public API
+//! (the public shapes are `core::wire`'s). Each object has a route enum (`*Route`): the caller
+//! takes `method()` and `path()` from it, the receiver matches `parse(method, path)`, so both
+//! ends name one item. Each body and answer is a serde struct; a receiver reads it with
+//! [`read_body`] and a caller with [`read_answer`], and a malformed one is refused with
+//! [`ObjectError`] (code `internal`, the message naming the path), never a panic.
+//!
+//! Wire shapes: the structs encode exactly as the `json!` bodies they replace (fields in
+//! alphabetical order where `json!` sorted them; the tests pin every shape), except
+//! `SpawnBody`, whose two callers sent different field sets: it now always sends all of them
+//! (the receiver reads both old forms the same, pinned too). Headers carrying a value (the
+//! identity, the agent link) are unchanged.
+
+use nightshift_core::ids::Identity;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+use worker::Method;
+
+use crate::error::{ApiError, ApiResult, EdgeError};
+
+/// The verified identity, from the Worker (or the scheduler, for an agent) to an object.
+pub const IDENTITY_HEADER: &str = "x-nightshift-identity";
+/// The id of the session being created (`/create`): the object's own name.
+pub const SESSION_HEADER: &str = "x-nightshift-session";
+/// The [`AgentLink`] of a background agent's session (`/create`, set only by the scheduler).
+pub const BACKGROUND_HEADER: &str = "x-nightshift-background";
+/// Who asks a scheduler shard ([`Viewer`]); set only by the Worker and the objects.
+pub const VIEWER_HEADER: &str = "x-nightshift-viewer";
+/// The shard a scheduler object is (its name; objects cannot read their own name).
+pub const SHARD_HEADER: &str = "x-nightshift-shard";
+/// Where a people's event stream resumes (server-sent events' standard header, passed on).
+pub const LAST_EVENT_ID_HEADER: &str = "last-event-id";
+
+/// A body or an answer between two objects that is not what the protocol says.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ObjectError {
+    #[error("the body sent to {path} is malformed ({reason}); both ends must speak the same object protocol")]
+    Body { path: String, reason: String },
+    #[error("the answer of {path} is malformed ({reason}); both ends must speak the same object protocol")]
+    Answer { path: String, reason: String },
+    #[error("the {what} header is malformed ({reason})")]
+    Header { what: &'static str, reason: String },
+}
+
+impl From<ObjectError> for ApiError {
+    /// A fault of ours: it keeps the code `internal` that a client sees.
+    fn from(e: ObjectError) -> ApiError {
+        EdgeError::internal(e).into()
+    }
+}
+
+/// The bytes of a body or an answer.
+pub fn encode<T: Serialize>(message: &T) -> ApiResult<Vec<u8>> {
+    serde_json::to_vec(message).map_err(ApiError::internal)
+}
+
+/// A body as the receiver at `path` reads it.
+pub fn decode_body<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T, ObjectError> {
+    serde_json::from_slice(bytes).map_err(|e| ObjectError::Body {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// An answer as the caller of `path` reads it.
+pub fn decode_answer<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T, ObjectError> {
+    serde_json::from_slice(bytes).map_err(|e| ObjectError::Answer {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the body of a request between objects.
+pub async fn read_body<T: DeserializeOwned>(req: &mut worker::Request) -> ApiResult<T> {
+    let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
+    Ok(decode_body(&req.path(), &bytes)?)
+}
+
+/// Reads an object's answer to a call of `path`.
+pub async fn read_answer<T: DeserializeOwned>(
+    resp: &mut worker::Response,
+    path: &str,
+) -> ApiResult<T> {
+    let bytes = resp.bytes().await.map_err(ApiError::internal)?;
+    Ok(decode_answer(path, &bytes)?)
+}
+
+/// `path` with the caller's query (`?a=1`, or empty) after it.
+pub fn with_query(path: &str, query: &str) -> String {
+    format!("{path}{query}")
+}
+
+/// A path's segments (`/agents/bg_1/output` → `["agents", "bg_1", "output"]`).
+fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------------------------
+
+/// `UserIndex` (one per person): the sessions they own or joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserIndexRoute {
+    /// [`SessionEntry`] → the entry.
+    Add,
+    /// [`RemoveSession`] → [`Removed`].
+    Remove,
+    /// [`StatusChange`] → [`Updated`] (a session ended).
+    Status,
+    /// → `{"sessions": [SessionEntry…]}` (passed on to people as it is).
+    List,
+}
+
+impl UserIndexRoute {
+    const ALL: [(UserIndexRoute, Method, &'static str); 4] = [
+        (UserIndexRoute::Add, Method::Post, "/add"),
+        (UserIndexRoute::Remove, Method::Post, "/remove"),
+        (UserIndexRoute::Status, Method::Post, "/status"),
+        (UserIndexRoute::List, Method::Get, "/list"),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<UserIndexRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// `RepositoryIndex` (one, `all`): the registered names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepositoryIndexRoute {
+    /// [`RepositoryName`] → [`Added`].
+    Add,
+    /// [`RepositoryName`] → [`Removed`] (a registration that did not complete).
+    Remove,
+    /// → [`Names`].
+    List,
+}
+
+impl RepositoryIndexRoute {
+    const ALL: [(RepositoryIndexRoute, Method, &'static str); 3] = [
+        (RepositoryIndexRoute::Add, Method::Post, "/add"),
+        (RepositoryIndexRoute::Remove, Method::Post, "/remove"),
+        (RepositoryIndexRoute::List, Method::Get, "/list"),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<RepositoryIndexRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// `GlobalBudget` (one, `global`): slots lent to scheduler shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRoute {
+    /// [`SlotAsk`] → [`SlotAnswer`] with `granted`.
+    Acquire,
+    /// [`SlotAsk`] → [`SlotAnswer`] without `granted`.
+    Release,
+    /// → [`BudgetStatus`].
+    Status,
+}
+
+impl BudgetRoute {
+    const ALL: [(BudgetRoute, Method, &'static str); 3] = [
+        (BudgetRoute::Acquire, Method::Post, "/acquire"),
+        (BudgetRoute::Release, Method::Post, "/release"),
+        (BudgetRoute::Status, Method::Get, "/status"),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<BudgetRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// The session object's paths that only the Worker's routers and other objects call (the
+/// people's paths, `/join`, `/prompt`, … are forwarded as people wrote them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRoute {
+    /// Creates the session: [`IDENTITY_HEADER`], [`SESSION_HEADER`], optionally
+    /// [`BACKGROUND_HEADER`]; body `core::wire::CreateSession` (an agent's: [`AgentSession`]).
+    Create,
+    /// A prompt (an agent's: [`AgentPrompt`]; people's are forwarded).
+    Prompt,
+    /// A sandbox dials its session (the `authorization` and `upgrade` headers passed on).
+    SandboxLink,
+    /// The sandbox's agent tools (the `authorization` header passed on; the tool request body).
+    SandboxTools,
+    /// [`ChildUpdate`] → [`OkAnswer`]: one of the session's agents changed status.
+    BackgroundChild,
+    /// No body → [`OkAnswer`]: the agent this session runs was cancelled.
+    BackgroundCancel,
+    /// → [`AgentOutput`]: the agent's final message and changed files.
+    BackgroundOutput,
+}
+
+impl SessionRoute {
+    const ALL: [(SessionRoute, Method, &'static str); 7] = [
+        (SessionRoute::Create, Method::Post, "/create"),
+        (SessionRoute::Prompt, Method::Post, "/prompt"),
+        (SessionRoute::SandboxLink, Method::Get, "/sandbox-link"),
+        (
+            SessionRoute::SandboxTools,
+            Method::Post,
+            "/sandbox/background",
+        ),
+        (
+            SessionRoute::BackgroundChild,
+            Method::Post,
+            "/background/child",
+        ),
+        (
+            SessionRoute::BackgroundCancel,
+            Method::Post,
+            "/background/cancel",
+        ),
+        (
+            SessionRoute::BackgroundOutput,
+            Method::Get,
+            "/background/output",
+        ),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    /// `None`: a people's path (or none at all).
+    pub fn parse(method: &Method, path: &str) -> Option<SessionRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// `RepositoryObject` (one per registered repository).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepositoryRoute {
+    /// `core::repository::Settings` → 201 and the repository's info, or nothing stored.
+    Register,
+    /// → the repository's info (as people see it).
+    Info,
+    /// A people's `core::repository::Change`, forwarded.
+    Settings,
+    /// Starts a build.
+    Builds,
+    /// A build's log (`?follow=1` passed on).
+    BuildLogs(String),
+    /// A people's rollback body, forwarded.
+    Rollback,
+    /// `?at=<ms>` → [`CronAnswer`].
+    Cron,
+    /// [`ClaimRequest`] → [`ClaimAnswer`].
+    Claim,
+}
+
+impl RepositoryRoute {
+    pub fn method(&self) -> Method {
+        match self {
+            RepositoryRoute::Info | RepositoryRoute::BuildLogs(_) => Method::Get,
+            RepositoryRoute::Settings => Method::Patch,
+            RepositoryRoute::Register
+            | RepositoryRoute::Builds
+            | RepositoryRoute::Rollback
+            | RepositoryRoute::Cron
+            | RepositoryRoute::Claim => Method::Post,
+        }
+    }
+
+    pub fn path(&self) -> String {
+        match self {
+            RepositoryRoute::Register => "/register".into(),
+            RepositoryRoute::Info => "/info".into(),
+            RepositoryRoute::Settings => "/settings".into(),
+            RepositoryRoute::Builds => "/builds".into(),
+            RepositoryRoute::BuildLogs(image) => format!("/builds/{image}/logs"),
+            RepositoryRoute::Rollback => "/rollback".into(),
+            RepositoryRoute::Cron => "/cron".into(),
+            RepositoryRoute::Claim => "/claim".into(),
+        }
+    }
+
+    /// The cron's call for the slot of `at_ms`.
+    pub fn cron_at(at_ms: u64) -> String {
+        format!("/cron?at={at_ms}")
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<RepositoryRoute> {
+        let route = match segments(path).as_slice() {
+            ["register"] => RepositoryRoute::Register,
+            ["info"] => RepositoryRoute::Info,
+            ["settings"] => RepositoryRoute::Settings,
+            ["builds"] => RepositoryRoute::Builds,
+            ["builds", image, "logs"] => RepositoryRoute::BuildLogs((*image).to_string()),
+            ["rollback"] => RepositoryRoute::Rollback,
+            ["cron"] => RepositoryRoute::Cron,
+            ["claim"] => RepositoryRoute::Claim,
+            _ => return None,
+        };
+        (route.method() == *method).then_some(route)
+    }
+}
+
+/// `SchedulerObject` (one per tenant shard); every call carries [`VIEWER_HEADER`] and
+/// [`SHARD_HEADER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchedulerRoute {
+    /// [`SpawnBody`] → 201 and the agent (as people see it).
+    Spawn,
+    /// No body → [`OkAnswer`]: report to the budget (and ask again if waiting).
+    Wake,
+    /// The viewer's agents (people's query passed on).
+    Agents,
+    Agent(String),
+    AgentOutput(String),
+    AgentCancel(String),
+    /// Server-sent events ([`LAST_EVENT_ID_HEADER`] or `?after=`).
+    AgentEvents(String),
+    /// [`Finished`] → [`OkAnswer`]: an agent's session says its prompt ended.
+    Finished,
+    /// [`ParentEnded`] → [`OkAnswer`]: cancel the agents a session spawned.
+    ParentEnded,
+}
+
+impl SchedulerRoute {
+    pub fn method(&self) -> Method {
+        match self {
+            SchedulerRoute::Agents
+            | SchedulerRoute::Agent(_)
+            | SchedulerRoute::AgentOutput(_)
+            | SchedulerRoute::AgentEvents(_) => Method::Get,
+            SchedulerRoute::Spawn
+            | SchedulerRoute::Wake
+            | SchedulerRoute::AgentCancel(_)
+            | SchedulerRoute::Finished
+            | SchedulerRoute::ParentEnded => Method::Post,
+        }
+    }
+
+    pub fn path(&self) -> String {
+        match self {
+            SchedulerRoute::Spawn => "/spawn".into(),
+            SchedulerRoute::Wake => "/wake".into(),
+            SchedulerRoute::Agents => "/agents".into(),
+            SchedulerRoute::Agent(id) => format!("/agents/{id}"),
+            SchedulerRoute::AgentOutput(id) => format!("/agents/{id}/output"),
+            SchedulerRoute::AgentCancel(id) => format!("/agents/{id}/cancel"),
+            SchedulerRoute::AgentEvents(id) => format!("/agents/{id}/events"),
+            SchedulerRoute::Finished => "/finished".into(),
+            SchedulerRoute::ParentEnded => "/parent-ended".into(),
+        }
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<SchedulerRoute> {
+        let id = |s: &str| s.to_string();
+        let route = match segments(path).as_slice() {
+            ["spawn"] => SchedulerRoute::Spawn,
+            ["wake"] => SchedulerRoute::Wake,
+            ["agents"] => SchedulerRoute::Agents,
+            ["agents", a] => SchedulerRoute::Agent(id(a)),
+            ["agents", a, "output"] => SchedulerRoute::AgentOutput(id(a)),
+            ["agents", a, "cancel"] => SchedulerRoute::AgentCancel(id(a)),
+            ["agents", a, "events"] => SchedulerRoute::AgentEvents(id(a)),
+            ["finished"] => SchedulerRoute::Finished,
+            ["parent-ended"] => SchedulerRoute::ParentEnded,
+            _ => return None,
+        };
+        (route.method() == *method).then_some(route)
+    }
+}
+
+fn fixed<R: Copy + PartialEq>(
+    all: &[(R, Method, &'static str)],
+    route: R,
+) -> (Method, &'static str) {
+    all.iter()
+        .find(|(r, _, _)| *r == route)
+        .map_or((Method::Get, "/"), |(_, m, p)| (m.clone(), *p))
+}
+
+fn parse_fixed<R: Copy>(
+    all: &[(R, Method, &'static str)],
+    method: &Method,
+    path: &str,
+) -> Option<R> {
+    all.iter()
+        .find(|(_, m, p)| m == method && *p == path)
+        .map(|(r, _, _)| *r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who asks a scheduler shard
+// ---------------------------------------------------------------------------------------------
+
+/// The [`VIEWER_HEADER`]: a person (sees their own agents), a session's sandbox (sees the
+/// agents its session spawned), an agent's session (reports its end) or the budget (wakes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Viewer {
+    Person(String),
+    Session(String),
+    Agent(String),
+    Budget,
+}
+
+impl Viewer {
+    /// The header's value: `user:<id>`, `session:<id>`, `agent:<id>`, `budget:`.
+    pub fn header(&self) -> String {
+        match self {
+            Viewer::Person(user) => format!("user:{user}"),
+            Viewer::Session(session) => format!("session:{session}"),
+            Viewer::Agent(agent) => format!("agent:{agent}"),
+            Viewer::Budget => "budget:".into(),
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Viewer, ObjectError> {
+        match value.split_once(':') {
+            Some(("user", user)) if !user.is_empty() => Ok(Viewer::Person(user.to_string())),
+            Some(("session", id)) if !id.is_empty() => Ok(Viewer::Session(id.to_string())),
+            Some(("agent", id)) if !id.is_empty() => Ok(Viewer::Agent(id.to_string())),
+            Some(("budget", "")) => Ok(Viewer::Budget),
+            _ => Err(ObjectError::Header {
+                what: VIEWER_HEADER,
+                reason: format!("{value:?} is not user:, session:, agent: or budget:"),
+            }),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies and answers
+// ---------------------------------------------------------------------------------------------
+
+/// `{"ok": true}`, or `{"ok": false, "why": …}` when nothing changed (an agent already ended).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OkAnswer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+impl OkAnswer {
+    pub fn yes() -> OkAnswer {
+        OkAnswer {
+            ok: true,
+            why: None,
+        }
+    }
+}
+
+/// A person's entry for a session (`UserIndex` `/add`; also the stored row, pinned in
+/// `durable_objects/user_index.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    pub id: String,
+    pub title: String,
+    #[serde(default)]
+    pub repository: Option<String>,
+    pub role: String,
+    pub joined_at: u64,
+    /// `active` or `ended`, kept up to date by the session when it ends.
+    #[serde(default = "active")]
+    pub status: String,
+}
+
+fn active() -> String {
+    "active".into()
+}
+
+/// `UserIndex` `/remove`: the person left (or the session was not created).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveSession {
+    pub id: String,
+}
+
+/// The answer of a `/remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: bool,
+}
+
+/// `UserIndex` `/status`: the session's new status (`ended`) in a member's index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub id: String,
+    #[serde(default = "active")]
+    pub status: String,
+}
+
+impl StatusChange {
+    /// What a session sends to every member's index when it ends.
+    pub fn ended(id: &str) -> StatusChange {
+        StatusChange {
+            id: id.to_string(),
+            status: "ended".into(),
+        }
+    }
+}
+
+/// The answer of `/status`: whether the person's index had the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Updated {
+    pub updated: bool,
+}
+
+/// `RepositoryIndex` `/add` and `/remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryName {
+    pub name: String,
+}
+
+/// The answer of `RepositoryIndex` `/add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Added {
+    pub added: bool,
+}
+
+/// The answer of `RepositoryIndex` `/list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Names {
+    pub names: Vec<String>,
+}
+
+/// The answer of a repository's `/cron`: built (with the build), or why not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CronAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<Value>,
+    pub built: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+impl CronAnswer {
+    pub fn not_built(why: &str) -> CronAnswer {
+        CronAnswer {
+            build: None,
+            built: false,
+            why: Some(why.to_string()),
+        }
+    }
+}
+
+/// A session asks its repository for a sandbox: a warm one is assigned to it at once, or it is
+/// told how to start one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub control_url: String,
+    pub sandbox_token: String,
+    pub session_id: String,
+    /// `false`: only say how to start one (the session continues pushed work, which a
+    /// pooled sandbox synced to the base does not have).
+    #[serde(default = "yes")]
+    pub take: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The answer of `/claim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimAnswer {
+    /// The pooled sandbox now working for the session; `None`: start one (from `image`).
+    pub sandbox: Option<String>,
+    pub expires_at: Option<u64>,
+    pub image: Option<String>,
+    pub clone_url: String,
+    pub base_branch: String,
+    /// The repository's egress allowlist (beyond the provider's defaults).
+    #[serde(default)]
+    pub egress: Vec<String>,
+}
+
+/// What a session keeps when it runs a background agent (its `kv` key `background`, pinned in
+/// `durable_objects/scheduler.rs`), sent in the [`BACKGROUND_HEADER`] when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentLink {
+    pub agent: String,
+    pub shard: String,
+    pub depth: u32,
+}
+
+impl AgentLink {
+    /// The [`BACKGROUND_HEADER`] value.
+    pub fn header(&self) -> ApiResult<String> {
+        serde_json::to_string(self).map_err(ApiError::internal)
+    }
+
+    pub fn from_header(value: &str) -> Result<AgentLink, ObjectError> {
+        serde_json::from_str(value).map_err(|e| ObjectError::Header {
+            what: BACKGROUND_HEADER,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// A spawn request as a scheduler shard receives it: from a person (`POST /background/spawn`,
+/// no parent) or from a session's agent tools (with its parent and depth, no title).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnBody {
+    pub identity: Identity,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub parent_depth: u32,
+    pub prompt: String,
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// What a spawn answered, as the agent tools read it (the whole agent goes back to the sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Spawned {
+    pub id: String,
+}
+
+/// The agent's session, as the scheduler creates it (read as `core::wire::CreateSession`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSession {
+    pub model: Option<String>,
+    pub repository: Option<String>,
+    pub title: String,
+}
+
+/// The agent's prompt, as the scheduler sends it (read as `core::wire::PromptRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPrompt {
+    pub text: String,
+}
+
+/// An agent's session tells its shard that the agent's prompt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub id: String,
+    pub ok: bool,
+    /// The agent's result as people see it (`{ok, reason, branch, commit}`, see [`AgentResult`]).
+    #[serde(default)]
+    pub result: Value,
+}
+
+/// The fields of an agent's result a reader needs (the result itself stays as it was stored,
+/// and as people see it, since `branch` and `commit` are absent or null by case).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct AgentResult {
+    #[serde(default)]
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub commit: Option<String>,
+}
+
+impl AgentResult {
+    /// Reads a stored result leniently (anything else reads as no branch, no commit).
+    pub fn of(result: &Value) -> AgentResult {
+        AgentResult::deserialize(result).unwrap_or_default()
+    }
+}
+
+/// A session ended: cancel the agents it spawned in this shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentEnded {
+    pub session: String,
+}
+
+/// One of a session's agents changed status (the scheduler tells the parent session).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildUpdate {
+    pub branch: Option<String>,
+    pub id: String,
+    pub session: Option<String>,
+    pub status: String,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// An agent's final message (its last prompt's text) and the files it changed (the session's
+/// answer of `/background/output`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOutput {
+    pub files: Vec<String>,
+    pub message: String,
+}
+
+/// An exchange of a shard with the global budget: `n` slots, with its report (`seq`, `held`;
+/// absent from shards that predate reconciling).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAsk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<u32>,
+    pub n: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    pub shard: String,
+}
+
+/// The budget's answer: `granted` (to an acquire) and the shards to wake because slots came back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<u32>,
+    #[serde(default)]
+    pub wake: Vec<String>,
+}
+
+/// The budget's `/status`: the cap and what each shard holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetStatus {
+    pub cap: u32,
+    pub holds: Vec<ShardHold>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHold {
+    pub held: i64,
+    pub shard: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encodes `message`, checks the exact bytes, and reads them back as the receiver does.
+    fn shape<T>(message: &T, literal: &str)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + Clone + std::fmt::Debug,
+    {
+        let bytes = encode(message).unwrap_or_default();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            literal,
+            "the wire shape changed"
+        );
+        assert_eq!(decode_body::<T>("/test", &bytes), Ok(message.clone()));
+    }
+
+    fn bytes<T: Serialize>(message: &T) -> Vec<u8> {
+        encode(message).unwrap_or_default()
+    }
+
+    fn ada() -> Identity {
+        Identity {
+            user: "ada".into(),
+            name: "Ada".into(),
+            email: Some("ada@example.com".into()),
+        }
+    }
+
+    #[test]
+    fn every_route_parses_back_from_its_method_and_path() {
+        for (route, _, _) in UserIndexRoute::ALL {
+            assert_eq!(
+                UserIndexRoute::parse(&route.method(), route.path()),
+                Some(route)
+            );
+        }
+        for (route, _, _) in RepositoryIndexRoute::ALL {
+            assert_eq!(
+                RepositoryIndexRoute::parse(&route.method(), route.path()),
+                Some(route)
+            );
+        }
+        for (route, _, _) in BudgetRoute::ALL {
+            assert_eq!(
+                BudgetRoute::parse(&route.method(), route.path()),
+                Some(route)
+            );
+        }
+        for (route, _, _) in SessionRoute::ALL {
+            assert_eq!(
+                SessionRoute::parse(&route.method(), route.path()),
+                Some(route)
+            );
+        }
+        for route in [
+            RepositoryRoute::Register,
+            RepositoryRoute::Info,
+            RepositoryRoute::Settings,
+            RepositoryRoute::Builds,
+            RepositoryRoute::BuildLogs("img_1".into()),
+            RepositoryRoute::Rollback,
+            RepositoryRoute::Cron,
+            RepositoryRoute::Claim,
+        ] {
+            assert_eq!(
+                RepositoryRoute::parse(&route.method(), &route.path()),
+                Some(route)
+            );
+        }
+        for route in [
+            SchedulerRoute::Spawn,
+            SchedulerRoute::Wake,
+            SchedulerRoute::Agents,
+            SchedulerRoute::Agent("bg_a_1".into()),
+            SchedulerRoute::AgentOutput("bg_a_1".into()),
+            SchedulerRoute::AgentCancel("bg_a_1".into()),
+            SchedulerRoute::AgentEvents("bg_a_1".into()),
+            SchedulerRoute::Finished,
+            SchedulerRoute::ParentEnded,
+        ] {
+            assert_eq!(
+                SchedulerRoute::parse(&route.method(), &route.path()),
+                Some(route)
+            );
+        }
+    }
+
+    #[test]
+    fn paths_are_the_ones_both_ends_used() {
+        let paths = [
+            UserIndexRoute::Add.path(),
+            UserIndexRoute::Remove.path(),
+            UserIndexRoute::Status.path(),
+            UserIndexRoute::List.path(),
+            RepositoryIndexRoute::Add.path(),
+            RepositoryIndexRoute::List.path(),
+            BudgetRoute::Acquire.path(),
+            BudgetRoute::Release.path(),
+            BudgetRoute::Status.path(),
+            SessionRoute::Create.path(),
+            SessionRoute::Prompt.path(),
+            SessionRoute::SandboxLink.path(),
+            SessionRoute::SandboxTools.path(),
+            SessionRoute::BackgroundChild.path(),
+            SessionRoute::BackgroundCancel.path(),
+            SessionRoute::BackgroundOutput.path(),
+        ];
+        assert_eq!(
+            paths,
+            [
+                "/add",
+                "/remove",
+                "/status",
+                "/list",
+                "/add",
+                "/list",
+                "/acquire",
+                "/release",
+                "/status",
+                "/create",
+                "/prompt",
+                "/sandbox-link",
+                "/sandbox/background",
+                "/background/child",
+                "/background/cancel",
+                "/background/output",
+            ]
+        );
+        assert_eq!(
+            RepositoryRoute::BuildLogs("img_1".into()).path(),
+            "/builds/img_1/logs"
+        );
+        assert_eq!(
+            RepositoryRoute::cron_at(1700000000000),
+            "/cron?at=1700000000000"
+        );
+        assert_eq!(
+            SchedulerRoute::AgentOutput("bg_a_1".into()).path(),
+            "/agents/bg_a_1/output"
+        );
+        assert_eq!(SchedulerRoute::ParentEnded.path(), "/parent-ended");
+        assert_eq!(
+            with_query("/agents", "?status=running"),
+            "/agents?status=running"
+        );
+    }
+
+    #[test]
+    fn a_wrong_method_or_an_unknown_path_is_no_route() {
+        assert_eq!(UserIndexRoute::parse(&Method::Get, "/add"), None);
+        assert_eq!(SessionRoute::parse(&Method::Post, "/join"), None);
+        assert_eq!(
+            SchedulerRoute::parse(&Method::Get, "/agents/bg_a_1/cancel"),
+            None
+        );
+        assert_eq!(
+            RepositoryRoute::parse(&Method::Post, "/builds/img_1/logs"),
+            None
+        );
+        assert_eq!(RepositoryRoute::parse(&Method::Get, "/nothing"), None);
+    }
+
+    #[test]
+    fn header_names_are_unchanged() {
+        assert_eq!(
+            [
+                IDENTITY_HEADER,
+                SESSION_HEADER,
+                BACKGROUND_HEADER,
+                VIEWER_HEADER,
+                SHARD_HEADER
+            ],
+            [
+                "x-nightshift-identity",
+                "x-nightshift-session",
+                "x-nightshift-background",
+                "x-nightshift-viewer",
+                "x-nightshift-shard",
+            ]
+        );
+    }
+
+    #[test]
+    fn viewers_round_trip_and_a_bad_one_is_refused() {
+        for (viewer, header) in [
+            (Viewer::Person("ada".into()), "user:ada"),
+            (Viewer::Session("ses_1".into()), "session:ses_1"),
+            (Viewer::Agent("bg_a_1".into()), "agent:bg_a_1"),
+            (Viewer::Budget, "budget:"),
+        ] {
+            assert_eq!(viewer.header(), header);
+            assert_eq!(Viewer::parse(header), Ok(viewer));
+        }
+        for bad in ["", "ada", "user:", "robot:1", "budget:x"] {
+            let e = Viewer::parse(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("x-nightshift-viewer"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn user_index_bodies() {
+        shape(
+            &SessionEntry {
+                id: "ses_1".into(),
+                title: "Fix the login".into(),
+                repository: None,
+                role: "owner".into(),
+                joined_at: 1700000000000,
+                status: "active".into(),
+            },
+            r#"{"id":"ses_1","title":"Fix the login","repository":null,"role":"owner","joined_at":1700000000000,"status":"active"}"#,
+        );
+        shape(&RemoveSession { id: "ses_1".into() }, r#"{"id":"ses_1"}"#);
+        shape(&Removed { removed: true }, r#"{"removed":true}"#);
+        shape(
+            &StatusChange::ended("ses_1"),
+            r#"{"id":"ses_1","status":"ended"}"#,
+        );
+        shape(&Updated { updated: false }, r#"{"updated":false}"#);
+        // A status change without a status marks the session active, as before.
+        assert_eq!(
+            decode_body::<StatusChange>("/status", br#"{"id":"ses_1"}"#).map(|s| s.status),
+            Ok("active".to_string())
+        );
+    }
+
+    #[test]
+    fn repository_bodies() {
+        shape(
+            &RepositoryName {
+                name: "demo".into(),
+            },
+            r#"{"name":"demo"}"#,
+        );
+        shape(&Added { added: true }, r#"{"added":true}"#);
+        shape(
+            &Names {
+                names: vec!["a".into(), "b".into()],
+            },
+            r#"{"names":["a","b"]}"#,
+        );
+        shape(
+            &CronAnswer::not_built("a build is running"),
+            r#"{"built":false,"why":"a build is running"}"#,
+        );
+        shape(
+            &CronAnswer {
+                build: Some(serde_json::json!({"image": "img_1"})),
+                built: true,
+                why: None,
+            },
+            r#"{"build":{"image":"img_1"},"built":true}"#,
+        );
+        shape(
+            &ClaimRequest {
+                control_url: "https://cp".into(),
+                sandbox_token: "tok".into(),
+                session_id: "ses_1".into(),
+                take: false,
+            },
+            r#"{"control_url":"https://cp","sandbox_token":"tok","session_id":"ses_1","take":false}"#,
+        );
+        // `take` defaults to true (older sessions did not send it).
+        assert_eq!(
+            decode_body::<ClaimRequest>(
+                "/claim",
+                br#"{"session_id":"ses_1","control_url":"https://cp","sandbox_token":"tok"}"#
+            )
+            .map(|c| c.take),
+            Ok(true)
+        );
+        shape(
+            &ClaimAnswer {
+                sandbox: Some("sbx_1".into()),
+                expires_at: Some(1700000000000),
+                image: Some("img_1".into()),
+                clone_url: "https://git/demo".into(),
+                base_branch: "main".into(),
+                egress: vec!["pypi.org".into()],
+            },
+            r#"{"sandbox":"sbx_1","expires_at":1700000000000,"image":"img_1","clone_url":"https://git/demo","base_branch":"main","egress":["pypi.org"]}"#,
+        );
+    }
+
+    #[test]
+    fn scheduler_bodies() {
+        let link = AgentLink {
+            agent: "bg_acme_1f".into(),
+            shard: "acme".into(),
+            depth: 2,
+        };
+        assert_eq!(
+            link.header().as_deref(),
+            Ok(r#"{"agent":"bg_acme_1f","shard":"acme","depth":2}"#)
+        );
+        assert_eq!(
+            AgentLink::from_header(&link.header().unwrap_or_default()),
+            Ok(link)
+        );
+        shape(
+            &SpawnBody {
+                identity: ada(),
+                model: None,
+                parent: Some("ses_1".into()),
+                parent_depth: 1,
+                prompt: "Add tests".into(),
+                repository: Some("acme/web".into()),
+                title: None,
+            },
+            r#"{"identity":{"user":"ada","name":"Ada","email":"ada@example.com"},"model":null,"parent":"ses_1","parent_depth":1,"prompt":"Add tests","repository":"acme/web","title":null}"#,
+        );
+        // The two forms callers sent before (a person's, with a title and no parent; the agent
+        // tools', with a parent and no title) read as they did.
+        let person: Result<SpawnBody, _> = decode_body(
+            "/spawn",
+            br#"{"identity":{"email":"ada@example.com","name":"Ada","user":"ada"},"model":null,"prompt":"Add tests","repository":null,"title":"Tests"}"#,
+        );
+        assert_eq!(
+            person.map(|b| (b.parent, b.parent_depth, b.title)),
+            Ok((None, 0, Some("Tests".into())))
+        );
+        let tools: Result<SpawnBody, _> = decode_body(
+            "/spawn",
+            br#"{"identity":{"email":"ada@example.com","name":"Ada","user":"ada"},"model":null,"parent":"ses_1","parent_depth":1,"prompt":"Add tests","repository":"acme/web"}"#,
+        );
+        assert_eq!(
+            tools.map(|b| (b.parent, b.parent_depth, b.title)),
+            Ok((Some("ses_1".into()), 1, None))
+        );
+        shape(
+            &AgentSession {
+                model: None,
+                repository: Some("acme/web".into()),
+                title: "Background: Add tests".into(),
+            },
+            r#"{"model":null,"repository":"acme/web","title":"Background: Add tests"}"#,
+        );
+        shape(
+            &AgentPrompt {
+                text: "Add tests".into(),
+            },
+            r#"{"text":"Add tests"}"#,
+        );
+        shape(
+            &Finished {
+                id: "bg_acme_1f".into(),
+                ok: true,
+                result: serde_json::json!({"branch": "nightshift/ses_2", "commit": null, "ok": true, "reason": "done"}),
+            },
+            r#"{"id":"bg_acme_1f","ok":true,"result":{"branch":"nightshift/ses_2","commit":null,"ok":true,"reason":"done"}}"#,
+        );
+        shape(
+            &ParentEnded {
+                session: "ses_1".into(),
+            },
+            r#"{"session":"ses_1"}"#,
+        );
+        shape(
+            &ChildUpdate {
+                branch: None,
+                id: "bg_acme_1f".into(),
+                session: Some("ses_2".into()),
+                status: "running".into(),
+                title: Some("Write tests".into()),
+            },
+            r#"{"branch":null,"id":"bg_acme_1f","session":"ses_2","status":"running","title":"Write tests"}"#,
+        );
+        shape(
+            &AgentOutput {
+                files: vec!["src/a.rs".into()],
+                message: "Done.".into(),
+            },
+            r#"{"files":["src/a.rs"],"message":"Done."}"#,
+        );
+        shape(&OkAnswer::yes(), r#"{"ok":true}"#);
+        shape(
+            &OkAnswer {
+                ok: false,
+                why: Some("already ended".into()),
+            },
+            r#"{"ok":false,"why":"already ended"}"#,
+        );
+        assert_eq!(
+            AgentResult::of(&serde_json::json!({"ok": true, "branch": "b", "commit": null})),
+            AgentResult {
+                branch: Some("b".into()),
+                commit: None
+            }
+        );
+        assert_eq!(AgentResult::of(&Value::Null), AgentResult::default());
+    }
+
+    #[test]
+    fn budget_bodies() {
+        shape(
+            &SlotAsk {
+                held: Some(1),
+                n: 2,
+                seq: Some(7),
+                shard: "acme".into(),
+            },
+            r#"{"held":1,"n":2,"seq":7,"shard":"acme"}"#,
+        );
+        // Shards that predate reconciling sent no report.
+        assert_eq!(
+            decode_body::<SlotAsk>("/acquire", br#"{"shard":"acme","n":1}"#)
+                .map(|a| (a.held, a.seq)),
+            Ok((None, None))
+        );
+        shape(
+            &SlotAnswer {
+                granted: Some(1),
+                wake: vec!["b".into()],
+            },
+            r#"{"granted":1,"wake":["b"]}"#,
+        );
+        shape(
+            &SlotAnswer {
+                granted: None,
+                wake: vec![],
+            },
+            r#"{"wake":[]}"#,
+        );
+        shape(
+            &BudgetStatus {
+                cap: 4,
+                holds: vec![ShardHold {
+                    held: 2,
+                    shard: "acme".into(),
+                }],
+            },
+            r#"{"cap":4,"holds":[{"held":2,"shard":"acme"}]}"#,
+        );
+    }
+
+    /// Bodies built with `json!` before this module sorted their keys: the structs encode the
+    /// very same bytes.
+    #[test]
+    fn structs_encode_as_the_json_bodies_they_replace() {
+        let same = |typed: Vec<u8>, old: Value| {
+            assert_eq!(String::from_utf8_lossy(&typed), old.to_string());
+        };
+        same(
+            bytes(&ChildUpdate {
+                branch: Some("b".into()),
+                id: "bg_a_1".into(),
+                session: None,
+                status: "completed".into(),
+                title: Some("T".into()),
+            }),
+            serde_json::json!({"id": "bg_a_1", "status": "completed", "session": null, "title": "T", "branch": "b"}),
+        );
+        same(
+            bytes(&SlotAsk {
+                held: Some(0),
+                n: 1,
+                seq: Some(3),
+                shard: "a".into(),
+            }),
+            serde_json::json!({"shard": "a", "n": 1, "held": 0, "seq": 3}),
+        );
+        same(
+            bytes(&Finished {
+                id: "bg_a_1".into(),
+                ok: false,
+                result: serde_json::json!({"ok": false}),
+            }),
+            serde_json::json!({"id": "bg_a_1", "ok": false, "result": {"ok": false}}),
+        );
+        same(
+            bytes(&StatusChange::ended("ses_1")),
+            serde_json::json!({"id": "ses_1", "status": "ended"}),
+        );
+        same(
+            bytes(&AgentSession {
+                model: Some("m".into()),
+                repository: None,
+                title: "T".into(),
+            }),
+            serde_json::json!({"title": "T", "repository": null, "model": "m"}),
+        );
+        same(
+            bytes(&ClaimRequest {
+                control_url: "c".into(),
+                sandbox_token: "t".into(),
+                session_id: "s".into(),
+                take: true,
+            }),
+            serde_json::json!({"session_id": "s", "control_url": "c", "sandbox_token": "t", "take": true}),
+        );
+        same(
+            bytes(&SlotAnswer {
+                granted: Some(0),
+                wake: vec![],
+            }),
+            serde_json::json!({"granted": 0, "wake": Vec::<String>::new()}),
+        );
+    }
+
+    #[test]
+    fn a_malformed_body_is_refused_with_a_clear_error_naming_the_path() {
+        let cases: Vec<(&str, Result<(), ObjectError>)> = vec![
+            (
+                "/add",
+                decode_body::<SessionEntry>("/add", b"{\"id\":1}").map(drop),
+            ),
+            (
+                "/remove",
+                decode_body::<RemoveSession>("/remove", b"").map(drop),
+            ),
+            (
+                "/status",
+                decode_body::<StatusChange>("/status", b"{}").map(drop),
+            ),
+            (
+                "/spawn",
+                decode_body::<SpawnBody>("/spawn", br#"{"prompt":"x"}"#).map(drop),
+            ),
+            (
+                "/spawn",
+                decode_body::<SpawnBody>(
+                    "/spawn",
+                    br#"{"identity":{"user":"a","name":"A"},"prompt":"x","extra":1}"#,
+                )
+                .map(drop),
+            ),
+            (
+                "/finished",
+                decode_body::<Finished>("/finished", br#"{"id":"x"}"#).map(drop),
+            ),
+            (
+                "/parent-ended",
+                decode_body::<ParentEnded>("/parent-ended", b"[]").map(drop),
+            ),
+            (
+                "/background/child",
+                decode_body::<ChildUpdate>("/background/child", br#"{"status":"running"}"#)
+                    .map(drop),
+            ),
+            (
+                "/acquire",
+                decode_body::<SlotAsk>("/acquire", br#"{"shard":"a","n":-1}"#).map(drop),
+            ),
+            (
+                "/claim",
+                decode_body::<ClaimRequest>("/claim", br#"{"session_id":"s"}"#).map(drop),
+            ),
+            (
+                "/add",
+                decode_body::<RepositoryName>("/add", b"not json").map(drop),
+            ),
+        ];
+        for (path, result) in cases {
+            let Err(e) = result else {
+                panic!("{path}: a malformed body was accepted");
+            };
+            assert!(matches!(e, ObjectError::Body { .. }), "{path}: {e:?}");
+            let api: ApiError = e.clone().into();
+            assert_eq!((api.status, api.code.as_str()), (500, "internal"), "{path}");
+            assert!(api.message.contains(path), "{path}: {}", api.message);
+        }
+        let answer = decode_answer::<SlotAnswer>("/acquire", b"<html>").err();
+        let named =
+            |e: &ObjectError| matches!(e, ObjectError::Answer { path, .. } if path == "/acquire");
+        assert!(answer.as_ref().is_some_and(named), "{answer:?}");
+        let header = AgentLink::from_header("{\"agent\":1}")
+            .err()
+            .map(|e| e.to_string());
+        assert!(header.is_some_and(|e| e.contains(BACKGROUND_HEADER)));
+    }
+}
