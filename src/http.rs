@@ -86,7 +86,8 @@ pub(crate) async fn index_add(env: &Env, user: &str, snap: &serde_json::Value) -
     };
     let idx = user_index(env, user)?;
     let body = serde_json::to_vec(&entry).map_err(ApiError::internal)?;
-    call(&idx, Method::Post, "/add", None, Some(body)).await?;
+    let route = crate::objects::UserIndexRoute::Add;
+    call(&idx, route.method(), route.path(), None, Some(body)).await?;
     Ok(())
 }
 

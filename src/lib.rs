@@ -18,6 +18,7 @@ mod routes;
 mod sandbox_api;
 mod sandbox_start;
 mod session_provider;
+mod session_sockets;
 mod snapshots;
 mod store;
 

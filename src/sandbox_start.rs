@@ -7,14 +7,13 @@ use nightshift_core::provider::{
 };
 use nightshift_core::snapshot::Snapshots;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use worker::{Env, Method, SqlStorage};
+use worker::{Env, SqlStorage};
 
 use crate::config;
 use crate::error::{ApiResult, EdgeError};
 use crate::http::{call, repository_stub};
+use crate::objects::{self, ClaimAnswer, ClaimRequest, RepositoryRoute};
 use crate::provider::{self, AsSent};
-use crate::repository::ClaimAnswer;
 use crate::store;
 
 /// Where the session's repository is cloned from (kept after the first start, for restores).
@@ -233,16 +232,21 @@ async fn claim(
     take: bool,
 ) -> Option<ClaimAnswer> {
     let stub = repository_stub(env, repository).ok()?;
-    let body = json!({"session_id": session_id, "control_url": control, "sandbox_token": token, "take": take})
-        .to_string()
-        .into_bytes();
-    let mut r = call(&stub, Method::Post, "/claim", None, Some(body))
+    let ask = ClaimRequest {
+        control_url: control.to_string(),
+        sandbox_token: token.to_string(),
+        session_id: session_id.to_string(),
+        take,
+    };
+    let route = RepositoryRoute::Claim;
+    let body = objects::encode(&ask).ok()?;
+    let mut r = call(&stub, route.method(), &route.path(), None, Some(body))
         .await
         .ok()?;
     if r.status_code() != 200 {
         return None;
     }
-    r.json().await.ok()
+    objects::read_answer(&mut r, &route.path()).await.ok()
 }
 
 /// The session's `kv` values this file reads: `repository_source`, `branch`, `session_egress`.

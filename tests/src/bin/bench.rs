@@ -18,7 +18,7 @@ fn pct(samples: &mut [f64], p: f64) -> f64 {
 fn report(name: &str, samples: &mut [f64]) {
     let (p50, p99) = (pct(samples, 0.5), pct(samples, 0.99));
     println!(
-        "{name:<48} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   (n={})",
+        "{name:<60} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   (n={})",
         samples.len()
     );
 }
@@ -71,19 +71,6 @@ async fn connect_many(api: &Api, who: &User, id: &str, n: usize, prefix: &str) -
     out
 }
 
-/// Waits for a frame whose text contains `marker` (no parsing: the client's cost stays small).
-async fn wait_raw(ws: &mut Ws, marker: &str) -> Instant {
-    let needle = format!("\"{marker}\"");
-    loop {
-        let Some(t) = ws.next_raw(Duration::from_secs(30)).await else {
-            panic!("socket closed while waiting for {marker}");
-        };
-        if t.contains(&needle) {
-            return Instant::now();
-        }
-    }
-}
-
 /// Drains frames until the socket has been quiet for `quiet`; returns how many and their bytes.
 async fn drain_counting(ws: &mut Ws, quiet: Duration) -> (usize, usize) {
     let (mut frames, mut bytes) = (0, 0);
@@ -108,6 +95,9 @@ async fn main() {
     }
     if run("control") || only.as_deref() == Some("floor") {
         floor().await;
+    }
+    if run("control") {
+        guard();
     }
     if run("agent") {
         agent_events().await;
@@ -162,7 +152,7 @@ fn report_first(name: &str, samples: &mut [f64]) {
     let first = samples.first().copied().unwrap_or(f64::NAN);
     let (p50, p99) = (pct(samples, 0.5), pct(samples, 0.99));
     println!(
-        "{name:<48} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   first {first:>8.2} ms   (n={})",
+        "{name:<60} p50 {p50:>8.2} ms   p99 {p99:>8.2} ms   first {first:>8.2} ms   (n={})",
         samples.len()
     );
 }
@@ -315,7 +305,7 @@ async fn agent_events() {
     let secs = t.elapsed().as_secs_f64();
     let min = counts.iter().copied().min().unwrap_or(0);
     println!(
-        "{:<48} {:>8.0} events/s  ({} agent events in batches of {batch}, each stored then sent to 10 clients)",
+        "{:<60} {:>8.0} events/s  ({} agent events in batches of {batch}, each stored then sent to 10 clients)",
         "sustained agent events into one session",
         min as f64 / secs,
         min
@@ -411,6 +401,94 @@ async fn agent() {
     );
 }
 
+/// Which control plane a figure was measured on: Nightshift, or the runtime floor
+/// (`tests/floor/`) in the same run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Nightshift,
+    Floor,
+}
+
+impl Side {
+    fn prefix(self) -> &'static str {
+        match self {
+            Side::Nightshift => "",
+            Side::Floor => "floor: ",
+        }
+    }
+}
+
+/// A time (lower is better) or a rate (higher is better).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Unit {
+    Ms,
+    PerSec,
+}
+
+/// One figure kept for the regression guard.
+struct Figure {
+    side: Side,
+    name: String,
+    value: f64,
+    unit: Unit,
+}
+
+/// Every figure `control` (and `floor`) measured in this run, in order.
+static FIGURES: std::sync::Mutex<Vec<Figure>> = std::sync::Mutex::new(Vec::new());
+
+fn record(side: Side, name: &str, value: f64, unit: Unit) {
+    if let Ok(mut figures) = FIGURES.lock() {
+        figures.push(Figure {
+            side,
+            name: name.to_string(),
+            value,
+            unit,
+        });
+    }
+}
+
+/// `report`, labelled for `side`; its p50 is kept for the guard.
+fn report_on(side: Side, name: &str, samples: &mut [f64]) {
+    report(&format!("{}{name}", side.prefix()), samples);
+    record(side, &format!("{name} p50"), pct(samples, 0.5), Unit::Ms);
+}
+
+/// The regression guard: each Nightshift figure that has a floor counterpart in this run, the
+/// floor's value and the ratio Nightshift / floor.
+fn guard() {
+    let Ok(figures) = FIGURES.lock() else {
+        return;
+    };
+    println!();
+    println!("Regression guard: Nightshift / runtime floor, both from this run");
+    println!(
+        "  ms: ratio above 1 = slower than the floor; /s: ratio below 1 = fewer than the floor"
+    );
+    println!(
+        "{:<60} {:>12} {:>12} {:>8}",
+        "figure", "Nightshift", "floor", "ratio"
+    );
+    for ns in figures.iter().filter(|f| f.side == Side::Nightshift) {
+        let floor = figures
+            .iter()
+            .find(|f| f.side == Side::Floor && f.name == ns.name);
+        let Some(floor) = floor else {
+            continue;
+        };
+        let unit = match ns.unit {
+            Unit::Ms => "ms",
+            Unit::PerSec => "/s",
+        };
+        println!(
+            "{:<60} {:>9.1} {unit} {:>9.1} {unit} {:>7.2}x",
+            ns.name,
+            ns.value,
+            floor.value,
+            ns.value / floor.value
+        );
+    }
+}
+
 async fn control_plane() {
     let server = Server::start(&[
         ("PROMPT_RUNNER", "none"),
@@ -424,16 +502,18 @@ async fn control_plane() {
     println!("Nightshift control-plane benchmark (wrangler dev, release Wasm, loopback)");
 
     // 1. Session create.
-    bench_create(&api, &ada, "session create (POST /sessions)").await;
+    bench_create(&api, &ada, Side::Nightshift).await;
 
-    // 2. Prompt -> queued event at all of 10 clients.
+    // 2. Prompt -> queued event at all of 10 clients (`BENCH_N` counted rounds, 20 warm-ups).
+    let counted = env_num("BENCH_N", 100).max(1);
+    let warm = 20.min(counted);
     let (id, _) = api.create_session(&ada, "prompt fan-out").await;
     let mut ten = connect_many(&api, &ada, &id, 10, "ten").await;
     for ws in ten.iter_mut() {
         drain(ws, Duration::from_millis(200)).await;
     }
     let mut queued = Vec::new();
-    for i in 0..120 {
+    for i in 0..warm + counted {
         let text = format!("prompt {i}");
         let t = Instant::now();
         let waits = ten.iter_mut().map(|ws| {
@@ -445,14 +525,14 @@ async fn control_plane() {
         let (arrivals, (st, _)) = tokio::join!(join_all(waits), send);
         assert_eq!(st, 202);
         let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
-        if i >= 20 {
+        if i >= warm {
             queued.push(ms(last - t));
         }
     }
     report("prompt -> prompt.queued at all 10 clients", &mut queued);
     // The same with the prompt sent over a person's socket (the `prompt` frame; no HTTP).
     let mut over_socket = Vec::new();
-    for i in 0..120 {
+    for i in 0..warm + counted {
         let text = format!("socket prompt {i}");
         let t = Instant::now();
         ten[0].send(json!({"type": "prompt", "text": text})).await;
@@ -462,7 +542,7 @@ async fn control_plane() {
         });
         let arrivals = join_all(waits).await;
         let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
-        if i >= 20 {
+        if i >= warm {
             over_socket.push(ms(last - t));
         }
     }
@@ -472,18 +552,83 @@ async fn control_plane() {
     );
     drop(ten);
 
-    // 3. Connect 1,000 clients, then one event to 100 and to 1,000 clients.
-    bench_fanout(&api, &ada, "").await;
+    // 3. Sustained client commands into one session with 10 clients, pipelined.
+    bench_pipelined(&api, &ada, Side::Nightshift).await;
+    drop(server);
 
-    // 4. Sustained stored+broadcast events/s into one session with 10 clients.
-    let (id, _) = api.create_session(&ada, "throughput").await;
-    let mut ten = connect_many(&api, &ada, &id, 10, "t").await;
+    // 4. The hot paths, like for like with the floor: a control plane whose compute is the fake
+    // provider, so each session has a sandbox link the bench plays.
+    let (fake, url) = nightshift_tests::fake_provider::start().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", nightshift_tests::fake_provider::SECRET),
+        ("CONTROL_URL", "{self}"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("MAX_LOCK_TTL_MS", "600000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bed = Bed {
+        side: Side::Nightshift,
+        server: &server,
+        api,
+        who: ada,
+        fake: Some(fake),
+    };
+    hot_paths(&bed).await;
+}
+
+/// The same create, pipelined-command and hot-path figures against a minimal JavaScript Worker
+/// and Durable Object (`tests/floor/`) that does the same storage writes and sends the same
+/// frames with none of Nightshift's rules: what the runtime itself costs on this host under
+/// `wrangler dev`.
+async fn floor() {
+    let dir = nightshift_tests::repo_root().join("tests/floor");
+    let server = Server::start_in(&dir, &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    println!("Runtime floor (minimal JavaScript Durable Object, same wrangler dev, same client)");
+    bench_create(&api, &ada, Side::Floor).await;
+    bench_pipelined(&api, &ada, Side::Floor).await;
+    let bed = Bed {
+        side: Side::Floor,
+        server: &server,
+        api,
+        who: ada,
+        fake: None,
+    };
+    hot_paths(&bed).await;
+}
+
+/// Session create, p50/p99 over `BENCH_N` (default 200) after 30 warm-ups.
+async fn bench_create(api: &Api, who: &User, side: Side) {
+    let samples = env_num("BENCH_N", 200).max(1);
+    let mut create = Vec::new();
+    for i in 0..30.min(samples) {
+        api.create_session(who, &format!("warm {i}")).await;
+    }
+    for i in 0..samples {
+        let t = Instant::now();
+        api.create_session(who, &format!("bench {i}")).await;
+        create.push(ms(t.elapsed()));
+    }
+    report_on(side, "session create (POST /sessions)", &mut create);
+}
+
+/// The old "sustained events into one session": `BENCH_PIPELINED` (default 3,000) `lock.acquire`
+/// frames sent back to back by an 11th socket without waiting for acks; the clock runs until
+/// the last event is at all 10 clients.
+async fn bench_pipelined(api: &Api, who: &User, side: Side) {
+    let total = env_num("BENCH_PIPELINED", 3000).max(1);
+    let (id, _) = api.create_session(who, "throughput").await;
+    let mut ten = connect_many(api, who, &id, 10, "t").await;
     for ws in ten.iter_mut() {
         drain(ws, Duration::from_millis(200)).await;
     }
-    let mut writer = api.connect(&ada, &id, "writer", u64::MAX / 2).await;
+    let mut writer = api.connect(who, &id, "writer", u64::MAX / 2).await;
     drain(&mut writer, Duration::from_millis(200)).await;
-    let total = 3000;
     let t = Instant::now();
     for i in 0..total {
         writer
@@ -492,126 +637,435 @@ async fn control_plane() {
             )
             .await;
     }
-    let last_marker = format!("r{}", (total - 1) % 50);
-    let waits = ten.iter_mut().map(|ws| {
-        let m = last_marker.clone();
-        async move {
-            // Count events until the last one arrives.
-            let mut n = 0usize;
-            loop {
-                let Some(v) = ws.next(Duration::from_secs(60)).await else {
-                    break;
-                };
-                if v["type"] == "events" {
-                    n += v["events"].as_array().map(Vec::len).unwrap_or(0);
-                    if n >= total {
-                        break;
-                    }
-                }
+    let waits = ten.iter_mut().map(|ws| async move {
+        // Count events until the last one arrives.
+        let mut n = 0usize;
+        while n < total {
+            let Some(v) = ws.next(Duration::from_secs(60)).await else {
+                break;
+            };
+            if v["type"] == "events" {
+                n += v["events"].as_array().map(Vec::len).unwrap_or(0);
             }
-            drop(m);
-            n
         }
+        n
     });
     let counts: Vec<usize> = join_all(waits).await;
     let secs = t.elapsed().as_secs_f64();
     let min = counts.iter().copied().min().unwrap_or(0);
+    let name = "client commands/s, pipelined, into a session of 10";
     println!(
-        "{:<48} {:>8.0} events/s  ({} events, each stored then sent to 10 clients; unbatched client commands)",
-        "sustained events into one session",
+        "{:<60} {:>8.0} events/s  ({} lock.acquire frames sent back to back by an 11th socket, each stored then sent to 10 clients)",
+        format!("{}{name}", side.prefix()),
         min as f64 / secs,
         min
     );
+    record(side, name, min as f64 / secs, Unit::PerSec);
 }
 
-/// The same create, connect and fan-out figures against a minimal JavaScript Worker and Durable
-/// Object (`tests/floor/`) that does the same storage writes and sends the same frames with none
-/// of Nightshift's rules: what the runtime itself costs on this host under `wrangler dev`.
-async fn floor() {
-    let dir = nightshift_tests::repo_root().join("tests/floor");
-    let server = Server::start_in(&dir, &[]).await;
-    let api = server.client();
-    let ada = api.sign_in("ada").await;
-    println!("Runtime floor (minimal JavaScript Durable Object, same wrangler dev, same client)");
-    bench_create(&api, &ada, "floor: session create").await;
-    bench_fanout(&api, &ada, "floor: ").await;
+/// Where the hot-path figures run: Nightshift with the fake provider as its compute (each
+/// session gets a real sandbox link, dialled with its token), or the runtime floor.
+struct Bed<'a> {
+    side: Side,
+    server: &'a Server,
+    api: Api,
+    who: User,
+    fake: Option<nightshift_tests::fake_provider::Shared>,
 }
 
-/// Session create, p50/p99 over 200 after 30 warm-ups.
-async fn bench_create(api: &Api, who: &User, label: &str) {
-    let mut create = Vec::new();
-    for i in 0..30 {
-        api.create_session(who, &format!("warm {i}")).await;
+/// A session holding exactly `clients.len()` people's sockets (all one person's) and a sandbox
+/// link the bench plays.
+struct Hot {
+    id: String,
+    clients: Vec<Ws>,
+    link: Link,
+    /// The running prompt that sandbox events belong to.
+    prompt: String,
+    /// The last event number sent on the link.
+    n: u64,
+}
+
+/// What triggers one event in a fan-out round.
+#[derive(Clone, Copy)]
+enum Trigger {
+    /// `POST /multiplayer/:id/lock` through the dev proxy and the Worker.
+    Http,
+    /// A `lock.acquire` frame on the session's first person's socket.
+    Socket,
+    /// One `event` frame (an `agent.text`) on the session's sandbox link.
+    Sandbox,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Http => "HTTP",
+            Trigger::Socket => "person's socket",
+            Trigger::Sandbox => "sandbox link",
+        }
     }
-    for i in 0..200 {
+
+    fn tag(self) -> &'static str {
+        match self {
+            Trigger::Http => "http",
+            Trigger::Socket => "sock",
+            Trigger::Sandbox => "sbx",
+        }
+    }
+}
+
+impl Bed<'_> {
+    /// A new session with exactly `n` people's sockets, then its sandbox link. Returns it with
+    /// the time the `n` connects took (50 at a time, each to its `hello`) and the frames (and
+    /// bytes) the sockets got after their `hello` while the others connected.
+    async fn session(&self, n: usize, prefix: &str) -> (Hot, Duration, usize, usize) {
+        let id = if self.fake.is_some() {
+            let body = json!({"title": "hot path", "repository": "/srv/git/bench.git"});
+            let (st, s) = self
+                .api
+                .call("POST", "/sessions", &self.who, Some(body))
+                .await;
+            assert_eq!(st, 201, "{s}");
+            s["id"].as_str().expect("session id").to_string()
+        } else {
+            self.api.create_session(&self.who, "hot path").await.0
+        };
         let t = Instant::now();
-        api.create_session(who, &format!("bench {i}")).await;
-        create.push(ms(t.elapsed()));
+        let mut clients = connect_many(&self.api, &self.who, &id, n, prefix).await;
+        let connect = t.elapsed();
+        // Let the coalesced presence deltas settle, then count them.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let drains = clients
+            .iter_mut()
+            .map(|ws| drain_counting(ws, Duration::from_millis(1200)));
+        let counted = join_all(drains).await;
+        let (link, prompt) = match &self.fake {
+            Some(fake) => {
+                let prompt = self.api.prompt(&self.who, &id, "go").await;
+                (dial_sandbox_link(fake, self.server, &id).await, prompt)
+            }
+            None => (dial_floor_link(self.server, &id).await, "prm_floor".into()),
+        };
+        let drains = clients
+            .iter_mut()
+            .map(|ws| drain_counting(ws, Duration::from_millis(300)));
+        join_all(drains).await;
+        let hot = Hot {
+            id,
+            clients,
+            link,
+            prompt,
+            n: 0,
+        };
+        let frames = counted.iter().map(|c| c.0).sum();
+        let bytes = counted.iter().map(|c| c.1).sum();
+        (hot, connect, frames, bytes)
     }
-    report(label, &mut create);
 }
 
-/// Connects 1,000 clients to one session, then times one event to 100 and to 1,000 of them.
-async fn bench_fanout(api: &Api, who: &User, label: &str) {
-    let (id, _) = api.create_session(who, "fan-out").await;
-    let t = Instant::now();
-    let mut clients = connect_many(api, who, &id, 1000, "c").await;
-    let connect_1000 = t.elapsed();
-    println!(
-        "{:<48} {:>8.0} ms total",
-        format!("{label}connect 1,000 clients to one session"),
-        ms(connect_1000)
+/// The floor's sandbox socket (no token: the floor has no rules).
+async fn dial_floor_link(server: &Server, id: &str) -> Link {
+    let url = format!(
+        "{}/sandbox-link/{id}",
+        server.base.replacen("http", "ws", 1)
     );
-    // Let the coalesced presence deltas settle, then drain them: every frame after each
-    // client's hello (the presence snapshot and deltas) is what presence cost.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let drains = clients
-        .iter_mut()
-        .map(|ws| drain_counting(ws, Duration::from_millis(1200)));
-    let counted = join_all(drains).await;
-    let frames: usize = counted.iter().map(|c| c.0).sum();
-    let bytes: usize = counted.iter().map(|c| c.1).sum();
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("the floor's sandbox socket")
+        .0
+}
+
+/// The like-for-like hot paths (issue 19): fan-out to sessions of exactly `BENCH_FANOUT`
+/// (default 100 and 1,000) sockets from each trigger, then single-event throughput at 10 clients.
+async fn hot_paths(bed: &Bed<'_>) {
+    let sizes: Vec<usize> = std::env::var("BENCH_FANOUT")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1000]);
+    let rounds = env_num("BENCH_ROUNDS", 12).max(1);
+    for n in sizes.into_iter().filter(|n| *n > 0) {
+        hot_fanout(bed, n, rounds).await;
+    }
+    let total = env_num("BENCH_SINGLE", 1000).max(1);
+    single_commands(bed, total).await;
+    single_sandbox_events(bed, total).await;
+}
+
+/// One session of exactly `n` sockets; `rounds` events from each trigger in turn, each timed
+/// from the sender's send to its `events` frame at each of the `n` clients (the sender's own
+/// socket included for the socket trigger). The first 2 rounds warm up and are not counted
+/// when there are 6 or more.
+async fn hot_fanout(bed: &Bed<'_>, n: usize, rounds: usize) {
+    let side = bed.side;
+    let (mut hot, connect, frames, bytes) = bed.session(n, &format!("f{n}-")).await;
+    let name = format!("connect {n} clients to one session");
     println!(
-        "{:<48} {:>8} frames, {:.1} MB ({:.1} frames per client)",
-        format!("{label}frames after hello during those connects"),
+        "{:<60} {:>8.0} ms total",
+        format!("{}{name}", side.prefix()),
+        ms(connect)
+    );
+    record(side, &name, ms(connect), Unit::Ms);
+    println!(
+        "{:<60} {:>8} frames, {:.1} MB ({:.1} frames per client)",
+        format!("{}frames after hello during those connects", side.prefix()),
         frames,
         bytes as f64 / 1e6,
-        frames as f64 / clients.len().max(1) as f64
+        frames as f64 / n as f64
     );
-    for n in [100usize, 1000] {
-        let mut fan = Vec::new();
-        for round in 0..12 {
-            let marker = format!("res-{n}-{round}");
-            let t = Instant::now();
-            let waits = clients.iter_mut().take(n).map(|ws| {
-                let m = marker.clone();
-                async move { wait_raw(ws, &m).await }
-            });
-            let path = format!("/multiplayer/{id}/lock");
-            let send = api.call(
-                "POST",
-                &path,
-                who,
-                Some(json!({"resource": marker, "ttl_ms": 600000})),
-            );
-            let (arrivals, (st, v)) = tokio::join!(join_all(waits), send);
-            assert_eq!(st, 200, "{v}");
-            let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
-            if round >= 2 {
-                fan.push(ms(last - t));
-            }
-            if n == 100 {
-                // The other 900 received it too; drain them so buffers stay small.
-                let rest = clients
-                    .iter_mut()
-                    .skip(100)
-                    .map(|ws| drain(ws, Duration::from_millis(50)));
-                join_all(rest).await;
+    let warm = if rounds >= 6 { 2 } else { 0 };
+    for trigger in [Trigger::Http, Trigger::Socket, Trigger::Sandbox] {
+        let (mut each, mut all) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let marker = format!("{}-{n}-{}", trigger.tag(), round % 100);
+            let (t, arrivals) = fire(bed, &mut hot, trigger, &marker).await;
+            if round >= warm {
+                each.extend(arrivals.iter().map(|a| ms(*a - t)));
+                all.push(ms(arrivals.iter().copied().max().unwrap_or(t) - t));
             }
         }
-        report(&format!("{label}one event -> all {n} clients"), &mut fan);
+        let what = trigger.name();
+        report_on(
+            side,
+            &format!("one event -> all {n} clients, {what}"),
+            &mut all,
+        );
+        report_on(
+            side,
+            &format!("one event -> each of {n} clients, {what}"),
+            &mut each,
+        );
     }
-    drop(clients);
+}
+
+/// Sends one event by `trigger` carrying `marker`; returns the send's instant and the instant
+/// each client got it.
+async fn fire(
+    bed: &Bed<'_>,
+    hot: &mut Hot,
+    trigger: Trigger,
+    marker: &str,
+) -> (Instant, Vec<Instant>) {
+    use futures_util::SinkExt;
+    match trigger {
+        Trigger::Http => {
+            let path = format!("/multiplayer/{}/lock", hot.id);
+            let body = json!({"resource": marker, "ttl_ms": 600000});
+            let t = Instant::now();
+            let waits = hot.clients.iter_mut().map(|ws| wait_broadcast(ws, marker));
+            let send = bed.api.call("POST", &path, &bed.who, Some(body));
+            let (arrivals, (st, v)) = tokio::join!(join_all(waits), send);
+            assert_eq!(st, 200, "{v}");
+            (t, arrivals)
+        }
+        Trigger::Socket => {
+            let frame = json!({"type": "lock.acquire", "resource": marker, "ttl_ms": 600000});
+            let frame = frame.to_string();
+            let t = Instant::now();
+            hot.clients[0].send_text(&frame).await;
+            let waits = hot.clients.iter_mut().map(|ws| wait_broadcast(ws, marker));
+            (t, join_all(waits).await)
+        }
+        Trigger::Sandbox => {
+            hot.n += 1;
+            let frame = event_frame(hot.n, &hot.prompt, marker);
+            let t = Instant::now();
+            hot.link
+                .send(frame)
+                .await
+                .expect("send on the sandbox link");
+            let waits = hot.clients.iter_mut().map(|ws| wait_broadcast(ws, marker));
+            let arrivals = join_all(waits).await;
+            link_ack(&mut hot.link, hot.n).await;
+            (t, arrivals)
+        }
+    }
+}
+
+/// One unbatched sandbox event: `agent.text` number `n` of `prompt`, its text `text`.
+fn event_frame(n: u64, prompt: &str, text: &str) -> tokio_tungstenite::tungstenite::Message {
+    let v = json!({"type": "event", "n": n, "event": {"kind": "agent.text", "prompt": prompt, "text": text}});
+    tokio_tungstenite::tungstenite::Message::Text(v.to_string().into())
+}
+
+const EVENTS_FRAME: &str = "\"type\":\"events\"";
+
+/// Waits for an `events` frame whose text holds `"marker"` (unparsed: the client's cost stays
+/// small); an `error` frame panics.
+async fn wait_broadcast(ws: &mut Ws, marker: &str) -> Instant {
+    let needle = format!("\"{marker}\"");
+    loop {
+        let Some(t) = ws.next_raw(Duration::from_secs(30)).await else {
+            panic!("socket closed or quiet for 30 s while waiting for {marker}");
+        };
+        if t.contains(EVENTS_FRAME) && t.contains(&needle) {
+            return Instant::now();
+        }
+        assert!(
+            !t.contains("\"type\":\"error\""),
+            "the server answered: {t}"
+        );
+    }
+}
+
+/// Reads the sandbox link until the `ack` of event `n`; an `error` frame panics.
+async fn link_ack(link: &mut Link, n: u64) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), link.next()).await;
+        let Ok(Some(Ok(msg))) = next else {
+            panic!("the sandbox link closed or was quiet for 30 s before the ack of {n}");
+        };
+        if let Message::Text(t) = msg {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+            if v["type"] == "ack" && v["n"].as_u64() >= Some(n) {
+                return;
+            }
+            assert_ne!(v["type"], "error", "the sandbox link answered: {t}");
+        }
+    }
+}
+
+/// Reads `ws` until `total` events whose text holds `needle` have arrived in `events` frames;
+/// returns when the last did.
+async fn count_events(ws: &mut Ws, needle: &str, total: usize) -> Instant {
+    let mut got = 0;
+    while got < total {
+        let Some(t) = ws.next_raw(Duration::from_secs(60)).await else {
+            panic!("socket closed or quiet for 60 s after {got} of {total} events");
+        };
+        if t.contains(EVENTS_FRAME) {
+            got += t.matches(needle).count();
+        }
+    }
+    Instant::now()
+}
+
+/// Sends `lock.acquire` number `i` (with a `ref`) on `ws` and reads until its `ack`; returns how
+/// many `lock.acquired` events arrived on `ws` meanwhile. Any other answer panics.
+async fn command_acked(ws: &mut Ws, i: usize) -> usize {
+    let r = format!("cmd{i}");
+    let frame = json!({"type": "lock.acquire", "ref": r, "resource": format!("r{}", i % 50), "ttl_ms": 600000});
+    ws.send_text(&frame.to_string()).await;
+    let needle = format!("\"ref\":\"{r}\"");
+    let mut seen = 0;
+    loop {
+        let Some(t) = ws.next_raw(Duration::from_secs(30)).await else {
+            panic!("socket closed or quiet for 30 s waiting for the ack of {r}");
+        };
+        if t.contains(EVENTS_FRAME) {
+            seen += t.matches(LOCK_EVENT).count();
+        } else if t.contains(&needle) {
+            assert!(t.contains("\"type\":\"ack\""), "{r} was answered: {t}");
+            return seen;
+        }
+    }
+}
+
+const LOCK_EVENT: &str = "\"lock.acquired\"";
+const TEXT_EVENT: &str = "\"agent.text\"";
+
+/// Warm-ups before each throughput figure (not counted).
+const SINGLE_WARM: usize = 20;
+
+/// Single-event throughput, client commands: in a session of exactly 10 sockets, the first sends
+/// `total` `lock.acquire` frames one at a time, each on the previous one's `ack`. Rate: `total`
+/// over the time from the first send to the last event at all 10 clients (the sender included);
+/// beside it, each command's send -> ack.
+async fn single_commands(bed: &Bed<'_>, total: usize) {
+    let (mut hot, ..) = bed.session(10, "cmd").await;
+    for i in 0..SINGLE_WARM {
+        command_acked(&mut hot.clients[0], i).await;
+    }
+    let quiet = Duration::from_millis(200);
+    join_all(hot.clients.iter_mut().map(|ws| drain_counting(ws, quiet))).await;
+    let (first, rest) = hot.clients.split_at_mut(1);
+    let sender = &mut first[0];
+    let t0 = Instant::now();
+    let send = async {
+        let mut acks = Vec::with_capacity(total);
+        let mut own = 0;
+        for i in SINGLE_WARM..SINGLE_WARM + total {
+            let t = Instant::now();
+            own += command_acked(sender, i).await;
+            acks.push(ms(t.elapsed()));
+        }
+        // The sender's own copies: normally all in by its last ack; if not, read on.
+        let done = if own >= total {
+            Instant::now()
+        } else {
+            count_events(sender, LOCK_EVENT, total - own).await
+        };
+        (acks, done)
+    };
+    let receive = join_all(
+        rest.iter_mut()
+            .map(|ws| count_events(ws, LOCK_EVENT, total)),
+    );
+    let ((mut acks, done), arrivals) = tokio::join!(send, receive);
+    let last = arrivals.into_iter().fold(done, Instant::max);
+    single_report(bed.side, "client commands", total, last - t0, &mut acks);
+}
+
+/// Single-event throughput, sandbox events: in a session of exactly 10 sockets, the sandbox link
+/// sends `total` single `event` frames (one `agent.text` each, unbatched), each on the previous
+/// one's `ack`. Rate: `total` over the time from the first send to the last event at all 10
+/// clients; beside it, each event's send -> ack.
+async fn single_sandbox_events(bed: &Bed<'_>, total: usize) {
+    use futures_util::SinkExt;
+    let (mut hot, ..) = bed.session(10, "sbx").await;
+    for _ in 0..SINGLE_WARM {
+        hot.n += 1;
+        let frame = event_frame(hot.n, &hot.prompt, "warm");
+        hot.link
+            .send(frame)
+            .await
+            .expect("send on the sandbox link");
+        link_ack(&mut hot.link, hot.n).await;
+    }
+    let quiet = Duration::from_millis(200);
+    join_all(hot.clients.iter_mut().map(|ws| drain_counting(ws, quiet))).await;
+    let Hot {
+        clients,
+        link,
+        prompt,
+        n,
+        ..
+    } = &mut hot;
+    let t0 = Instant::now();
+    let send = async {
+        let mut acks = Vec::with_capacity(total);
+        for k in 0..total {
+            *n += 1;
+            let frame = event_frame(*n, prompt, &format!("single {k}"));
+            let t = Instant::now();
+            link.send(frame).await.expect("send on the sandbox link");
+            link_ack(link, *n).await;
+            acks.push(ms(t.elapsed()));
+        }
+        acks
+    };
+    let receive = join_all(
+        clients
+            .iter_mut()
+            .map(|ws| count_events(ws, TEXT_EVENT, total)),
+    );
+    let (mut acks, arrivals) = tokio::join!(send, receive);
+    let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
+    single_report(bed.side, "sandbox events", total, last - t0, &mut acks);
+}
+
+/// Prints (and keeps) a single-event throughput figure and its send -> ack percentiles.
+fn single_report(side: Side, what: &str, total: usize, took: Duration, acks: &mut [f64]) {
+    let rate = total as f64 / took.as_secs_f64();
+    let name = format!("single {what}/s at 10 clients (next on ack)");
+    println!(
+        "{:<60} {:>8.0} events/s  ({total} events, each stored then sent to all 10)",
+        format!("{}{name}", side.prefix()),
+        rate
+    );
+    record(side, &name, rate, Unit::PerSec);
+    report_on(side, &format!("single {what}: send -> ack"), acks);
 }
 
 /// Waits until a repository's pool holds `n` ready sandboxes of its latest image.
@@ -916,7 +1370,7 @@ async fn background() {
         if Some(&(i + 1)) == next_size.peek() {
             let secs = window_start.elapsed().as_secs_f64();
             println!(
-                "{:<48} {:>8.0} decisions/s",
+                "{:<60} {:>8.0} decisions/s",
                 format!(
                     "scheduler decisions, shard of {from}..{} agents kept",
                     i + 1
@@ -931,7 +1385,7 @@ async fn background() {
     }
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "{:<48} {:>8.0} decisions/s  ({decisions} transitions over {total} spawns by 50 users, 64 running at most, nothing pruned, in memory: no storage)",
+        "{:<60} {:>8.0} decisions/s  ({decisions} transitions over {total} spawns by 50 users, 64 running at most, nothing pruned, in memory: no storage)",
         "scheduler decisions (core, one shard, overall)",
         decisions as f64 / secs
     );
