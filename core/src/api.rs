@@ -577,3 +577,263 @@ pub fn presence_delta(s: &Session, changed: BTreeSet<ClientId>) -> Option<Server
         truncated,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoded(method: &str, path: &str, query: &[(&str, &str)], body: &str) -> SessionRequest {
+        let query: Vec<(String, String)> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        decode(method, path, &query, None, body.as_bytes(), || {
+            "prm_1".into()
+        })
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:?}"))
+    }
+
+    fn refused(method: &str, path: &str, query: &[(&str, &str)], body: &str) -> String {
+        let query: Vec<(String, String)> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match decode(method, path, &query, None, body.as_bytes(), || {
+            "prm_1".into()
+        }) {
+            Err(RouteError::NoRoute) => "no_route".into(),
+            Err(RouteError::Wire(e)) => e.code.to_string(),
+            Ok(r) => panic!("{method} {path} was taken: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn each_route_decodes_to_its_command_and_answer() {
+        let command = |r: SessionRequest| match r {
+            SessionRequest::Command(c, a) => (c, a),
+            other => panic!("not a command: {other:?}"),
+        };
+        assert_eq!(
+            command(decoded("POST", "/join", &[], r#"{"invite":"i"}"#)),
+            (Command::Join { invite: "i".into() }, Answer::Session)
+        );
+        assert_eq!(
+            command(decoded(
+                "POST",
+                "/prompt",
+                &[],
+                r#"{"text":"hi","priority":2}"#
+            )),
+            (
+                Command::Submit(PromptSubmission {
+                    id: "prm_1".into(),
+                    text: "hi".into(),
+                    priority: 2,
+                    model: None,
+                    key: None,
+                }),
+                Answer::Prompt(None)
+            )
+        );
+        assert_eq!(
+            command(decoded("DELETE", "/prompt/p7", &[], "")),
+            (
+                Command::Cancel {
+                    prompt: "p7".into()
+                },
+                Answer::Prompt(Some("p7".into()))
+            )
+        );
+        assert_eq!(
+            command(decoded("POST", "/lock", &[], r#"{"resource":"a.rs"}"#)),
+            (
+                Command::Lock {
+                    resource: "a.rs".into(),
+                    ttl_ms: 60_000
+                },
+                Answer::Lock("a.rs".into())
+            )
+        );
+        assert_eq!(
+            command(decoded("PUT", "/egress", &[], r#"{"allow":["x.com"]}"#)),
+            (
+                Command::SetEgress {
+                    allow: vec!["x.com".into()]
+                },
+                Answer::Egress(vec!["x.com".into()])
+            )
+        );
+        assert!(matches!(
+            decoded("GET", "/events", &[("since", "7"), ("limit", "99999")], ""),
+            SessionRequest::Events {
+                since: 7,
+                limit: MAX_EVENTS_PAGE
+            }
+        ));
+        assert!(matches!(
+            decoded("GET", "/events", &[], ""),
+            SessionRequest::Events {
+                since: 0,
+                limit: DEFAULT_EVENTS_PAGE
+            }
+        ));
+        match decoded("GET", "/ws", &[("since", "3"), ("client", "c1")], "") {
+            SessionRequest::Socket {
+                since,
+                client,
+                kind,
+            } => assert_eq!(
+                (since, client.as_deref(), kind.as_str()),
+                (3, Some("c1"), "web")
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_their_codes() {
+        assert_eq!(refused("GET", "/nope", &[], ""), "no_route");
+        assert_eq!(refused("PATCH", "/join", &[], ""), "no_route");
+        assert_eq!(refused("POST", "/join", &[], "{"), "malformed_json");
+        assert_eq!(refused("POST", "/join", &[], r#"{"x":1}"#), "invalid_body");
+        assert_eq!(
+            refused("GET", "/events", &[("since", "-1")], ""),
+            "invalid_query"
+        );
+        assert_eq!(
+            refused("GET", "/ws", &[("kind", &"k".repeat(33))], ""),
+            "invalid_query"
+        );
+        assert_eq!(refused("GET", "/ws", &[("kind", "")], ""), "invalid_query");
+        assert_eq!(
+            refused("POST", "/prompt", &[], r#"{"text":"t","model":"nope"}"#),
+            "invalid_model"
+        );
+    }
+
+    #[test]
+    fn the_header_and_body_keys_must_agree() {
+        let ask = |header: Option<&str>, body: &str| {
+            decode(
+                "POST",
+                "/prompt",
+                &[],
+                header.map(str::to_string),
+                body.as_bytes(),
+                || "prm_1".into(),
+            )
+        };
+        let key = |r: Result<SessionRequest, RouteError>| match r {
+            Ok(SessionRequest::Command(Command::Submit(s), _)) => s.key,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(key(ask(Some("k1"), r#"{"text":"t"}"#)), Some("k1".into()));
+        assert_eq!(
+            key(ask(None, r#"{"text":"t","key":"k2"}"#)),
+            Some("k2".into())
+        );
+        assert!(ask(Some("k1"), r#"{"text":"t","key":"k2"}"#).is_err());
+    }
+
+    #[test]
+    fn a_replay_page_is_bounded_by_the_frame_and_the_connect() {
+        assert_eq!(replay_page(0, 10_000, 500), 500);
+        assert_eq!(replay_page(9_800, 10_000, 500), 200);
+        assert_eq!(replay_page(10_000, 10_000, 500), 0);
+        assert_eq!(replay_page(12_000, 10_000, 500), 0);
+        assert_eq!(replay_page(0, 25, 500), 25);
+    }
+
+    #[test]
+    fn people_close_codes_are_stable() {
+        let codes: Vec<u16> = [
+            PeopleClose::Removed,
+            PeopleClose::Replaced,
+            PeopleClose::ReplayContinues,
+        ]
+        .iter()
+        .map(|c| c.code())
+        .collect();
+        assert_eq!(codes, vec![4000, 4001, 4002]);
+    }
+
+    fn person(user: &str) -> Identity {
+        Identity {
+            user: user.into(),
+            name: user.into(),
+            email: None,
+        }
+    }
+
+    fn hosted() -> HostedSession {
+        let meta = crate::session::Meta {
+            id: "ses_1".into(),
+            title: "t".into(),
+            repository: None,
+            owner: "alice".into(),
+            invite: "inv".into(),
+            created_at: 0,
+            status: SessionStatus::Active,
+            limits: Limits::default(),
+            next_arrival: 0,
+            model: None,
+        };
+        let (session, _) = Session::create(meta, &person("alice"));
+        let timing = crate::hosted::LinkTiming {
+            heartbeat_timeout_ms: 1,
+            grace_ms: 1,
+        };
+        HostedSession::new(session, None, timing, false)
+    }
+
+    struct Fixed;
+
+    impl crate::hosted::Entropy for Fixed {
+        fn token(&mut self) -> String {
+            "t".into()
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_status_the_command_earned() {
+        let mut h = hosted();
+        let bob = person("bob");
+        let join = Command::Join {
+            invite: "inv".into(),
+        };
+        let (done, _) = h.run(&bob, join.clone(), 1, &mut Fixed).expect("join");
+        let status = |h: &HostedSession, done: &Done, a: &Answer| {
+            answer(h, &bob, a, done, 0, false).map(|(s, _)| s)
+        };
+        assert_eq!(status(&h, &done, &Answer::Session), Ok(201));
+        let (again, _) = h.run(&bob, join, 2, &mut Fixed).expect("join again");
+        assert_eq!(status(&h, &again, &Answer::Session), Ok(200));
+        let submit = |key: &str| {
+            Command::Submit(PromptSubmission {
+                id: format!("p-{key}"),
+                text: "t".into(),
+                priority: 0,
+                model: None,
+                key: Some(key.into()),
+            })
+        };
+        let (new, _) = h.run(&bob, submit("k"), 3, &mut Fixed).expect("submit");
+        assert_eq!(status(&h, &new, &Answer::Prompt(None)), Ok(202));
+        let (repeat, _) = h.run(&bob, submit("k"), 4, &mut Fixed).expect("repeat");
+        assert_eq!(status(&h, &repeat, &Answer::Prompt(None)), Ok(200));
+        assert_eq!(
+            status(&h, &Done::Applied, &Answer::Prompt(Some("nope".into()))),
+            Err(ViewError::NoPrompt)
+        );
+        h.run(&bob, Command::Leave, 5, &mut Fixed).expect("leave");
+        assert_eq!(
+            status(&h, &Done::Applied, &Answer::Session),
+            Err(ViewError::NotMember)
+        );
+        // Reads are for members; commands are the session's to check.
+        assert!(check_access(&h.session, &bob, &SessionRequest::Locks).is_err());
+        assert!(check_access(&h.session, &person("alice"), &SessionRequest::Locks).is_ok());
+        let leave = SessionRequest::Command(Command::Leave, Answer::Left);
+        assert!(check_access(&h.session, &bob, &leave).is_ok());
+    }
+}
