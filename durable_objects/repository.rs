@@ -3,13 +3,16 @@
 use nightshift_core::pool::{self, Pool, Slot, Work};
 use nightshift_core::repository::{cron_slot, Change, Registry, Settings};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use worker::*;
 
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::http::call;
-use crate::objects::{encode, CronAnswer, RepositoryIndexRoute, RepositoryName, RepositoryRoute};
+use crate::objects::{
+    encode, CronAnswer, PoolView, RepositoryIndexRoute, RepositoryInfo, RepositoryName,
+    RepositoryRoute, TaggedBuild,
+};
 pub use crate::objects::{ClaimAnswer, ClaimRequest};
 use crate::platform::now_ms;
 use crate::provider::{self, done_or_gone};
@@ -345,35 +348,8 @@ impl RepositoryObject {
         json_of(200, &self.info()?)
     }
 
-    fn info(&self) -> ApiResult<Value> {
-        let s = self.settings()?;
-        let r = self.registry()?;
-        let p = self.pool()?;
-        let count = |slot: Slot| p.entries.values().filter(|e| e.slot == slot).count();
-        let builds: Vec<Value> = r
-            .builds
-            .iter()
-            .rev()
-            .map(|b| {
-                let mut v = serde_json::to_value(b).unwrap_or(Value::Null);
-                v["tags"] = json!(r.tags(b));
-                v
-            })
-            .collect();
-        Ok(json!({
-            "repository": s,
-            "latest_image": r.latest,
-            "builds": builds,
-            "pool": {
-                "target": p.target,
-                "image": p.image,
-                "ready": count(Slot::Ready),
-                "booting": count(Slot::Booting) + count(Slot::Requested),
-                "draining": count(Slot::Draining),
-                "claimed": p.claims.len(),
-                "sandboxes": p.entries.values().collect::<Vec<_>>(),
-            },
-        }))
+    fn info(&self) -> ApiResult<RepositoryInfo> {
+        Ok(info_of(self.settings()?, self.registry()?, self.pool()?))
     }
 
     /// Asks the provider for an image build and records it; one build at a time.
@@ -629,6 +605,36 @@ fn repository_of(s: &Settings) -> Repository {
         clone_url: s.clone_url.clone(),
         base_branch: s.base_branch.clone(),
         egress: s.egress.clone(),
+    }
+}
+
+/// The repository as people see it: its settings, its builds newest first with their tags, and
+/// its pool counted by slot.
+fn info_of(repository: Settings, registry: Registry, pool: Pool) -> RepositoryInfo {
+    let count = |slot: Slot| pool.entries.values().filter(|e| e.slot == slot).count();
+    let builds = registry
+        .builds
+        .iter()
+        .rev()
+        .map(|b| TaggedBuild {
+            build: b.clone(),
+            tags: registry.tags(b),
+        })
+        .collect();
+    let pool_view = PoolView {
+        booting: count(Slot::Booting) + count(Slot::Requested),
+        claimed: pool.claims.len(),
+        draining: count(Slot::Draining),
+        image: pool.image.clone(),
+        ready: count(Slot::Ready),
+        sandboxes: pool.entries.values().cloned().collect(),
+        target: pool.target,
+    };
+    RepositoryInfo {
+        builds,
+        latest_image: registry.latest,
+        pool: pool_view,
+        repository,
     }
 }
 

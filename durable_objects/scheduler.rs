@@ -6,7 +6,7 @@ use nightshift_core::background::{BgError, Scheduler, Spawn, Status, Transition}
 use nightshift_core::budget::{Holding, Request as SlotRequest};
 use nightshift_core::ids::Identity;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use worker::*;
 
 use crate::auth::encode_identity;
@@ -14,10 +14,11 @@ use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::http::{call, index_add, session_stub};
 use crate::objects::{
-    encode, read_answer, read_body, with_query, AgentOutput, AgentPrompt, AgentResult,
-    AgentSession, BudgetRoute, ChildUpdate, Finished, OkAnswer, ParentEnded, SchedulerRoute,
-    SessionRoute, SlotAnswer, SlotAsk, Viewer, BACKGROUND_HEADER, IDENTITY_HEADER,
-    LAST_EVENT_ID_HEADER, SESSION_HEADER, SHARD_HEADER, VIEWER_HEADER,
+    encode, read_answer, read_body, with_query, AgentList, AgentOutcome, AgentOutput,
+    AgentOutputView, AgentPrompt, AgentResult, AgentSession, AgentView, BudgetRoute, ChildUpdate,
+    Finished, OkAnswer, ParentEnded, SchedulerRoute, SessionRoute, SlotAnswer, SlotAsk, Viewer,
+    BACKGROUND_HEADER, IDENTITY_HEADER, LAST_EVENT_ID_HEADER, SESSION_HEADER, SHARD_HEADER,
+    VIEWER_HEADER,
 };
 pub use crate::objects::{AgentLink, SpawnBody};
 use crate::platform::{new_id, now_ms, random_hex};
@@ -91,8 +92,28 @@ struct Record {
     created_at: u64,
     started_at: Option<u64>,
     finished_at: Option<u64>,
-    /// `{ok, reason, branch, commit}` once its prompt ended.
+    /// Its [`AgentOutcome`] once it ended (kept as stored: people see it as it is).
     result: Option<Value>,
+}
+
+/// One row of the `events` table: an agent's status changed. The agent's event stream sends the
+/// stored text as it is (`data:`), so its keys stay in this (alphabetical) order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatusEvent {
+    at: u64,
+    from: Option<Status>,
+    id: String,
+    session: Option<String>,
+    status: Status,
+    #[serde(rename = "type")]
+    kind: StatusEventType,
+}
+
+/// The `type` of a [`StatusEvent`] (its stream's `event:` name): the only kind of row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StatusEventType {
+    Status,
 }
 
 #[derive(Deserialize)]
@@ -351,10 +372,11 @@ impl SchedulerObject {
         Ok(())
     }
 
-    fn event(&self, agent: &str, body: Value) -> ApiResult<()> {
+    fn event(&self, agent: &str, event: &StatusEvent) -> ApiResult<()> {
+        let body = serde_json::to_string(event).map_err(ApiError::internal)?;
         self.sql()?.exec(
             "INSERT INTO events (agent, body) VALUES (?, ?)",
-            vec![agent.into(), body.to_string().into()],
+            vec![agent.into(), body.into()],
         )?;
         self.stored.notify();
         Ok(())
@@ -375,11 +397,15 @@ impl SchedulerObject {
                 r.finished_at = Some(now);
             }
             self.save_record(&r)?;
-            self.event(
-                &t.id,
-                json!({"type": "status", "id": t.id, "from": t.from.map(Status::as_str),
-                    "status": t.to.as_str(), "at": now, "session": r.session}),
-            )?;
+            let event = StatusEvent {
+                at: now,
+                from: t.from,
+                id: t.id.clone(),
+                session: r.session.clone(),
+                status: t.to,
+                kind: StatusEventType::Status,
+            };
+            self.event(&t.id, &event)?;
             changed.push(r);
         }
         Ok(changed)
@@ -445,7 +471,7 @@ impl SchedulerObject {
                         None,
                     )?
                     .to_array()?;
-                let mut out = Vec::new();
+                let mut agents = Vec::new();
                 for row in rows {
                     let r: Record = serde_json::from_str(&row.body).map_err(ApiError::internal)?;
                     let mine = sees(&viewer, &r);
@@ -453,14 +479,14 @@ impl SchedulerObject {
                         && status.as_ref().is_none_or(|s| r.status.as_str() == s)
                         && user.as_ref().is_none_or(|u| &r.identity.user == u);
                     if mine && wanted {
-                        out.push(agent_json(&r));
+                        agents.push(agent_view(&r));
                     }
                 }
-                json_of(200, &json!({"agents": out}))
+                json_of(200, &AgentList { agents })
             }
             SchedulerRoute::Agent(id) => {
                 let viewer = Self::viewer(&req)?;
-                json_of(200, &agent_json(&self.visible(&viewer, &id)?))
+                json_of(200, &agent_view(&self.visible(&viewer, &id)?))
             }
             SchedulerRoute::AgentOutput(id) => {
                 let viewer = Self::viewer(&req)?;
@@ -476,7 +502,7 @@ impl SchedulerObject {
                 self.settle(ts).await?;
                 self.rebalanced(&self.shard(&req), false).await?;
                 let r = self.visible(&viewer, &id)?;
-                json_of(200, &agent_json(&r))
+                json_of(200, &agent_view(&r))
             }
             SchedulerRoute::AgentEvents(id) => {
                 let viewer = Self::viewer(&req)?;
@@ -563,7 +589,7 @@ impl SchedulerObject {
         let r = self
             .record(&id)?
             .ok_or_else(|| ApiError::internal("lost record"))?;
-        json_of(201, &agent_json(&r))
+        json_of(201, &agent_view(&r))
     }
 
     /// Records transitions, starts the agents that became `starting`, stops the cancelled
@@ -660,7 +686,11 @@ impl SchedulerObject {
             Ok(()) => s.transition(&r.id, Status::Running),
             Err(e) => {
                 if let Some(mut rec) = self.record(&r.id)? {
-                    rec.result = Some(json!({"ok": false, "reason": e.message}));
+                    let outcome = AgentOutcome::Ended {
+                        ok: false,
+                        reason: e.message,
+                    };
+                    rec.result = Some(outcome.value());
                     self.save_record(&rec)?;
                 }
                 s.transition(&r.id, Status::Failed)
@@ -750,23 +780,16 @@ impl SchedulerObject {
 
     /// Final message, branch and changed files (from the agent's session).
     async fn output(&self, r: &Record) -> ApiResult<Response> {
-        let mut out = json!({"id": r.id, "status": r.status.as_str(), "session": r.session,
-            "result": r.result, "message": null, "files": []});
+        let mut output: Option<AgentOutput> = None;
         if let Some(sid) = &r.session {
             let stub = session_stub(&self.env, sid)?;
             let ask = SessionRoute::BackgroundOutput;
             let mut resp = call(&stub, ask.method(), ask.path(), None, None).await?;
             if resp.status_code() == 200 {
-                let output: AgentOutput = read_answer(&mut resp, ask.path()).await?;
-                out["message"] = Value::String(output.message);
-                out["files"] = json!(output.files);
+                output = Some(read_answer(&mut resp, ask.path()).await?);
             }
         }
-        if let Some(res) = &r.result {
-            out["branch"] = res["branch"].clone();
-            out["commit"] = res["commit"].clone();
-        }
-        json_of(200, &out)
+        json_of(200, &output_view(r, output))
     }
 
     /// Server-sent events of one agent from after `after` (the `Last-Event-ID`), streaming
@@ -814,15 +837,11 @@ impl SchedulerObject {
                     let mut ended = false;
                     for e in rows {
                         after = e.seq;
-                        let v: Value = serde_json::from_str(&e.body).unwrap_or(Value::Null);
-                        ended |= v["status"]
-                            .as_str()
-                            .is_some_and(|s| matches!(s, "completed" | "failed" | "cancelled"));
+                        let event = serde_json::from_str::<StatusEvent>(&e.body).ok();
+                        ended |= event.is_some_and(|ev| ev.status.is_terminal());
                         text.push_str(&format!(
-                            "id: {}\nevent: {}\ndata: {}\n\n",
-                            e.seq,
-                            v["type"].as_str().unwrap_or("status"),
-                            e.body
+                            "id: {}\nevent: status\ndata: {}\n\n",
+                            e.seq, e.body
                         ));
                     }
                     return Some((
@@ -895,20 +914,71 @@ impl Notify {
 }
 
 /// An agent as the API shows it.
-fn agent_json(r: &Record) -> Value {
-    json!({
-        "id": r.id, "status": r.status.as_str(), "title": r.title, "prompt": r.prompt,
-        "repository": r.repository, "model": r.model, "parent": r.parent, "session": r.session,
-        "user": r.identity.user, "created_at": r.created_at, "started_at": r.started_at,
-        "finished_at": r.finished_at, "result": r.result,
-    })
+fn agent_view(r: &Record) -> AgentView {
+    AgentView {
+        created_at: r.created_at,
+        finished_at: r.finished_at,
+        id: r.id.clone(),
+        model: r.model.clone(),
+        parent: r.parent.clone(),
+        prompt: r.prompt.clone(),
+        repository: r.repository.clone(),
+        result: r.result.clone(),
+        session: r.session.clone(),
+        started_at: r.started_at,
+        status: r.status,
+        title: r.title.clone(),
+        user: r.identity.user.clone(),
+    }
 }
 
-/// The agents' rows (`agents` table) and the link a session keeps (its `kv` key `background`).
+/// What an agent did: its session's `output` (when it answered) and, once it ended, the branch
+/// and commit of its result.
+fn output_view(r: &Record, output: Option<AgentOutput>) -> AgentOutputView {
+    let agent_result = r.result.as_ref().map(AgentResult::of);
+    let (message, files) = match output {
+        Some(o) => (Some(o.message), o.files),
+        None => (None, Vec::new()),
+    };
+    AgentOutputView {
+        branch: agent_result.as_ref().map(|a| a.branch.clone()),
+        commit: agent_result.map(|a| a.commit),
+        files,
+        id: r.id.clone(),
+        message,
+        result: r.result.clone(),
+        session: r.session.clone(),
+        status: r.status,
+    }
+}
+
+/// The agents' rows (`agents` table, with the outcome kept in their `result`), their status
+/// events (`events` table) and the link a session keeps (its `kv` key `background`).
 #[cfg(test)]
 mod stored_formats {
-    use super::{AgentLink, Record};
+    use super::{AgentLink, AgentOutcome, Record, StatusEvent};
     use crate::store::stored_formats::pinned;
+
+    #[test]
+    fn agent_outcome_format_unchanged() {
+        pinned::<AgentOutcome>(
+            r#"{"branch":"nightshift/ses_2","commit":"4f2c9e1","ok":true,"reason":"done"}"#,
+        );
+        pinned::<AgentOutcome>(r#"{"branch":null,"commit":null,"ok":false,"reason":null}"#);
+        pinned::<AgentOutcome>(
+            r#"{"ok":false,"reason":"stopped: someone stopped the agent's prompt"}"#,
+        );
+    }
+
+    #[test]
+    fn status_event_format_unchanged() {
+        pinned::<StatusEvent>(
+            r#"{"at":1700000001000,"from":"queued","id":"bg_acme_1f","session":null,"status":"starting","type":"status"}"#,
+        );
+        pinned::<StatusEvent>(
+            r#"{"at":1700000000000,"from":null,"id":"bg_acme_1f","session":null,"status":"queued","type":"status"}"#,
+        );
+    }
 
     #[test]
     fn agent_link_format_unchanged() {
@@ -920,6 +990,107 @@ mod stored_formats {
         pinned::<Record>(
             r#"{"id":"bg_acme_1f","identity":{"user":"u_ada","name":"Ada","email":"ada@example.com"},"title":"Write tests","prompt":"Add tests for the login form","repository":"acme/web","model":"claude-sonnet","parent":"ses_1","status":"completed","session":"ses_2","created_at":1700000000000,"started_at":1700000001000,"finished_at":1700000009000,"result":{"branch":"nightshift/ses_2","commit":"4f2c9e1","ok":true,"reason":"done"}}"#,
         );
+    }
+}
+
+/// The views encode as the `json!` objects they replaced (written out as they were).
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(result: Option<Value>) -> Record {
+        Record {
+            id: "bg_acme_1f".into(),
+            identity: Identity {
+                user: "u_ada".into(),
+                name: "Ada".into(),
+                email: None,
+            },
+            title: "Write tests".into(),
+            prompt: "Add tests for the login form".into(),
+            repository: Some("acme/web".into()),
+            model: None,
+            parent: Some("ses_1".into()),
+            status: Status::Completed,
+            session: Some("ses_2".into()),
+            created_at: 1,
+            started_at: Some(2),
+            finished_at: Some(3),
+            result,
+        }
+    }
+
+    fn text<T: Serialize>(view: &T) -> String {
+        serde_json::to_string(view).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_agent_is_shown_as_before() {
+        let outcome = AgentOutcome::Finished {
+            branch: Some("nightshift/ses_2".into()),
+            commit: None,
+            ok: true,
+            reason: None,
+        };
+        let r = record(Some(outcome.value()));
+        let old = json!({
+            "id": r.id, "status": r.status.as_str(), "title": r.title, "prompt": r.prompt,
+            "repository": r.repository, "model": r.model, "parent": r.parent, "session": r.session,
+            "user": r.identity.user, "created_at": r.created_at, "started_at": r.started_at,
+            "finished_at": r.finished_at, "result": r.result,
+        });
+        assert_eq!(text(&agent_view(&r)), old.to_string());
+    }
+
+    #[test]
+    fn an_agents_output_is_shown_as_before() {
+        let stopped = AgentOutcome::Ended {
+            ok: false,
+            reason: "stopped".into(),
+        };
+        for r in [record(None), record(Some(stopped.value()))] {
+            for output in [
+                None,
+                Some(AgentOutput {
+                    files: vec!["src/a.rs".into()],
+                    message: "Done.".into(),
+                }),
+            ] {
+                let mut out = json!({"id": r.id, "status": r.status.as_str(), "session": r.session,
+                    "result": r.result, "message": null, "files": []});
+                if let Some(output) = output.clone() {
+                    out["message"] = Value::String(output.message);
+                    out["files"] = json!(output.files);
+                }
+                if let Some(res) = &r.result {
+                    out["branch"] = res["branch"].clone();
+                    out["commit"] = res["commit"].clone();
+                }
+                assert_eq!(text(&output_view(&r, output)), out.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn a_status_event_is_stored_as_before() {
+        let t = Transition {
+            id: "bg_acme_1f".into(),
+            from: Some(Status::Queued),
+            to: Status::Starting,
+        };
+        let (now, session) = (7u64, None::<String>);
+        let event = StatusEvent {
+            at: now,
+            from: t.from,
+            id: t.id.clone(),
+            session: session.clone(),
+            status: t.to,
+            kind: StatusEventType::Status,
+        };
+        let old = json!({"type": "status", "id": t.id, "from": t.from.map(Status::as_str),
+            "status": t.to.as_str(), "at": now, "session": session});
+        assert_eq!(text(&event), old.to_string());
     }
 }
 

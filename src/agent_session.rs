@@ -3,13 +3,13 @@
 use nightshift_core::events::{Event, EventKind};
 use nightshift_core::ids::Identity;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use worker::{Env, SqlStorage};
 
 use crate::error::{ApiError, ApiResult, EdgeError};
 use crate::objects::{
-    decode_answer, encode, AgentLink, AgentOutput, Finished, ParentEnded, SchedulerRoute,
-    SpawnBody, Spawned, Viewer,
+    decode_answer, encode, AgentLink, AgentOutcome, AgentOutput, AgentOutputView, ChildrenAnswer,
+    Finished, ParentEnded, SchedulerRoute, SpawnBody, Spawned, Viewer,
 };
 use crate::scheduler::{on_shard, shard_of};
 use crate::store;
@@ -24,7 +24,7 @@ pub fn link(sql: &SqlStorage) -> ApiResult<Option<AgentLink>> {
 }
 
 /// What the agent's prompt ended with, if one of these events ends it.
-pub fn ending(events: &[Event]) -> Option<(bool, Value)> {
+pub fn ending(events: &[Event]) -> Option<(bool, AgentOutcome)> {
     events.iter().rev().find_map(|e| match &e.kind {
         EventKind::PromptFinished {
             ok,
@@ -34,22 +34,38 @@ pub fn ending(events: &[Event]) -> Option<(bool, Value)> {
             ..
         } => Some((
             *ok,
-            json!({"ok": ok, "reason": reason, "branch": branch, "commit": commit}),
+            AgentOutcome::Finished {
+                branch: branch.clone(),
+                commit: commit.clone(),
+                ok: *ok,
+                reason: reason.clone(),
+            },
         )),
         EventKind::PromptStopped { .. } => Some((
             false,
-            json!({"ok": false, "reason": "stopped: someone stopped the agent's prompt"}),
+            AgentOutcome::Ended {
+                ok: false,
+                reason: STOPPED.to_string(),
+            },
         )),
         _ => None,
     })
 }
 
+/// The reason of an agent whose prompt someone stopped.
+const STOPPED: &str = "stopped: someone stopped the agent's prompt";
+
 /// Tells the scheduler that this session's agent ended.
-pub async fn report_end(env: &Env, link: &AgentLink, ok: bool, result: Value) -> ApiResult<()> {
+pub async fn report_end(
+    env: &Env,
+    link: &AgentLink,
+    ok: bool,
+    outcome: AgentOutcome,
+) -> ApiResult<()> {
     let finished = Finished {
         id: link.agent.clone(),
         ok,
-        result,
+        result: outcome.value(),
     };
     let viewer = Viewer::Agent(link.agent.clone());
     let route = SchedulerRoute::Finished;
@@ -179,18 +195,25 @@ pub async fn tool(
                 Some(i) => vec![i],
                 None => store::kv_get(sql, CHILDREN)?.unwrap_or_default(),
             };
-            let mut out = Vec::new();
+            let mut children = Vec::new();
             for i in ids {
                 let route = SchedulerRoute::AgentOutput(i);
                 let mut r = on_shard(env, &shard, &viewer, &route, "", None, None).await?;
                 let status = r.status_code();
-                let v: Value = r.json().await.unwrap_or(Value::Null);
+                let bytes = r.bytes().await.map_err(ApiError::internal)?;
                 if status != 200 {
-                    return Ok((status, v));
+                    // A refusal goes back to the sandbox as it is.
+                    let refusal: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    return Ok((status, refusal));
                 }
-                out.push(v);
+                let child: AgentOutputView = decode_answer(&route.path(), &bytes)?;
+                children.push(child);
             }
-            Ok((200, json!({"children": out})))
+            let answer = ChildrenAnswer { children };
+            Ok((
+                200,
+                serde_json::to_value(&answer).map_err(ApiError::internal)?,
+            ))
         }
     }
 }
@@ -231,5 +254,61 @@ mod stored_formats {
     #[test]
     fn children_format_unchanged() {
         pinned::<Vec<String>>(r#"["bg_acme_1f","bg_acme_2a"]"#);
+    }
+}
+
+/// What an agent's session reports as its end is the result it reported before.
+#[cfg(test)]
+mod tests {
+    use super::ending;
+    use nightshift_core::events::{Event, EventKind};
+    use nightshift_core::ids::Actor;
+    use serde_json::json;
+
+    fn event(kind: EventKind) -> Event {
+        Event {
+            seq: 1,
+            at: 1,
+            actor: Actor {
+                user: "ada".into(),
+                name: "Ada".into(),
+            },
+            kind,
+        }
+    }
+
+    fn reported(kind: EventKind) -> Option<(bool, String)> {
+        ending(&[event(kind)]).map(|(ok, outcome)| (ok, outcome.value().to_string()))
+    }
+
+    #[test]
+    fn an_end_reports_the_result_it_reported_before() {
+        for (ok, reason, branch, commit) in [
+            (
+                true,
+                Some("done"),
+                Some("nightshift/ses_2"),
+                Some("4f2c9e1"),
+            ),
+            (false, None, None, None),
+        ] {
+            let finished = EventKind::PromptFinished {
+                id: "p1".into(),
+                ok,
+                reason: reason.map(String::from),
+                branch: branch.map(String::from),
+                commit: commit.map(String::from),
+            };
+            let old = json!({"ok": ok, "reason": reason, "branch": branch, "commit": commit});
+            assert_eq!(reported(finished), Some((ok, old.to_string())));
+        }
+        let stopped = EventKind::PromptStopped { id: "p1".into() };
+        let old = json!({"ok": false, "reason": "stopped: someone stopped the agent's prompt"});
+        assert_eq!(reported(stopped), Some((false, old.to_string())));
+        let text = EventKind::AgentText {
+            prompt: "p1".into(),
+            text: "hi".into(),
+        };
+        assert_eq!(reported(text), None);
     }
 }

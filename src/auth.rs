@@ -5,6 +5,7 @@ use base64::Engine;
 use nightshift_core::ids::Identity;
 use nightshift_core::token::{self, Claims};
 use nightshift_core::wire::DevSignIn;
+use serde::Serialize;
 use worker::{Env, Request};
 
 use crate::config;
@@ -50,8 +51,18 @@ fn valid_user(user: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
 }
 
+/// The answer of `POST /auth/dev`: a token for the person it signed in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevSignedIn {
+    /// Always `true`: a dev token, not a real sign-in.
+    pub dev_only: bool,
+    pub expires_at: u64,
+    pub token: String,
+    pub user: Identity,
+}
+
 /// `POST /auth/dev`: signs a person in by name. Only exists when DEV_AUTH=1.
-pub fn dev_sign_in(body: DevSignIn, env: &Env) -> ApiResult<serde_json::Value> {
+pub fn dev_sign_in(body: DevSignIn, env: &Env) -> ApiResult<DevSignedIn> {
     if !valid_user(&body.user) {
         return Err(EdgeError::InvalidUser.into());
     }
@@ -71,12 +82,16 @@ pub fn dev_sign_in(body: DevSignIn, env: &Env) -> ApiResult<serde_json::Value> {
         exp: now + config::token_ttl_ms(env),
     };
     let token = token::issue(&claims, &config::auth_secret(env))?;
-    Ok(serde_json::json!({
-        "token": token,
-        "user": { "user": claims.sub, "name": claims.name, "email": claims.email },
-        "expires_at": claims.exp,
-        "dev_only": true
-    }))
+    Ok(DevSignedIn {
+        dev_only: true,
+        expires_at: claims.exp,
+        token,
+        user: Identity {
+            user: claims.sub,
+            name: claims.name,
+            email: claims.email,
+        },
+    })
 }
 
 /// Encodes an identity for the header to a Durable Object.
@@ -89,4 +104,35 @@ pub fn decode_identity(req: &Request) -> Option<Identity> {
     let raw = req.headers().get(IDENTITY_HEADER).ok().flatten()?;
     let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DevSignedIn;
+    use nightshift_core::ids::Identity;
+    use serde_json::json;
+
+    /// The dev sign-in answer has the keys and values of the `json!` it replaced (the `user`
+    /// object's keys now come in `Identity`'s order).
+    #[test]
+    fn the_dev_sign_in_answer_is_the_json_it_replaced() {
+        let (token, sub, name, email, exp) = ("t.k", "ada", "Ada", Some("ada@x.dev"), 9u64);
+        let answer = DevSignedIn {
+            dev_only: true,
+            expires_at: exp,
+            token: token.into(),
+            user: Identity {
+                user: sub.into(),
+                name: name.into(),
+                email: email.map(String::from),
+            },
+        };
+        let old = json!({
+            "token": token,
+            "user": { "user": sub, "name": name, "email": email },
+            "expires_at": exp,
+            "dev_only": true
+        });
+        assert_eq!(serde_json::to_value(&answer).ok(), Some(old));
+    }
 }

@@ -221,8 +221,19 @@ impl EdgeError {
 
     /// The status and JSON body of this refusal, for code that passes answers on as values.
     pub fn answer(&self) -> (u16, serde_json::Value) {
-        let body =
-            serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        /// `{"error": {"code", "message"}}`, as every HTTP refusal's body.
+        #[derive(serde::Serialize)]
+        struct Refusal {
+            error: nightshift_core::wire::ErrorBody,
+        }
+        let refusal = Refusal {
+            error: nightshift_core::wire::ErrorBody {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        };
+        // Two strings: encoding cannot fail.
+        let body = serde_json::to_value(&refusal).unwrap_or_default();
         (self.status(), body)
     }
 }

@@ -715,6 +715,134 @@ pub struct AgentOutput {
     pub message: String,
 }
 
+// ---- Background agents as people (and a sandbox's agent tools) see them ---------------------
+//
+// The scheduler answers with these; the Worker passes them on to people unchanged, and a
+// session's agent tools read them back for the sandbox. Fields are declared in alphabetical
+// order: the order of the `json!` objects they replace.
+
+/// How an agent ended: its record's `result` (stored in the scheduler's `agents` rows, sent in
+/// [`Finished`], shown to people). The two forms differ by whether `branch` and `commit` are
+/// there at all (a finished prompt's are, null when it pushed none), as they always did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum AgentOutcome {
+    /// It ended without a prompt finishing: stopped, or its start failed.
+    Ended { ok: bool, reason: String },
+    /// Its prompt finished, with the branch and commit it pushed.
+    Finished {
+        branch: Option<String>,
+        commit: Option<String>,
+        ok: bool,
+        reason: Option<String>,
+    },
+}
+
+impl AgentOutcome {
+    /// The outcome as a record keeps it (strings and booleans only: encoding cannot fail).
+    pub fn value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// An agent (`GET /background/:id`, the answer of a spawn and a cancel, and each agent of a list).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    pub id: String,
+    pub model: Option<String>,
+    pub parent: Option<String>,
+    pub prompt: String,
+    pub repository: Option<String>,
+    /// Its [`AgentOutcome`] as stored, once it ended.
+    pub result: Option<Value>,
+    pub session: Option<String>,
+    pub started_at: Option<u64>,
+    pub status: nightshift_core::background::Status,
+    pub title: String,
+    /// The person it works for.
+    pub user: String,
+}
+
+/// `GET /background`: the agents a viewer sees, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+}
+
+/// `GET /background/:id/output`: what an agent did. `branch` and `commit` are there once it
+/// ended (null when its result has none); `message` is null while its session has not answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentOutputView {
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub branch: Option<Option<String>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub commit: Option<Option<String>>,
+    pub files: Vec<String>,
+    pub id: String,
+    pub message: Option<String>,
+    pub result: Option<Value>,
+    pub session: Option<String>,
+    pub status: nightshift_core::background::Status,
+}
+
+/// A field that may be absent (`None`) or there and null (`Some(None)`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// The answer of the sandbox's `check_session` tool: the output of each agent it asked about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildrenAnswer {
+    pub children: Vec<AgentOutputView>,
+}
+
+// ---- Repositories as people see them -------------------------------------------------------
+
+/// A repository (`GET /repositories/:name`, and the answer of a registration and a change):
+/// its settings, its builds (newest first, with their tags) and its warm pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryInfo {
+    pub builds: Vec<TaggedBuild>,
+    pub latest_image: Option<String>,
+    pub pool: PoolView,
+    pub repository: nightshift_core::repository::Settings,
+}
+
+/// A build with its tags (`latest`, `commit:…`, `built:…`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedBuild {
+    #[serde(flatten)]
+    pub build: nightshift_core::repository::Build,
+    pub tags: Vec<String>,
+}
+
+/// A repository's warm pool: its target, its image and its sandboxes counted by slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// Requested or booting.
+    pub booting: usize,
+    pub claimed: usize,
+    pub draining: usize,
+    pub image: Option<String>,
+    pub ready: usize,
+    pub sandboxes: Vec<nightshift_core::pool::Pooled>,
+    pub target: u32,
+}
+
 /// An exchange of a shard with the global budget: `n` slots, with its report (`seq`, `held`;
 /// absent from shards that predate reconciling).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1323,5 +1451,214 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(header.is_some_and(|e| e.contains(BACKGROUND_HEADER)));
+    }
+}
+
+/// The people-facing views encode as the `json!` objects they replaced (each old literal is
+/// written out below, built from the same values), and the agent outcome reads back as stored.
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use nightshift_core::background::Status;
+    use nightshift_core::pool::{Pooled, Slot};
+    use nightshift_core::repository::{Build, Settings};
+    use serde_json::json;
+
+    fn text<T: Serialize>(view: &T) -> String {
+        serde_json::to_string(view).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_agent_outcome_is_the_result_it_replaced() {
+        let (branch, commit, reason) = (Some("nightshift/ses_2"), None::<&str>, Some("done"));
+        let finished = AgentOutcome::Finished {
+            branch: branch.map(String::from),
+            commit: None,
+            ok: true,
+            reason: reason.map(String::from),
+        };
+        let old = json!({"ok": true, "reason": reason, "branch": branch, "commit": commit});
+        assert_eq!(text(&finished), old.to_string());
+        assert_eq!(finished.value(), old);
+        let stopped = AgentOutcome::Ended {
+            ok: false,
+            reason: "stopped: someone stopped the agent's prompt".into(),
+        };
+        let old = json!({"ok": false, "reason": "stopped: someone stopped the agent's prompt"});
+        assert_eq!(text(&stopped), old.to_string());
+        // Both forms read back as the form they are (no `branch` is added to an ended one).
+        let read = |v: &Value| serde_json::from_value::<AgentOutcome>(v.clone()).ok();
+        assert_eq!(read(&old), Some(stopped));
+        assert_eq!(read(&finished.value()), Some(finished));
+        // The reader of a branch reads both.
+        assert_eq!(AgentResult::of(&old), AgentResult::default());
+    }
+
+    fn view(status: Status, result: Option<Value>) -> AgentView {
+        AgentView {
+            created_at: 1,
+            finished_at: None,
+            id: "bg_acme_1f".into(),
+            model: None,
+            parent: Some("ses_1".into()),
+            prompt: "Add tests".into(),
+            repository: Some("acme/web".into()),
+            result,
+            session: Some("ses_2".into()),
+            started_at: Some(2),
+            status,
+            title: "Background: Add tests".into(),
+            user: "ada".into(),
+        }
+    }
+
+    #[test]
+    fn an_agent_view_is_the_json_it_replaced() {
+        let result = Some(json!({"ok": false, "reason": "stopped"}));
+        let r = view(Status::Failed, result.clone());
+        let (model, finished_at): (Option<String>, Option<u64>) = (None, None);
+        let old = json!({
+            "id": r.id, "status": "failed", "title": r.title, "prompt": r.prompt,
+            "repository": r.repository, "model": model, "parent": r.parent, "session": r.session,
+            "user": "ada", "created_at": 1, "started_at": Some(2),
+            "finished_at": finished_at, "result": result,
+        });
+        assert_eq!(text(&r), old.to_string());
+        let list = AgentList {
+            agents: vec![r.clone()],
+        };
+        assert_eq!(text(&list), json!({"agents": [old]}).to_string());
+        let back: Option<AgentList> = serde_json::from_str(&text(&list)).ok();
+        assert_eq!(back, Some(list));
+    }
+
+    #[test]
+    fn an_agent_output_is_the_json_it_replaced() {
+        // Running, its session answered, no result yet: no `branch` or `commit` keys.
+        let running = AgentOutputView {
+            branch: None,
+            commit: None,
+            files: vec!["src/a.rs".into()],
+            id: "bg_acme_1f".into(),
+            message: Some("Done.".into()),
+            result: None,
+            session: Some("ses_2".into()),
+            status: Status::Running,
+        };
+        let mut old = json!({"id": "bg_acme_1f", "status": "running", "session": "ses_2",
+            "result": null, "message": null, "files": []});
+        old["message"] = Value::String("Done.".into());
+        old["files"] = json!(["src/a.rs"]);
+        assert_eq!(text(&running), old.to_string());
+        // Ended without a branch, its session gone: `branch` and `commit` there and null.
+        let res = json!({"ok": false, "reason": "stopped"});
+        let ended = AgentOutputView {
+            branch: Some(None),
+            commit: Some(None),
+            files: Vec::new(),
+            message: None,
+            result: Some(res.clone()),
+            status: Status::Failed,
+            session: None,
+            ..running.clone()
+        };
+        let mut old = json!({"id": "bg_acme_1f", "status": "failed", "session": null,
+            "result": res, "message": null, "files": []});
+        old["branch"] = res["branch"].clone();
+        old["commit"] = res["commit"].clone();
+        assert_eq!(text(&ended), old.to_string());
+        // The agent tools read them back as the scheduler wrote them (absent ≠ null).
+        let children = ChildrenAnswer {
+            children: vec![running, ended],
+        };
+        let encoded = text(&children);
+        let back: Option<ChildrenAnswer> = serde_json::from_str(&encoded).ok();
+        assert_eq!(back.as_ref(), Some(&children));
+        let old_children = json!({"children": [
+            serde_json::to_value(&children.children[0]).unwrap_or_default(),
+            old,
+        ]});
+        assert_eq!(encoded, old_children.to_string());
+    }
+
+    #[test]
+    fn a_repository_info_is_the_json_it_replaced() {
+        let s = Settings {
+            name: "acme/web".into(),
+            clone_url: "https://example.com/acme/web.git".into(),
+            base_branch: "main".into(),
+            setup: vec!["npm ci".into()],
+            test: None,
+            pool_size: 1,
+            build_every_min: 30,
+            egress: Vec::new(),
+        };
+        let b = Build {
+            image: "im_1".into(),
+            status: "ready".into(),
+            reason: "registered".into(),
+            started_at: 1,
+            finished_at: Some(2),
+            commit: Some("4f2c9e1".into()),
+            test_exit_code: Some(0),
+            error: None,
+        };
+        let tags = vec![
+            "latest".to_string(),
+            "commit:4f2c9e1".into(),
+            "built:2".into(),
+        ];
+        let sandbox = Pooled {
+            sandbox: Some("sb_1".into()),
+            image: Some("im_1".into()),
+            slot: Slot::Ready,
+            since: 3,
+        };
+        let info = RepositoryInfo {
+            builds: vec![TaggedBuild {
+                build: b.clone(),
+                tags: tags.clone(),
+            }],
+            latest_image: Some("im_1".into()),
+            pool: PoolView {
+                booting: 0,
+                claimed: 1,
+                draining: 0,
+                image: Some("im_1".into()),
+                ready: 1,
+                sandboxes: vec![sandbox.clone()],
+                target: 1,
+            },
+            repository: s.clone(),
+        };
+        let mut build = serde_json::to_value(&b).unwrap_or(Value::Null);
+        build["tags"] = json!(tags);
+        let old = json!({
+            "repository": s,
+            "latest_image": "im_1",
+            "builds": [build],
+            "pool": {
+                "target": 1,
+                "image": "im_1",
+                "ready": 1,
+                "booting": 0,
+                "draining": 0,
+                "claimed": 1,
+                "sandboxes": [&sandbox],
+            },
+        });
+        // The same keys and values (nested structs now keep their declared key order).
+        assert_eq!(serde_json::to_value(&info).ok(), Some(old));
+        let back: Option<RepositoryInfo> = serde_json::from_str(&text(&info)).ok();
+        assert_eq!(back, Some(info));
+    }
+
+    /// `EdgeError::answer`'s body (its tests live here: `src/error.rs` is another's).
+    #[test]
+    fn an_edge_refusal_is_the_body_it_replaced() {
+        let e = EdgeError::NoSuchAgent;
+        let old = json!({ "error": { "code": e.code(), "message": e.to_string() } });
+        assert_eq!(e.answer(), (404, old.clone()));
+        assert_eq!(e.answer().1.to_string(), old.to_string());
     }
 }

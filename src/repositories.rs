@@ -1,14 +1,21 @@
 //! `/repositories…`: register, list and change repositories, build images, roll back; and the build schedule (cron).
 
 use nightshift_core::repository::Settings;
+use serde::Serialize;
 use worker::{Env, Method, Request, Response, Stub};
 
 use crate::auth;
 use crate::error::{json_of, json_response, ApiError, ApiResult};
 use crate::http::{call, no_route, read_body, read_bytes, repository_stub};
 use crate::objects::{
-    encode, read_answer, with_query, Names, RepositoryIndexRoute, RepositoryRoute,
+    encode, read_answer, with_query, Names, RepositoryIndexRoute, RepositoryInfo, RepositoryRoute,
 };
+
+/// `GET /repositories`: every registered repository, as its object shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepositoryList {
+    pub repositories: Vec<RepositoryInfo>,
+}
 
 fn index(env: &Env) -> ApiResult<Stub> {
     Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
@@ -31,7 +38,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         }
         (Method::Get, ["repositories"]) => {
             let names = list(env).await?;
-            let mut out = Vec::new();
+            let mut repositories = Vec::new();
             for n in names {
                 let info = RepositoryRoute::Info;
                 let stub = repository_stub(env, &n)?;
@@ -39,10 +46,10 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 // A listed name that is not registered (a registration that did not complete)
                 // is not shown.
                 if r.status_code() == 200 {
-                    out.push(r.json::<serde_json::Value>().await?);
+                    repositories.push(read_answer(&mut r, &info.path()).await?);
                 }
             }
-            json_of(200, &serde_json::json!({"repositories": out}))
+            json_of(200, &RepositoryList { repositories })
         }
         (Method::Get, ["repositories", name]) => {
             on_repository(env, name, RepositoryRoute::Info, "", None).await
@@ -107,4 +114,25 @@ pub async fn scheduled(env: &Env, at_ms: u64) -> ApiResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RepositoryList;
+    use serde_json::json;
+
+    /// The list has the one key of the `json!` it replaced (each repository is the object's
+    /// `RepositoryInfo`, checked beside it in `src/objects.rs`).
+    #[test]
+    fn the_list_is_the_json_it_replaced() {
+        let list = RepositoryList {
+            repositories: Vec::new(),
+        };
+        let out: Vec<serde_json::Value> = Vec::new();
+        let old = json!({"repositories": out});
+        assert_eq!(
+            serde_json::to_string(&list).unwrap_or_default(),
+            old.to_string()
+        );
+    }
 }
