@@ -132,6 +132,10 @@ async fn main() {
     if run("background") {
         background().await;
     }
+    if only.as_deref() == Some("single") {
+        single().await;
+        guard();
+    }
 }
 
 /// `BENCH_N` (iterations of each measurement), or `default`.
@@ -979,6 +983,7 @@ async fn single_commands(bed: &Bed<'_>, total: usize) {
     }
     let quiet = Duration::from_millis(200);
     join_all(hot.clients.iter_mut().map(|ws| drain_counting(ws, quiet))).await;
+    let profile = Profiler::start(bed).await;
     let (first, rest) = hot.clients.split_at_mut(1);
     let sender = &mut first[0];
     let t0 = Instant::now();
@@ -1005,6 +1010,9 @@ async fn single_commands(bed: &Bed<'_>, total: usize) {
     let ((mut acks, done), arrivals) = tokio::join!(send, receive);
     let last = arrivals.into_iter().fold(done, Instant::max);
     single_report(bed.side, "client commands", total, last - t0, &mut acks);
+    if let Some(p) = profile {
+        p.finish(bed.side, "client commands", total).await;
+    }
 }
 
 /// Single-event throughput, sandbox events: in a session of exactly 10 sockets, the sandbox link
@@ -1025,6 +1033,7 @@ async fn single_sandbox_events(bed: &Bed<'_>, total: usize) {
     }
     let quiet = Duration::from_millis(200);
     join_all(hot.clients.iter_mut().map(|ws| drain_counting(ws, quiet))).await;
+    let profile = Profiler::start(bed).await;
     let Hot {
         clients,
         link,
@@ -1053,6 +1062,9 @@ async fn single_sandbox_events(bed: &Bed<'_>, total: usize) {
     let (mut acks, arrivals) = tokio::join!(send, receive);
     let last = arrivals.into_iter().max().unwrap_or_else(Instant::now);
     single_report(bed.side, "sandbox events", total, last - t0, &mut acks);
+    if let Some(p) = profile {
+        p.finish(bed.side, "sandbox events", total).await;
+    }
 }
 
 /// Prints (and keeps) a single-event throughput figure and its send -> ack percentiles.
@@ -2252,4 +2264,424 @@ async fn wake() {
     );
     report("first GET after restart, no prompt ever", &mut woke_quiet);
     report("second GET of the looped session", &mut warm);
+}
+
+/// `bench.sh single`: only the single-event throughput phases (client commands, then sandbox
+/// events, at 10 clients, next on ack), on Nightshift (the fake provider as its compute, as in
+/// `control`'s hot paths) and then on the runtime floor, then the guard. With `BENCH_PROFILE=dir`
+/// each phase's counted part runs under a V8 CPU profile of the user runtime (see `Profiler`).
+async fn single() {
+    let (fake, url) = nightshift_tests::fake_provider::start().await;
+    let server = Server::start(&[
+        ("PROMPT_RUNNER", "sandbox"),
+        ("PROVIDER_URL", &url),
+        ("PROVIDER_SECRET", nightshift_tests::fake_provider::SECRET),
+        ("CONTROL_URL", "{self}"),
+        ("MAX_CLIENTS_PER_USER", "5000"),
+        ("MAX_LOCK_TTL_MS", "600000"),
+    ])
+    .await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    println!("Single-event throughput: Nightshift (release Wasm), then the runtime floor");
+    let bed = Bed {
+        side: Side::Nightshift,
+        server: &server,
+        api,
+        who: ada,
+        fake: Some(fake),
+    };
+    let total = env_num("BENCH_SINGLE", 1000).max(1);
+    single_commands(&bed, total).await;
+    single_sandbox_events(&bed, total).await;
+    drop(bed);
+    drop(server);
+    let dir = nightshift_tests::repo_root().join("tests/floor");
+    let server = Server::start_in(&dir, &[]).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let bed = Bed {
+        side: Side::Floor,
+        server: &server,
+        api,
+        who: ada,
+        fake: None,
+    };
+    single_commands(&bed, total).await;
+    single_sandbox_events(&bed, total).await;
+}
+
+/// A V8 CPU profile of the user runtime (the workerd isolate running the Worker and its Durable
+/// Objects), taken over `wrangler dev`'s inspector proxy (`--inspector-port`, found in the
+/// server's command line) with the DevTools protocol's `Profiler` domain, sampling every 100 µs.
+struct Profiler {
+    /// None: `BENCH_CPU` only (threads' CPU, no profile).
+    ws: Option<Link>,
+    id: u64,
+    /// The server's process group and its threads' CPU ticks when the profile started.
+    pgid: Option<i64>,
+    cpu: Vec<(String, u64)>,
+}
+
+/// (process comm, thread comm, state after the comm) of one `/proc/<pid>/task/<tid>/stat`.
+fn proc_stat(path: &std::path::Path) -> Option<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (head, rest) = text.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    Some((comm, rest.split_whitespace().map(String::from).collect()))
+}
+
+/// CPU ticks (user + system) of every thread of the processes in group `pgid`, and of this
+/// bench's own threads, keyed "process/thread".
+fn group_cpu(pgid: i64) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Some((pcomm, fields)) = proc_stat(&entry.path().join("stat")) else {
+            continue;
+        };
+        let group = fields.get(2).and_then(|g| g.parse::<i64>().ok());
+        if group != Some(pgid) && pid != me {
+            continue;
+        }
+        let pcomm = if pid == me {
+            "bench client".to_string()
+        } else {
+            pcomm
+        };
+        for task in std::fs::read_dir(entry.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Some((tcomm, f)) = proc_stat(&task.path().join("stat")) else {
+                continue;
+            };
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let key = format!("{pcomm}/{tcomm}");
+            match out.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, t)) => *t += ticks(11) + ticks(12),
+                None => out.push((key, ticks(11) + ticks(12))),
+            }
+        }
+    }
+    out
+}
+
+/// The process group of the `wrangler dev` serving `port`.
+fn server_pgid(port: u16) -> Option<i64> {
+    let needle = format!("--port {port} --inspector-port ");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&raw)
+            .replace('\0', " ")
+            .contains(&needle)
+        {
+            let (_, fields) = proc_stat(&entry.path().join("stat"))?;
+            return fields.get(2)?.parse().ok();
+        }
+    }
+    None
+}
+
+/// The inspector port of the `wrangler dev` serving `port` (from its command line).
+fn inspector_port(port: u16) -> Option<u16> {
+    let needle = format!("--port {port} --inspector-port ");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if let Some(at) = line.find(&needle) {
+            let rest = &line[at + needle.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(p) = digits.parse() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+impl Profiler {
+    /// Starts profiling `bed`'s server when `BENCH_PROFILE` names a directory; with `BENCH_CPU`
+    /// set instead, only counts the server's threads' CPU.
+    async fn start(bed: &Bed<'_>) -> Option<Profiler> {
+        let ws = if std::env::var("BENCH_PROFILE").is_ok() {
+            let port = inspector_port(bed.server.port)?;
+            let url = format!("ws://127.0.0.1:{port}/ws");
+            Some(tokio_tungstenite::connect_async(url).await.ok()?.0)
+        } else if std::env::var("BENCH_CPU").is_ok() {
+            None
+        } else {
+            return None;
+        };
+        let pgid = server_pgid(bed.server.port);
+        let cpu = pgid.map(group_cpu).unwrap_or_default();
+        let mut p = Profiler {
+            ws,
+            id: 0,
+            pgid,
+            cpu,
+        };
+        if p.ws.is_some() {
+            p.call("Profiler.enable", json!({})).await?;
+            p.call("Profiler.setSamplingInterval", json!({"interval": 100}))
+                .await?;
+            p.call("Profiler.start", json!({})).await?;
+        }
+        Some(p)
+    }
+
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> Option<serde_json::Value> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.id += 1;
+        let msg = json!({"id": self.id, "method": method, "params": params}).to_string();
+        let ws = self.ws.as_mut()?;
+        ws.send(Message::Text(msg.into())).await.ok()?;
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(60), ws.next()).await;
+            let Ok(Some(Ok(Message::Text(t)))) = next else {
+                if matches!(next, Ok(Some(Ok(_)))) {
+                    continue;
+                }
+                return None;
+            };
+            let v: serde_json::Value = serde_json::from_str(&t).ok()?;
+            if v["id"].as_u64() == Some(self.id) {
+                return Some(v["result"].clone());
+            }
+        }
+    }
+
+    /// Stops, writes `BENCH_PROFILE/<side>-<what>.cpuprofile` (loadable in DevTools) and prints
+    /// where the busy samples went; `units` commands or events ran under the profile.
+    async fn finish(mut self, side: Side, what: &str, units: usize) {
+        let cpu = self.pgid.map(group_cpu).unwrap_or_default();
+        if self.ws.is_none() {
+            println!("  {}{what}:", side.prefix());
+            print_cpu(&self.cpu, cpu, units);
+            return;
+        }
+        let Some(result) = self.call("Profiler.stop", json!({})).await else {
+            println!("  (profile: no answer from the inspector)");
+            return;
+        };
+        let profile = &result["profile"];
+        let dir = std::env::var("BENCH_PROFILE").unwrap_or_default();
+        let side_name = match side {
+            Side::Nightshift => "nightshift",
+            Side::Floor => "floor",
+        };
+        let file = format!("{dir}/{side_name}-{}.cpuprofile", what.replace(' ', "-"));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let _ = std::fs::write(&file, profile.to_string());
+        }
+        // The JS sources the samples point into (the bundled Worker), for reading line numbers.
+        let mut scripts: Vec<(String, String)> = Vec::new();
+        for n in profile["nodes"].as_array().into_iter().flatten() {
+            let (id, url) = (&n["callFrame"]["scriptId"], &n["callFrame"]["url"]);
+            let (Some(id), Some(url)) = (id.as_str(), url.as_str()) else {
+                continue;
+            };
+            if url.ends_with(".js") && !scripts.iter().any(|(i, _)| i == id) {
+                scripts.push((id.to_string(), url.to_string()));
+            }
+        }
+        if !scripts.is_empty() && self.call("Debugger.enable", json!({})).await.is_some() {
+            for (id, url) in scripts {
+                let source = self
+                    .call("Debugger.getScriptSource", json!({"scriptId": id}))
+                    .await;
+                let name = url.rsplit('/').next().unwrap_or("script.js");
+                if let Some(text) = source.as_ref().and_then(|s| s["scriptSource"].as_str()) {
+                    let _ = std::fs::write(format!("{dir}/{side_name}-{name}"), text);
+                }
+            }
+            let _ = self.call("Debugger.disable", json!({})).await;
+        }
+        summarise(profile, &format!("{}{what}", side.prefix()), units, &file);
+        print_cpu(&self.cpu, cpu, units);
+    }
+}
+
+/// CPU per command or event of each thread of the server and of the bench (10 ms ticks),
+/// busiest first, between two `group_cpu` readings.
+fn print_cpu(before: &[(String, u64)], after: Vec<(String, u64)>, units: usize) {
+    let mut used: Vec<(String, u64)> = after
+        .into_iter()
+        .map(|(k, t)| {
+            let before = before.iter().find(|(b, _)| *b == k).map_or(0, |b| b.1);
+            (k, t.saturating_sub(before))
+        })
+        .filter(|(_, t)| *t > 0)
+        .collect();
+    used.sort_by_key(|u| std::cmp::Reverse(u.1));
+    let tick_us = 1e6 / 100.0;
+    let all: u64 = used.iter().map(|u| u.1).sum();
+    println!(
+        "    CPU per command or event, by process/thread (all: {:.0} µs):",
+        all as f64 * tick_us / units.max(1) as f64
+    );
+    for (k, t) in used.iter().take(12) {
+        println!(
+            "    {:>7.0} µs  {k}",
+            *t as f64 * tick_us / units.max(1) as f64
+        );
+    }
+}
+
+/// One profile node: its function, where it is from, its parent.
+struct Frame {
+    name: String,
+    url: String,
+    parent: Option<usize>,
+}
+
+fn is_wasm(f: &Frame) -> bool {
+    f.url.starts_with("wasm")
+}
+
+/// The bucket a busy sample counts in, from its stack (leaf first).
+fn bucket(stack: &[&Frame]) -> String {
+    let leaf = stack[0];
+    match leaf.name.as_str() {
+        "(program)" => return "runtime: (program) — workerd and V8 outside JS and Wasm".into(),
+        "(garbage collector)" => return "runtime: garbage collector".into(),
+        "(root)" => return "runtime: (root)".into(),
+        _ => {}
+    }
+    if leaf.url.is_empty() {
+        // A runtime API called from JS (or a builtin V8 shows).
+        let what = match leaf.name.as_str() {
+            "exec" | "next" | "toArray" | "one" | "raw" => "SQLite exec (sql.exec and its cursor)",
+            "send" => "WebSocket send",
+            "setAlarm" | "getAlarm" => "alarm (storage.setAlarm/getAlarm)",
+            "getWebSockets" => "getWebSockets",
+            "deserializeAttachment" | "serializeAttachment" => {
+                "socket attachment (structured clone)"
+            }
+            "parse" | "stringify" => "JSON (JS builtin)",
+            other => return format!("runtime API: {other}"),
+        };
+        return what.into();
+    }
+    if is_wasm(leaf) {
+        let wasm = stack.iter().take_while(|f| is_wasm(f));
+        if wasm.clone().any(|f| f.name.contains("serde_json")) {
+            return "Wasm: JSON encode/decode (serde_json)".into();
+        }
+        if wasm.clone().any(|f| f.name.contains("serde_wasm_bindgen")) {
+            return "Wasm: JS value <-> Rust (serde_wasm_bindgen)".into();
+        }
+        let krate = leaf
+            .name
+            .trim_start_matches('<')
+            .split("::")
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return format!("Wasm: {krate}");
+    }
+    // JS: the floor's own functions, or the Worker's glue (wasm-bindgen, workers-rs shim).
+    let file = leaf.url.rsplit('/').next().unwrap_or("");
+    if file == "worker.js" {
+        let name = if leaf.name.is_empty() {
+            "(anonymous)"
+        } else {
+            &leaf.name
+        };
+        return format!("JS (floor): {name}");
+    }
+    format!("JS glue: {file}")
+}
+
+/// Prints the busy samples of `profile` by bucket and its top self-time functions.
+fn summarise(profile: &serde_json::Value, label: &str, units: usize, file: &str) {
+    use std::collections::HashMap;
+    let empty = Vec::new();
+    let nodes = profile["nodes"].as_array().unwrap_or(&empty);
+    let mut index = HashMap::new();
+    let mut frames: Vec<Frame> = Vec::new();
+    for n in nodes {
+        let id = n["id"].as_u64().unwrap_or(0);
+        index.insert(id, frames.len());
+        frames.push(Frame {
+            name: n["callFrame"]["functionName"].as_str().unwrap_or("").into(),
+            url: n["callFrame"]["url"].as_str().unwrap_or("").into(),
+            parent: None,
+        });
+    }
+    for n in nodes {
+        let Some(&me) = index.get(&n["id"].as_u64().unwrap_or(0)) else {
+            continue;
+        };
+        for c in n["children"].as_array().unwrap_or(&empty) {
+            if let Some(&child) = c.as_u64().and_then(|c| index.get(&c)) {
+                frames[child].parent = Some(me);
+            }
+        }
+    }
+    let samples = profile["samples"].as_array().unwrap_or(&empty);
+    let span_us =
+        profile["endTime"].as_f64().unwrap_or(0.0) - profile["startTime"].as_f64().unwrap_or(0.0);
+    let per_sample_us = span_us / samples.len().max(1) as f64;
+    let (mut buckets, mut leaves) = (
+        HashMap::<String, usize>::new(),
+        HashMap::<String, usize>::new(),
+    );
+    let (mut busy, mut idle) = (0usize, 0usize);
+    for s in samples {
+        let Some(&leaf) = s.as_u64().and_then(|s| index.get(&s)) else {
+            continue;
+        };
+        if frames[leaf].name == "(idle)" {
+            idle += 1;
+            continue;
+        }
+        busy += 1;
+        let mut stack = Vec::new();
+        let mut at = Some(leaf);
+        while let Some(i) = at {
+            stack.push(&frames[i]);
+            at = frames[i].parent;
+        }
+        *buckets.entry(bucket(&stack)).or_default() += 1;
+        let f = &frames[leaf];
+        let name = f.name.rsplit_once("::h").map(|(n, _)| n).unwrap_or(&f.name);
+        let kind = if is_wasm(f) {
+            "wasm"
+        } else if f.url.is_empty() {
+            "api"
+        } else {
+            "js"
+        };
+        *leaves.entry(format!("[{kind}] {name}")).or_default() += 1;
+    }
+    let share = |n: usize| 100.0 * n as f64 / busy.max(1) as f64;
+    println!(
+        "  profile of {label}: {} samples ({per_sample_us:.0} µs each), {:.0} % idle; busy {:.0} µs per command or event ({units}); {file}",
+        busy + idle,
+        100.0 * idle as f64 / (busy + idle).max(1) as f64,
+        busy as f64 * per_sample_us / units.max(1) as f64
+    );
+    let mut sorted: Vec<_> = buckets.into_iter().collect();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.1));
+    for (name, n) in &sorted {
+        println!("    {:>5.1} %  {name}", share(*n));
+    }
+    let mut top: Vec<_> = leaves.into_iter().collect();
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
+    println!("    top self time:");
+    for (name, n) in top.iter().take(25) {
+        let short: String = name.chars().take(130).collect();
+        println!("    {:>5.1} %  {short}", share(*n));
+    }
 }
