@@ -2,7 +2,6 @@
 
 use nightshift_core::events::{Event, EventKind};
 use nightshift_core::ids::Identity;
-use serde::Deserialize;
 use serde_json::Value;
 use worker::{Env, SqlStorage};
 
@@ -127,22 +126,9 @@ pub fn output(sql: &SqlStorage) -> ApiResult<AgentOutput> {
     Ok(AgentOutput { files, message })
 }
 
-/// A request of the sandbox's agent tools.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ToolRequest {
-    Spawn {
-        prompt: String,
-        #[serde(default)]
-        repository: Option<String>,
-        #[serde(default)]
-        model: Option<String>,
-    },
-    Check {
-        #[serde(default)]
-        id: Option<String>,
-    },
-}
+/// A request of the sandbox's agent tools (the protocol lives in the core, shared with the
+/// supervisor).
+pub use nightshift_core::tools::ToolRequest;
 
 /// Runs one tool request for the session `session` on behalf of `author` (the person whose
 /// prompt is running). The sandbox sees only this session's children.

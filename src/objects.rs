@@ -771,44 +771,10 @@ pub struct AgentList {
     pub agents: Vec<AgentView>,
 }
 
-/// `GET /background/:id/output`: what an agent did. `branch` and `commit` are there once it
-/// ended (null when its result has none); `message` is null while its session has not answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentOutputView {
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub branch: Option<Option<String>>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub commit: Option<Option<String>>,
-    pub files: Vec<String>,
-    pub id: String,
-    pub message: Option<String>,
-    pub result: Option<Value>,
-    pub session: Option<String>,
-    pub status: nightshift_core::background::Status,
-}
-
-/// A field that may be absent (`None`) or there and null (`Some(None)`).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(deserializer).map(Some)
-}
-
-/// The answer of the sandbox's `check_session` tool: the output of each agent it asked about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChildrenAnswer {
-    pub children: Vec<AgentOutputView>,
-}
+/// `GET /background/:id/output` ([`AgentOutputView`]) and the answer of the sandbox's
+/// `check_session` tool ([`ChildrenAnswer`]): the agent tools' protocol, shared with the
+/// supervisor.
+pub use nightshift_core::tools::{AgentOutputView, ChildrenAnswer};
 
 // ---- Repositories as people see them -------------------------------------------------------
 

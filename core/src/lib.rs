@@ -20,6 +20,7 @@ pub mod signing;
 pub mod snapshot;
 pub mod store;
 pub mod token;
+pub mod tools;
 pub mod wire;
 
 pub use error::{CoreError, CoreResult};

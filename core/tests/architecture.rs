@@ -26,6 +26,7 @@ const CORE_LAYERS: &[&[&str]] = &[
         "egress",
         "check",
         "provider",
+        "tools",
     ],
     &["events"],
     &["sandbox"],

@@ -4,6 +4,7 @@
 // panic. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod boot;
 pub mod cgroup;
 pub mod egress;
 pub mod images;

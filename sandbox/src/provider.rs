@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -22,6 +22,7 @@ use nightshift_core::provider::{
     SetEgress, Snapshot, TakeSnapshot,
 };
 
+use crate::boot::{Assignment, BootSecrets, SupervisorState};
 use crate::state::{
     check_env, err, kill_roots, local_remote, now_ms, parse, random_hex, redact_url, run_git,
     signed, sse_lines, valid_id, CreateSandbox, Entry, ErrorBody, LogFile, LogQuery, Provider,
@@ -479,7 +480,7 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateSandbox, from: Optio
     // Secrets go on standard input after start, never into an image or a snapshot.
     if let Some(mut stdin) = child.stdin.take() {
         // Behind the model proxy the sandbox gets a token of its own, never the model key.
-        let env: BTreeMap<&String, &String> = p
+        let env: BTreeMap<String, String> = p
             .cfg
             .supervisor_env
             .iter()
@@ -491,11 +492,17 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateSandbox, from: Optio
                         || k.ends_with("_BASE_URL")
                         || k.as_str() == "NIGHTSHIFT_MODEL_KEY")
             })
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let api_secret = p.api_secret(&id).unwrap_or_default();
-        let secrets = json!({"supervisor": c.supervisor, "env": env, "api_secret": api_secret,
-            "model_token": model_token, "model_vendors": model_vendors});
-        let _ = stdin.write_all(format!("{secrets}\n").as_bytes()).await;
+        let secrets = BootSecrets {
+            supervisor: c.supervisor.clone(),
+            env,
+            api_secret,
+            model_token,
+            model_vendors,
+        };
+        let _ = stdin.write_all(secrets.line().as_bytes()).await;
         drop(stdin);
     }
     let p2 = p.clone();
@@ -534,10 +541,9 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateSandbox, from: Optio
         }
         let read = procs::read_beneath(&dir, &["state", "supervisor.json"], 0, 64 * 1024);
         if let Ok(bytes) = read {
-            if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-                let port = v["port"].as_u64().map(|x| x as u16);
-                p.update(&id, |e| e.supervisor_port = port);
-                if v["ready"] == true {
+            if let Some(st) = SupervisorState::decode(&bytes) {
+                p.update(&id, |e| e.supervisor_port = Some(st.port));
+                if st.ready {
                     p.update(&id, |e| {
                         if e.sandbox.status == SandboxStatus::Syncing {
                             e.sandbox.status = SandboxStatus::Ready;
@@ -1370,7 +1376,7 @@ async fn assign(
             }
         }
     }
-    let assignment = crate::supervisor::Assignment {
+    let assignment = Assignment {
         session_id: b.session_id,
         control_url: b.supervisor.control_url,
         sandbox_token: b.supervisor.sandbox_token,

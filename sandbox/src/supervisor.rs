@@ -14,14 +14,17 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use nightshift_core::gating::{Decision, Gate, SyncState};
 use nightshift_core::hosted::{CloseCode, DownFrame, PromptFrame};
-use nightshift_core::provider::GitStatus;
+use nightshift_core::provider::{ErrorAnswer, GitStatus};
 use nightshift_core::sandbox::{AgentEvent, Numbered, UpFrame};
-use serde::{Deserialize, Serialize};
+use nightshift_core::tools::{ChildrenAnswer, ToolCall};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::process::Command;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::boot::{AssignAnswer, BootSecrets, SupervisorState};
 
 /// Everything the supervisor is told at start: environment plus the secrets line on stdin.
 #[derive(Debug, Clone)]
@@ -97,14 +100,10 @@ fn with_proxy_for(cmd: &mut Command, loopback_direct: bool) {
 
 impl Settings {
     /// Reads settings from the process environment and the JSON secrets line.
-    pub fn from(env: BTreeMap<String, String>, secrets: &Value) -> Result<Settings, String> {
+    pub fn from(env: BTreeMap<String, String>, secrets: &BootSecrets) -> Result<Settings, String> {
         let mut all = env;
-        if let Some(extra) = secrets["env"].as_object() {
-            for (k, v) in extra {
-                if let Some(s) = v.as_str() {
-                    all.insert(k.clone(), s.to_string());
-                }
-            }
+        for (k, v) in &secrets.env {
+            all.insert(k.clone(), v.clone());
         }
         let need = |k: &str| all.get(k).cloned().ok_or(format!("{k} is not set"));
         let dir = PathBuf::from(need("NIGHTSHIFT_SANDBOX_DIR")?);
@@ -115,12 +114,8 @@ impl Settings {
                 .get("NIGHTSHIFT_BASE_BRANCH")
                 .cloned()
                 .unwrap_or("main".into()),
-            control_url: secrets["supervisor"]["control_url"]
-                .as_str()
-                .map(String::from),
-            token: secrets["supervisor"]["sandbox_token"]
-                .as_str()
-                .map(String::from),
+            control_url: secrets.supervisor.as_ref().map(|s| s.control_url.clone()),
+            token: secrets.supervisor.as_ref().map(|s| s.sandbox_token.clone()),
             opencode_bin: all.get("NIGHTSHIFT_OPENCODE_BIN").map(PathBuf::from),
             plugin_modules: all.get("NIGHTSHIFT_PLUGIN_MODULES").map(PathBuf::from),
             model: all
@@ -148,22 +143,13 @@ impl Settings {
                 .get("NIGHTSHIFT_CONTINUE_BRANCH")
                 .filter(|b| b.starts_with("nightshift/"))
                 .cloned(),
-            api_secret: secrets["api_secret"]
-                .as_str()
+            api_secret: Some(secrets.api_secret.clone())
                 .filter(|t| t.len() >= 16)
-                .map(String::from)
                 .unwrap_or_else(|| crate::state::random_hex(16)),
             opencode_password: crate::state::random_hex(16),
             egress_socket: all.get("NIGHTSHIFT_EGRESS_SOCKET").map(PathBuf::from),
-            model_token: secrets["model_token"].as_str().map(String::from),
-            model_vendors: secrets["model_vendors"]
-                .as_array()
-                .map(|v| {
-                    v.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            model_token: secrets.model_token.clone(),
+            model_vendors: secrets.model_vendors.clone(),
             env: all
                 .into_iter()
                 .filter(|(k, _)| k.ends_with("_API_KEY") || k.ends_with("_BASE_URL"))
@@ -220,13 +206,7 @@ pub struct Supervisor {
 
 /// Where the session link goes: set at start, or later for a pooled sandbox (`POST /assign`
 /// from the provider).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Assignment {
-    pub session_id: String,
-    pub control_url: String,
-    pub sandbox_token: String,
-}
+pub use crate::boot::Assignment;
 
 pub type Shared = Arc<Supervisor>;
 
@@ -493,7 +473,10 @@ async fn require_secret(
         }
         _ => (
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"code": "unauthorized", "message": "the sandbox's local API needs its secret"}})),
+            Json(ErrorAnswer::new(
+                "unauthorized",
+                "the sandbox's local API needs its secret",
+            )),
         )
             .into_response(),
     }
@@ -533,16 +516,16 @@ async fn assign(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         Err(e) => {
             return (
                 axum::http::StatusCode::BAD_REQUEST,
-                Json(json!({"error": {"code": "invalid_body", "message": e.to_string()}})),
+                Json(ErrorAnswer::new("invalid_body", e.to_string())),
             )
                 .into_response()
         }
     };
     match s.assign(a) {
-        Ok(()) => Json(json!({"assigned": true})).into_response(),
+        Ok(()) => Json(AssignAnswer { assigned: true }).into_response(),
         Err(m) => (
             axum::http::StatusCode::CONFLICT,
-            Json(json!({"error": {"code": "sandbox_assigned", "message": m}})),
+            Json(ErrorAnswer::new("sandbox_assigned", m)),
         )
             .into_response(),
     }
@@ -552,7 +535,7 @@ async fn assign(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
 /// with this sandbox's token; `check` with `wait_seconds` polls until every child has ended.
 async fn background(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
     let fail = |code: axum::http::StatusCode, c: &str, m: String| {
-        (code, Json(json!({"error": {"code": c, "message": m}}))).into_response()
+        (code, Json(ErrorAnswer::new(c, m))).into_response()
     };
     let Some(a) = s.assignment.lock().ok().and_then(|a| a.clone()) else {
         return fail(
@@ -561,19 +544,18 @@ async fn background(State(s): State<Shared>, body: axum::body::Bytes) -> Respons
             "this sandbox works for no session yet".into(),
         );
     };
-    let Ok(mut req) = serde_json::from_slice::<Value>(&body) else {
-        return fail(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_tool_request",
-            "the body is not JSON".into(),
-        );
+    let call = match serde_json::from_slice::<ToolCall>(&body) {
+        Ok(call) => call,
+        Err(e) => {
+            return fail(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_tool_request",
+                e.to_string(),
+            )
+        }
     };
-    let wait = req
-        .as_object_mut()
-        .and_then(|o| o.remove("wait_seconds"))
-        .and_then(|w| w.as_u64())
-        .unwrap_or(0)
-        .min(1800);
+    let wait = call.wait(1800);
+    let req = call.request;
     let url = format!(
         "{}/sandbox-link/{}/background",
         a.control_url.trim_end_matches('/'),
@@ -601,15 +583,9 @@ async fn background(State(s): State<Shared>, body: axum::body::Bytes) -> Respons
                 )
             }
         };
-        let ended = |c: &Value| {
-            matches!(
-                c["status"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-        };
-        let all_ended = v["children"]
-            .as_array()
-            .is_some_and(|c| c.iter().all(ended));
+        // A refusal or a spawn's answer is no list of children: it goes back as it is.
+        let all_ended =
+            serde_json::from_value::<ChildrenAnswer>(v.clone()).is_ok_and(|c| c.all_ended());
         if status != 200 || wait == 0 || all_ended || std::time::Instant::now() >= deadline {
             let code = axum::http::StatusCode::from_u16(status)
                 .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
@@ -1599,10 +1575,7 @@ pub async fn run(cfg: Settings) -> Result<(), String> {
     });
     let state_file = s.cfg.dir.join("state").join("supervisor.json");
     let publish = |ready: bool| {
-        let _ = std::fs::write(
-            &state_file,
-            json!({"port": port, "ready": ready}).to_string(),
-        );
+        let _ = std::fs::write(&state_file, SupervisorState { port, ready }.encode());
     };
     publish(false);
     log(&format!(
@@ -1671,7 +1644,7 @@ mod tests {
         .collect();
         Settings::from(
             env,
-            &json!({"env": {"ANTHROPIC_API_KEY": "k", "OTHER": "no"}}),
+            &BootSecrets::parse(r#"{"env": {"ANTHROPIC_API_KEY": "k", "OTHER": "no"}}"#),
         )
         .expect("settings")
     }

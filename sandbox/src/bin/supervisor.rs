@@ -14,8 +14,7 @@ async fn main() {
     }
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
-    let secrets: serde_json::Value =
-        serde_json::from_str(line.trim()).unwrap_or(serde_json::Value::Null);
+    let secrets = nightshift_sandbox::boot::BootSecrets::parse(&line);
     let env = std::env::vars().collect();
     let settings = match Settings::from(env, &secrets) {
         Ok(s) => s,
