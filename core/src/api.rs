@@ -836,4 +836,166 @@ mod tests {
         let leave = SessionRequest::Command(Command::Leave, Answer::Left);
         assert!(check_access(&h.session, &bob, &leave).is_ok());
     }
+
+    #[test]
+    fn every_route_is_taken_by_its_own_request() {
+        let name = |r: &SessionRequest| match r {
+            SessionRequest::Create(_) => "create".to_string(),
+            SessionRequest::Command(c, _) => format!("{c:?}")
+                .split([' ', '(', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            SessionRequest::Snapshot => "snapshot".into(),
+            SessionRequest::Prompts => "prompts".into(),
+            SessionRequest::Locks => "locks".into(),
+            SessionRequest::Presence => "presence".into(),
+            SessionRequest::Events { .. } => "events".into(),
+            SessionRequest::Socket { .. } => "socket".into(),
+            SessionRequest::SandboxEnsure => "ensure".into(),
+            SessionRequest::SandboxSnapshot(_) => "sandbox snapshot".into(),
+            SessionRequest::SandboxRestore(_) => "restore".into(),
+            SessionRequest::SandboxAuthorize(_) => "authorize".into(),
+        };
+        let routes = [
+            ("POST", "/create", r#"{"title":"t"}"#, "create"),
+            ("POST", "/join", r#"{"invite":"i"}"#, "Join"),
+            ("GET", "/snapshot", "", "snapshot"),
+            ("POST", "/leave", "", "Leave"),
+            ("PUT", "/egress", r#"{"allow":[]}"#, "SetEgress"),
+            ("POST", "/end", "", "End"),
+            (
+                "PUT",
+                "/cursor",
+                r#"{"client":"c","line":1,"column":2}"#,
+                "Cursor",
+            ),
+            ("POST", "/prompt", r#"{"text":"t"}"#, "Submit"),
+            ("DELETE", "/prompt/p1", "", "Cancel"),
+            ("PATCH", "/prompt/p1", r#"{"priority":1}"#, "Reprioritize"),
+            ("GET", "/prompts", "", "prompts"),
+            ("POST", "/stop", "", "Stop"),
+            ("POST", "/lock", r#"{"resource":"r"}"#, "Lock"),
+            ("POST", "/unlock", r#"{"resource":"r"}"#, "Unlock"),
+            ("GET", "/locks", "", "locks"),
+            ("GET", "/presence", "", "presence"),
+            ("GET", "/events", "", "events"),
+            ("GET", "/ws", "", "socket"),
+            ("POST", "/sandbox/ensure", "", "ensure"),
+            (
+                "POST",
+                "/sandbox/snapshot",
+                r#"{"sandbox":"s"}"#,
+                "sandbox snapshot",
+            ),
+            (
+                "POST",
+                "/sandbox/restore",
+                r#"{"session_id":"s"}"#,
+                "restore",
+            ),
+            (
+                "POST",
+                "/sandbox/authorize",
+                r#"{"op":"stop"}"#,
+                "authorize",
+            ),
+        ];
+        for (method, path, body, want) in routes {
+            assert_eq!(
+                name(&decoded(method, path, &[], body)),
+                want,
+                "{method} {path}"
+            );
+        }
+        // A client kind of 32 bytes is taken, 33 is not.
+        let kind = "k".repeat(32);
+        assert!(matches!(
+            decoded("GET", "/ws", &[("kind", &kind)], ""),
+            SessionRequest::Socket { .. }
+        ));
+    }
+
+    #[test]
+    fn close_reasons_say_what_to_do() {
+        let all = [
+            PeopleClose::Removed,
+            PeopleClose::Replaced,
+            PeopleClose::ReplayContinues,
+        ];
+        let reasons: std::collections::BTreeSet<&str> = all.iter().map(|c| c.reason()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(PeopleClose::ReplayContinues.reason().contains("reconnect"));
+        assert!(PeopleClose::Removed.reason().contains("removed"));
+        // Close reasons must fit a close frame (123 bytes).
+        assert!(all.iter().all(|c| c.reason().len() <= 123));
+    }
+
+    #[test]
+    fn an_events_page_is_the_stored_bodies_as_they_are() {
+        let bodies = vec![r#"{"seq":1}"#.to_string(), r#"{"seq":2}"#.to_string()];
+        assert_eq!(
+            events_page(9, &bodies),
+            r#"{"last_seq":9,"events":[{"seq":1},{"seq":2}]}"#
+        );
+        assert_eq!(events_page(0, &[]), r#"{"last_seq":0,"events":[]}"#);
+    }
+
+    #[test]
+    fn a_stop_answers_with_the_prompt_it_stopped() {
+        let h = hosted();
+        let alice = person("alice");
+        let view = |done: &Done| {
+            let (_, view) = answer(&h, &alice, &Answer::Stopped, done, 0, false).expect("view");
+            serde_json::to_string(&view).expect("json")
+        };
+        assert_eq!(
+            view(&Done::Stopped(Some("p1".into()))),
+            r#"{"stopped":"p1"}"#
+        );
+        assert_eq!(view(&Done::Stopped(None)), r#"{"stopped":null}"#);
+        assert_eq!(view(&Done::Applied), r#"{"stopped":null}"#);
+    }
+
+    #[test]
+    fn presence_deltas_are_bounded_per_list_and_say_so() {
+        let mut h = hosted();
+        let alice = person("alice");
+        assert!(presence_delta(&h.session, BTreeSet::new()).is_none());
+        let n = PRESENCE_DELTA_MAX + 3;
+        for i in 0..n {
+            let connect = Command::Connect {
+                client: format!("c{i:02}"),
+                kind: "web".into(),
+            };
+            // The per-person client limit does not apply to this test's count.
+            h.session.meta.limits.max_clients_per_user = 100;
+            h.run(&alice, connect, 1, &mut Fixed).expect("connect");
+        }
+        let mut changed: BTreeSet<ClientId> = (0..n).map(|i| format!("c{i:02}")).collect();
+        let delta = |changed: BTreeSet<ClientId>, h: &HostedSession| match presence_delta(
+            &h.session, changed,
+        ) {
+            Some(ServerMessage::PresenceDelta {
+                updated,
+                left,
+                total,
+                truncated,
+            }) => (updated.len(), left.len(), total, truncated),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(delta(changed.clone(), &h), (PRESENCE_DELTA_MAX, 0, n, true));
+        let few: BTreeSet<ClientId> = changed.iter().take(2).cloned().collect();
+        assert_eq!(delta(few, &h), (2, 0, n, false));
+        // Clients that left are listed by id, bounded the same way.
+        for i in 0..n {
+            changed.insert(format!("gone{i:02}"));
+        }
+        assert_eq!(
+            delta(changed, &h),
+            (PRESENCE_DELTA_MAX, PRESENCE_DELTA_MAX, n, true)
+        );
+        let gone: BTreeSet<ClientId> = ["gone".to_string()].into_iter().collect();
+        assert_eq!(delta(gone, &h), (0, 1, n, false));
+    }
 }
