@@ -6,10 +6,8 @@ use worker::*;
 
 use crate::config;
 use crate::error::{json_of, ApiResult, EdgeError};
-use crate::objects::{
-    read_body, BudgetRoute, BudgetStatus, SchedulerRoute, ShardHold, SlotAnswer, SlotAsk, Viewer,
-};
-use crate::scheduler::on_shard;
+use crate::objects::{read_body, BudgetRoute, BudgetStatus, ShardHold, SlotAnswer, SlotAsk};
+use crate::scheduler::wake_shards;
 
 /// How long after a shard starts waiting the alarm asks every holder to report (and every
 /// waiter to ask again), repeated while any shard waits.
@@ -63,21 +61,8 @@ impl DurableObject for GlobalBudget {
     async fn alarm(&self) -> Result<Response> {
         match self.load() {
             Ok(b) => {
-                for Wake(shard) in b.alarm() {
-                    let woke = on_shard(
-                        &self.env,
-                        &shard,
-                        &Viewer::Budget,
-                        &SchedulerRoute::Wake,
-                        "",
-                        None,
-                        None,
-                    )
-                    .await;
-                    if let Err(e) = woke {
-                        console_error!("budget alarm, waking shard {shard}: {}", e.message);
-                    }
-                }
+                let shards = b.alarm().into_iter().map(|Wake(shard)| shard);
+                wake_shards(&self.env, shards, "budget alarm").await;
             }
             Err(e) => console_error!("budget alarm: {}", e.message),
         }

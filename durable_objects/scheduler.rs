@@ -50,6 +50,18 @@ pub(crate) fn scheduler_stub(env: &Env, shard: &str) -> ApiResult<Stub> {
     Ok(env.durable_object("SCHEDULER")?.get_by_name(shard)?)
 }
 
+/// Wakes each shard on the budget's behalf (it asks again or reports); a shard that cannot be
+/// reached is logged with `why` and the next wake (or the budget's alarm) tries again.
+pub(crate) async fn wake_shards(env: &Env, shards: impl IntoIterator<Item = String>, why: &str) {
+    for shard in shards {
+        let route = SchedulerRoute::Wake;
+        let woke = on_shard(env, &shard, &Viewer::Budget, &route, "", None, None).await;
+        if let Err(e) = woke {
+            console_error!("{why}: waking shard {shard}: {}", e.message);
+        }
+    }
+}
+
 /// Calls a shard's `route` (with the people's `query`, `?…` or empty) on behalf of a viewer; a
 /// people's event stream passes its `Last-Event-ID` on.
 pub(crate) async fn on_shard(
@@ -296,21 +308,7 @@ impl SchedulerObject {
             self.save_holding(&holding)?;
             (got, answer.wake)
         };
-        for shard in wake {
-            let woke = on_shard(
-                &self.env,
-                &shard,
-                &Viewer::Budget,
-                &SchedulerRoute::Wake,
-                "",
-                None,
-                None,
-            )
-            .await;
-            if let Err(e) = woke {
-                console_error!("waking shard {shard}: {}", e.message);
-            }
-        }
+        wake_shards(&self.env, wake, "budget answer").await;
         Ok(got)
     }
 

@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::error::{CoreError, CoreResult};
-use crate::events::Event;
 use crate::hosted::{Command, Done, HostedSession};
 use crate::ids::{ClientId, Cursor, Identity, Role};
 use crate::queue::Prompt;
@@ -503,11 +502,6 @@ pub fn answer<'a>(
             }),
         ),
     })
-}
-
-/// A replay page of events as one socket frame.
-pub fn events_frame(events: Vec<Event>) -> ServerMessage {
-    ServerMessage::Events { events }
 }
 
 /// A client's socket frame as a command; `Answer::Prompt` for a prompt (its ack carries the
