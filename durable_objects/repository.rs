@@ -372,8 +372,15 @@ impl RepositoryObject {
 
     /// Asks the provider for an image build of `s`; returns the image's id (nothing recorded).
     async fn ask_build(&self, s: &Settings, reason: &str) -> ApiResult<String> {
+        let mut repository = repository_of(s);
+        // A GitHub repository's build clones with a read token of its own.
+        if let Some(full_name) = &s.github {
+            let read = nightshift_core::github::Access::Read;
+            let token = crate::repository_tokens::for_github(&self.env, full_name, read).await?;
+            repository.access_token = Some(token.token);
+        }
         let build = BuildImage {
-            repository: repository_of(s),
+            repository,
             setup: s.setup.clone(),
             test: s.test.clone(),
             timeout_ms: Some(config::build_timeout_ms(&self.env)),
@@ -605,6 +612,7 @@ fn repository_of(s: &Settings) -> Repository {
         clone_url: s.clone_url.clone(),
         base_branch: s.base_branch.clone(),
         egress: s.egress.clone(),
+        access_token: None,
     }
 }
 

@@ -6,9 +6,10 @@ use std::collections::VecDeque;
 use nightshift_core::api::{self, PeopleClose};
 use nightshift_core::events::Event;
 use nightshift_core::hosted::{
-    CloseCode, Command, Done, Effect, Entropy, HostedSession, Input, LinkTiming,
+    CloseCode, Command, Done, DownFrame, Effect, Entropy, HostedSession, Input, LinkTiming,
 };
 use nightshift_core::ids::Identity;
+use nightshift_core::session::PullRequestDue;
 use nightshift_core::store::{self, Rows, Stored, Written};
 use nightshift_core::wire::{self, ServerMessage};
 use worker::*;
@@ -38,6 +39,8 @@ pub struct SessionObject {
     cache: RefCell<Option<Loaded>>,
     /// The alarm time this instance last set (None: unknown).
     alarm_at: Cell<Option<u64>>,
+    /// A pull request that stored events call for, opened once the effects are carried out.
+    pull_due: RefCell<Option<PullRequestDue>>,
 }
 
 impl DurableObject for SessionObject {
@@ -47,6 +50,7 @@ impl DurableObject for SessionObject {
             env,
             cache: RefCell::new(None),
             alarm_at: Cell::new(None),
+            pull_due: RefCell::new(None),
         }
     }
 
@@ -243,7 +247,15 @@ impl SessionObject {
     async fn execute(&self, effects: Vec<Effect>) -> ApiResult<Answers> {
         let mut queue: VecDeque<Effect> = effects.into();
         let mut answers = Answers::default();
-        while let Some(effect) = queue.pop_front() {
+        loop {
+            let Some(effect) = queue.pop_front() else {
+                // The effects are done: a pull request they called for is opened now, and
+                // what it recorded is carried out like any other effect.
+                let due = self.pull_due.borrow_mut().take();
+                let Some(due) = due else { break };
+                queue.extend(self.open_pull_request(&due).await);
+                continue;
+            };
             let next = match self.carry_out(effect, &mut answers).await {
                 Ok(next) => next,
                 Err(e) => {
@@ -284,6 +296,10 @@ impl SessionObject {
         match effect {
             Effect::Disconnect(clients) => sockets.close_clients(&clients, PeopleClose::Removed),
             Effect::ToSandbox(frame) => {
+                // The supervisor's git gets a fresh scoped token before it syncs or pushes.
+                if matches!(frame, DownFrame::Welcome { .. } | DownFrame::Prompt { .. }) {
+                    self.send_git_credentials(&sockets).await;
+                }
                 sockets.to_sandbox(&serde_json::to_string(&frame).map_err(ApiError::internal)?)
             }
             Effect::CloseSandbox(code) => sockets.close_sandbox(code, None),
@@ -308,6 +324,9 @@ impl SessionObject {
             events: events.to_vec(),
         };
         self.sockets().to_people(&frame);
+        if let Ok(Some(due)) = self.read(|h, _| h.session.pull_request_due(events)) {
+            *self.pull_due.borrow_mut() = Some(due);
+        }
         if let Some((ok, result)) = agent_session::ending(events) {
             if let Some(link) = agent_session::link(&self.sql())? {
                 if let Err(e) = agent_session::report_end(&self.env, &link, ok, result).await {
@@ -316,6 +335,51 @@ impl SessionObject {
             }
         }
         Ok(())
+    }
+
+    /// Sends the sandbox an installation token for its repository (contents:write, this one
+    /// repository), when the repository is GitHub's. A failure is logged: the push then fails
+    /// and says so.
+    async fn send_git_credentials(&self, sockets: &Sockets<'_>) {
+        let Ok(Some(repository)) = self.read(|h, _| h.session.meta.repository.clone()) else {
+            return;
+        };
+        let write = nightshift_core::github::Access::Write;
+        match crate::repository_tokens::for_registered(&self.env, &repository, write).await {
+            Ok(Some(token)) => {
+                let frame = DownFrame::GitCredentials {
+                    token: token.token,
+                    expires_at: token.expires_at,
+                };
+                if let Ok(text) = serde_json::to_string(&frame) {
+                    sockets.to_sandbox(&text);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => console_error!("git credentials for {repository}: {}", e.message),
+        }
+    }
+
+    /// Opens the pull request in the prompting person's name; the effects of recording what
+    /// happened (a failure is logged and leaves the work on its branch).
+    async fn open_pull_request(&self, due: &PullRequestDue) -> Vec<Effect> {
+        let Ok((id, Some(repository))) =
+            self.read(|h, _| (h.session.meta.id.clone(), h.session.meta.repository.clone()))
+        else {
+            return Vec::new();
+        };
+        let command = match crate::pull_requests::open(&self.env, &id, &repository, due).await {
+            Ok(Some(command)) => command,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                console_error!("opening the pull request of {id}: {}", e.message);
+                return Vec::new();
+            }
+        };
+        match self.decide(|h, now, tokens| h.run(&system(), command, now, tokens)) {
+            Ok(Ok((_, effects))) => effects,
+            _ => Vec::new(),
+        }
     }
 
     /// The session ended: each member's index marks it ended; the agents it spawned end too.

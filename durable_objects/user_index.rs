@@ -1,11 +1,14 @@
-//! The UserIndex Durable Object: one per person, listing the sessions they own or joined.
+//! The UserIndex Durable Object: one per person — the sessions they own or joined, their sign-ins (which sign-out ends), their GitHub identity with its sealed tokens (refreshed once at a time), their repository permissions (cached briefly) and their quotas.
 
 use serde::Deserialize;
 use worker::*;
 
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 pub use crate::objects::SessionEntry;
-use crate::objects::{read_body, RemoveSession, Removed, StatusChange, Updated, UserIndexRoute};
+use crate::objects::{
+    read_body, BeginSignIn, OkAnswer, QuotaAsk, RedeemTicket, RemoveSession, Removed, RoleAsk,
+    SignInRef, StatusChange, TokenAsk, Updated, UserIndexRoute,
+};
 
 #[derive(Deserialize)]
 struct BodyRow {
@@ -15,11 +18,19 @@ struct BodyRow {
 #[durable_object]
 pub struct UserIndex {
     state: State,
+    env: Env,
+    /// Held while a user token is refreshed: GitHub kills the old refresh token, so a second
+    /// refresh at the same time would sign the person out (single flight).
+    refreshing: futures_util::lock::Mutex<()>,
 }
 
 impl DurableObject for UserIndex {
-    fn new(state: State, _env: Env) -> Self {
-        UserIndex { state }
+    fn new(state: State, env: Env) -> Self {
+        UserIndex {
+            state,
+            env,
+            refreshing: futures_util::lock::Mutex::new(()),
+        }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
@@ -35,6 +46,18 @@ impl UserIndex {
         let sql = self.state.storage().sql();
         sql.exec(
             "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, joined_at INTEGER NOT NULL, body TEXT NOT NULL)",
+            None,
+        )?;
+        sql.exec(
+            "CREATE TABLE IF NOT EXISTS signins (sid TEXT PRIMARY KEY, body TEXT NOT NULL)",
+            None,
+        )?;
+        sql.exec(
+            "CREATE TABLE IF NOT EXISTS tickets (nonce TEXT PRIMARY KEY, exp INTEGER NOT NULL)",
+            None,
+        )?;
+        sql.exec(
+            "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, body TEXT NOT NULL)",
             None,
         )?;
         Ok(sql)
@@ -103,9 +126,48 @@ impl UserIndex {
                 json_response(200, format!("{{\"sessions\":[{}]}}", bodies.join(",")))
                     .map_err(ApiError::from)
             }
+            UserIndexRoute::SignInBegin => {
+                let begin: BeginSignIn = read_body(&mut req).await?;
+                json_of(200, &self.begin_sign_in(&begin.via)?)
+            }
+            UserIndexRoute::SignInCheck => {
+                let sign_in: SignInRef = read_body(&mut req).await?;
+                json_of(200, &self.check_sign_in(&sign_in.sid)?)
+            }
+            UserIndexRoute::SignInEnd => {
+                let sign_in: SignInRef = read_body(&mut req).await?;
+                self.end_sign_in(&sign_in.sid)?;
+                json_of(200, &OkAnswer::yes())
+            }
+            UserIndexRoute::TicketRedeem => {
+                let ticket: RedeemTicket = read_body(&mut req).await?;
+                self.redeem_ticket(&ticket)?;
+                json_of(200, &OkAnswer::yes())
+            }
+            UserIndexRoute::GithubLink => {
+                let link = read_body(&mut req).await?;
+                json_of(200, &self.link_github(link).await?)
+            }
+            UserIndexRoute::GithubAccountGet => json_of(200, &self.github_account()?),
+            UserIndexRoute::GithubToken => {
+                let ask: TokenAsk = read_body(&mut req).await?;
+                json_of(200, &self.user_token(ask.refresh).await?)
+            }
+            UserIndexRoute::GithubRole => {
+                let ask: RoleAsk = read_body(&mut req).await?;
+                json_of(200, &self.role(&ask).await?)
+            }
+            UserIndexRoute::Quota => {
+                let ask: QuotaAsk = read_body(&mut req).await?;
+                self.take_quota(&ask)?;
+                json_of(200, &OkAnswer::yes())
+            }
         }
     }
 }
+
+#[path = "../src/user_identity.rs"]
+mod identity;
 
 /// The rows of the `sessions` table.
 #[cfg(test)]

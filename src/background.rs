@@ -26,7 +26,7 @@ struct SpawnRequest {
 }
 
 pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
-    let who = auth::authenticate(req, env, false)?;
+    let who = auth::authenticate(req, env).await?;
     let viewer = Viewer::Person(who.user.clone());
     let method = req.method();
     let query = req

@@ -17,6 +17,16 @@ fn num<T: std::str::FromStr>(env: &Env, name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Whether a setting is given at all.
+pub fn has(env: &Env, name: &str) -> bool {
+    var(env, name).is_some()
+}
+
+/// A whole-number setting with its default.
+pub fn number(env: &Env, name: &str, default: u32) -> u32 {
+    num(env, name, default)
+}
+
 /// HMAC key for people's bearer tokens (`AUTH_SECRET`).
 pub fn auth_secret(env: &Env) -> Vec<u8> {
     var(env, "AUTH_SECRET")
@@ -29,9 +39,10 @@ pub fn dev_auth(env: &Env) -> bool {
     var(env, "DEV_AUTH").as_deref() == Some("1")
 }
 
-/// How long issued tokens live.
+/// How long issued tokens live (`TOKEN_TTL_MS`, default one hour); the web app renews them
+/// within their sign-in (`POST /auth/renew`), and sign-out ends them all at once.
 pub fn token_ttl_ms(env: &Env) -> u64 {
-    num(env, "TOKEN_TTL_MS", 12 * 60 * 60 * 1000)
+    num(env, "TOKEN_TTL_MS", 60 * 60 * 1000)
 }
 
 /// Session limits for new sessions.
@@ -134,4 +145,50 @@ pub fn background_limits(env: &Env) -> nightshift_core::background::Limits {
 /// Running background agents in the whole deployment (`BG_MAX_GLOBAL`), lent to shards.
 pub fn background_global_max(env: &Env) -> u32 {
     num(env, "BG_MAX_GLOBAL", 32)
+}
+
+/// The GitHub integration's settings; `None` when the deployment has no GitHub App (a local
+/// run: `DEV_AUTH` only).
+#[derive(Debug, Clone)]
+pub struct Github {
+    /// REST base, `https://api.github.com` (`GITHUB_API_URL`).
+    pub api_url: String,
+    /// OAuth pages and compare links, `https://github.com` (`GITHUB_WEB_URL`).
+    pub web_url: String,
+    /// Clones and pushes, `https://github.com` (`GITHUB_GIT_URL`).
+    pub git_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// The App's numeric id and private key (PKCS#1 or PKCS#8 PEM), for installation tokens.
+    pub app_id: Option<String>,
+    pub private_key: Option<String>,
+    /// The App's slug (its `@mention` and bot login `<slug>[bot]`).
+    pub slug: String,
+    pub webhook_secret: Option<String>,
+}
+
+/// Reads the GitHub settings: present when `GITHUB_APP_CLIENT_ID` and
+/// `GITHUB_APP_CLIENT_SECRET` are.
+pub fn github(env: &Env) -> Option<Github> {
+    let trim = |s: String| s.trim_end_matches('/').to_string();
+    Some(Github {
+        client_id: var(env, "GITHUB_APP_CLIENT_ID")?,
+        client_secret: var(env, "GITHUB_APP_CLIENT_SECRET")?,
+        api_url: trim(
+            var(env, "GITHUB_API_URL").unwrap_or_else(|| "https://api.github.com".into()),
+        ),
+        web_url: trim(var(env, "GITHUB_WEB_URL").unwrap_or_else(|| "https://github.com".into())),
+        git_url: trim(var(env, "GITHUB_GIT_URL").unwrap_or_else(|| "https://github.com".into())),
+        app_id: var(env, "GITHUB_APP_ID"),
+        private_key: var(env, "GITHUB_APP_PRIVATE_KEY"),
+        slug: var(env, "GITHUB_APP_SLUG").unwrap_or_else(|| "nightshift".into()),
+        webhook_secret: var(env, "GITHUB_WEBHOOK_SECRET"),
+    })
+}
+
+/// The 256-bit key that seals people's GitHub tokens at rest: SHA-256 of
+/// `TOKEN_ENCRYPTION_KEY` (any length; 32 random bytes in base64 is the documented choice).
+pub fn token_encryption_key(env: &Env) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    var(env, "TOKEN_ENCRYPTION_KEY").map(|k| sha2::Sha256::digest(k.as_bytes()).to_vec())
 }

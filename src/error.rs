@@ -117,6 +117,48 @@ pub enum EdgeError {
     InvalidEventId,
     #[error("event {after} is not one this agent's stream has sent (its newest is {newest}); resume from 0 to get everything")]
     StaleEventId { after: i64, newest: i64 },
+    #[error("this deployment has no GitHub App; set GITHUB_APP_CLIENT_ID and GITHUB_APP_CLIENT_SECRET (README, \"Deploy for a team\")")]
+    GithubNotConfigured,
+    #[error("GitHub did not answer: {0}; retry in a moment")]
+    GithubUnreachable(String),
+    #[error("GitHub no longer accepts your sign-in; sign in with GitHub again")]
+    GithubTokenInvalid,
+    #[error("GitHub says you cannot see or change this repository; ask an admin of it for access")]
+    GithubNoAccess,
+    #[error("GitHub refused: {0}")]
+    GithubRefused(String),
+    #[error("GitHub refused the sign-in ({0}); start again from the sign-in button")]
+    OAuthRefused(String),
+    #[error("the GitHub App's private key cannot be used: {0}; set GITHUB_APP_PRIVATE_KEY to the PEM GitHub gave you")]
+    GithubAppKey(String),
+    #[error("{0}")]
+    OAuthFlow(nightshift_core::signin::FlowError),
+    #[error("{0}")]
+    Ticket(nightshift_core::signin::TicketError),
+    #[error("{0}")]
+    SignIn(nightshift_core::signin::SignInError),
+    #[error("TOKEN_ENCRYPTION_KEY is not set, so GitHub tokens cannot be stored; set it with wrangler secret put")]
+    TokenKeyNotConfigured,
+    #[error("dev sign-in works only from this machine (a loopback address); sign in with GitHub")]
+    DevSignInLocalOnly,
+    #[error("sign in with GitHub to use this repository (dev sign-ins have no GitHub identity)")]
+    GithubNotLinked,
+    #[error("this needs {0} permission on the repository on GitHub")]
+    RoleRequired(&'static str),
+    #[error(
+        "the Nightshift GitHub App is not installed on {0}; install it on the repository first"
+    )]
+    AppNotInstalled(String),
+    #[error("repositories in this deployment come from GitHub: register one with `github: \"owner/name\"`")]
+    GithubRepositoryRequired,
+    /// A quota (`what`) is used up until `retry_after_s` seconds from now.
+    #[error("{what}: quota reached; retry in {retry_after_s} s")]
+    QuotaExceeded {
+        what: &'static str,
+        retry_after_s: u64,
+    },
+    #[error("{0}")]
+    Webhook(nightshift_core::github::WebhookError),
 }
 
 impl EdgeError {
@@ -171,6 +213,24 @@ impl EdgeError {
             EdgeError::AgentStartFailed { .. } => "agent_start_failed",
             EdgeError::InvalidEventId => "invalid_event_id",
             EdgeError::StaleEventId { .. } => "stale_event_id",
+            EdgeError::GithubNotConfigured => "github_not_configured",
+            EdgeError::GithubUnreachable(_) => "github_unavailable",
+            EdgeError::GithubTokenInvalid => "github_token_invalid",
+            EdgeError::GithubNoAccess => "github_no_access",
+            EdgeError::GithubRefused(_) => "github_refused",
+            EdgeError::OAuthRefused(_) => "oauth_refused",
+            EdgeError::GithubAppKey(_) => "github_app_key",
+            EdgeError::OAuthFlow(e) => e.code(),
+            EdgeError::Ticket(e) => e.code(),
+            EdgeError::SignIn(e) => e.code(),
+            EdgeError::TokenKeyNotConfigured => "token_key_not_configured",
+            EdgeError::DevSignInLocalOnly => "dev_sign_in_local_only",
+            EdgeError::GithubNotLinked => "github_not_linked",
+            EdgeError::RoleRequired(_) => "repository_role_required",
+            EdgeError::AppNotInstalled(_) => "app_not_installed",
+            EdgeError::GithubRepositoryRequired => "github_repository_required",
+            EdgeError::QuotaExceeded { .. } => "quota_exceeded",
+            EdgeError::Webhook(e) => e.code(),
         }
     }
 
@@ -184,8 +244,30 @@ impl EdgeError {
             | EdgeError::BinaryNotSupported
             | EdgeError::InvalidService
             | EdgeError::InvalidToolRequest(_)
-            | EdgeError::InvalidEventId => 400,
-            EdgeError::Unauthenticated | EdgeError::NotBearer => 401,
+            | EdgeError::InvalidEventId
+            | EdgeError::OAuthRefused(_)
+            | EdgeError::OAuthFlow(_)
+            | EdgeError::GithubRepositoryRequired => 400,
+            EdgeError::Unauthenticated
+            | EdgeError::NotBearer
+            | EdgeError::GithubTokenInvalid
+            | EdgeError::Ticket(_)
+            | EdgeError::SignIn(_) => 401,
+            EdgeError::GithubNoAccess
+            | EdgeError::DevSignInLocalOnly
+            | EdgeError::GithubNotLinked
+            | EdgeError::RoleRequired(_)
+            | EdgeError::AppNotInstalled(_) => 403,
+            EdgeError::GithubNotConfigured => 404,
+            EdgeError::QuotaExceeded { .. } => 429,
+            EdgeError::GithubUnreachable(_) | EdgeError::GithubRefused(_) => 502,
+            EdgeError::GithubAppKey(_) | EdgeError::TokenKeyNotConfigured => 500,
+            EdgeError::Webhook(e) => match e {
+                nightshift_core::github::WebhookError::NotConfigured => 404,
+                nightshift_core::github::WebhookError::BadPayload(_) => 400,
+                nightshift_core::github::WebhookError::UnknownEvent => 202,
+                _ => 401,
+            },
             EdgeError::NotFound(_)
             | EdgeError::NoRoute { .. }
             | EdgeError::DevSignInDisabled
@@ -249,6 +331,7 @@ impl EdgeError {
 pub const ALL_CODES: &[&str] = &[
     "agent_not_found",
     "agent_start_failed",
+    "app_not_installed",
     "auth_not_configured",
     "bad_invite",
     "bad_sandbox_token",
@@ -256,7 +339,16 @@ pub const ALL_CODES: &[&str] = &[
     "body_too_large",
     "build_refused",
     "client_limit",
+    "dev_sign_in_local_only",
     "frame_too_large",
+    "github_app_key",
+    "github_no_access",
+    "github_not_configured",
+    "github_not_linked",
+    "github_refused",
+    "github_repository_required",
+    "github_token_invalid",
+    "github_unavailable",
     "image_not_found",
     "image_not_ready",
     "internal",
@@ -289,6 +381,9 @@ pub const ALL_CODES: &[&str] = &[
     "not_your_client",
     "not_your_prompt",
     "nothing_running",
+    "oauth_flow_missing",
+    "oauth_refused",
+    "oauth_state_mismatch",
     "out_of_order",
     "owner_cannot_leave",
     "owner_only",
@@ -298,8 +393,10 @@ pub const ALL_CODES: &[&str] = &[
     "provider_not_configured",
     "provider_unavailable",
     "queue_full",
+    "quota_exceeded",
     "repository_exists",
     "repository_not_found",
+    "repository_role_required",
     "sandbox_failed",
     "sandbox_not_found",
     "sandbox_retired",
@@ -308,12 +405,23 @@ pub const ALL_CODES: &[&str] = &[
     "session_ended",
     "session_exists",
     "session_not_found",
+    "sign_in_expired",
+    "sign_in_unknown",
+    "signature_invalid",
+    "signature_malformed",
+    "signature_missing",
+    "signed_out",
     "snapshot_failed",
     "snapshot_in_progress",
     "snapshot_not_found",
     "stale_event_id",
+    "ticket_expired",
+    "ticket_invalid",
+    "ticket_used",
+    "ticket_wrong_session",
     "token_expired",
     "token_invalid",
+    "token_key_not_configured",
     "token_malformed",
     "too_deep",
     "too_many_children",
@@ -323,6 +431,8 @@ pub const ALL_CODES: &[&str] = &[
     "unknown_type",
     "unsigned",
     "upgrade_required",
+    "webhook_not_configured",
+    "webhook_payload_invalid",
 ];
 
 /// The rendered refusal: status, code and message, as every error body carries them.
@@ -331,6 +441,8 @@ pub struct ApiError {
     pub status: u16,
     pub code: String,
     pub message: String,
+    /// Seconds to wait before asking again (a quota's `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -339,6 +451,26 @@ impl ApiError {
             status,
             code: code.to_string(),
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The refusal another object answered with (its error body), kept as it was.
+    pub fn refused(status: u16, body: &[u8], retry_after: Option<u64>) -> ApiError {
+        #[derive(serde::Deserialize)]
+        struct Refusal {
+            error: nightshift_core::wire::ErrorBody,
+        }
+        match serde_json::from_slice::<Refusal>(body) {
+            Ok(refusal) => ApiError {
+                status,
+                code: refusal.error.code,
+                message: refusal.error.message,
+                retry_after,
+            },
+            Err(_) => {
+                ApiError::internal(format!("an object answered {status} without an error body"))
+            }
         }
     }
 
@@ -348,13 +480,21 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> worker::Result<Response> {
-        json_response(self.status, error_json(&self.code, &self.message))
+        let resp = json_response(self.status, error_json(&self.code, &self.message))?;
+        if let Some(seconds) = self.retry_after {
+            resp.headers().set("retry-after", &seconds.to_string())?;
+        }
+        Ok(resp)
     }
 }
 
 impl From<EdgeError> for ApiError {
     fn from(e: EdgeError) -> Self {
-        ApiError::new(e.status(), e.code(), e.to_string())
+        let mut error = ApiError::new(e.status(), e.code(), e.to_string());
+        if let EdgeError::QuotaExceeded { retry_after_s, .. } = e {
+            error.retry_after = Some(retry_after_s.max(1));
+        }
+        error
     }
 }
 
@@ -427,6 +567,8 @@ mod tests {
 
     /// One of each `EdgeError` variant, with the code and status it must answer with.
     fn edge_samples() -> Vec<(EdgeError, &'static str, u16)> {
+        use nightshift_core::github::WebhookError;
+        use nightshift_core::signin::{FlowError, SignInError, TicketError};
         use EdgeError::*;
         vec![
             (NotFound("route"), "not_found", 404),
@@ -529,6 +671,61 @@ mod tests {
                 },
                 "stale_event_id",
                 409,
+            ),
+            (GithubNotConfigured, "github_not_configured", 404),
+            (GithubUnreachable(s()), "github_unavailable", 502),
+            (GithubTokenInvalid, "github_token_invalid", 401),
+            (GithubNoAccess, "github_no_access", 403),
+            (GithubRefused(s()), "github_refused", 502),
+            (OAuthRefused(s()), "oauth_refused", 400),
+            (GithubAppKey(s()), "github_app_key", 500),
+            (OAuthFlow(FlowError::NoFlow), "oauth_flow_missing", 400),
+            (
+                OAuthFlow(FlowError::StateMismatch),
+                "oauth_state_mismatch",
+                400,
+            ),
+            (Ticket(TicketError::Invalid), "ticket_invalid", 401),
+            (Ticket(TicketError::Expired), "ticket_expired", 401),
+            (
+                Ticket(TicketError::WrongSession),
+                "ticket_wrong_session",
+                401,
+            ),
+            (Ticket(TicketError::Used), "ticket_used", 401),
+            (SignIn(SignInError::SignedOut), "signed_out", 401),
+            (SignIn(SignInError::TooOld), "sign_in_expired", 401),
+            (SignIn(SignInError::Unknown), "sign_in_unknown", 401),
+            (TokenKeyNotConfigured, "token_key_not_configured", 500),
+            (DevSignInLocalOnly, "dev_sign_in_local_only", 403),
+            (GithubNotLinked, "github_not_linked", 403),
+            (RoleRequired("read"), "repository_role_required", 403),
+            (AppNotInstalled(s()), "app_not_installed", 403),
+            (GithubRepositoryRequired, "github_repository_required", 400),
+            (
+                QuotaExceeded {
+                    what: "x",
+                    retry_after_s: 1,
+                },
+                "quota_exceeded",
+                429,
+            ),
+            (
+                Webhook(WebhookError::NotConfigured),
+                "webhook_not_configured",
+                404,
+            ),
+            (Webhook(WebhookError::Missing), "signature_missing", 401),
+            (Webhook(WebhookError::Malformed), "signature_malformed", 401),
+            (
+                Webhook(WebhookError::BadSignature),
+                "signature_invalid",
+                401,
+            ),
+            (
+                Webhook(WebhookError::BadPayload(s())),
+                "webhook_payload_invalid",
+                400,
             ),
         ]
     }

@@ -99,3 +99,34 @@ pub(crate) fn require_upgrade(req: &Request) -> ApiResult<()> {
         Err(EdgeError::UpgradeRequired.into())
     }
 }
+
+/// Calls an object's fixed route and reads its answer as `T`; a refusal comes back as the
+/// object's own error (status, code, message and `Retry-After` kept), so it reaches people
+/// unchanged.
+pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
+    stub: &Stub,
+    route: crate::objects::UserIndexRoute,
+    body: Option<Vec<u8>>,
+) -> ApiResult<T> {
+    let mut resp = call(stub, route.method(), route.path(), None, body).await?;
+    answer_of(&mut resp, route.path()).await
+}
+
+/// Reads an object's answer as `T`, or its refusal as the error it carries.
+pub(crate) async fn answer_of<T: serde::de::DeserializeOwned>(
+    resp: &mut Response,
+    path: &str,
+) -> ApiResult<T> {
+    let status = resp.status_code();
+    if (200..300).contains(&status) {
+        return crate::objects::read_answer(resp, path).await;
+    }
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok());
+    let bytes = resp.bytes().await.unwrap_or_default();
+    Err(ApiError::refused(status, &bytes, retry_after))
+}

@@ -4,16 +4,21 @@
 // error answer, never a panic (ARCHITECTURE.md, Invariants).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+mod access;
 mod agent_session;
 mod auth;
+mod auth_github;
 mod background;
 mod config;
 mod error;
+mod github;
 mod http;
 mod objects;
 mod platform;
 mod provider;
+mod pull_requests;
 mod repositories;
+mod repository_tokens;
 mod routes;
 mod sandbox_api;
 mod sandbox_start;
@@ -21,9 +26,13 @@ mod session_provider;
 mod session_sockets;
 mod snapshots;
 mod store;
+mod webcrypto;
+mod webhooks;
 
 #[path = "../durable_objects/budget.rs"]
 mod budget;
+#[path = "../durable_objects/installation_index.rs"]
+mod installation_index;
 #[path = "../durable_objects/repository.rs"]
 mod repository;
 #[path = "../durable_objects/repository_index.rs"]
@@ -36,6 +45,7 @@ mod session_object;
 mod user_index;
 
 pub use budget::GlobalBudget;
+pub use installation_index::InstallationIndex;
 pub use repository::RepositoryObject;
 pub use repository_index::RepositoryIndex;
 pub use scheduler::SchedulerObject;

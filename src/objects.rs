@@ -114,14 +114,42 @@ pub enum UserIndexRoute {
     Status,
     /// → `{"sessions": [SessionEntry…]}` (passed on to people as it is).
     List,
+    /// [`BeginSignIn`] → `signin::SignIn` (a new sign-in, its `sid` for the token).
+    SignInBegin,
+    /// [`SignInRef`] → `signin::SignIn`, or the `signin::SignInError` refusal (401).
+    SignInCheck,
+    /// [`SignInRef`] → [`OkAnswer`]: sign-out; the sign-in admits nothing from now on.
+    SignInEnd,
+    /// [`RedeemTicket`] → [`OkAnswer`], or 401 `ticket_used` / the sign-in's refusal.
+    TicketRedeem,
+    /// [`LinkGithub`] → [`GithubAccount`]: the person's GitHub identity and tokens (sealed).
+    GithubLink,
+    /// → [`GithubAccount`], or 404 `github_not_linked`.
+    GithubAccountGet,
+    /// [`TokenAsk`] → [`UserToken`]: a user token good for 5 minutes at least (refreshed,
+    /// once at a time).
+    GithubToken,
+    /// [`RoleAsk`] → [`RoleAnswer`]: the person's permission on a repository (cached briefly).
+    GithubRole,
+    /// [`QuotaAsk`] → [`OkAnswer`], or 429 `quota_exceeded` with `Retry-After`.
+    Quota,
 }
 
 impl UserIndexRoute {
-    const ALL: [(UserIndexRoute, Method, &'static str); 4] = [
+    const ALL: [(UserIndexRoute, Method, &'static str); 13] = [
         (UserIndexRoute::Add, Method::Post, "/add"),
         (UserIndexRoute::Remove, Method::Post, "/remove"),
         (UserIndexRoute::Status, Method::Post, "/status"),
         (UserIndexRoute::List, Method::Get, "/list"),
+        (UserIndexRoute::SignInBegin, Method::Post, "/signin/begin"),
+        (UserIndexRoute::SignInCheck, Method::Post, "/signin/check"),
+        (UserIndexRoute::SignInEnd, Method::Post, "/signin/end"),
+        (UserIndexRoute::TicketRedeem, Method::Post, "/ticket/redeem"),
+        (UserIndexRoute::GithubLink, Method::Post, "/github/link"),
+        (UserIndexRoute::GithubAccountGet, Method::Get, "/github"),
+        (UserIndexRoute::GithubToken, Method::Post, "/github/token"),
+        (UserIndexRoute::GithubRole, Method::Post, "/github/role"),
+        (UserIndexRoute::Quota, Method::Post, "/quota"),
     ];
 
     pub fn method(self) -> Method {
@@ -166,6 +194,130 @@ impl RepositoryIndexRoute {
     pub fn parse(method: &Method, path: &str) -> Option<RepositoryIndexRoute> {
         parse_fixed(&Self::ALL, method, path)
     }
+}
+
+/// `InstallationIndex` (one, `github`): the GitHub App's installations, the webhook
+/// deliveries seen (each processed once), pull request → session, and installation tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallationRoute {
+    /// [`WebhookDelivery`] (signature already verified) → [`DeliveryAnswer`].
+    Delivery,
+    /// [`PullLink`] → [`OkAnswer`]: the session that opened a pull request.
+    LinkPull,
+    /// [`RepositoryLink`] → [`OkAnswer`]: a registered repository's GitHub name.
+    LinkRepository,
+    /// [`InstallationAsk`] → [`InstallationAnswer`], or 403 `app_not_installed`.
+    Installation,
+    /// [`InstallationTokenAsk`] → [`InstallationTokenAnswer`] (cached until shortly before it
+    /// expires).
+    Token,
+    /// No body → [`Redelivered`]: asks GitHub again for deliveries that failed.
+    Redeliver,
+}
+
+impl InstallationRoute {
+    const ALL: [(InstallationRoute, Method, &'static str); 6] = [
+        (InstallationRoute::Delivery, Method::Post, "/delivery"),
+        (InstallationRoute::LinkPull, Method::Post, "/pulls/link"),
+        (
+            InstallationRoute::LinkRepository,
+            Method::Post,
+            "/repositories/link",
+        ),
+        (
+            InstallationRoute::Installation,
+            Method::Post,
+            "/installation",
+        ),
+        (InstallationRoute::Token, Method::Post, "/token"),
+        (InstallationRoute::Redeliver, Method::Post, "/redeliver"),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<InstallationRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// A verified webhook delivery, as the Worker hands it over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    pub guid: String,
+    pub event: String,
+    /// The raw JSON body, as GitHub signed it.
+    pub body: String,
+}
+
+/// The answer to a delivery: `duplicate` when this `X-GitHub-Delivery` was seen before
+/// (nothing done again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAnswer {
+    pub guid: String,
+    pub duplicate: bool,
+    /// What was done: `installation`, `pull_request`, `build`, `ignored`, or `pending` when
+    /// processing failed and will be retried.
+    pub outcome: String,
+}
+
+/// A pull request opened by a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullLink {
+    pub repository: String,
+    pub number: u64,
+    pub session: String,
+}
+
+/// A registered repository (`name`) is the GitHub repository `full_name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryLink {
+    pub full_name: String,
+    pub name: String,
+}
+
+/// Which installation serves `repository` (`owner/name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallationAsk {
+    pub repository: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallationAnswer {
+    pub id: u64,
+    pub account: String,
+}
+
+/// An installation token for one repository with the least permission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallationTokenAsk {
+    pub repository: String,
+    pub access: nightshift_core::github::Access,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallationTokenAnswer {
+    pub token: String,
+    /// ms since the epoch.
+    pub expires_at: u64,
+}
+
+/// How many failed deliveries were asked for again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redelivered {
+    pub requested: u32,
+}
+
+/// `SessionObject` `/pull-request`: GitHub's word on the session's pull request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullUpdate {
+    pub repository: String,
+    pub pull: nightshift_core::github::Pull,
 }
 
 /// `GlobalBudget` (one, `global`): slots lent to scheduler shards.
@@ -218,10 +370,23 @@ pub enum SessionRoute {
     BackgroundCancel,
     /// → [`AgentOutput`]: the agent's final message and changed files.
     BackgroundOutput,
+    /// [`PullUpdate`] → [`OkAnswer`]: GitHub's word on the session's pull request.
+    PullRequest,
+    /// → [`SessionRepository`]: which repository the session works on (access checks).
+    Repository,
+}
+
+/// The answer of the session's `/repository`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRepository {
+    #[serde(default)]
+    pub repository: Option<String>,
 }
 
 impl SessionRoute {
-    const ALL: [(SessionRoute, Method, &'static str); 7] = [
+    const ALL: [(SessionRoute, Method, &'static str); 9] = [
+        (SessionRoute::PullRequest, Method::Post, "/pull-request"),
+        (SessionRoute::Repository, Method::Get, "/repository"),
         (SessionRoute::Create, Method::Post, "/create"),
         (SessionRoute::Prompt, Method::Post, "/prompt"),
         (SessionRoute::SandboxLink, Method::Get, "/sandbox-link"),
@@ -499,6 +664,85 @@ fn active() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveSession {
     pub id: String,
+}
+
+/// `UserIndex` `/signin/begin`: how the person signed in (`github`, `dev`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BeginSignIn {
+    pub via: String,
+}
+
+/// `UserIndex` `/signin/check` and `/signin/end`: which sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignInRef {
+    pub sid: String,
+}
+
+/// `UserIndex` `/ticket/redeem`: a WebSocket ticket's nonce, used once, while its sign-in is
+/// good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedeemTicket {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    pub nonce: String,
+    pub exp: u64,
+}
+
+/// A person's GitHub identity, as their index keeps it (no tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GithubAccount {
+    pub id: u64,
+    pub login: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub linked_at: u64,
+}
+
+/// `UserIndex` `/github/link`: the identity GitHub answered for, and the tokens it granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkGithub {
+    pub account: GithubAccount,
+    pub tokens: nightshift_core::github::UserTokens,
+}
+
+/// `UserIndex` `/github/token`: `refresh` asks for a new pair even if the token looks good
+/// (GitHub answered 401 to it).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TokenAsk {
+    #[serde(default)]
+    pub refresh: bool,
+}
+
+/// A person's user token (never leaves the control plane).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserToken {
+    pub token: String,
+    pub login: String,
+}
+
+/// `UserIndex` `/github/role`: the person's permission on `repository` (`owner/name`);
+/// `fresh` skips the cache (a join re-checks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleAsk {
+    pub repository: String,
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+/// The answer of `/github/role`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleAnswer {
+    pub role: nightshift_core::github::Role,
+    pub checked_at: u64,
+}
+
+/// `UserIndex` `/quota`: take one of `what` under `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaAsk {
+    pub what: String,
+    pub limit: nightshift_core::quota::Limit,
 }
 
 /// The answer of a `/remove`.
@@ -1551,6 +1795,7 @@ mod view_tests {
     fn a_repository_info_is_the_json_it_replaced() {
         let s = Settings {
             name: "acme/web".into(),
+            github: None,
             clone_url: "https://example.com/acme/web.git".into(),
             base_branch: "main".into(),
             setup: vec!["npm ci".into()],

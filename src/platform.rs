@@ -36,3 +36,16 @@ pub fn valid_id(prefix: &str, id: &str) -> bool {
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         })
 }
+
+/// `n` bytes of cryptographic randomness.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    get_random_values(&mut buf);
+    buf
+}
+
+/// `n` random bytes as unpadded base64url (an OAuth `state`, a PKCE verifier, a nonce).
+pub fn random_token(n: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes(n))
+}

@@ -1,15 +1,19 @@
 //! `/repositories…`: register, list and change repositories, build images, roll back; and the build schedule (cron).
 
+use nightshift_core::github::RepositoryAction;
+use nightshift_core::ids::Identity;
 use nightshift_core::repository::Settings;
 use serde::Serialize;
 use worker::{Env, Method, Request, Response, Stub};
 
-use crate::auth;
-use crate::error::{json_of, json_response, ApiError, ApiResult};
-use crate::http::{call, no_route, read_body, read_bytes, repository_stub};
+use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
+use crate::http::{answer_of, call, no_route, read_body, read_bytes, repository_stub};
 use crate::objects::{
-    encode, read_answer, with_query, Names, RepositoryIndexRoute, RepositoryInfo, RepositoryRoute,
+    encode, read_answer, with_query, InstallationAnswer, InstallationAsk, InstallationRoute, Names,
+    RepositoryIndexRoute, RepositoryInfo, RepositoryLink, RepositoryRoute,
 };
+use crate::webhooks::installation_index;
+use crate::{access, auth, config};
 
 /// `GET /repositories`: every registered repository, as its object shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,19 +25,72 @@ fn index(env: &Env) -> ApiResult<Stub> {
     Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
 }
 
+/// In a deployment with a GitHub App, a repository is GitHub's: the person must maintain it
+/// there, the App must be installed on it, and it is cloned from GitHub (whose git host its
+/// sandboxes may reach).
+async fn github_registration(env: &Env, who: &Identity, s: &mut Settings) -> ApiResult<()> {
+    let Some(cfg) = config::github(env) else {
+        return Ok(());
+    };
+    let full_name = s
+        .github
+        .clone()
+        .ok_or(EdgeError::GithubRepositoryRequired)?;
+    access::require(env, who, &full_name, RepositoryAction::Register, true).await?;
+    let stub = installation_index(env)?;
+    let route = InstallationRoute::Installation;
+    let body = encode(&InstallationAsk {
+        repository: full_name.clone(),
+    })?;
+    let mut resp = call(&stub, route.method(), route.path(), None, Some(body)).await?;
+    answer_of::<InstallationAnswer>(&mut resp, route.path()).await?;
+    s.clone_url = format!("{}/{full_name}.git", cfg.git_url);
+    if let Some(host) = git_host(&cfg.git_url) {
+        if !s.egress.contains(&host) {
+            s.egress.push(host);
+        }
+    }
+    Ok(())
+}
+
+/// `host` or `host:port` of a git base URL, as an egress pattern.
+fn git_host(git_url: &str) -> Option<String> {
+    let rest = git_url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    (!authority.is_empty()).then(|| authority.to_string())
+}
+
 pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
-    auth::authenticate(req, env, false)?;
+    let who = auth::authenticate(req, env).await?;
     let method = req.method();
     match (method, segs) {
         (Method::Post, ["repositories"]) => {
-            let s: Settings = read_body(req).await?;
+            let mut s: Settings = read_body(req).await?;
+            if config::github(env).is_some() && s.clone_url.is_empty() {
+                s.clone_url = "https://github.invalid/".into();
+            }
             s.validate()?;
+            github_registration(env, &who, &mut s).await?;
+            s.validate()?;
+            access::take_quota(env, &who, "builds").await?;
             // The object registers all or nothing (its index entry included): its answer is
             // the registration, or a refusal saying nothing was stored.
             let body = Some(encode(&s)?);
             let mut resp = on_repository(env, &s.name, RepositoryRoute::Register, "", body).await?;
             let status = resp.status_code();
             let text = resp.text().await?;
+            if status == 201 {
+                if let Some(full_name) = &s.github {
+                    let stub = installation_index(env)?;
+                    let route = InstallationRoute::LinkRepository;
+                    let link = encode(&RepositoryLink {
+                        full_name: full_name.clone(),
+                        name: s.name.clone(),
+                    })?;
+                    call(&stub, route.method(), route.path(), None, Some(link)).await?;
+                }
+            }
             json_response(status, text).map_err(ApiError::from)
         }
         (Method::Get, ["repositories"]) => {
@@ -44,24 +101,32 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 let stub = repository_stub(env, &n)?;
                 let mut r = call(&stub, info.method(), &info.path(), None, None).await?;
                 // A listed name that is not registered (a registration that did not complete)
-                // is not shown.
+                // is not shown; nor is one the person may not read on GitHub.
                 if r.status_code() == 200 {
-                    repositories.push(read_answer(&mut r, &info.path()).await?);
+                    let found: RepositoryInfo = read_answer(&mut r, &info.path()).await?;
+                    if may_read(env, &who, &found.repository).await? {
+                        repositories.push(found);
+                    }
                 }
             }
             json_of(200, &RepositoryList { repositories })
         }
         (Method::Get, ["repositories", name]) => {
+            access::require_registered(env, &who, name, RepositoryAction::Read, false).await?;
             on_repository(env, name, RepositoryRoute::Info, "", None).await
         }
         (Method::Patch, ["repositories", name]) => {
             let body = read_bytes(req).await?;
+            access::require_registered(env, &who, name, RepositoryAction::Change, true).await?;
             on_repository(env, name, RepositoryRoute::Settings, "", Some(body)).await
         }
         (Method::Post, ["repositories", name, "builds"]) => {
+            access::require_registered(env, &who, name, RepositoryAction::Change, false).await?;
+            access::take_quota(env, &who, "builds").await?;
             on_repository(env, name, RepositoryRoute::Builds, "", None).await
         }
         (Method::Get, ["repositories", name, "builds", image, "logs"]) => {
+            access::require_registered(env, &who, name, RepositoryAction::Read, false).await?;
             let q = req
                 .url()?
                 .query()
@@ -72,9 +137,21 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
         }
         (Method::Post, ["repositories", name, "rollback"]) => {
             let body = read_bytes(req).await?;
+            access::require_registered(env, &who, name, RepositoryAction::Change, true).await?;
             on_repository(env, name, RepositoryRoute::Rollback, "", Some(body)).await
         }
         _ => Err(no_route(req)),
+    }
+}
+
+/// Whether the person may see a listed repository (GitHub's say, in a deployment with an App).
+async fn may_read(env: &Env, who: &Identity, s: &Settings) -> ApiResult<bool> {
+    match (config::github(env), &s.github) {
+        (Some(_), Some(full_name)) => {
+            let role = access::role(env, who, full_name, false).await;
+            Ok(role.is_ok_and(|r| RepositoryAction::Read.check(r).is_ok()))
+        }
+        _ => Ok(true),
     }
 }
 

@@ -4,15 +4,27 @@ use nightshift_core::wire::{self, DevSignIn};
 use worker::{Env, Headers, Method, Request, Response};
 
 use crate::auth::{self, encode_identity, IDENTITY_HEADER};
-use crate::config;
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 use crate::http::{
-    call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub, user_index,
+    answer_of, call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub,
+    user_index,
 };
 use crate::objects::{
-    encode, OkAnswer, RemoveSession, SessionEntry, SessionRoute, UserIndexRoute, SESSION_HEADER,
+    encode, OkAnswer, RemoveSession, SessionEntry, SessionRepository, SessionRoute, UserIndexRoute,
+    SESSION_HEADER,
 };
 use crate::platform::{new_id, now_ms};
+use crate::{access, config};
+
+/// The answer of `GET /auth/config`: which sign-ins this deployment offers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SignInOptions {
+    pub github: bool,
+    pub dev: bool,
+    /// Where to install the GitHub App on an organisation's repositories.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_url: Option<String>,
+}
 
 /// The OpenAPI document, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -43,15 +55,32 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
                 return Err(EdgeError::DevSignInDisabled.into());
             }
             let body: DevSignIn = read_body(&mut req).await?;
-            json_of(200, &auth::dev_sign_in(body, env)?)
+            json_of(200, &auth::dev_sign_in(&req, body, env).await?)
         }
         (Method::Get, ["auth", "me"]) => {
-            let who = auth::authenticate(&req, env, false)?;
+            let who = auth::authenticate(&req, env).await?;
             json_of(200, &who)
         }
+        (Method::Get, ["auth", "config"]) => json_of(
+            200,
+            &SignInOptions {
+                github: config::github(env).is_some(),
+                dev: config::dev_auth(env) && auth::is_loopback(&req),
+                install_url: config::github(env)
+                    .map(|cfg| format!("{}/apps/{}/installations/new", cfg.web_url, cfg.slug)),
+            },
+        ),
+        (Method::Get, ["auth", "github", "start"]) => crate::auth_github::start(&req, env),
+        (Method::Get, ["auth", "github", "callback"]) => {
+            crate::auth_github::callback(&req, env).await
+        }
+        (Method::Post, ["auth", "logout"]) => json_of(200, &auth::logout(&req, env).await?),
+        (Method::Post, ["auth", "renew"]) => json_of(200, &auth::renew(&req, env).await?),
+        (Method::Post, ["auth", "ticket"]) => json_of(200, &auth::ticket(&mut req, env).await?),
+        (Method::Post, ["webhook", "github"]) => crate::webhooks::github(&mut req, env).await,
         (Method::Post, ["sessions"]) => create_session(&mut req, env).await,
         (Method::Get, ["sessions"]) => {
-            let who = auth::authenticate(&req, env, false)?;
+            let who = auth::authenticate(&req, env).await?;
             let stub = user_index(env, &who.user)?;
             let list = UserIndexRoute::List;
             call(&stub, list.method(), list.path(), None, None).await
@@ -92,8 +121,24 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
 /// Authenticates, then forwards the request to the session's object at `/target`.
 async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiResult<Response> {
     let is_ws = target == "ws";
-    let who = auth::authenticate(req, env, is_ws)?;
+    let who = if is_ws {
+        require_upgrade(req)?;
+        auth::authenticate_socket(req, env, id).await?
+    } else {
+        auth::authenticate(req, env).await?
+    };
     let stub = session_stub(env, id)?;
+    // With a GitHub App, working in a session takes read access to its repository on GitHub:
+    // asked afresh on a join, from the minute's cache on a connect or a prompt (a person who
+    // lost access is refused within a minute).
+    if config::github(env).is_some() && matches!(target, "join" | "ws" | "prompt") {
+        let route = SessionRoute::Repository;
+        let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
+        let found: SessionRepository = answer_of(&mut resp, route.path()).await?;
+        if let Some(repository) = found.repository {
+            access::require_session_repository(env, &who, &repository, target == "join").await?;
+        }
+    }
     let headers = Headers::new();
     headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
     if is_ws {
@@ -143,11 +188,15 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
 }
 
 async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
-    let who = auth::authenticate(req, env, false)?;
+    let who = auth::authenticate(req, env).await?;
     let bytes = read_bytes(req).await?;
     // Validate here so a bad body never creates an object (the object checks again).
     let body: wire::CreateSession = wire::parse_body(&bytes)?;
     let title = body.check()?;
+    if let Some(repository) = &body.repository {
+        access::require_session_repository(env, &who, repository, false).await?;
+    }
+    access::take_quota(env, &who, "sessions").await?;
     let id = new_id("ses");
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();

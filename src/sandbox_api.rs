@@ -19,7 +19,7 @@ fn relay(status: u16, v: &Value) -> ApiResult<Response> {
 }
 
 pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Response> {
-    let who = auth::authenticate(req, env, false)?;
+    let who = auth::authenticate(req, env).await?;
     let who_header = encode_identity(&who);
     let method = req.method();
     match (method, segs) {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use nightshift_core::github::Access;
 use nightshift_core::provider::{
     CreateSandbox, Repository, Sandbox, SandboxStatus, SetEgress, SupervisorSpec,
 };
@@ -105,6 +106,7 @@ pub async fn start(
                 clone_url: src.clone_url.clone(),
                 base_branch: src.base_branch.clone(),
                 egress,
+                access_token: None,
             },
             image: None,
             snapshot: None,
@@ -204,6 +206,14 @@ pub async fn start(
     body.image = image;
     if let Some(b) = branch {
         body.env.insert("NIGHTSHIFT_CONTINUE_BRANCH".into(), b);
+    }
+    // A GitHub repository is private: the clone gets a read token of its own, and the
+    // supervisor's git waits for the session's credentials over the link.
+    if let Some(read) =
+        crate::repository_tokens::for_registered(env, repository, Access::Read).await?
+    {
+        body.repository.access_token = Some(read.token);
+        body.env.insert("NIGHTSHIFT_GIT_AUTH".into(), "link".into());
     }
     let answer = provider::create_sandbox(env, &body).await?;
     Ok(Started {

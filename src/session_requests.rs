@@ -141,6 +141,22 @@ impl SessionObject {
                 self.run(&system(), command).await?;
                 return json_of(200, &OkAnswer::yes());
             }
+            Some(SessionRoute::Repository) => {
+                self.require_loaded()?;
+                let repository = self.read(|h, _| h.session.meta.repository.clone())?;
+                return json_of(200, &objects::SessionRepository { repository });
+            }
+            Some(SessionRoute::PullRequest) => {
+                self.require_loaded()?;
+                let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
+                let update: objects::PullUpdate = objects::decode_body(&path, &bytes)?;
+                let command = Command::PullRequest {
+                    repository: update.repository,
+                    pull: Box::new(update.pull),
+                };
+                self.run(&system(), command).await?;
+                return json_of(200, &OkAnswer::yes());
+            }
             Some(SessionRoute::BackgroundCancel) => {
                 self.run(&system(), Command::BackgroundCancel).await?;
                 return json_of(200, &OkAnswer::yes());
@@ -284,6 +300,8 @@ impl SessionObject {
             limits: config::limits(&self.env),
             next_arrival: 0,
             model: body.model,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (mut session, out) = Session::create(meta, who);
         let events = store::create(&mut rows, &mut session, now, out.events)?;

@@ -224,10 +224,20 @@ pub fn decode(
 pub fn check_access(s: &Session, who: &Identity, request: &SessionRequest) -> CoreResult<()> {
     match request {
         SessionRequest::Command(..) | SessionRequest::Create(_) => Ok(()),
-        _ if s.is_member(&who.user) => Ok(()),
-        _ => Err(CoreError::NotMember),
+        _ if !s.is_member(&who.user) => Err(CoreError::NotMember),
+        // Running commands in the sandbox, or stopping, starting and ending it, is the owner's:
+        // an invitee reads and prompts, but gets no shell.
+        SessionRequest::SandboxAuthorize(b)
+            if OWNER_SANDBOX_OPS.contains(&b.op.as_str()) && s.meta.owner != who.user =>
+        {
+            Err(CoreError::OwnerOnly)
+        }
+        _ => Ok(()),
     }
 }
+
+/// Sandbox operations only the session's owner may do.
+pub const OWNER_SANDBOX_OPS: [&str; 5] = ["exec", "stop", "start", "terminate", "git.sync"];
 
 /// Why the session closes a person's socket (WebSocket close codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +338,10 @@ pub struct SessionView<'a> {
     /// Where the work can be restored from if the sandbox goes away (`GET /snapshot` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<&'a [Snap]>,
+    /// The session's pull request (null until one is opened).
+    pub pull_request: &'a Option<crate::github::PrLink>,
+    /// When the pull request could not be opened in the person's name: the compare link.
+    pub pull_request_action: &'a Option<crate::events::PullRequestAction>,
 }
 
 impl<'a> SessionView<'a> {
@@ -350,6 +364,8 @@ impl<'a> SessionView<'a> {
             queue: QueueView::of(s),
             last_seq,
             snapshots: None,
+            pull_request: &m.pull_request,
+            pull_request_action: &m.pull_request_action,
         }
     }
 }
@@ -771,6 +787,8 @@ mod tests {
             limits: Limits::default(),
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (session, _) = Session::create(meta, &person("alice"));
         let timing = crate::hosted::LinkTiming {
@@ -829,6 +847,43 @@ mod tests {
         assert!(check_access(&h.session, &person("alice"), &SessionRequest::Locks).is_ok());
         let leave = SessionRequest::Command(Command::Leave, Answer::Left);
         assert!(check_access(&h.session, &bob, &leave).is_ok());
+    }
+
+    #[test]
+    fn only_the_owner_gets_a_shell_or_ends_the_sandbox() {
+        let mut h = hosted();
+        let bob = person("bob");
+        let invite = h.session.meta.invite.clone();
+        h.run(&bob, Command::Join { invite }, 2, &mut Fixed)
+            .expect("join");
+        let op = |op: &str| {
+            SessionRequest::SandboxAuthorize(wire::SandboxAuthorize {
+                sandbox: Some("sbx_1".into()),
+                op: op.into(),
+            })
+        };
+        for owner_only in OWNER_SANDBOX_OPS {
+            assert_eq!(
+                check_access(&h.session, &bob, &op(owner_only)),
+                Err(CoreError::OwnerOnly),
+                "{owner_only}"
+            );
+            assert_eq!(
+                check_access(&h.session, &person("alice"), &op(owner_only)),
+                Ok(())
+            );
+            assert_eq!(
+                check_access(&h.session, &person("eve"), &op(owner_only)),
+                Err(CoreError::NotMember)
+            );
+        }
+        for member_may in ["get", "list", "logs", "git", "snapshot"] {
+            assert_eq!(
+                check_access(&h.session, &bob, &op(member_may)),
+                Ok(()),
+                "{member_may}"
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::github::PrLink;
 use crate::ids::{Actor, Role};
 use crate::queue::Prompt;
 
@@ -122,6 +123,31 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         branch: Option<String>,
     },
+    /// The session's pull request was opened in the prompting person's name (or an open one on
+    /// the session's branch was found).
+    #[serde(rename = "pr.opened")]
+    PrOpened { pull_request: PrLink },
+    /// The pull request changed (new commits, title, draft, reopened).
+    #[serde(rename = "pr.updated")]
+    PrUpdated { pull_request: PrLink },
+    #[serde(rename = "pr.merged")]
+    PrMerged { pull_request: PrLink },
+    /// Closed without merging.
+    #[serde(rename = "pr.closed")]
+    PrClosed { pull_request: PrLink },
+    /// The pull request could not be opened in the person's name: what they can do instead.
+    #[serde(rename = "pr.action")]
+    PrAction(PullRequestAction),
+}
+
+/// What a person can do when the session could not open the pull request in their name: open
+/// it themselves from the compare page.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PullRequestAction {
+    /// `create_pull_request`.
+    pub kind: String,
+    pub url: String,
+    pub reason: String,
 }
 
 impl EventKind {
@@ -148,6 +174,11 @@ impl EventKind {
             EventKind::EgressBlocked { .. } => "egress.blocked",
             EventKind::EgressChanged { .. } => "egress.changed",
             EventKind::BackgroundChild { .. } => "background.child",
+            EventKind::PrOpened { .. } => "pr.opened",
+            EventKind::PrUpdated { .. } => "pr.updated",
+            EventKind::PrMerged { .. } => "pr.merged",
+            EventKind::PrClosed { .. } => "pr.closed",
+            EventKind::PrAction(_) => "pr.action",
         }
     }
 }

@@ -158,6 +158,13 @@ pub enum DownFrame {
     Error {
         error: DownError,
     },
+    /// Credentials for the supervisor's own `git` (fetch and push of the session's branch): an
+    /// installation token scoped to the repository, kept in the supervisor's memory only —
+    /// never in the checkout, the agent's processes, an image or a snapshot.
+    GitCredentials {
+        token: String,
+        expires_at: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +369,13 @@ pub enum Command {
     /// The background agent was cancelled: its running prompt stops, as if by the owner
     /// (nothing running is fine: the agent may not have started yet).
     BackgroundCancel,
+    /// GitHub said this about the session's pull request on `repository` (`owner/name`).
+    PullRequest {
+        repository: String,
+        pull: Box<crate::github::Pull>,
+    },
+    /// The pull request could not be opened in the person's name.
+    PullRequestAction(crate::events::PullRequestAction),
 }
 
 /// What a command did, for its answer.
@@ -558,6 +572,8 @@ impl HostedSession {
                 title,
                 branch,
             } => s.background_child(id, status, session, title, branch),
+            Command::PullRequest { repository, pull } => s.pull_request(&repository, &pull),
+            Command::PullRequestAction(action) => s.pull_request_action(action),
             Command::BackgroundCancel => {
                 let owner = s.members.get(&s.meta.owner).map(|m| Identity {
                     user: m.user.clone(),

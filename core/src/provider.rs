@@ -67,6 +67,37 @@ pub struct Repository {
     /// Hosts beyond the provider's defaults this repository's sandboxes may reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<String>,
+    /// A short-lived token for this clone only (a GitHub installation token, contents:read):
+    /// the provider hands it to the clone's `git` and nothing else — never into the checkout's
+    /// config, a record, an image or a snapshot, and never back in an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+}
+
+impl Repository {
+    /// The repository as it may be kept and shown: without its token.
+    pub fn without_token(&self) -> Repository {
+        Repository {
+            access_token: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The git settings that authenticate one clone or fetch over HTTPS with `token`, as
+/// `GIT_CONFIG_*` environment (never written to any git config): `x-access-token:<token>`
+/// basic auth, as GitHub takes installation tokens.
+pub fn git_auth_env(token: &str) -> Vec<(String, String)> {
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+    vec![
+        ("GIT_CONFIG_COUNT".into(), "1".into()),
+        ("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()),
+        (
+            "GIT_CONFIG_VALUE_0".into(),
+            format!("Authorization: Basic {basic}"),
+        ),
+    ]
 }
 
 fn main_branch() -> String {
@@ -80,6 +111,7 @@ impl Default for Repository {
             clone_url: String::new(),
             base_branch: main_branch(),
             egress: Vec::new(),
+            access_token: None,
         }
     }
 }
@@ -498,6 +530,7 @@ mod tests {
                 clone_url: "https://github.com/acme/web.git".into(),
                 base_branch: "main".into(),
                 egress: Vec::new(),
+                access_token: None,
             },
             image: None,
             snapshot: None,

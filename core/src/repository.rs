@@ -42,6 +42,11 @@ pub const HISTORY: usize = 20;
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub name: String,
+    /// The GitHub repository (`owner/name`) this is, when the deployment has a GitHub App:
+    /// access follows GitHub's permissions and the clone URL is GitHub's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<String>,
+    #[serde(default)]
     pub clone_url: String,
     #[serde(default = "main")]
     pub base_branch: String,
@@ -86,9 +91,28 @@ fn invalid(m: impl Into<String>) -> RepoError {
     RepoError::Invalid(m.into())
 }
 
+/// A GitHub repository's full name: `owner/name`, each 1–100 of letters, digits, `-`, `_`, `.`
+/// (not `.` or `..`).
+pub fn valid_github_name(full_name: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 100
+            && p != "."
+            && p != ".."
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    matches!(full_name.split_once('/'), Some((owner, name)) if part(owner) && part(name))
+}
+
 impl Settings {
     /// Checks every field; the name is the repository's id in URLs.
     pub fn validate(&self) -> Result<(), RepoError> {
+        if let Some(full_name) = &self.github {
+            if !valid_github_name(full_name) {
+                return Err(invalid("github: the GitHub repository as owner/name"));
+            }
+        }
         let n = &self.name;
         if n.is_empty()
             || n.len() > 100
@@ -142,6 +166,11 @@ impl Settings {
     pub fn apply(&self, c: Change) -> Result<Settings, RepoError> {
         let mut s = self.clone();
         if let Some(v) = c.clone_url {
+            if self.github.is_some() && v != self.clone_url {
+                return Err(invalid(
+                    "clone_url: a GitHub repository is cloned from GitHub; register another name for another remote",
+                ));
+            }
             s.clone_url = v;
         }
         if let Some(v) = c.base_branch {

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::error::{CoreError, CoreResult};
-use crate::events::{EventKind, LockReleaseReason};
+use crate::events::{EventKind, LockReleaseReason, PullRequestAction};
+use crate::github::{Applied, PrLink, PrState, Pull};
 use crate::ids::{Actor, ClientId, Cursor, Identity, Role, UserId};
 use crate::queue::{NewPrompt, PromptId, PromptQueue};
 use crate::sandbox::AgentEvent;
@@ -185,6 +186,70 @@ pub struct Meta {
     /// The session's model; prompts without one use it (None: the deployment's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The session's pull request, as GitHub last said (newer deliveries only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<PrLink>,
+    /// When the pull request could not be opened in the person's name: the compare link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request_action: Option<PullRequestAction>,
+}
+
+/// A pull request to open for a prompt's pushed work, in the prompting person's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequestDue {
+    /// The prompting person (their token opens it).
+    pub author: UserId,
+    pub branch: String,
+    pub title: String,
+    pub body: String,
+}
+
+/// A pull request title: the prompt's first line, at most this many characters.
+pub const PR_TITLE_MAX: usize = 72;
+/// The prompt quoted in a pull request body: at most this many characters.
+pub const PR_PROMPT_MAX: usize = 2_000;
+
+impl PullRequestDue {
+    fn of(
+        prompt: &crate::queue::Prompt,
+        branch: &str,
+        commit: Option<&str>,
+        session: &str,
+    ) -> Self {
+        let first = prompt.text.lines().map(str::trim).find(|l| !l.is_empty());
+        let mut title: String = first
+            .unwrap_or("Nightshift session work")
+            .chars()
+            .take(PR_TITLE_MAX)
+            .collect();
+        if first.is_some_and(|l| l.chars().count() > PR_TITLE_MAX) {
+            title.pop();
+            title.push('…');
+        }
+        let quoted: String = prompt.text.chars().take(PR_PROMPT_MAX).collect();
+        let more = if prompt.text.chars().count() > PR_PROMPT_MAX {
+            "\n>\n> (the prompt continues in the session)"
+        } else {
+            ""
+        };
+        let quoted = quoted
+            .lines()
+            .map(|l| format!("> {l}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let commit = commit
+            .map(|c| format!(" Latest commit: `{c}`."))
+            .unwrap_or_default();
+        PullRequestDue {
+            author: prompt.author.clone(),
+            branch: branch.to_string(),
+            title,
+            body: format!(
+                "Prompted by {} in Nightshift session `{session}`:\n\n{quoted}{more}\n\nThe work is on `{branch}`.{commit}",
+                prompt.author_name
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -1129,6 +1194,80 @@ impl Session {
         out
     }
 
+    /// GitHub said this about the session's pull request (opened by the session, or a webhook).
+    /// An older state than the one kept changes nothing (deliveries arrive out of order); a
+    /// different number replaces the link (a new pull request on the session's branch).
+    pub fn pull_request(&mut self, repository: &str, pull: &Pull) -> Outcome {
+        let mut out = Outcome::default();
+        let kind = match &mut self.meta.pull_request {
+            Some(link) if link.number == pull.number && link.repository == repository => {
+                match link.apply(pull) {
+                    Applied::Changed => Some(link.clone()),
+                    Applied::Same | Applied::Stale => None,
+                }
+                .map(|link| match link.state {
+                    PrState::Merged => EventKind::PrMerged { pull_request: link },
+                    PrState::Closed => EventKind::PrClosed { pull_request: link },
+                    PrState::Open => EventKind::PrUpdated { pull_request: link },
+                })
+            }
+            _ => {
+                let link = PrLink::from_pull(repository, pull);
+                self.meta.pull_request = Some(link.clone());
+                Some(EventKind::PrOpened { pull_request: link })
+            }
+        };
+        if let Some(kind) = kind {
+            self.meta.pull_request_action = None;
+            self.dirty.insert(Dirty::Meta);
+            out.event(Actor::system(), kind);
+        }
+        out
+    }
+
+    /// Whether these just-stored events call for opening the session's pull request: a prompt
+    /// finished with its work pushed to a branch, the session works on a repository, and it
+    /// has no pull request yet (an open one follows later pushes by itself). The pull request
+    /// is the prompting person's: it is opened with their token, in their name.
+    pub fn pull_request_due(&self, events: &[crate::events::Event]) -> Option<PullRequestDue> {
+        if self.meta.pull_request.is_some() {
+            return None;
+        }
+        self.meta.repository.as_ref()?;
+        events.iter().rev().find_map(|event| match &event.kind {
+            EventKind::PromptFinished {
+                id,
+                ok: true,
+                branch: Some(branch),
+                commit,
+                ..
+            } => {
+                let prompt = self.queue.get(id).ok()?;
+                Some(PullRequestDue::of(
+                    prompt,
+                    branch,
+                    commit.as_deref(),
+                    &self.meta.id,
+                ))
+            }
+            _ => None,
+        })
+    }
+
+    /// The pull request could not be opened in the person's name: offer the compare link.
+    pub fn pull_request_action(&mut self, action: PullRequestAction) -> Outcome {
+        let mut out = Outcome::default();
+        if self.meta.pull_request.is_some()
+            || self.meta.pull_request_action.as_ref() == Some(&action)
+        {
+            return out;
+        }
+        self.meta.pull_request_action = Some(action.clone());
+        self.dirty.insert(Dirty::Meta);
+        out.event(Actor::system(), EventKind::PrAction(action));
+        out
+    }
+
     /// A stage of the sandbox as seen by the control plane (spawning, lost, failed).
     pub fn sandbox_status(&mut self, stage: &str, detail: String) -> Outcome {
         let mut out = Outcome::default();
@@ -1171,6 +1310,8 @@ mod tests {
             },
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (mut s, _) = Session::create(meta, &person("ada"));
         s.join(&person("bob"), "inv", 0).expect("bob joins");

@@ -23,6 +23,20 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at, ms since the epoch.
     pub exp: u64,
+    /// The sign-in this token belongs to (`signin::SignIn`): sign-out ends every token of it.
+    /// Tokens issued before sign-ins existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+}
+
+impl Claims {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            user: self.sub.clone(),
+            name: self.name.clone(),
+            email: self.email.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -69,6 +83,11 @@ pub fn issue(claims: &Claims, secret: &[u8]) -> Result<String, TokenError> {
 
 /// Checks signature (constant time) and expiry; returns the identity.
 pub fn verify(token: &str, secret: &[u8], now_ms: u64) -> Result<Identity, TokenError> {
+    verify_claims(token, secret, now_ms).map(|claims| claims.identity())
+}
+
+/// Checks signature (constant time) and expiry; returns the claims (with the sign-in id).
+pub fn verify_claims(token: &str, secret: &[u8], now_ms: u64) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(prefix), Some(body), Some(sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -93,11 +112,7 @@ pub fn verify(token: &str, secret: &[u8], now_ms: u64) -> Result<Identity, Token
     if claims.exp <= now_ms {
         return Err(TokenError::Expired);
     }
-    Ok(Identity {
-        user: claims.sub,
-        name: claims.name,
-        email: claims.email,
-    })
+    Ok(claims)
 }
 
 #[cfg(test)]
@@ -111,6 +126,7 @@ mod tests {
             email: Some("ada@example.com".into()),
             iat: 0,
             exp,
+            sid: None,
         }
     }
 

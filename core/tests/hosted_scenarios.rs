@@ -48,6 +48,8 @@ fn hosted(repository: Option<&str>) -> HostedSession {
         limits: Limits::default(),
         next_arrival: 0,
         model: None,
+        pull_request: None,
+        pull_request_action: None,
     };
     let (mut session, _) = Session::create(meta, &person("alice"));
     session.take_dirty();
@@ -95,6 +97,9 @@ fn effect(e: &Effect) -> Vec<String> {
         }
         Effect::ToSandbox(DownFrame::Ack { n }) => vec![format!("to sandbox: ack {n}")],
         Effect::ToSandbox(DownFrame::Stop { prompt }) => vec![format!("to sandbox: stop {prompt}")],
+        Effect::ToSandbox(DownFrame::GitCredentials { .. }) => {
+            vec!["to sandbox: git credentials".into()]
+        }
         Effect::ToSandbox(DownFrame::Error { error }) => {
             vec![format!("to sandbox: error {}", error.code)]
         }

@@ -75,6 +75,8 @@ impl Object {
             limits: Limits::default(),
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (mut session, out) = Session::create(meta, &person("alice"));
         let mut store = MemStore::new();

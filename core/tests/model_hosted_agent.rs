@@ -72,6 +72,8 @@ impl Model for HostedAgent {
             limits,
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (mut session, out) = Session::create(meta, &ident(0));
         session.take_dirty();

@@ -78,6 +78,8 @@ impl Model for PromptQueueModel {
             },
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (session, _) = Session::create(meta, &ident(0));
         let mut session = session.with_terminal_window(self.window);

@@ -152,6 +152,8 @@ impl Model for SandboxLinkModel {
             limits: Limits::default(),
             next_arrival: 0,
             model: None,
+            pull_request: None,
+            pull_request_action: None,
         };
         let (mut session, _) = Session::create(meta, &alice());
         session.take_dirty();

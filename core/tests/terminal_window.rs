@@ -35,6 +35,8 @@ fn session(max_queued: u32) -> Session {
         },
         next_arrival: 0,
         model: None,
+        pull_request: None,
+        pull_request_action: None,
     };
     let (mut session, _) = Session::create(meta, &person("ada"));
     session.join(&person("bob"), "inv", 0).expect("bob joins");

@@ -151,7 +151,7 @@ pub(crate) async fn build(
         status: ImageStatus::Building,
         repository: Repository {
             clone_url: redact_url(&b.repository.clone_url),
-            ..b.repository.clone()
+            ..b.repository.without_token()
         },
         commit: None,
         created_at: now_ms(),
@@ -237,15 +237,23 @@ async fn run_build(p: &Shared, id: &str, b: &BuildImage, deadline: u64) -> Resul
     let net = _egress.as_ref().map(|r| r.dir.as_path());
     let extra: Vec<PathBuf> = local_remote(url).into_iter().collect();
     let repo = dir.join("repo");
-    p.clone_inside(&dir, &extra, url, branch, &repo, net)
-        .await
-        .map_err(|e| {
-            let why = p.scrub(&e);
-            (
-                "clone_failed",
-                format!("git clone of {shown} failed: {why}"),
-            )
-        })?;
+    p.clone_inside(
+        &dir,
+        &extra,
+        url,
+        branch,
+        &repo,
+        net,
+        b.repository.access_token.as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        let why = p.scrub(&e);
+        (
+            "clone_failed",
+            format!("git clone of {shown} failed: {why}"),
+        )
+    })?;
     let commit = run_git(&["rev-parse", "HEAD"], Some(&repo)).await.ok();
     note(&log, &format!("at {}", commit.as_deref().unwrap_or("?"))).await;
     update(p, id, |i| i.commit = commit);

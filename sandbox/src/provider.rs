@@ -240,7 +240,7 @@ async fn start_sandbox(p: &Shared, c: CreateSandbox, from: Option<PathBuf>) -> R
         status: SandboxStatus::Creating,
         repository: Repository {
             clone_url: redact_url(&c.repository.clone_url),
-            ..c.repository.clone()
+            ..c.repository.without_token()
         },
         image: c.image.clone(),
         snapshot: c.snapshot.clone(),
@@ -404,7 +404,15 @@ async fn boot(p: Shared, id: String, dir: PathBuf, c: CreateSandbox, from: Optio
         }
         // The clone runs inside the sandbox, through its egress proxy.
         if let Err(e) = p
-            .clone_inside(&dir, &extra, url, &c.repository.base_branch, &repo, net)
+            .clone_inside(
+                &dir,
+                &extra,
+                url,
+                &c.repository.base_branch,
+                &repo,
+                net,
+                c.repository.access_token.as_deref(),
+            )
             .await
         {
             return p.fail(

@@ -363,6 +363,7 @@ impl Provider {
 
     /// Clones `url` into `dest` inside the sandbox rooted at `dir` (its own network and egress
     /// proxy when `net` is given), never on the host; answers git's error text.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn clone_inside(
         &self,
         dir: &Path,
@@ -371,6 +372,7 @@ impl Provider {
         branch: &str,
         dest: &Path,
         net: Option<&Path>,
+        token: Option<&str>,
     ) -> Result<(), String> {
         let argv: Vec<String> = [
             "git",
@@ -390,13 +392,17 @@ impl Provider {
         } else {
             argv
         };
-        let env: BTreeMap<String, String> = [
+        let mut env: BTreeMap<String, String> = [
             ("HOME", dir.join("home").to_string_lossy().to_string()),
             ("GIT_TERMINAL_PROMPT", "0".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        // The clone's token reaches this one `git` as environment: never the checkout's config.
+        if let Some(token) = token {
+            env.extend(nightshift_core::provider::git_auth_env(token));
+        }
         let out = self
             .isolate(dir, extra, &argv, &env, dir, net)
             .stdin(Stdio::null())

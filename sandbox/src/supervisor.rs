@@ -55,6 +55,9 @@ pub struct Settings {
     /// The session's pushed branch to continue on instead of the base (a cold start of a
     /// session that already has work, when no snapshot could be restored).
     pub continue_branch: Option<String>,
+    /// The repository is private: git credentials come from the session over the link
+    /// (`NIGHTSHIFT_GIT_AUTH=link`), and the first sync waits for them.
+    pub git_auth_from_link: bool,
     /// The bearer secret every caller of the supervisor's local API must present (the
     /// provider's `api_secret` from the secrets line, else a fresh one only this sandbox knows).
     pub api_secret: String,
@@ -143,6 +146,7 @@ impl Settings {
                 .get("NIGHTSHIFT_CONTINUE_BRANCH")
                 .filter(|b| b.starts_with("nightshift/"))
                 .cloned(),
+            git_auth_from_link: all.get("NIGHTSHIFT_GIT_AUTH").map(String::as_str) == Some("link"),
             api_secret: Some(secrets.api_secret.clone())
                 .filter(|t| t.len() >= 16)
                 .unwrap_or_else(|| crate::state::random_hex(16)),
@@ -331,9 +335,22 @@ impl Supervisor {
     }
 }
 
+/// The session's git credentials (an installation token), in this process's memory only: given
+/// to the supervisor's own `git` commands as environment, never written anywhere.
+static GIT_TOKEN: Mutex<Option<String>> = Mutex::new(None);
+
+fn git_token() -> Option<String> {
+    GIT_TOKEN.lock().ok().and_then(|t| t.clone())
+}
+
 async fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new("git");
-    with_proxy(&mut cmd);
+    // Every remote, a loopback one included (a developer's own git server), is reached through
+    // the egress proxy: the sandbox's own loopback has no git server.
+    with_proxy_for(&mut cmd, false);
+    if let Some(token) = git_token() {
+        cmd.envs(nightshift_core::provider::git_auth_env(&token));
+    }
     let out = cmd
         .args(args)
         .current_dir(repo)
@@ -383,6 +400,13 @@ pub async fn sync(s: Shared) {
         }
     }
     let repo = s.cfg.repo();
+    // A private repository's fetch needs the credentials the session sends once linked.
+    if s.cfg.git_auth_from_link {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while git_token().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // A checkout restored from a snapshot is on the session's branch: keep its work as it is.
     let head_branch = git(&repo, &["symbolic-ref", "--quiet", "--short", "HEAD"])
         .await
@@ -1411,6 +1435,11 @@ async fn link_once(
                     }
                     DownFrame::Error { error } => {
                         log(&format!("session says: {}: {}", error.code, error.message))
+                    }
+                    DownFrame::GitCredentials { token, .. } => {
+                        if let Ok(mut held) = GIT_TOKEN.lock() {
+                            *held = Some(token);
+                        }
                     }
                 }
             }

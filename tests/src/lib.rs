@@ -1,5 +1,6 @@
 //! Test harness: starts the real Worker under `wrangler dev` on free ports with its own state, and talks to it over HTTP and WebSocket.
 
+pub mod fake_github;
 pub mod fake_provider;
 
 use std::net::TcpListener;
@@ -360,12 +361,23 @@ impl Api {
         }
     }
 
-    /// Creates a session on a repository; returns its id.
+    /// Creates a session on a repository (a local path); returns (id, invite).
     pub async fn create_session_on(
         &self,
         who: &User,
         title: &str,
         repository: &Path,
+    ) -> (String, String) {
+        self.create_session_on_name(who, title, &repository.to_string_lossy())
+            .await
+    }
+
+    /// Creates a session on a registered repository (by name); returns (id, invite).
+    pub async fn create_session_on_name(
+        &self,
+        who: &User,
+        title: &str,
+        repository: &str,
     ) -> (String, String) {
         let (st, v) = self
             .call(
@@ -406,11 +418,20 @@ impl Api {
         assert!(st == 200 || st == 201, "join: {st} {v}");
     }
 
+    /// A one-time ticket that opens session `id`'s socket (`POST /auth/ticket`).
+    pub async fn ticket(&self, who: &User, id: &str) -> String {
+        let (st, v) = self
+            .call("POST", "/auth/ticket", who, Some(json!({ "session": id })))
+            .await;
+        assert_eq!(st, 200, "ticket: {v}");
+        v["ticket"].as_str().expect("ticket").to_string()
+    }
+
     pub async fn connect(&self, who: &User, id: &str, client: &str, since: u64) -> Ws {
+        let ticket = self.ticket(who, id).await;
         let url = format!(
-            "{}/multiplayer/{id}/ws?token={}&client={client}&since={since}",
+            "{}/multiplayer/{id}/ws?ticket={ticket}&client={client}&since={since}",
             self.base.replacen("http", "ws", 1),
-            who.token
         );
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await

@@ -370,6 +370,7 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
         email: None,
         iat: 0,
         exp,
+        sid: None,
     };
     let expired = issue(&claims(now - 1000), b"test-secret").expect("issue");
     let forged = issue(&claims(now + 100_000), b"wrong-secret").expect("issue");

@@ -294,9 +294,9 @@ async fn client_limit_locks_and_expiry() {
         .pinging(Duration::from_millis(300));
     let mut c2 = api.connect(&ada, &id, "c2", 0).await;
     let url = format!(
-        "{}/multiplayer/{id}/ws?token={}&client=c3",
+        "{}/multiplayer/{id}/ws?ticket={}&client=c3",
         api.base.replacen("http", "ws", 1),
-        ada.token
+        api.ticket(&ada, &id).await
     );
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {

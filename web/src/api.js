@@ -1,18 +1,29 @@
-// Nightshift web app: the HTTP API and the session socket (reconnects and resumes from the last event).
+// Nightshift web app: the sign-in (short-lived tokens, renewed in time), the HTTP API, and the session socket (reconnects and resumes from the last event).
+
+import { needsRenew } from "./model.js";
 
 const TOKEN_KEY = "nightshift.token";
 const USER_KEY = "nightshift.user";
+const EXPIRES_KEY = "nightshift.expires_at";
 
 export const auth = {
   get token() { return localStorage.getItem(TOKEN_KEY); },
   get user() {
     try { return JSON.parse(localStorage.getItem(USER_KEY) || "null"); } catch { return null; }
   },
-  set(token, user) {
-    localStorage.setItem(TOKEN_KEY, token);
-    localStorage.setItem(USER_KEY, JSON.stringify(user));
+  /** When the token stops working (ms since the epoch), or null when not known. */
+  get expiresAt() {
+    const v = Number(localStorage.getItem(EXPIRES_KEY));
+    return Number.isFinite(v) && v > 0 ? v : null;
   },
-  clear() { localStorage.removeItem(TOKEN_KEY); localStorage.removeItem(USER_KEY); },
+  set(token, user, expiresAt) {
+    localStorage.setItem(TOKEN_KEY, token);
+    if (user) localStorage.setItem(USER_KEY, JSON.stringify(user));
+    if (expiresAt) localStorage.setItem(EXPIRES_KEY, String(expiresAt));
+    else localStorage.removeItem(EXPIRES_KEY);
+  },
+  setUser(user) { localStorage.setItem(USER_KEY, JSON.stringify(user)); },
+  clear() { for (const k of [TOKEN_KEY, USER_KEY, EXPIRES_KEY]) localStorage.removeItem(k); },
 };
 
 /** An API error with the server's stable code and a message that says what to do. */
@@ -24,9 +35,9 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(method, path, body) {
+async function request(method, path, body, token) {
   const headers = { "content-type": "application/json" };
-  if (auth.token) headers.authorization = `Bearer ${auth.token}`;
+  if (token) headers.authorization = `Bearer ${token}`;
   let res;
   try {
     res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -38,10 +49,69 @@ export async function api(method, path, body) {
   try { data = text ? JSON.parse(text) : null; } catch { data = { raw: text }; }
   if (!res.ok) {
     const e = data && data.error ? data.error : { code: "http_" + res.status, message: text || res.statusText };
-    if (res.status === 401) auth.clear();
     throw new ApiError(res.status, e.code, e.message);
   }
   return data;
+}
+
+/**
+ * Calls the API as the signed-in person. A 401 `token_expired` is answered by one renewal and
+ * one retry; any other 401 (or a failed renewal) ends the sign-in on this device.
+ */
+export async function api(method, path, body) {
+  const token = auth.token;
+  try {
+    return await request(method, path, body, token);
+  } catch (e) {
+    if (e.status !== 401 || !token) throw e;
+    if (e.code === "token_expired" && (await renew())) return request(method, path, body, auth.token).catch(signedOutOn401);
+    if (auth.token === token) auth.clear();
+    throw e;
+  }
+}
+
+function signedOutOn401(e) {
+  if (e.status === 401) auth.clear();
+  throw e;
+}
+
+let renewing = null;
+
+/** Exchanges the token for a fresh one of the same sign-in (one at a time); true when it worked. */
+export function renew() {
+  renewing ||= (async () => {
+    const token = auth.token;
+    if (!token) return false;
+    try {
+      const r = await request("POST", "/auth/renew", undefined, token);
+      if (auth.token === token) auth.set(r.token, r.user, r.expires_at);
+      return true;
+    } catch (e) {
+      // Offline or a server hiccup: keep the token (it may still work); refused: signed out.
+      if (e.status === 401 && auth.token === token) auth.clear();
+      return false;
+    }
+  })().finally(() => { renewing = null; });
+  return renewing;
+}
+
+/** Renews the token if less than ten minutes remain (resolves when done; false when nothing was renewed). */
+export async function renewIfDue() {
+  return !!auth.token && needsRenew(auth.expiresAt, Date.now()) && renew();
+}
+
+/** Renews the token in time: now, every minute, and when the tab comes back. */
+export function keepSignedIn() {
+  renewIfDue();
+  setInterval(renewIfDue, 60_000);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) renewIfDue(); });
+}
+
+/** Ends the sign-in on the server (every token and ticket of it stops working), then on this device. */
+export async function signOut() {
+  const token = auth.token;
+  try { if (token) await request("POST", "/auth/logout", undefined, token); } catch {}
+  auth.clear();
 }
 
 /**
@@ -62,12 +132,22 @@ export class SessionSocket {
     this.open();
   }
 
-  open() {
+  /** Opens the socket with a fresh one-time ticket (a minute, this session only); never the token in the URL. */
+  async open() {
+    this.handlers.status?.("connecting");
+    let ticket;
+    try {
+      ticket = (await api("POST", "/auth/ticket", { session: this.sessionId })).ticket;
+    } catch (e) {
+      if (this.closed) return;
+      if (e.status === 401) { this.handlers.status?.("signedout"); return; }
+      return this.again();
+    }
+    if (this.closed) return;
     const proto = location.protocol === "https:" ? "wss" : "ws";
-    const q = new URLSearchParams({ token: auth.token || "", client: this.client, since: String(this.lastSeq), kind: "web" });
+    const q = new URLSearchParams({ ticket, client: this.client, since: String(this.lastSeq), kind: "web" });
     const ws = new WebSocket(`${proto}://${location.host}/multiplayer/${this.sessionId}/ws?${q}`);
     this.ws = ws;
-    this.handlers.status?.("connecting");
     ws.onopen = () => { this.retry = 250; this.handlers.status?.("live"); };
     ws.onmessage = (m) => {
       let f;
@@ -93,10 +173,16 @@ export class SessionSocket {
       if (ev.code === 4000) { this.handlers.status?.("removed"); return; }
       // 4002: the replay of a long log continues from lastSeq on a new connect, at once.
       if (ev.code === 4002) { this.open(); return; }
-      this.handlers.status?.("reconnecting");
-      setTimeout(() => this.open(), this.retry);
-      this.retry = Math.min(this.retry * 2, 5000);
+      this.again();
     };
+  }
+
+  /** Tries again after a growing pause (250 ms doubling to 5 s). */
+  again() {
+    this.handlers.status?.("reconnecting");
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.open(), this.retry);
+    this.retry = Math.min(this.retry * 2, 5000);
   }
 
   send(frame) {
@@ -127,6 +213,7 @@ export class SessionSocket {
 
   close() {
     this.closed = true;
+    clearTimeout(this.retryTimer);
     for (const p of this.pending.values()) clearTimeout(p.timer);
     this.pending.clear();
     this.ws?.close();

@@ -1,7 +1,7 @@
-// Nightshift web app: sign-in, sessions list, new session, and the live session view.
+// Nightshift web app: sign-in (GitHub or local dev), sessions list, new session, and the live session view.
 
-import { api, auth, ApiError, SessionSocket } from "./api.js";
-import { SessionModel, STAGES, editDiff } from "./model.js";
+import { api, auth, ApiError, SessionSocket, keepSignedIn, renewIfDue, signOut } from "./api.js";
+import { SessionModel, STAGES, editDiff, parseSignedIn } from "./model.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
@@ -33,6 +33,7 @@ async function act(button, fn) {
 }
 
 let current = null; // the open session view (closed on navigation)
+let routed = 0; // counts navigations: a page still loading when another began draws nothing
 
 function parseHash() {
   const h = location.hash.replace(/^#/, "") || "/";
@@ -41,8 +42,11 @@ function parseHash() {
 }
 
 async function route() {
+  routed += 1;
   current?.close();
   current = null;
+  const landed = parseSignedIn(location.hash);
+  if (landed) return signedIn(landed);
   renderWho();
   if (!auth.token) return signIn();
   const { parts, query } = parseHash();
@@ -50,26 +54,78 @@ async function route() {
   return sessionsList();
 }
 
-function renderWho() {
-  const u = auth.user;
-  $("#whoami").innerHTML = u
-    ? `<span class="avatar sm" style="--c:${colorFor(u.user)}">${esc(initials(u.name || u.user))}</span><span>${esc(u.name || u.user)}</span> <button class="link" id="signout">Sign out</button>`
-    : "";
-  $("#signout")?.addEventListener("click", () => { auth.clear(); location.hash = "#/"; route(); });
+/**
+ * The landing page of the GitHub sign-in (`#/signed-in?token&expires_at&return`): keeps the
+ * token, learns who it is for, takes the token out of the address (and history), goes on.
+ */
+async function signedIn({ token, expiresAt, returnTo }) {
+  history.replaceState(null, "", "/#/signed-in");
+  main.innerHTML = `<section class="card narrow"><p aria-busy="true" class="muted">Signing you in…</p></section>`;
+  auth.set(token, null, expiresAt);
+  try {
+    auth.setUser(await api("GET", "/auth/me"));
+  } catch (e) {
+    auth.clear();
+    history.replaceState(null, "", "/#/");
+    await route();
+    toast(`Sign-in did not finish: ${explain(e)}`, "error");
+    return;
+  }
+  history.replaceState(null, "", returnTo);
+  renewIfDue();
+  route();
 }
 
-function signIn() {
+function renderWho() {
+  const u = auth.token ? auth.user : null;
+  $("#whoami").innerHTML = u
+    ? `<span class="avatar sm" data-color="${esc(colorFor(u.user))}">${esc(initials(u.name || u.user))}</span><span id="me" data-user="${esc(u.user)}">${esc(u.name || u.user)}</span> <button class="link" id="signout">Sign out</button>`
+    : "";
+  $("#signout")?.addEventListener("click", (ev) => act(ev.currentTarget, async () => {
+    await signOut();
+    history.replaceState(null, "", "/#/");
+    route();
+  }));
+}
+
+/** The path to come back to after signing in: the page the person asked for. */
+function hereAsReturn() {
+  const h = location.hash;
+  return h && h !== "#" && h !== "#/" ? "/" + h : "/";
+}
+
+async function signIn() {
+  main.innerHTML = `<section class="card narrow"><h1>Sign in</h1><p class="muted" aria-busy="true">Loading the sign-in options…</p></section>`;
+  const at = routed;
+  let options;
+  try { options = await api("GET", "/auth/config"); } catch (e) {
+    if (at !== routed) return;
+    main.innerHTML = `<section class="card narrow"><h1>Sign in</h1><p>${esc(explain(e))}</p><button class="button" id="retry">Try again</button></section>`;
+    $("#retry").addEventListener("click", () => route());
+    return;
+  }
+  if (at !== routed) return;
+  if (auth.token) return route(); // signed in meanwhile (another tab)
+  const github = options.github
+    ? `<a class="button primary github" id="github-signin" href="/auth/github/start?return=${encodeURIComponent(hereAsReturn())}">Sign in with GitHub</a>`
+    : "";
+  const none = !options.github && !options.dev
+    ? `<p>No sign-in is configured on this deployment: its operator sets up the GitHub App (see the README).</p>`
+    : "";
   main.innerHTML = `
     <section class="card narrow">
       <h1>Sign in</h1>
-      <p class="muted">Local development sign-in: pick any name. (GitHub sign-in appears here once it is configured.)</p>
+      ${github}${none}
+      ${options.dev ? `<h2>Local development</h2>
+      <p class="muted">Dev sign-in (this machine only): pick any name.</p>
       <form id="signin" class="stack">
         <label>Your name <input name="name" required maxlength="60" autocomplete="name" placeholder="Ada Lovelace"></label>
         <label>Handle <input name="user" required maxlength="40" pattern="[a-zA-Z0-9_.\\-]+" placeholder="ada" title="letters, digits, . _ -"></label>
         <label>Email (for your commits) <input name="email" type="email" maxlength="120" placeholder="ada@example.com"></label>
-        <button class="primary" type="submit">Sign in</button>
-      </form>
+        <button class="${options.github ? "" : "primary"}" type="submit">Sign in</button>
+      </form>` : ""}
     </section>`;
+  if (!options.dev) { $("#github-signin")?.focus(); return; }
   $("#signin").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const f = new FormData(ev.target);
@@ -77,7 +133,8 @@ function signIn() {
       const body = { user: f.get("user"), name: f.get("name") };
       if (f.get("email")) body.email = f.get("email");
       const r = await api("POST", "/auth/dev", body);
-      auth.set(r.token, r.user);
+      auth.set(r.token, r.user, r.expires_at);
+      renewIfDue();
       route();
     });
   });
@@ -165,6 +222,7 @@ class SessionView {
     this.snap = snap;
     this.me = auth.user?.user;
     this.model = new SessionModel();
+    this.model.seed(snap);
     this.presence = new Map();
     this.typingTimer = null;
     this.typing = false;
@@ -204,6 +262,7 @@ class SessionView {
           <div id="wait" class="wait" hidden><span class="spinner" aria-hidden="true"></span> <span class="wait-label" role="status"></span> <span class="wait-secs muted"></span></div>
         </section>
         <aside class="side">
+          <section id="pr" class="card pr" aria-live="polite" hidden></section>
           <section class="card"><h2>Queue</h2><div id="queue"></div></section>
           <section class="card"><h2>Edit locks</h2><ul id="locks" class="locks"></ul></section>
         </aside>
@@ -227,9 +286,11 @@ class SessionView {
     $("#queue").addEventListener("click", (ev) => this.onQueueClick(ev));
     this.renderQueue();
     this.renderLocks();
+    this.renderPr();
   }
 
   onStatus(s) {
+    if (s === "signedout") { toast("Your sign-in ended: sign in again.", "error"); route(); return; }
     const c = $("#conn");
     if (!c) return;
     c.textContent = s === "live" ? "live" : s === "removed" ? "removed from session" : s;
@@ -253,11 +314,14 @@ class SessionView {
 
   onEvents(evs) {
     const log = $("#log");
+    let pr = false;
     for (const e of evs) {
       if (typeof e.at === "number") this.clockBehind = Math.max(this.clockBehind, e.at - Date.now());
       const change = this.model.apply(e);
       if (change) this.paint(log, e, change);
+      pr ||= !!change?.pr;
     }
+    if (pr) this.renderPr();
     this.renderQueue();
     this.renderLocks();
     this.renderWait();
@@ -283,7 +347,7 @@ class SessionView {
 
   rowHtml(e, change) {
     const key = change.key ? ` data-key="${esc(change.key)}"` : "";
-    const who = (u, name) => `<span class="avatar sm" style="--c:${colorFor(u)}" aria-hidden="true">${esc(initials(name || u))}</span><strong>${esc(name || u)}</strong>`;
+    const who = (u, name) => `<span class="avatar sm" data-color="${esc(colorFor(u))}" aria-hidden="true">${esc(initials(name || u))}</span><strong>${esc(name || u)}</strong>`;
     switch (e.type) {
       case "prompt.queued":
         return `<li class="row prompt" data-seq="${e.seq}"${key}>${who(e.prompt.author, e.prompt.author_name)} <span class="text">${esc(e.prompt.text)}</span> <span class="pill subtle" data-status>${esc(change.status || "queued")}</span></li>`;
@@ -335,6 +399,16 @@ class SessionView {
         return `<li class="row stage muted" data-seq="${e.seq}">${esc(e.user)} left</li>`;
       case "session.ended":
         return `<li class="row stage" data-seq="${e.seq}">The session was ended</li>`;
+      case "pr.opened":
+      case "pr.merged":
+      case "pr.closed": {
+        const p = e.pull_request;
+        if (!p) return "";
+        const what = { "pr.opened": "opened", "pr.merged": "merged", "pr.closed": "closed" }[e.type];
+        return `<li class="row stage pr-row" data-seq="${e.seq}">Pull request <strong>#${esc(p.number)}</strong> ${what}${p.title ? `: ${esc(p.title)}` : ""}</li>`;
+      }
+      case "pr.action":
+        return `<li class="row blocked" data-seq="${e.seq}">The pull request could not be opened in your name${e.reason ? `: ${esc(e.reason)}` : ""}</li>`;
       default:
         return "";
     }
@@ -392,7 +466,7 @@ class SessionView {
       people.set(c.user, p);
     }
     el.innerHTML = [...people.values()].map((p) =>
-      `<span class="avatar${p.typing ? " is-typing" : ""}" style="--c:${esc(p.color || colorFor(p.user))}" title="${esc(p.name)}${p.typing ? " is typing" : ""}" data-user="${esc(p.user)}">${esc(initials(p.name))}</span>`).join("")
+      `<span class="avatar${p.typing ? " is-typing" : ""}" data-color="${esc(p.color || colorFor(p.user))}" title="${esc(p.name)}${p.typing ? " is typing" : ""}" data-user="${esc(p.user)}">${esc(initials(p.name))}</span>`).join("")
       + (this.presenceTotal > this.presence.size ? `<span class="count">+${this.presenceTotal - this.presence.size}</span>` : "");
     const typers = [...people.values()].filter((p) => p.typing && p.user !== this.me).map((p) => p.name);
     const t = $("#typing");
@@ -433,6 +507,23 @@ class SessionView {
     if (!target) return;
     const priority = Math.max(-10, Math.min(10, act_ === "up" ? target.priority + 1 : target.priority - 1));
     return act(b, () => api("PATCH", `/multiplayer/${this.id}/prompt/${id}`, { priority }));
+  }
+
+  /** The pull request card: number, title, state, links to it and its checks; or the "Create pull request" link. */
+  renderPr() {
+    const el = $("#pr");
+    if (!el) return;
+    const card = this.model.prCard();
+    el.hidden = !card;
+    if (!card) { el.innerHTML = ""; return; }
+    const { pr, action } = card;
+    const link = (url, text, cls = "") => url ? `<a${cls ? ` class="${cls}"` : ""} href="${esc(url)}" target="_blank" rel="noopener noreferrer">${text}</a>` : text;
+    el.innerHTML = `<h2>Pull request</h2>${pr ? `
+      <p class="pr-head">${link(pr.url, `<strong class="pr-number">#${esc(pr.number)}</strong>`, "pr-link")} <span class="pill pr-state ${esc(pr.tone)}" data-state="${esc(pr.state)}">${esc(pr.draft && pr.state === "open" ? "draft" : pr.state)}</span></p>
+      <p class="pr-title">${esc(pr.title)}</p>
+      ${pr.head ? `<p class="muted pr-branches"><code class="branch">${esc(pr.head)}</code> → <code>${esc(pr.base)}</code></p>` : ""}
+      ${pr.checks ? `<p>${link(pr.checks, "checks", "pr-checks")}</p>` : ""}` : ""}
+      ${action ? `<p class="muted pr-reason">${esc(action.reason)}</p>${link(action.url, esc(action.label), "button primary pr-create")}` : ""}`;
   }
 
   renderLocks() {
@@ -498,7 +589,24 @@ function summaryOf(t) {
   return i.filePath || i.command || i.pattern || i.path || "";
 }
 
+// Colours come from data (a person's colour): set through the CSSOM, which the CSP allows,
+// never as inline style attributes, which it refuses.
+function paintColors(root) {
+  if (root.nodeType !== 1) return;
+  const els = root.matches("[data-color]") ? [root, ...root.querySelectorAll("[data-color]")] : root.querySelectorAll("[data-color]");
+  for (const el of els) el.style.setProperty("--c", el.dataset.color);
+}
+new MutationObserver((records) => {
+  for (const r of records) {
+    if (r.type === "attributes") paintColors(r.target);
+    for (const n of r.addedNodes) paintColors(n);
+  }
+}).observe(document.body, { childList: true, subtree: true, attributes: true, attributeFilter: ["data-color"] });
+
 window.addEventListener("hashchange", route);
+// Signed out (or in) in another tab: follow it.
+window.addEventListener("storage", (e) => { if (e.key === "nightshift.token" && !e.newValue !== !e.oldValue) route(); });
+keepSignedIn();
 route();
 
 if ("serviceWorker" in navigator && location.protocol !== "file:") {

@@ -17,6 +17,16 @@ export class SessionModel {
     this.children = new Map(); // background agent id -> what the parent knows of it
     this.textBlock = null; // { key, prompt, text } while agent text keeps coming
     this.blocks = 0;
+    this.pullRequest = null; // the session's pull request: {repository, number, url, state, draft, title, head, base}
+    this.prAction = null; // what the person can do when it could not be opened in their name: {kind, url, reason}
+    this.prSeq = 0; // the log position the pull request state is as of (the snapshot's, then each pr.* event's)
+  }
+
+  /** Takes the pull request state of a `GET /sessions/:id` snapshot (as of its `last_seq`). */
+  seed(snap) {
+    this.pullRequest = snap?.pull_request ?? null;
+    this.prAction = snap?.pull_request_action ?? null;
+    this.prSeq = snap?.last_seq ?? 0;
   }
 
   /** Queued prompts in the order they will run: priority (high first), then arrival. */
@@ -97,6 +107,23 @@ export class SessionModel {
         this.children.set(e.id, c);
         return { key: "bg:" + e.id, child: c };
       }
+      case "pr.opened":
+      case "pr.updated":
+      case "pr.merged":
+      case "pr.closed":
+        if (e.seq > this.prSeq && e.pull_request) {
+          this.prSeq = e.seq;
+          const state = e.type === "pr.merged" ? "merged" : e.type === "pr.closed" && e.pull_request.state !== "merged" ? "closed" : e.pull_request.state;
+          this.pullRequest = { ...e.pull_request, state };
+          if (e.type === "pr.opened") this.prAction = null;
+        }
+        return { pr: true };
+      case "pr.action":
+        if (e.seq > this.prSeq) {
+          this.prSeq = e.seq;
+          this.prAction = { kind: e.kind, url: e.url, reason: e.reason ?? null };
+        }
+        return { pr: true };
       case "session.created":
       case "presence":
         return null;
@@ -135,6 +162,70 @@ export class SessionModel {
     also?.();
     return { statusOf: id, status };
   }
+}
+
+/**
+ * What the pull request card shows, or null when there is neither a pull request nor an action:
+ * `{pr: {number, title, state, tone, draft, url, checks, repository, head, base} | null, action: {label, url, reason} | null}`.
+ * Links are only http(s) URLs (anything else shows no link).
+ */
+SessionModel.prototype.prCard = function () {
+  const p = this.pullRequest;
+  const a = this.prAction;
+  const pr = p ? {
+    number: p.number,
+    title: p.title || "",
+    state: p.state,
+    tone: p.state === "merged" ? "merged" : p.state === "closed" ? "bad" : p.draft ? "subtle" : "ok",
+    draft: !!p.draft,
+    url: httpUrl(p.url),
+    checks: httpUrl(p.url) ? httpUrl(p.url).replace(/\/+$/, "") + "/checks" : null,
+    repository: p.repository || "",
+    head: p.head || "",
+    base: p.base || "",
+  } : null;
+  const showAction = a && a.kind === "create_pull_request" && httpUrl(a.url) && !(p && p.state === "open");
+  const action = showAction ? { label: "Create pull request", url: httpUrl(a.url), reason: a.reason || "" } : null;
+  return pr || action ? { pr, action } : null;
+};
+
+/** `u` when it is an http(s) URL, else null (never a `javascript:` link). */
+export function httpUrl(u) {
+  try {
+    const url = new URL(String(u));
+    return url.protocol === "https:" || url.protocol === "http:" ? url.href : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Where to go after signing in: a local path ("/…", not "//…" nor with a backslash), else "/". */
+export function safeReturn(path) {
+  const p = String(path ?? "");
+  return p.startsWith("/") && !p.startsWith("//") && !p.includes("\\") ? p : "/";
+}
+
+/**
+ * Reads the GitHub sign-in's landing fragment `#/signed-in?token=…&expires_at=…&return=…`:
+ * `{token, expiresAt, returnTo}`, or null when `hash` is not that page (or has no token).
+ */
+export function parseSignedIn(hash) {
+  const h = String(hash ?? "").replace(/^#/, "");
+  const [path, query] = h.split(/\?(.*)/s);
+  if (path !== "/signed-in") return null;
+  const q = new URLSearchParams(query || "");
+  const token = q.get("token");
+  if (!token) return null;
+  const exp = Number(q.get("expires_at"));
+  return { token, expiresAt: Number.isFinite(exp) && exp > 0 ? exp : null, returnTo: safeReturn(q.get("return")) };
+}
+
+/** How long before its expiry a token is renewed. */
+export const RENEW_BEFORE_MS = 10 * 60 * 1000;
+
+/** Whether a token expiring at `expiresAt` (ms; null: not known) should be renewed at `now`. */
+export function needsRenew(expiresAt, now) {
+  return expiresAt != null && expiresAt - now < RENEW_BEFORE_MS;
 }
 
 /** What each `sandbox.status` stage means to a person. */

@@ -2,7 +2,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { startServer, startCompute, launchBrowser, signIn, newSession, shareLink, sendPrompt } from "./harness.mjs";
+import { startServer, startCompute, startFakeGithub, launchBrowser, signIn, newSession, shareLink, sendPrompt } from "./harness.mjs";
 
 // `server` runs no prompt to its end (`none`): a running prompt runs until someone stops it, so
 // the tests drive every queue transition themselves. `echoServer` answers each prompt after 4 s
@@ -312,4 +312,130 @@ test("the agent's work in a real sandbox renders in the session: text, tool call
     agentServer?.stop();
     await compute.stop();
   }
+});
+
+test("sign in with GitHub: authorize, land back signed in where you were, stay signed in on reload, sign out ends the token; the app is served with its CSP", { timeout: 120_000 }, async () => {
+  const fake = await startFakeGithub();
+  let ghServer;
+  try {
+    // Five-minute tokens: less than the ten minutes the app renews before, so it renews at once.
+    ghServer = await startServer({ ...fake.vars, TOKEN_TTL_MS: "300000" });
+    const base = ghServer.base;
+    // The static assets carry the _headers file's security headers.
+    const shell = await fetch(`${base}/`);
+    assert.equal(shell.status, 200);
+    assert.equal(shell.headers.get("content-security-policy"), "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'");
+    assert.equal(shell.headers.get("x-content-type-options"), "nosniff");
+    assert.equal(shell.headers.get("referrer-policy"), "no-referrer");
+    assert.equal(shell.headers.get("x-frame-options"), "DENY");
+    assert.equal(shell.headers.get("permissions-policy"), "camera=(), microphone=(), geolocation=()");
+    assert.deepEqual(await (await fetch(`${base}/auth/config`)).json(), { github: true, dev: true });
+
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    const violations = [];
+    page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
+    page.on("pageerror", (e) => violations.push(`page error: ${e.message}`));
+    const meText = () => page.textContent("#whoami #me");
+    let landing = null; // the token the callback handed over (in its redirect's fragment)
+    page.on("response", async (r) => {
+      if (new URL(r.url()).pathname === "/auth/github/callback") landing = new URLSearchParams((r.headers().location || "").split("?")[1]).get("token");
+    });
+
+    await page.goto(`${base}/#/`);
+    await page.click("text=Sign in with GitHub");
+    await page.waitForURL((u) => u.href.startsWith(fake.web_url + "/login/oauth/authorize"));
+    assert.match(await page.textContent("body"), /nightshift-test/);
+    await page.click("#authorize");
+    await page.waitForSelector("#new");
+    assert.equal(await meText(), "Ada Lovelace");
+    assert.equal(await page.getAttribute("#whoami #me", "data-user"), "ada");
+    assert.ok(!page.url().includes("token="), `the token is out of the address: ${page.url()}`);
+    const stored = await page.evaluate(() => ({ token: localStorage.getItem("nightshift.token"), exp: Number(localStorage.getItem("nightshift.expires_at")), user: JSON.parse(localStorage.getItem("nightshift.user")) }));
+    assert.ok(stored.token, "a token is stored");
+    assert.ok(stored.exp > Date.now(), `its expiry is stored: ${stored.exp}`);
+    assert.deepEqual({ user: stored.user.user, name: stored.user.name }, { user: "ada", name: "Ada Lovelace" });
+    // Under ten minutes left: the app renewed the token it landed with.
+    assert.ok(landing, "the callback redirected with a token");
+    await page.waitForFunction((t) => localStorage.getItem("nightshift.token") !== t, landing);
+    stored.token = await page.evaluate(() => localStorage.getItem("nightshift.token"));
+    const me = await fetch(`${base}/auth/me`, { headers: { authorization: `Bearer ${stored.token}` } });
+    assert.equal(me.status, 200);
+    assert.equal((await me.json()).user, "ada");
+
+    // A reload keeps the sign-in; the session view works on a ticketed socket, its avatar coloured through the CSSOM.
+    await page.reload();
+    await page.waitForSelector("#new");
+    assert.equal(await meText(), "Ada Lovelace");
+    const id = await newSession(page, "Signed in with GitHub");
+    const avatar = await page.$eval("#whoami .avatar", (e) => getComputedStyle(e).getPropertyValue("--c").trim());
+    assert.match(avatar, /^#[0-9a-f]{6}$/, `the avatar has its colour: "${avatar}"`);
+
+    // Sign out: back at the sign-in page, and the old token is refused by the server.
+    await page.click("#signout");
+    await page.waitForSelector("#github-signin");
+    assert.equal(await page.textContent("#whoami"), "");
+    assert.equal(await page.evaluate(() => localStorage.getItem("nightshift.token")), null);
+    const after = await fetch(`${base}/auth/me`, { headers: { authorization: `Bearer ${stored.token}` } });
+    assert.equal(after.status, 401, "the signed-out token no longer works");
+
+    // Opening a session's link signed out: signing in with GitHub comes back to that session.
+    await page.goto(`${base}/#/s/${id}`);
+    await page.click("#github-signin");
+    await page.click("#authorize");
+    await page.waitForURL((u) => u.hash === `#/s/${id}`);
+    await page.waitForSelector("#conn.ok");
+    assert.equal(await page.textContent(".session h1"), "Signed in with GitHub");
+    assert.deepEqual(violations, [], "nothing broke under the CSP");
+    await ctx.close();
+  } finally {
+    ghServer?.stop();
+    await fake.stop();
+  }
+});
+
+test("the pull request card: the snapshot's create-pull-request link, then the pull request live from pr.* events", { timeout: 90_000 }, async () => {
+  // The Worker does not emit these yet: the snapshot gets the fields on its way to the page, and
+  // the events are handed to the app's live socket as the server would send them.
+  const ctx = await browser.newContext();
+  await ctx.addInitScript(() => {
+    const Real = window.WebSocket;
+    window.WebSocket = class extends Real {
+      constructor(...args) { super(...args); window.__live = this; }
+    };
+  });
+  const page = await ctx.newPage();
+  const violations = [];
+  page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
+  const compare = "https://github.com/acme/web/compare/main...nightshift/ses_x?expand=1";
+  await page.route(/\/sessions\/ses_[0-9a-f]+$/, async (route) => {
+    const res = await route.fetch();
+    const snap = await res.json();
+    await route.fulfill({ response: res, json: { ...snap, pull_request: null, pull_request_action: { kind: "create_pull_request", url: compare, reason: "Nightshift may not open pull requests in your name here <b>yet</b>" } } });
+  });
+  await signIn(page, server.base, "pia", "Pia Pull");
+  await newSession(page, "Pull requests");
+  await page.waitForSelector("#pr:not([hidden]) .pr-create");
+  assert.equal(await page.textContent("#pr .pr-create"), "Create pull request");
+  assert.equal(await page.getAttribute("#pr .pr-create", "href"), compare);
+  assert.equal(await page.textContent("#pr .pr-reason"), "Nightshift may not open pull requests in your name here <b>yet</b>", "the reason is text, never markup");
+
+  const pr = { repository: "acme/web", number: 12, url: "https://github.com/acme/web/pull/12", state: "open", draft: false, title: "Fix <the> login race", head: "nightshift/ses_x", base: "main" };
+  const send = (events) => page.evaluate((evs) => window.__live.onmessage({ data: JSON.stringify({ type: "events", events: evs }) }), events);
+  await send([{ seq: 100000, type: "pr.opened", pull_request: pr, at: Date.now() }]);
+  await page.waitForSelector("#pr .pr-number");
+  assert.equal(await page.textContent("#pr .pr-number"), "#12");
+  assert.equal(await page.textContent("#pr .pr-title"), "Fix <the> login race");
+  assert.equal(await page.textContent("#pr .pr-state"), "open");
+  assert.equal(await page.getAttribute("#pr .pr-link", "href"), pr.url);
+  assert.equal(await page.getAttribute("#pr .pr-checks", "href"), pr.url + "/checks");
+  assert.equal(await page.$("#pr .pr-create"), null, "the pull request exists: no create link");
+  await page.waitForSelector('#log .row:has-text("Pull request #12 opened")');
+
+  await send([{ seq: 100001, type: "pr.updated", pull_request: { ...pr, title: "Fix the login race, take two" } }, { seq: 100002, type: "pr.merged", pull_request: { ...pr, state: "closed", title: "Fix the login race, take two" } }]);
+  await page.waitForFunction(() => document.querySelector("#pr .pr-state")?.textContent === "merged");
+  assert.equal(await page.textContent("#pr .pr-title"), "Fix the login race, take two");
+  await page.waitForSelector('#log .row:has-text("Pull request #12 merged")');
+  assert.deepEqual(violations, []);
+  await ctx.close();
 });

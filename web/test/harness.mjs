@@ -198,6 +198,57 @@ export async function startCompute(recording) {
   return { vars, dir, remoteRepo, stop, processes: () => processesNaming(dir) };
 }
 
+/**
+ * The fake GitHub (tests/src/fake_github.rs) as a process: built (a no-op when fresh; the built
+ * binary serves when the build fails), started on a free port with the browser user `ada`. Returns
+ * {web_url, api_url, git_url, client_id, client_secret, app_id, private_key_pem, webhook_secret,
+ * vars, stop()}; `vars` configure the Worker's GitHub sign-in against it.
+ */
+export async function startFakeGithub() {
+  const bin = join(root, "target/debug/fake-github");
+  try {
+    // Not under flock here: the browser tests themselves run under the heavy-work lock.
+    execFileSync("bash", ["-c", "source scripts/env.sh && cargo build -q -p nightshift-tests --bin fake-github"], { cwd: root, stdio: ["ignore", "ignore", "pipe"] });
+  } catch (e) {
+    if (!existsSync(bin)) throw new Error(`building the fake GitHub failed:\n${e.stderr}`);
+    console.error(`building the fake GitHub failed; using the built ${bin}`);
+  }
+  const child = spawn(bin, [], { stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  child.stderr.on("data", (d) => (err += d));
+  const line = await new Promise((resolve, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`the fake GitHub did not start:\n${err}`)), 20_000);
+    child.stdout.on("data", (d) => {
+      out += d;
+      const nl = out.indexOf("\n");
+      if (nl >= 0) { clearTimeout(timer); resolve(out.slice(0, nl)); }
+    });
+    child.on("exit", (code) => { clearTimeout(timer); reject(new Error(`the fake GitHub exited (${code}):\n${err}`)); });
+  });
+  const fake = JSON.parse(line);
+  const vars = {
+    GITHUB_APP_CLIENT_ID: fake.client_id,
+    GITHUB_APP_CLIENT_SECRET: fake.client_secret,
+    GITHUB_API_URL: fake.api_url,
+    GITHUB_WEB_URL: fake.web_url,
+    GITHUB_GIT_URL: fake.git_url,
+    GITHUB_APP_ID: String(fake.app_id),
+    // One line for --var: the key reader takes literal "\n" sequences for newlines.
+    GITHUB_APP_PRIVATE_KEY: fake.private_key_pem.trim().replaceAll("\n", "\\n"),
+    GITHUB_WEBHOOK_SECRET: fake.webhook_secret,
+    TOKEN_ENCRYPTION_KEY: randomBytes(32).toString("base64"),
+  };
+  const stop = async () => {
+    if (child.exitCode !== null) return;
+    const gone = new Promise((r) => child.once("exit", r));
+    child.kill("SIGTERM");
+    await Promise.race([gone, sleep(5000)]);
+    if (child.exitCode === null) child.kill("SIGKILL");
+  };
+  return { ...fake, vars, stop };
+}
+
 export async function launchBrowser() {
   const executablePath = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
   const browser = await chromium.launch({ executablePath, args: ["--no-sandbox"] });

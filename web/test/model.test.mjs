@@ -1,7 +1,7 @@
 // Unit tests of the browser's session model (node --test).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { SessionModel, editDiff } from "../src/model.js";
+import { SessionModel, editDiff, httpUrl, needsRenew, parseSignedIn, safeReturn, RENEW_BEFORE_MS } from "../src/model.js";
 
 const q = (seq, id, priority, arrival, author = "ada") => ({ seq, type: "prompt.queued", prompt: { id, text: id, priority, arrival, author, author_name: author } });
 
@@ -123,4 +123,96 @@ test("a follow-up waits for the model at once; after a lost sandbox it waits for
   assert.ok(m.waiting(600));
   m.apply({ seq: 13, type: "prompt.stopped", id: "c" });
   assert.equal(m.waiting(700), null);
+});
+
+const pr = (over = {}) => ({ repository: "acme/web", number: 7, url: "https://github.com/acme/web/pull/7", state: "open", draft: false, title: "Fix the login race", head: "nightshift/ses_1", base: "main", ...over });
+
+test("the pull request card starts from the snapshot and follows pr.* events live", () => {
+  const m = new SessionModel();
+  m.seed({ last_seq: 0, pull_request: null, pull_request_action: null });
+  assert.equal(m.prCard(), null, "no pull request, no action: no card");
+  assert.deepEqual(m.apply({ seq: 1, type: "pr.opened", pull_request: pr() }), { pr: true });
+  let c = m.prCard();
+  assert.equal(c.pr.number, 7);
+  assert.equal(c.pr.state, "open");
+  assert.equal(c.pr.tone, "ok");
+  assert.equal(c.pr.url, "https://github.com/acme/web/pull/7");
+  assert.equal(c.pr.checks, "https://github.com/acme/web/pull/7/checks");
+  assert.equal(c.action, null);
+  m.apply({ seq: 2, type: "pr.updated", pull_request: pr({ title: "Fix the login race (v2)", draft: true }) });
+  c = m.prCard();
+  assert.equal(c.pr.title, "Fix the login race (v2)");
+  assert.equal(c.pr.tone, "subtle", "a draft is subdued");
+  // pr.merged says merged even when the object's state still says closed (GitHub's merged PRs are closed).
+  m.apply({ seq: 3, type: "pr.merged", pull_request: pr({ state: "closed" }) });
+  assert.equal(m.prCard().pr.state, "merged");
+  assert.equal(m.prCard().pr.tone, "merged");
+  // A replay of what was already applied changes nothing.
+  assert.equal(m.apply({ seq: 2, type: "pr.updated", pull_request: pr() }), null);
+  assert.equal(m.pullRequest.state, "merged");
+});
+
+test("pr.closed closes, a new pr.opened replaces it and clears the create-pull-request action", () => {
+  const m = new SessionModel();
+  m.apply({ seq: 1, type: "pr.opened", pull_request: pr() });
+  m.apply({ seq: 2, type: "pr.closed", pull_request: pr() });
+  assert.equal(m.prCard().pr.state, "closed");
+  assert.equal(m.prCard().pr.tone, "bad");
+  m.apply({ seq: 3, type: "pr.action", kind: "create_pull_request", url: "https://github.com/acme/web/compare/main...nightshift/ses_1?expand=1", reason: "Nightshift may not open pull requests in your name here" });
+  let c = m.prCard();
+  assert.equal(c.action.label, "Create pull request");
+  assert.equal(c.action.url, "https://github.com/acme/web/compare/main...nightshift/ses_1?expand=1");
+  assert.match(c.action.reason, /in your name/);
+  m.apply({ seq: 4, type: "pr.opened", pull_request: pr({ number: 8, url: "https://github.com/acme/web/pull/8" }) });
+  c = m.prCard();
+  assert.equal(c.pr.number, 8);
+  assert.equal(c.action, null, "the pull request exists now");
+  assert.equal(m.prAction, null);
+});
+
+test("the snapshot's pull request is not undone by the replay of older events", () => {
+  const m = new SessionModel();
+  m.seed({ last_seq: 5, pull_request: pr({ state: "merged" }), pull_request_action: null });
+  m.apply({ seq: 2, type: "pr.opened", pull_request: pr() });
+  assert.equal(m.prCard().pr.state, "merged", "seq 2 is older than the snapshot");
+  m.apply({ seq: 6, type: "pr.closed", pull_request: pr({ state: "closed" }) });
+  assert.equal(m.prCard().pr.state, "closed", "newer than the snapshot: applied");
+  const a = new SessionModel();
+  a.seed({ last_seq: 3, pull_request: null, pull_request_action: { kind: "create_pull_request", url: "https://github.com/acme/web/compare/x", reason: "no permission" } });
+  assert.equal(a.prCard().pr, null);
+  assert.equal(a.prCard().action.url, "https://github.com/acme/web/compare/x");
+});
+
+test("links on the card are only http(s): a javascript: URL shows no link", () => {
+  const m = new SessionModel();
+  m.apply({ seq: 1, type: "pr.opened", pull_request: pr({ url: "javascript:alert(1)" }) });
+  assert.equal(m.prCard().pr.url, null);
+  assert.equal(m.prCard().pr.checks, null);
+  m.apply({ seq: 2, type: "pr.action", kind: "create_pull_request", url: "javascript:alert(1)", reason: "x" });
+  assert.equal(m.prCard().action, null);
+  assert.equal(httpUrl("http://127.0.0.1:9/acme/web/pull/1"), "http://127.0.0.1:9/acme/web/pull/1");
+  assert.equal(httpUrl("data:text/html,hi"), null);
+  assert.equal(httpUrl(null), null);
+});
+
+test("the GitHub sign-in's landing fragment: token, expiry, and a return that stays on this site", () => {
+  const hash = "#/signed-in?token=eyJ.sig&expires_at=1700000000000&return=%2F%23%2Fs%2Fses_1%3Finvite%3Dabc";
+  assert.deepEqual(parseSignedIn(hash), { token: "eyJ.sig", expiresAt: 1700000000000, returnTo: "/#/s/ses_1?invite=abc" });
+  assert.equal(parseSignedIn("#/signed-in?token=t&expires_at=1&return=%2F%2Fevil.example%2F").returnTo, "/");
+  assert.equal(parseSignedIn("#/signed-in?token=t&return=https%3A%2F%2Fevil.example%2F").returnTo, "/");
+  assert.equal(parseSignedIn("#/signed-in?token=t").expiresAt, null);
+  assert.equal(parseSignedIn("#/signed-in?expires_at=1"), null, "no token: not a sign-in");
+  assert.equal(parseSignedIn("#/s/ses_1"), null);
+  assert.equal(parseSignedIn(""), null);
+  for (const bad of ["", null, undefined, "relative", "//evil.example", "/\\evil.example", "https://evil.example/"]) assert.equal(safeReturn(bad), "/", String(bad));
+  for (const ok of ["/", "/#/", "/#/s/ses_1?invite=x"]) assert.equal(safeReturn(ok), ok);
+});
+
+test("a token is renewed when less than ten minutes remain", () => {
+  const now = 1_000_000_000;
+  assert.equal(needsRenew(now + RENEW_BEFORE_MS + 1000, now), false);
+  assert.equal(needsRenew(now + RENEW_BEFORE_MS - 1000, now), true);
+  assert.equal(needsRenew(now - 1, now), true, "expired: try (the server decides)");
+  assert.equal(needsRenew(null, now), false, "unknown expiry: wait for a 401");
+  assert.equal(RENEW_BEFORE_MS, 600_000);
 });

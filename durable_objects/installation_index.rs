@@ -1,0 +1,540 @@
+//! The InstallationIndex Durable Object (one per deployment, `github`): the GitHub App's installations and their repositories, every webhook delivery seen (each `X-GitHub-Delivery` processed once), which session opened which pull request, and installation tokens minted with the App's JWT and cached until shortly before they expire.
+
+use nightshift_core::github::{
+    Access, InstallationEvent, InstallationRepositoriesEvent, PullRequestEvent, PushEvent,
+    WebhookEvent,
+};
+use serde::Deserialize;
+use worker::*;
+
+use crate::config;
+use crate::error::{json_of, ApiError, ApiResult, EdgeError};
+use crate::github::{self, GithubError};
+use crate::http::{call, repository_stub, session_stub};
+use crate::objects::{
+    encode, read_body, DeliveryAnswer, InstallationAnswer, InstallationAsk, InstallationRoute,
+    InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PullLink, PullUpdate, Redelivered,
+    RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
+};
+use crate::platform::now_ms;
+
+/// A cached installation token is handed out until this long before it expires.
+const TOKEN_MARGIN_MS: u64 = 5 * 60 * 1000;
+
+/// Deliveries kept for de-duplication (GitHub redelivers within days).
+const DELIVERIES_KEPT_MS: u64 = 14 * 24 * 3600 * 1000;
+
+/// A pending delivery is retried after this long.
+const RETRY_MS: u64 = 30_000;
+
+#[durable_object]
+pub struct InstallationIndex {
+    state: State,
+    env: Env,
+}
+
+impl DurableObject for InstallationIndex {
+    fn new(state: State, env: Env) -> Self {
+        InstallationIndex { state, env }
+    }
+
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        match self.route(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        if let Err(e) = self.retry_pending().await {
+            console_error!("installation index: retrying deliveries: {}", e.message);
+            self.state
+                .storage()
+                .set_alarm(std::time::Duration::from_millis(RETRY_MS))
+                .await?;
+        }
+        Response::empty()
+    }
+}
+
+#[derive(Deserialize)]
+struct CountRow {
+    n: i64,
+}
+
+#[derive(Deserialize)]
+struct AccountRow {
+    id: i64,
+    account: String,
+}
+
+#[derive(Deserialize)]
+struct TextRow {
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct TokenRow {
+    token: String,
+    expires_at: i64,
+}
+
+#[derive(Deserialize)]
+struct PendingRow {
+    guid: String,
+    event: String,
+    body: String,
+}
+
+fn int(n: u64) -> SqlStorageValue {
+    SqlStorageValue::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+impl InstallationIndex {
+    fn sql(&self) -> ApiResult<SqlStorage> {
+        let sql = self.state.storage().sql();
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS installations (id INTEGER PRIMARY KEY, account TEXT NOT NULL, suspended INTEGER NOT NULL DEFAULT 0)",
+            "CREATE TABLE IF NOT EXISTS installation_repositories (full_name TEXT PRIMARY KEY, installation INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS deliveries (guid TEXT PRIMARY KEY, event TEXT NOT NULL, body TEXT NOT NULL, received_at INTEGER NOT NULL, state TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS pulls (repository TEXT NOT NULL, number INTEGER NOT NULL, session TEXT NOT NULL, PRIMARY KEY (repository, number))",
+            "CREATE TABLE IF NOT EXISTS registered (full_name TEXT PRIMARY KEY, name TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS tokens (scope TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at INTEGER NOT NULL)",
+        ] {
+            sql.exec(ddl, None)?;
+        }
+        Ok(sql)
+    }
+
+    async fn route(&self, mut req: Request) -> ApiResult<Response> {
+        let Some(route) = InstallationRoute::parse(&req.method(), &req.path()) else {
+            return Err(EdgeError::NotFound("route").into());
+        };
+        match route {
+            InstallationRoute::Delivery => {
+                let delivery: WebhookDelivery = read_body(&mut req).await?;
+                json_of(202, &self.deliver(delivery).await?)
+            }
+            InstallationRoute::LinkPull => {
+                let link: PullLink = read_body(&mut req).await?;
+                self.sql()?.exec(
+                    "INSERT OR REPLACE INTO pulls (repository, number, session) VALUES (?, ?, ?)",
+                    vec![
+                        link.repository.to_ascii_lowercase().into(),
+                        int(link.number),
+                        link.session.into(),
+                    ],
+                )?;
+                json_of(200, &OkAnswer::yes())
+            }
+            InstallationRoute::LinkRepository => {
+                let link: RepositoryLink = read_body(&mut req).await?;
+                self.sql()?.exec(
+                    "INSERT OR REPLACE INTO registered (full_name, name) VALUES (?, ?)",
+                    vec![link.full_name.to_ascii_lowercase().into(), link.name.into()],
+                )?;
+                json_of(200, &OkAnswer::yes())
+            }
+            InstallationRoute::Installation => {
+                let ask: InstallationAsk = read_body(&mut req).await?;
+                json_of(200, &self.installation(&ask.repository).await?)
+            }
+            InstallationRoute::Token => {
+                let ask: InstallationTokenAsk = read_body(&mut req).await?;
+                json_of(200, &self.token(&ask.repository, ask.access).await?)
+            }
+            InstallationRoute::Redeliver => json_of(200, &self.redeliver().await?),
+        }
+    }
+
+    /// Stores a new delivery (a duplicate changes nothing), then processes it; a failure leaves
+    /// it pending for the alarm to retry. Nothing acknowledged is lost.
+    async fn deliver(&self, delivery: WebhookDelivery) -> ApiResult<DeliveryAnswer> {
+        let sql = self.sql()?;
+        let now = now_ms();
+        let seen: Vec<TextRow> = sql
+            .exec(
+                "SELECT state AS value FROM deliveries WHERE guid = ?",
+                vec![delivery.guid.as_str().into()],
+            )?
+            .to_array()?;
+        if let Some(row) = seen.first() {
+            return Ok(DeliveryAnswer {
+                guid: delivery.guid,
+                duplicate: true,
+                outcome: row.value.clone(),
+            });
+        }
+        sql.exec(
+            "DELETE FROM deliveries WHERE received_at < ?",
+            vec![int(now.saturating_sub(DELIVERIES_KEPT_MS))],
+        )?;
+        sql.exec(
+            "INSERT INTO deliveries (guid, event, body, received_at, state) VALUES (?, ?, ?, ?, 'pending')",
+            vec![
+                delivery.guid.as_str().into(),
+                delivery.event.as_str().into(),
+                delivery.body.as_str().into(),
+                int(now),
+            ],
+        )?;
+        let outcome = match self.process(&delivery.event, &delivery.body).await {
+            Ok(outcome) => {
+                self.mark(&delivery.guid, outcome)?;
+                outcome.to_string()
+            }
+            Err(e) => {
+                console_error!("delivery {}: {}", delivery.guid, e.message);
+                self.state
+                    .storage()
+                    .set_alarm(std::time::Duration::from_millis(RETRY_MS))
+                    .await?;
+                "pending".to_string()
+            }
+        };
+        Ok(DeliveryAnswer {
+            guid: delivery.guid,
+            duplicate: false,
+            outcome,
+        })
+    }
+
+    fn mark(&self, guid: &str, outcome: &str) -> ApiResult<()> {
+        self.sql()?.exec(
+            "UPDATE deliveries SET state = ? WHERE guid = ?",
+            vec![outcome.into(), guid.into()],
+        )?;
+        Ok(())
+    }
+
+    async fn retry_pending(&self) -> ApiResult<()> {
+        let pending: Vec<PendingRow> = self
+            .sql()?
+            .exec(
+                "SELECT guid, event, body FROM deliveries WHERE state = 'pending' ORDER BY received_at LIMIT 50",
+                None,
+            )?
+            .to_array()?;
+        let mut failed = None;
+        for row in pending {
+            match self.process(&row.event, &row.body).await {
+                Ok(outcome) => self.mark(&row.guid, outcome)?,
+                Err(e) => failed = Some(e),
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Carries out one delivery. Handlers are idempotent: a retried one does the same again.
+    async fn process(&self, event: &str, body: &str) -> ApiResult<&'static str> {
+        let parsed = match WebhookEvent::parse(event, body.as_bytes()) {
+            Ok(parsed) => parsed,
+            // Stored, verified, and of no interest (or unreadable): nothing to do, ever.
+            Err(_) => return Ok("ignored"),
+        };
+        match parsed {
+            WebhookEvent::Installation(e) => self.installation_event(&e).map(|_| "installation"),
+            WebhookEvent::InstallationRepositories(e) => {
+                self.installation_repositories(&e).map(|_| "installation")
+            }
+            WebhookEvent::PullRequest(e) => self.pull_request(&e).await,
+            WebhookEvent::Push(e) => self.push(&e).await,
+            WebhookEvent::Ping => Ok("ignored"),
+        }
+    }
+
+    fn add_repositories(&self, installation: u64, names: &[String]) -> ApiResult<()> {
+        let sql = self.sql()?;
+        for name in names {
+            sql.exec(
+                "INSERT OR REPLACE INTO installation_repositories (full_name, installation) VALUES (?, ?)",
+                vec![name.to_ascii_lowercase().into(), int(installation)],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remove_repositories(&self, names: &[String]) -> ApiResult<()> {
+        let sql = self.sql()?;
+        for name in names {
+            sql.exec(
+                "DELETE FROM installation_repositories WHERE full_name = ?",
+                vec![name.to_ascii_lowercase().into()],
+            )?;
+            sql.exec(
+                "DELETE FROM tokens WHERE scope LIKE ?",
+                vec![format!("%:{}:%", name.to_ascii_lowercase()).into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn installation_event(&self, e: &InstallationEvent) -> ApiResult<()> {
+        let sql = self.sql()?;
+        let id = e.installation.id;
+        match e.action.as_str() {
+            "deleted" => {
+                sql.exec("DELETE FROM installations WHERE id = ?", vec![int(id)])?;
+                sql.exec(
+                    "DELETE FROM installation_repositories WHERE installation = ?",
+                    vec![int(id)],
+                )?;
+                sql.exec(
+                    "DELETE FROM tokens WHERE scope LIKE ?",
+                    vec![format!("{id}:%").into()],
+                )?;
+            }
+            "suspend" => {
+                sql.exec(
+                    "UPDATE installations SET suspended = 1 WHERE id = ?",
+                    vec![int(id)],
+                )?;
+                sql.exec(
+                    "DELETE FROM tokens WHERE scope LIKE ?",
+                    vec![format!("{id}:%").into()],
+                )?;
+            }
+            _ => {
+                sql.exec(
+                    "INSERT OR REPLACE INTO installations (id, account, suspended) VALUES (?, ?, 0)",
+                    vec![int(id), e.installation.account.login.as_str().into()],
+                )?;
+                let names: Vec<String> =
+                    e.repositories.iter().map(|r| r.full_name.clone()).collect();
+                self.add_repositories(id, &names)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn installation_repositories(&self, e: &InstallationRepositoriesEvent) -> ApiResult<()> {
+        let id = e.installation.id;
+        self.sql()?.exec(
+            "INSERT OR IGNORE INTO installations (id, account, suspended) VALUES (?, ?, 0)",
+            vec![int(id), e.installation.account.login.as_str().into()],
+        )?;
+        let added: Vec<String> = e
+            .repositories_added
+            .iter()
+            .map(|r| r.full_name.clone())
+            .collect();
+        let removed: Vec<String> = e
+            .repositories_removed
+            .iter()
+            .map(|r| r.full_name.clone())
+            .collect();
+        self.add_repositories(id, &added)?;
+        self.remove_repositories(&removed)
+    }
+
+    /// The session a pull request belongs to: the one that opened it (repository + number);
+    /// failing that, a same-repository head branch `nightshift/<session>`.
+    fn session_of(&self, e: &PullRequestEvent) -> ApiResult<Option<String>> {
+        let rows: Vec<TextRow> = self
+            .sql()?
+            .exec(
+                "SELECT session AS value FROM pulls WHERE repository = ? AND number = ?",
+                vec![
+                    e.repository.full_name.to_ascii_lowercase().into(),
+                    int(e.number),
+                ],
+            )?
+            .to_array()?;
+        if let Some(row) = rows.first() {
+            return Ok(Some(row.value.clone()));
+        }
+        if e.pull_request.is_fork() {
+            return Ok(None);
+        }
+        Ok(e.pull_request
+            .head
+            .git_ref
+            .strip_prefix("nightshift/")
+            .filter(|id| crate::platform::valid_id("ses", id))
+            .map(str::to_string))
+    }
+
+    async fn pull_request(&self, e: &PullRequestEvent) -> ApiResult<&'static str> {
+        let Some(session) = self.session_of(e)? else {
+            return Ok("ignored");
+        };
+        let stub = session_stub(&self.env, &session)?;
+        let route = SessionRoute::PullRequest;
+        let body = encode(&PullUpdate {
+            repository: e.repository.full_name.clone(),
+            pull: e.pull_request.clone(),
+        })?;
+        let resp = call(&stub, route.method(), route.path(), None, Some(body)).await?;
+        match resp.status_code() {
+            200..=299 => Ok("pull_request"),
+            // A session that does not exist (any more): nothing to update.
+            404 => Ok("ignored"),
+            status => Err(ApiError::internal(format!(
+                "the session answered {status} to a pull request update"
+            ))),
+        }
+    }
+
+    /// A push to a registered repository's base branch builds a new image (images are never
+    /// older than the last push).
+    async fn push(&self, e: &PushEvent) -> ApiResult<&'static str> {
+        let rows: Vec<TextRow> = self
+            .sql()?
+            .exec(
+                "SELECT name AS value FROM registered WHERE full_name = ?",
+                vec![e.repository.full_name.to_ascii_lowercase().into()],
+            )?
+            .to_array()?;
+        let Some(name) = rows.first().map(|r| r.value.clone()) else {
+            return Ok("ignored");
+        };
+        let base = e.repository.default_branch.as_deref().unwrap_or("main");
+        if e.branch() != Some(base) {
+            return Ok("ignored");
+        }
+        let stub = repository_stub(&self.env, &name)?;
+        let route = RepositoryRoute::Builds;
+        let resp = call(&stub, route.method(), &route.path(), None, None).await?;
+        match resp.status_code() {
+            200..=299 | 409 => Ok("build"),
+            404 => Ok("ignored"),
+            status => Err(ApiError::internal(format!(
+                "the repository answered {status} to a build after a push"
+            ))),
+        }
+    }
+
+    /// The installation serving `repository`: from the index the webhooks keep, else asked of
+    /// GitHub with the App's JWT (and remembered).
+    async fn installation(&self, repository: &str) -> ApiResult<InstallationAnswer> {
+        let key = repository.to_ascii_lowercase();
+        let rows: Vec<AccountRow> = self
+            .sql()?
+            .exec(
+                "SELECT i.id AS id, i.account AS account FROM installation_repositories r JOIN installations i ON i.id = r.installation WHERE r.full_name = ? AND i.suspended = 0",
+                vec![key.as_str().into()],
+            )?
+            .to_array()?;
+        if let Some(row) = rows.first() {
+            return Ok(InstallationAnswer {
+                id: u64::try_from(row.id).unwrap_or_default(),
+                account: row.account.clone(),
+            });
+        }
+        let cfg = config::github(&self.env).ok_or(EdgeError::GithubNotConfigured)?;
+        let jwt = github::app_jwt(&cfg, now_ms() / 1000)
+            .await
+            .map_err(|e| e.edge())?;
+        match github::repository_installation(&cfg, &jwt, repository).await {
+            Ok(found) => {
+                let suspended: Vec<CountRow> = self
+                    .sql()?
+                    .exec(
+                        "SELECT COUNT(*) AS n FROM installations WHERE id = ? AND suspended = 1",
+                        vec![int(found.id)],
+                    )?
+                    .to_array()?;
+                if suspended.first().is_some_and(|row| row.n > 0) {
+                    return Err(EdgeError::AppNotInstalled(repository.to_string()).into());
+                }
+                self.sql()?.exec(
+                    "INSERT OR REPLACE INTO installations (id, account, suspended) VALUES (?, ?, 0)",
+                    vec![int(found.id), found.account.login.as_str().into()],
+                )?;
+                self.add_repositories(found.id, &[repository.to_string()])?;
+                Ok(InstallationAnswer {
+                    id: found.id,
+                    account: found.account.login,
+                })
+            }
+            Err(GithubError::NoAccess(_)) => {
+                Err(EdgeError::AppNotInstalled(repository.to_string()).into())
+            }
+            Err(e) => Err(e.edge().into()),
+        }
+    }
+
+    /// An installation token for one repository with one permission, minted with the App's
+    /// JWT and reused until five minutes before it expires.
+    async fn token(&self, repository: &str, access: Access) -> ApiResult<InstallationTokenAnswer> {
+        let installation = self.installation(repository).await?;
+        let scope = format!(
+            "{}:{}:{}",
+            installation.id,
+            repository.to_ascii_lowercase(),
+            access.level()
+        );
+        let now = now_ms();
+        let cached: Vec<TokenRow> = self
+            .sql()?
+            .exec(
+                "SELECT token, expires_at FROM tokens WHERE scope = ?",
+                vec![scope.as_str().into()],
+            )?
+            .to_array()?;
+        if let Some(row) = cached.first() {
+            let expires_at = u64::try_from(row.expires_at).unwrap_or_default();
+            if expires_at > now + TOKEN_MARGIN_MS {
+                return Ok(InstallationTokenAnswer {
+                    token: row.token.clone(),
+                    expires_at,
+                });
+            }
+        }
+        let cfg = config::github(&self.env).ok_or(EdgeError::GithubNotConfigured)?;
+        let jwt = github::app_jwt(&cfg, now / 1000)
+            .await
+            .map_err(|e| e.edge())?;
+        let name = repository.split('/').nth(1).unwrap_or(repository);
+        let minted = github::installation_token(&cfg, &jwt, installation.id, &access.request(name))
+            .await
+            .map_err(|e| e.edge())?;
+        let expires_at = nightshift_core::github::parse_rfc3339_seconds(&minted.expires_at)
+            .map_or(now + 55 * 60 * 1000, |s| s * 1000);
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO tokens (scope, token, expires_at) VALUES (?, ?, ?)",
+            vec![scope.into(), minted.token.as_str().into(), int(expires_at)],
+        )?;
+        Ok(InstallationTokenAnswer {
+            token: minted.token,
+            expires_at,
+        })
+    }
+
+    /// The cron's pass: deliveries GitHub could not make (no 2xx from us) and that we never
+    /// stored are asked for again.
+    async fn redeliver(&self) -> ApiResult<Redelivered> {
+        let Some(cfg) = config::github(&self.env) else {
+            return Ok(Redelivered { requested: 0 });
+        };
+        if cfg.app_id.is_none() {
+            return Ok(Redelivered { requested: 0 });
+        }
+        let jwt = github::app_jwt(&cfg, now_ms() / 1000)
+            .await
+            .map_err(|e| e.edge())?;
+        let deliveries = github::deliveries(&cfg, &jwt).await.map_err(|e| e.edge())?;
+        let sql = self.sql()?;
+        let mut requested = 0;
+        let mut asked = std::collections::BTreeSet::new();
+        for delivery in deliveries {
+            if (200..300).contains(&delivery.status_code) || !asked.insert(delivery.guid.clone()) {
+                continue;
+            }
+            let seen: Vec<TextRow> = sql
+                .exec(
+                    "SELECT state AS value FROM deliveries WHERE guid = ?",
+                    vec![delivery.guid.as_str().into()],
+                )?
+                .to_array()?;
+            if !seen.is_empty() {
+                continue;
+            }
+            github::redeliver(&cfg, &jwt, delivery.id)
+                .await
+                .map_err(|e| e.edge())?;
+            requested += 1;
+        }
+        Ok(Redelivered { requested })
+    }
+}

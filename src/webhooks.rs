@@ -1,0 +1,57 @@
+//! `POST /webhook/github`: GitHub's deliveries, verified over the raw body in constant time, then handed to the installation index, which processes each `X-GitHub-Delivery` once.
+
+use nightshift_core::github::{self as gh, WebhookError};
+use worker::{Env, Request, Response};
+
+use crate::config;
+use crate::error::{ApiResult, EdgeError};
+use crate::http::{call, read_bytes};
+use crate::objects::{encode, InstallationRoute, WebhookDelivery};
+
+/// The installation index's object (one per deployment).
+pub fn installation_index(env: &Env) -> ApiResult<worker::Stub> {
+    Ok(env
+        .durable_object("INSTALLATION_INDEX")?
+        .get_by_name("github")?)
+}
+
+fn header(req: &Request, name: &str) -> Option<String> {
+    req.headers().get(name).ok().flatten()
+}
+
+/// Verifies and forwards one delivery. A forged or stale signature, a missing delivery id or a
+/// body that is not JSON is refused before anything is stored.
+pub async fn github(req: &mut Request, env: &Env) -> ApiResult<Response> {
+    let secret = config::github(env)
+        .and_then(|cfg| cfg.webhook_secret)
+        .ok_or(EdgeError::Webhook(WebhookError::NotConfigured))?;
+    let body = read_bytes(req).await?;
+    gh::verify_webhook(
+        secret.as_bytes(),
+        &body,
+        header(req, gh::SIGNATURE_HEADER).as_deref(),
+    )
+    .map_err(EdgeError::Webhook)?;
+    let guid = header(req, gh::DELIVERY_HEADER)
+        .filter(|g| gh::valid_delivery_id(g))
+        .ok_or(EdgeError::InvalidInput(
+            "X-GitHub-Delivery: the delivery's GUID is required",
+        ))?;
+    let event = header(req, gh::EVENT_HEADER)
+        .filter(|e| !e.is_empty() && e.len() <= 64)
+        .ok_or(EdgeError::InvalidInput(
+            "X-GitHub-Event: the event name is required",
+        ))?;
+    let body = String::from_utf8(body).map_err(|_| {
+        EdgeError::Webhook(WebhookError::BadPayload("the body is not UTF-8".into()))
+    })?;
+    if serde_json::from_str::<serde::de::IgnoredAny>(&body).is_err() {
+        return Err(
+            EdgeError::Webhook(WebhookError::BadPayload("the body is not JSON".into())).into(),
+        );
+    }
+    let stub = installation_index(env)?;
+    let route = InstallationRoute::Delivery;
+    let delivery = encode(&WebhookDelivery { guid, event, body })?;
+    call(&stub, route.method(), route.path(), None, Some(delivery)).await
+}

@@ -1,0 +1,575 @@
+//! GitHub end to end against the fake GitHub (its real wire formats): signing in with the OAuth web flow and PKCE, tokens that sign-out ends, one-time WebSocket tickets, and webhooks verified, de-duplicated and applied to a session's pull request in order.
+
+use nightshift_core::github::Role;
+use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use nightshift_tests::{secs, Server, User};
+use serde_json::{json, Value};
+
+/// The Worker's vars for the fake (the PEM with literal `\n`, as a secret pasted into one line).
+fn github_vars(fake: &FakeGithub) -> Vec<(&'static str, String)> {
+    vec![
+        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
+        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
+        ("GITHUB_APP_ID", fake.app_id().to_string()),
+        (
+            "GITHUB_APP_PRIVATE_KEY",
+            fake.private_key_pem().trim().replace('\n', "\\n"),
+        ),
+        ("GITHUB_APP_SLUG", fake.slug()),
+        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
+        ("GITHUB_API_URL", fake.api_url()),
+        ("GITHUB_WEB_URL", fake.web_url()),
+        ("GITHUB_GIT_URL", fake.git_url()),
+        (
+            "TOKEN_ENCRYPTION_KEY",
+            "test-token-key-0123456789".to_string(),
+        ),
+    ]
+}
+
+async fn start(fake: &FakeGithub) -> Server {
+    let vars = github_vars(fake);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    server
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The `ns_oauth=…` pair of a `Set-Cookie`.
+fn flow_cookie(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("ns_oauth="))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn fragment_params(location: &str) -> Vec<(String, String)> {
+    let query = location
+        .split_once("#/signed-in?")
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    nightshift_core::github::form_decode(query)
+}
+
+/// One browser's sign-in: start → GitHub's authorize page → callback. Returns the callback's
+/// URL and the flow cookie, before the callback is visited.
+async fn begin(server: &Server, fake: &FakeGithub, ret: &str) -> (String, String) {
+    let http = no_redirects();
+    let start = http
+        .get(format!(
+            "{}/auth/github/start?return={}",
+            server.base,
+            nightshift_core::github::percent_encode(ret)
+        ))
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(start.status().as_u16(), 302);
+    let authorize = location(&start);
+    assert!(
+        authorize.starts_with(&format!("{}/login/oauth/authorize?", fake.web_url())),
+        "{authorize}"
+    );
+    assert!(
+        authorize.contains("code_challenge_method=S256"),
+        "{authorize}"
+    );
+    let cookie = flow_cookie(&start);
+    assert!(!cookie.is_empty(), "no flow cookie");
+    let callback = fake
+        .authorize_redirect(&authorize)
+        .await
+        .expect("authorize page");
+    assert!(
+        callback.starts_with(&format!("{}/auth/github/callback?", server.base)),
+        "{callback}"
+    );
+    (callback, cookie)
+}
+
+async fn visit(url: &str, cookie: Option<&str>) -> (u16, String, Value) {
+    let mut req = no_redirects().get(url);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let resp = req.send().await.expect("callback");
+    let status = resp.status().as_u16();
+    let to = location(&resp);
+    let body = resp.text().await.unwrap_or_default();
+    (
+        status,
+        to,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// Signs `login` in through GitHub; returns their Nightshift token.
+async fn sign_in_with_github(server: &Server, fake: &FakeGithub, login: &str) -> String {
+    fake.set_browser_user(login);
+    let (callback, cookie) = begin(server, fake, "/").await;
+    let (status, to, body) = visit(&callback, Some(&cookie)).await;
+    assert_eq!(status, 302, "callback: {body}");
+    fragment_params(&to)
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .expect("token in the fragment")
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_person_signs_in_with_github_and_sign_out_ends_every_token() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("Ada-L", "Ada Lovelace");
+    let server = start(&fake).await;
+    let api = server.client();
+
+    let (st, options) = api.raw("GET", "/auth/config", None, None).await;
+    assert_eq!(
+        (st, options["github"].as_bool()),
+        (200, Some(true)),
+        "{options}"
+    );
+
+    // The flow: the return path survives, the token arrives in the fragment.
+    fake.set_browser_user("Ada-L");
+    let (callback, cookie) = begin(&server, &fake, "/#/s/ses_x").await;
+    let (status, to, body) = visit(&callback, Some(&cookie)).await;
+    assert_eq!(status, 302, "{body}");
+    let params = fragment_params(&to);
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(get("return"), "/#/s/ses_x");
+    let token = get("token");
+    let (st, me) = api.raw("GET", "/auth/me", Some(&token), None).await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["user"], "ada-l");
+    assert_eq!(me["name"], "Ada Lovelace");
+    assert!(
+        me["email"].as_str().is_some_and(|e| e.contains('@')),
+        "{me}"
+    );
+
+    // The same code again (a replayed callback): GitHub refuses it; nothing signed in.
+    let (st, _, replay) = visit(&callback, Some(&cookie)).await;
+    assert_eq!((st, code(&replay)), (400, "oauth_refused"), "{replay}");
+    // A callback without this browser's cookie, or with another state: refused before GitHub.
+    let (callback2, cookie2) = begin(&server, &fake, "/").await;
+    let (st, _, v) = visit(&callback2, None).await;
+    assert_eq!((st, code(&v)), (400, "oauth_flow_missing"), "{v}");
+    let forged_state = callback2.replace("state=", "state=x");
+    let (st, _, v) = visit(&forged_state, Some(&cookie2)).await;
+    assert_eq!((st, code(&v)), (400, "oauth_state_mismatch"), "{v}");
+    let (st, _, v) = visit(&callback2, Some(&cookie)).await;
+    assert_eq!((st, code(&v)), (400, "oauth_state_mismatch"), "{v}");
+    // The untouched second flow still works once.
+    let (st, _, v) = visit(&callback2, Some(&cookie2)).await;
+    assert_eq!(st, 302, "{v}");
+
+    // A one-time ticket opens a session's socket once.
+    let ada = User {
+        user: "ada-l".into(),
+        token: token.clone(),
+    };
+    let (id, _) = api.create_session(&ada, "Signed in").await;
+    let ticket = api.ticket(&ada, &id).await;
+    let url = format!(
+        "{}/multiplayer/{id}/ws?ticket={ticket}&client=c1",
+        server.base.replacen("http", "ws", 1)
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(url.clone())
+        .await
+        .expect("ticket opens the socket");
+    drop(socket);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401)
+        }
+        other => panic!("a used ticket opened a socket: {:?}", other.map(|_| ())),
+    }
+    // No token in a socket's URL any more.
+    let with_token = format!(
+        "{}/multiplayer/{id}/ws?token={token}&client=c2",
+        server.base.replacen("http", "ws", 1)
+    );
+    assert!(tokio_tungstenite::connect_async(with_token).await.is_err());
+
+    // Renewal gives a new token of the same sign-in; sign-out ends both.
+    let (st, renewed) = api.raw("POST", "/auth/renew", Some(&token), None).await;
+    assert_eq!(st, 200, "{renewed}");
+    let renewed = renewed["token"].as_str().expect("token").to_string();
+    assert_ne!(renewed, token);
+    let (st, _) = api.raw("POST", "/auth/logout", Some(&renewed), None).await;
+    assert_eq!(st, 200);
+    for old in [&token, &renewed] {
+        let (st, v) = api.raw("GET", "/auth/me", Some(old), None).await;
+        assert_eq!((st, code(&v)), (401, "signed_out"), "{v}");
+        let (st, v) = api.raw("GET", "/sessions", Some(old), None).await;
+        assert_eq!((st, code(&v)), (401, "signed_out"), "{v}");
+        let (st, v) = api
+            .raw(
+                "POST",
+                "/auth/ticket",
+                Some(old),
+                Some(json!({ "session": id }).to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (401, "signed_out"), "{v}");
+    }
+    // A fresh sign-in of the same person works again.
+    let again = sign_in_with_github(&server, &fake, "Ada-L").await;
+    let (st, _) = api.raw("GET", "/auth/me", Some(&again), None).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn dev_sign_in_refuses_reserved_names_and_remote_hosts() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    let server = start(&fake).await;
+    let api = server.client();
+    for reserved in ["system", "sandbox", "people"] {
+        let (st, v) = api
+            .raw(
+                "POST",
+                "/auth/dev",
+                None,
+                Some(json!({ "user": reserved }).to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (400, "invalid_user"), "{reserved}: {v}");
+    }
+    // Reached under another host name (a deployment with DEV_AUTH set by mistake): refused.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/auth/dev", server.base))
+        .header("host", "nightshift.example.com")
+        .header("content-type", "application/json")
+        .body(json!({ "user": "mallory" }).to_string())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!((status, code(&v)), (403, "dev_sign_in_local_only"), "{v}");
+}
+
+#[tokio::test]
+async fn webhooks_are_verified_processed_once_and_applied_in_order() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_repo("acme/web", &[("ada", Role::Admin)]);
+    fake.install("acme", &["acme/web"]);
+    let server = start(&fake).await;
+    let api = server.client();
+    let ada = api.sign_in("ada").await;
+    let (id, _) = api.create_session(&ada, "PR state").await;
+    let mut ws = api.connect(&ada, &id, "watch", 0).await;
+
+    // The session's branch and a pull request on it, opened at GitHub: its `opened` delivery
+    // finds the session by the branch.
+    let branch = format!("nightshift/{id}");
+    fake.commit_file("acme/web", &branch, "NOTES.md", "work\n")
+        .expect("commit");
+    let user_token = fake.mint_user_token("ada");
+    let created = reqwest::Client::new()
+        .post(format!("{}/repos/acme/web/pulls", fake.api_url()))
+        .bearer_auth(&user_token)
+        .header("user-agent", "nightshift-tests")
+        .header("accept", "application/vnd.github+json")
+        .json(&json!({ "title": "Notes", "head": branch, "base": "main" }))
+        .send()
+        .await
+        .expect("create pull");
+    assert_eq!(created.status().as_u16(), 201);
+    let opened = fake.wait_for_deliveries(1, secs(10)).await;
+    let opened = opened
+        .iter()
+        .find(|d| d.event == "pull_request")
+        .expect("opened delivery")
+        .clone();
+    assert_eq!(opened.status_code, 202);
+    let event = ws.event("pr.opened", |_| true).await;
+    assert_eq!(event["pull_request"]["number"], 1);
+    assert_eq!(event["pull_request"]["state"], "open");
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(view["pull_request"]["state"], "open", "{view}");
+    let before_merge = fake
+        .pull_request_payload("opened", "acme/web", 1)
+        .expect("payload");
+
+    // Merged: the session shows it.
+    fake.merge("acme/web", 1).await.expect("merge");
+    let merged = ws.event("pr.merged", |_| true).await;
+    assert_eq!(merged["pull_request"]["state"], "merged");
+    let last_seq = ws.last_seq;
+
+    // The same delivery again, an older state delivered late, a forged signature, an unknown
+    // repository's event: nothing changes.
+    let closed = fake
+        .deliveries()
+        .into_iter()
+        .find(|d| d.action.as_deref() == Some("closed"))
+        .expect("closed delivery");
+    assert_eq!(fake.redeliver(&closed.guid).await, 202);
+    let (st, guid) = fake.deliver("pull_request", before_merge.clone()).await;
+    assert_eq!(st, 202, "{guid}");
+    let body = serde_json::to_vec(&before_merge).expect("json");
+    let forged = fake
+        .deliver_raw("pull_request", "forged-1", &body, Some("sha256=00"))
+        .await;
+    assert_eq!(forged, 401);
+    let unsigned = fake
+        .deliver_raw("pull_request", "forged-2", &body, None)
+        .await;
+    assert_eq!(unsigned, 401);
+    let mut elsewhere = before_merge.clone();
+    elsewhere["repository"]["full_name"] = json!("other/repo");
+    elsewhere["pull_request"]["head"]["ref"] = json!("feature");
+    let (st, _) = fake.deliver("pull_request", elsewhere).await;
+    assert_eq!(st, 202);
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(view["pull_request"]["state"], "merged", "{view}");
+    assert_eq!(view["last_seq"].as_u64(), Some(last_seq), "{view}");
+}
+
+/// Runs `git` with an installation token as GitHub takes it (`x-access-token` basic auth);
+/// whether it worked, and what it said.
+/// (Async: the fake GitHub serves on this test's runtime.)
+async fn git_with_token(dir: &std::path::Path, token: &str, args: &[&str]) -> (bool, String) {
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
+    };
+    let out = tokio::process::Command::new("git")
+        .arg("-c")
+        .arg(format!("http.extraHeader=Authorization: Basic {basic}"))
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .await
+        .expect("git");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pull_request_is_the_persons(
+) {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("bob", "Bob Reader");
+    fake.add_repo("acme/web", &[("ada", Role::Admin), ("bob", Role::Read)]);
+    fake.add_repo("acme/other", &[("ada", Role::Admin)]);
+    fake.add_repo("acme/no-app", &[("ada", Role::Admin)]);
+    let installation = fake.install("acme", &["acme/web", "acme/other"]);
+    let vars = github_vars(&fake);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let recording = json!({"turns": [
+        {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello from nightshift\n"}}]},
+        {"text": "Created hello.txt."}
+    ]});
+    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let api = server.client();
+    // The installation index learns the installation from its webhook.
+    let (st, _) = fake.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+
+    let ada = User {
+        user: "ada".into(),
+        token: sign_in_with_github(&server, &fake, "ada").await,
+    };
+    let bob = User {
+        user: "bob".into(),
+        token: sign_in_with_github(&server, &fake, "bob").await,
+    };
+    let register = |who: &User, name: &str, github: &str| {
+        let body = json!({ "name": name, "github": github });
+        let api = &api;
+        let who = who.clone();
+        async move { api.call("POST", "/repositories", &who, Some(body)).await }
+    };
+    // Registering takes admin or maintain on GitHub, and the App installed on the repository.
+    let (st, v) = register(&bob, "web", "acme/web").await;
+    assert_eq!((st, code(&v)), (403, "repository_role_required"), "{v}");
+    let (st, v) = register(&ada, "no-app", "acme/no-app").await;
+    assert_eq!((st, code(&v)), (403, "app_not_installed"), "{v}");
+    let dev = api.sign_in("dev-person").await;
+    let (st, v) = register(&dev, "web", "acme/web").await;
+    assert_eq!((st, code(&v)), (403, "github_not_linked"), "{v}");
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({ "name": "plain", "clone_url": "https://example.com/x.git" })),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (400, "github_repository_required"), "{v}");
+    let (st, v) = register(&ada, "web", "acme/web").await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        v["repository"]["clone_url"],
+        format!("{}/acme/web.git", fake.git_url()),
+        "{v}"
+    );
+    // Bob reads it (read access); a person GitHub does not know there does not.
+    let (st, _) = api.call("GET", "/repositories/web", &bob, None).await;
+    assert_eq!(st, 200);
+    let (st, v) = api
+        .call(
+            "PATCH",
+            "/repositories/web",
+            &bob,
+            Some(json!({ "setup": ["true"] })),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "repository_role_required"), "{v}");
+
+    // A prompt's work: cloned with a read token, pushed with a write token, both scoped to
+    // acme/web alone.
+    let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
+    let mut ws = api.connect(&ada, &id, "ada-web", 0).await;
+    let p1 = api
+        .prompt(&ada, &id, "Create hello.txt with a greeting")
+        .await;
+    let finished = ws.finished(&p1).await;
+    assert_eq!(finished["ok"], true, "{finished}");
+    let branch = format!("nightshift/{id}");
+    assert_eq!(
+        finished["branch"],
+        branch.as_str(),
+        "{finished} after {:?}",
+        ws.seen
+    );
+    assert!(fake.branch_sha("acme/web", &branch).is_some(), "not pushed");
+    let tokens = fake.installation_tokens();
+    assert!(!tokens.is_empty());
+    for (_, repos, permissions) in &tokens {
+        assert_eq!(repos, &vec!["acme/web".to_string()], "{permissions:?}");
+        assert!(
+            ["read", "write"].contains(
+                &permissions
+                    .get("contents")
+                    .map(String::as_str)
+                    .unwrap_or("")
+            ),
+            "{permissions:?}"
+        );
+        assert!(
+            !permissions.contains_key("pull_requests"),
+            "{permissions:?}"
+        );
+    }
+    let (write, _, _) = tokens
+        .iter()
+        .find(|(_, _, p)| p.get("contents").map(String::as_str) == Some("write"))
+        .expect("a write token")
+        .clone();
+    // The same token cannot push anywhere else.
+    let scratch = tempdir_for("scope");
+    let (cloned, said) = git_with_token(
+        &scratch,
+        &write,
+        &[
+            "clone",
+            "--quiet",
+            &format!("{}/acme/web.git", fake.git_url()),
+            "web",
+        ],
+    )
+    .await;
+    assert!(cloned, "{said}");
+    let checkout = scratch.join("web");
+    let (pushed, said) = git_with_token(
+        &checkout,
+        &write,
+        &[
+            "push",
+            "--quiet",
+            &format!("{}/acme/other.git", fake.git_url()),
+            "HEAD:refs/heads/stolen",
+        ],
+    )
+    .await;
+    assert!(!pushed, "a push outside the token's scope worked");
+    assert!(said.contains("403"), "{said}");
+
+    // The pull request, opened with Ada's own user token.
+    let opened = ws.event("pr.opened", |_| true).await;
+    assert_eq!(opened["pull_request"]["head"], branch.as_str(), "{opened}");
+    let pulls = fake.pulls("acme/web");
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(pulls[0].1, "user:ada", "opened as {}", pulls[0].1);
+    assert_eq!(pulls[0].0.title, "Create hello.txt with a greeting");
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(view["pull_request"]["number"], pulls[0].0.number, "{view}");
+
+    // Merged on GitHub: the webhook marks it merged; the same delivery again changes nothing.
+    fake.merge("acme/web", pulls[0].0.number)
+        .await
+        .expect("merge");
+    ws.event("pr.merged", |_| true).await;
+    let (_, before) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    let closed = fake
+        .deliveries()
+        .into_iter()
+        .find(|d| d.action.as_deref() == Some("closed"))
+        .expect("closed delivery");
+    assert_eq!(fake.redeliver(&closed.guid).await, 202);
+    let (_, after) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(after["last_seq"], before["last_seq"]);
+    assert_eq!(after["pull_request"]["state"], "merged");
+}
+
+fn tempdir_for(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "nightshift-github-{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
