@@ -98,7 +98,7 @@ impl InstallationIndex {
             "CREATE TABLE IF NOT EXISTS installation_repositories (full_name TEXT PRIMARY KEY, installation INTEGER NOT NULL)",
             "CREATE TABLE IF NOT EXISTS deliveries (guid TEXT PRIMARY KEY, event TEXT NOT NULL, body TEXT NOT NULL, received_at INTEGER NOT NULL, state TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS pulls (repository TEXT NOT NULL, number INTEGER NOT NULL, session TEXT NOT NULL, PRIMARY KEY (repository, number))",
-            "CREATE TABLE IF NOT EXISTS registered (full_name TEXT PRIMARY KEY, name TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS registered (full_name TEXT PRIMARY KEY, name TEXT NOT NULL, base_branch TEXT NOT NULL DEFAULT 'main')",
             "CREATE TABLE IF NOT EXISTS tokens (scope TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at INTEGER NOT NULL)",
         ] {
             sql.exec(ddl, None)?;
@@ -130,8 +130,12 @@ impl InstallationIndex {
             InstallationRoute::LinkRepository => {
                 let link: RepositoryLink = read_body(&mut req).await?;
                 self.sql()?.exec(
-                    "INSERT OR REPLACE INTO registered (full_name, name) VALUES (?, ?)",
-                    vec![link.full_name.to_ascii_lowercase().into(), link.name.into()],
+                    "INSERT OR REPLACE INTO registered (full_name, name, base_branch) VALUES (?, ?, ?)",
+                    vec![
+                        link.full_name.to_ascii_lowercase().into(),
+                        link.name.into(),
+                        link.base_branch.into(),
+                    ],
                 )?;
                 json_of(200, &OkAnswer::yes())
             }
@@ -378,18 +382,22 @@ impl InstallationIndex {
     /// A push to a registered repository's base branch builds a new image (images are never
     /// older than the last push).
     async fn push(&self, e: &PushEvent) -> ApiResult<&'static str> {
-        let rows: Vec<TextRow> = self
+        #[derive(Deserialize)]
+        struct Registered {
+            name: String,
+            base_branch: String,
+        }
+        let rows: Vec<Registered> = self
             .sql()?
             .exec(
-                "SELECT name AS value FROM registered WHERE full_name = ?",
+                "SELECT name, base_branch FROM registered WHERE full_name = ?",
                 vec![e.repository.full_name.to_ascii_lowercase().into()],
             )?
             .to_array()?;
-        let Some(name) = rows.first().map(|r| r.value.clone()) else {
+        let Some(Registered { name, base_branch }) = rows.into_iter().next() else {
             return Ok("ignored");
         };
-        let base = e.repository.default_branch.as_deref().unwrap_or("main");
-        if e.branch() != Some(base) {
+        if e.branch() != Some(base_branch.as_str()) {
             return Ok("ignored");
         }
         let stub = repository_stub(&self.env, &name)?;

@@ -47,13 +47,36 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 )
                 .into());
             }
-            let tenant = b.tenant.clone().unwrap_or_else(|| "default".into());
+            let mut tenant = b.tenant.clone().unwrap_or_else(|| "default".into());
             if !valid_tenant(&tenant) {
                 return Err(EdgeError::InvalidInput(
                     "tenant: 1-40 lowercase letters, digits or '-'",
                 )
                 .into());
             }
+            // With a GitHub App, an agent works on a repository the person may use, and its
+            // tenant is the organisation the App is installed on (never a name they choose).
+            if crate::config::github(env).is_some() {
+                let repository = b
+                    .repository
+                    .as_deref()
+                    .ok_or(EdgeError::GithubRepositoryRequired)?;
+                crate::access::require_session_repository(env, &who, repository, false).await?;
+                let owner = crate::access::settings(env, repository)
+                    .await?
+                    .and_then(|s| s.github)
+                    .and_then(|full| full.split('/').next().map(str::to_ascii_lowercase))
+                    .filter(|owner| valid_tenant(owner))
+                    .ok_or(EdgeError::GithubRepositoryRequired)?;
+                if b.tenant.as_ref().is_some_and(|t| *t != owner) {
+                    return Err(EdgeError::InvalidInput(
+                        "tenant: with GitHub, an agent's tenant is its repository's organisation; leave it out",
+                    )
+                    .into());
+                }
+                tenant = owner;
+            }
+            crate::access::take_quota(env, &who, "spawns").await?;
             let body = SpawnBody {
                 identity: who,
                 model: b.model,

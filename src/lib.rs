@@ -64,4 +64,7 @@ async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     if let Err(e) = repositories::scheduled(&env, event.schedule() as u64).await {
         worker::console_error!("scheduled builds: {}", e.message);
     }
+    if let Err(e) = webhooks::redeliver_failed(&env).await {
+        worker::console_error!("webhook redelivery: {}", e.message);
+    }
 }

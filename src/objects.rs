@@ -274,11 +274,18 @@ pub struct PullLink {
     pub session: String,
 }
 
-/// A registered repository (`name`) is the GitHub repository `full_name`.
+/// A registered repository (`name`) is the GitHub repository `full_name`, whose images come
+/// from `base_branch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepositoryLink {
     pub full_name: String,
     pub name: String,
+    #[serde(default = "main_branch")]
+    pub base_branch: String,
+}
+
+fn main_branch() -> String {
+    "main".into()
 }
 
 /// Which installation serves `repository` (`owner/name`).

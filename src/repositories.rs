@@ -87,6 +87,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                     let link = encode(&RepositoryLink {
                         full_name: full_name.clone(),
                         name: s.name.clone(),
+                        base_branch: s.base_branch.clone(),
                     })?;
                     call(&stub, route.method(), route.path(), None, Some(link)).await?;
                 }

@@ -99,6 +99,8 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
             let target = match (method, rest) {
                 (Method::Post, ["join"]) => "join".to_string(),
                 (Method::Post, ["leave"]) => "leave".to_string(),
+                (Method::Delete, ["members", user]) => format!("members/{user}"),
+                (Method::Post, ["invite"]) => "invite".to_string(),
                 (Method::Put, ["cursor"]) => "cursor".to_string(),
                 (Method::Post, ["prompt"]) => "prompt".to_string(),
                 (Method::Delete | Method::Patch, ["prompt", pid]) => format!("prompt/{pid}"),
@@ -183,6 +185,12 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
             remove_from_index(env, &who.user, id).await?;
         }
         return json_response(status, text).map_err(ApiError::from);
+    }
+    // A removed member's list no longer shows the session.
+    if let Some(user) = target.strip_prefix("members/") {
+        if (200..300).contains(&status) {
+            remove_from_index(env, user, id).await?;
+        }
     }
     Ok(resp)
 }

@@ -25,6 +25,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
     match (method, segs) {
         (Method::Post, ["sandbox"]) => {
             let b: SandboxCreate = read_body(req).await?;
+            crate::access::take_quota(env, &who, "sandboxes").await?;
             let stub = session_stub(env, &b.session_id)?;
             let headers = Headers::new();
             headers.set(IDENTITY_HEADER, &who_header)?;

@@ -55,3 +55,23 @@ pub async fn github(req: &mut Request, env: &Env) -> ApiResult<Response> {
     let delivery = encode(&WebhookDelivery { guid, event, body })?;
     call(&stub, route.method(), route.path(), None, Some(delivery)).await
 }
+
+/// The cron's pass: asks GitHub again for the App's deliveries that failed and were never
+/// stored (a deployment without a GitHub App has none).
+pub async fn redeliver_failed(env: &Env) -> ApiResult<()> {
+    if config::github(env).and_then(|cfg| cfg.app_id).is_none() {
+        return Ok(());
+    }
+    let stub = installation_index(env)?;
+    let route = InstallationRoute::Redeliver;
+    let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
+    let answer: crate::objects::Redelivered =
+        crate::http::answer_of(&mut resp, route.path()).await?;
+    if answer.requested > 0 {
+        worker::console_log!(
+            "asked GitHub again for {} failed deliveries",
+            answer.requested
+        );
+    }
+    Ok(())
+}

@@ -124,6 +124,13 @@ pub fn decode(
         }
         ("GET", ["snapshot"]) => Ok(R::Snapshot),
         ("POST", ["leave"]) => command(Command::Leave, Answer::Left),
+        ("DELETE", ["members", user]) => command(
+            Command::RemoveMember {
+                user: (*user).to_string(),
+            },
+            Answer::Session,
+        ),
+        ("POST", ["invite"]) => command(Command::RotateInvite, Answer::Session),
         ("PUT", ["egress"]) => {
             let b: SessionEgress = wire::parse_body(body)?;
             let allow = b.allow.clone();
@@ -911,6 +918,8 @@ mod tests {
             ("POST", "/join", r#"{"invite":"i"}"#, "Join"),
             ("GET", "/snapshot", "", "snapshot"),
             ("POST", "/leave", "", "Leave"),
+            ("DELETE", "/members/bob", "", "RemoveMember"),
+            ("POST", "/invite", "", "RotateInvite"),
             ("PUT", "/egress", r#"{"allow":[]}"#, "SetEgress"),
             ("POST", "/end", "", "End"),
             (

@@ -35,6 +35,9 @@ pub enum EventKind {
     },
     #[serde(rename = "member.left")]
     MemberLeft { user: String },
+    /// The owner replaced the session's invite (the old share link admits nobody).
+    #[serde(rename = "invite.rotated")]
+    InviteRotated,
     #[serde(rename = "lock.acquired")]
     LockAcquired {
         resource: String,
@@ -157,6 +160,7 @@ impl EventKind {
             EventKind::SessionEnded => "session.ended",
             EventKind::MemberJoined { .. } => "member.joined",
             EventKind::MemberLeft { .. } => "member.left",
+            EventKind::InviteRotated => "invite.rotated",
             EventKind::LockAcquired { .. } => "lock.acquired",
             EventKind::LockReleased { .. } => "lock.released",
             EventKind::PromptQueued { .. } => "prompt.queued",

@@ -351,6 +351,12 @@ pub enum Command {
         priority: i32,
     },
     Stop,
+    /// The owner removes a member.
+    RemoveMember {
+        user: String,
+    },
+    /// The owner replaces the invite.
+    RotateInvite,
     Lock {
         resource: String,
         ttl_ms: u64,
@@ -532,6 +538,8 @@ impl HostedSession {
                 out
             }
             Command::Leave => s.leave(who)?,
+            Command::RemoveMember { user } => s.remove_member(who, &user)?,
+            Command::RotateInvite => s.rotate_invite(who, entropy.token())?,
             Command::End => s.end(who, now)?,
             Command::SetEgress { allow } => {
                 let out = s.set_egress(who, &allow)?;
@@ -845,6 +853,10 @@ impl HostedSession {
         let detail = format!("{who} {what} the sandbox");
         let reason = format!("sandbox_{what}: {who} {what} the sandbox while this prompt ran");
         self.retire(stage, what, detail, Some(reason), now, entropy, &mut fx);
+        // The provider's stop (or terminate), asked next, ends the supervisor and its socket:
+        // closing the socket first would make a supervisor that exits on the close look as if
+        // it had died before the provider recorded the stop.
+        fx.retain(|e| !matches!(e, Effect::CloseSandbox(CloseCode::Retired)));
         fx
     }
 

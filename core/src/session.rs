@@ -489,11 +489,57 @@ impl Session {
             return Err(CoreError::OwnerCannotLeave);
         }
         let mut out = Outcome::default();
-        self.release_all_of(&who.user, LockReleaseReason::Left, &who.actor(), &mut out);
+        self.drop_member(&who.user, &who.actor(), LockReleaseReason::Left, &mut out);
+        Ok(out)
+    }
+
+    /// The owner removes a member: their locks are released, their sockets closed (4000, do
+    /// not reconnect), and they are no longer a member. The invite stays as it is: rotate it
+    /// too if it may have leaked.
+    pub fn remove_member(&mut self, owner: &Identity, user: &str) -> CoreResult<Outcome> {
+        self.require_member(&owner.user)?;
+        if !self.is_owner(&owner.user) {
+            return Err(CoreError::OwnerOnly);
+        }
+        if user == owner.user {
+            return Err(CoreError::OwnerCannotLeave);
+        }
+        if !self.is_member(user) {
+            return Err(CoreError::Invalid(format!(
+                "{user} is not a member of this session"
+            )));
+        }
+        let mut out = Outcome::default();
+        self.drop_member(user, &owner.actor(), LockReleaseReason::Left, &mut out);
+        Ok(out)
+    }
+
+    /// The owner replaces the invite: the old share link admits nobody from now on (members
+    /// stay). The event does not carry the new invite.
+    pub fn rotate_invite(&mut self, owner: &Identity, invite: String) -> CoreResult<Outcome> {
+        self.require_active()?;
+        if !self.is_owner(&owner.user) {
+            return Err(CoreError::OwnerOnly);
+        }
+        self.meta.invite = invite;
+        self.dirty.insert(Dirty::Meta);
+        let mut out = Outcome::default();
+        out.event(owner.actor(), EventKind::InviteRotated);
+        Ok(out)
+    }
+
+    fn drop_member(
+        &mut self,
+        user: &str,
+        actor: &Actor,
+        reason: LockReleaseReason,
+        out: &mut Outcome,
+    ) {
+        self.release_all_of(user, reason, actor, out);
         let gone: Vec<ClientId> = self
             .clients
             .values()
-            .filter(|c| c.user == who.user)
+            .filter(|c| c.user == user)
             .map(|c| c.id.clone())
             .collect();
         for c in &gone {
@@ -504,15 +550,14 @@ impl Session {
             out.presence_changed = true;
         }
         out.disconnect = gone;
-        self.members.remove(&who.user);
-        self.dirty.insert(Dirty::Member(who.user.clone()));
+        self.members.remove(user);
+        self.dirty.insert(Dirty::Member(user.to_string()));
         out.event(
-            who.actor(),
+            actor.clone(),
             EventKind::MemberLeft {
-                user: who.user.clone(),
+                user: user.to_string(),
             },
         );
-        Ok(out)
     }
 
     /// Sets the hosts this session's sandboxes may reach beyond their repository's egress

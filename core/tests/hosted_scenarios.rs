@@ -525,7 +525,6 @@ fn a_retired_sandbox_never_changes_the_queue_and_its_token_opens_nothing() {
            to sandbox: ack 1
          alice: stops sandbox
            save link
-           close sandbox 4005
            store sandbox.status stopped: alice stopped the sandbox
            store prompt.finished p1 ok=false: sandbox_stopped: alice stopped the sandbox while this prompt ran
          old sandbox: events text p1 late; done p1

@@ -37,6 +37,7 @@ from .validate import (
     Repository,
     SupervisorSpec,
     check_clone_url,
+    git_auth_env,
     redact_url,
 )
 
@@ -244,6 +245,8 @@ class ModalBackend:
         secret = {
             "supervisor": req.supervisor.to_json() if req.supervisor else None,
             "clone_url": req.repository.clone_url,
+            # The clone's token (short-lived) is kept sealed only until the clone runs.
+            "access_token": req.repository.access_token,
         }
         return {"create": public, "sealed": seal_json(self._cfg.state_key, secret, _sbx(sid))}
 
@@ -257,7 +260,7 @@ class ModalBackend:
         return replace(
             c,
             supervisor=SupervisorSpec(**sup) if sup else None,
-            repository=replace(c.repository, clone_url=secret["clone_url"]),
+            repository=replace(c.repository, clone_url=secret["clone_url"], access_token=secret.get("access_token")),
         )
 
     def _model_urls(self) -> list[str]:
@@ -853,7 +856,7 @@ class ModalBackend:
             container,
             ["git", "clone", "--quiet", "--branch", repo.base_branch, repo.clone_url, REPO],
             max(deadline - self._now(), 1),
-            env={"GIT_TERMINAL_PROMPT": "0", "HOME": HOME},
+            env={"GIT_TERMINAL_PROMPT": "0", "HOME": HOME, **(git_auth_env(repo.access_token) if repo.access_token else {})},
         )
         shown = redact_url(repo.clone_url)
         if ran.timed_out:
@@ -930,7 +933,11 @@ class ModalBackend:
         }
         timeout = min(req.timeout_ms or DEFAULT_BUILD_TIMEOUT_MS, MAX_BUILD_TIMEOUT_MS)
         self._store.put(f"blog:{image['id']}", {"dropped": 0, "text": ""})
-        sealed = seal_json(self._cfg.state_key, {"clone_url": req.repository.clone_url}, _img(image["id"]))
+        sealed = seal_json(
+            self._cfg.state_key,
+            {"clone_url": req.repository.clone_url, "access_token": req.repository.access_token},
+            _img(image["id"]),
+        )
         self._store.put(
             _img(image["id"]), {"image": image, "image_ref": None, "deadline": now + timeout, "sealed": sealed}
         )
@@ -1011,7 +1018,8 @@ class ModalBackend:
         deadline = rec["deadline"]
         repo = Repository.from_json(img["repository"])
         if "sealed" in rec:  # (a record from before sealing holds the URL as given)
-            repo = replace(repo, clone_url=unseal_json(self._cfg.state_key, rec["sealed"], _img(image_id))["clone_url"])
+            opened = unseal_json(self._cfg.state_key, rec["sealed"], _img(image_id))
+            repo = replace(repo, clone_url=opened["clone_url"], access_token=opened.get("access_token"))
         container = None
         try:
             self._note(image_id, f"$ git clone --branch {repo.base_branch} {redact_url(repo.clone_url)}")

@@ -96,6 +96,9 @@ class Repository:
     base_branch: str = "main"
     # Host patterns beyond the defaults that this repository's sandboxes (and builds) may reach.
     egress: tuple[str, ...] = ()
+    # A short-lived token for this clone only (a GitHub installation token): handed to the clone's
+    # git as environment, never stored, never shown, never in the checkout's config.
+    access_token: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """As stored (the clone URL as given; `egress` only when set, as the Rust side writes it)."""
@@ -261,12 +264,27 @@ def _egress(v: Any) -> tuple[str, ...]:
 
 
 def _repository(v: Any) -> Repository:
-    r = _fields(v, "repository", {"clone_url", "base_branch", "egress"}, {"clone_url"})
+    r = _fields(v, "repository", {"clone_url", "base_branch", "egress", "access_token"}, {"clone_url"})
+    token = r.get("access_token")
     return Repository(
         clone_url=_string(r["clone_url"], "repository.clone_url"),
         base_branch=_string(r.get("base_branch", "main"), "repository.base_branch"),
         egress=_egress(r.get("egress", [])),
+        access_token=None if token is None else _string(token, "repository.access_token"),
     )
+
+
+def git_auth_env(token: str) -> dict[str, str]:
+    """The git settings that authenticate one clone with `token` (x-access-token basic auth, as GitHub
+    takes installation tokens), as GIT_CONFIG_* environment: never written to any git config."""
+    import base64
+
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    return {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.extraHeader",
+        "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
+    }
 
 
 def _supervisor(v: Any, name: str) -> SupervisorSpec:

@@ -4,6 +4,7 @@ and credential redaction."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -342,6 +343,24 @@ class CloneTest(ProviderTestCase):
         self.h.wait(f"/v1/images/{r.json()['id']}", ("ready",))
         (build,) = [x for x in self.h.fake.sandboxes.values() if x is not sb]
         self.assertTrue(any("clone" in c and str(self.h.repo) in c for c in build.commands), build.commands)
+
+    def test_a_clone_token_reaches_only_the_clones_git(self) -> None:
+        token = "ghs_" + "t" * 40
+        body = self.h.create_body(repository={"clone_url": str(self.h.repo), "access_token": token})
+        r = self.c.post("/v1/sandboxes", body)
+        self.assertEqual(r.status, 201, r.json())
+        s = self.h.wait(f"/v1/sandboxes/{r.json()['id']}", ("ready",))
+        sb = self.h.fake.sandboxes[self.h.container(s["id"])]
+        (clone,) = [c for c in sb.commands if "clone" in c and "git" in c]
+        basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+        self.assertIn(f"GIT_CONFIG_VALUE_0=Authorization: Basic {basic}", clone)
+        # Never in an answer, the store, or the checkout's config.
+        self.assertNotIn(token, json.dumps(s))
+        self.assertNotIn(token, json.dumps(self.c.get(f"/v1/sandboxes/{s['id']}").json()))
+        self.assertNotIn(token, json.dumps(self.h.fake.store_dump()) if hasattr(self.h.fake, "store_dump") else "")
+        self.assertNotIn(token, (sb.dir / "repo" / ".git" / "config").read_text())
+        others = [c for c in sb.commands if c is not clone]
+        self.assertFalse(any(basic in " ".join(c) for c in others), others)
 
     def test_credentials_in_clone_urls_are_redacted_everywhere(self) -> None:
         url = "https://ada:s3cret@127.0.0.1:9/repo.git"

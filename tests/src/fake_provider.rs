@@ -72,6 +72,17 @@ async fn fake(
         )
             .into_response();
     }
+    // Image builds are taken and never finish (a registration completes; no pool fills).
+    if uri.path() == "/v1/images" && method == Method::POST {
+        let n = g.creates.len() + g.terminated.len() + 1;
+        return (
+            StatusCode::CREATED,
+            Json(json!({"id": format!("img_fake{n}"), "status": "building",
+                "repository": v["repository"], "commit": null, "created_at": now, "ready_at": null,
+                "setup": [], "test": null, "test_exit_code": null, "labels": v["labels"], "error": null})),
+        )
+            .into_response();
+    }
     if let Some(id) = uri
         .path()
         .strip_prefix("/v1/sandboxes/")

@@ -573,3 +573,317 @@ fn tempdir_for(what: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// What a role may get from a route.
+#[derive(Clone, Copy, Debug)]
+enum May {
+    /// Served (any answer that is not an access refusal, and no fault).
+    Yes,
+    /// Refused with this status and code.
+    No(u16, &'static str),
+}
+
+const REFUSALS: [&str; 8] = [
+    "not_member",
+    "owner_only",
+    "repository_role_required",
+    "signed_out",
+    "unauthenticated",
+    "github_not_linked",
+    "bad_invite",
+    "ticket_invalid",
+];
+
+#[tokio::test]
+async fn every_route_refuses_a_stranger_a_removed_member_and_a_signed_out_token() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    for (login, name) in [
+        ("ada", "Ada"),
+        ("bob", "Bob"),
+        ("carol", "Carol"),
+        ("eve", "Eve"),
+        ("sam", "Sam"),
+    ] {
+        fake.add_user(login, name);
+    }
+    fake.add_repo(
+        "acme/web",
+        &[
+            ("ada", Role::Admin),
+            ("bob", Role::Read),
+            ("carol", Role::Write),
+            ("sam", Role::Read),
+        ],
+    );
+    fake.install("acme", &["acme/web"]);
+    let (_provider, provider_url) = nightshift_tests::fake_provider::start().await;
+    let mut vars = github_vars(&fake);
+    vars.push(("PROVIDER_URL", provider_url));
+    vars.push((
+        "PROVIDER_SECRET",
+        nightshift_tests::fake_provider::SECRET.to_string(),
+    ));
+    vars.push(("PROMPT_RUNNER", "sandbox".to_string()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let mut people = std::collections::BTreeMap::new();
+    for login in ["ada", "bob", "carol", "eve", "sam"] {
+        let token = sign_in_with_github(&server, &fake, login).await;
+        people.insert(
+            login,
+            User {
+                user: login.into(),
+                token,
+            },
+        );
+    }
+    let (ada, bob, carol, eve, sam) = (
+        people["ada"].clone(),
+        people["bob"].clone(),
+        people["carol"].clone(),
+        people["eve"].clone(),
+        people["sam"].clone(),
+    );
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (id, invite) = api.create_session_on_name(&ada, "Roles", "web").await;
+    api.join(&bob, &id, &invite).await;
+    api.join(&carol, &id, &invite).await;
+    // The owner removes Carol and rotates the invite; Sam signs out.
+    let (st, v) = api
+        .call(
+            "DELETE",
+            &format!("/multiplayer/{id}/members/carol"),
+            &ada,
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, rotated) = api
+        .call("POST", &format!("/multiplayer/{id}/invite"), &ada, None)
+        .await;
+    assert_eq!(st, 200, "{rotated}");
+    let new_invite = rotated["invite"].as_str().expect("invite").to_string();
+    assert_ne!(new_invite, invite);
+    let (st, _) = api
+        .raw("POST", "/auth/logout", Some(&sam.token), None)
+        .await;
+    assert_eq!(st, 200);
+    // Eve has the old link and even the new one, but no access on GitHub.
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/join"),
+            &eve,
+            Some(json!({"invite": new_invite})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "repository_role_required"), "{v}");
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{id}/join"),
+            &carol,
+            Some(json!({"invite": invite})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "bad_invite"), "{v}");
+    let (_, list) = api.call("GET", "/sessions", &carol, None).await;
+    assert!(
+        !list.to_string().contains(&id),
+        "the removed member still lists it: {list}"
+    );
+
+    use May::{No, Yes};
+    let member = No(403, "not_member");
+    let role = No(403, "repository_role_required");
+    let owner = No(403, "owner_only");
+    let out = No(401, "signed_out");
+    let s = |p: &str| format!("/multiplayer/{id}/{p}");
+    // (method, path, body, [ada (owner, admin), bob (member, read), carol (removed), eve (stranger), sam (signed out)])
+    let routes: Vec<(&str, String, Value, [May; 5])> = vec![
+        (
+            "GET",
+            format!("/sessions/{id}"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "GET",
+            s("events"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "GET",
+            s("prompts"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "GET",
+            s("locks"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "GET",
+            s("presence"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "POST",
+            s("prompt"),
+            json!({"text": "hi"}),
+            [Yes, Yes, member, role, out],
+        ),
+        (
+            "POST",
+            s("lock"),
+            json!({"resource": "README.md", "ttl_ms": 1000}),
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "PUT",
+            format!("/sessions/{id}/egress"),
+            json!({"allow": []}),
+            [Yes, owner, owner, owner, out],
+        ),
+        (
+            "POST",
+            s("invite"),
+            Value::Null,
+            [Yes, owner, owner, owner, out],
+        ),
+        (
+            "DELETE",
+            s("members/ada"),
+            Value::Null,
+            [No(409, "owner_cannot_leave"), owner, member, member, out],
+        ),
+        (
+            "GET",
+            format!("/sandbox?session_id={id}"),
+            Value::Null,
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "POST",
+            "/sandbox".into(),
+            json!({"session_id": id}),
+            [Yes, Yes, member, member, out],
+        ),
+        (
+            "GET",
+            "/repositories/web".into(),
+            Value::Null,
+            [Yes, Yes, Yes, role, out],
+        ),
+        (
+            "PATCH",
+            "/repositories/web".into(),
+            json!({"build_every_min": 60}),
+            [Yes, role, role, role, out],
+        ),
+        (
+            "POST",
+            "/repositories/web/builds".into(),
+            Value::Null,
+            [Yes, role, role, role, out],
+        ),
+        (
+            "GET",
+            "/repositories/web/builds/img_none/logs".into(),
+            Value::Null,
+            [Yes, Yes, Yes, role, out],
+        ),
+        (
+            "POST",
+            "/repositories/web/rollback".into(),
+            json!({"image": "img_none"}),
+            [Yes, role, role, role, out],
+        ),
+        (
+            "POST",
+            "/repositories".into(),
+            json!({"name": "web2", "github": "acme/web"}),
+            [Yes, role, role, role, out],
+        ),
+        (
+            "POST",
+            "/sessions".into(),
+            json!({"title": "t", "repository": "web"}),
+            [Yes, Yes, Yes, role, out],
+        ),
+        (
+            "POST",
+            "/background/spawn".into(),
+            json!({"prompt": "p", "repository": "web"}),
+            [Yes, Yes, Yes, role, out],
+        ),
+        (
+            "POST",
+            "/auth/ticket".into(),
+            json!({"session": id}),
+            [Yes, Yes, Yes, Yes, out],
+        ),
+        (
+            "GET",
+            "/auth/me".into(),
+            Value::Null,
+            [Yes, Yes, Yes, Yes, out],
+        ),
+    ];
+    let who = [&ada, &bob, &carol, &eve, &sam];
+    for (method, path, body, mays) in &routes {
+        for (person, may) in who.iter().zip(mays) {
+            let body = (!body.is_null()).then(|| body.to_string().into_bytes());
+            let (st, v) = api.raw(method, path, Some(&person.token), body).await;
+            match may {
+                Yes => assert!(
+                    st < 500 && !REFUSALS.contains(&code(&v)) && st != 401,
+                    "{method} {path} as {}: refused {st} {v}",
+                    person.user
+                ),
+                No(status, want) => assert_eq!(
+                    (st, code(&v)),
+                    (*status, *want),
+                    "{method} {path} as {}: {v}",
+                    person.user
+                ),
+            }
+        }
+    }
+    // Owner-only sandbox operations: a member gets no shell (the fake provider's sandbox).
+    let (st, v) = api
+        .call(
+            "POST",
+            "/sandbox/sbx_fake1/exec",
+            &bob,
+            Some(json!({"command": ["id"]})),
+        )
+        .await;
+    assert!(st == 403 || st == 404, "{st} {v}");
+    // The socket: a stranger's ticket opens nothing; the removed member's neither.
+    for person in [&eve, &carol] {
+        let ticket = api.ticket(person, &id).await;
+        let url = format!(
+            "{}/multiplayer/{id}/ws?ticket={ticket}&client=x",
+            server.base.replacen("http", "ws", 1)
+        );
+        assert!(
+            tokio_tungstenite::connect_async(url).await.is_err(),
+            "{} opened the session's socket",
+            person.user
+        );
+    }
+}
