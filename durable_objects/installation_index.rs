@@ -402,7 +402,8 @@ impl InstallationIndex {
         }
         let stub = repository_stub(&self.env, &name)?;
         let route = RepositoryRoute::Builds;
-        let resp = call(&stub, route.method(), &route.path(), None, None).await?;
+        let path = crate::objects::with_query(&route.path(), "?reason=push");
+        let resp = call(&stub, route.method(), &path, None, None).await?;
         match resp.status_code() {
             200..=299 | 409 => Ok("build"),
             404 => Ok("ignored"),

@@ -150,7 +150,10 @@ impl RepositoryObject {
             }
             RepositoryRoute::Builds => {
                 self.settings()?;
-                let (st, v) = self.start_build("manual").await?;
+                // A push to the base branch (the installation index says so) or a person.
+                let pushed = req.url()?.query().unwrap_or_default() == "reason=push";
+                let reason = if pushed { "push" } else { "manual" };
+                let (st, v) = self.start_build(reason).await?;
                 json_of(st, &v)
             }
             RepositoryRoute::BuildLogs(image) => {
@@ -541,9 +544,16 @@ impl RepositoryObject {
                 self.with_pool(|p| p.drained(&key))?;
             }
         }
-        // Refill (recorded before the provider is asked).
+        // Refill (recorded before the provider is asked). A GitHub repository is private: a
+        // pooled sandbox would sync before any session's link could give it credentials, so
+        // its sessions start from the latest image instead (warm pools for GitHub
+        // repositories are not supported yet; ARCHITECTURE.md notes it).
         let now = now_ms();
-        let work = self.with_pool(|p| p.refill(now))?;
+        let work = if settings.github.is_some() {
+            Vec::new()
+        } else {
+            self.with_pool(|p| p.refill(now))?
+        };
         for w in work {
             let Work::Create { key, image } = w else {
                 continue;

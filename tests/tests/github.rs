@@ -475,7 +475,11 @@ async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pu
         "{finished} after {:?}",
         ws.seen
     );
-    assert!(fake.branch_sha("acme/web", &branch).is_some(), "not pushed");
+    assert!(
+        fake.branch_sha("acme/web", &branch).is_some(),
+        "not pushed: {finished} after {:?}",
+        ws.seen
+    );
     let tokens = fake.installation_tokens();
     assert!(!tokens.is_empty());
     for (_, repos, permissions) in &tokens {
@@ -559,6 +563,68 @@ async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pu
         .await;
     assert_eq!(after["last_seq"], before["last_seq"]);
     assert_eq!(after["pull_request"]["state"], "merged");
+    // The merge pushed the base branch: the repository builds a new image from it.
+    let deadline = std::time::Instant::now() + secs(60);
+    loop {
+        let (_, info) = api.call("GET", "/repositories/web", &ada, None).await;
+        let reasons: Vec<String> = info["builds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["reason"].as_str().map(String::from))
+            .collect();
+        if reasons.iter().any(|r| r == "push") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no build after the push: {reasons:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Ada withdraws the App's authorization at GitHub: the next session's work is still pushed
+    // (the App's installation token), but the pull request cannot be opened in her name, so
+    // the session offers the compare link instead — never a pull request opened as the App.
+    // (Someone changes the greeting on main, so the scripted agent's write is a change again.)
+    fake.commit_file("acme/web", "main", "hello.txt", "hello from someone else\n")
+        .expect("commit on main");
+    let (second, _) = api.create_session_on_name(&ada, "Notes", "web").await;
+    let mut ws2 = api.connect(&ada, &second, "ada-web-2", 0).await;
+    let p2 = api.prompt(&ada, &second, "Put the greeting back").await;
+    // (Withdrawn once the prompt is in: the sandbox is still starting.)
+    fake.revoke_user_tokens("ada");
+    let done = ws2.finished(&p2).await;
+    assert_eq!(done["ok"], true, "{done}");
+    let second_branch = format!("nightshift/{second}");
+    assert!(
+        fake.branch_sha("acme/web", &second_branch).is_some(),
+        "not pushed: {done} after {:?}",
+        ws2.seen
+    );
+    let action = ws2.event("pr.action", |_| true).await;
+    assert_eq!(action["kind"], "create_pull_request", "{action}");
+    assert_eq!(
+        action["url"],
+        format!(
+            "{}/acme/web/compare/main...{second_branch}?expand=1",
+            fake.web_url()
+        ),
+        "{action}"
+    );
+    assert_eq!(
+        fake.pulls("acme/web").len(),
+        1,
+        "a pull request was opened anyway"
+    );
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{second}"), &ada, None)
+        .await;
+    assert_eq!(
+        view["pull_request_action"]["kind"], "create_pull_request",
+        "{view}"
+    );
+    assert!(view["pull_request"].is_null(), "{view}");
 }
 
 fn tempdir_for(what: &str) -> std::path::PathBuf {
@@ -886,4 +952,81 @@ async fn every_route_refuses_a_stranger_a_removed_member_and_a_signed_out_token(
             person.user
         );
     }
+}
+
+#[tokio::test]
+async fn an_expired_user_token_is_refreshed_once_for_concurrent_callers_and_a_revoked_one_signs_github_out(
+) {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada");
+    fake.add_repo("acme/web", &[("ada", Role::Admin)]);
+    fake.install("acme", &["acme/web"]);
+    let (_provider, provider_url) = nightshift_tests::fake_provider::start().await;
+    let mut vars = github_vars(&fake);
+    vars.push(("PROVIDER_URL", provider_url));
+    vars.push((
+        "PROVIDER_SECRET",
+        nightshift_tests::fake_provider::SECRET.to_string(),
+    ));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    let api = server.client();
+    let ada = User {
+        user: "ada".into(),
+        token: sign_in_with_github(&server, &fake, "ada").await,
+    };
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (one, invite_one) = api.create_session_on_name(&ada, "One", "web").await;
+    let (two, invite_two) = api.create_session_on_name(&ada, "Two", "web").await;
+    assert_eq!(fake.refreshes("ada"), 0);
+
+    // GitHub ends the access token early: the next checks get 401 and refresh, once, though
+    // two of them ask at the same moment (a join asks GitHub afresh).
+    fake.expire_user_tokens("ada");
+    let join = |id: String, invite: String| {
+        let api = &api;
+        let ada = ada.clone();
+        async move {
+            api.call(
+                "POST",
+                &format!("/multiplayer/{id}/join"),
+                &ada,
+                Some(json!({ "invite": invite })),
+            )
+            .await
+        }
+    };
+    let (a, b) = futures_util::future::join(join(one, invite_one), join(two, invite_two)).await;
+    assert!(a.0 < 300 && b.0 < 300, "{a:?} {b:?}");
+    assert_eq!(fake.refreshes("ada"), 1, "refreshed more than once");
+
+    // Revoked at GitHub (the person removed the App's authorization): GitHub work is refused
+    // with a clear code until they sign in with GitHub again; their Nightshift sign-in stays.
+    fake.revoke_user_tokens("ada");
+    let (three, invite_three) = api.create_session_on_name(&ada, "Three", "web").await;
+    let (st, v) = join(three.clone(), invite_three.clone()).await;
+    assert_eq!((st, code(&v)), (401, "github_token_invalid"), "{v}");
+    let (st, _) = api.raw("GET", "/auth/me", Some(&ada.token), None).await;
+    assert_eq!(st, 200);
+    let again = User {
+        user: "ada".into(),
+        token: sign_in_with_github(&server, &fake, "ada").await,
+    };
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{three}/join"),
+            &again,
+            Some(json!({ "invite": invite_three })),
+        )
+        .await;
+    assert!(st < 300, "{st} {v}");
 }

@@ -405,14 +405,15 @@ async fn a_batch_is_stored_in_order_once_and_reaches_people_as_one_frame() {
     drop(e);
 }
 
-/// Client ids and user names are never socket tags of their own: a person called `sandbox`,
-/// connected as clients `sandbox` and `people`, gets none of the sandbox's frames, and the
-/// sandbox dialling in (which replaces older sandbox sockets) closes neither of theirs.
+/// Client ids are never socket tags of their own: a person connected as clients `sandbox` and
+/// `people` gets none of the sandbox's frames, and the sandbox dialling in (which replaces older
+/// sandbox sockets) closes neither of theirs. (No person may be named `sandbox`, `people` or
+/// `system` at all: tests/tests/github.rs.)
 #[tokio::test]
 async fn a_person_named_like_a_reserved_socket_tag_is_only_a_person() {
     let (fakep, server) = with_fake_provider(&[]).await;
     let api = server.client();
-    let who = api.sign_in("sandbox").await;
+    let who = api.sign_in("sandboxer").await;
     let id = session_on(&api, &who, "Tags", "/srv/git/tags.git").await;
     let mut clients = vec![
         api.connect(&who, &id, "sandbox", 0).await,

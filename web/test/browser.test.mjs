@@ -329,7 +329,9 @@ test("sign in with GitHub: authorize, land back signed in where you were, stay s
     assert.equal(shell.headers.get("referrer-policy"), "no-referrer");
     assert.equal(shell.headers.get("x-frame-options"), "DENY");
     assert.equal(shell.headers.get("permissions-policy"), "camera=(), microphone=(), geolocation=()");
-    assert.deepEqual(await (await fetch(`${base}/auth/config`)).json(), { github: true, dev: true });
+    const options = await (await fetch(`${base}/auth/config`)).json();
+    assert.deepEqual([options.github, options.dev], [true, true]);
+    assert.match(options.install_url, /\/apps\/[^/]+\/installations\/new$/);
 
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
