@@ -105,11 +105,18 @@ pub(crate) fn require_upgrade(req: &Request) -> ApiResult<()> {
 /// unchanged.
 pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     stub: &Stub,
-    route: crate::objects::UserIndexRoute,
+    route: impl crate::objects::FixedRoute,
     body: Option<Vec<u8>>,
 ) -> ApiResult<T> {
     let mut resp = call(stub, route.method(), route.path(), None, body).await?;
     answer_of(&mut resp, route.path()).await
+}
+
+/// The installation index's object (one per deployment).
+pub(crate) fn installation_index(env: &Env) -> ApiResult<Stub> {
+    Ok(env
+        .durable_object("INSTALLATION_INDEX")?
+        .get_by_name("github")?)
 }
 
 /// Reads an object's answer as `T`, or its refusal as the error it carries.

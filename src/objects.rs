@@ -569,6 +569,28 @@ impl SchedulerRoute {
     }
 }
 
+/// A route with one method and one path (every object's route enum but the ones with ids in
+/// their paths): what [`crate::http::ask`] calls.
+pub trait FixedRoute: Copy {
+    fn method(self) -> Method;
+    fn path(self) -> &'static str;
+}
+
+macro_rules! fixed_route {
+    ($($route:ty),*) => {$(
+        impl FixedRoute for $route {
+            fn method(self) -> Method {
+                <$route>::method(self)
+            }
+            fn path(self) -> &'static str {
+                <$route>::path(self)
+            }
+        }
+    )*};
+}
+
+fixed_route!(UserIndexRoute, InstallationRoute, SessionRoute);
+
 fn fixed<R: Copy + PartialEq>(
     all: &[(R, Method, &'static str)],
     route: R,

@@ -10,9 +10,8 @@ use crate::access;
 use crate::config::{self, Github};
 use crate::error::ApiResult;
 use crate::github::{self, GithubError};
-use crate::http::{ask, call, user_index};
+use crate::http::{ask, call, installation_index, user_index};
 use crate::objects::{encode, InstallationRoute, PullLink, TokenAsk, UserIndexRoute, UserToken};
-use crate::webhooks::installation_index;
 
 async fn user_token(env: &Env, user: &str, refresh: bool) -> ApiResult<UserToken> {
     let stub = user_index(env, user)?;

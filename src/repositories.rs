@@ -7,12 +7,13 @@ use serde::Serialize;
 use worker::{Env, Method, Request, Response, Stub};
 
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
-use crate::http::{answer_of, call, no_route, read_body, read_bytes, repository_stub};
+use crate::http::{
+    ask, call, installation_index, no_route, read_body, read_bytes, repository_stub,
+};
 use crate::objects::{
     encode, read_answer, with_query, InstallationAnswer, InstallationAsk, InstallationRoute, Names,
     RepositoryIndexRoute, RepositoryInfo, RepositoryLink, RepositoryRoute,
 };
-use crate::webhooks::installation_index;
 use crate::{access, auth, config};
 
 /// `GET /repositories`: every registered repository, as its object shows it.
@@ -37,13 +38,11 @@ async fn github_registration(env: &Env, who: &Identity, s: &mut Settings) -> Api
         .clone()
         .ok_or(EdgeError::GithubRepositoryRequired)?;
     access::require(env, who, &full_name, RepositoryAction::Register, true).await?;
-    let stub = installation_index(env)?;
-    let route = InstallationRoute::Installation;
     let body = encode(&InstallationAsk {
         repository: full_name.clone(),
     })?;
-    let mut resp = call(&stub, route.method(), route.path(), None, Some(body)).await?;
-    answer_of::<InstallationAnswer>(&mut resp, route.path()).await?;
+    let stub = installation_index(env)?;
+    ask::<InstallationAnswer>(&stub, InstallationRoute::Installation, Some(body)).await?;
     s.clone_url = format!("{}/{full_name}.git", cfg.git_url);
     if let Some(host) = git_host(&cfg.git_url) {
         if !s.egress.contains(&host) {

@@ -6,9 +6,8 @@ use worker::Env;
 use crate::access;
 use crate::config;
 use crate::error::ApiResult;
-use crate::http::{answer_of, call};
+use crate::http::{ask, installation_index};
 use crate::objects::{encode, InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk};
-use crate::webhooks::installation_index;
 
 /// A token for the GitHub repository `full_name`.
 pub async fn for_github(
@@ -16,14 +15,16 @@ pub async fn for_github(
     full_name: &str,
     access: Access,
 ) -> ApiResult<InstallationTokenAnswer> {
-    let stub = installation_index(env)?;
-    let route = InstallationRoute::Token;
     let body = encode(&InstallationTokenAsk {
         repository: full_name.to_string(),
         access,
     })?;
-    let mut resp = call(&stub, route.method(), route.path(), None, Some(body)).await?;
-    answer_of(&mut resp, route.path()).await
+    ask(
+        &installation_index(env)?,
+        InstallationRoute::Token,
+        Some(body),
+    )
+    .await
 }
 
 /// A token for the registered repository `name`; `None` when it is not a GitHub repository (or

@@ -6,7 +6,7 @@ use worker::{Env, Headers, Method, Request, Response};
 use crate::auth::{self, encode_identity, IDENTITY_HEADER};
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 use crate::http::{
-    answer_of, call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub,
+    ask, call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub,
     user_index,
 };
 use crate::objects::{
@@ -134,9 +134,7 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
     // asked afresh on a join, from the minute's cache on a connect or a prompt (a person who
     // lost access is refused within a minute).
     if config::github(env).is_some() && matches!(target, "join" | "ws" | "prompt") {
-        let route = SessionRoute::Repository;
-        let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
-        let found: SessionRepository = answer_of(&mut resp, route.path()).await?;
+        let found: SessionRepository = ask(&stub, SessionRoute::Repository, None).await?;
         if let Some(repository) = found.repository {
             access::require_session_repository(env, &who, &repository, target == "join").await?;
         }

@@ -44,6 +44,13 @@ struct CachedRole {
     checked_at: u64,
 }
 
+/// The first stored body of `rows`, read as `T`.
+fn first_body<T: DeserializeOwned>(rows: Vec<BodyRow>) -> ApiResult<Option<T>> {
+    rows.first()
+        .map(|row| serde_json::from_str(&row.body).map_err(ApiError::internal))
+        .transpose()
+}
+
 const ACCOUNT_KEY: &str = "github";
 const TOKENS_KEY: &str = "github_tokens";
 
@@ -53,12 +60,7 @@ impl UserIndex {
             .sql()?
             .exec("SELECT body FROM kv WHERE key = ?", vec![key.into()])?
             .to_array()?;
-        match rows.first() {
-            Some(row) => Ok(Some(
-                serde_json::from_str(&row.body).map_err(ApiError::internal)?,
-            )),
-            None => Ok(None),
-        }
+        first_body(rows)
     }
 
     fn kv_put<T: Serialize>(&self, key: &str, value: &T) -> ApiResult<()> {
@@ -81,12 +83,7 @@ impl UserIndex {
             .sql()?
             .exec("SELECT body FROM signins WHERE sid = ?", vec![sid.into()])?
             .to_array()?;
-        match rows.first() {
-            Some(row) => Ok(Some(
-                serde_json::from_str(&row.body).map_err(ApiError::internal)?,
-            )),
-            None => Ok(None),
-        }
+        first_body(rows)
     }
 
     fn put_sign_in(&self, sign_in: &SignIn) -> ApiResult<()> {

@@ -5,15 +5,8 @@ use worker::{Env, Request, Response};
 
 use crate::config;
 use crate::error::{ApiResult, EdgeError};
-use crate::http::{call, read_bytes};
+use crate::http::{ask, call, installation_index, read_bytes};
 use crate::objects::{encode, InstallationRoute, WebhookDelivery};
-
-/// The installation index's object (one per deployment).
-pub fn installation_index(env: &Env) -> ApiResult<worker::Stub> {
-    Ok(env
-        .durable_object("INSTALLATION_INDEX")?
-        .get_by_name("github")?)
-}
 
 fn header(req: &Request, name: &str) -> Option<String> {
     req.headers().get(name).ok().flatten()
@@ -63,10 +56,8 @@ pub async fn redeliver_failed(env: &Env) -> ApiResult<()> {
         return Ok(());
     }
     let stub = installation_index(env)?;
-    let route = InstallationRoute::Redeliver;
-    let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
     let answer: crate::objects::Redelivered =
-        crate::http::answer_of(&mut resp, route.path()).await?;
+        ask(&stub, InstallationRoute::Redeliver, None).await?;
     if answer.requested > 0 {
         worker::console_log!(
             "asked GitHub again for {} failed deliveries",

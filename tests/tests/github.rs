@@ -366,13 +366,8 @@ async fn webhooks_are_verified_processed_once_and_applied_in_order() {
 /// whether it worked, and what it said.
 /// (Async: the fake GitHub serves on this test's runtime.)
 async fn git_with_token(dir: &std::path::Path, token: &str, args: &[&str]) -> (bool, String) {
-    let basic = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
-    };
     let out = tokio::process::Command::new("git")
-        .arg("-c")
-        .arg(format!("http.extraHeader=Authorization: Basic {basic}"))
+        .envs(nightshift_core::provider::git_auth_env(token))
         .args(args)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
