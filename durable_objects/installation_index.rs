@@ -1,9 +1,10 @@
-//! The InstallationIndex Durable Object (one per deployment, `github`): the GitHub App's installations and their repositories, every webhook delivery seen (each `X-GitHub-Delivery` processed once), which session opened which pull request, and installation tokens minted with the App's JWT and cached until shortly before they expire.
+//! The InstallationIndex Durable Object (one per deployment, `github`): the GitHub App's installations and their repositories, every webhook delivery seen (each `X-GitHub-Delivery` processed once), which session opened which pull request, installations' quotas, and installation tokens minted with the App's JWT and cached until shortly before they expire.
 
 use nightshift_core::github::{
     Access, InstallationEvent, InstallationRepositoriesEvent, PullRequestEvent, PushEvent,
     WebhookEvent,
 };
+use nightshift_core::quota::{retry_after_s, QuotaScope, Window};
 use serde::Deserialize;
 use worker::*;
 
@@ -12,9 +13,9 @@ use crate::error::{json_of, ApiError, ApiResult, EdgeError};
 use crate::github::{self, GithubError};
 use crate::http::{call, repository_stub, session_stub};
 use crate::objects::{
-    encode, read_body, DeliveryAnswer, InstallationAnswer, InstallationAsk, InstallationRoute,
-    InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PullLink, PullUpdate, Redelivered,
-    RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
+    encode, read_body, DeliveryAnswer, InstallationAnswer, InstallationAsk, InstallationQuotaAsk,
+    InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PullLink,
+    PullUpdate, Redelivered, RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
 };
 use crate::platform::now_ms;
 
@@ -63,6 +64,12 @@ struct CountRow {
 }
 
 #[derive(Deserialize)]
+struct WindowRow {
+    start: i64,
+    used: i64,
+}
+
+#[derive(Deserialize)]
 struct AccountRow {
     id: i64,
     account: String,
@@ -100,6 +107,7 @@ impl InstallationIndex {
             "CREATE TABLE IF NOT EXISTS pulls (repository TEXT NOT NULL, number INTEGER NOT NULL, session TEXT NOT NULL, PRIMARY KEY (repository, number))",
             "CREATE TABLE IF NOT EXISTS registered (full_name TEXT PRIMARY KEY, name TEXT NOT NULL, base_branch TEXT NOT NULL DEFAULT 'main')",
             "CREATE TABLE IF NOT EXISTS tokens (scope TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS quotas (installation INTEGER NOT NULL, what TEXT NOT NULL, start INTEGER NOT NULL, used INTEGER NOT NULL, PRIMARY KEY (installation, what))",
         ] {
             sql.exec(ddl, None)?;
         }
@@ -148,6 +156,51 @@ impl InstallationIndex {
                 json_of(200, &self.token(&ask.repository, ask.access).await?)
             }
             InstallationRoute::Redeliver => json_of(200, &self.redeliver().await?),
+            InstallationRoute::Quota => {
+                let ask: InstallationQuotaAsk = read_body(&mut req).await?;
+                self.take_quota(&ask).await?;
+                json_of(200, &OkAnswer::yes())
+            }
+        }
+    }
+
+    /// Takes one of an installation's quota (every person of the organisation together), or
+    /// refuses with when to retry. A repository the App is not on has no installation quota.
+    async fn take_quota(&self, ask: &InstallationQuotaAsk) -> ApiResult<()> {
+        let installation = match self.installation(&ask.repository).await {
+            Ok(found) => found.id,
+            Err(e) if e.code == "app_not_installed" => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let sql = self.sql()?;
+        let rows: Vec<WindowRow> = sql
+            .exec(
+                "SELECT start, used FROM quotas WHERE installation = ? AND what = ?",
+                vec![int(installation), ask.what.key().into()],
+            )?
+            .to_array()?;
+        let window = rows.first().map_or_else(Window::default, |row| Window {
+            start: u64::try_from(row.start).unwrap_or_default(),
+            used: u32::try_from(row.used).unwrap_or(u32::MAX),
+        });
+        match window.take(now_ms(), ask.limit) {
+            Ok(next) => {
+                sql.exec(
+                    "INSERT OR REPLACE INTO quotas (installation, what, start, used) VALUES (?, ?, ?, ?)",
+                    vec![
+                        int(installation),
+                        ask.what.key().into(),
+                        int(next.start),
+                        int(u64::from(next.used)),
+                    ],
+                )?;
+                Ok(())
+            }
+            Err(wait_ms) => Err(EdgeError::QuotaExceeded {
+                what: ask.what.describe(QuotaScope::Installation),
+                retry_after_s: retry_after_s(wait_ms),
+            }
+            .into()),
         }
     }
 

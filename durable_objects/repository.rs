@@ -358,7 +358,9 @@ impl RepositoryObject {
     /// Asks the provider for an image build and records it; one build at a time.
     async fn start_build(&self, reason: &str) -> ApiResult<(u16, Value)> {
         let s = self.settings()?;
-        if let Some(b) = self.registry()?.building() {
+        if let Some(b) = self.registry()?.building().cloned() {
+            // A push or new settings owe a build after this one (recorded before any I/O).
+            self.with_registry(|r| r.owe(reason))?;
             return Ok((202, serde_json::to_value(b).map_err(ApiError::internal)?));
         }
         let image = self.ask_build(&s, reason).await?;
@@ -425,6 +427,7 @@ impl RepositoryObject {
                 control_url: c.control_url.clone(),
                 sandbox_token: c.sandbox_token.clone(),
             },
+            labels: c.labels.clone(),
         };
         match provider::assign(&self.env, &sbx, &assign).await {
             Ok(Ok(assigned)) => {
@@ -497,6 +500,14 @@ impl RepositoryObject {
                 let _ = provider::delete_image(&self.env, &old).await;
             }
         }
+        // A build owed to a push or a settings change that came during the last one starts now.
+        if let Some(reason) = self.with_registry(|r| r.take_owed())? {
+            if let Err(e) = self.start_build(&reason).await {
+                console_error!("owed build ({reason}): {}", e.message);
+                // Still owed: the next pass asks again.
+                self.with_registry(|r| r.owed = Some(reason.clone()))?;
+            }
+        }
         // Requested or booting too long (a lost create answer, a sandbox that never boots): given
         // up; booting ones drain below, unrecorded creates are swept by their key label.
         let now = now_ms();
@@ -544,26 +555,41 @@ impl RepositoryObject {
                 self.with_pool(|p| p.drained(&key))?;
             }
         }
-        // Refill (recorded before the provider is asked). A GitHub repository is private: a
-        // pooled sandbox would sync before any session's link could give it credentials, so
-        // its sessions start from the latest image instead (warm pools for GitHub
-        // repositories are not supported yet; ARCHITECTURE.md notes it).
+        // Refill (recorded before the provider is asked). A GitHub repository is private: its
+        // warm sandboxes clone with a read token of their own, and their supervisor's git waits
+        // for the claiming session's credentials over the link before it syncs.
         let now = now_ms();
-        let work = if settings.github.is_some() {
-            Vec::new()
-        } else {
-            self.with_pool(|p| p.refill(now))?
-        };
+        let mut work = self.with_pool(|p| p.refill(now))?;
+        let mut clone_token = None;
+        let mut pool_env = std::collections::BTreeMap::new();
+        if let (false, Some(full_name)) = (work.is_empty(), &settings.github) {
+            let read = nightshift_core::github::Access::Read;
+            match crate::repository_tokens::for_github(&self.env, full_name, read).await {
+                Ok(token) => clone_token = Some(token.token),
+                Err(e) => {
+                    // Nothing can be cloned: give the slots back; the next pass asks again.
+                    console_error!("pool {}: no clone token: {}", settings.name, e.message);
+                    for w in std::mem::take(&mut work) {
+                        if let Work::Create { key, .. } = w {
+                            self.with_pool(|p| p.lost(&key))?;
+                        }
+                    }
+                }
+            }
+            pool_env.insert("NIGHTSHIFT_GIT_AUTH".to_string(), "link".to_string());
+        }
         for w in work {
             let Work::Create { key, image } = w else {
                 continue;
             };
+            let mut repository = repository_of(&settings);
+            repository.access_token = clone_token.clone();
             let create = CreateSandbox {
                 session_id: None,
-                repository: repository_of(&settings),
+                repository,
                 image,
                 snapshot: None,
-                env: Default::default(),
+                env: pool_env.clone(),
                 supervisor: None,
                 timeout_ms: None,
                 lifetime_ms: None,

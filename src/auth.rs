@@ -19,7 +19,7 @@ use crate::platform::{now_ms, random_token};
 /// object protocol's other headers).
 pub use crate::objects::IDENTITY_HEADER;
 
-/// A verified caller: who, and under which sign-in (`None` for tokens from before sign-ins).
+/// A verified caller: who, and under which sign-in (always one: a token without is refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub identity: Identity,
@@ -47,11 +47,14 @@ pub async fn authenticate(req: &Request, env: &Env) -> ApiResult<Identity> {
 pub async fn caller(req: &Request, env: &Env) -> ApiResult<Caller> {
     let raw = bearer(req)?;
     let claims = token::verify_claims(&raw, &config::auth_secret(env), now_ms())?;
-    if let Some(sid) = &claims.sid {
-        let stub = user_index(env, &claims.sub)?;
-        let body = encode(&SignInRef { sid: sid.clone() })?;
-        ask::<SignIn>(&stub, UserIndexRoute::SignInCheck, Some(body)).await?;
-    }
+    // Every token is of a sign-in that sign-out can end; one without is not accepted.
+    let sid = claims
+        .sid
+        .as_ref()
+        .ok_or(EdgeError::SignIn(SignInError::Unknown))?;
+    let stub = user_index(env, &claims.sub)?;
+    let body = encode(&SignInRef { sid: sid.clone() })?;
+    ask::<SignIn>(&stub, UserIndexRoute::SignInCheck, Some(body)).await?;
     Ok(Caller {
         identity: claims.identity(),
         sid: claims.sid,

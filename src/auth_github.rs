@@ -163,3 +163,20 @@ fn email_of(user: &gh::User, emails: &[gh::Email]) -> Option<String> {
         .map(str::to_string)
         .or_else(|| user.email.clone())
 }
+
+/// `GET /github/setup`: where GitHub sends the browser after the App is installed or its
+/// repositories changed (the App's Setup URL, with `installation_id` and `setup_action`). It
+/// lands on the web app, which says what to do next; nothing is stored (the `installation`
+/// webhook keeps the index, and a query string anyone can type is not trusted).
+pub fn setup(req: &Request) -> ApiResult<Response> {
+    let installation = query(req, "installation_id")
+        .filter(|id| !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit()));
+    let action = query(req, "setup_action")
+        .filter(|a| matches!(a.as_str(), "install" | "update" | "request"))
+        .unwrap_or_else(|| "install".to_string());
+    let location = match installation {
+        Some(id) => format!("/#/installed?installation={id}&action={action}"),
+        None => format!("/#/installed?action={action}"),
+    };
+    redirect(&location, None)
+}

@@ -1,5 +1,6 @@
 //! `/background…`: people spawn, list, read, cancel and follow background agents; each request goes to the agent's scheduler shard.
 
+use nightshift_core::quota::QuotaKind;
 use serde::Deserialize;
 use worker::{Env, Method, Request, Response};
 
@@ -76,7 +77,13 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 }
                 tenant = owner;
             }
-            crate::access::take_quota(env, &who, "spawns").await?;
+            let github = match &b.repository {
+                Some(name) => crate::access::settings(env, name)
+                    .await?
+                    .and_then(|s| s.github),
+                None => None,
+            };
+            crate::access::take_quota(env, &who, QuotaKind::Spawns, github.as_deref()).await?;
             let body = SpawnBody {
                 identity: who,
                 model: b.model,

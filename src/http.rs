@@ -21,17 +21,22 @@ pub(crate) async fn read_body<T: serde::de::DeserializeOwned>(req: &mut Request)
 }
 
 pub(crate) async fn read_bytes(req: &mut Request) -> ApiResult<Vec<u8>> {
+    read_bytes_within(req, MAX_BODY_BYTES).await
+}
+
+/// The body, refused (`413 body_too_large`) beyond `max` bytes, declared or read.
+pub(crate) async fn read_bytes_within(req: &mut Request, max: usize) -> ApiResult<Vec<u8>> {
     let declared = req
         .headers()
         .get("content-length")
         .ok()
         .flatten()
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+    if declared.is_some_and(|n| n > max) {
         return Err(EdgeError::BodyTooLarge.into());
     }
     let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
-    if bytes.len() > MAX_BODY_BYTES {
+    if bytes.len() > max {
         return Err(EdgeError::BodyTooLarge.into());
     }
     Ok(bytes)

@@ -213,10 +213,12 @@ pub enum InstallationRoute {
     Token,
     /// No body → [`Redelivered`]: asks GitHub again for deliveries that failed.
     Redeliver,
+    /// [`InstallationQuotaAsk`] → [`OkAnswer`], or 429 `quota_exceeded` with `Retry-After`.
+    Quota,
 }
 
 impl InstallationRoute {
-    const ALL: [(InstallationRoute, Method, &'static str); 6] = [
+    const ALL: [(InstallationRoute, Method, &'static str); 7] = [
         (InstallationRoute::Delivery, Method::Post, "/delivery"),
         (InstallationRoute::LinkPull, Method::Post, "/pulls/link"),
         (
@@ -231,6 +233,7 @@ impl InstallationRoute {
         ),
         (InstallationRoute::Token, Method::Post, "/token"),
         (InstallationRoute::Redeliver, Method::Post, "/redeliver"),
+        (InstallationRoute::Quota, Method::Post, "/quota"),
     ];
 
     pub fn method(self) -> Method {
@@ -298,6 +301,15 @@ pub struct InstallationAsk {
 pub struct InstallationAnswer {
     pub id: u64,
     pub account: String,
+}
+
+/// `InstallationIndex` `/quota`: take one of `what` under `limit` for the installation of
+/// the GitHub repository `repository` (nothing to take when the App is not installed there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallationQuotaAsk {
+    pub repository: String,
+    pub what: nightshift_core::quota::QuotaKind,
+    pub limit: nightshift_core::quota::Limit,
 }
 
 /// An installation token for one repository with the least permission.
@@ -770,7 +782,7 @@ pub struct RoleAnswer {
 /// `UserIndex` `/quota`: take one of `what` under `limit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaAsk {
-    pub what: String,
+    pub what: nightshift_core::quota::QuotaKind,
     pub limit: nightshift_core::quota::Limit,
 }
 
@@ -854,6 +866,9 @@ pub struct ClaimRequest {
     /// pooled sandbox synced to the base does not have).
     #[serde(default = "yes")]
     pub take: bool,
+    /// Labels a claimed sandbox gains (the session's sandbox labels).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -1380,6 +1395,7 @@ mod tests {
                 sandbox_token: "tok".into(),
                 session_id: "ses_1".into(),
                 take: false,
+                labels: Default::default(),
             },
             r#"{"control_url":"https://cp","sandbox_token":"tok","session_id":"ses_1","take":false}"#,
         );
@@ -1608,6 +1624,7 @@ mod tests {
                 sandbox_token: "t".into(),
                 session_id: "s".into(),
                 take: true,
+                labels: Default::default(),
             }),
             serde_json::json!({"session_id": "s", "control_url": "c", "sandbox_token": "t", "take": true}),
         );

@@ -2,6 +2,7 @@
 
 use nightshift_core::github::RepositoryAction;
 use nightshift_core::ids::Identity;
+use nightshift_core::quota::QuotaKind;
 use nightshift_core::repository::Settings;
 use serde::Serialize;
 use worker::{Env, Method, Request, Response, Stub};
@@ -72,7 +73,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             s.validate()?;
             github_registration(env, &who, &mut s).await?;
             s.validate()?;
-            access::take_quota(env, &who, "builds").await?;
+            access::take_quota(env, &who, QuotaKind::Builds, s.github.as_deref()).await?;
             // The object registers all or nothing (its index entry included): its answer is
             // the registration, or a refusal saying nothing was stored.
             let body = Some(encode(&s)?);
@@ -121,8 +122,11 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             on_repository(env, name, RepositoryRoute::Settings, "", Some(body)).await
         }
         (Method::Post, ["repositories", name, "builds"]) => {
-            access::require_registered(env, &who, name, RepositoryAction::Change, false).await?;
-            access::take_quota(env, &who, "builds").await?;
+            let settings =
+                access::require_registered(env, &who, name, RepositoryAction::Change, false)
+                    .await?;
+            let github = settings.and_then(|s| s.github);
+            access::take_quota(env, &who, QuotaKind::Builds, github.as_deref()).await?;
             on_repository(env, name, RepositoryRoute::Builds, "", None).await
         }
         (Method::Get, ["repositories", name, "builds", image, "logs"]) => {

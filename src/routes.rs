@@ -1,5 +1,6 @@
 //! HTTP routing of the Worker: authenticate, check the shape of the request, forward to the right Durable Object.
 
+use nightshift_core::quota::QuotaKind;
 use nightshift_core::wire::{self, DevSignIn};
 use worker::{Env, Headers, Method, Request, Response};
 
@@ -78,6 +79,7 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Post, ["auth", "renew"]) => json_of(200, &auth::renew(&req, env).await?),
         (Method::Post, ["auth", "ticket"]) => json_of(200, &auth::ticket(&mut req, env).await?),
         (Method::Post, ["webhook", "github"]) => crate::webhooks::github(&mut req, env).await,
+        (Method::Get, ["github", "setup"]) => crate::auth_github::setup(&req),
         (Method::Post, ["sessions"]) => create_session(&mut req, env).await,
         (Method::Get, ["sessions"]) => {
             let who = auth::authenticate(&req, env).await?;
@@ -199,10 +201,13 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     // Validate here so a bad body never creates an object (the object checks again).
     let body: wire::CreateSession = wire::parse_body(&bytes)?;
     let title = body.check()?;
-    if let Some(repository) = &body.repository {
-        access::require_session_repository(env, &who, repository, false).await?;
-    }
-    access::take_quota(env, &who, "sessions").await?;
+    let github = match &body.repository {
+        Some(repository) => {
+            access::require_session_repository(env, &who, repository, false).await?
+        }
+        None => None,
+    };
+    access::take_quota(env, &who, QuotaKind::Sessions, github.as_deref()).await?;
     let id = new_id("ses");
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();

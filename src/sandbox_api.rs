@@ -1,5 +1,6 @@
 //! The sandbox API (`/sandbox…`): people reach their session's sandboxes, authorised by session membership, through the provider; snapshots and restores go through the session, which records them.
 
+use nightshift_core::quota::QuotaKind;
 use nightshift_core::wire::{
     self, ExecRequest, SandboxAuthorize, SandboxCreate, SandboxRestore, SnapshotNow,
     SnapshotRequest,
@@ -25,7 +26,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
     match (method, segs) {
         (Method::Post, ["sandbox"]) => {
             let b: SandboxCreate = read_body(req).await?;
-            crate::access::take_quota(env, &who, "sandboxes").await?;
+            crate::access::take_quota(env, &who, QuotaKind::Sandboxes, None).await?;
             let stub = session_stub(env, &b.session_id)?;
             let headers = Headers::new();
             headers.set(IDENTITY_HEADER, &who_header)?;

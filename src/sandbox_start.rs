@@ -91,6 +91,7 @@ pub async fn start(
     token: &str,
     now: u64,
     only: Option<&str>,
+    labels: &[(String, String)],
 ) -> ApiResult<Started> {
     let control = config::control_url(env).unwrap_or_default();
     let mut notes = Vec::new();
@@ -117,7 +118,11 @@ pub async fn start(
             }),
             timeout_ms: None,
             lifetime_ms: None,
-            labels: BTreeMap::from([("session".to_string(), session_id.to_string())]),
+            labels: labels
+                .iter()
+                .cloned()
+                .chain([("session".to_string(), session_id.to_string())])
+                .collect(),
         }
     };
     // 1. The newest live snapshot holds the session's earlier work.
@@ -158,7 +163,7 @@ pub async fn start(
     // work continues its branch, which a pooled sandbox (synced to the base) does not have.
     let branch: Option<String> = store::kv_get(sql, BRANCH)?;
     let take = branch.is_none();
-    let claimed = claim(env, session_id, repository, &control, token, take).await;
+    let claimed = claim(env, session_id, repository, &control, token, take, labels).await;
     let src = match &claimed {
         Some(c) => Source {
             clone_url: c.clone_url.clone(),
@@ -240,6 +245,7 @@ async fn claim(
     control: &str,
     token: &str,
     take: bool,
+    labels: &[(String, String)],
 ) -> Option<ClaimAnswer> {
     let stub = repository_stub(env, repository).ok()?;
     let ask = ClaimRequest {
@@ -247,6 +253,7 @@ async fn claim(
         sandbox_token: token.to_string(),
         session_id: session_id.to_string(),
         take,
+        labels: labels.iter().cloned().collect(),
     };
     let route = RepositoryRoute::Claim;
     let body = objects::encode(&ask).ok()?;

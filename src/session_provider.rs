@@ -27,6 +27,7 @@ pub struct Answers {
 pub struct Context {
     pub session: String,
     pub repository: String,
+    pub owner: String,
     pub snapshots: Snapshots,
     pub live_sandbox: Option<String>,
 }
@@ -37,10 +38,26 @@ impl Context {
         Context {
             session: meta.id.clone(),
             repository: meta.repository.clone().unwrap_or_default(),
+            owner: meta.owner.clone(),
             snapshots: hosted.snapshots.clone(),
             live_sandbox: hosted.live_sandbox().map(str::to_string),
         }
     }
+}
+
+/// The labels of the session's next sandbox (whose it is, which GitHub account), after checking
+/// that neither the person nor the account has as many running as their quota allows.
+async fn running_labels(env: &Env, ctx: &Context) -> ApiResult<Vec<(String, String)>> {
+    let github = if crate::config::github(env).is_some() && !ctx.repository.is_empty() {
+        crate::access::settings(env, &ctx.repository)
+            .await?
+            .and_then(|s| s.github)
+    } else {
+        None
+    };
+    let labels = crate::access::sandbox_labels(&ctx.owner, github.as_deref());
+    crate::access::check_running_sandboxes(env, &labels).await?;
+    Ok(labels)
 }
 
 /// Carries out one provider effect; answers with the inputs that report it.
@@ -55,6 +72,15 @@ pub async fn carry_out(
     match effect {
         Effect::Spawn { token, snapshot } => {
             let link = sha256_hex(token.as_bytes());
+            let labels = match running_labels(env, &ctx).await {
+                Ok(labels) => labels,
+                Err(e) => {
+                    let message = e.message.clone();
+                    answers.spawned = Some(Err(e));
+                    let answer = SpawnAnswer::Failed { message };
+                    return Ok(vec![Input::Spawned { link, answer }]);
+                }
+            };
             let started = sandbox_start::start(
                 env,
                 sql,
@@ -64,6 +90,7 @@ pub async fn carry_out(
                 &token,
                 now,
                 snapshot.as_deref(),
+                &labels,
             )
             .await;
             let mut lost = Vec::new();

@@ -3,6 +3,7 @@
 use nightshift_core::api::{
     self, Answer, PeopleClose, RouteError, SessionRequest, SessionView, View,
 };
+use nightshift_core::error::CoreError;
 use nightshift_core::events::Event;
 use nightshift_core::hosted::{Command, SandboxOp};
 use nightshift_core::ids::Identity;
@@ -109,6 +110,25 @@ impl SessionObject {
 
     /// May `who` do `op` on this session's sandbox? Stop and terminate of the session's own
     /// sandbox retire it first (the core decides).
+    /// True when `who` is an admin of the session's GitHub repository (asked of GitHub afresh:
+    /// this grants a shell).
+    async fn is_repository_admin(&self, who: &Identity) -> ApiResult<bool> {
+        if crate::config::github(&self.env).is_none() {
+            return Ok(false);
+        }
+        let Some(repository) = self.read(|h, _| h.session.meta.repository.clone())? else {
+            return Ok(false);
+        };
+        let Some(full_name) = crate::access::settings(&self.env, &repository)
+            .await?
+            .and_then(|s| s.github)
+        else {
+            return Ok(false);
+        };
+        let role = crate::access::role(&self.env, who, &full_name, true).await?;
+        Ok(role == nightshift_core::github::Role::Admin)
+    }
+
     async fn authorize_sandbox(
         &self,
         who: &Identity,
@@ -192,7 +212,14 @@ impl SessionObject {
         if let SessionRequest::Create(body) = request {
             return self.create(&who, body, &req).await;
         }
-        self.read(|h, _| api::check_access(&h.session, &who, &request))??;
+        match self.read(|h, _| api::check_access(&h.session, &who, &request))? {
+            Ok(()) => {}
+            // The sandbox's shell and lifecycle are the owner's, and its repository's admins'.
+            Err(CoreError::OwnerOnly)
+                if matches!(request, SessionRequest::SandboxAuthorize(_))
+                    && self.is_repository_admin(&who).await? => {}
+            Err(e) => return Err(e.into()),
+        }
         match request {
             SessionRequest::Command(command, answer) => self.command(&who, command, answer).await,
             SessionRequest::Snapshot => self.read(|h, seq| {

@@ -3,7 +3,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use nightshift_core::github::{Role, UserTokens};
-use nightshift_core::quota::{retry_after_s, Window};
+use nightshift_core::quota::{retry_after_s, QuotaScope, Window};
 use nightshift_core::signin::{SignIn, SignInError, TicketError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -307,26 +307,15 @@ impl UserIndex {
 
     /// Takes one of a quota, or refuses with when to retry.
     pub(super) fn take_quota(&self, ask: &QuotaAsk) -> ApiResult<()> {
-        let key = format!("quota:{}", ask.what);
+        let key = format!("quota:{}", ask.what.key());
         let window: Window = self.kv_get(&key)?.unwrap_or_default();
         match window.take(now_ms(), ask.limit) {
             Ok(next) => self.kv_put(&key, &next),
             Err(wait_ms) => Err(EdgeError::QuotaExceeded {
-                what: quota_name(&ask.what),
+                what: ask.what.describe(QuotaScope::Person),
                 retry_after_s: retry_after_s(wait_ms),
             }
             .into()),
         }
-    }
-}
-
-/// The quota's name as people read it (a fixed set: the refusal carries a `'static` text).
-fn quota_name(what: &str) -> &'static str {
-    match what {
-        "sessions" => "sessions created per hour",
-        "builds" => "image builds per hour",
-        "spawns" => "background agents started per hour",
-        "sandboxes" => "sandboxes started per hour",
-        _ => "requests",
     }
 }

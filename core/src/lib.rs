@@ -12,6 +12,7 @@ pub mod github;
 pub mod hosted;
 pub mod ids;
 pub mod pool;
+pub mod pr_review;
 pub mod provider;
 pub mod queue;
 pub mod quota;

@@ -278,6 +278,10 @@ pub struct SandboxList {
 pub struct Assign {
     pub session_id: String,
     pub supervisor: SupervisorSpec,
+    /// Labels the sandbox gains now that it is the session's (whose it is, so running ones
+    /// are counted); they join its pool labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `POST /v1/sandboxes/{id}/egress`: the session owner's extra hosts (replacing the earlier list).

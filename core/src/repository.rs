@@ -219,6 +219,11 @@ pub struct Registry {
     pub builds: Vec<Build>,
     /// The image new sandboxes use; only a ready build moves it.
     pub latest: Option<String>,
+    /// A build asked for while another ran, whose inputs that one does not have (a push, a
+    /// settings change): it starts when the running one ends, so images are never older than
+    /// the last push. Several asks while one runs owe one build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owed: Option<String>,
 }
 
 /// What a finished build changed.
@@ -234,6 +239,27 @@ impl Registry {
     /// Whether a build for this reason already exists (a cron slot runs once even if the cron fires twice).
     pub fn has_reason(&self, reason: &str) -> bool {
         self.builds.iter().any(|b| b.reason == reason)
+    }
+
+    /// Asks for a build of `reason` while one runs: owed when the running build cannot have what
+    /// the reason brings (a push, new settings); true when it is now owed.
+    pub fn owe(&mut self, reason: &str) -> bool {
+        if self.building().is_none() || !matches!(reason, "push" | "settings") {
+            return false;
+        }
+        // A push after a settings change still owes one build: the next one has both.
+        if self.owed.is_none() {
+            self.owed = Some(reason.to_string());
+        }
+        true
+    }
+
+    /// The owed build's reason, once nothing is building (taken: it is asked for once).
+    pub fn take_owed(&mut self) -> Option<String> {
+        if self.building().is_some() {
+            return None;
+        }
+        self.owed.take()
     }
 
     pub fn building(&self) -> Option<&Build> {
@@ -341,6 +367,35 @@ pub fn cron_slot(now_ms: u64, every_min: u32) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_push_while_a_build_runs_owes_one_build_after_it() {
+        let mut r = Registry::default();
+        // Nothing running: nothing owed, the caller builds now.
+        assert!(!r.owe("push"));
+        r.started("img_1", "manual", 1);
+        // A manual or cron ask during a build is that build; a push or a settings change is not.
+        assert!(!r.owe("manual"));
+        assert!(!r.owe("cron:5"));
+        assert!(r.owe("push"));
+        assert!(r.owe("settings"));
+        assert!(r.owe("push"));
+        assert_eq!(r.owed.as_deref(), Some("push"));
+        // Still building: not yet.
+        assert_eq!(r.take_owed(), None);
+        r.finished("img_1", true, None, None, None, 2);
+        assert_eq!(r.take_owed().as_deref(), Some("push"));
+        assert_eq!(r.take_owed(), None);
+    }
+
+    #[test]
+    fn a_registry_stored_before_owed_builds_reads_back() {
+        let r: Registry =
+            serde_json::from_str(r#"{"builds":[],"latest":"img_1"}"#).expect("older registry");
+        assert_eq!(r.owed, None);
+        let text = serde_json::to_string(&r).expect("registry");
+        assert!(!text.contains("owed"), "{text}");
+    }
     use super::*;
 
     fn settings() -> Settings {

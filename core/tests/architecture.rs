@@ -31,7 +31,7 @@ const CORE_LAYERS: &[&[&str]] = &[
         "provider",
         "tools",
     ],
-    &["events"],
+    &["events", "pr_review"],
     &["sandbox"],
     &["session"],
     &["hosted", "store"],

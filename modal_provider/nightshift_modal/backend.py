@@ -703,8 +703,11 @@ class ModalBackend:
             raise
 
         def change(r: dict[str, Any]) -> None:
-            c = replace(self._create_of(sid, r), session_id=req.session_id, supervisor=req.supervisor)
+            create = self._create_of(sid, r)
+            labels = {**create.labels, **req.labels}
+            c = replace(create, session_id=req.session_id, supervisor=req.supervisor, labels=labels)
             r["sandbox"]["session_id"] = req.session_id
+            r["sandbox"]["labels"] = dict(labels)
             r.update(self._stored_create(sid, c), egress=list(egress.allow))
 
         return _part(self._mutate(sid, change), "sandbox")

@@ -181,6 +181,7 @@ class ExecRequest:
 class AssignRequest:
     session_id: str
     supervisor: SupervisorSpec
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -373,10 +374,11 @@ def snapshot_ttl(body: bytes) -> int | None:
 
 def assign_request(body: bytes) -> AssignRequest:
     """`POST /v1/sandboxes/{id}/assign`."""
-    b = _fields(parse_json(body), "body", {"session_id", "supervisor"}, {"session_id", "supervisor"})
+    b = _fields(parse_json(body), "body", {"session_id", "supervisor", "labels"}, {"session_id", "supervisor"})
     a = AssignRequest(
         session_id=_string(b["session_id"], "session_id"),
         supervisor=_supervisor(b["supervisor"], "supervisor"),
+        labels=_string_map(b.get("labels", {}), "labels"),
     )
     if not a.session_id:
         raise invalid_body("session_id is empty")

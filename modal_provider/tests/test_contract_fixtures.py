@@ -223,8 +223,13 @@ class AnswersTest(ProviderTestCase):
         self.check("sandbox", self.h.wait(f"/v1/sandboxes/{failed['id']}", ("failed",)))
         pooled = self.h.ready_sandbox(session_id=None, supervisor=None, labels={"pool": "web", "pool_key": "pk_1"})
         self.check("sandbox", pooled)
-        assign = fixtures()["assign"][0][1]
-        self.ok("sandbox", 200, self.c.post(f"/v1/sandboxes/{pooled['id']}/assign", assign))
+        assign = dict(fixtures()["assign"][0][1])
+        assign["labels"] = {"person": "ada", "github_account": "acme"}
+        given = self.ok("sandbox", 200, self.c.post(f"/v1/sandboxes/{pooled['id']}/assign", assign))
+        # The session's labels join the pool's, so its running sandboxes are counted by them.
+        self.assertEqual(given["labels"], {"pool": "web", "pool_key": "pk_1", "person": "ada", "github_account": "acme"})
+        listed = self.c.get("/v1/sandboxes?label=person:ada").json()["sandboxes"]
+        self.assertEqual([s["id"] for s in listed], [pooled["id"]])
 
     def test_an_images_life(self) -> None:
         repository = {"clone_url": str(self.h.repo), "base_branch": "main"}

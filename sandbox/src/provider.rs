@@ -1355,6 +1355,8 @@ async fn assign(
             Some(e) => {
                 e.sandbox.session_id = Some(b.session_id.clone());
                 e.create.session_id = Some(b.session_id.clone());
+                e.sandbox.labels.extend(b.labels.clone());
+                e.create.labels.extend(b.labels.clone());
                 e.create.supervisor = Some(b.supervisor.clone());
                 Ok(e.supervisor_port.map(|port| (port, e.api_secret.clone())))
             }

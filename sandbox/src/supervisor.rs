@@ -56,7 +56,8 @@ pub struct Settings {
     /// session that already has work, when no snapshot could be restored).
     pub continue_branch: Option<String>,
     /// The repository is private: git credentials come from the session over the link
-    /// (`NIGHTSHIFT_GIT_AUTH=link`), and the first sync waits for them.
+    /// (`NIGHTSHIFT_GIT_AUTH=link`), and the first sync waits for them (a pooled sandbox's, for
+    /// the session that claims it).
     pub git_auth_from_link: bool,
     /// The bearer secret every caller of the supervisor's local API must present (the
     /// provider's `api_secret` from the secrets line, else a fresh one only this sandbox knows).
@@ -263,7 +264,8 @@ impl Supervisor {
         log(&format!("assigned to session {}", a.session_id));
         *cur = Some(a);
         drop(cur);
-        self.assigned.notify_one();
+        // Every waiter (the link and a sync waiting for credentials) goes on.
+        self.assigned.notify_waiters();
         Ok(())
     }
 
@@ -402,6 +404,8 @@ pub async fn sync(s: Shared) {
     let repo = s.cfg.repo();
     // A private repository's fetch needs the credentials the session sends once linked.
     if s.cfg.git_auth_from_link {
+        // A pooled sandbox has no session yet: its credentials come once one claims it.
+        s.wait_assignment().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while git_token().is_none() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

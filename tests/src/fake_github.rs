@@ -2,6 +2,10 @@
 //!
 //! One axum server on 127.0.0.1 serves the web pages at `/`, the REST API under `/api` and git
 //! under `/git`. Its state is readable by tests through the accessors of [`FakeGithub`].
+//! Reviews, review comments (with their threads), PR conversation comments and reactions are
+//! kept too: tests leave them with [`FakeGithub::submit_review`] and friends (delivering
+//! `pull_request_review_comment`, `pull_request_review` and `issue_comment`), and the App
+//! answers through the REST endpoints.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +24,10 @@ use nightshift_core::github::{
     Delivery, Email, Installation, InstallationEvent, InstallationInfo, InstallationRef,
     InstallationRepositoriesEvent, JwtClaims, Permissions, Pull, PullRequestEvent, PushEvent,
     RepoName, RepoRef, Repository, Role, TokenExchange, User, UserTokens,
+};
+use nightshift_core::pr_review::{
+    CreateComment, CreateReaction, Issue, IssueComment, IssueCommentEvent, IssuePullLink, Reaction,
+    Review, ReviewComment, ReviewCommentEvent, ReviewEvent,
 };
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::{Pkcs1v15Sign, RsaPrivateKey, RsaPublicKey};
@@ -129,6 +137,8 @@ struct UserRecord {
     id: u64,
     name: String,
     email: String,
+    /// A bot account (`type: "Bot"`).
+    bot: bool,
 }
 
 struct RepoRecord {
@@ -139,6 +149,8 @@ struct RepoRecord {
     private: bool,
     collaborators: BTreeMap<String, Role>,
     dir: PathBuf,
+    /// The repository this one is a fork of.
+    fork_of: Option<String>,
 }
 
 struct InstallationRecord {
@@ -178,6 +190,37 @@ struct PullRecord {
     opened_with: String,
 }
 
+/// A review comment (top-level or a reply) on a pull request.
+struct ReviewCommentRecord {
+    repo: String,
+    number: u64,
+    comment: ReviewComment,
+    /// The auth kind that made it: `user:<login>`, `installation:<id>`, or `test` (a test helper).
+    made_with: String,
+}
+
+struct ReviewRecord {
+    repo: String,
+    number: u64,
+    review: Review,
+}
+
+/// A comment on a pull request's conversation.
+struct IssueCommentRecord {
+    repo: String,
+    number: u64,
+    comment: IssueComment,
+    made_with: String,
+}
+
+struct ReactionRecord {
+    /// `pulls` (on a review comment) or `issues` (on a conversation comment).
+    kind: &'static str,
+    comment_id: u64,
+    reaction: Reaction,
+    made_with: String,
+}
+
 struct Inner {
     app: App,
     web_url: String,
@@ -197,6 +240,11 @@ struct Inner {
     codes: BTreeMap<String, CodeRecord>,
     pulls: BTreeMap<String, Vec<PullRecord>>,
     next_pull_id: u64,
+    review_comments: Vec<ReviewCommentRecord>,
+    reviews: Vec<ReviewRecord>,
+    issue_comments: Vec<IssueCommentRecord>,
+    reactions: Vec<ReactionRecord>,
+    next_comment_id: u64,
     requests: Vec<(String, String, String)>,
     deliveries: Vec<DeliveryRecord>,
     refreshes: BTreeMap<String, u32>,
@@ -262,7 +310,7 @@ impl Inner {
             return Account {
                 login: login.to_string(),
                 id: user.id,
-                kind: "User".to_string(),
+                kind: if user.bot { "Bot" } else { "User" }.to_string(),
             };
         }
         if let Some(id) = self.organizations.get(login) {
@@ -533,6 +581,345 @@ impl Outgoing {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Reviews, review comments, conversation comments and reactions
+// ---------------------------------------------------------------------------------------------
+
+/// What a new review comment is made of (the rest comes from the pull request).
+struct NewReviewComment<'a> {
+    review_id: u64,
+    in_reply_to_id: Option<u64>,
+    path: &'a str,
+    line: Option<u64>,
+    start_line: Option<u64>,
+    side: Option<String>,
+    diff_hunk: String,
+    commit_id: String,
+    body: &'a str,
+    user: Account,
+}
+
+impl Inner {
+    fn next_comment_id(&mut self) -> u64 {
+        let id = self.next_comment_id;
+        self.next_comment_id += 1;
+        id
+    }
+
+    fn pull(&self, full_name: &str, number: u64) -> Option<&Pull> {
+        self.pulls
+            .get(full_name)?
+            .iter()
+            .find(|record| record.pull.number == number)
+            .map(|record| &record.pull)
+    }
+
+    /// GitHub's `author_association` of `login` on `full_name`: the owner is `OWNER`; on an
+    /// organization's repository admins and maintainers count as its members (`MEMBER`); other
+    /// collaborators are `COLLABORATOR`; authors of merged PRs `CONTRIBUTOR`; others `NONE`.
+    fn author_association(&self, full_name: &str, login: &str) -> &'static str {
+        let Some(repo) = self.repos.get(full_name) else {
+            return "NONE";
+        };
+        if repo.owner == login {
+            return "OWNER";
+        }
+        let merged_before = self
+            .pulls
+            .get(full_name)
+            .into_iter()
+            .flatten()
+            .any(|record| record.pull.merged && record.pull.user.login == login);
+        match repo.collaborators.get(login) {
+            Some(role)
+                if *role >= Role::Maintain && self.organizations.contains_key(&repo.owner) =>
+            {
+                "MEMBER"
+            }
+            Some(_) => "COLLABORATOR",
+            None if merged_before => "CONTRIBUTOR",
+            None => "NONE",
+        }
+    }
+
+    /// Stores a new review comment on pull `number` of `full_name` and returns it.
+    fn add_review_comment(
+        &mut self,
+        full_name: &str,
+        number: u64,
+        new: NewReviewComment<'_>,
+        made_with: &str,
+    ) -> ReviewComment {
+        let id = self.next_comment_id();
+        let comment = ReviewComment {
+            id,
+            pull_request_review_id: Some(new.review_id),
+            in_reply_to_id: new.in_reply_to_id,
+            path: new.path.to_string(),
+            diff_hunk: new.diff_hunk,
+            line: new.line,
+            original_line: new.line,
+            start_line: new.start_line,
+            original_start_line: new.start_line,
+            side: new.side,
+            start_side: None,
+            commit_id: new.commit_id.clone(),
+            original_commit_id: Some(new.commit_id),
+            body: new.body.to_string(),
+            author_association: self
+                .author_association(full_name, &new.user.login)
+                .to_string(),
+            user: new.user,
+            html_url: format!(
+                "{}/{full_name}/pull/{number}#discussion_r{id}",
+                self.web_url
+            ),
+            created_at: Some(iso8601(now_seconds())),
+        };
+        self.review_comments.push(ReviewCommentRecord {
+            repo: full_name.to_string(),
+            number,
+            comment: comment.clone(),
+            made_with: made_with.to_string(),
+        });
+        comment
+    }
+
+    /// Stores a submitted review by `user` on pull `number` of `full_name` and returns it.
+    fn add_review(
+        &mut self,
+        full_name: &str,
+        number: u64,
+        user: Account,
+        body: &str,
+        commit_id: &str,
+    ) -> Review {
+        let id = self.next_comment_id();
+        let review = Review {
+            id,
+            state: "commented".to_string(),
+            body: (!body.is_empty()).then(|| body.to_string()),
+            author_association: self.author_association(full_name, &user.login).to_string(),
+            user,
+            commit_id: commit_id.to_string(),
+            html_url: Some(format!(
+                "{}/{full_name}/pull/{number}#pullrequestreview-{id}",
+                self.web_url
+            )),
+            submitted_at: Some(iso8601(now_seconds())),
+        };
+        self.reviews.push(ReviewRecord {
+            repo: full_name.to_string(),
+            number,
+            review: review.clone(),
+        });
+        review
+    }
+
+    /// Stores a conversation comment by `user` on pull `number` of `full_name` and returns it.
+    fn add_issue_comment(
+        &mut self,
+        full_name: &str,
+        number: u64,
+        user: Account,
+        body: &str,
+        made_with: &str,
+    ) -> IssueComment {
+        let id = self.next_comment_id();
+        let comment = IssueComment {
+            id,
+            body: body.to_string(),
+            author_association: self.author_association(full_name, &user.login).to_string(),
+            user,
+            html_url: format!(
+                "{}/{full_name}/pull/{number}#issuecomment-{id}",
+                self.web_url
+            ),
+            created_at: Some(iso8601(now_seconds())),
+        };
+        self.issue_comments.push(IssueCommentRecord {
+            repo: full_name.to_string(),
+            number,
+            comment: comment.clone(),
+            made_with: made_with.to_string(),
+        });
+        comment
+    }
+
+    /// `pull_request_review_comment` `created` for `comment`, if the App is installed.
+    fn review_comment_outgoing(
+        &self,
+        full_name: &str,
+        number: u64,
+        comment: &ReviewComment,
+    ) -> Option<Outgoing> {
+        let installation = self.installation_for(full_name)?;
+        let repository = self.repo_ref(full_name)?;
+        let repository_id = repository.id;
+        let event = ReviewCommentEvent {
+            action: "created".to_string(),
+            comment: comment.clone(),
+            pull_request: self.pull(full_name, number)?.clone(),
+            repository,
+            sender: comment.user.clone(),
+            installation: Some(InstallationRef { id: installation }),
+        };
+        Some(Outgoing {
+            event: "pull_request_review_comment".to_string(),
+            action: Some(event.action.clone()),
+            payload: to_json(&event),
+            installation_id: Some(installation),
+            repository_id: Some(repository_id),
+        })
+    }
+
+    /// `pull_request_review` `submitted` for `review`, if the App is installed.
+    fn review_outgoing(&self, full_name: &str, number: u64, review: &Review) -> Option<Outgoing> {
+        let installation = self.installation_for(full_name)?;
+        let repository = self.repo_ref(full_name)?;
+        let repository_id = repository.id;
+        let event = ReviewEvent {
+            action: "submitted".to_string(),
+            review: review.clone(),
+            pull_request: self.pull(full_name, number)?.clone(),
+            repository,
+            sender: review.user.clone(),
+            installation: Some(InstallationRef { id: installation }),
+        };
+        Some(Outgoing {
+            event: "pull_request_review".to_string(),
+            action: Some(event.action.clone()),
+            payload: to_json(&event),
+            installation_id: Some(installation),
+            repository_id: Some(repository_id),
+        })
+    }
+
+    /// `issue_comment` `created` for `comment` on pull `number`, if the App is installed.
+    fn issue_comment_outgoing(
+        &self,
+        full_name: &str,
+        number: u64,
+        comment: &IssueComment,
+    ) -> Option<Outgoing> {
+        let installation = self.installation_for(full_name)?;
+        let repository = self.repo_ref(full_name)?;
+        let repository_id = repository.id;
+        let pull = self.pull(full_name, number)?;
+        let event = IssueCommentEvent {
+            action: "created".to_string(),
+            issue: Issue {
+                number,
+                title: pull.title.clone(),
+                pull_request: Some(IssuePullLink {
+                    url: format!("{}/api/repos/{full_name}/pulls/{number}", self.web_url),
+                    html_url: pull.html_url.clone(),
+                }),
+            },
+            comment: comment.clone(),
+            repository,
+            sender: comment.user.clone(),
+            installation: Some(InstallationRef { id: installation }),
+        };
+        Some(Outgoing {
+            event: "issue_comment".to_string(),
+            action: Some(event.action.clone()),
+            payload: to_json(&event),
+            installation_id: Some(installation),
+            repository_id: Some(repository_id),
+        })
+    }
+
+    /// A review comment as the REST API answers it.
+    fn review_comment_json(&self, full_name: &str, number: u64, comment: &ReviewComment) -> Value {
+        with_extra(
+            comment,
+            json!({
+                "node_id": format!("PRRC_{}", comment.id),
+                "pull_request_url": format!("{}/api/repos/{full_name}/pulls/{number}", self.web_url),
+                "subject_type": if comment.line.is_some() { "line" } else { "file" },
+                "updated_at": comment.created_at,
+            }),
+        )
+    }
+}
+
+/// GitHub's `diff_hunk` for a comment on `line` (new side) of `path`: the hunk of the diff from
+/// `base` to `head` that holds the line, cut after it; when the diff does not touch the line, a
+/// few lines of context from the file at `head`.
+fn diff_hunk(repo_dir: &Path, base: &str, head: &str, path: &str, line: u64) -> String {
+    let diff = git(
+        repo_dir,
+        &["diff", "--no-color", "--unified=3", base, head, "--", path],
+        None,
+        &[],
+    )
+    .unwrap_or_default();
+    if let Some(hunk) = hunk_at(&diff, line) {
+        return hunk;
+    }
+    let file = git(repo_dir, &["show", &format!("{head}:{path}")], None, &[]).unwrap_or_default();
+    let lines: Vec<&str> = file.lines().collect();
+    if lines.is_empty() {
+        return "@@ -0,0 +1,1 @@\n+".to_string();
+    }
+    let end = usize::try_from(line)
+        .unwrap_or(usize::MAX)
+        .clamp(1, lines.len());
+    let start = end.saturating_sub(3).max(1);
+    let count = end - start + 1;
+    let mut hunk = format!("@@ -{start},{count} +{start},{count} @@");
+    for text in &lines[start - 1..end] {
+        hunk.push_str("\n ");
+        hunk.push_str(text);
+    }
+    hunk
+}
+
+/// The hunk of unified `diff` holding new-side line `line`, up to and including it.
+fn hunk_at(diff: &str, line: u64) -> Option<String> {
+    let mut current: Option<(String, u64)> = None;
+    for text in diff.lines() {
+        if text.starts_with("@@") {
+            let plus = text.split(' ').find(|part| part.starts_with('+'))?;
+            let start = plus
+                .trim_start_matches('+')
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            current = Some((text.to_string(), start));
+            continue;
+        }
+        let Some((hunk, next)) = current.as_mut() else {
+            continue;
+        };
+        hunk.push('\n');
+        hunk.push_str(text);
+        if text.starts_with('-') || text.starts_with('\\') {
+            continue;
+        }
+        if *next == line {
+            return Some(hunk.clone());
+        }
+        *next += 1;
+    }
+    None
+}
+
+/// [`diff_hunk`] off the async runtime's threads.
+async fn diff_hunk_async(repo_dir: &Path, base: &str, head: &str, path: &str, line: u64) -> String {
+    let (repo_dir, base, head, path) = (
+        repo_dir.to_path_buf(),
+        base.to_string(),
+        head.to_string(),
+        path.to_string(),
+    );
+    tokio::task::spawn_blocking(move || diff_hunk(&repo_dir, &base, &head, &path, line))
+        .await
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
 // The public handle
 // ---------------------------------------------------------------------------------------------
 
@@ -588,6 +975,11 @@ impl FakeGithub {
             codes: BTreeMap::new(),
             pulls: BTreeMap::new(),
             next_pull_id: 2_000_000_001,
+            review_comments: Vec::new(),
+            reviews: Vec::new(),
+            issue_comments: Vec::new(),
+            reactions: Vec::new(),
+            next_comment_id: 3_000_000_001,
             requests: Vec::new(),
             deliveries: Vec::new(),
             refreshes: BTreeMap::new(),
@@ -690,6 +1082,7 @@ impl FakeGithub {
                 id,
                 name: name.to_string(),
                 email: format!("{login}@example.com"),
+                bot: false,
             },
         );
         if inner.browser_user.is_none() {
@@ -779,6 +1172,7 @@ impl FakeGithub {
                     .map(|(login, role)| (login.to_string(), *role))
                     .collect(),
                 dir: repo_dir.clone(),
+                fork_of: None,
             },
         );
         repo_dir
@@ -1173,6 +1567,401 @@ impl FakeGithub {
         let start = page.find(marker).ok_or("no Authorize button")? + marker.len();
         let end = page[start..].find('"').ok_or("unterminated href")? + start;
         Ok(html_unescape(&page[start..end]))
+    }
+
+    /// Adds a bot account (`type: "Bot"`, e.g. `dependabot[bot]`); returns its id.
+    pub fn add_bot(&self, login: &str) -> u64 {
+        let id = self.add_user(login, login);
+        if let Some(user) = self.ctx.lock().users.get_mut(login) {
+            user.bot = true;
+        }
+        id
+    }
+
+    /// Submits a review by `reviewer` on pull `number` of `full_name` with `body` (may be empty)
+    /// and one comment per `(path, line, body)` on the PR's head commit, each with a diff hunk
+    /// from the PR's diff (or the file) ending at its line. Delivers, in order and waiting for
+    /// each, one `pull_request_review_comment` `created` per comment, then `pull_request_review`
+    /// `submitted`. Returns (review id, comment ids).
+    ///
+    /// Panics if there is no such pull request (test setup).
+    pub async fn submit_review(
+        &self,
+        full_name: &str,
+        number: u64,
+        reviewer: &str,
+        body: &str,
+        comments: &[(&str, u64, &str)],
+    ) -> (u64, Vec<u64>) {
+        let (pull, repo_dir) = {
+            let inner = self.ctx.lock();
+            let pull = inner
+                .pull(full_name, number)
+                .cloned()
+                .unwrap_or_else(|| panic!("no pull request {full_name}#{number}"));
+            let repo_dir = inner.repos.get(full_name).map(|repo| repo.dir.clone());
+            (pull, repo_dir.unwrap_or_default())
+        };
+        let mut hunks = Vec::new();
+        for (path, line, _) in comments {
+            let hunk =
+                diff_hunk_async(&repo_dir, &pull.base.sha, &pull.head.sha, path, *line).await;
+            hunks.push(hunk);
+        }
+        let (review, stored, outgoing) = {
+            let mut inner = self.ctx.lock();
+            let user = inner.account(reviewer);
+            let review = inner.add_review(full_name, number, user.clone(), body, &pull.head.sha);
+            let mut stored = Vec::new();
+            let mut outgoing = Vec::new();
+            for ((path, line, text), hunk) in comments.iter().zip(hunks) {
+                let new = NewReviewComment {
+                    review_id: review.id,
+                    in_reply_to_id: None,
+                    path,
+                    line: Some(*line),
+                    start_line: None,
+                    side: Some("RIGHT".to_string()),
+                    diff_hunk: hunk,
+                    commit_id: pull.head.sha.clone(),
+                    body: text,
+                    user: user.clone(),
+                };
+                let comment = inner.add_review_comment(full_name, number, new, "test");
+                outgoing.extend(inner.review_comment_outgoing(full_name, number, &comment));
+                stored.push(comment.id);
+            }
+            outgoing.extend(inner.review_outgoing(full_name, number, &review));
+            (review, stored, outgoing)
+        };
+        for item in outgoing {
+            send(&self.ctx, item).await;
+        }
+        (review.id, stored)
+    }
+
+    /// `login` replies in the thread of `root_comment_id` on pull `number` of `full_name`: a
+    /// review comment with `in_reply_to_id` and a review of its own. Delivers, as GitHub does,
+    /// its `pull_request_review_comment` `created` and then its review's `pull_request_review`
+    /// `submitted` (waiting for both), and returns the reply's id.
+    ///
+    /// Panics if there is no such root comment (test setup).
+    pub async fn reply_in_thread(
+        &self,
+        full_name: &str,
+        number: u64,
+        login: &str,
+        root_comment_id: u64,
+        body: &str,
+    ) -> u64 {
+        let (comment, outgoing) = {
+            let mut inner = self.ctx.lock();
+            let user = inner.account(login);
+            let (comment, outgoing) = add_reply(
+                &mut inner,
+                full_name,
+                number,
+                root_comment_id,
+                &user,
+                body,
+                "test",
+            )
+            .unwrap_or_else(|refusal| panic!("reply: {} {}", refusal.0, refusal.1));
+            (comment, outgoing)
+        };
+        for item in outgoing {
+            send(&self.ctx, item).await;
+        }
+        comment.id
+    }
+
+    /// `login` comments `body` on the conversation of pull `number` of `full_name`; delivers
+    /// `issue_comment` `created` (waiting for it) and returns the comment's id.
+    ///
+    /// Panics if there is no such pull request (test setup).
+    pub async fn comment_on_pull(
+        &self,
+        full_name: &str,
+        number: u64,
+        login: &str,
+        body: &str,
+    ) -> u64 {
+        let (comment, outgoing) = {
+            let mut inner = self.ctx.lock();
+            assert!(
+                inner.pull(full_name, number).is_some(),
+                "no pull request {full_name}#{number}"
+            );
+            let user = inner.account(login);
+            let comment = inner.add_issue_comment(full_name, number, user, body, "test");
+            let outgoing = inner.issue_comment_outgoing(full_name, number, &comment);
+            (comment, outgoing)
+        };
+        if let Some(item) = outgoing {
+            send(&self.ctx, item).await;
+        }
+        comment.id
+    }
+
+    /// Opens a pull request on `base_full_name` from `head_branch` of `fork_owner`'s fork (made
+    /// on first use, `{fork_owner}/{name}`, owned by that user and without the App): the branch
+    /// gets one commit changing hello.txt, GitHub's `refs/pull/{n}/head` is kept in the base
+    /// repository, and `pull_request` `opened` is delivered (waiting for it). Installation tokens
+    /// cannot push to the fork. Returns the PR's number.
+    ///
+    /// Panics if the base repository does not exist or git fails (test setup).
+    pub async fn open_fork_pull(
+        &self,
+        base_full_name: &str,
+        fork_owner: &str,
+        head_branch: &str,
+        title: &str,
+    ) -> u64 {
+        self.add_user(fork_owner, fork_owner);
+        let (base_dir, name, private, git_root) = {
+            let inner = self.ctx.lock();
+            let base = inner
+                .repos
+                .get(base_full_name)
+                .unwrap_or_else(|| panic!("no repository {base_full_name}"));
+            (
+                base.dir.clone(),
+                base.name.clone(),
+                base.private,
+                inner.git_root.clone(),
+            )
+        };
+        let fork_full_name = format!("{fork_owner}/{name}");
+        let owner_dir = git_root.join(fork_owner);
+        let fork_dir = owner_dir.join(format!("{name}.git"));
+        if self.repo_dir(&fork_full_name).is_none() {
+            std::fs::create_dir_all(&owner_dir).expect("create the fork owner's directory");
+            let base_path = base_dir.to_string_lossy().into_owned();
+            git(
+                &owner_dir,
+                &[
+                    "clone",
+                    "--quiet",
+                    "--bare",
+                    &base_path,
+                    &format!("{name}.git"),
+                ],
+                None,
+                &[],
+            )
+            .expect("git clone --bare (the fork)");
+            git(
+                &fork_dir,
+                &["config", "http.receivepack", "true"],
+                None,
+                &[],
+            )
+            .expect("enable receive-pack");
+            let mut inner = self.ctx.lock();
+            let id = 70_001 + inner.repos.len() as u64;
+            inner.repos.insert(
+                fork_full_name.clone(),
+                RepoRecord {
+                    id,
+                    owner: fork_owner.to_string(),
+                    name: name.clone(),
+                    default_branch: "main".to_string(),
+                    private,
+                    collaborators: BTreeMap::new(),
+                    dir: fork_dir.clone(),
+                    fork_of: Some(base_full_name.to_string()),
+                },
+            );
+        }
+        let head_sha = self
+            .commit_file(
+                &fork_full_name,
+                head_branch,
+                "hello.txt",
+                &format!("hello from the fork of {fork_owner}\n"),
+            )
+            .expect("commit on the fork");
+        let base_sha = branch_sha(&base_dir, "main").expect("the base branch");
+        let (pull, outgoing) = {
+            let mut inner = self.ctx.lock();
+            let number = inner.pulls.get(base_full_name).map_or(0, Vec::len) as u64 + 1;
+            let fork_path = fork_dir.to_string_lossy().into_owned();
+            git(
+                &base_dir,
+                &[
+                    "fetch",
+                    "--quiet",
+                    &fork_path,
+                    &format!("refs/heads/{head_branch}:refs/pull/{number}/head"),
+                ],
+                None,
+                &[],
+            )
+            .expect("keep refs/pull/N/head in the base repository");
+            let id = inner.next_pull_id;
+            inner.next_pull_id += 1;
+            let user = inner.account(fork_owner);
+            let pull = Pull {
+                id,
+                number,
+                state: "open".to_string(),
+                draft: false,
+                merged: false,
+                merged_at: None,
+                title: title.to_string(),
+                body: None,
+                html_url: format!("{}/{base_full_name}/pull/{number}", self.ctx.web_url),
+                updated_at: iso8601(now_seconds()),
+                closed_at: None,
+                user: user.clone(),
+                head: Branch {
+                    git_ref: head_branch.to_string(),
+                    sha: head_sha,
+                    repo: inner.repo_ref(&fork_full_name),
+                },
+                base: Branch {
+                    git_ref: "main".to_string(),
+                    sha: base_sha,
+                    repo: inner.repo_ref(base_full_name),
+                },
+            };
+            inner
+                .pulls
+                .entry(base_full_name.to_string())
+                .or_default()
+                .push(PullRecord {
+                    pull: pull.clone(),
+                    opened_with: format!("user:{fork_owner}"),
+                });
+            let outgoing =
+                inner.pull_request_outgoing("opened", base_full_name, &pull, &user, Value::Null);
+            (pull, outgoing)
+        };
+        if let Some(item) = outgoing {
+            send(&self.ctx, item).await;
+        }
+        pull.number
+    }
+
+    /// Every review comment of `full_name` (top-level and replies), oldest first.
+    pub fn review_comments(&self, full_name: &str) -> Vec<ReviewComment> {
+        self.ctx
+            .lock()
+            .review_comments
+            .iter()
+            .filter(|record| record.repo == full_name)
+            .map(|record| record.comment.clone())
+            .collect()
+    }
+
+    /// Every thread reply of `full_name`, oldest first: (root comment id, body, author login).
+    pub fn review_replies(&self, full_name: &str) -> Vec<(u64, String, String)> {
+        self.ctx
+            .lock()
+            .review_comments
+            .iter()
+            .filter(|record| record.repo == full_name)
+            .filter_map(|record| {
+                let comment = &record.comment;
+                comment
+                    .in_reply_to_id
+                    .map(|root| (root, comment.body.clone(), comment.user.login.clone()))
+            })
+            .collect()
+    }
+
+    /// Thread replies of `full_name` with the auth kind that posted each: (root comment id,
+    /// body, `user:<login>` | `installation:<id>` | `test`).
+    pub fn review_replies_made_with(&self, full_name: &str) -> Vec<(u64, String, String)> {
+        self.ctx
+            .lock()
+            .review_comments
+            .iter()
+            .filter(|record| record.repo == full_name)
+            .filter_map(|record| {
+                let comment = &record.comment;
+                comment
+                    .in_reply_to_id
+                    .map(|root| (root, comment.body.clone(), record.made_with.clone()))
+            })
+            .collect()
+    }
+
+    /// The conversation comments of pull `number` of `full_name`, oldest first:
+    /// (comment id, body, author login, auth kind `user:<login>` | `installation:<id>` | `test`).
+    pub fn issue_comments(
+        &self,
+        full_name: &str,
+        number: u64,
+    ) -> Vec<(u64, String, String, String)> {
+        self.ctx
+            .lock()
+            .issue_comments
+            .iter()
+            .filter(|record| record.repo == full_name && record.number == number)
+            .map(|record| {
+                (
+                    record.comment.id,
+                    record.comment.body.clone(),
+                    record.comment.user.login.clone(),
+                    record.made_with.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every reaction, oldest first: (`pulls` | `issues`, comment id, content, by login).
+    pub fn reactions(&self) -> Vec<(String, u64, String, String)> {
+        self.ctx
+            .lock()
+            .reactions
+            .iter()
+            .map(|record| {
+                (
+                    record.kind.to_string(),
+                    record.comment_id,
+                    record.reaction.content.name().to_string(),
+                    record.reaction.user.login.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every reaction with the auth kind that made it: (`pulls` | `issues`, comment id, content,
+    /// `user:<login>` | `installation:<id>`).
+    pub fn reactions_made_with(&self) -> Vec<(String, u64, String, String)> {
+        self.ctx
+            .lock()
+            .reactions
+            .iter()
+            .map(|record| {
+                (
+                    record.kind.to_string(),
+                    record.comment_id,
+                    record.reaction.content.name().to_string(),
+                    record.made_with.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Re-sends every delivery after the first `from` recorded ones (not redeliveries), in
+    /// order, with their guids; returns their statuses.
+    pub async fn redeliver_since(&self, from: usize) -> Vec<u16> {
+        let originals: Vec<DeliveryRecord> = self
+            .ctx
+            .lock()
+            .deliveries
+            .iter()
+            .skip(from)
+            .filter(|record| !record.redelivery)
+            .cloned()
+            .collect();
+        let mut statuses = Vec::new();
+        for record in &originals {
+            statuses.push(resend(&self.ctx, record).await);
+        }
+        statuses
     }
 }
 
@@ -1787,6 +2576,65 @@ async fn api(
         ("PUT", ["repos", owner, name, "pulls", number, "merge"]) => {
             merge_endpoint(ctx, &caller, &format!("{owner}/{name}"), number, body).await
         }
+        ("GET", ["repos", owner, name, "pulls", number, "comments"]) => list_review_comments(
+            ctx,
+            &caller,
+            &format!("{owner}/{name}"),
+            number,
+            path,
+            query,
+        ),
+        ("GET", ["repos", owner, name, "pulls", number, "reviews", review_id, "comments"]) => {
+            list_review_comments_of(
+                ctx,
+                &caller,
+                &format!("{owner}/{name}"),
+                number,
+                review_id,
+                (path, query),
+            )
+        }
+        ("POST", ["repos", owner, name, "pulls", number, "comments", comment_id, "replies"]) => {
+            create_reply(
+                ctx,
+                &caller,
+                &format!("{owner}/{name}"),
+                number,
+                comment_id,
+                body,
+            )
+        }
+        ("POST", ["repos", owner, name, "pulls", "comments", comment_id, "reactions"]) => {
+            create_reaction(
+                ctx,
+                &caller,
+                &format!("{owner}/{name}"),
+                "pulls",
+                comment_id,
+                body,
+            )
+        }
+        ("GET", ["repos", owner, name, "issues", number, "comments"]) => list_issue_comments(
+            ctx,
+            &caller,
+            &format!("{owner}/{name}"),
+            number,
+            path,
+            query,
+        ),
+        ("POST", ["repos", owner, name, "issues", number, "comments"]) => {
+            create_issue_comment(ctx, &caller, &format!("{owner}/{name}"), number, body)
+        }
+        ("POST", ["repos", owner, name, "issues", "comments", comment_id, "reactions"]) => {
+            create_reaction(
+                ctx,
+                &caller,
+                &format!("{owner}/{name}"),
+                "issues",
+                comment_id,
+                body,
+            )
+        }
         _ => Err(not_found()),
     }
 }
@@ -2052,7 +2900,8 @@ fn get_repo(ctx: &Ctx, caller: &Caller, full_name: &str) -> Answer {
         "html_url": format!("{}/{full_name}", ctx.web_url),
         "clone_url": format!("{}/git/{full_name}.git", ctx.web_url),
         "visibility": if repo.private { "private" } else { "public" },
-        "fork": false,
+        "fork": repo.fork_of.is_some(),
+        "parent": repo.fork_of.as_ref().and_then(|parent| inner.repo_ref(parent)),
         "archived": false,
     });
     ok_json(&with_extra(&repository, extra))
@@ -2412,6 +3261,379 @@ async fn merge_pull(
         ));
     }
     Ok((commit, outgoing))
+}
+
+// ---------------------------------------------------------------------------------------------
+// REST: review comments, replies, conversation comments, reactions
+// ---------------------------------------------------------------------------------------------
+
+/// What `caller` may do on `full_name`'s pull requests: users need to see the repository (read
+/// is enough to comment), installation tokens one of `permissions` at `level`, anonymous
+/// callers may only read public repositories, and App JWTs nothing.
+fn pull_access(
+    inner: &Inner,
+    caller: &Caller,
+    full_name: &str,
+    permissions: &[&str],
+    level: &str,
+) -> Result<(), Refusal> {
+    visible_repo(inner, caller, full_name)?;
+    match caller {
+        Caller::User(_) => Ok(()),
+        Caller::Installation {
+            permissions: granted,
+            ..
+        } => {
+            if permissions
+                .iter()
+                .any(|name| has_permission(granted, name, level))
+            {
+                Ok(())
+            } else {
+                Err(not_accessible())
+            }
+        }
+        Caller::Anonymous if level == "read" => Ok(()),
+        Caller::Anonymous => Err(refusal(StatusCode::UNAUTHORIZED, "Requires authentication")),
+        Caller::App => Err(not_accessible()),
+    }
+}
+
+fn parse_number(number: &str) -> Result<u64, Refusal> {
+    number.parse::<u64>().map_err(|_| not_found())
+}
+
+/// One page of `items` by `per_page` (≤ 100, default 30) and `page` (from 1), with GitHub's
+/// `Link` header (`next`, `last`, `first`, `prev`) pointing at `{web}{path}`.
+fn paged(ctx: &Ctx, path: &str, query: &str, items: Vec<Value>) -> Answer {
+    let params = query_map(query);
+    let per_page = params
+        .get("per_page")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(30)
+        .clamp(1, 100);
+    let page = params
+        .get("page")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let last = items.len().div_ceil(per_page).max(1);
+    let slice: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    let link = |n: usize, rel: &str| {
+        format!(
+            "<{}{path}?per_page={per_page}&page={n}>; rel=\"{rel}\"",
+            ctx.web_url
+        )
+    };
+    let mut links = Vec::new();
+    if page > 1 {
+        links.push(link(page - 1, "prev"));
+    }
+    if page < last {
+        links.push(link(page + 1, "next"));
+        links.push(link(last, "last"));
+    }
+    if page > 1 {
+        links.push(link(1, "first"));
+    }
+    let mut response = json_response(StatusCode::OK, &slice);
+    if !links.is_empty() {
+        if let Ok(value) = header::HeaderValue::from_str(&links.join(", ")) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// `GET /repos/{o}/{r}/pulls/{n}/comments`: every review comment of the PR, oldest first.
+fn list_review_comments(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    number: &str,
+    path: &str,
+    query: &str,
+) -> Answer {
+    let number = parse_number(number)?;
+    let items = {
+        let inner = ctx.lock();
+        pull_access(&inner, caller, full_name, &["pull_requests"], "read")?;
+        inner.pull(full_name, number).ok_or_else(not_found)?;
+        inner
+            .review_comments
+            .iter()
+            .filter(|record| record.repo == full_name && record.number == number)
+            .map(|record| inner.review_comment_json(full_name, number, &record.comment))
+            .collect()
+    };
+    paged(ctx, path, query, items)
+}
+
+/// `GET /repos/{o}/{r}/pulls/{n}/reviews/{review_id}/comments`: the comments of one review.
+fn list_review_comments_of(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    number: &str,
+    review_id: &str,
+    (path, query): (&str, &str),
+) -> Answer {
+    let number = parse_number(number)?;
+    let review_id = parse_number(review_id)?;
+    let items = {
+        let inner = ctx.lock();
+        pull_access(&inner, caller, full_name, &["pull_requests"], "read")?;
+        inner
+            .reviews
+            .iter()
+            .find(|record| {
+                record.repo == full_name && record.number == number && record.review.id == review_id
+            })
+            .ok_or_else(not_found)?;
+        inner
+            .review_comments
+            .iter()
+            .filter(|record| {
+                record.repo == full_name
+                    && record.number == number
+                    && record.comment.pull_request_review_id == Some(review_id)
+            })
+            .map(|record| inner.review_comment_json(full_name, number, &record.comment))
+            .collect()
+    };
+    paged(ctx, path, query, items)
+}
+
+/// A reply by `user` to top-level comment `root_id` of pull `number`, stored with its own review,
+/// and its deliveries (`pull_request_review_comment` `created`, then `pull_request_review`
+/// `submitted`). 404 for an unknown comment, 422 when `root_id` is itself a reply.
+fn add_reply(
+    inner: &mut Inner,
+    full_name: &str,
+    number: u64,
+    root_id: u64,
+    user: &Account,
+    body: &str,
+    made_with: &str,
+) -> Result<(ReviewComment, Vec<Outgoing>), Refusal> {
+    let root = inner
+        .review_comments
+        .iter()
+        .find(|record| {
+            record.repo == full_name && record.number == number && record.comment.id == root_id
+        })
+        .map(|record| record.comment.clone())
+        .ok_or_else(not_found)?;
+    if root.in_reply_to_id.is_some() {
+        return Err(validation_failed(json!([{
+            "resource": "PullRequestReviewComment",
+            "code": "invalid",
+            "field": "in_reply_to",
+            "message": "in_reply_to must be a top-level review comment: replies to replies are not supported",
+        }])));
+    }
+    if body.trim().is_empty() {
+        return Err(validation_failed(
+            json!([{"resource": "PullRequestReviewComment", "code": "missing_field", "field": "body"}]),
+        ));
+    }
+    let review = inner.add_review(full_name, number, user.clone(), "", &root.commit_id);
+    let new = NewReviewComment {
+        review_id: review.id,
+        in_reply_to_id: Some(root.id),
+        path: &root.path,
+        line: root.line,
+        start_line: root.start_line,
+        side: root.side.clone(),
+        diff_hunk: root.diff_hunk.clone(),
+        commit_id: root.commit_id.clone(),
+        body,
+        user: user.clone(),
+    };
+    let comment = inner.add_review_comment(full_name, number, new, made_with);
+    let mut outgoing: Vec<Outgoing> = inner
+        .review_comment_outgoing(full_name, number, &comment)
+        .into_iter()
+        .collect();
+    outgoing.extend(inner.review_outgoing(full_name, number, &review));
+    Ok((comment, outgoing))
+}
+
+fn comment_body(body: &Bytes, resource: &str) -> Result<String, Refusal> {
+    let request: CreateComment = serde_json::from_slice(body).map_err(|_| {
+        validation_failed(json!([{"resource": resource, "code": "missing_field", "field": "body"}]))
+    })?;
+    if request.body.trim().is_empty() {
+        return Err(validation_failed(
+            json!([{"resource": resource, "code": "missing_field", "field": "body"}]),
+        ));
+    }
+    Ok(request.body)
+}
+
+/// `POST /repos/{o}/{r}/pulls/{n}/comments/{comment_id}/replies {body}` → 201.
+fn create_reply(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    number: &str,
+    comment_id: &str,
+    body: &Bytes,
+) -> Answer {
+    let number = parse_number(number)?;
+    let root_id = parse_number(comment_id)?;
+    let (json, outgoing) = {
+        let mut inner = ctx.lock();
+        pull_access(&inner, caller, full_name, &["pull_requests"], "write")?;
+        inner.pull(full_name, number).ok_or_else(not_found)?;
+        let text = comment_body(body, "PullRequestReviewComment")?;
+        let user = inner.caller_account(caller);
+        let (comment, outgoing) = add_reply(
+            &mut inner,
+            full_name,
+            number,
+            root_id,
+            &user,
+            &text,
+            &caller.kind(),
+        )?;
+        (
+            inner.review_comment_json(full_name, number, &comment),
+            outgoing,
+        )
+    };
+    deliver_later(ctx, outgoing);
+    Ok(json_response(StatusCode::CREATED, &json))
+}
+
+/// `GET /repos/{o}/{r}/issues/{n}/comments`: a PR's conversation comments, oldest first.
+fn list_issue_comments(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    number: &str,
+    path: &str,
+    query: &str,
+) -> Answer {
+    let number = parse_number(number)?;
+    let items = {
+        let inner = ctx.lock();
+        pull_access(
+            &inner,
+            caller,
+            full_name,
+            &["issues", "pull_requests"],
+            "read",
+        )?;
+        inner.pull(full_name, number).ok_or_else(not_found)?;
+        inner
+            .issue_comments
+            .iter()
+            .filter(|record| record.repo == full_name && record.number == number)
+            .map(|record| to_json(&record.comment))
+            .collect()
+    };
+    paged(ctx, path, query, items)
+}
+
+/// `POST /repos/{o}/{r}/issues/{n}/comments {body}` → 201 (the fake's issues are its PRs).
+fn create_issue_comment(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    number: &str,
+    body: &Bytes,
+) -> Answer {
+    let number = parse_number(number)?;
+    let (comment, outgoing) = {
+        let mut inner = ctx.lock();
+        pull_access(
+            &inner,
+            caller,
+            full_name,
+            &["issues", "pull_requests"],
+            "write",
+        )?;
+        inner.pull(full_name, number).ok_or_else(not_found)?;
+        let text = comment_body(body, "IssueComment")?;
+        let user = inner.caller_account(caller);
+        let comment = inner.add_issue_comment(full_name, number, user, &text, &caller.kind());
+        let outgoing = inner.issue_comment_outgoing(full_name, number, &comment);
+        (comment, outgoing)
+    };
+    deliver_later(ctx, outgoing.into_iter().collect());
+    Ok(json_response(StatusCode::CREATED, &comment))
+}
+
+/// `POST /repos/{o}/{r}/pulls/comments/{id}/reactions` (`kind` `pulls`) and
+/// `…/issues/comments/{id}/reactions` (`issues`) `{content}`: 201 when new, 200 when the same
+/// user already reacted so, 422 for an unknown content.
+fn create_reaction(
+    ctx: &Ctx,
+    caller: &Caller,
+    full_name: &str,
+    kind: &'static str,
+    comment_id: &str,
+    body: &Bytes,
+) -> Answer {
+    let comment_id = parse_number(comment_id)?;
+    let mut inner = ctx.lock();
+    let permissions: &[&str] = if kind == "pulls" {
+        &["pull_requests"]
+    } else {
+        &["issues", "pull_requests"]
+    };
+    pull_access(&inner, caller, full_name, permissions, "write")?;
+    let exists = if kind == "pulls" {
+        inner
+            .review_comments
+            .iter()
+            .any(|record| record.repo == full_name && record.comment.id == comment_id)
+    } else {
+        inner
+            .issue_comments
+            .iter()
+            .any(|record| record.repo == full_name && record.comment.id == comment_id)
+    };
+    if !exists {
+        return Err(not_found());
+    }
+    let request: CreateReaction = serde_json::from_slice(body).map_err(|_| {
+        validation_failed(json!([{
+            "resource": "Reaction",
+            "code": "custom",
+            "field": "content",
+            "message": "content is not included in the list",
+        }]))
+    })?;
+    let user = inner.caller_account(caller);
+    let existing = inner.reactions.iter().find(|record| {
+        record.kind == kind
+            && record.comment_id == comment_id
+            && record.reaction.content == request.content
+            && record.reaction.user.login == user.login
+    });
+    if let Some(record) = existing {
+        return Ok(json_response(StatusCode::OK, &record.reaction));
+    }
+    let id = inner.next_comment_id();
+    let reaction = Reaction {
+        id,
+        user,
+        content: request.content,
+        created_at: Some(iso8601(now_seconds())),
+    };
+    inner.reactions.push(ReactionRecord {
+        kind,
+        comment_id,
+        reaction: reaction.clone(),
+        made_with: caller.kind(),
+    });
+    Ok(json_response(StatusCode::CREATED, &reaction))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -374,7 +374,10 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
     };
     let expired = issue(&claims(now - 1000), b"test-secret").expect("issue");
     let forged = issue(&claims(now + 100_000), b"wrong-secret").expect("issue");
+    // Signed with the deployment's secret and unexpired, but of no sign-in sign-out could end.
+    let without_sign_in = issue(&claims(now + 100_000), b"test-secret").expect("issue");
     for (tok, want) in [
+        (without_sign_in.as_str(), "sign_in_unknown"),
         (expired.as_str(), "token_expired"),
         (forged.as_str(), "token_invalid"),
         ("junk", "token_malformed"),

@@ -11,6 +11,7 @@ use nightshift_core::github::{
     self, Access, AccessToken, AccessTokenRequest, JwtClaims, Pull, Repository, Role, TokenAnswer,
     TokenExchange,
 };
+use nightshift_core::pr_review::{self, ReviewComment, ReviewWebhook};
 use nightshift_tests::fake_github::{
     generate_private_key_pem, now_seconds, sign_app_jwt, FakeGithub, FakeGithubConfig,
 };
@@ -843,4 +844,486 @@ async fn pull_requests_record_their_opener_and_merging_delivers_closed() {
         )
         .await;
     assert_eq!(forged, 401);
+}
+
+/// `acme/web` with the App installed, a PR Nightshift opened from `nightshift/ses_1` (with a
+/// changed hello.txt), and a receiver; returns (fake, inbox, installation, PR number).
+async fn fake_with_pull() -> (FakeGithub, Inbox, u64, u64) {
+    let fake = fake_with_acme().await;
+    let installation = fake.install("acme", &["acme/web"]);
+    let (receiver_url, inbox) = start_receiver(fake.webhook_secret()).await;
+    fake.deliver_to(&receiver_url);
+    fake.commit_file(
+        "acme/web",
+        "nightshift/ses_1",
+        "hello.txt",
+        "hello from the fake GitHub\nsecond line\nthird line\n",
+    )
+    .expect("commit");
+    let token = fake.mint_installation_token(
+        installation,
+        &["acme/web"],
+        &[("pull_requests", "write"), ("contents", "write")],
+    );
+    let created = http()
+        .post(format!("{}/repos/acme/web/pulls", fake.api_url()))
+        .bearer_auth(&token)
+        .json(&github::CreatePull {
+            title: "Session one".to_string(),
+            head: "nightshift/ses_1".to_string(),
+            base: "main".to_string(),
+            body: None,
+            draft: false,
+        })
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    let pull: Pull = created.json().await.expect("Pull");
+    wait_for(&inbox, |r| r.payload["action"] == "opened").await;
+    (fake, inbox, installation, pull.number)
+}
+
+fn parse_review_webhook(received: &Received) -> ReviewWebhook {
+    ReviewWebhook::parse(
+        &received.event,
+        &serde_json::to_vec(&received.payload).expect("json"),
+    )
+    .expect("a review webhook parses with the core's types")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_deliver_signed_comment_and_review_events() {
+    let (fake, inbox, installation, number) = fake_with_pull().await;
+    let before = fake.deliveries().len();
+    let (review_id, comment_ids) = fake
+        .submit_review(
+            "acme/web",
+            number,
+            "ada",
+            "A few things",
+            &[
+                ("hello.txt", 2, "Say more here"),
+                ("hello.txt", 3, "And here"),
+                ("README.md", 1, "Title?"),
+            ],
+        )
+        .await;
+    assert_eq!(comment_ids.len(), 3);
+    let sent = fake.deliveries()[before..].to_vec();
+    let events: Vec<&str> = sent.iter().map(|d| d.event.as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "pull_request_review_comment",
+            "pull_request_review_comment",
+            "pull_request_review_comment",
+            "pull_request_review"
+        ]
+    );
+    assert!(sent.iter().all(|d| d.status_code == 200), "all signed");
+    let received = wait_for(&inbox, |r| r.payload["comment"]["id"] == comment_ids[0]).await;
+    assert!(received.signed);
+    let ReviewWebhook::Comment(event) = parse_review_webhook(&received) else {
+        panic!("a review comment event");
+    };
+    assert_eq!(event.action, "created");
+    assert_eq!(event.comment.pull_request_review_id, Some(review_id));
+    assert_eq!(event.comment.in_reply_to_id, None);
+    assert_eq!(event.comment.user.login, "ada");
+    assert_eq!(event.comment.user.kind, "User");
+    assert_eq!(event.comment.author_association, "MEMBER");
+    assert_eq!(event.comment.commit_id, event.pull_request.head.sha);
+    assert_eq!(event.comment.line, Some(2));
+    assert_eq!(event.comment.side.as_deref(), Some("RIGHT"));
+    assert!(
+        event.comment.diff_hunk.starts_with("@@ -1"),
+        "{}",
+        event.comment.diff_hunk
+    );
+    assert!(
+        event.comment.diff_hunk.ends_with("+second line"),
+        "the hunk ends at the commented line: {}",
+        event.comment.diff_hunk
+    );
+    assert_eq!(event.installation.map(|i| i.id), Some(installation));
+    assert_eq!(event.pull_request.head.git_ref, "nightshift/ses_1");
+    let readme = wait_for(&inbox, |r| r.payload["comment"]["id"] == comment_ids[2]).await;
+    let ReviewWebhook::Comment(readme) = parse_review_webhook(&readme) else {
+        panic!("a review comment event");
+    };
+    assert!(
+        readme.comment.diff_hunk.contains("# web"),
+        "context from an unchanged file: {}",
+        readme.comment.diff_hunk
+    );
+    let submitted = wait_for(&inbox, |r| r.event == "pull_request_review").await;
+    let ReviewWebhook::Review(review) = parse_review_webhook(&submitted) else {
+        panic!("a review event");
+    };
+    assert_eq!(review.action, "submitted");
+    assert_eq!(review.review.id, review_id);
+    assert_eq!(review.review.body.as_deref(), Some("A few things"));
+    assert_eq!(review.review.state, "commented");
+
+    // A thread reply has its own review and names the root.
+    let reply = fake
+        .reply_in_thread("acme/web", number, "ada", comment_ids[0], "one more thing")
+        .await;
+    let received = wait_for(&inbox, |r| r.payload["comment"]["id"] == reply).await;
+    let ReviewWebhook::Comment(reply_event) = parse_review_webhook(&received) else {
+        panic!("a review comment event");
+    };
+    assert_eq!(reply_event.comment.in_reply_to_id, Some(comment_ids[0]));
+    assert_ne!(reply_event.comment.pull_request_review_id, Some(review_id));
+    assert_eq!(pr_review::thread_root(&reply_event.comment), comment_ids[0]);
+
+    // A conversation comment names the PR; a bot's comment is typed Bot.
+    fake.add_bot("dependabot[bot]");
+    let conversation = fake
+        .comment_on_pull("acme/web", number, "dependabot[bot]", "Bump")
+        .await;
+    let received = wait_for(&inbox, |r| r.payload["comment"]["id"] == conversation).await;
+    assert_eq!(received.event, "issue_comment");
+    let ReviewWebhook::Conversation(event) = parse_review_webhook(&received) else {
+        panic!("an issue comment event");
+    };
+    assert!(event.issue.pull_request.is_some());
+    assert_eq!(event.issue.number, number);
+    assert_eq!(event.comment.user.kind, "Bot");
+    assert_eq!(event.comment.author_association, "NONE");
+
+    // Re-sending the same deliveries keeps their guids.
+    let count = inbox.lock().expect("inbox").len();
+    let statuses = fake.redeliver_since(before).await;
+    assert_eq!(statuses.len(), fake.deliveries()[before..].len() / 2);
+    assert!(statuses.iter().all(|status| *status == 200));
+    let inbox_now = inbox.lock().expect("inbox").clone();
+    assert_eq!(inbox_now.len(), count + statuses.len());
+    assert!(inbox_now[count..].iter().all(|r| inbox_now[..count]
+        .iter()
+        .any(|earlier| earlier.guid == r.guid)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_lists_replies_comments_and_reacts_with_the_right_permissions() {
+    let (fake, inbox, installation, number) = fake_with_pull().await;
+    let (review_id, comment_ids) = fake
+        .submit_review(
+            "acme/web",
+            number,
+            "ada",
+            "",
+            &(1..=3)
+                .map(|line| ("hello.txt", line, "fix"))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let writer = fake.mint_installation_token(
+        installation,
+        &["acme/web"],
+        &[("pull_requests", "write"), ("issues", "write")],
+    );
+    let reader = fake.mint_installation_token(installation, &["acme/web"], &[("contents", "read")]);
+    let client = http();
+    let api = fake.api_url();
+
+    // Paged listing with GitHub's Link header; the review's own comments.
+    let first = client
+        .get(format!(
+            "{api}/repos/acme/web/pulls/{number}/comments?per_page=2"
+        ))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(first.status(), 200);
+    let link = first
+        .headers()
+        .get("link")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let page: Vec<ReviewComment> = first.json().await.expect("comments");
+    assert_eq!(page.len(), 2);
+    let next = pr_review::next_page(&link).expect("a next page");
+    assert!(next.ends_with("per_page=2&page=2"), "{link}");
+    let rest: Vec<ReviewComment> = client
+        .get(next)
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .expect("page 2")
+        .json()
+        .await
+        .expect("comments");
+    assert_eq!(rest.len(), 1);
+    let of_review: Vec<ReviewComment> = client
+        .get(format!(
+            "{api}/repos/acme/web/pulls/{number}/reviews/{review_id}/comments"
+        ))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .expect("review comments")
+        .json()
+        .await
+        .expect("comments");
+    let ids: Vec<u64> = of_review.iter().map(|c| c.id).collect();
+    assert_eq!(ids, comment_ids);
+    let refused = client
+        .get(format!("{api}/repos/acme/web/pulls/{number}/comments"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(refused.status(), 403, "needs pull_requests");
+
+    // Replies: to the root only, by the App's bot, delivered as review comments.
+    let reply = |root: u64, token: &str| {
+        client
+            .post(format!(
+                "{api}/repos/acme/web/pulls/{number}/comments/{root}/replies"
+            ))
+            .bearer_auth(token.to_string())
+            .json(&pr_review::CreateComment {
+                body: "Addressed in `abc1234`: done".to_string(),
+            })
+            .send()
+    };
+    assert_eq!(
+        reply(comment_ids[0], &reader)
+            .await
+            .expect("reply")
+            .status(),
+        403
+    );
+    let posted = reply(comment_ids[0], &writer).await.expect("reply");
+    assert_eq!(posted.status(), 201);
+    let posted: ReviewComment = posted.json().await.expect("the reply");
+    assert_eq!(posted.in_reply_to_id, Some(comment_ids[0]));
+    assert_eq!(posted.user.login, format!("{}[bot]", fake.slug()));
+    assert_eq!(posted.user.kind, "Bot");
+    let nested = reply(posted.id, &writer).await.expect("reply");
+    assert_eq!(nested.status(), 422, "no replies to replies");
+    let nested: Value = nested.json().await.expect("json");
+    assert_eq!(nested["message"], "Validation Failed");
+    assert_eq!(reply(999, &writer).await.expect("reply").status(), 404);
+    assert_eq!(
+        fake.review_replies("acme/web"),
+        vec![(
+            comment_ids[0],
+            "Addressed in `abc1234`: done".to_string(),
+            format!("{}[bot]", fake.slug())
+        )]
+    );
+    assert_eq!(
+        fake.review_replies_made_with("acme/web")[0].2,
+        format!("installation:{installation}")
+    );
+    let echoed = wait_for(&inbox, |r| r.payload["comment"]["id"] == posted.id).await;
+    assert_eq!(echoed.payload["sender"]["type"], "Bot");
+
+    // Conversation comments, by the App and by a person.
+    let comment = |token: &str| {
+        client
+            .post(format!("{api}/repos/acme/web/issues/{number}/comments"))
+            .bearer_auth(token.to_string())
+            .json(&pr_review::CreateComment {
+                body: "Not changed: on a fork".to_string(),
+            })
+            .send()
+    };
+    assert_eq!(comment(&reader).await.expect("comment").status(), 403);
+    let created = comment(&writer).await.expect("comment");
+    assert_eq!(created.status(), 201);
+    let created: pr_review::IssueComment = created.json().await.expect("IssueComment");
+    let bob = fake.mint_user_token("bob");
+    assert_eq!(
+        comment(&bob).await.expect("comment").status(),
+        201,
+        "read is enough"
+    );
+    let carol = fake.mint_user_token("carol");
+    assert_eq!(comment(&carol).await.expect("comment").status(), 404);
+    let listed = fake.issue_comments("acme/web", number);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].0, created.id);
+    assert_eq!(listed[1].2, "bob");
+    assert_eq!(listed[1].3, "user:bob");
+    assert_eq!(
+        client
+            .post(format!("{api}/repos/acme/web/issues/99/comments"))
+            .bearer_auth(&writer)
+            .json(&json!({"body": "x"}))
+            .send()
+            .await
+            .expect("comment")
+            .status(),
+        404
+    );
+
+    // Reactions: 201, then 200 for the same one, 422 for an unknown content.
+    let react = |kind: &str, id: u64, content: &str| {
+        client
+            .post(format!(
+                "{api}/repos/acme/web/{kind}/comments/{id}/reactions"
+            ))
+            .bearer_auth(&writer)
+            .json(&json!({"content": content}))
+            .send()
+    };
+    assert_eq!(
+        react("pulls", comment_ids[1], "eyes")
+            .await
+            .expect("react")
+            .status(),
+        201
+    );
+    let again = react("pulls", comment_ids[1], "eyes").await.expect("react");
+    assert_eq!(again.status(), 200);
+    let again: pr_review::Reaction = again.json().await.expect("Reaction");
+    assert_eq!(again.content, pr_review::ReactionContent::Eyes);
+    assert_eq!(
+        react("pulls", comment_ids[1], "thumbs")
+            .await
+            .expect("react")
+            .status(),
+        422
+    );
+    assert_eq!(
+        react("issues", created.id, "+1")
+            .await
+            .expect("react")
+            .status(),
+        201
+    );
+    assert_eq!(
+        react("pulls", 12345, "eyes").await.expect("react").status(),
+        404
+    );
+    let bot = format!("{}[bot]", fake.slug());
+    assert_eq!(
+        fake.reactions(),
+        vec![
+            (
+                "pulls".to_string(),
+                comment_ids[1],
+                "eyes".to_string(),
+                bot.clone()
+            ),
+            ("issues".to_string(), created.id, "+1".to_string(), bot)
+        ]
+    );
+    let kinds: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|(_, path, _)| path.ends_with("/reactions"))
+        .map(|(_, _, kind)| kind.clone())
+        .collect();
+    assert!(kinds
+        .iter()
+        .all(|kind| *kind == format!("installation:{installation}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_pull_request_cannot_be_pushed_to_by_the_app() {
+    let (fake, inbox, installation, _) = fake_with_pull().await;
+    fake.add_user("dave", "Dave Fork");
+    fake.set_collaborator("acme/web", "dave", Role::Read);
+    let number = fake
+        .open_fork_pull("acme/web", "dave", "patch-1", "Fix the greeting")
+        .await;
+    let (pull, opened_with) = fake
+        .pulls("acme/web")
+        .into_iter()
+        .find(|(pull, _)| pull.number == number)
+        .expect("the fork PR");
+    assert!(pull.is_fork());
+    assert_eq!(opened_with, "user:dave");
+    assert_eq!(
+        pull.head.repo.as_ref().map(|r| r.full_name.as_str()),
+        Some("dave/web")
+    );
+    assert_eq!(
+        pull.base.repo.as_ref().map(|r| r.full_name.as_str()),
+        Some("acme/web")
+    );
+    let opened = wait_for(&inbox, |r| {
+        r.payload["action"] == "opened" && r.payload["number"] == number
+    })
+    .await;
+    assert_eq!(
+        opened.payload["pull_request"]["head"]["repo"]["full_name"],
+        "dave/web"
+    );
+
+    // The App's token reads the PR's head through the base repository, but cannot push to the fork.
+    let token = installation_token(
+        &fake,
+        installation,
+        &AccessTokenRequest {
+            repositories: vec!["web".to_string()],
+            permissions: Access::Write.request("web").permissions,
+        },
+    )
+    .await
+    .token;
+    let scratch = Scratch::new("fork");
+    let work = scratch.0.join("work");
+    let (cloned, stderr) = run_git(
+        &scratch.0,
+        &[
+            "clone",
+            "--quiet",
+            &authed_url(&fake, "acme/web", &token),
+            "work",
+        ],
+    )
+    .await;
+    assert!(cloned, "{stderr}");
+    let (fetched, stderr) = run_git(
+        &work,
+        &[
+            "fetch",
+            "--quiet",
+            "origin",
+            &format!("refs/pull/{number}/head:fork-head"),
+        ],
+    )
+    .await;
+    assert!(fetched, "{stderr}");
+    assert_eq!(
+        git_stdout(&work, &["rev-parse", "fork-head"]).await,
+        pull.head.sha
+    );
+    let (pushed, stderr) = run_git(
+        &work,
+        &[
+            "push",
+            "--quiet",
+            &authed_url(&fake, "dave/web", &token),
+            "fork-head:refs/heads/patch-1",
+        ],
+    )
+    .await;
+    assert!(!pushed, "the installation token cannot push to the fork");
+    assert!(
+        stderr.contains("denied") || stderr.contains("403") || stderr.contains("not found"),
+        "{stderr}"
+    );
+
+    // A review on the fork PR works like any other.
+    let (_, comment_ids) = fake
+        .submit_review("acme/web", number, "ada", "", &[("hello.txt", 1, "Typo")])
+        .await;
+    let received = wait_for(&inbox, |r| r.payload["comment"]["id"] == comment_ids[0]).await;
+    let ReviewWebhook::Comment(event) = parse_review_webhook(&received) else {
+        panic!("a review comment event");
+    };
+    assert!(event.pull_request.is_fork());
+    assert!(event
+        .comment
+        .diff_hunk
+        .contains("+hello from the fork of dave"));
 }

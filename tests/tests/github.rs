@@ -1025,3 +1025,261 @@ async fn an_expired_user_token_is_refreshed_once_for_concurrent_callers_and_a_re
         .await;
     assert!(st < 300, "{st} {v}");
 }
+
+/// The builds of a repository, oldest first: (reason, status).
+async fn builds_of(api: &nightshift_tests::Api, who: &User, name: &str) -> Vec<(String, String)> {
+    let (_, info) = api
+        .call("GET", &format!("/repositories/{name}"), who, None)
+        .await;
+    let mut builds: Vec<(String, String)> = info["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let text = |k: &str| b[k].as_str().unwrap_or_default().to_string();
+            (text("reason"), text("status"))
+        })
+        .collect();
+    // Listed newest first.
+    builds.reverse();
+    builds
+}
+
+#[tokio::test]
+async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_quotas() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("bob", "Bob Reader");
+    fake.add_user("carol", "Carol Admin");
+    fake.add_user("dan", "Dan Writer");
+    fake.add_repo(
+        "acme/web",
+        &[
+            ("ada", Role::Admin),
+            ("bob", Role::Read),
+            ("carol", Role::Admin),
+            ("dan", Role::Write),
+        ],
+    );
+    let installation = fake.install("acme", &["acme/web"]);
+    let mut vars = github_vars(&fake);
+    vars.push(("QUOTA_INSTALLATION_SESSIONS_PER_HOUR", "3".into()));
+    vars.push(("QUOTA_RUNNING_SANDBOXES", "1".into()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let recording = json!({"turns": [
+        {"when": "Write the notes", "delay_ms": 500, "text": "Writing notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "notes.txt", "content": "notes from a warm sandbox\n"}}]},
+        {"when": "Write the notes", "text": "Wrote notes.txt."},
+        {"text": "Nothing to do."}
+    ]});
+    // (A model's think time before its first call: a claimed sandbox of a private repository
+    // syncs once the session's credentials arrive, and writes wait for the sync.)
+    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let api = server.client();
+
+    // GitHub's Setup URL lands on the web app's "installed" page; nothing in its query is
+    // trusted beyond a number.
+    let (st, to, _) = visit(
+        &format!(
+            "{}/github/setup?installation_id={installation}&setup_action=install",
+            server.base
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, to.as_str()),
+        (
+            302,
+            format!("/#/installed?installation={installation}&action=install").as_str()
+        )
+    );
+    let (st, to, _) = visit(
+        &format!(
+            "{}/github/setup?installation_id=1%3Cscript%3E&setup_action=evil",
+            server.base
+        ),
+        None,
+    )
+    .await;
+    assert_eq!((st, to.as_str()), (302, "/#/installed?action=install"));
+
+    let (st, _) = fake.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+    let mut people = Vec::new();
+    for login in ["ada", "bob", "carol", "dan"] {
+        people.push(User {
+            user: login.into(),
+            token: sign_in_with_github(&server, &fake, login).await,
+        });
+    }
+    let [ada, bob, carol, dan] = [0, 1, 2, 3].map(|i| people[i].clone());
+
+    // Registered with a slow setup and a warm pool of one: the registration's build runs
+    // while main moves, and the push that says so is owed a build of its own.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(
+                json!({"name": "web", "github": "acme/web", "setup": ["sleep 3"], "pool_size": 1}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let before = fake.branch_sha("acme/web", "main").expect("main");
+    let after = fake
+        .commit_file(
+            "acme/web",
+            "main",
+            "CHANGELOG.md",
+            "pushed during the build\n",
+        )
+        .expect("commit on main");
+    let building = builds_of(&api, &ada, "web").await;
+    assert_eq!(building.len(), 1, "{building:?}");
+    assert_eq!(building[0].1, "building", "{building:?}");
+    let push = fake
+        .push_payload("acme/web", "main", &before, &after, "ada")
+        .expect("push payload");
+    let (st, body) = fake.deliver("push", push).await;
+    assert_eq!(st, 202, "{body}");
+    let deadline = std::time::Instant::now() + secs(120);
+    loop {
+        let builds = builds_of(&api, &ada, "web").await;
+        let reasons: Vec<&str> = builds.iter().map(|(r, _)| r.as_str()).collect();
+        let push_ready = builds.iter().any(|(r, s)| r == "push" && s == "ready");
+        if push_ready {
+            assert_eq!(
+                reasons.iter().filter(|r| **r == "push").count(),
+                1,
+                "{builds:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the push during the build was never built: {builds:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    // The private repository's pool fills (its sandboxes clone with a read token of their own).
+    let deadline = std::time::Instant::now() + secs(120);
+    loop {
+        let (_, info) = api.call("GET", "/repositories/web", &ada, None).await;
+        if nightshift_tests::pool_ready(&info) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {info}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    // A prompt claims the warm sandbox, which syncs and pushes with the session's credentials.
+    let (s1, invite) = api.create_session_on_name(&ada, "Notes", "web").await;
+    let mut ws = api.connect(&ada, &s1, "ada-notes", 0).await;
+    let p1 = api.prompt(&ada, &s1, "Write the notes").await;
+    let finished = ws.finished(&p1).await;
+    assert_eq!(finished["ok"], true, "{finished} after {:?}", ws.seen);
+    let claimed = ws.seen.iter().any(|e| {
+        e["type"] == "sandbox.status"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("claimed a warm sandbox"))
+    });
+    assert!(claimed, "not from the pool: {:?}", ws.seen);
+    let branch = format!("nightshift/{s1}");
+    let pushed = fake
+        .branch_sha("acme/web", &branch)
+        .unwrap_or_else(|| panic!("not pushed: {finished} after {:?}", ws.seen));
+    assert!(pushed != after, "the branch has no new commit");
+    ws.event("pr.opened", |_| true).await;
+
+    // One running sandbox each: Ada's second session's prompt fails, saying why; nothing runs.
+    let (s2, _) = api.create_session_on_name(&ada, "More", "web").await;
+    let mut ws2 = api.connect(&ada, &s2, "ada-more", 0).await;
+    let p2 = api.prompt(&ada, &s2, "Anything else?").await;
+    let refused = ws2.finished(&p2).await;
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused.to_string().contains("running at once"),
+        "{refused} after {:?}",
+        ws2.seen
+    );
+    let (st, listed) = api
+        .call("GET", &format!("/sandbox?session_id={s2}"), &ada, None)
+        .await;
+    assert_eq!(st, 200);
+    assert!(
+        listed["sandboxes"]
+            .as_array()
+            .is_none_or(|all| all.iter().all(|s| s["status"] == "terminated")),
+        "{listed}"
+    );
+
+    // Three sessions per hour for the whole organisation: Bob's is the third; Carol's, a fourth,
+    // is refused with when to ask again, and nothing is created.
+    let (_s3, _) = api.create_session_on_name(&bob, "Read", "web").await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/sessions", server.base))
+        .bearer_auth(&carol.token)
+        .json(&json!({"title": "Fourth", "repository": "web"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry_after: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=3600).contains(&retry_after), "{retry_after}");
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(code(&v), "quota_exceeded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("organisation")),
+        "{v}"
+    );
+    let (_, carols) = api.call("GET", "/sessions", &carol, None).await;
+    assert_eq!(
+        carols["sessions"].as_array().map(Vec::len),
+        Some(0),
+        "{carols}"
+    );
+
+    // The sandbox's shell is the owner's and the repository admins': Carol (admin) runs a
+    // command in Ada's session; Dan (write) and Bob (read) are members but get no shell.
+    for who in [&carol, &dan, &bob] {
+        api.join(who, &s1, &invite).await;
+    }
+    let sandbox = api.session_sandbox(&ada, &s1).await;
+    let exec = json!({"command": ["git", "rev-parse", "HEAD"]});
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/sandbox/{sandbox}/exec"),
+            &carol,
+            Some(exec.clone()),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v.to_string().contains(&pushed), "{v}");
+    for who in [&dan, &bob] {
+        let (st, v) = api
+            .call(
+                "POST",
+                &format!("/sandbox/{sandbox}/exec"),
+                who,
+                Some(exec.clone()),
+            )
+            .await;
+        assert_eq!((st, code(&v)), (403, "owner_only"), "{}: {v}", who.user);
+    }
+}

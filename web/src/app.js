@@ -48,8 +48,9 @@ async function route() {
   const landed = parseSignedIn(location.hash);
   if (landed) return signedIn(landed);
   renderWho();
-  if (!auth.token) return signIn();
   const { parts, query } = parseHash();
+  if (parts[0] === "installed") return installed(query);
+  if (!auth.token) return signIn();
   if (parts[0] === "s" && parts[1]) return openSession(parts[1], query.get("invite"));
   return sessionsList();
 }
@@ -92,6 +93,22 @@ function renderWho() {
 function hereAsReturn() {
   const h = location.hash;
   return h && h !== "#" && h !== "#/" ? "/" + h : "/";
+}
+
+/**
+ * Where GitHub's Setup URL lands (`/github/setup` → `#/installed?installation=&action=`): the App
+ * is on the organisation now; what is left is registering a repository.
+ */
+function installed(query) {
+  const id = query.get("installation");
+  const updated = query.get("action") === "update";
+  const next = auth.token
+    ? `<a class="button primary" href="#/">Go to your sessions</a>`
+    : `<a class="button primary" href="#/">Sign in</a>`;
+  main.innerHTML = `<section class="card narrow" id="installed"><h1>${updated ? "Installation updated" : "Nightshift is installed"}</h1>
+    <p>${updated ? "GitHub saved the repositories Nightshift may use" : "GitHub installed the Nightshift App"}${id ? ` (installation <code>${esc(id)}</code>)` : ""}.</p>
+    <p>Next, someone with admin or maintain permission registers each repository: <code>POST /repositories</code> with <code>{"name": "web", "github": "owner/repo"}</code> (the README's "Deploy for a team", step 8). Sessions can then start on it.</p>
+    ${next}</section>`;
 }
 
 async function signIn() {
