@@ -74,6 +74,12 @@ pub fn replay_max_events(env: &Env) -> u64 {
 
 /// A live sandbox with nothing to do for this long is snapshotted and stopped
 /// (`SANDBOX_IDLE_MS`, default 15 minutes; 0: never). A running prompt is never idle.
+/// How long a person's GitHub permission on a repository is believed (`ROLE_CACHE_MS`, a
+/// minute); a join, a registration and a shell ask afresh.
+pub fn role_cache_ms(env: &Env) -> u64 {
+    num(env, "ROLE_CACHE_MS", 60 * 1000)
+}
+
 pub fn sandbox_idle_ms(env: &Env) -> u64 {
     num(env, "SANDBOX_IDLE_MS", 15 * 60 * 1000)
 }

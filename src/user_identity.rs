@@ -22,9 +22,6 @@ use crate::webcrypto;
 /// A token is refreshed when it has less than this left.
 const REFRESH_MARGIN_MS: u64 = 5 * 60 * 1000;
 
-/// A repository permission is believed this long (a join asks afresh).
-const ROLE_TTL_MS: u64 = 60 * 1000;
-
 /// The person's GitHub tokens as stored: each sealed with `TOKEN_ENCRYPTION_KEY`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SealedTokens {
@@ -272,7 +269,9 @@ impl UserIndex {
         let now = now_ms();
         if !ask.fresh {
             if let Some(cached) = self.kv_get::<CachedRole>(&cache_key)? {
-                if cached.checked_at + ROLE_TTL_MS > now && cached.checked_at <= now {
+                if cached.checked_at + config::role_cache_ms(&self.env) > now
+                    && cached.checked_at <= now
+                {
                     return Ok(RoleAnswer {
                         role: cached.role,
                         checked_at: cached.checked_at,

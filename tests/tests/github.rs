@@ -360,6 +360,67 @@ async fn webhooks_are_verified_processed_once_and_applied_in_order() {
         .await;
     assert_eq!(view["pull_request"]["state"], "merged", "{view}");
     assert_eq!(view["last_seq"].as_u64(), Some(last_seq), "{view}");
+
+    // GitHub sends up to 25 MB: a 3 MB delivery is taken (only what Nightshift reads is stored;
+    // this one is the stale `opened` again, so nothing changes).
+    let mut large = before_merge.clone();
+    large["pull_request"]["body"] = json!("x".repeat(3 * 1024 * 1024));
+    let (st, said) = fake.deliver("pull_request", large).await;
+    assert_eq!(st, 202, "{said}");
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(view["last_seq"].as_u64(), Some(last_seq), "{view}");
+
+    // GitHub could not deliver (the Worker was unreachable): the cron asks for it again, once.
+    let (second, _) = api.create_session(&ada, "Later").await;
+    let mut ws2 = api.connect(&ada, &second, "watch-2", 0).await;
+    let later = format!("nightshift/{second}");
+    fake.commit_file("acme/web", &later, "LATER.md", "later\n")
+        .expect("commit");
+    fake.fail_deliveries(true);
+    let created = reqwest::Client::new()
+        .post(format!("{}/repos/acme/web/pulls", fake.api_url()))
+        .bearer_auth(&user_token)
+        .header("user-agent", "nightshift-tests")
+        .header("accept", "application/vnd.github+json")
+        .json(&json!({ "title": "Later", "head": later, "base": "main" }))
+        .send()
+        .await
+        .expect("create pull");
+    assert_eq!(created.status().as_u16(), 201);
+    let failed = fake
+        .deliveries()
+        .into_iter()
+        .rev()
+        .find(|d| d.event == "pull_request" && d.action.as_deref() == Some("opened"))
+        .expect("the failed delivery");
+    assert_eq!(failed.status_code, 502);
+    fake.fail_deliveries(false);
+    let cron = |at: u64| {
+        let url = format!(
+            "{}/cdn-cgi/handler/scheduled?cron=*/30+*+*+*+*&time={at}",
+            server.base
+        );
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("scheduled")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(cron(1_800_000).await, 200);
+    let event = ws2.event("pr.opened", |_| true).await;
+    assert_eq!(event["pull_request"]["head"], later.as_str(), "{event}");
+    assert_eq!(cron(3_600_000).await, 200);
+    let attempts: Vec<_> = fake
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.guid == failed.guid)
+        .map(|d| (d.redelivery, d.status_code))
+        .collect();
+    assert_eq!(attempts, vec![(false, 502), (true, 202)], "{attempts:?}");
 }
 
 /// Runs `git` with an installation token as GitHub takes it (`x-access-token` basic auth);
@@ -394,7 +455,9 @@ async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pu
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello from nightshift\n"}}]},
-        {"text": "Created hello.txt."}
+        {"text": "Created hello.txt."},
+        {"text": "Adding notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "notes.txt", "content": "more notes\n"}}]},
+        {"text": "Added notes.txt."}
     ]});
     let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
     fake.deliver_to(&format!("{}/webhook/github", server.base));
@@ -620,6 +683,40 @@ async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pu
         "{view}"
     );
     assert!(view["pull_request"].is_null(), "{view}");
+
+    // Ada follows the link and opens the pull request herself, then signs in with GitHub again.
+    // The session's next push asks GitHub to open one, which answers 422 (one is open on the
+    // branch): the session follows hers and opens no other.
+    let own = reqwest::Client::new()
+        .post(format!("{}/repos/acme/web/pulls", fake.api_url()))
+        .bearer_auth(fake.mint_user_token("ada"))
+        .header("user-agent", "ada's browser")
+        .header("accept", "application/vnd.github+json")
+        .json(&json!({"title": "Put the greeting back", "head": second_branch, "base": "main"}))
+        .send()
+        .await
+        .expect("open by hand");
+    assert_eq!(own.status().as_u16(), 201);
+    let own: Value = own.json().await.expect("pull");
+    let ada = User {
+        user: "ada".into(),
+        token: sign_in_with_github(&server, &fake, "ada").await,
+    };
+    let p3 = api.prompt(&ada, &second, "Add some notes").await;
+    let done = ws2.finished(&p3).await;
+    assert_eq!(done["ok"], true, "{done}");
+    let followed = ws2.event("pr.opened", |_| true).await;
+    assert_eq!(
+        followed["pull_request"]["number"], own["number"],
+        "{followed}"
+    );
+    let pulls = fake.pulls("acme/web");
+    assert_eq!(pulls.len(), 2, "{pulls:?}");
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{second}"), &ada, None)
+        .await;
+    assert_eq!(view["pull_request"]["number"], own["number"], "{view}");
+    assert!(view["pull_request_action"].is_null(), "{view}");
 }
 
 fn tempdir_for(what: &str) -> std::path::PathBuf {
@@ -1065,6 +1162,8 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
     let mut vars = github_vars(&fake);
     vars.push(("QUOTA_INSTALLATION_SESSIONS_PER_HOUR", "3".into()));
     vars.push(("QUOTA_RUNNING_SANDBOXES", "1".into()));
+    // Permissions are asked of GitHub every time here (a deployment believes them a minute).
+    vars.push(("ROLE_CACHE_MS", "0".into()));
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"when": "Write the notes", "delay_ms": 500, "text": "Writing notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "notes.txt", "content": "notes from a warm sandbox\n"}}]},
@@ -1282,4 +1381,31 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
             .await;
         assert_eq!((st, code(&v)), (403, "owner_only"), "{}: {v}", who.user);
     }
+
+    // Dan loses his access at GitHub mid-session: his prompts and his socket are refused, and
+    // nothing is stored.
+    fake.set_collaborator("acme/web", "dan", Role::None);
+    let (_, before) = api
+        .call("GET", &format!("/sessions/{s1}"), &ada, None)
+        .await;
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/multiplayer/{s1}/prompt"),
+            &dan,
+            Some(json!({"text": "One more thing"})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "repository_role_required"), "{v}");
+    let ticket = api.ticket(&dan, &s1).await;
+    let url = format!(
+        "{}/multiplayer/{s1}/ws?ticket={ticket}&client=dan",
+        server.base.replacen("http", "ws", 1)
+    );
+    assert!(tokio_tungstenite::connect_async(url).await.is_err());
+    let (_, after) = api
+        .call("GET", &format!("/sessions/{s1}"), &ada, None)
+        .await;
+    assert_eq!(before["last_seq"], after["last_seq"], "{after}");
+    assert_eq!(before["prompts"], after["prompts"], "{after}");
 }
