@@ -4,6 +4,7 @@ use nightshift_core::github::{
     Access, InstallationEvent, InstallationRepositoriesEvent, PullRequestEvent, PushEvent,
     WebhookEvent,
 };
+use nightshift_core::pr_review::{BatchKey, Review, ReviewBatches, ReviewWebhook};
 use nightshift_core::quota::{retry_after_s, QuotaScope, Window};
 use serde::Deserialize;
 use worker::*;
@@ -18,6 +19,7 @@ use crate::objects::{
     PullUpdate, Redelivered, RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
 };
 use crate::platform::now_ms;
+use crate::pr_reviews::{Handled, PullContext};
 
 /// A cached installation token is handed out until this long before it expires.
 const TOKEN_MARGIN_MS: u64 = 5 * 60 * 1000;
@@ -49,6 +51,13 @@ impl DurableObject for InstallationIndex {
     async fn alarm(&self) -> Result<Response> {
         if let Err(e) = self.retry_pending().await {
             console_error!("installation index: retrying deliveries: {}", e.message);
+            self.state
+                .storage()
+                .set_alarm(std::time::Duration::from_millis(RETRY_MS))
+                .await?;
+        }
+        if let Err(e) = self.fire_due_reviews().await {
+            console_error!("installation index: review batches: {}", e.message);
             self.state
                 .storage()
                 .set_alarm(std::time::Duration::from_millis(RETRY_MS))
@@ -107,6 +116,7 @@ impl InstallationIndex {
             "CREATE TABLE IF NOT EXISTS pulls (repository TEXT NOT NULL, number INTEGER NOT NULL, session TEXT NOT NULL, PRIMARY KEY (repository, number))",
             "CREATE TABLE IF NOT EXISTS registered (full_name TEXT PRIMARY KEY, name TEXT NOT NULL, base_branch TEXT NOT NULL DEFAULT 'main')",
             "CREATE TABLE IF NOT EXISTS tokens (scope TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS quotas (installation INTEGER NOT NULL, what TEXT NOT NULL, start INTEGER NOT NULL, used INTEGER NOT NULL, PRIMARY KEY (installation, what))",
         ] {
             sql.exec(ddl, None)?;
@@ -284,6 +294,12 @@ impl InstallationIndex {
 
     /// Carries out one delivery. Handlers are idempotent: a retried one does the same again.
     async fn process(&self, event: &str, body: &str) -> ApiResult<&'static str> {
+        if crate::pr_reviews::EVENTS.contains(&event) {
+            return match ReviewWebhook::parse(event, body.as_bytes()) {
+                Ok(webhook) => self.review(&webhook).await,
+                Err(_) => Ok("ignored"),
+            };
+        }
         let parsed = match WebhookEvent::parse(event, body.as_bytes()) {
             Ok(parsed) => parsed,
             // Stored, verified, and of no interest (or unreadable): nothing to do, ever.
@@ -561,6 +577,175 @@ impl InstallationIndex {
             token: minted.token,
             expires_at,
         })
+    }
+
+    fn batches(&self) -> ApiResult<ReviewBatches> {
+        let rows: Vec<TextRow> = self
+            .sql()?
+            .exec(
+                "SELECT body AS value FROM kv WHERE k = 'review_batches'",
+                None,
+            )?
+            .to_array()?;
+        Ok(rows
+            .first()
+            .and_then(|row| serde_json::from_str(&row.value).ok())
+            .unwrap_or_default())
+    }
+
+    fn save_batches(&self, batches: &ReviewBatches) -> ApiResult<()> {
+        let body = serde_json::to_string(batches).map_err(ApiError::internal)?;
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO kv (k, body) VALUES ('review_batches', ?)",
+            vec![body.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the alarm no later than `at` (ms since the epoch).
+    async fn wake_by(&self, at: u64) -> ApiResult<()> {
+        let storage = self.state.storage();
+        let now = now_ms();
+        let current = storage.get_alarm().await?;
+        let wanted = i64::try_from(at.max(now + 1)).unwrap_or(i64::MAX);
+        if current.is_none_or(|c| c > wanted) {
+            let after = at.saturating_sub(now).max(1);
+            storage
+                .set_alarm(std::time::Duration::from_millis(after))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The pull request's session, if Nightshift has one (it opened the pull request, or it
+    /// is on a session's branch).
+    fn pull_context(
+        &self,
+        full_name: &str,
+        number: u64,
+        head: Option<&str>,
+    ) -> ApiResult<PullContext> {
+        let rows: Vec<TextRow> = self
+            .sql()?
+            .exec(
+                "SELECT session AS value FROM pulls WHERE repository = ? AND number = ?",
+                vec![full_name.into(), int(number)],
+            )?
+            .to_array()?;
+        let session = rows.first().map(|row| row.value.clone()).or_else(|| {
+            head.and_then(|h| h.strip_prefix("nightshift/"))
+                .filter(|id| crate::platform::valid_id("ses", id))
+                .map(str::to_string)
+        });
+        Ok(PullContext {
+            full_name: full_name.to_string(),
+            session,
+        })
+    }
+
+    /// A review comment, a review or a conversation comment on a pull request of a registered
+    /// repository: batched, fired, or skipped with its reason.
+    async fn review(&self, webhook: &ReviewWebhook) -> ApiResult<&'static str> {
+        let full_name = webhook.repository().full_name.to_ascii_lowercase();
+        let registered: Vec<TextRow> = self
+            .sql()?
+            .exec(
+                "SELECT name AS value FROM registered WHERE full_name = ?",
+                vec![full_name.as_str().into()],
+            )?
+            .to_array()?;
+        if registered.is_empty() {
+            return Ok("ignored");
+        }
+        let head = match webhook {
+            ReviewWebhook::Comment(e) => Some(e.pull_request.head.git_ref.clone()),
+            ReviewWebhook::Review(e) => Some(e.pull_request.head.git_ref.clone()),
+            ReviewWebhook::Conversation(e) if e.issue.pull_request.is_none() => {
+                return Ok("not_a_pull_request")
+            }
+            ReviewWebhook::Conversation(_) => None,
+        };
+        let pull = self.pull_context(&full_name, webhook.number(), head.as_deref())?;
+        let token = self
+            .token(&full_name, crate::pr_reviews::ACCESS)
+            .await?
+            .token;
+        let mut batches = self.batches()?;
+        let handled =
+            crate::pr_reviews::handle(&self.env, &pull, webhook, &mut batches, &token, now_ms())
+                .await?;
+        self.save_batches(&batches)?;
+        match handled {
+            Handled::Skipped(code) => Ok(code),
+            Handled::Batched => {
+                if let Some(at) = batches.next_deadline() {
+                    self.wake_by(at).await?;
+                }
+                Ok("review_comment")
+            }
+            Handled::Fire(key, review) => self.fire(&pull, &key, review.as_deref(), &token).await,
+            Handled::Conversation(comment) => {
+                crate::pr_reviews::fire_conversation(
+                    &self.env,
+                    &pull,
+                    webhook.number(),
+                    &comment,
+                    &token,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Fires one batch (taken from the batches first: a batch fires once; the prompt's key
+    /// makes a repeated fire one prompt anyway).
+    async fn fire(
+        &self,
+        pull: &PullContext,
+        key: &BatchKey,
+        review: Option<&Review>,
+        token: &str,
+    ) -> ApiResult<&'static str> {
+        let mut batches = self.batches()?;
+        let Some(batch) = batches.take(key) else {
+            return Ok("already_fired");
+        };
+        let fired = crate::pr_reviews::fire_review(
+            &self.env,
+            pull,
+            key,
+            &batch.comment_ids,
+            &batch.author,
+            review,
+            token,
+        )
+        .await;
+        match fired {
+            Ok(outcome) => {
+                self.save_batches(&batches)?;
+                Ok(outcome)
+            }
+            // Not fired: the batch stays, and the delivery (or the alarm) tries again.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Batches whose debounce ran out fire now.
+    async fn fire_due_reviews(&self) -> ApiResult<()> {
+        let now = now_ms();
+        let batches = self.batches()?;
+        for key in batches.due(now) {
+            let pull = self.pull_context(&key.repository, key.number, None)?;
+            let token = self
+                .token(&key.repository, crate::pr_reviews::ACCESS)
+                .await?
+                .token;
+            self.fire(&pull, &key, None, &token).await?;
+        }
+        if let Some(at) = self.batches()?.next_deadline() {
+            self.wake_by(at).await?;
+        }
+        Ok(())
     }
 
     /// The cron's pass: deliveries GitHub could not make (no 2xx from us) and that we never

@@ -25,6 +25,8 @@ use crate::store::SqlRows;
 
 #[path = "../src/session_requests.rs"]
 mod requests;
+#[path = "../src/session_reviews.rs"]
+mod reviews;
 
 struct Loaded {
     hosted: HostedSession,
@@ -41,6 +43,8 @@ pub struct SessionObject {
     alarm_at: Cell<Option<u64>>,
     /// A pull request that stored events call for, opened once the effects are carried out.
     pull_due: RefCell<Option<PullRequestDue>>,
+    /// Review replies that stored events call for, posted once the effects are carried out.
+    replies_due: Cell<bool>,
 }
 
 impl DurableObject for SessionObject {
@@ -51,6 +55,7 @@ impl DurableObject for SessionObject {
             cache: RefCell::new(None),
             alarm_at: Cell::new(None),
             pull_due: RefCell::new(None),
+            replies_due: Cell::new(false),
         }
     }
 
@@ -252,9 +257,20 @@ impl SessionObject {
                 // The effects are done: a pull request they called for is opened now, and
                 // what it recorded is carried out like any other effect.
                 let due = self.pull_due.borrow_mut().take();
-                let Some(due) = due else { break };
-                queue.extend(self.open_pull_request(&due).await);
-                continue;
+                if let Some(due) = due {
+                    queue.extend(self.open_pull_request(&due).await);
+                    continue;
+                }
+                // Then the review threads get their answers (after the pull request: a
+                // reply may name the commit the pull request shows).
+                if self.replies_due.replace(false) {
+                    match self.post_replies().await {
+                        Ok(more) => queue.extend(more),
+                        Err(e) => console_error!("posting review replies: {}", e.message),
+                    }
+                    continue;
+                }
+                break;
             };
             let next = match self.carry_out(effect, &mut answers).await {
                 Ok(next) => next,
@@ -326,6 +342,11 @@ impl SessionObject {
         self.sockets().to_people(&frame);
         if let Ok(Some(due)) = self.read(|h, _| h.session.pull_request_due(events)) {
             *self.pull_due.borrow_mut() = Some(due);
+        }
+        match self.review_prompts_finished(events) {
+            Ok(true) => self.replies_due.set(true),
+            Ok(false) => {}
+            Err(e) => console_error!("answering review comments: {}", e.message),
         }
         if let Some((ok, result)) = agent_session::ending(events) {
             if let Some(link) = agent_session::link(&self.sql())? {
@@ -438,7 +459,10 @@ impl SessionObject {
 
     /// Sets the alarm to the core's next deadline (unless an earlier one is already set).
     async fn schedule_alarm(&self) -> ApiResult<()> {
-        let Some(next) = self.read(|h, _| h.next_deadline())? else {
+        let core = self.read(|h, _| h.next_deadline())?;
+        // Replies GitHub did not take are posted again at their own time.
+        let replies = self.reviews()?.retry_at;
+        let Some(next) = core.into_iter().chain(replies).min() else {
             return Ok(());
         };
         if self.alarm_at.get().is_some_and(|current| current <= next) {
@@ -460,6 +484,12 @@ impl SessionObject {
         }
         let result = self.input(Input::Alarm).await.map(drop);
         self.flush_presence();
+        if self.reviews()?.retry_at.is_some_and(|at| at <= now_ms()) {
+            self.replies_due.set(true);
+            if let Err(e) = self.execute(Vec::new()).await {
+                console_error!("posting review replies: {}", e.message);
+            }
+        }
         let rearmed = match self.ensure_loaded() {
             Ok(true) => self.schedule_alarm().await,
             Ok(false) => Ok(()),

@@ -4,6 +4,7 @@ use nightshift_core::github::{
     self as gh, AccessToken, AccessTokenRequest, CreatePull, Delivery, Email, Installation, Pull,
     Repository, TokenAnswer, TokenExchange, User, UserTokens,
 };
+use nightshift_core::pr_review::{CreateComment, CreateReaction, ReactionContent, ReviewComment};
 use serde::de::DeserializeOwned;
 use worker::{Fetch, Headers, Method, Request, RequestInit};
 
@@ -329,4 +330,146 @@ pub async fn redeliver(cfg: &Github, jwt: &str, id: u64) -> Result<(), GithubErr
         200..=299 => Ok(()),
         _ => decode::<serde_json::Value>(status, &bytes).map(|_| ()),
     }
+}
+
+// ---- review comments (as the App, with a discussion token) --------------------------------
+
+/// `GET /repos/{o}/{r}/collaborators/{login}/permission`: the person's role there.
+pub async fn collaborator_role(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    login: &str,
+) -> Result<gh::Role, GithubError> {
+    let answer: gh::CollaboratorPermission = rest(
+        cfg,
+        Method::Get,
+        &format!(
+            "/repos/{full_name}/collaborators/{}/permission",
+            gh::percent_encode(login)
+        ),
+        As::Token(token),
+        None,
+    )
+    .await?;
+    let role = answer
+        .role_name
+        .as_deref()
+        .map(gh::Role::from_permission_name)
+        .filter(|role| *role != gh::Role::None)
+        .unwrap_or_else(|| gh::Role::from_permission_name(&answer.permission));
+    Ok(role)
+}
+
+/// `GET /repos/{o}/{r}/pulls/{n}`.
+pub async fn pull(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    number: u64,
+) -> Result<Pull, GithubError> {
+    rest(
+        cfg,
+        Method::Get,
+        &format!("/repos/{full_name}/pulls/{number}"),
+        As::Token(token),
+        None,
+    )
+    .await
+}
+
+/// The most pages of a list read (100 each).
+const MAX_PAGES: u32 = 10;
+
+/// `GET /repos/{o}/{r}/pulls/{n}/reviews/{review}/comments`, every page (at most ten).
+pub async fn review_comments(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    number: u64,
+    review: u64,
+) -> Result<Vec<ReviewComment>, GithubError> {
+    let mut all = Vec::new();
+    for page in 1..=MAX_PAGES {
+        let batch: Vec<ReviewComment> = rest(
+            cfg,
+            Method::Get,
+            &format!(
+                "/repos/{full_name}/pulls/{number}/reviews/{review}/comments?per_page=100&page={page}"
+            ),
+            As::Token(token),
+            None,
+        )
+        .await?;
+        let last = batch.len() < 100;
+        all.extend(batch);
+        if last {
+            break;
+        }
+    }
+    Ok(all)
+}
+
+/// `POST /repos/{o}/{r}/pulls/{n}/comments/{root}/replies`: an answer in a review thread.
+pub async fn reply_in_thread(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    number: u64,
+    root: u64,
+    body: &str,
+) -> Result<(), GithubError> {
+    let _: serde::de::IgnoredAny = rest(
+        cfg,
+        Method::Post,
+        &format!("/repos/{full_name}/pulls/{number}/comments/{root}/replies"),
+        As::Token(token),
+        Some(json_bytes(&CreateComment {
+            body: body.to_string(),
+        })?),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `POST /repos/{o}/{r}/issues/{n}/comments`: an answer in the pull request's conversation.
+pub async fn comment_on_pull(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    number: u64,
+    body: &str,
+) -> Result<(), GithubError> {
+    let _: serde::de::IgnoredAny = rest(
+        cfg,
+        Method::Post,
+        &format!("/repos/{full_name}/issues/{number}/comments"),
+        As::Token(token),
+        Some(json_bytes(&CreateComment {
+            body: body.to_string(),
+        })?),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reacts to a comment: a review comment (`pulls`) or a conversation comment (`issues`).
+pub async fn react(
+    cfg: &Github,
+    token: &str,
+    full_name: &str,
+    on_review_comment: bool,
+    comment: u64,
+    content: ReactionContent,
+) -> Result<(), GithubError> {
+    let kind = if on_review_comment { "pulls" } else { "issues" };
+    let _: serde::de::IgnoredAny = rest(
+        cfg,
+        Method::Post,
+        &format!("/repos/{full_name}/{kind}/comments/{comment}/reactions"),
+        As::Token(token),
+        Some(json_bytes(&CreateReaction { content })?),
+    )
+    .await?;
+    Ok(())
 }

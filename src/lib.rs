@@ -15,6 +15,7 @@ mod github;
 mod http;
 mod objects;
 mod platform;
+mod pr_reviews;
 mod provider;
 mod pull_requests;
 mod repositories;

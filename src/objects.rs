@@ -393,6 +393,29 @@ pub enum SessionRoute {
     PullRequest,
     /// → [`SessionRepository`]: which repository the session works on (access checks).
     Repository,
+    /// [`ReviewPromptAsk`] → [`ReviewPromptAnswer`]: review comments as one follow-up prompt
+    /// of the reviewer's (from the installation index, which checked who may trigger).
+    ReviewPrompt,
+}
+
+/// Review comments as a prompt of the reviewer's in the pull request's session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewPromptAsk {
+    pub author: nightshift_core::ids::Identity,
+    pub text: String,
+    /// The prompt's idempotency key: one prompt per review, however often it is fired.
+    pub key: String,
+    pub round: nightshift_core::pr_review::ReviewRound,
+    pub comments: Vec<nightshift_core::events::PrCommentNote>,
+    #[serde(default)]
+    pub omitted: usize,
+}
+
+/// The prompt review comments became, and whether it is new.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewPromptAnswer {
+    pub prompt: String,
+    pub new: bool,
 }
 
 /// The answer of the session's `/repository`.
@@ -403,8 +426,9 @@ pub struct SessionRepository {
 }
 
 impl SessionRoute {
-    const ALL: [(SessionRoute, Method, &'static str); 9] = [
+    const ALL: [(SessionRoute, Method, &'static str); 10] = [
         (SessionRoute::PullRequest, Method::Post, "/pull-request"),
+        (SessionRoute::ReviewPrompt, Method::Post, "/review-prompt"),
         (SessionRoute::Repository, Method::Get, "/repository"),
         (SessionRoute::Create, Method::Post, "/create"),
         (SessionRoute::Prompt, Method::Post, "/prompt"),

@@ -166,6 +166,11 @@ impl SessionObject {
                 let repository = self.read(|h, _| h.session.meta.repository.clone())?;
                 return json_of(200, &objects::SessionRepository { repository });
             }
+            Some(SessionRoute::ReviewPrompt) => {
+                let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
+                let ask: objects::ReviewPromptAsk = objects::decode_body(&path, &bytes)?;
+                return json_of(200, &self.review_prompt(ask).await?);
+            }
             Some(SessionRoute::PullRequest) => {
                 self.require_loaded()?;
                 let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;

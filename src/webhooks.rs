@@ -38,8 +38,13 @@ pub async fn github(req: &mut Request, env: &Env) -> ApiResult<Response> {
     // What is stored is the compact typed payload: a delivery may be 25 MB, a stored value
     // at most 2 MB. A known event whose body does not fit its shape is refused, nothing stored;
     // an event Nightshift does not handle is stored (so its id is seen once) and ignored.
-    let body = match gh::WebhookEvent::parse(&event, &body) {
-        Ok(parsed) => parsed.to_json(),
+    let parsed = if crate::pr_reviews::EVENTS.contains(&event.as_str()) {
+        nightshift_core::pr_review::ReviewWebhook::parse(&event, &body).map(|w| w.to_json())
+    } else {
+        gh::WebhookEvent::parse(&event, &body).map(|w| w.to_json())
+    };
+    let body = match parsed {
+        Ok(compact) => compact,
         Err(WebhookError::UnknownEvent) => {
             if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
                 return Err(EdgeError::Webhook(WebhookError::BadPayload(

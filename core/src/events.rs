@@ -141,6 +141,108 @@ pub enum EventKind {
     /// The pull request could not be opened in the person's name: what they can do instead.
     #[serde(rename = "pr.action")]
     PrAction(PullRequestAction),
+    /// Review comments on the session's pull request became one prompt (fenced as untrusted
+    /// input in its text; here as people read them).
+    #[serde(rename = "pr.comment.received")]
+    PrCommentReceived {
+        repository: String,
+        number: u64,
+        prompt: String,
+        comments: Vec<PrCommentNote>,
+        /// Comments left out of the prompt to keep it bounded.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted: usize,
+    },
+    /// The prompt's work was pushed (or nothing changed) and each thread got its answer.
+    #[serde(rename = "pr.comment.addressed")]
+    PrCommentAddressed {
+        repository: String,
+        number: u64,
+        prompt: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit: Option<String>,
+        replies: Vec<PrReplyNote>,
+    },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// What review comments did in a session, as a command carries it to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ReviewNote {
+    Received {
+        repository: String,
+        number: u64,
+        prompt: String,
+        comments: Vec<PrCommentNote>,
+        omitted: usize,
+    },
+    Addressed {
+        repository: String,
+        number: u64,
+        prompt: String,
+        commit: Option<String>,
+        replies: Vec<PrReplyNote>,
+    },
+}
+
+impl ReviewNote {
+    /// The event it is logged as.
+    pub fn event(self) -> EventKind {
+        match self {
+            ReviewNote::Received {
+                repository,
+                number,
+                prompt,
+                comments,
+                omitted,
+            } => EventKind::PrCommentReceived {
+                repository,
+                number,
+                prompt,
+                comments,
+                omitted,
+            },
+            ReviewNote::Addressed {
+                repository,
+                number,
+                prompt,
+                commit,
+                replies,
+            } => EventKind::PrCommentAddressed {
+                repository,
+                number,
+                prompt,
+                commit,
+                replies,
+            },
+        }
+    }
+}
+
+/// One reviewer's comment as the session log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PrCommentNote {
+    pub id: u64,
+    /// The thread's root comment (the comment itself when it starts the thread).
+    pub root: u64,
+    pub author: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<String>,
+    /// The comment's text, cut to 1 KiB.
+    pub body: String,
+    pub url: String,
+}
+
+/// One answer posted in a thread (or the PR's conversation).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PrReplyNote {
+    pub root: u64,
+    pub body: String,
 }
 
 /// What a person can do when the session could not open the pull request in their name: open
@@ -183,6 +285,8 @@ impl EventKind {
             EventKind::PrMerged { .. } => "pr.merged",
             EventKind::PrClosed { .. } => "pr.closed",
             EventKind::PrAction(_) => "pr.action",
+            EventKind::PrCommentReceived { .. } => "pr.comment.received",
+            EventKind::PrCommentAddressed { .. } => "pr.comment.addressed",
         }
     }
 }

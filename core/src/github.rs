@@ -457,6 +457,9 @@ pub struct PrLink {
     pub title: String,
     /// GitHub's `updated_at` of the version remembered.
     pub updated_at: String,
+    /// The head commit (a push to the branch moves it: the PR was updated).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub head_sha: String,
 }
 
 /// What [`PrLink::apply`] did.
@@ -494,6 +497,7 @@ impl PrLink {
             draft: pull.draft,
             title: pull.title.clone(),
             updated_at: pull.updated_at.clone(),
+            head_sha: pull.head.sha.clone(),
         }
     }
 
@@ -839,24 +843,34 @@ pub enum Access {
     Read,
     /// `contents: write`.
     Write,
+    /// `pull_requests: write` and `issues: write`, no contents: reading review comments,
+    /// replying in their threads and reacting (the control plane's, never a sandbox's).
+    Discussion,
 }
 
 impl Access {
-    /// The level's name in a permissions map (`read` or `write`).
+    /// The level's name (its token cache key): `read`, `write` or `discussion`.
     pub fn level(self) -> &'static str {
         match self {
             Access::Read => "read",
             Access::Write => "write",
+            Access::Discussion => "discussion",
         }
     }
 
-    /// A token request for one repository (`repo_name` without the owner) with this contents
-    /// access and `metadata: read`.
+    /// A token request for one repository (`repo_name` without the owner) with this access
+    /// and `metadata: read`.
     pub fn request(self, repo_name: &str) -> AccessTokenRequest {
-        let permissions = BTreeMap::from([
-            ("contents".to_string(), self.level().to_string()),
-            ("metadata".to_string(), "read".to_string()),
-        ]);
+        let granted: &[(&str, &str)] = match self {
+            Access::Read => &[("contents", "read")],
+            Access::Write => &[("contents", "write")],
+            Access::Discussion => &[("pull_requests", "write"), ("issues", "write")],
+        };
+        let permissions = granted
+            .iter()
+            .chain(&[("metadata", "read")])
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         AccessTokenRequest {
             repositories: vec![repo_name.to_string()],
             permissions,

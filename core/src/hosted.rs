@@ -382,6 +382,8 @@ pub enum Command {
     },
     /// The pull request could not be opened in the person's name.
     PullRequestAction(crate::events::PullRequestAction),
+    /// What review comments did: `pr.comment.received` or `pr.comment.addressed`.
+    PullRequestReview(crate::events::ReviewNote),
 }
 
 /// What a command did, for its answer.
@@ -582,6 +584,7 @@ impl HostedSession {
             } => s.background_child(id, status, session, title, branch),
             Command::PullRequest { repository, pull } => s.pull_request(&repository, &pull),
             Command::PullRequestAction(action) => s.pull_request_action(action),
+            Command::PullRequestReview(kind) => s.pull_request_review(kind),
             Command::BackgroundCancel => {
                 let owner = s.members.get(&s.meta.owner).map(|m| Identity {
                     user: m.user.clone(),

@@ -1350,3 +1350,196 @@ impl ReplyOutbox {
         true
     }
 }
+
+/// A prompt that answers review comments: where its replies go once it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRound {
+    pub prompt: String,
+    /// `owner/name` on GitHub.
+    pub repository: String,
+    pub number: u64,
+    pub kind: ReplyKind,
+    /// The review's id (a conversation comment's own id).
+    pub round: u64,
+    /// The threads to answer (their root comments; a conversation comment itself).
+    pub roots: Vec<u64>,
+    /// The fork the PR's branch is on, when it is one (no push: a suggestion instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<String>,
+    /// Its replies are in the outbox.
+    #[serde(default)]
+    pub answered: bool,
+    /// The commit its work was pushed as, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+}
+
+/// A session's review rounds and the replies it owes, stored by the session object. Replies
+/// move pending → posted once; a failed post is retried at `retry_at`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReviews {
+    #[serde(default)]
+    pub rounds: Vec<ReviewRound>,
+    #[serde(default)]
+    pub outbox: ReplyOutbox,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
+}
+
+/// Rounds kept once answered (the newest).
+pub const ROUNDS_KEPT: usize = 100;
+
+impl SessionReviews {
+    /// Records a round; a second one for the same prompt changes nothing.
+    pub fn add(&mut self, round: ReviewRound) -> bool {
+        if self.rounds.iter().any(|r| r.prompt == round.prompt) {
+            return false;
+        }
+        self.rounds.push(round);
+        let answered = self.rounds.iter().filter(|r| r.answered).count();
+        if answered > ROUNDS_KEPT {
+            if let Some(i) = self.rounds.iter().position(|r| r.answered) {
+                self.rounds.remove(i);
+            }
+        }
+        true
+    }
+
+    /// The prompt ended (its work pushed as `commit`, or nothing changed): its replies go into
+    /// the outbox once. `summary` is what the agent said last. Answers the round when it had
+    /// one not yet answered.
+    pub fn finished(
+        &mut self,
+        prompt: &str,
+        ok: bool,
+        commit: Option<&str>,
+        summary: &str,
+        reason: Option<&str>,
+    ) -> Option<ReviewRound> {
+        let round = self
+            .rounds
+            .iter_mut()
+            .find(|r| r.prompt == prompt && !r.answered)?;
+        round.answered = true;
+        round.commit = commit.map(String::from);
+        let replies = match (&round.fork, ok) {
+            (Some(fork), true) => round
+                .roots
+                .iter()
+                .map(|root| fork_reply(*root, fork, None, summary))
+                .collect(),
+            (_, true) => addressed(&round.roots, commit, summary),
+            (_, false) => {
+                let why = format!(
+                    "the agent's turn did not finish ({}); ask again, or see the session.",
+                    reason.unwrap_or("failed")
+                );
+                addressed(&round.roots, None, &why)
+            }
+        };
+        let round = round.clone();
+        self.outbox.enqueue(
+            &round.repository,
+            round.number,
+            round.kind,
+            round.round,
+            replies,
+        );
+        Some(round)
+    }
+
+    /// Replies still to post.
+    pub fn pending(&self) -> Vec<OutboxEntry> {
+        self.outbox.pending().into_iter().cloned().collect()
+    }
+
+    /// The reply is posted; when it was its round's last, the round and its replies.
+    pub fn posted(&mut self, key: &ReplyKey) -> Option<(ReviewRound, Vec<OutboxEntry>)> {
+        if !self.outbox.mark_posted(key) {
+            return None;
+        }
+        let round = self
+            .rounds
+            .iter()
+            .find(|r| r.round == key.round && r.kind == key.kind && r.answered)?
+            .clone();
+        let mine: Vec<OutboxEntry> = self
+            .outbox
+            .entries
+            .iter()
+            .filter(|e| e.key.round == key.round && e.key.kind == key.kind)
+            .cloned()
+            .collect();
+        mine.iter()
+            .all(|e| e.state == ReplyState::Posted)
+            .then_some((round, mine))
+    }
+}
+
+#[cfg(test)]
+mod session_reviews {
+    use super::*;
+
+    fn round(prompt: &str, roots: &[u64], fork: Option<&str>) -> ReviewRound {
+        ReviewRound {
+            prompt: prompt.into(),
+            repository: "acme/web".into(),
+            number: 7,
+            kind: ReplyKind::Thread,
+            round: 41,
+            roots: roots.to_vec(),
+            fork: fork.map(String::from),
+            answered: false,
+            commit: None,
+        }
+    }
+
+    #[test]
+    fn a_round_is_answered_once_and_done_when_every_reply_is_posted() {
+        let mut reviews = SessionReviews::default();
+        assert!(reviews.add(round("prm_1", &[1, 2, 3], None)));
+        assert!(!reviews.add(round("prm_1", &[9], None)));
+        assert_eq!(reviews.finished("prm_other", true, None, "x", None), None);
+        let answered = reviews.finished("prm_1", true, Some("abcdef123456"), "Renamed it.", None);
+        assert!(answered.is_some());
+        // The prompt's end seen again (a replayed event): nothing more is owed.
+        assert_eq!(
+            reviews.finished("prm_1", true, Some("abcdef1"), "again", None),
+            None
+        );
+        let pending = reviews.pending();
+        assert_eq!(pending.len(), 3);
+        assert!(pending[0]
+            .body
+            .starts_with("Addressed in `abcdef1`: Renamed it."));
+        assert_eq!(reviews.posted(&pending[0].key), None);
+        assert_eq!(reviews.posted(&pending[1].key), None);
+        // Posting the same one twice is nothing new.
+        assert_eq!(reviews.posted(&pending[1].key), None);
+        let (done, replies) = reviews.posted(&pending[2].key).expect("the round is done");
+        assert_eq!(done.roots, vec![1, 2, 3]);
+        assert_eq!(replies.len(), 3);
+        assert!(reviews.pending().is_empty());
+        // Stored and read back as it was.
+        let text = serde_json::to_string(&reviews).expect("json");
+        let back: SessionReviews = serde_json::from_str(&text).expect("back");
+        assert_eq!(back, reviews);
+    }
+
+    #[test]
+    fn a_failed_turn_says_so_and_a_fork_gets_no_claim_of_a_push() {
+        let mut reviews = SessionReviews::default();
+        reviews.add(round("prm_1", &[5], None));
+        reviews.finished("prm_1", false, None, "", Some("sandbox_failed"));
+        assert!(reviews.pending()[0].body.contains("sandbox_failed"));
+        let mut fork = SessionReviews::default();
+        fork.add(round("prm_2", &[6], Some("eve/web")));
+        fork.finished("prm_2", true, Some("abc1234"), "Would rename it.", None);
+        let body = &fork.pending()[0].body;
+        assert!(
+            body.contains("eve/web") && body.contains("cannot push"),
+            "{body}"
+        );
+        assert!(!body.contains("Addressed in"), "{body}");
+    }
+}

@@ -1299,6 +1299,13 @@ impl Session {
         })
     }
 
+    /// Review comments became a prompt, or were answered: the log says so.
+    pub fn pull_request_review(&mut self, note: crate::events::ReviewNote) -> Outcome {
+        let mut out = Outcome::default();
+        out.event(Actor::system(), note.event());
+        out
+    }
+
     /// The pull request could not be opened in the person's name: offer the compare link.
     pub fn pull_request_action(&mut self, action: PullRequestAction) -> Outcome {
         let mut out = Outcome::default();

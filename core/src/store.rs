@@ -66,6 +66,8 @@ pub enum Kv {
     AgentLink,
     /// A background agent's session: the sessions it spawned.
     Children,
+    /// Review rounds and the replies owed (`core::pr_review::SessionReviews`).
+    Reviews,
 }
 
 impl Kv {
@@ -78,6 +80,7 @@ impl Kv {
             Kv::Branch => "branch",
             Kv::AgentLink => "background",
             Kv::Children => "children",
+            Kv::Reviews => "reviews",
         }
     }
 }

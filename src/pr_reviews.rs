@@ -1,0 +1,329 @@
+//! Review comments as work, on the installation index's side: who may trigger (the author's role asked of GitHub), the 👀 at once, a review's comments gathered into one batch, and the batch fired as one prompt of the reviewer's into the pull request's own session.
+
+use nightshift_core::events::PrCommentNote;
+use nightshift_core::github::{Access, Role};
+use nightshift_core::ids::Identity;
+use nightshift_core::pr_review::{
+    self as review, BatchKey, ComposedPrompt, IssueComment, PrSubject, ReplyKind, Review,
+    ReviewBatches, ReviewComment, ReviewMode, ReviewRound, ReviewWebhook, TriggerPolicy,
+    ACK_REACTION,
+};
+use worker::{console_error, Env};
+
+use crate::config::{self, Github};
+use crate::error::{ApiResult, EdgeError};
+use crate::github::{self, GithubError};
+use crate::http::{ask, session_stub};
+use crate::objects::{encode, ReviewPromptAnswer, ReviewPromptAsk, SessionRoute};
+
+/// The webhook events that carry review comments.
+pub const EVENTS: [&str; 3] = [
+    "pull_request_review_comment",
+    "pull_request_review",
+    "issue_comment",
+];
+
+/// A comment's text as the session log shows it (the prompt fences the whole of it).
+const NOTE_BYTES: usize = 1024;
+
+/// What a review delivery did (its stored outcome).
+pub enum Handled {
+    /// Nothing to do, with the reason's stable code.
+    Skipped(&'static str),
+    /// A comment joined its review's batch; the batches changed.
+    Batched,
+    /// Batches to fire now (a submitted review), the review itself when one was submitted.
+    Fire(BatchKey, Option<Box<Review>>),
+    /// A conversation comment: a prompt now.
+    Conversation(Box<IssueComment>),
+}
+
+/// Where a pull request's work goes: its session, if Nightshift has one for it.
+pub struct PullContext {
+    pub full_name: String,
+    pub session: Option<String>,
+}
+
+/// Decides what a verified, de-duplicated review delivery does. Bots, the App itself, edits
+/// and people below write access never start work; the 👀 goes on at once when one does.
+pub async fn handle(
+    env: &Env,
+    pull: &PullContext,
+    webhook: &ReviewWebhook,
+    batches: &mut ReviewBatches,
+    token: &str,
+    now_ms: u64,
+) -> ApiResult<Handled> {
+    let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
+    let policy = TriggerPolicy {
+        app_slug: &cfg.slug,
+        nightshift_pr: pull.session.is_some(),
+        mode: ReviewMode::Every,
+    };
+    let key = batch_key(pull, webhook);
+    if let Err(skip) = review::precheck(webhook, &policy) {
+        return Ok(skipped(batches, key, webhook, skip.code(), now_ms));
+    }
+    let login = webhook.author().login.clone();
+    let role = match github::collaborator_role(&cfg, token, &pull.full_name, &login).await {
+        Ok(role) => role,
+        Err(GithubError::NoAccess(_)) => Role::None,
+        Err(e) => return Err(e.edge().into()),
+    };
+    if let Err(skip) = review::may_trigger(webhook, &policy, role) {
+        return Ok(skipped(batches, key, webhook, skip.code(), now_ms));
+    }
+    acknowledge(&cfg, token, &pull.full_name, webhook).await;
+    Ok(match webhook {
+        ReviewWebhook::Comment(event) => {
+            let Some(key) = key else {
+                return Ok(Handled::Skipped("ignored"));
+            };
+            batches.comment(key, event.comment.id, &login, now_ms);
+            Handled::Batched
+        }
+        ReviewWebhook::Review(event) => {
+            let Some(key) = key else {
+                return Ok(Handled::Skipped("ignored"));
+            };
+            batches.submitted(key.clone(), true, &login, now_ms);
+            Handled::Fire(key, Some(Box::new(event.review.clone())))
+        }
+        ReviewWebhook::Conversation(event) => {
+            Handled::Conversation(Box::new(event.comment.clone()))
+        }
+    })
+}
+
+/// A delivery that starts nothing; a review submitted without triggering still fires the
+/// comments of it that did.
+fn skipped(
+    batches: &mut ReviewBatches,
+    key: Option<BatchKey>,
+    webhook: &ReviewWebhook,
+    code: &'static str,
+    now_ms: u64,
+) -> Handled {
+    if let (ReviewWebhook::Review(event), Some(key)) = (webhook, key) {
+        if event.action == "submitted"
+            && batches.submitted(key.clone(), false, &event.review.user.login, now_ms)
+        {
+            return Handled::Fire(key, None);
+        }
+    }
+    Handled::Skipped(code)
+}
+
+fn batch_key(pull: &PullContext, webhook: &ReviewWebhook) -> Option<BatchKey> {
+    match webhook {
+        ReviewWebhook::Comment(event) => Some(BatchKey::of_comment(
+            &pull.full_name,
+            event.pull_request.number,
+            &event.comment,
+        )),
+        ReviewWebhook::Review(event) => Some(BatchKey {
+            repository: pull.full_name.clone(),
+            number: event.pull_request.number,
+            review_id: event.review.id,
+        }),
+        ReviewWebhook::Conversation(_) => None,
+    }
+}
+
+/// The 👀 on the comment (a review itself has no reactions); a failure is only logged.
+async fn acknowledge(cfg: &Github, token: &str, full_name: &str, webhook: &ReviewWebhook) {
+    let target = match webhook {
+        ReviewWebhook::Comment(event) => Some((true, event.comment.id)),
+        ReviewWebhook::Conversation(event) => Some((false, event.comment.id)),
+        ReviewWebhook::Review(_) => None,
+    };
+    if let Some((on_review_comment, id)) = target {
+        if let Err(e) =
+            github::react(cfg, token, full_name, on_review_comment, id, ACK_REACTION).await
+        {
+            console_error!("👀 on {full_name} comment {id}: {}", e.edge());
+        }
+    }
+}
+
+/// Fires a review's batch: its comments read back from GitHub, one bounded prompt of the
+/// reviewer's into the pull request's session.
+pub async fn fire_review(
+    env: &Env,
+    pull: &PullContext,
+    key: &BatchKey,
+    comment_ids: &[u64],
+    author: &str,
+    submitted: Option<&Review>,
+    token: &str,
+) -> ApiResult<&'static str> {
+    let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
+    let pr = github::pull(&cfg, token, &key.repository, key.number)
+        .await
+        .map_err(|e| e.edge())?;
+    let mut comments =
+        github::review_comments(&cfg, token, &key.repository, key.number, key.review_id)
+            .await
+            .map_err(|e| e.edge())?;
+    // Only the comments that triggered (a reviewer's edits and a bot's replies are not asks).
+    comments.retain(|c| comment_ids.contains(&c.id));
+    if comments.is_empty()
+        && submitted.is_none_or(|r| r.body.as_deref().unwrap_or("").trim().is_empty())
+    {
+        return Ok("empty");
+    }
+    let subject = PrSubject::from_pull(&key.repository, &pr);
+    let composed = review::review_prompt(&subject, &comments, submitted);
+    let included: Vec<&ReviewComment> = comments
+        .iter()
+        .filter(|c| composed.included.contains(&c.id))
+        .collect();
+    let mut roots: Vec<u64> = included.iter().map(|c| review::thread_root(c)).collect();
+    roots.dedup();
+    let notes = included.iter().map(|c| note_of_review_comment(c)).collect();
+    let round = ReviewRound {
+        prompt: String::new(),
+        repository: key.repository.clone(),
+        number: key.number,
+        kind: ReplyKind::Thread,
+        round: key.review_id,
+        roots,
+        fork: fork_of(&pr),
+        answered: false,
+        commit: None,
+    };
+    let ask = prompt_ask(
+        author,
+        composed,
+        round,
+        notes,
+        format!("review-{}", key.review_id),
+    );
+    deliver(env, pull, ask).await
+}
+
+/// Fires a conversation comment on the pull request as one prompt of its author's.
+pub async fn fire_conversation(
+    env: &Env,
+    pull: &PullContext,
+    number: u64,
+    comment: &IssueComment,
+    token: &str,
+) -> ApiResult<&'static str> {
+    let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
+    let pr = github::pull(&cfg, token, &pull.full_name, number)
+        .await
+        .map_err(|e| e.edge())?;
+    let subject = PrSubject::from_pull(&pull.full_name, &pr);
+    let composed = review::conversation_prompt(&subject, comment);
+    let note = PrCommentNote {
+        id: comment.id,
+        root: comment.id,
+        author: comment.user.login.clone(),
+        path: None,
+        lines: None,
+        body: cut(&comment.body, NOTE_BYTES),
+        url: comment.html_url.clone(),
+    };
+    let round = ReviewRound {
+        prompt: String::new(),
+        repository: pull.full_name.clone(),
+        number,
+        kind: ReplyKind::Conversation,
+        round: comment.id,
+        roots: vec![comment.id],
+        fork: fork_of(&pr),
+        answered: false,
+        commit: None,
+    };
+    let ask = prompt_ask(
+        &comment.user.login,
+        composed,
+        round,
+        vec![note],
+        format!("comment-{}", comment.id),
+    );
+    deliver(env, pull, ask).await
+}
+
+fn prompt_ask(
+    login: &str,
+    composed: ComposedPrompt,
+    round: ReviewRound,
+    comments: Vec<PrCommentNote>,
+    key: String,
+) -> ReviewPromptAsk {
+    ReviewPromptAsk {
+        author: reviewer(login),
+        text: composed.text,
+        key,
+        round,
+        comments,
+        omitted: composed.omitted,
+    }
+}
+
+/// The reviewer as Nightshift knows them: their GitHub login is their user name (a person
+/// who signed in with GitHub is that same person).
+fn reviewer(login: &str) -> Identity {
+    let user = nightshift_core::signin::user_for_github_login(login)
+        .unwrap_or_else(|| format!("github-{}", login.to_ascii_lowercase()));
+    Identity {
+        user,
+        name: login.to_string(),
+        email: None,
+    }
+}
+
+fn fork_of(pr: &nightshift_core::github::Pull) -> Option<String> {
+    if !pr.is_fork() {
+        return None;
+    }
+    let head = pr.head.repo.as_ref().map(|r| r.full_name.clone());
+    Some(head.unwrap_or_else(|| "a deleted fork".to_string()))
+}
+
+fn note_of_review_comment(comment: &ReviewComment) -> PrCommentNote {
+    PrCommentNote {
+        id: comment.id,
+        root: review::thread_root(comment),
+        author: comment.user.login.clone(),
+        path: Some(comment.path.clone()),
+        lines: Some(review::line_range(comment)),
+        body: cut(&comment.body, NOTE_BYTES),
+        url: comment.html_url.clone(),
+    }
+}
+
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Hands the prompt to the pull request's session.
+async fn deliver(env: &Env, pull: &PullContext, ask: ReviewPromptAsk) -> ApiResult<&'static str> {
+    let Some(session) = &pull.session else {
+        // A pull request Nightshift has no session for (only mentions get here).
+        return Ok("no_session");
+    };
+    let stub = session_stub(env, session)?;
+    let answer: ReviewPromptAnswer = ask_session(&stub, encode(&ask)?).await?;
+    Ok(if answer.new {
+        "prompted"
+    } else {
+        "already_prompted"
+    })
+}
+
+async fn ask_session(stub: &worker::Stub, body: Vec<u8>) -> ApiResult<ReviewPromptAnswer> {
+    ask(stub, SessionRoute::ReviewPrompt, Some(body)).await
+}
+
+/// The token the control plane reads and answers review comments with.
+pub const ACCESS: Access = Access::Discussion;

@@ -1,0 +1,265 @@
+//! Review comments end to end against the fake GitHub: a review on the pull request Nightshift opened becomes one prompt of the reviewer's in the same session, its work is pushed to the pull request's branch, and every thread gets its answer once.
+
+use nightshift_core::github::Role;
+use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
+use nightshift_tests::{secs, User};
+use serde_json::{json, Value};
+
+/// The Worker's vars for the fake (the PEM with literal `\n`, as a secret pasted into one line).
+fn github_vars(fake: &FakeGithub) -> Vec<(&'static str, String)> {
+    vec![
+        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
+        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
+        ("GITHUB_APP_ID", fake.app_id().to_string()),
+        (
+            "GITHUB_APP_PRIVATE_KEY",
+            fake.private_key_pem().trim().replace('\n', "\\n"),
+        ),
+        ("GITHUB_APP_SLUG", fake.slug()),
+        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
+        ("GITHUB_API_URL", fake.api_url()),
+        ("GITHUB_WEB_URL", fake.web_url()),
+        ("GITHUB_GIT_URL", fake.git_url()),
+        (
+            "TOKEN_ENCRYPTION_KEY",
+            "test-token-key-0123456789".to_string(),
+        ),
+    ]
+}
+
+/// Signs `login` in through GitHub's OAuth pages (the fake's); returns their token.
+async fn sign_in(server: &nightshift_tests::Server, fake: &FakeGithub, login: &str) -> User {
+    fake.set_browser_user(login);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let start = http
+        .get(format!("{}/auth/github/start?return=/", server.base))
+        .send()
+        .await
+        .expect("start");
+    let authorize = start
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let cookie = start
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("ns_oauth="))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_default()
+        .to_string();
+    let callback = fake
+        .authorize_redirect(&authorize)
+        .await
+        .expect("authorize page");
+    let landed = http
+        .get(callback)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("callback");
+    let to = landed
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let query = to
+        .split_once("#/signed-in?")
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    let token = nightshift_core::github::form_decode(query)
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .expect("token in the fragment");
+    User {
+        user: login.into(),
+        token,
+    }
+}
+
+fn prompts_of(view: &Value) -> usize {
+    view["prompts"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_threads() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("carol", "Carol Reviewer");
+    fake.add_user("bob", "Bob Reader");
+    fake.add_bot("lint-bot");
+    fake.add_repo(
+        "acme/web",
+        &[
+            ("ada", Role::Admin),
+            ("carol", Role::Write),
+            ("bob", Role::Read),
+            ("lint-bot", Role::Write),
+        ],
+    );
+    let installation = fake.install("acme", &["acme/web"]);
+    let vars = github_vars(&fake);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // The session's one conversation: the first prompt's two turns, then the review's two.
+    let recording = json!({"turns": [
+        {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
+        {"text": "Created hello.txt."},
+        {"text": "Applying the review.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "Hello, world.\n"}}]},
+        {"text": "Capitalised the greeting, greeted the world and ended it with a full stop."}
+    ]});
+    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let api = server.client();
+    let (st, _) = fake.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+    let ada = sign_in(&server, &fake, "ada").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // Nightshift opens the pull request.
+    let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
+    let mut ws = api.connect(&ada, &id, "ada", 0).await;
+    let p1 = api.prompt(&ada, &id, "Write a greeting").await;
+    let finished = ws.finished(&p1).await;
+    assert_eq!(finished["ok"], true, "{finished}");
+    let opened = ws.event("pr.opened", |_| true).await;
+    let number = opened["pull_request"]["number"].as_u64().expect("number");
+    let branch = format!("nightshift/{id}");
+    let first_push = fake.branch_sha("acme/web", &branch).expect("pushed");
+    let deliveries_before_review = fake.deliveries().len();
+
+    // Carol reviews with three comments: one prompt of hers, in the same session.
+    let (_review, comments) = fake
+        .submit_review(
+            "acme/web",
+            number,
+            "carol",
+            "A few things before this goes in.",
+            &[
+                ("hello.txt", 1, "Capitalise the greeting."),
+                ("hello.txt", 1, "Greet the world, not nobody."),
+                ("hello.txt", 1, "End it with a full stop."),
+            ],
+        )
+        .await;
+    let received = ws.event("pr.comment.received", |_| true).await;
+    assert_eq!(received["number"], number, "{received}");
+    let listed: Vec<u64> = received["comments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["id"].as_u64())
+        .collect();
+    assert_eq!(listed, comments, "{received}");
+    let p2 = received["prompt"].as_str().expect("prompt").to_string();
+    let queued = ws
+        .event("prompt.queued", |e| e["prompt"]["id"] == p2.as_str())
+        .await;
+    assert_eq!(queued["prompt"]["author"], "carol", "{queued}");
+    let text = queued["prompt"]["text"].as_str().unwrap_or_default();
+    for comment in [
+        "Capitalise the greeting.",
+        "Greet the world",
+        "End it with a full stop.",
+    ] {
+        assert!(
+            text.contains(comment),
+            "{comment} not in the prompt: {text}"
+        );
+    }
+    assert!(text.contains("untrusted"), "{text}");
+
+    // Its work goes to the pull request's own branch; GitHub says the PR was updated.
+    let done = ws.finished(&p2).await;
+    assert_eq!(done["ok"], true, "{done} after {:?}", ws.seen);
+    assert_eq!(done["branch"], branch.as_str(), "{done}");
+    let second_push = fake.branch_sha("acme/web", &branch).expect("branch");
+    assert_ne!(second_push, first_push, "the review's work was not pushed");
+    let deadline = std::time::Instant::now() + secs(20);
+    let synchronize = loop {
+        let found = fake
+            .deliveries()
+            .into_iter()
+            .find(|d| d.action.as_deref() == Some("synchronize"));
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GitHub never said the branch moved: {:?}",
+            fake.deliveries()
+                .iter()
+                .map(|d| (d.event.clone(), d.action.clone(), d.status_code))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(synchronize.status_code, 202);
+    ws.event("pr.updated", |_| true).await;
+
+    // One answer per thread, to its root, naming the commit; the log says so.
+    let addressed = ws.event("pr.comment.addressed", |_| true).await;
+    assert_eq!(addressed["prompt"], p2.as_str(), "{addressed}");
+    let replies = fake.review_replies("acme/web");
+    let roots: Vec<u64> = replies.iter().map(|(root, _, _)| *root).collect();
+    assert_eq!(roots, comments, "{replies:?}");
+    for (_, body, by) in &replies {
+        assert!(
+            body.starts_with(&format!("Addressed in `{}`", &second_push[..7])),
+            "{body}"
+        );
+        assert!(by.ends_with("[bot]"), "{by}");
+    }
+    // Each comment got its 👀 at once.
+    let eyes = fake
+        .reactions()
+        .into_iter()
+        .filter(|(kind, _, content, _)| kind == "pulls" && content == "eyes")
+        .count();
+    assert_eq!(eyes, 3);
+
+    // The same deliveries again, a bot's ask and a reader's ask: nothing more happens.
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    let prompts = prompts_of(&view);
+    let statuses = fake.redeliver_since(deliveries_before_review).await;
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    fake.comment_on_pull(
+        "acme/web",
+        number,
+        "lint-bot",
+        "@nightshift-app please fix lint",
+    )
+    .await;
+    fake.comment_on_pull("acme/web", number, "bob", "Please also rename the file.")
+        .await;
+    tokio::time::sleep(secs(2)).await;
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(prompts_of(&view), prompts, "{view}");
+    assert_eq!(fake.review_replies("acme/web").len(), 3);
+    assert_eq!(
+        fake.reactions()
+            .into_iter()
+            .filter(|(_, _, content, _)| content == "eyes")
+            .count(),
+        3
+    );
+}
