@@ -15,8 +15,9 @@ use crate::github::{self, GithubError};
 use crate::http::{call, repository_stub, session_stub};
 use crate::objects::{
     encode, read_body, DeliveryAnswer, InstallationAnswer, InstallationAsk, InstallationQuotaAsk,
-    InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PullLink,
-    PullUpdate, Redelivered, RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
+    InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PrSessionAnswer,
+    PrSessionAsk, PullLink, PullUpdate, Redelivered, RepositoryLink, RepositoryRoute, SessionRoute,
+    WebhookDelivery,
 };
 use crate::platform::now_ms;
 use crate::pr_reviews::{Handled, PullContext};
@@ -166,6 +167,10 @@ impl InstallationIndex {
                 json_of(200, &self.token(&ask.repository, ask.access).await?)
             }
             InstallationRoute::Redeliver => json_of(200, &self.redeliver().await?),
+            InstallationRoute::PrSession => {
+                let ask: PrSessionAsk = read_body(&mut req).await?;
+                json_of(200, &self.pr_session(&ask).await?)
+            }
             InstallationRoute::Quota => {
                 let ask: InstallationQuotaAsk = read_body(&mut req).await?;
                 self.take_quota(&ask).await?;
@@ -685,14 +690,15 @@ impl InstallationIndex {
             }
             Handled::Fire(key, review) => self.fire(&pull, &key, review.as_deref(), &token).await,
             Handled::Conversation(comment) => {
-                crate::pr_reviews::fire_conversation(
+                let prepared = crate::pr_reviews::fire_conversation(
                     &self.env,
                     &pull,
                     webhook.number(),
                     &comment,
                     &token,
                 )
-                .await
+                .await?;
+                self.deliver_review(&pull, prepared).await
             }
         }
     }
@@ -712,7 +718,6 @@ impl InstallationIndex {
         };
         let fired = crate::pr_reviews::fire_review(
             &self.env,
-            pull,
             key,
             &batch.comment_ids,
             &batch.author,
@@ -720,14 +725,138 @@ impl InstallationIndex {
             token,
         )
         .await;
-        match fired {
-            Ok(outcome) => {
-                self.save_batches(&batches)?;
-                Ok(outcome)
-            }
-            // Not fired: the batch stays, and the delivery (or the alarm) tries again.
-            Err(e) => Err(e),
+        // Not fired: the batch stays, and the delivery (or the alarm) tries again.
+        let outcome = match fired? {
+            Some(prepared) => self.deliver_review(pull, prepared).await?,
+            None => "empty",
+        };
+        self.save_batches(&batches)?;
+        Ok(outcome)
+    }
+
+    /// Hands a prepared prompt to the pull request's session, starting one on its branch when
+    /// Nightshift has none (recorded before it is made, so a retry finds the same one).
+    async fn deliver_review(
+        &self,
+        pull: &PullContext,
+        prepared: crate::pr_reviews::Prepared,
+    ) -> ApiResult<&'static str> {
+        let session = match &pull.session {
+            Some(session) => session.clone(),
+            None => match self
+                .start_pr_session(pull, &prepared.ask.author, &prepared.pr)
+                .await?
+            {
+                Some(id) => id,
+                None => return Ok("ignored"),
+            },
+        };
+        crate::pr_reviews::deliver(&self.env, &session, &prepared.ask).await
+    }
+
+    /// Starts the session of a pull request Nightshift has none for, owned by `author`, on its
+    /// branch; recorded before it is made, so a retry finds the same one. `None` when the
+    /// repository is not registered.
+    async fn start_pr_session(
+        &self,
+        pull: &PullContext,
+        author: &nightshift_core::ids::Identity,
+        pr: &nightshift_core::github::Pull,
+    ) -> ApiResult<Option<String>> {
+        let number = pr.number;
+        let session =
+            {
+                {
+                    let name: Vec<TextRow> = self
+                        .sql()?
+                        .exec(
+                            "SELECT name AS value FROM registered WHERE full_name = ?",
+                            vec![pull.full_name.as_str().into()],
+                        )?
+                        .to_array()?;
+                    let Some(name) = name.first().map(|row| row.value.clone()) else {
+                        return Ok(None);
+                    };
+                    let pending = format!("pr_session:{}#{number}", pull.full_name);
+                    let id = match self.kv_text(&pending)? {
+                        Some(id) => id,
+                        None => {
+                            let id = crate::platform::new_id("ses");
+                            self.put_kv_text(&pending, &id)?;
+                            id
+                        }
+                    };
+                    crate::pr_reviews::start_session(
+                        &self.env,
+                        &id,
+                        &name,
+                        &pull.full_name,
+                        author,
+                        pr,
+                    )
+                    .await?;
+                    self.sql()?.exec(
+                    "INSERT OR REPLACE INTO pulls (repository, number, session) VALUES (?, ?, ?)",
+                    vec![pull.full_name.as_str().into(), int(number), id.as_str().into()],
+                )?;
+                    self.sql()?
+                        .exec("DELETE FROM kv WHERE k = ?", vec![pending.into()])?;
+                    id
+                }
+            };
+        Ok(Some(session))
+    }
+
+    /// `/pr-session`: the pull request's session, started (by `start`'s person, on its branch)
+    /// when asked and there is none.
+    async fn pr_session(&self, ask: &PrSessionAsk) -> ApiResult<PrSessionAnswer> {
+        let full_name = ask.repository.to_ascii_lowercase();
+        let pull = self.pull_context(&full_name, ask.number, None)?;
+        if let Some(session) = pull.session {
+            return Ok(PrSessionAnswer {
+                session: Some(session),
+                started: false,
+            });
         }
+        let Some(author) = &ask.start else {
+            return Ok(PrSessionAnswer {
+                session: None,
+                started: false,
+            });
+        };
+        let cfg = config::github(&self.env).ok_or(EdgeError::GithubNotConfigured)?;
+        let token = self
+            .token(&full_name, crate::pr_reviews::ACCESS)
+            .await?
+            .token;
+        let pr = match github::pull(&cfg, &token, &full_name, ask.number).await {
+            Ok(pr) => pr,
+            Err(GithubError::NoAccess(_)) => {
+                return Err(EdgeError::NotFound("pull request").into());
+            }
+            Err(e) => return Err(e.edge().into()),
+        };
+        let session = self.start_pr_session(&pull, author, &pr).await?;
+        Ok(PrSessionAnswer {
+            started: session.is_some(),
+            session,
+        })
+    }
+
+    fn kv_text(&self, key: &str) -> ApiResult<Option<String>> {
+        let rows: Vec<TextRow> = self
+            .sql()?
+            .exec("SELECT body AS value FROM kv WHERE k = ?", vec![key.into()])?
+            .to_array()?;
+        Ok(rows.first().map(|row| row.value.clone()))
+    }
+
+    fn put_kv_text(&self, key: &str, value: &str) -> ApiResult<()> {
+        self.sql()?.exec(
+            "INSERT OR REPLACE INTO kv (k, body) VALUES (?, ?)",
+            vec![key.into(), value.into()],
+        )?;
+        Ok(())
     }
 
     /// Batches whose debounce ran out fire now.

@@ -102,6 +102,8 @@ pub enum EdgeError {
     RepositoryNotFound,
     #[error("no such repository; register it with POST /repositories")]
     RepositoryNotRegistered,
+    #[error("this pull request has no session yet; POST /pr-session starts one")]
+    PrSessionNotFound,
     #[error("{0} is already registered; change it with PATCH")]
     RepositoryExists(String),
     #[error("no such build")]
@@ -207,6 +209,7 @@ impl EdgeError {
                 "repository_not_found"
             }
             EdgeError::RepositoryExists(_) => "repository_exists",
+            EdgeError::PrSessionNotFound => "pr_session_not_found",
             EdgeError::BuildNotFound => "image_not_found",
             EdgeError::BuildRefused { .. } => "build_refused",
             EdgeError::NoSuchAgent => "agent_not_found",
@@ -280,6 +283,7 @@ impl EdgeError {
             | EdgeError::SandboxNotFound(_)
             | EdgeError::RepositoryNotFound
             | EdgeError::RepositoryNotRegistered
+            | EdgeError::PrSessionNotFound
             | EdgeError::BuildNotFound
             | EdgeError::NoSuchAgent => 404,
             EdgeError::SessionExists
@@ -387,6 +391,7 @@ pub const ALL_CODES: &[&str] = &[
     "out_of_order",
     "owner_cannot_leave",
     "owner_only",
+    "pr_session_not_found",
     "prompt_not_found",
     "prompt_not_queued",
     "prompt_running",
@@ -645,6 +650,7 @@ mod tests {
             (RepositoryNotFound, "repository_not_found", 404),
             (RepositoryNotRegistered, "repository_not_found", 404),
             (RepositoryExists(s()), "repository_exists", 409),
+            (PrSessionNotFound, "pr_session_not_found", 404),
             (BuildNotFound, "image_not_found", 404),
             (
                 BuildRefused {

@@ -215,10 +215,30 @@ pub enum InstallationRoute {
     Redeliver,
     /// [`InstallationQuotaAsk`] → [`OkAnswer`], or 429 `quota_exceeded` with `Retry-After`.
     Quota,
+    /// [`PrSessionAsk`] → [`PrSessionAnswer`]: a pull request's session (started if asked).
+    PrSession,
+}
+
+/// `InstallationIndex` `/pr-session`: the session of pull request `number` of `repository`
+/// (`owner/name`); with `start`, that person starts one on its branch when there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrSessionAsk {
+    pub repository: String,
+    pub number: u64,
+    #[serde(default)]
+    pub start: Option<nightshift_core::ids::Identity>,
+}
+
+/// The answer of `/pr-session`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrSessionAnswer {
+    pub session: Option<String>,
+    /// True when this ask started it.
+    pub started: bool,
 }
 
 impl InstallationRoute {
-    const ALL: [(InstallationRoute, Method, &'static str); 7] = [
+    const ALL: [(InstallationRoute, Method, &'static str); 8] = [
         (InstallationRoute::Delivery, Method::Post, "/delivery"),
         (InstallationRoute::LinkPull, Method::Post, "/pulls/link"),
         (
@@ -234,6 +254,7 @@ impl InstallationRoute {
         (InstallationRoute::Token, Method::Post, "/token"),
         (InstallationRoute::Redeliver, Method::Post, "/redeliver"),
         (InstallationRoute::Quota, Method::Post, "/quota"),
+        (InstallationRoute::PrSession, Method::Post, "/pr-session"),
     ];
 
     pub fn method(self) -> Method {
@@ -396,6 +417,15 @@ pub enum SessionRoute {
     /// [`ReviewPromptAsk`] → [`ReviewPromptAnswer`]: review comments as one follow-up prompt
     /// of the reviewer's (from the installation index, which checked who may trigger).
     ReviewPrompt,
+    /// [`ContinueBranch`] → [`OkAnswer`]: a session started on a pull request works on (and
+    /// pushes to) that pull request's branch.
+    ContinueBranch,
+}
+
+/// The branch a session started on a pull request continues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContinueBranch {
+    pub branch: String,
 }
 
 /// Review comments as a prompt of the reviewer's in the pull request's session.
@@ -426,8 +456,13 @@ pub struct SessionRepository {
 }
 
 impl SessionRoute {
-    const ALL: [(SessionRoute, Method, &'static str); 10] = [
+    const ALL: [(SessionRoute, Method, &'static str); 11] = [
         (SessionRoute::PullRequest, Method::Post, "/pull-request"),
+        (
+            SessionRoute::ContinueBranch,
+            Method::Post,
+            "/continue-branch",
+        ),
         (SessionRoute::ReviewPrompt, Method::Post, "/review-prompt"),
         (SessionRoute::Repository, Method::Get, "/repository"),
         (SessionRoute::Create, Method::Post, "/create"),

@@ -150,13 +150,12 @@ async fn acknowledge(cfg: &Github, token: &str, full_name: &str, webhook: &Revie
 /// reviewer's into the pull request's session.
 pub async fn fire_review(
     env: &Env,
-    pull: &PullContext,
     key: &BatchKey,
     comment_ids: &[u64],
     author: &str,
     submitted: Option<&Review>,
     token: &str,
-) -> ApiResult<&'static str> {
+) -> ApiResult<Option<Prepared>> {
     let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
     let pr = github::pull(&cfg, token, &key.repository, key.number)
         .await
@@ -170,7 +169,7 @@ pub async fn fire_review(
     if comments.is_empty()
         && submitted.is_none_or(|r| r.body.as_deref().unwrap_or("").trim().is_empty())
     {
-        return Ok("empty");
+        return Ok(None);
     }
     let subject = PrSubject::from_pull(&key.repository, &pr);
     let composed = review::review_prompt(&subject, &comments, submitted);
@@ -199,7 +198,13 @@ pub async fn fire_review(
         notes,
         format!("review-{}", key.review_id),
     );
-    deliver(env, pull, ask).await
+    Ok(Some(Prepared { ask, pr }))
+}
+
+/// A prompt ready for the pull request's session, and the pull request as GitHub has it now.
+pub struct Prepared {
+    pub ask: ReviewPromptAsk,
+    pub pr: nightshift_core::github::Pull,
 }
 
 /// Fires a conversation comment on the pull request as one prompt of its author's.
@@ -209,7 +214,7 @@ pub async fn fire_conversation(
     number: u64,
     comment: &IssueComment,
     token: &str,
-) -> ApiResult<&'static str> {
+) -> ApiResult<Prepared> {
     let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
     let pr = github::pull(&cfg, token, &pull.full_name, number)
         .await
@@ -243,7 +248,7 @@ pub async fn fire_conversation(
         vec![note],
         format!("comment-{}", comment.id),
     );
-    deliver(env, pull, ask).await
+    Ok(Prepared { ask, pr })
 }
 
 fn prompt_ask(
@@ -306,14 +311,10 @@ fn cut(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// Hands the prompt to the pull request's session.
-async fn deliver(env: &Env, pull: &PullContext, ask: ReviewPromptAsk) -> ApiResult<&'static str> {
-    let Some(session) = &pull.session else {
-        // A pull request Nightshift has no session for (only mentions get here).
-        return Ok("no_session");
-    };
+/// Hands the prompt to session `session`.
+pub async fn deliver(env: &Env, session: &str, ask: &ReviewPromptAsk) -> ApiResult<&'static str> {
     let stub = session_stub(env, session)?;
-    let answer: ReviewPromptAnswer = ask_session(&stub, encode(&ask)?).await?;
+    let answer: ReviewPromptAnswer = ask_session(&stub, encode(ask)?).await?;
     Ok(if answer.new {
         "prompted"
     } else {
@@ -325,5 +326,163 @@ async fn ask_session(stub: &worker::Stub, body: Vec<u8>) -> ApiResult<ReviewProm
     ask(stub, SessionRoute::ReviewPrompt, Some(body)).await
 }
 
+/// Starts session `id` for a pull request Nightshift has none for, owned by the person whose
+/// comment asked: on the pull request's head branch (pushes go there), showing the pull
+/// request. Answers when it exists (a retried start finds it made).
+pub async fn start_session(
+    env: &Env,
+    id: &str,
+    name: &str,
+    full_name: &str,
+    author: &Identity,
+    pr: &nightshift_core::github::Pull,
+) -> ApiResult<()> {
+    let title = cut(&format!("PR #{}: {}", pr.number, pr.title.trim()), 190);
+    let body = nightshift_core::wire::CreateSession {
+        title: title.clone(),
+        repository: Some(name.to_string()),
+        model: None,
+    };
+    let bytes = serde_json::to_vec(&body).map_err(crate::error::ApiError::internal)?;
+    let (status, text) =
+        crate::routes::open_session(env, author, id, bytes, title, Some(name.to_string())).await?;
+    if status != 201 && !text.contains("session_exists") {
+        return Err(crate::error::ApiError::internal(format!(
+            "starting the pull request's session: {status} {text}"
+        )));
+    }
+    let stub = session_stub(env, id)?;
+    let branch = crate::objects::ContinueBranch {
+        branch: pr.head.git_ref.clone(),
+    };
+    ask::<crate::objects::OkAnswer>(&stub, SessionRoute::ContinueBranch, Some(encode(&branch)?))
+        .await?;
+    let update = crate::objects::PullUpdate {
+        repository: full_name.to_string(),
+        pull: pr.clone(),
+    };
+    ask::<crate::objects::OkAnswer>(&stub, SessionRoute::PullRequest, Some(encode(&update)?))
+        .await?;
+    Ok(())
+}
+
 /// The token the control plane reads and answers review comments with.
 pub const ACCESS: Access = Access::Discussion;
+
+/// The body of `POST /pr-session`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrSessionBody {
+    /// `owner/name` on GitHub.
+    pub repository: String,
+    pub number: u64,
+}
+
+/// The answer of `/pr-session`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrSessionView {
+    pub repository: String,
+    pub number: u64,
+    pub session: String,
+    /// True when this call started it.
+    pub started: bool,
+}
+
+fn pr_ref(repository: &str, number: u64) -> ApiResult<(String, u64)> {
+    let full_name = repository.trim().to_ascii_lowercase();
+    if !nightshift_core::repository::valid_github_name(&full_name) {
+        return Err(EdgeError::InvalidInput("repository: `owner/name` on GitHub").into());
+    }
+    if number == 0 {
+        return Err(EdgeError::InvalidInput("number: a pull request's number").into());
+    }
+    Ok((full_name, number))
+}
+
+async fn ask_index(
+    env: &Env,
+    ask: &crate::objects::PrSessionAsk,
+) -> ApiResult<crate::objects::PrSessionAnswer> {
+    let stub = crate::http::installation_index(env)?;
+    crate::http::ask(
+        &stub,
+        crate::objects::InstallationRoute::PrSession,
+        Some(encode(ask)?),
+    )
+    .await
+}
+
+/// `GET /pr-session?repository=owner/name&number=N`: the pull request's session (GitHub read
+/// on the repository; 404 `pr_session_not_found` when it has none).
+pub async fn get(req: &worker::Request, env: &Env) -> ApiResult<worker::Response> {
+    let who = crate::auth::authenticate(req, env).await?;
+    config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
+    let url = req.url().map_err(crate::error::ApiError::internal)?;
+    let query = |k: &str| {
+        url.query_pairs()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.into_owned())
+    };
+    let number = query("number").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let (full_name, number) = pr_ref(&query("repository").unwrap_or_default(), number)?;
+    crate::access::require(
+        env,
+        &who,
+        &full_name,
+        nightshift_core::github::RepositoryAction::Read,
+        false,
+    )
+    .await?;
+    let ask = crate::objects::PrSessionAsk {
+        repository: full_name.clone(),
+        number,
+        start: None,
+    };
+    let Some(session) = ask_index(env, &ask).await?.session else {
+        return Err(EdgeError::PrSessionNotFound.into());
+    };
+    crate::error::json_of(
+        200,
+        &PrSessionView {
+            repository: full_name,
+            number,
+            session,
+            started: false,
+        },
+    )
+}
+
+/// `POST /pr-session {repository, number}`: the pull request's session, started by the caller
+/// on its branch when it has none (GitHub write on the repository: its work is pushed there).
+pub async fn post(req: &mut worker::Request, env: &Env) -> ApiResult<worker::Response> {
+    let who = crate::auth::authenticate(req, env).await?;
+    config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
+    let body: PrSessionBody = crate::http::read_body(req).await?;
+    let (full_name, number) = pr_ref(&body.repository, body.number)?;
+    crate::access::require(
+        env,
+        &who,
+        &full_name,
+        nightshift_core::github::RepositoryAction::Push,
+        true,
+    )
+    .await?;
+    let ask = crate::objects::PrSessionAsk {
+        repository: full_name.clone(),
+        number,
+        start: Some(who),
+    };
+    let answer = ask_index(env, &ask).await?;
+    let Some(session) = answer.session else {
+        return Err(EdgeError::RepositoryNotRegistered.into());
+    };
+    crate::error::json_of(
+        if answer.started { 201 } else { 200 },
+        &PrSessionView {
+            repository: full_name,
+            number,
+            session,
+            started: answer.started,
+        },
+    )
+}

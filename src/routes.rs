@@ -1,5 +1,6 @@
 //! HTTP routing of the Worker: authenticate, check the shape of the request, forward to the right Durable Object.
 
+use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::wire::{self, DevSignIn};
 use worker::{Env, Headers, Method, Request, Response};
@@ -80,6 +81,8 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Post, ["auth", "ticket"]) => json_of(200, &auth::ticket(&mut req, env).await?),
         (Method::Post, ["webhook", "github"]) => crate::webhooks::github(&mut req, env).await,
         (Method::Get, ["github", "setup"]) => crate::auth_github::setup(&req),
+        (Method::Get, ["pr-session"]) => crate::pr_reviews::get(&req, env).await,
+        (Method::Post, ["pr-session"]) => crate::pr_reviews::post(&mut req, env).await,
         (Method::Post, ["sessions"]) => create_session(&mut req, env).await,
         (Method::Get, ["sessions"]) => {
             let who = auth::authenticate(&req, env).await?;
@@ -209,16 +212,31 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     };
     access::take_quota(env, &who, QuotaKind::Sessions, github.as_deref()).await?;
     let id = new_id("ses");
+    let (status, text) = open_session(env, &who, &id, bytes, title, body.repository).await?;
+    json_response(status, text).map_err(ApiError::from)
+}
+
+/// Creates session `id` owned by `who` (checked and counted already) with its creator's index
+/// entry; the object's answer.
+pub(crate) async fn open_session(
+    env: &Env,
+    who: &Identity,
+    id: &str,
+    bytes: Vec<u8>,
+    title: String,
+    repository: Option<String>,
+) -> ApiResult<(u16, String)> {
+    let id = id.to_string();
     let stub = session_stub(env, &id)?;
     let headers = Headers::new();
-    headers.set(IDENTITY_HEADER, &encode_identity(&who))?;
+    headers.set(IDENTITY_HEADER, &encode_identity(who))?;
     headers.set(SESSION_HEADER, &id)?;
     // The session and the creator's index entry are written at the same time (one round
     // trip instead of two); the entry is taken back if the session is not created.
     let entry = SessionEntry {
         id: id.clone(),
         title,
-        repository: body.repository.clone(),
+        repository,
         role: "owner".into(),
         joined_at: now_ms(),
         status: "active".into(),
@@ -247,7 +265,7 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     } else {
         indexed?;
     }
-    json_response(status, text).map_err(ApiError::from)
+    Ok((status, text))
 }
 
 /// A sandbox dials its session; the session object checks the per-sandbox token.

@@ -166,6 +166,16 @@ impl SessionObject {
                 let repository = self.read(|h, _| h.session.meta.repository.clone())?;
                 return json_of(200, &objects::SessionRepository { repository });
             }
+            Some(SessionRoute::ContinueBranch) => {
+                self.require_loaded()?;
+                let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
+                let ask: objects::ContinueBranch = objects::decode_body(&path, &bytes)?;
+                if !nightshift_core::repository::valid_branch_name(&ask.branch) {
+                    return Err(EdgeError::InvalidInput("branch: not a branch name").into());
+                }
+                sql_store::kv_put(&self.sql(), nightshift_core::store::Kv::Branch, &ask.branch)?;
+                return json_of(200, &OkAnswer::yes());
+            }
             Some(SessionRoute::ReviewPrompt) => {
                 let bytes = req.bytes().await.map_err(|_| EdgeError::UnreadableBody)?;
                 let ask: objects::ReviewPromptAsk = objects::decode_body(&path, &bytes)?;

@@ -762,6 +762,8 @@ impl Role {
 pub enum RepositoryAction {
     Read,
     Use,
+    /// Work that pushes to a branch that is not Nightshift's own (a pull request's).
+    Push,
     Change,
     Register,
 }
@@ -771,6 +773,7 @@ impl RepositoryAction {
     pub fn needs(self) -> Role {
         match self {
             RepositoryAction::Read | RepositoryAction::Use => Role::Read,
+            RepositoryAction::Push => Role::Write,
             RepositoryAction::Change | RepositoryAction::Register => Role::Maintain,
         }
     }
@@ -781,6 +784,8 @@ impl RepositoryAction {
             Ok(())
         } else if self.needs() == Role::Read {
             Err("read")
+        } else if self.needs() == Role::Write {
+            Err("write")
         } else {
             Err("admin or maintain")
         }

@@ -93,6 +93,23 @@ fn invalid(m: impl Into<String>) -> RepoError {
 
 /// A GitHub repository's full name: `owner/name`, each 1–100 of letters, digits, `-`, `_`, `.`
 /// (not `.` or `..`).
+/// A branch name git and GitHub take (`git check-ref-format --branch`'s rules, and at most 200
+/// bytes): what a session may continue and push, never an option or a path trick.
+pub fn valid_branch_name(name: &str) -> bool {
+    let bad_char = |c: char| c.is_control() || " ~^:?*[\\".contains(c);
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with(['-', '/', '.'])
+        && !name.ends_with(['/', '.'])
+        && !name.ends_with(".lock")
+        && !name.contains("..")
+        && !name.contains("//")
+        && !name.contains("@{")
+        && !name.contains("/.")
+        && name != "@"
+        && !name.chars().any(bad_char)
+}
+
 pub fn valid_github_name(full_name: &str) -> bool {
     let part = |p: &str| {
         !p.is_empty()
@@ -367,6 +384,20 @@ pub fn cron_slot(now_ms: u64, every_min: u32) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn branch_names_are_what_git_takes() {
+        for good in ["main", "feature/x", "nightshift/ses_1", "fix-1.2", "a_b"] {
+            assert!(valid_branch_name(good), "{good}");
+        }
+        for bad in [
+            "", "-x", "/x", "x/", ".x", "x.", "x.lock", "a..b", "a//b", "a@{1}", "a b", "a~1",
+            "a^", "a:b", "a?", "a*", "a[b", "a\\b", "x/.y", "@", "a\nb",
+        ] {
+            assert!(!valid_branch_name(bad), "{bad:?}");
+        }
+        assert!(!valid_branch_name(&"x".repeat(201)));
+    }
 
     #[test]
     fn a_push_while_a_build_runs_owes_one_build_after_it() {

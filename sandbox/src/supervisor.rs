@@ -53,7 +53,8 @@ pub struct Settings {
     /// Environment for OpenCode (model keys and the like).
     pub env: BTreeMap<String, String>,
     /// The session's pushed branch to continue on instead of the base (a cold start of a
-    /// session that already has work, when no snapshot could be restored).
+    /// session that already has work, when no snapshot could be restored, or of a session
+    /// started on a pull request's branch); its pushes go there.
     pub continue_branch: Option<String>,
     /// The repository is private: git credentials come from the session over the link
     /// (`NIGHTSHIFT_GIT_AUTH=link`), and the first sync waits for them (a pooled sandbox's, for
@@ -145,7 +146,7 @@ impl Settings {
             sync_gate_file: all.get("NIGHTSHIFT_SYNC_GATE_FILE").map(PathBuf::from),
             continue_branch: all
                 .get("NIGHTSHIFT_CONTINUE_BRANCH")
-                .filter(|b| b.starts_with("nightshift/"))
+                .filter(|b| nightshift_core::repository::valid_branch_name(b))
                 .cloned(),
             git_auth_from_link: all.get("NIGHTSHIFT_GIT_AUTH").map(String::as_str) == Some("link"),
             api_secret: Some(secrets.api_secret.clone())
@@ -1194,9 +1195,13 @@ pub fn translate_part(prompt: &str, part: &Value) -> Option<AgentEvent> {
 async fn commit_and_push(s: &Shared, job: &PromptJob) -> Result<Option<(String, String)>, String> {
     let repo = s.cfg.repo();
     let session_id = s.session_id();
-    let branch = format!("nightshift/{session_id}");
-    let porcelain = git(&repo, &["status", "--porcelain"]).await?;
     let already = s.branch.lock().ok().and_then(|b| b.clone());
+    // The branch the session continues (its own, or the pull request's it was started on),
+    // else its own.
+    let branch = already
+        .clone()
+        .unwrap_or_else(|| format!("nightshift/{session_id}"));
+    let porcelain = git(&repo, &["status", "--porcelain"]).await?;
     if porcelain.is_empty() {
         return Ok(None);
     }

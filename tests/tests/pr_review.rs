@@ -263,3 +263,154 @@ async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_thr
         3
     );
 }
+
+#[tokio::test]
+async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch() {
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("carol", "Carol Author");
+    fake.add_user("bob", "Bob Reader");
+    fake.add_repo(
+        "acme/web",
+        &[
+            ("ada", Role::Admin),
+            ("carol", Role::Write),
+            ("bob", Role::Read),
+        ],
+    );
+    let installation = fake.install("acme", &["acme/web"]);
+    let vars = github_vars(&fake);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let recording = json!({"turns": [
+        {"text": "Adding the notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "CONTRIBUTING.md", "content": "Run the tests first.\n"}}]},
+        {"text": "Added CONTRIBUTING.md."}
+    ]});
+    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let api = server.client();
+    let (st, _) = fake.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+    let ada = sign_in(&server, &fake, "ada").await;
+    let carol = sign_in(&server, &fake, "carol").await;
+    let bob = sign_in(&server, &fake, "bob").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // Carol's own pull request, from her branch.
+    let before = fake
+        .commit_file("acme/web", "feature/docs", "README.md", "docs\n")
+        .expect("commit");
+    let created = reqwest::Client::new()
+        .post(format!("{}/repos/acme/web/pulls", fake.api_url()))
+        .bearer_auth(fake.mint_user_token("carol"))
+        .header("user-agent", "carol's browser")
+        .header("accept", "application/vnd.github+json")
+        .json(&json!({"title": "Docs", "head": "feature/docs", "base": "main"}))
+        .send()
+        .await
+        .expect("open");
+    assert_eq!(created.status().as_u16(), 201);
+    let number = created.json::<Value>().await.expect("pull")["number"]
+        .as_u64()
+        .expect("number");
+    let lookup = format!("/pr-session?repository=acme/web&number={number}");
+    let (st, v) = api.call("GET", &lookup, &ada, None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("pr_session_not_found")),
+        "{v}"
+    );
+
+    // On a pull request Nightshift did not open, only a mention asks.
+    fake.comment_on_pull("acme/web", number, "carol", "Looks good to me.")
+        .await;
+    let slug = fake.slug();
+    fake.comment_on_pull(
+        "acme/web",
+        number,
+        "carol",
+        &format!("@{slug} please add contributing notes"),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + secs(30);
+    let session = loop {
+        let (st, v) = api.call("GET", &lookup, &carol, None).await;
+        if st == 200 {
+            break v["session"].as_str().expect("session").to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no session: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut ws = api.connect(&carol, &session, "carol", 0).await;
+    let received = ws.event("pr.comment.received", |_| true).await;
+    assert_eq!(
+        received["comments"].as_array().map(Vec::len),
+        Some(1),
+        "{received}"
+    );
+    let prompt = received["prompt"].as_str().expect("prompt").to_string();
+    let done = ws.finished(&prompt).await;
+    assert_eq!(done["ok"], true, "{done} after {:?}", ws.seen);
+    assert_eq!(done["branch"], "feature/docs", "{done}");
+    let after = fake.branch_sha("acme/web", "feature/docs").expect("branch");
+    assert_ne!(
+        after, before,
+        "the work was not pushed to the pull request's branch"
+    );
+    assert!(
+        fake.branch_sha("acme/web", &format!("nightshift/{session}"))
+            .is_none(),
+        "pushed to a branch of its own"
+    );
+    ws.event("pr.comment.addressed", |_| true).await;
+    let answers: Vec<(String, String)> = fake
+        .issue_comments("acme/web", number)
+        .into_iter()
+        .filter(|(_, _, by, _)| by.ends_with("[bot]"))
+        .map(|(_, body, by, _)| (body, by))
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(
+        answers[0]
+            .0
+            .starts_with(&format!("Addressed in `{}`", &after[..7])),
+        "{answers:?}"
+    );
+    // The session shows the pull request; no second one was opened.
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{session}"), &carol, None)
+        .await;
+    assert_eq!(view["pull_request"]["number"], number, "{view}");
+    assert_eq!(fake.pulls("acme/web").len(), 1);
+
+    // By hand: a reader may not start or continue one; a writer gets the same session.
+    let body = json!({"repository": "acme/web", "number": number});
+    let (st, v) = api
+        .call("POST", "/pr-session", &bob, Some(body.clone()))
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (403, Some("repository_role_required")),
+        "{v}"
+    );
+    let (st, v) = api.call("POST", "/pr-session", &ada, Some(body)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["session"], session.as_str());
+    assert_eq!(v["started"], false);
+    let (st, v) = api
+        .call(
+            "POST",
+            "/pr-session",
+            &ada,
+            Some(json!({"repository": "acme/web", "number": 999})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+}

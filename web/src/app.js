@@ -366,8 +366,11 @@ class SessionView {
     const key = change.key ? ` data-key="${esc(change.key)}"` : "";
     const who = (u, name) => `<span class="avatar sm" data-color="${esc(colorFor(u))}" aria-hidden="true">${esc(initials(name || u))}</span><strong>${esc(name || u)}</strong>`;
     switch (e.type) {
-      case "prompt.queued":
-        return `<li class="row prompt" data-seq="${e.seq}"${key}>${who(e.prompt.author, e.prompt.author_name)} <span class="text">${esc(e.prompt.text)}</span> <span class="pill subtle" data-status>${esc(change.status || "queued")}</span></li>`;
+      case "prompt.queued": {
+        const review = this.model.reviewOf(e.prompt.id);
+        const tag = review ? ` <span class="pill review-tag">answers review on PR #${esc(review.number)}</span>` : "";
+        return `<li class="row prompt${review ? " from-review" : ""}" data-seq="${e.seq}" data-prompt="${esc(e.prompt.id)}"${key}>${who(e.prompt.author, e.prompt.author_name)}${tag} <span class="text">${esc(e.prompt.text)}</span> <span class="pill subtle" data-status>${esc(change.status || "queued")}</span></li>`;
+      }
       case "agent.text":
         return `<li class="row agent" data-seq="${e.seq}"${key}><div class="agent-text">${esc(change.text)}</div></li>`;
       case "agent.tool": {
@@ -423,6 +426,17 @@ class SessionView {
         if (!p) return "";
         const what = { "pr.opened": "opened", "pr.merged": "merged", "pr.closed": "closed" }[e.type];
         return `<li class="row stage pr-row" data-seq="${e.seq}">Pull request <strong>#${esc(p.number)}</strong> ${what}${p.title ? `: ${esc(p.title)}` : ""}</li>`;
+      }
+      case "pr.comment.received": {
+        const r = change.review;
+        const items = r.comments.map((c) => `<li class="review-comment"><strong>${esc(c.author || "someone")}</strong>${c.path ? ` <code>${esc(c.path)}</code>${c.lines ? ` <code>${esc(c.lines)}</code>` : ""}` : ""}
+          <div class="review-body">${esc(c.body)}</div>${c.url ? `<a class="review-link" href="${esc(c.url)}" target="_blank" rel="noopener noreferrer">view on GitHub</a>` : ""}</li>`).join("");
+        return `<li class="row review received" data-seq="${e.seq}"${r.prompt ? ` data-prompt="${esc(r.prompt)}"` : ""}><div class="review-summary">${esc(r.summary)}</div>${items ? `<ul class="review-comments">${items}</ul>` : ""}${r.omittedNote ? `<p class="muted review-omitted">${esc(r.omittedNote)}</p>` : ""}</li>`;
+      }
+      case "pr.comment.addressed": {
+        const a = change.answered;
+        const items = a.replies.map((r) => `<li class="review-reply"><div class="review-body">${esc(r.body)}</div></li>`).join("");
+        return `<li class="row review addressed" data-seq="${e.seq}"${a.prompt ? ` data-prompt="${esc(a.prompt)}"` : ""}><div class="review-summary">${esc(a.threads)}${a.commit ? ` in <code>${esc(a.commit)}</code>` : "; nothing changed"}</div>${items ? `<ul class="review-comments">${items}</ul>` : ""}</li>`;
       }
       case "pr.action":
         return `<li class="row blocked" data-seq="${e.seq}">The pull request could not be opened in your name${e.reason ? `: ${esc(e.reason)}` : ""}</li>`;

@@ -20,6 +20,7 @@ export class SessionModel {
     this.pullRequest = null; // the session's pull request: {repository, number, url, state, draft, title, head, base}
     this.prAction = null; // what the person can do when it could not be opened in their name: {kind, url, reason}
     this.prSeq = 0; // the log position the pull request state is as of (the snapshot's, then each pr.* event's)
+    this.reviews = new Map(); // prompt id -> the review comments it answers: {number, count, authors}
   }
 
   /** Takes the pull request state of a `GET /sessions/:id` snapshot (as of its `last_seq`). */
@@ -124,6 +125,13 @@ export class SessionModel {
           this.prAction = { kind: e.kind, url: e.url, reason: e.reason ?? null };
         }
         return { pr: true };
+      case "pr.comment.received": {
+        const review = reviewReceived(e);
+        if (e.prompt) this.reviews.set(e.prompt, { number: review.number, count: review.comments.length, authors: review.authors });
+        return { review };
+      }
+      case "pr.comment.addressed":
+        return { answered: reviewAddressed(e) };
       case "session.created":
       case "presence":
         return null;
@@ -188,6 +196,79 @@ SessionModel.prototype.prCard = function () {
   const action = showAction ? { label: "Create pull request", url: httpUrl(a.url), reason: a.reason || "" } : null;
   return pr || action ? { pr, action } : null;
 };
+
+/** The review comments a prompt answers (from the `pr.comment.received` before it), or null. */
+SessionModel.prototype.reviewOf = function (prompt) {
+  return this.reviews.get(prompt) || null;
+};
+
+/** How much of a review comment's (or reply's) text the log shows. */
+export const REVIEW_CUT = 300;
+
+/** `s` as text, at most `n` characters (whole code points; "…" marks a cut). */
+export function cut(s, n = REVIEW_CUT) {
+  const chars = Array.from(String(s ?? "").trim());
+  return chars.length <= n ? chars.join("") : chars.slice(0, Math.max(0, n - 1)).join("").trimEnd() + "…";
+}
+
+/** "1 comment", "3 comments". */
+function count(n, one, many = one + "s") {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+/** "carol", "carol and dave", "carol, dave and erin". */
+function names(list) {
+  return list.length <= 1 ? list.join("") : `${list.slice(0, -1).join(", ")} and ${list[list.length - 1]}`;
+}
+
+/**
+ * What the log shows of a `pr.comment.received`: `{number, repository, prompt, authors, summary,
+ * comments: [{id, author, path, lines, body, url}], omitted, omittedNote}`. Bodies are cut, `path`
+ * and `lines` are null on a conversation comment, `url` is null unless it is http(s); all text
+ * is still untrusted (the view escapes it).
+ */
+export function reviewReceived(e) {
+  const comments = (Array.isArray(e?.comments) ? e.comments : []).map((c) => ({
+    id: c?.id ?? null,
+    author: String(c?.author ?? ""),
+    path: c?.path ? String(c.path) : null,
+    lines: c?.path && c?.lines ? String(c.lines) : null,
+    body: cut(c?.body),
+    url: httpUrl(c?.url),
+  }));
+  const authors = [...new Set(comments.map((c) => c.author).filter(Boolean))];
+  const omitted = Number.isFinite(e?.omitted) && e.omitted > 0 ? e.omitted : 0;
+  const from = authors.length ? ` from ${names(authors)}` : "";
+  return {
+    number: e?.number ?? null,
+    repository: String(e?.repository ?? ""),
+    prompt: e?.prompt ?? null,
+    authors,
+    summary: `Review on PR #${e?.number ?? "?"} — ${count(comments.length, "comment")}${from} (the prompt below answers them)`,
+    comments,
+    omitted,
+    omittedNote: omitted ? `${omitted === 1 ? "1 more comment was" : `${omitted} more comments were`} left out of the prompt` : null,
+  };
+}
+
+/**
+ * What the log shows of a `pr.comment.addressed`: `{number, prompt, threads, commit, summary,
+ * replies: [{root, body}]}`. `commit` is the short (7) hash or null when nothing changed;
+ * `threads` is "Answered 3 threads on PR #7" and `summary` the whole line as plain text.
+ */
+export function reviewAddressed(e) {
+  const replies = (Array.isArray(e?.replies) ? e.replies : []).map((r) => ({ root: r?.root ?? null, body: cut(r?.body) }));
+  const commit = e?.commit ? String(e.commit).slice(0, 7) : null;
+  const threads = `Answered ${count(replies.length, "thread")} on PR #${e?.number ?? "?"}`;
+  return {
+    number: e?.number ?? null,
+    prompt: e?.prompt ?? null,
+    threads,
+    commit,
+    summary: commit ? `${threads} in \`${commit}\`` : `${threads}; nothing changed`,
+    replies,
+  };
+}
 
 /** `u` when it is an http(s) URL, else null (never a `javascript:` link). */
 export function httpUrl(u) {

@@ -441,3 +441,54 @@ test("the pull request card: the snapshot's create-pull-request link, then the p
   assert.deepEqual(violations, []);
   await ctx.close();
 });
+
+test("review comments on the pull request show beside the agent's work: who said what where, and the answers", { timeout: 90_000 }, async () => {
+  // The events are handed to the app's live socket as the server would send them.
+  const ctx = await browser.newContext();
+  await ctx.addInitScript(() => {
+    const Real = window.WebSocket;
+    window.WebSocket = class extends Real {
+      constructor(...args) { super(...args); window.__live = this; }
+    };
+  });
+  const page = await ctx.newPage();
+  const violations = [];
+  page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
+  await signIn(page, server.base, "rita", "Rita Review");
+  await newSession(page, "Review comments");
+  const send = (events) => page.evaluate((evs) => window.__live.onmessage({ data: JSON.stringify({ type: "events", events: evs }) }), events);
+  const actor = { user: "carol", name: "carol" };
+  await send([
+    { seq: 200000, type: "pr.comment.received", at: Date.now(), actor, repository: "acme/web", number: 7, prompt: "prm_review", omitted: 2, comments: [
+      { id: 101, root: 101, author: "carol", path: "src/a.rs", lines: "L3-L5", body: "Capitalise it. <img src=x id=injected>", url: "https://github.com/acme/web/pull/7#discussion_r101" },
+      { id: 102, root: 102, author: "dave", body: "x".repeat(500), url: "javascript:alert(1)" },
+    ] },
+    { seq: 200001, type: "prompt.queued", at: Date.now(), prompt: { id: "prm_review", text: "Answer the review", priority: 0, arrival: 1, author: "carol", author_name: "carol" } },
+  ]);
+  await page.waitForSelector("#log .row.review.received");
+  assert.equal(await page.textContent("#log .row.review.received .review-summary"), "Review on PR #7 — 2 comments from carol and dave (the prompt below answers them)");
+  const comments = await page.$$eval("#log .row.review.received .review-comment", (els) => els.map((e) => ({ codes: [...e.querySelectorAll("code")].map((c) => c.textContent), body: e.querySelector(".review-body").textContent, link: e.querySelector("a")?.getAttribute("href") ?? null })));
+  assert.deepEqual(comments[0], { codes: ["src/a.rs", "L3-L5"], body: "Capitalise it. <img src=x id=injected>", link: "https://github.com/acme/web/pull/7#discussion_r101" });
+  assert.deepEqual(comments[1].codes, [], "a conversation comment has no place in the code");
+  assert.equal(comments[1].body.length, 300, "a long comment is cut");
+  assert.equal(comments[1].link, null, "a javascript: URL is no link");
+  assert.equal(await page.$("#injected"), null, "comment text is text, never markup");
+  assert.equal(await page.textContent("#log .row.review.received .review-omitted"), "2 more comments were left out of the prompt");
+  assert.equal(await page.getAttribute("#log .row.review.received", "data-prompt"), "prm_review");
+  await page.waitForSelector('#log .row.prompt.from-review[data-prompt="prm_review"] .review-tag');
+  assert.equal(await page.textContent('#log .row.prompt[data-prompt="prm_review"] .review-tag'), "answers review on PR #7");
+
+  await send([
+    { seq: 200002, type: "pr.comment.addressed", at: Date.now(), actor, repository: "acme/web", number: 7, prompt: "prm_review", commit: "abc1234def567890", replies: [{ root: 101, body: "Addressed in `abc1234`: capitalised." }, { root: 102, body: "Addressed in `abc1234`: done." }] },
+    { seq: 200003, type: "pr.comment.addressed", at: Date.now(), actor, repository: "acme/web", number: 7, prompt: "prm_review", replies: [{ root: 101, body: "Nothing to change." }] },
+  ]);
+  await page.waitForFunction(() => document.querySelectorAll("#log .row.review.addressed").length === 2);
+  const answered = await page.$$eval("#log .row.review.addressed", (els) => els.map((e) => ({ summary: e.querySelector(".review-summary").textContent, replies: [...e.querySelectorAll(".review-body")].map((b) => b.textContent) })));
+  assert.deepEqual(answered, [
+    { summary: "Answered 2 threads on PR #7 in abc1234", replies: ["Addressed in `abc1234`: capitalised.", "Addressed in `abc1234`: done."] },
+    { summary: "Answered 1 thread on PR #7; nothing changed", replies: ["Nothing to change."] },
+  ]);
+  assert.equal(await page.textContent("#log .row.review.addressed .review-summary code"), "abc1234");
+  assert.deepEqual(violations, []);
+  await ctx.close();
+});

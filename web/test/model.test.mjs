@@ -1,7 +1,7 @@
 // Unit tests of the browser's session model (node --test).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { SessionModel, editDiff, httpUrl, needsRenew, parseSignedIn, safeReturn, RENEW_BEFORE_MS } from "../src/model.js";
+import { SessionModel, cut, editDiff, httpUrl, needsRenew, parseSignedIn, reviewAddressed, reviewReceived, safeReturn, REVIEW_CUT, RENEW_BEFORE_MS } from "../src/model.js";
 
 const q = (seq, id, priority, arrival, author = "ada") => ({ seq, type: "prompt.queued", prompt: { id, text: id, priority, arrival, author, author_name: author } });
 
@@ -215,4 +215,67 @@ test("a token is renewed when less than ten minutes remain", () => {
   assert.equal(needsRenew(now - 1, now), true, "expired: try (the server decides)");
   assert.equal(needsRenew(null, now), false, "unknown expiry: wait for a 401");
   assert.equal(RENEW_BEFORE_MS, 600_000);
+});
+
+const received = (over = {}) => ({
+  seq: 20, type: "pr.comment.received", at: 1, actor: { user: "carol", name: "carol" }, repository: "acme/web", number: 7, prompt: "prm_r",
+  comments: [
+    { id: 101, root: 101, author: "carol", path: "src/a.rs", lines: "L3-L5", body: "Capitalise it.", url: "https://github.com/acme/web/pull/7#discussion_r101" },
+    { id: 102, root: 101, author: "dave", path: "src/a.rs", body: "Agreed.", url: "https://github.com/acme/web/pull/7#discussion_r102" },
+    { id: 103, root: 103, author: "carol", body: "And the README, please.", url: "javascript:alert(1)" },
+  ],
+  ...over,
+});
+
+test("review comments received: the summary, where each comment is, cut bodies, only http(s) links", () => {
+  const r = reviewReceived(received());
+  assert.equal(r.summary, "Review on PR #7 — 3 comments from carol and dave (the prompt below answers them)");
+  assert.deepEqual(r.authors, ["carol", "dave"]);
+  assert.deepEqual(r.comments.map((c) => [c.author, c.path, c.lines]), [["carol", "src/a.rs", "L3-L5"], ["dave", "src/a.rs", null], ["carol", null, null]], "a conversation comment has no place");
+  assert.equal(r.comments[0].url, "https://github.com/acme/web/pull/7#discussion_r101");
+  assert.equal(r.comments[2].url, null, "a javascript: URL is no link");
+  assert.equal(r.omitted, 0);
+  assert.equal(r.omittedNote, null, "omitted is absent when nothing was left out");
+  const one = reviewReceived(received({ comments: [{ id: 1, author: "carol", body: "x".repeat(1000), url: "http://127.0.0.1:9/x" }], omitted: 4 }));
+  assert.equal(one.summary, "Review on PR #7 — 1 comment from carol (the prompt below answers them)");
+  assert.equal(one.comments[0].body.length, REVIEW_CUT);
+  assert.ok(one.comments[0].body.endsWith("…"));
+  assert.equal(one.comments[0].url, "http://127.0.0.1:9/x");
+  assert.equal(one.omittedNote, "4 more comments were left out of the prompt");
+  assert.equal(reviewReceived(received({ omitted: 1 })).omittedNote, "1 more comment was left out of the prompt");
+  const three = reviewReceived(received({ comments: ["a", "b", "c", "a"].map((author, id) => ({ id, author, body: "hi" })) }));
+  assert.match(three.summary, /4 comments from a, b and c \(/);
+  assert.equal(reviewReceived({ number: 7, comments: null }).comments.length, 0, "a malformed event draws an empty list, not an exception");
+});
+
+test("review comments addressed: the threads answered, in which commit or that nothing changed", () => {
+  const a = reviewAddressed({ seq: 30, type: "pr.comment.addressed", number: 7, prompt: "prm_r", commit: "abc1234def5678", replies: [{ root: 101, body: "Addressed in `abc1234`: capitalised." }, { root: 103, body: "y".repeat(400) }] });
+  assert.equal(a.summary, "Answered 2 threads on PR #7 in `abc1234`");
+  assert.equal(a.threads, "Answered 2 threads on PR #7");
+  assert.equal(a.commit, "abc1234");
+  assert.deepEqual(a.replies[0], { root: 101, body: "Addressed in `abc1234`: capitalised." });
+  assert.equal(a.replies[1].body.length, REVIEW_CUT);
+  const none = reviewAddressed({ number: 7, prompt: "prm_r", replies: [{ root: 101, body: "Nothing to change: it already says so." }] });
+  assert.equal(none.summary, "Answered 1 thread on PR #7; nothing changed");
+  assert.equal(none.commit, null);
+});
+
+test("cut keeps short text, cuts long text on whole characters with an ellipsis", () => {
+  assert.equal(cut("  short  "), "short");
+  assert.equal(cut(null), "");
+  assert.equal(cut("abcdef", 4), "abc…");
+  assert.equal(cut("😀😀😀😀😀", 3), "😀😀…", "never half a surrogate pair");
+  assert.equal(cut("x".repeat(REVIEW_CUT)).length, REVIEW_CUT, "exactly the limit is not cut");
+});
+
+test("the session model ties review comments to the prompt that answers them", () => {
+  const m = new SessionModel();
+  const r = m.apply(received());
+  assert.equal(r.review.prompt, "prm_r");
+  assert.deepEqual(m.reviewOf("prm_r"), { number: 7, count: 3, authors: ["carol", "dave"] });
+  assert.equal(m.reviewOf("prm_other"), null);
+  assert.equal(m.apply(q(21, "prm_r", 0, 0, "carol")).key, "p:prm_r");
+  const a = m.apply({ seq: 22, type: "pr.comment.addressed", number: 7, prompt: "prm_r", replies: [{ root: 101, body: "done" }] });
+  assert.equal(a.answered.summary, "Answered 1 thread on PR #7; nothing changed");
+  assert.equal(m.apply(received({ seq: 20 })), null, "seen already");
 });
