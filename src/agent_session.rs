@@ -284,6 +284,7 @@ mod tests {
                 reason: reason.map(String::from),
                 branch: branch.map(String::from),
                 commit: commit.map(String::from),
+                patch: None,
             };
             let old = json!({"ok": ok, "reason": reason, "branch": branch, "commit": commit});
             assert_eq!(reported(finished), Some((ok, old.to_string())));

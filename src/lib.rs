@@ -25,6 +25,7 @@ mod sandbox_api;
 mod sandbox_start;
 mod session_provider;
 mod session_sockets;
+mod sessions;
 mod snapshots;
 mod store;
 mod webcrypto;

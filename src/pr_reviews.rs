@@ -345,15 +345,20 @@ pub async fn start_session(
     };
     let bytes = serde_json::to_vec(&body).map_err(crate::error::ApiError::internal)?;
     let (status, text) =
-        crate::routes::open_session(env, author, id, bytes, title, Some(name.to_string())).await?;
+        crate::sessions::open(env, author, id, bytes, title, Some(name.to_string())).await?;
     if status != 201 && !text.contains("session_exists") {
         return Err(crate::error::ApiError::internal(format!(
             "starting the pull request's session: {status} {text}"
         )));
     }
     let stub = session_stub(env, id)?;
+    // A fork's branch is read here as the base repository's `pull/N/head` and never pushed.
     let branch = crate::objects::ContinueBranch {
-        branch: pr.head.git_ref.clone(),
+        branch: if pr.is_fork() {
+            format!("pull/{}/head", pr.number)
+        } else {
+            pr.head.git_ref.clone()
+        },
     };
     ask::<crate::objects::OkAnswer>(&stub, SessionRoute::ContinueBranch, Some(encode(&branch)?))
         .await?;

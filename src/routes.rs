@@ -1,6 +1,5 @@
 //! HTTP routing of the Worker: authenticate, check the shape of the request, forward to the right Durable Object.
 
-use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::wire::{self, DevSignIn};
 use worker::{Env, Headers, Method, Request, Response};
@@ -11,11 +10,8 @@ use crate::http::{
     ask, call, index_add, no_route, read_body, read_bytes, require_upgrade, session_stub,
     user_index,
 };
-use crate::objects::{
-    encode, OkAnswer, RemoveSession, SessionEntry, SessionRepository, SessionRoute, UserIndexRoute,
-    SESSION_HEADER,
-};
-use crate::platform::{new_id, now_ms};
+use crate::objects::{OkAnswer, SessionRepository, SessionRoute, UserIndexRoute};
+use crate::platform::new_id;
 use crate::{access, config};
 
 /// The answer of `GET /auth/config`: which sign-ins this deployment offers.
@@ -185,14 +181,14 @@ async fn forward(req: &mut Request, env: &Env, id: &str, target: &str) -> ApiRes
                 index_add(env, &who.user, &snap).await?;
             }
         } else {
-            remove_from_index(env, &who.user, id).await?;
+            crate::sessions::remove_from_index(env, &who.user, id).await?;
         }
         return json_response(status, text).map_err(ApiError::from);
     }
     // A removed member's list no longer shows the session.
     if let Some(user) = target.strip_prefix("members/") {
         if (200..300).contains(&status) {
-            remove_from_index(env, user, id).await?;
+            crate::sessions::remove_from_index(env, user, id).await?;
         }
     }
     Ok(resp)
@@ -212,60 +208,9 @@ async fn create_session(req: &mut Request, env: &Env) -> ApiResult<Response> {
     };
     access::take_quota(env, &who, QuotaKind::Sessions, github.as_deref()).await?;
     let id = new_id("ses");
-    let (status, text) = open_session(env, &who, &id, bytes, title, body.repository).await?;
+    let (status, text) =
+        crate::sessions::open(env, &who, &id, bytes, title, body.repository).await?;
     json_response(status, text).map_err(ApiError::from)
-}
-
-/// Creates session `id` owned by `who` (checked and counted already) with its creator's index
-/// entry; the object's answer.
-pub(crate) async fn open_session(
-    env: &Env,
-    who: &Identity,
-    id: &str,
-    bytes: Vec<u8>,
-    title: String,
-    repository: Option<String>,
-) -> ApiResult<(u16, String)> {
-    let id = id.to_string();
-    let stub = session_stub(env, &id)?;
-    let headers = Headers::new();
-    headers.set(IDENTITY_HEADER, &encode_identity(who))?;
-    headers.set(SESSION_HEADER, &id)?;
-    // The session and the creator's index entry are written at the same time (one round
-    // trip instead of two); the entry is taken back if the session is not created.
-    let entry = SessionEntry {
-        id: id.clone(),
-        title,
-        repository,
-        role: "owner".into(),
-        joined_at: now_ms(),
-        status: "active".into(),
-    };
-    let idx = user_index(env, &who.user)?;
-    let entry_bytes = encode(&entry)?;
-    let (create, add) = (SessionRoute::Create, UserIndexRoute::Add);
-    let (created, indexed) = futures_util::future::join(
-        call(
-            &stub,
-            create.method(),
-            create.path(),
-            Some(headers),
-            Some(bytes),
-        ),
-        call(&idx, add.method(), add.path(), None, Some(entry_bytes)),
-    )
-    .await;
-    let mut resp = created?;
-    let status = resp.status_code();
-    let text = resp.text().await?;
-    if status != 201 {
-        if indexed.is_ok() {
-            remove_from_index(env, &who.user, &id).await?;
-        }
-    } else {
-        indexed?;
-    }
-    Ok((status, text))
 }
 
 /// A sandbox dials its session; the session object checks the per-sandbox token.
@@ -279,15 +224,6 @@ async fn sandbox_link(req: &mut Request, env: &Env, id: &str) -> ApiResult<Respo
     }
     let link = SessionRoute::SandboxLink;
     call(&stub, link.method(), link.path(), Some(headers), None).await
-}
-
-/// Takes a session off a person's index (they left, or it was not created).
-async fn remove_from_index(env: &Env, user: &str, id: &str) -> ApiResult<()> {
-    let idx = user_index(env, user)?;
-    let remove = UserIndexRoute::Remove;
-    let body = encode(&RemoveSession { id: id.to_string() })?;
-    call(&idx, remove.method(), remove.path(), None, Some(body)).await?;
-    Ok(())
 }
 
 /// A sandbox's agent tools (`spawn_session`, `check_session`): the session checks the sandbox token.

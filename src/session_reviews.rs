@@ -101,6 +101,7 @@ impl SessionObject {
                 ok,
                 reason,
                 commit,
+                patch,
                 ..
             } = &event.kind
             else {
@@ -115,7 +116,14 @@ impl SessionObject {
             }
             let summary = self.last_words(id, event.seq)?;
             owed |= reviews
-                .finished(id, *ok, commit.as_deref(), &summary, reason.as_deref())
+                .finished(
+                    id,
+                    *ok,
+                    commit.as_deref(),
+                    patch.as_deref(),
+                    &summary,
+                    reason.as_deref(),
+                )
                 .is_some();
         }
         if owed {

@@ -70,6 +70,9 @@ pub enum EventKind {
         branch: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit: Option<String>,
+        /// The work as a patch when it could not be pushed (a fork's pull request).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        patch: Option<String>,
     },
     /// Output of the agent for a running prompt (text is batched token deltas).
     #[serde(rename = "agent.text")]

@@ -1197,22 +1197,17 @@ pub fn addressed(roots: &[u64], commit_sha: Option<&str>, summary: &str) -> Vec<
 }
 
 /// The reply on a PR whose head branch lives in the fork `head_repository`, which Nightshift
-/// cannot push to: the change as a ```suggestion block (when there is one, replacing the
-/// commented lines), and why it is not a commit.
-pub fn fork_reply(
-    root: u64,
-    head_repository: &str,
-    suggestion: Option<&str>,
-    summary: &str,
-) -> Reply {
+/// cannot push to: the change as a suggested patch in a ```diff block (when there is one), and
+/// why it is not a commit.
+pub fn fork_reply(root: u64, head_repository: &str, patch: Option<&str>, summary: &str) -> Reply {
     let why = format!(
         "This pull request's branch is on the fork {}, which Nightshift cannot push to",
         inline_code(head_repository, PATH_BYTES)
     );
-    let body = match suggestion {
-        Some(code) => format!(
-            "{why}, so here is the change as a suggestion you can apply:\n\n{}\n{}",
-            fenced("suggestion", code),
+    let body = match patch.filter(|p| !p.trim().is_empty()) {
+        Some(patch) => format!(
+            "{why}, so here is the change as a suggested patch (apply it on the branch with `git apply`):\n\n{}\n{}",
+            fenced("diff", patch),
             summary_text(summary, "")
         ),
         None => format!(
@@ -1413,6 +1408,7 @@ impl SessionReviews {
         prompt: &str,
         ok: bool,
         commit: Option<&str>,
+        patch: Option<&str>,
         summary: &str,
         reason: Option<&str>,
     ) -> Option<ReviewRound> {
@@ -1426,7 +1422,7 @@ impl SessionReviews {
             (Some(fork), true) => round
                 .roots
                 .iter()
-                .map(|root| fork_reply(*root, fork, None, summary))
+                .map(|root| fork_reply(*root, fork, patch, summary))
                 .collect(),
             (_, true) => addressed(&round.roots, commit, summary),
             (_, false) => {
@@ -1499,12 +1495,22 @@ mod session_reviews {
         let mut reviews = SessionReviews::default();
         assert!(reviews.add(round("prm_1", &[1, 2, 3], None)));
         assert!(!reviews.add(round("prm_1", &[9], None)));
-        assert_eq!(reviews.finished("prm_other", true, None, "x", None), None);
-        let answered = reviews.finished("prm_1", true, Some("abcdef123456"), "Renamed it.", None);
+        assert_eq!(
+            reviews.finished("prm_other", true, None, None, "x", None),
+            None
+        );
+        let answered = reviews.finished(
+            "prm_1",
+            true,
+            Some("abcdef123456"),
+            None,
+            "Renamed it.",
+            None,
+        );
         assert!(answered.is_some());
         // The prompt's end seen again (a replayed event): nothing more is owed.
         assert_eq!(
-            reviews.finished("prm_1", true, Some("abcdef1"), "again", None),
+            reviews.finished("prm_1", true, Some("abcdef1"), None, "again", None),
             None
         );
         let pending = reviews.pending();
@@ -1530,12 +1536,14 @@ mod session_reviews {
     fn a_failed_turn_says_so_and_a_fork_gets_no_claim_of_a_push() {
         let mut reviews = SessionReviews::default();
         reviews.add(round("prm_1", &[5], None));
-        reviews.finished("prm_1", false, None, "", Some("sandbox_failed"));
+        reviews.finished("prm_1", false, None, None, "", Some("sandbox_failed"));
         assert!(reviews.pending()[0].body.contains("sandbox_failed"));
         let mut fork = SessionReviews::default();
         fork.add(round("prm_2", &[6], Some("eve/web")));
-        fork.finished("prm_2", true, Some("abc1234"), "Would rename it.", None);
+        let patch = "--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n";
+        fork.finished("prm_2", true, None, Some(patch), "Would rename it.", None);
         let body = &fork.pending()[0].body;
+        assert!(body.contains(&format!("```diff\n{patch}```")), "{body}");
         assert!(
             body.contains("eve/web") && body.contains("cannot push"),
             "{body}"

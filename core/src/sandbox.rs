@@ -228,8 +228,15 @@ pub enum AgentEvent {
         branch: Option<String>,
         #[serde(default)]
         commit: Option<String>,
+        /// The work as a patch, when it could not be pushed (a fork's pull request: its branch
+        /// is read only here), at most [`MAX_PATCH_BYTES`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        patch: Option<String>,
     },
 }
+
+/// The largest patch a prompt's end carries (a fork's work, for a suggestion).
+pub const MAX_PATCH_BYTES: usize = 16 * 1024;
 
 impl AgentEvent {
     /// The prompt this event belongs to, if any.
@@ -407,6 +414,7 @@ mod tests {
             reason: Some("failed".into()),
             branch: None,
             commit: None,
+            patch: None,
         };
         let i = l.intake(vec![(1, done.clone())]);
         assert_eq!((i.stage, i.accepted), (None, vec![done]));
@@ -466,6 +474,7 @@ mod tests {
                 reason: None,
                 branch: None,
                 commit: None,
+                patch: None,
             },
         ];
         for ev in &with_prompt {

@@ -170,6 +170,22 @@ impl Submitted {
     }
 }
 
+/// A patch cut to [`crate::sandbox::MAX_PATCH_BYTES`] on a line boundary (a sandbox may send more).
+fn cut_patch(patch: &str) -> String {
+    let max = crate::sandbox::MAX_PATCH_BYTES;
+    if patch.len() <= max {
+        return patch.to_string();
+    }
+    let mut end = max;
+    while !patch.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = patch[..end]
+        .rfind('\n')
+        .map_or(&patch[..end], |nl| &patch[..=nl]);
+    format!("{kept}… (the patch is longer; the rest is left out)\n")
+}
+
 /// Session metadata that lives in one row.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Meta {
@@ -1100,11 +1116,25 @@ impl Session {
         work: Option<(String, String)>,
         now: u64,
     ) -> CoreResult<Outcome> {
+        self.finish_prompt_with_patch(id, ok, reason, work, None, now)
+    }
+
+    /// [`Session::finish_prompt_with`], with the work as a patch when it was not pushed.
+    pub fn finish_prompt_with_patch(
+        &mut self,
+        id: &str,
+        ok: bool,
+        reason: Option<String>,
+        work: Option<(String, String)>,
+        patch: Option<String>,
+        now: u64,
+    ) -> CoreResult<Outcome> {
         self.queue.finish(id, ok, reason.clone(), now)?;
         let (branch, commit) = match work {
             Some((b, c)) => (Some(b), Some(c)),
             None => (None, None),
         };
+        let patch = patch.map(|p| cut_patch(&p));
         self.dirty.insert(Dirty::Prompt(id.to_string()));
         let mut out = Outcome::default();
         out.event(
@@ -1115,6 +1145,7 @@ impl Session {
                 reason,
                 branch,
                 commit,
+                patch,
             },
         );
         self.start_next(now, &mut out);
@@ -1160,9 +1191,10 @@ impl Session {
                 reason,
                 branch,
                 commit,
+                patch,
             } => {
                 let work = branch.zip(commit);
-                return self.finish_prompt_with(&prompt, ok, reason, work, now);
+                return self.finish_prompt_with_patch(&prompt, ok, reason, work, patch, now);
             }
             // The link records it (`SandboxLink::working_on`); the log has the agent's own output.
             AgentEvent::Accepted { .. } => return Ok(out),
@@ -2082,6 +2114,7 @@ mod tests {
             reason: None,
             branch: None,
             commit: None,
+            patch: None,
         };
         let out = s.agent_events(vec![ev("p1", "c"), ev("p2", "late"), status, done], 3);
         assert_eq!(
@@ -2097,7 +2130,8 @@ mod tests {
                     ok: true,
                     reason: None,
                     branch: None,
-                    commit: None
+                    commit: None,
+                    patch: None,
                 },
                 EventKind::PromptStarted {
                     id: "p2".into(),

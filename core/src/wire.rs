@@ -783,6 +783,7 @@ mod tests {
                 reason: None,
                 branch: Some("nightshift/ses_1".into()),
                 commit: Some("abc".into()),
+                patch: None,
             }
         );
         assert_eq!(

@@ -147,6 +147,7 @@ fn agent_event(words: &[&str]) -> AgentEvent {
             reason: None,
             branch: Some("nightshift/ses_1".into()),
             commit: Some("abc".into()),
+            patch: None,
         },
         ["status", stage] => AgentEvent::Status {
             stage: stage.to_string(),

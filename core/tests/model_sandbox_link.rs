@@ -283,6 +283,7 @@ impl Model for SandboxLinkModel {
                         reason: Some(format!("n={n}")),
                         branch: None,
                         commit: None,
+                        patch: None,
                     }
                 } else {
                     AgentEvent::Text {
@@ -319,6 +320,7 @@ impl Model for SandboxLinkModel {
                     reason: Some("n=99".into()),
                     branch: None,
                     commit: None,
+                    patch: None,
                 };
                 let message = SandboxMessage::Events(vec![(1, event)]);
                 st.hosted

@@ -591,16 +591,16 @@ fn replies_go_once_to_each_thread_root() {
 
 #[test]
 fn a_fork_pr_gets_a_suggestion_and_the_reason() {
-    let reply = fork_reply(7, "carol/web", Some("fn b() {}\n"), "Renamed.");
+    let reply = fork_reply(7, "carol/web", Some("-a\n+b\n"), "Renamed.");
     assert_eq!(reply.root, 7);
     assert!(reply.body.contains("fork `carol/web`"));
     assert!(reply.body.contains("cannot push to"));
-    assert!(reply.body.contains("```suggestion\nfn b() {}\n```\n"));
-    let fenced = fork_reply(7, "carol/web", Some("let s = \"```\";"), "");
+    assert!(reply.body.contains("```diff\n-a\n+b\n```\n"));
+    let fenced = fork_reply(7, "carol/web", Some("+let s = \"```\";"), "");
     assert!(fenced
         .body
-        .contains("````suggestion\nlet s = \"```\";\n````"));
+        .contains("````diff\n+let s = \"```\";\n````"));
     let nothing = fork_reply(7, "carol/web", None, "Nothing to change.");
     assert!(nothing.body.contains("Not changed: Nothing to change."));
-    assert!(!nothing.body.contains("suggestion\n"));
+    assert!(!nothing.body.contains("diff\n"));
 }

@@ -140,6 +140,7 @@ fn finished(s: &mut Session, who: &Identity, text: &str) -> Vec<nightshift_core:
             reason: None,
             branch: Some("nightshift/ses_1".into()),
             commit: Some("abc123".into()),
+            patch: None,
         },
     }]
 }

@@ -56,6 +56,8 @@ pub struct Settings {
     /// session that already has work, when no snapshot could be restored, or of a session
     /// started on a pull request's branch); its pushes go there.
     pub continue_branch: Option<String>,
+    /// (A continued `pull/N/head` is a fork's pull request: read only, see
+    /// [`Settings::read_only_branch`].)
     /// The repository is private: git credentials come from the session over the link
     /// (`NIGHTSHIFT_GIT_AUTH=link`), and the first sync waits for them (a pooled sandbox's, for
     /// the session that claims it).
@@ -104,6 +106,16 @@ fn with_proxy_for(cmd: &mut Command, loopback_direct: bool) {
 }
 
 impl Settings {
+    /// True when the continued branch is a fork's pull request (`pull/N/head`): its work is
+    /// never pushed, only answered as a patch.
+    pub fn read_only_branch(&self) -> bool {
+        self.continue_branch.as_deref().is_some_and(|b| {
+            b.strip_prefix("pull/")
+                .and_then(|rest| rest.strip_suffix("/head"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+        })
+    }
+
     /// Reads settings from the process environment and the JSON secrets line.
     pub fn from(env: BTreeMap<String, String>, secrets: &BootSecrets) -> Result<Settings, String> {
         let mut all = env;
@@ -957,8 +969,17 @@ pub async fn run_prompts(
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         };
-        let (mut branch, mut commit) = (None, None);
-        if ok {
+        let (mut branch, mut commit, mut patch) = (None, None, None);
+        if ok && s.cfg.read_only_branch() {
+            // A fork's pull request: its branch cannot be pushed to; the work goes back as a patch.
+            match commit_as_patch(&s, &job).await {
+                Ok(found) => patch = found,
+                Err(e) => {
+                    ok = false;
+                    reason = Some(format!("the work could not be committed: {e}"));
+                }
+            }
+        } else if ok {
             match commit_and_push(&s, &job).await {
                 Ok(Some((pushed, head))) => (branch, commit) = (Some(pushed), Some(head)),
                 Ok(None) => {}
@@ -974,6 +995,7 @@ pub async fn run_prompts(
             reason,
             branch,
             commit,
+            patch,
         });
     }
 }
@@ -1189,6 +1211,37 @@ pub fn translate_part(prompt: &str, part: &Value) -> Option<AgentEvent> {
         }),
         _ => None,
     }
+}
+
+/// Commits the prompt's work locally (a read-only branch: a fork's pull request) and answers it
+/// as a patch (this prompt's commit); `None` when nothing changed.
+async fn commit_as_patch(s: &Shared, job: &PromptJob) -> Result<Option<String>, String> {
+    let repo = s.cfg.repo();
+    let porcelain = git(&repo, &["status", "--porcelain"]).await?;
+    if porcelain.is_empty() {
+        return Ok(None);
+    }
+    git(&repo, &["add", "-A"]).await?;
+    let name = format!("user.name={}", job.author_name);
+    let email = format!("user.email={}", job.author_email);
+    git(
+        &repo,
+        &[
+            "-c", &name, "-c", &email, "commit", "--quiet", "-m", &job.id,
+        ],
+    )
+    .await?;
+    let patch = git(&repo, &["diff", "--no-color", "HEAD~1", "HEAD"]).await?;
+    let patch = if patch.len() > nightshift_core::sandbox::MAX_PATCH_BYTES {
+        let mut end = nightshift_core::sandbox::MAX_PATCH_BYTES;
+        while !patch.is_char_boundary(end) {
+            end -= 1;
+        }
+        patch[..end].to_string()
+    } else {
+        patch
+    };
+    Ok(Some(patch))
 }
 
 /// Commits the prompt's work in the prompting person's name and pushes the session's branch.
@@ -1843,6 +1896,7 @@ mod tests {
             reason: None,
             branch: Some("nightshift/ses_1".into()),
             commit: Some("abc".into()),
+            patch: None,
         });
         let pending: Vec<Numbered> = s
             .outbox

@@ -413,4 +413,61 @@ async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch(
         )
         .await;
     assert_eq!(st, 404, "{v}");
+
+    // A fork's pull request: its branch is read, never pushed; the answer is the change as a
+    // suggested patch, and says why.
+    let fork_number = fake
+        .open_fork_pull("acme/web", "eve", "fix-typo", "Fix a typo")
+        .await;
+    let fork_head = fake.branch_sha("eve/web", "fix-typo").expect("fork branch");
+    fake.comment_on_pull(
+        "acme/web",
+        fork_number,
+        "carol",
+        &format!("@{slug} add contributing notes here too"),
+    )
+    .await;
+    let lookup = format!("/pr-session?repository=acme/web&number={fork_number}");
+    let deadline = std::time::Instant::now() + secs(30);
+    let fork_session = loop {
+        let (st, v) = api.call("GET", &lookup, &carol, None).await;
+        if st == 200 {
+            break v["session"].as_str().expect("session").to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no session: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut ws = api.connect(&carol, &fork_session, "carol-fork", 0).await;
+    let received = ws.event("pr.comment.received", |_| true).await;
+    let prompt = received["prompt"].as_str().expect("prompt").to_string();
+    let done = ws.finished(&prompt).await;
+    assert_eq!(done["ok"], true, "{done} after {:?}", ws.seen);
+    assert!(done["branch"].is_null(), "{done}");
+    assert!(
+        done["patch"]
+            .as_str()
+            .is_some_and(|p| p.contains("+Run the tests first.")),
+        "{done}"
+    );
+    ws.event("pr.comment.addressed", |_| true).await;
+    assert_eq!(
+        fake.branch_sha("eve/web", "fix-typo").as_deref(),
+        Some(fork_head.as_str()),
+        "the fork was pushed to"
+    );
+    assert!(fake
+        .branch_sha("acme/web", &format!("nightshift/{fork_session}"))
+        .is_none());
+    let answers: Vec<String> = fake
+        .issue_comments("acme/web", fork_number)
+        .into_iter()
+        .filter(|(_, _, by, _)| by.ends_with("[bot]"))
+        .map(|(_, body, _, _)| body)
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].contains("cannot push to"), "{answers:?}");
+    assert!(
+        answers[0].contains("```diff\n") && answers[0].contains("+Run the tests first."),
+        "{answers:?}"
+    );
 }
