@@ -645,6 +645,7 @@ impl InstallationIndex {
         Ok(PullContext {
             full_name: full_name.to_string(),
             session,
+            mentions_only: false,
         })
     }
 
@@ -670,7 +671,12 @@ impl InstallationIndex {
             }
             ReviewWebhook::Conversation(_) => None,
         };
-        let pull = self.pull_context(&full_name, webhook.number(), head.as_deref())?;
+        let mut pull = self.pull_context(&full_name, webhook.number(), head.as_deref())?;
+        if let Some(row) = registered.first() {
+            pull.mentions_only = crate::access::settings(&self.env, &row.value)
+                .await?
+                .is_some_and(|s| s.review_mentions_only);
+        }
         let token = self
             .token(&full_name, crate::pr_reviews::ACCESS)
             .await?
@@ -698,7 +704,10 @@ impl InstallationIndex {
                     &token,
                 )
                 .await?;
-                self.deliver_review(&pull, prepared).await
+                match prepared {
+                    Some(prepared) => self.deliver_review(&pull, prepared).await,
+                    None => Ok("ignored"),
+                }
             }
         }
     }

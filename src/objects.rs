@@ -1908,6 +1908,7 @@ mod view_tests {
             pool_size: 1,
             build_every_min: 30,
             egress: Vec::new(),
+            review_mentions_only: false,
         };
         let b = Build {
             image: "im_1".into(),

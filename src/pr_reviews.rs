@@ -42,6 +42,8 @@ pub enum Handled {
 pub struct PullContext {
     pub full_name: String,
     pub session: Option<String>,
+    /// The repository asks for a mention even on Nightshift's pull requests.
+    pub mentions_only: bool,
 }
 
 /// Decides what a verified, de-duplicated review delivery does. Bots, the App itself, edits
@@ -58,7 +60,11 @@ pub async fn handle(
     let policy = TriggerPolicy {
         app_slug: &cfg.slug,
         nightshift_pr: pull.session.is_some(),
-        mode: ReviewMode::Every,
+        mode: if pull.mentions_only {
+            ReviewMode::MentionOnly
+        } else {
+            ReviewMode::Every
+        },
     };
     let key = batch_key(pull, webhook);
     if let Err(skip) = review::precheck(webhook, &policy) {
@@ -157,9 +163,12 @@ pub async fn fire_review(
     token: &str,
 ) -> ApiResult<Option<Prepared>> {
     let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
-    let pr = github::pull(&cfg, token, &key.repository, key.number)
-        .await
-        .map_err(|e| e.edge())?;
+    let pr = match github::pull(&cfg, token, &key.repository, key.number).await {
+        Ok(pr) => pr,
+        // Gone (or never there): nothing to answer.
+        Err(GithubError::NoAccess(_)) => return Ok(None),
+        Err(e) => return Err(e.edge().into()),
+    };
     let mut comments =
         github::review_comments(&cfg, token, &key.repository, key.number, key.review_id)
             .await
@@ -214,11 +223,13 @@ pub async fn fire_conversation(
     number: u64,
     comment: &IssueComment,
     token: &str,
-) -> ApiResult<Prepared> {
+) -> ApiResult<Option<Prepared>> {
     let cfg = config::github(env).ok_or(EdgeError::GithubNotConfigured)?;
-    let pr = github::pull(&cfg, token, &pull.full_name, number)
-        .await
-        .map_err(|e| e.edge())?;
+    let pr = match github::pull(&cfg, token, &pull.full_name, number).await {
+        Ok(pr) => pr,
+        Err(GithubError::NoAccess(_)) => return Ok(None),
+        Err(e) => return Err(e.edge().into()),
+    };
     let subject = PrSubject::from_pull(&pull.full_name, &pr);
     let composed = review::conversation_prompt(&subject, comment);
     let note = PrCommentNote {
@@ -248,7 +259,7 @@ pub async fn fire_conversation(
         vec![note],
         format!("comment-{}", comment.id),
     );
-    Ok(Prepared { ask, pr })
+    Ok(Some(Prepared { ask, pr }))
 }
 
 fn prompt_ask(

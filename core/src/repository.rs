@@ -64,6 +64,10 @@ pub struct Settings {
     /// `example.com`, `*.example.com`, `host:port`.
     #[serde(default)]
     pub egress: Vec<String>,
+    /// Review comments on the pull requests Nightshift opened start work only when they
+    /// mention the App (by default, every comment of a person with write access does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review_mentions_only: bool,
 }
 
 fn main() -> String {
@@ -85,14 +89,13 @@ pub struct Change {
     pub pool_size: Option<u32>,
     pub build_every_min: Option<u32>,
     pub egress: Option<Vec<String>>,
+    pub review_mentions_only: Option<bool>,
 }
 
 fn invalid(m: impl Into<String>) -> RepoError {
     RepoError::Invalid(m.into())
 }
 
-/// A GitHub repository's full name: `owner/name`, each 1–100 of letters, digits, `-`, `_`, `.`
-/// (not `.` or `..`).
 /// A branch name git and GitHub take (`git check-ref-format --branch`'s rules, and at most 200
 /// bytes): what a session may continue and push, never an option or a path trick.
 pub fn valid_branch_name(name: &str) -> bool {
@@ -110,6 +113,8 @@ pub fn valid_branch_name(name: &str) -> bool {
         && !name.chars().any(bad_char)
 }
 
+/// A GitHub repository's full name: `owner/name`, each 1–100 of letters, digits, `-`, `_`, `.`
+/// (not `.` or `..`).
 pub fn valid_github_name(full_name: &str) -> bool {
     let part = |p: &str| {
         !p.is_empty()
@@ -207,6 +212,9 @@ impl Settings {
         }
         if let Some(v) = c.egress {
             s.egress = v;
+        }
+        if let Some(v) = c.review_mentions_only {
+            s.review_mentions_only = v;
         }
         s.validate()?;
         Ok(s)

@@ -249,6 +249,19 @@ async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_thr
     .await;
     fake.comment_on_pull("acme/web", number, "bob", "Please also rename the file.")
         .await;
+    // The repository asks for a mention: a writer's plain comment is conversation, not work.
+    let (st, v) = api
+        .call(
+            "PATCH",
+            "/repositories/web",
+            &ada,
+            Some(json!({"review_mentions_only": true})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["repository"]["review_mentions_only"], true, "{v}");
+    fake.comment_on_pull("acme/web", number, "carol", "Thanks, looks better.")
+        .await;
     tokio::time::sleep(secs(2)).await;
     let (_, view) = api
         .call("GET", &format!("/sessions/{id}"), &ada, None)

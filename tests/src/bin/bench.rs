@@ -132,6 +132,9 @@ async fn main() {
     if run("background") {
         background().await;
     }
+    if run("review") {
+        review().await;
+    }
     if only.as_deref() == Some("single") {
         single().await;
         guard();
@@ -2683,5 +2686,192 @@ fn summarise(profile: &serde_json::Value, label: &str, units: usize, file: &str)
     for (name, n) in top.iter().take(25) {
         let short: String = name.chars().take(130).collect();
         println!("    {:>5.1} %  {short}", share(*n));
+    }
+}
+
+/// Review submitted → the answering prompt's first agent event, against the fake GitHub: each
+/// round opens a pull request from a new session (a prompt that writes a file), then a reviewer
+/// submits one review of three comments: once with the session's sandbox live (warm), once after
+/// it was terminated (the prompt restores the session's snapshot). The clock starts before the
+/// first comment's delivery and stops at the first `agent.*` event of the review's prompt on the
+/// session's socket, as a person watching the session sees it.
+async fn review() {
+    use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("carol", "Carol Reviewer");
+    fake.add_repo(
+        "acme/web",
+        &[
+            ("ada", nightshift_core::github::Role::Admin),
+            ("carol", nightshift_core::github::Role::Write),
+        ],
+    );
+    let installation = fake.install("acme", &["acme/web"]);
+    let recording = json!({"turns": [
+        {"text": "Writing.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
+        {"text": "Created hello.txt."},
+        {"text": "Looked at the review."}
+    ]});
+    let compute = Compute::start(&recording, &[]).await;
+    let mut owned = compute.vars();
+    owned.extend([
+        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
+        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
+        ("GITHUB_APP_ID", fake.app_id().to_string()),
+        (
+            "GITHUB_APP_PRIVATE_KEY",
+            fake.private_key_pem().trim().replace('\n', "\\n"),
+        ),
+        ("GITHUB_APP_SLUG", fake.slug()),
+        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
+        ("GITHUB_API_URL", fake.api_url()),
+        ("GITHUB_WEB_URL", fake.web_url()),
+        ("GITHUB_GIT_URL", fake.git_url()),
+        (
+            "TOKEN_ENCRYPTION_KEY",
+            "bench-token-key-0123456789".to_string(),
+        ),
+        ("HEARTBEAT_TIMEOUT_MS", "900000".to_string()),
+    ]);
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    fake.deliver_installation_created(installation).await;
+    let api = server.client();
+    let ada = sign_in_with_github(&server, &fake, "ada").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let n = bench_n(3);
+    println!("Review comments on the pull request a session opened (fake GitHub, scripted model, local provider): review submitted -> the answering prompt's first agent event on the session's socket");
+    let (mut warm, mut restored) = (Vec::new(), Vec::new());
+    for round in 0..n {
+        for live in [true, false] {
+            let (id, _) = api.create_session_on_name(&ada, "review", "web").await;
+            let mut ws = api
+                .connect(&ada, &id, "bench", 0)
+                .await
+                .pinging(Duration::from_secs(10));
+            let p = api.prompt(&ada, &id, "Write a greeting").await;
+            ws.finished(&p).await;
+            let opened = ws.event("pr.opened", |_| true).await;
+            let number = opened["pull_request"]["number"].as_u64().unwrap_or(0);
+            if !live {
+                wait_snapshot(&api, &ada, &id).await;
+                let sandbox = api.session_sandbox(&ada, &id).await;
+                let (st, v) = api
+                    .call("POST", &format!("/sandbox/{sandbox}/terminate"), &ada, None)
+                    .await;
+                assert!(st < 300, "terminate: {v}");
+            }
+            drain(&mut ws, Duration::from_millis(30)).await;
+            let t = Instant::now();
+            fake.submit_review(
+                "acme/web",
+                number,
+                "carol",
+                "",
+                &[
+                    ("hello.txt", 1, &format!("Round {round}: capitalise it.")),
+                    ("hello.txt", 1, "Greet the world."),
+                    ("hello.txt", 1, "End with a full stop."),
+                ],
+            )
+            .await;
+            let mut prompt: Option<String> = None;
+            let first = 'wait: loop {
+                let Some(v) = ws.next(Duration::from_secs(180)).await else {
+                    panic!("the socket closed or went quiet before the review's prompt answered");
+                };
+                let now = Instant::now();
+                for e in v["events"].as_array().cloned().unwrap_or_default() {
+                    let kind = e["type"].as_str().unwrap_or("");
+                    if kind == "pr.comment.received" {
+                        prompt = e["prompt"].as_str().map(String::from);
+                    }
+                    if kind.starts_with("agent.")
+                        && prompt.as_deref().is_some_and(|p| e["prompt"] == p)
+                    {
+                        break 'wait now;
+                    }
+                }
+            };
+            if live { &mut warm } else { &mut restored }.push(ms(first - t));
+            if let Some(p) = prompt {
+                ws.finished(&p).await;
+            }
+            end_sandboxes(&compute, &id).await;
+        }
+    }
+    report_first(
+        "review submitted -> first agent event (warm session)",
+        &mut warm,
+    );
+    report_first(
+        "review submitted -> first agent event (restored from its snapshot)",
+        &mut restored,
+    );
+}
+
+/// Signs `login` in through the fake GitHub's OAuth pages; their Nightshift user.
+async fn sign_in_with_github(
+    server: &Server,
+    fake: &nightshift_tests::fake_github::FakeGithub,
+    login: &str,
+) -> User {
+    fake.set_browser_user(login);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default();
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let start = http
+        .get(format!("{}/auth/github/start?return=/", server.base))
+        .send()
+        .await
+        .expect("start");
+    let authorize = header(&start, "location").concat();
+    let cookie = header(&start, "set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("ns_oauth="))
+        .and_then(|c| c.split(';').next().map(String::from))
+        .unwrap_or_default();
+    let callback = fake
+        .authorize_redirect(&authorize)
+        .await
+        .expect("authorize");
+    let landed = http
+        .get(callback)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("callback");
+    let to = header(&landed, "location").concat();
+    let query = to
+        .split_once("#/signed-in?")
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    let token = nightshift_core::github::form_decode(query)
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .expect("token");
+    User {
+        user: login.into(),
+        token,
     }
 }
