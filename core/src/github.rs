@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::signing::{hex, unhex};
 type HmacSha256 = Hmac<Sha256>;
 
 // ---------------------------------------------------------------------------------------------
@@ -72,24 +73,6 @@ impl WebhookError {
             WebhookError::UnknownEvent => "webhook_event_ignored",
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|at| {
-            text.get(at..at + 2)
-                .filter(|pair| pair.bytes().all(|b| b.is_ascii_hexdigit()))
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
 }
 
 fn webhook_mac(secret: &[u8], body: &[u8]) -> Option<HmacSha256> {

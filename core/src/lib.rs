@@ -21,6 +21,7 @@ pub mod sandbox;
 pub mod session;
 pub mod signin;
 pub mod signing;
+pub mod slack;
 pub mod snapshot;
 pub mod store;
 pub mod token;

@@ -31,7 +31,7 @@ const CORE_LAYERS: &[&[&str]] = &[
         "provider",
         "tools",
     ],
-    &["events", "pr_review"],
+    &["events", "pr_review", "slack"],
     &["sandbox"],
     &["session"],
     &["hosted", "store"],

@@ -597,9 +597,7 @@ fn a_fork_pr_gets_a_suggestion_and_the_reason() {
     assert!(reply.body.contains("cannot push to"));
     assert!(reply.body.contains("```diff\n-a\n+b\n```\n"));
     let fenced = fork_reply(7, "carol/web", Some("+let s = \"```\";"), "");
-    assert!(fenced
-        .body
-        .contains("````diff\n+let s = \"```\";\n````"));
+    assert!(fenced.body.contains("````diff\n+let s = \"```\";\n````"));
     let nothing = fork_reply(7, "carol/web", None, "Nothing to change.");
     assert!(nothing.body.contains("Not changed: Nothing to change."));
     assert!(!nothing.body.contains("diff\n"));

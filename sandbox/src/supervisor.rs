@@ -875,9 +875,27 @@ pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String
         .stdout(logf)
         .stderr(logf2)
         .kill_on_drop(true);
+    let own_namespace = OwnNamespace::prepare();
+    // SAFETY: the closure runs in the forked child before exec and makes only raw syscalls on
+    // buffers prepared before the fork (no allocation, no lock).
+    unsafe {
+        cmd.pre_exec(move || {
+            own_namespace.enter();
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start OpenCode: {e}"))?;
+    if let Some(pid) = child.id() {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+        let ours = std::fs::read_link("/proc/self/ns/user").ok();
+        if theirs.is_some() && theirs != ours {
+            log("the agent runs in a user namespace of its own: the supervisor's processes (and the git credentials in their environment) are out of its reach");
+        } else {
+            log("the agent shares the supervisor's user namespace (this kernel refused a nested one)");
+        }
+    }
     for _ in 0..600 {
         let text = tokio::fs::read_to_string(&log_path)
             .await
@@ -900,6 +918,74 @@ pub async fn start_opencode(s: &Shared, gate_port: u16) -> Result<String, String
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err("OpenCode did not start within 30 s; see logs/opencode".into())
+}
+
+/// What the agent's process does before it becomes OpenCode: enter a user namespace of its own
+/// mapping its own uid and gid, so nothing it runs can read the supervisor's or its `git`
+/// children's memory or `/proc/<pid>/environ` (the repository's write token is there during a
+/// push): ptrace access across user namespaces needs `CAP_SYS_PTRACE` in the supervisor's,
+/// which the agent has not. Where the kernel refuses (no nested user namespaces), the agent
+/// runs as before; the supervisor logs which.
+struct OwnNamespace {
+    setgroups: [u8; 24],
+    uid_map_path: [u8; 24],
+    gid_map_path: [u8; 24],
+    uid_map: [u8; 32],
+    uid_map_len: usize,
+    gid_map: [u8; 32],
+    gid_map_len: usize,
+}
+
+impl OwnNamespace {
+    /// Everything the child writes, made before the fork.
+    fn prepare() -> OwnNamespace {
+        fn path(p: &str) -> [u8; 24] {
+            let mut out = [0u8; 24];
+            out[..p.len()].copy_from_slice(p.as_bytes());
+            out
+        }
+        fn map(id: u32) -> ([u8; 32], usize) {
+            let text = format!("{id} {id} 1\n");
+            let mut out = [0u8; 32];
+            out[..text.len()].copy_from_slice(text.as_bytes());
+            (out, text.len())
+        }
+        // SAFETY: getuid(2) and getgid(2) take no arguments and cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid_map, uid_map_len) = map(uid);
+        let (gid_map, gid_map_len) = map(gid);
+        OwnNamespace {
+            setgroups: path("/proc/self/setgroups"),
+            uid_map_path: path("/proc/self/uid_map"),
+            gid_map_path: path("/proc/self/gid_map"),
+            uid_map,
+            uid_map_len,
+            gid_map,
+            gid_map_len,
+        }
+    }
+
+    /// In the child, before exec: raw syscalls only.
+    fn enter(&self) {
+        fn write_to(path: &[u8; 24], bytes: &[u8]) {
+            // SAFETY: `path` is NUL-terminated (the arrays are longer than the paths) and
+            // `bytes` is a valid buffer; open/write/close are async-signal-safe.
+            unsafe {
+                let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+                    libc::close(fd);
+                }
+            }
+        }
+        // SAFETY: unshare(2) with CLONE_NEWUSER affects only this (single-threaded) child.
+        if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+            return;
+        }
+        write_to(&self.setgroups, b"deny");
+        write_to(&self.uid_map_path, &self.uid_map[..self.uid_map_len]);
+        write_to(&self.gid_map_path, &self.gid_map[..self.gid_map_len]);
+    }
 }
 
 /// Creates an OpenCode session (always with a title, or OpenCode asks the model for one).

@@ -2,6 +2,7 @@
 
 pub mod fake_github;
 pub mod fake_provider;
+pub mod fake_slack;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

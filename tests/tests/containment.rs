@@ -8,7 +8,7 @@ async fn the_agent_sees_no_key_and_a_blocked_host_is_shown_to_the_session() {
     let key = "sk-session-test-key-9876543210";
     let recording = json!({"turns": [
         {"text": "Checking the network and the environment.", "tool_calls": [{"name": "bash", "arguments": {
-            "command": "curl -s -m 10 -o /dev/null -w 'status %{http_code}\\n' https://example.org/; env | grep -c 'sk-session-test-key' || true",
+            "command": "curl -s -m 10 -o /dev/null -w 'status %{http_code}\\n' https://example.org/; env | grep -c 'sk-session-test-key' || true; s=super; s=${s}visor; for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); case \"$c\" in *\"$s\"*) if cat $p/environ >/dev/null 2>&1; then echo 'environ readable'; else echo 'environ refused'; fi;; esac; done",
             "description": "Try the network"}}]},
         {"text": "Done."}
     ]});
@@ -43,6 +43,10 @@ async fn the_agent_sees_no_key_and_a_blocked_host_is_shown_to_the_session() {
         "the key is in the agent's environment: {output}"
     );
     assert!(!output.contains(key), "{output}");
+    // The supervisor's environment (and its git children's, which hold the push token during
+    // a push) is out of the agent's reach: the agent runs in a user namespace of its own.
+    assert!(output.contains("environ refused"), "{output}");
+    assert!(!output.contains("environ readable"), "{output}");
 }
 
 /// A loopback HTTP server answering `{"ok":true}`; counts the requests that reached it.
