@@ -77,11 +77,14 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
                 }
                 tenant = owner;
             }
+            // (Without a GitHub App a spawn's repository may be a clone URL: no settings to read.)
             let github = match &b.repository {
-                Some(name) => crate::access::settings(env, name)
-                    .await?
-                    .and_then(|s| s.github),
-                None => None,
+                Some(name) if crate::config::github(env).is_some() => {
+                    crate::access::settings(env, name)
+                        .await?
+                        .and_then(|s| s.github)
+                }
+                _ => None,
             };
             crate::access::take_quota(env, &who, QuotaKind::Spawns, github.as_deref()).await?;
             let body = SpawnBody {
