@@ -343,6 +343,14 @@ impl SessionObject {
         if let Ok(Some(due)) = self.read(|h, _| h.session.pull_request_due(events)) {
             *self.pull_due.borrow_mut() = Some(due);
         }
+        if events.iter().any(|e| {
+            matches!(
+                e.kind,
+                nightshift_core::events::EventKind::PromptStarted { .. }
+            )
+        }) {
+            self.drop_people_without_access().await;
+        }
         match self.review_prompts_finished(events) {
             Ok(true) => self.replies_due.set(true),
             Ok(false) => {}
@@ -356,6 +364,56 @@ impl SessionObject {
             }
         }
         Ok(())
+    }
+
+    /// Closes the sockets of people who lost read access to the session's GitHub repository
+    /// (asked when a prompt starts, from each person's minute-long cache): what the session
+    /// shows from then on is not theirs to see. A failure to ask is logged and closes nothing.
+    async fn drop_people_without_access(&self) {
+        if config::github(&self.env).is_none() {
+            return;
+        }
+        let Ok(Some(repository)) = self.read(|h, _| h.session.meta.repository.clone()) else {
+            return;
+        };
+        let full_name = match crate::access::settings(&self.env, &repository).await {
+            Ok(Some(settings)) => settings.github,
+            _ => None,
+        };
+        let Some(full_name) = full_name else {
+            return;
+        };
+        let Ok(people) = self.read(|h, _| {
+            let mut people: Vec<(String, String, Vec<String>)> = Vec::new();
+            for client in h.session.clients.values() {
+                match people.iter_mut().find(|(user, _, _)| *user == client.user) {
+                    Some((_, _, ids)) => ids.push(client.id.clone()),
+                    None => people.push((
+                        client.user.clone(),
+                        client.name.clone(),
+                        vec![client.id.clone()],
+                    )),
+                }
+            }
+            people
+        }) else {
+            return;
+        };
+        for (user, name, clients) in people {
+            let who = Identity {
+                user,
+                name,
+                email: None,
+            };
+            match crate::access::role(&self.env, &who, &full_name, false).await {
+                Ok(role) if role < nightshift_core::github::Role::Read => {
+                    self.sockets()
+                        .close_clients(&clients, PeopleClose::AccessLost);
+                }
+                Ok(_) => {}
+                Err(e) => console_error!("access of {} to {full_name}: {}", who.user, e.message),
+            }
+        }
     }
 
     /// Sends the sandbox an installation token for its repository (contents:write, this one

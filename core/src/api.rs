@@ -256,6 +256,8 @@ pub enum PeopleClose {
     /// The replay reached its bound for one connect: reconnect at once with `since` = the
     /// last event received; the replay continues from there (nothing is missed or repeated).
     ReplayContinues,
+    /// The person no longer has read access to the session's GitHub repository.
+    AccessLost,
 }
 
 impl PeopleClose {
@@ -264,6 +266,7 @@ impl PeopleClose {
             PeopleClose::Removed => 4000,
             PeopleClose::Replaced => 4001,
             PeopleClose::ReplayContinues => 4002,
+            PeopleClose::AccessLost => 4003,
         }
     }
 
@@ -273,6 +276,9 @@ impl PeopleClose {
             PeopleClose::Replaced => "replaced by a newer connection",
             PeopleClose::ReplayContinues => {
                 "replay continues: reconnect with since = the last event received"
+            }
+            PeopleClose::AccessLost => {
+                "your GitHub access to this session's repository ended; ask for read access again"
             }
         }
     }
@@ -767,11 +773,12 @@ mod tests {
             PeopleClose::Removed,
             PeopleClose::Replaced,
             PeopleClose::ReplayContinues,
+            PeopleClose::AccessLost,
         ]
         .iter()
         .map(|c| c.code())
         .collect();
-        assert_eq!(codes, vec![4000, 4001, 4002]);
+        assert_eq!(codes, vec![4000, 4001, 4002, 4003]);
     }
 
     fn person(user: &str) -> Identity {

@@ -1382,8 +1382,9 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
         assert_eq!((st, code(&v)), (403, "owner_only"), "{}: {v}", who.user);
     }
 
-    // Dan loses his access at GitHub mid-session: his prompts and his socket are refused, and
-    // nothing is stored.
+    // Dan loses his access at GitHub mid-session: his prompts and his new sockets are refused,
+    // nothing is stored, and the socket he had open is closed when the next prompt starts.
+    let mut dans = api.connect(&dan, &s1, "dan-open", 0).await;
     fake.set_collaborator("acme/web", "dan", Role::None);
     let (_, before) = api
         .call("GET", &format!("/sessions/{s1}"), &ada, None)
@@ -1408,4 +1409,12 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
         .await;
     assert_eq!(before["last_seq"], after["last_seq"], "{after}");
     assert_eq!(before["prompts"], after["prompts"], "{after}");
+    let p3 = api.prompt(&ada, &s1, "Anything left?").await;
+    assert_eq!(
+        dans.close_frame(secs(30)).await,
+        Some(4003),
+        "Dan still watches"
+    );
+    let done = ws.finished(&p3).await;
+    assert_eq!(done["ok"], true, "{done}");
 }

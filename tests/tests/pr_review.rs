@@ -483,4 +483,81 @@ async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch(
         answers[0].contains("```diff\n") && answers[0].contains("+Run the tests first."),
         "{answers:?}"
     );
+
+    // A mention on a repository the App is on but nobody registered, and one on a pull request
+    // GitHub does not have: nothing starts, nothing is posted, the deliveries are taken.
+    fake.add_repo("acme/other", &[("carol", Role::Write)]);
+    let (st, _) = fake
+        .add_installation_repos(installation, &["acme/other"])
+        .await;
+    assert_eq!(st, 202);
+    fake.commit_file("acme/other", "feature/x", "X.md", "x\n")
+        .expect("commit");
+    let other = reqwest::Client::new()
+        .post(format!("{}/repos/acme/other/pulls", fake.api_url()))
+        .bearer_auth(fake.mint_user_token("carol"))
+        .header("user-agent", "carol's browser")
+        .header("accept", "application/vnd.github+json")
+        .json(&json!({"title": "X", "head": "feature/x", "base": "main"}))
+        .send()
+        .await
+        .expect("open");
+    assert_eq!(other.status().as_u16(), 201);
+    let other_number = other.json::<Value>().await.expect("pull")["number"]
+        .as_u64()
+        .expect("number");
+    let reactions_before = fake.reactions().len();
+    fake.comment_on_pull(
+        "acme/other",
+        other_number,
+        "carol",
+        &format!("@{slug} do it here"),
+    )
+    .await;
+    let asked = fake
+        .deliveries()
+        .into_iter()
+        .rev()
+        .find(|d| d.event == "issue_comment")
+        .expect("the comment's delivery");
+    assert_eq!(asked.status_code, 202);
+    let mut unknown: Value = serde_json::from_slice(&asked.payload).expect("payload");
+    let asked_comment = unknown["comment"]["id"].as_u64().expect("comment id");
+    unknown["repository"] = json!({"id": 1, "name": "web", "full_name": "acme/web", "owner": {"login": "acme", "id": 1, "type": "Organization"}, "private": true, "default_branch": "main"});
+    unknown["issue"]["number"] = json!(9999);
+    unknown["comment"]["id"] = json!(987_654_321);
+    let (st, said) = fake.deliver("issue_comment", unknown).await;
+    assert_eq!(st, 202, "{said}");
+    tokio::time::sleep(secs(1)).await;
+    let lookup = format!("/pr-session?repository=acme/other&number={other_number}");
+    let (st, v) = api.call("GET", &lookup, &carol, None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("pr_session_not_found")),
+        "{v}"
+    );
+    let (st, v) = api
+        .call(
+            "GET",
+            "/pr-session?repository=acme/web&number=9999",
+            &carol,
+            None,
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert!(!fake
+        .issue_comments("acme/other", other_number)
+        .iter()
+        .any(|(_, _, by, _)| by.ends_with("[bot]")));
+    // No 👀 on the unregistered repository's comment (nothing there is Nightshift's to answer).
+    let other_comment = asked_comment;
+    assert!(
+        !fake
+            .reactions()
+            .iter()
+            .any(|(_, id, _, _)| *id == other_comment),
+        "{:?}",
+        fake.reactions()
+    );
+    assert!(fake.reactions().len() <= reactions_before + 1);
 }

@@ -171,6 +171,8 @@ export class SessionSocket {
     ws.onclose = (ev) => {
       if (this.closed) return;
       if (ev.code === 4000) { this.handlers.status?.("removed"); return; }
+      // 4003: GitHub access to the session's repository ended; reconnecting would be refused.
+      if (ev.code === 4003) { this.handlers.status?.("access ended"); return; }
       // 4002: the replay of a long log continues from lastSeq on a new connect, at once.
       if (ev.code === 4002) { this.open(); return; }
       this.again();

@@ -310,7 +310,7 @@ class SessionView {
     if (s === "signedout") { toast("Your sign-in ended: sign in again.", "error"); route(); return; }
     const c = $("#conn");
     if (!c) return;
-    c.textContent = s === "live" ? "live" : s === "removed" ? "removed from session" : s;
+    c.textContent = s === "live" ? "live" : s === "removed" ? "removed from session" : s === "access ended" ? "your GitHub access to this repository ended" : s;
     c.className = `pill ${s === "live" ? "ok" : "subtle"}`;
   }
 
