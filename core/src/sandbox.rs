@@ -238,6 +238,23 @@ pub enum AgentEvent {
 /// The largest patch a prompt's end carries (a fork's work, for a suggestion).
 pub const MAX_PATCH_BYTES: usize = 16 * 1024;
 
+/// A patch cut to [`MAX_PATCH_BYTES`] on a line boundary, with a note that the rest is left out
+/// (the supervisor cuts what it sends; the session cuts again what a sandbox may send).
+pub fn cut_patch(patch: &str) -> String {
+    let max = MAX_PATCH_BYTES;
+    if patch.len() <= max {
+        return patch.to_string();
+    }
+    let mut end = max;
+    while !patch.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = patch[..end]
+        .rfind('\n')
+        .map_or(&patch[..end], |nl| &patch[..=nl]);
+    format!("{kept}… (the patch is longer; the rest is left out)\n")
+}
+
 impl AgentEvent {
     /// The prompt this event belongs to, if any.
     pub fn prompt(&self) -> Option<&str> {

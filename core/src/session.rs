@@ -170,22 +170,6 @@ impl Submitted {
     }
 }
 
-/// A patch cut to [`crate::sandbox::MAX_PATCH_BYTES`] on a line boundary (a sandbox may send more).
-fn cut_patch(patch: &str) -> String {
-    let max = crate::sandbox::MAX_PATCH_BYTES;
-    if patch.len() <= max {
-        return patch.to_string();
-    }
-    let mut end = max;
-    while !patch.is_char_boundary(end) {
-        end -= 1;
-    }
-    let kept = patch[..end]
-        .rfind('\n')
-        .map_or(&patch[..end], |nl| &patch[..=nl]);
-    format!("{kept}… (the patch is longer; the rest is left out)\n")
-}
-
 /// Session metadata that lives in one row.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Meta {
@@ -1134,7 +1118,7 @@ impl Session {
             Some((b, c)) => (Some(b), Some(c)),
             None => (None, None),
         };
-        let patch = patch.map(|p| cut_patch(&p));
+        let patch = patch.map(|p| crate::sandbox::cut_patch(&p));
         self.dirty.insert(Dirty::Prompt(id.to_string()));
         let mut out = Outcome::default();
         out.event(

@@ -1318,16 +1318,7 @@ async fn commit_as_patch(s: &Shared, job: &PromptJob) -> Result<Option<String>, 
     )
     .await?;
     let patch = git(&repo, &["diff", "--no-color", "HEAD~1", "HEAD"]).await?;
-    let patch = if patch.len() > nightshift_core::sandbox::MAX_PATCH_BYTES {
-        let mut end = nightshift_core::sandbox::MAX_PATCH_BYTES;
-        while !patch.is_char_boundary(end) {
-            end -= 1;
-        }
-        patch[..end].to_string()
-    } else {
-        patch
-    };
-    Ok(Some(patch))
+    Ok(Some(nightshift_core::sandbox::cut_patch(&patch)))
 }
 
 /// Commits the prompt's work in the prompting person's name and pushes the session's branch.

@@ -1003,6 +1003,78 @@ impl FakeGithub {
         FakeGithub { ctx, server, dir }
     }
 
+    /// The Worker's vars that point a deployment at this fake (the PEM with literal `\n`, as a
+    /// secret pasted into one line).
+    pub fn worker_vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("GITHUB_APP_CLIENT_ID", self.client_id()),
+            ("GITHUB_APP_CLIENT_SECRET", self.client_secret()),
+            ("GITHUB_APP_ID", self.app_id().to_string()),
+            (
+                "GITHUB_APP_PRIVATE_KEY",
+                self.private_key_pem().trim().replace('\n', "\\n"),
+            ),
+            ("GITHUB_APP_SLUG", self.slug()),
+            ("GITHUB_WEBHOOK_SECRET", self.webhook_secret()),
+            ("GITHUB_API_URL", self.api_url()),
+            ("GITHUB_WEB_URL", self.web_url()),
+            ("GITHUB_GIT_URL", self.git_url()),
+            (
+                "TOKEN_ENCRYPTION_KEY",
+                "test-token-key-0123456789".to_string(),
+            ),
+        ]
+    }
+
+    /// Signs `login` in through the Worker at `base` the way a browser does (start → this
+    /// fake's authorize page → callback with the flow cookie); their Nightshift token.
+    pub async fn sign_in_through(&self, base: &str, login: &str) -> String {
+        self.set_browser_user(login);
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let headers = |r: &reqwest::Response, name: &str| -> Vec<String> {
+            r.headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(String::from)
+                .collect()
+        };
+        let start = http
+            .get(format!("{base}/auth/github/start?return=/"))
+            .send()
+            .await
+            .expect("start");
+        let authorize = headers(&start, "location").concat();
+        let cookie = headers(&start, "set-cookie")
+            .into_iter()
+            .find(|c| c.starts_with("ns_oauth="))
+            .and_then(|c| c.split(';').next().map(String::from))
+            .unwrap_or_default();
+        let callback = self
+            .authorize_redirect(&authorize)
+            .await
+            .expect("authorize page");
+        let landed = http
+            .get(callback)
+            .header("cookie", cookie)
+            .send()
+            .await
+            .expect("callback");
+        let to = headers(&landed, "location").concat();
+        let query = to
+            .split_once("#/signed-in?")
+            .map(|(_, q)| q)
+            .unwrap_or_default();
+        github::form_decode(query)
+            .into_iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no token in the sign-in's landing {to}"))
+    }
+
     /// The web base URL (OAuth pages, pull request and compare pages): `http://127.0.0.1:P`.
     pub fn web_url(&self) -> String {
         self.ctx.web_url.clone()

@@ -5,30 +5,8 @@ use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
 use nightshift_tests::{secs, Server, User};
 use serde_json::{json, Value};
 
-/// The Worker's vars for the fake (the PEM with literal `\n`, as a secret pasted into one line).
-fn github_vars(fake: &FakeGithub) -> Vec<(&'static str, String)> {
-    vec![
-        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
-        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
-        ("GITHUB_APP_ID", fake.app_id().to_string()),
-        (
-            "GITHUB_APP_PRIVATE_KEY",
-            fake.private_key_pem().trim().replace('\n', "\\n"),
-        ),
-        ("GITHUB_APP_SLUG", fake.slug()),
-        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
-        ("GITHUB_API_URL", fake.api_url()),
-        ("GITHUB_WEB_URL", fake.web_url()),
-        ("GITHUB_GIT_URL", fake.git_url()),
-        (
-            "TOKEN_ENCRYPTION_KEY",
-            "test-token-key-0123456789".to_string(),
-        ),
-    ]
-}
-
 async fn start(fake: &FakeGithub) -> Server {
-    let vars = github_vars(fake);
+    let vars = fake.worker_vars();
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = Server::start(&vars).await;
     fake.deliver_to(&format!("{}/webhook/github", server.base));
@@ -124,15 +102,7 @@ async fn visit(url: &str, cookie: Option<&str>) -> (u16, String, Value) {
 
 /// Signs `login` in through GitHub; returns their Nightshift token.
 async fn sign_in_with_github(server: &Server, fake: &FakeGithub, login: &str) -> String {
-    fake.set_browser_user(login);
-    let (callback, cookie) = begin(server, fake, "/").await;
-    let (status, to, body) = visit(&callback, Some(&cookie)).await;
-    assert_eq!(status, 302, "callback: {body}");
-    fragment_params(&to)
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-        .expect("token in the fragment")
+    fake.sign_in_through(&server.base, login).await
 }
 
 fn code(v: &Value) -> &str {
@@ -451,7 +421,7 @@ async fn a_private_repository_is_cloned_and_pushed_with_scoped_tokens_and_the_pu
     fake.add_repo("acme/other", &[("ada", Role::Admin)]);
     fake.add_repo("acme/no-app", &[("ada", Role::Admin)]);
     let installation = fake.install("acme", &["acme/web", "acme/other"]);
-    let vars = github_vars(&fake);
+    let vars = fake.worker_vars();
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello from nightshift\n"}}]},
@@ -775,7 +745,7 @@ async fn every_route_refuses_a_stranger_a_removed_member_and_a_signed_out_token(
     );
     fake.install("acme", &["acme/web"]);
     let (_provider, provider_url) = nightshift_tests::fake_provider::start().await;
-    let mut vars = github_vars(&fake);
+    let mut vars = fake.worker_vars();
     vars.push(("PROVIDER_URL", provider_url));
     vars.push((
         "PROVIDER_SECRET",
@@ -1054,7 +1024,7 @@ async fn an_expired_user_token_is_refreshed_once_for_concurrent_callers_and_a_re
     fake.add_repo("acme/web", &[("ada", Role::Admin)]);
     fake.install("acme", &["acme/web"]);
     let (_provider, provider_url) = nightshift_tests::fake_provider::start().await;
-    let mut vars = github_vars(&fake);
+    let mut vars = fake.worker_vars();
     vars.push(("PROVIDER_URL", provider_url));
     vars.push((
         "PROVIDER_SECRET",
@@ -1159,7 +1129,7 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
         ],
     );
     let installation = fake.install("acme", &["acme/web"]);
-    let mut vars = github_vars(&fake);
+    let mut vars = fake.worker_vars();
     vars.push(("QUOTA_INSTALLATION_SESSIONS_PER_HOUR", "3".into()));
     vars.push(("QUOTA_RUNNING_SANDBOXES", "1".into()));
     // Permissions are asked of GitHub every time here (a deployment believes them a minute).

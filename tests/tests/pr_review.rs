@@ -5,83 +5,11 @@ use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
 use nightshift_tests::{secs, User};
 use serde_json::{json, Value};
 
-/// The Worker's vars for the fake (the PEM with literal `\n`, as a secret pasted into one line).
-fn github_vars(fake: &FakeGithub) -> Vec<(&'static str, String)> {
-    vec![
-        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
-        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
-        ("GITHUB_APP_ID", fake.app_id().to_string()),
-        (
-            "GITHUB_APP_PRIVATE_KEY",
-            fake.private_key_pem().trim().replace('\n', "\\n"),
-        ),
-        ("GITHUB_APP_SLUG", fake.slug()),
-        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
-        ("GITHUB_API_URL", fake.api_url()),
-        ("GITHUB_WEB_URL", fake.web_url()),
-        ("GITHUB_GIT_URL", fake.git_url()),
-        (
-            "TOKEN_ENCRYPTION_KEY",
-            "test-token-key-0123456789".to_string(),
-        ),
-    ]
-}
-
-/// Signs `login` in through GitHub's OAuth pages (the fake's); returns their token.
+/// Signs `login` in through GitHub's OAuth pages (the fake's).
 async fn sign_in(server: &nightshift_tests::Server, fake: &FakeGithub, login: &str) -> User {
-    fake.set_browser_user(login);
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client");
-    let start = http
-        .get(format!("{}/auth/github/start?return=/", server.base))
-        .send()
-        .await
-        .expect("start");
-    let authorize = start
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let cookie = start
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("ns_oauth="))
-        .and_then(|c| c.split(';').next())
-        .unwrap_or_default()
-        .to_string();
-    let callback = fake
-        .authorize_redirect(&authorize)
-        .await
-        .expect("authorize page");
-    let landed = http
-        .get(callback)
-        .header("cookie", cookie)
-        .send()
-        .await
-        .expect("callback");
-    let to = landed
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let query = to
-        .split_once("#/signed-in?")
-        .map(|(_, q)| q)
-        .unwrap_or_default();
-    let token = nightshift_core::github::form_decode(query)
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-        .expect("token in the fragment");
     User {
         user: login.into(),
-        token,
+        token: fake.sign_in_through(&server.base, login).await,
     }
 }
 
@@ -106,7 +34,7 @@ async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_thr
         ],
     );
     let installation = fake.install("acme", &["acme/web"]);
-    let vars = github_vars(&fake);
+    let vars = fake.worker_vars();
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // The session's one conversation: the first prompt's two turns, then the review's two.
     let recording = json!({"turns": [
@@ -292,7 +220,7 @@ async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch(
         ],
     );
     let installation = fake.install("acme", &["acme/web"]);
-    let vars = github_vars(&fake);
+    let vars = fake.worker_vars();
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"text": "Adding the notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "CONTRIBUTING.md", "content": "Run the tests first.\n"}}]},

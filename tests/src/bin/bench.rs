@@ -2715,31 +2715,17 @@ async fn review() {
     ]});
     let compute = Compute::start(&recording, &[]).await;
     let mut owned = compute.vars();
-    owned.extend([
-        ("GITHUB_APP_CLIENT_ID", fake.client_id()),
-        ("GITHUB_APP_CLIENT_SECRET", fake.client_secret()),
-        ("GITHUB_APP_ID", fake.app_id().to_string()),
-        (
-            "GITHUB_APP_PRIVATE_KEY",
-            fake.private_key_pem().trim().replace('\n', "\\n"),
-        ),
-        ("GITHUB_APP_SLUG", fake.slug()),
-        ("GITHUB_WEBHOOK_SECRET", fake.webhook_secret()),
-        ("GITHUB_API_URL", fake.api_url()),
-        ("GITHUB_WEB_URL", fake.web_url()),
-        ("GITHUB_GIT_URL", fake.git_url()),
-        (
-            "TOKEN_ENCRYPTION_KEY",
-            "bench-token-key-0123456789".to_string(),
-        ),
-        ("HEARTBEAT_TIMEOUT_MS", "900000".to_string()),
-    ]);
+    owned.extend(fake.worker_vars());
+    owned.push(("HEARTBEAT_TIMEOUT_MS", "900000".to_string()));
     let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = Server::start(&vars).await;
     fake.deliver_to(&format!("{}/webhook/github", server.base));
     fake.deliver_installation_created(installation).await;
     let api = server.client();
-    let ada = sign_in_with_github(&server, &fake, "ada").await;
+    let ada = User {
+        user: "ada".into(),
+        token: fake.sign_in_through(&server.base, "ada").await,
+    };
     let (st, v) = api
         .call(
             "POST",
@@ -2818,60 +2804,4 @@ async fn review() {
         "review submitted -> first agent event (restored from its snapshot)",
         &mut restored,
     );
-}
-
-/// Signs `login` in through the fake GitHub's OAuth pages; their Nightshift user.
-async fn sign_in_with_github(
-    server: &Server,
-    fake: &nightshift_tests::fake_github::FakeGithub,
-    login: &str,
-) -> User {
-    fake.set_browser_user(login);
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default();
-    let header = |r: &reqwest::Response, name: &str| {
-        r.headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
-    let start = http
-        .get(format!("{}/auth/github/start?return=/", server.base))
-        .send()
-        .await
-        .expect("start");
-    let authorize = header(&start, "location").concat();
-    let cookie = header(&start, "set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("ns_oauth="))
-        .and_then(|c| c.split(';').next().map(String::from))
-        .unwrap_or_default();
-    let callback = fake
-        .authorize_redirect(&authorize)
-        .await
-        .expect("authorize");
-    let landed = http
-        .get(callback)
-        .header("cookie", cookie)
-        .send()
-        .await
-        .expect("callback");
-    let to = header(&landed, "location").concat();
-    let query = to
-        .split_once("#/signed-in?")
-        .map(|(_, q)| q)
-        .unwrap_or_default();
-    let token = nightshift_core::github::form_decode(query)
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-        .expect("token");
-    User {
-        user: login.into(),
-        token,
-    }
 }
