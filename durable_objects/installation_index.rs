@@ -15,9 +15,9 @@ use crate::github::{self, GithubError};
 use crate::http::{call, repository_stub, session_stub};
 use crate::objects::{
     encode, read_body, DeliveryAnswer, InstallationAnswer, InstallationAsk, InstallationQuotaAsk,
-    InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PrSessionAnswer,
-    PrSessionAsk, PullLink, PullUpdate, Redelivered, RepositoryLink, RepositoryRoute, SessionRoute,
-    WebhookDelivery,
+    InstallationRoute, InstallationTokenAnswer, InstallationTokenAsk, OkAnswer, PersonFind,
+    PersonFound, PersonRecord, PrSessionAnswer, PrSessionAsk, PullLink, PullUpdate, Redelivered,
+    RepositoryLink, RepositoryRoute, SessionRoute, WebhookDelivery,
 };
 use crate::platform::now_ms;
 use crate::pr_reviews::{Handled, PullContext};
@@ -119,6 +119,7 @@ impl InstallationIndex {
             "CREATE TABLE IF NOT EXISTS tokens (scope TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at INTEGER NOT NULL)",
             "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, body TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS quotas (installation INTEGER NOT NULL, what TEXT NOT NULL, start INTEGER NOT NULL, used INTEGER NOT NULL, PRIMARY KEY (installation, what))",
+            "CREATE TABLE IF NOT EXISTS people (email TEXT PRIMARY KEY, person TEXT NOT NULL)",
         ] {
             sql.exec(ddl, None)?;
         }
@@ -167,6 +168,36 @@ impl InstallationIndex {
                 json_of(200, &self.token(&ask.repository, ask.access).await?)
             }
             InstallationRoute::Redeliver => json_of(200, &self.redeliver().await?),
+            InstallationRoute::PersonRecord => {
+                let record: PersonRecord = read_body(&mut req).await?;
+                self.sql()?.exec(
+                    "INSERT OR REPLACE INTO people (email, person) VALUES (?, ?)",
+                    vec![
+                        SqlStorageValue::String(record.email.to_ascii_lowercase()),
+                        SqlStorageValue::String(
+                            serde_json::to_string(&record.person).map_err(ApiError::internal)?,
+                        ),
+                    ],
+                )?;
+                json_of(200, &OkAnswer::yes())
+            }
+            InstallationRoute::PersonFind => {
+                let find: PersonFind = read_body(&mut req).await?;
+                let rows: Vec<TextRow> = self
+                    .sql()?
+                    .exec(
+                        "SELECT person AS value FROM people WHERE email = ?",
+                        vec![SqlStorageValue::String(find.email.to_ascii_lowercase())],
+                    )?
+                    .to_array()?;
+                let person = match rows.into_iter().next() {
+                    Some(row) => {
+                        Some(serde_json::from_str(&row.value).map_err(ApiError::internal)?)
+                    }
+                    None => None,
+                };
+                json_of(200, &PersonFound { person })
+            }
             InstallationRoute::PrSession => {
                 let ask: PrSessionAsk = read_body(&mut req).await?;
                 json_of(200, &self.pr_session(&ask).await?)

@@ -41,6 +41,15 @@ pub async fn require(
         .map_err(|need| EdgeError::RoleRequired(need).into())
 }
 
+/// The names of every registered repository.
+pub async fn registered(env: &Env) -> ApiResult<Vec<String>> {
+    let stub = env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?;
+    let route = crate::objects::RepositoryIndexRoute::List;
+    let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
+    let names: crate::objects::Names = read_answer(&mut resp, route.path()).await?;
+    Ok(names.names)
+}
+
 /// A registered repository's settings (`None`: not registered).
 pub async fn settings(env: &Env, name: &str) -> ApiResult<Option<Settings>> {
     let stub = repository_stub(env, name)?;

@@ -145,6 +145,21 @@ pub async fn callback(req: &Request, env: &Env) -> ApiResult<Response> {
             .collect(),
         email: Some(email),
     };
+    // Each verified address GitHub gave names this person (a Slack account with the same
+    // verified address is linked to them).
+    let directory = crate::http::installation_index(env)?;
+    for verified in emails.iter().filter(|e| e.verified) {
+        let record = crate::objects::PersonRecord {
+            email: verified.email.clone(),
+            person: who.clone(),
+        };
+        ask::<crate::objects::OkAnswer>(
+            &directory,
+            crate::objects::InstallationRoute::PersonRecord,
+            Some(encode(&record)?),
+        )
+        .await?;
+    }
     let signed = auth::sign_in(env, &who, "github").await?;
     let location = format!(
         "/#/signed-in?{}",

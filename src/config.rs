@@ -198,3 +198,51 @@ pub fn token_encryption_key(env: &Env) -> Option<Vec<u8>> {
     use sha2::Digest;
     var(env, "TOKEN_ENCRYPTION_KEY").map(|k| sha2::Sha256::digest(k.as_bytes()).to_vec())
 }
+
+/// Slack: present when `SLACK_SIGNING_SECRET` and `SLACK_BOT_TOKEN` are.
+#[derive(Debug, Clone)]
+pub struct Slack {
+    pub signing_secret: String,
+    pub bot_token: String,
+    /// The Web API's base (`SLACK_API_URL`, default `https://slack.com/api`).
+    pub api_url: String,
+    /// The model asked which repository a request is for when the rules cannot tell.
+    pub chooser: Option<Chooser>,
+}
+
+/// An OpenAI-compatible chat-completions endpoint (`CHOOSER_MODEL_URL`, `CHOOSER_MODEL`,
+/// `CHOOSER_MODEL_KEY`), and the confidence below which the person is asked instead
+/// (`CHOOSER_MIN_CONFIDENCE`, percent, default 70).
+#[derive(Debug, Clone)]
+pub struct Chooser {
+    pub url: String,
+    pub model: String,
+    pub key: Option<String>,
+    pub threshold: f32,
+}
+
+pub fn slack(env: &Env) -> Option<Slack> {
+    let chooser = var(env, "CHOOSER_MODEL_URL").map(|url| Chooser {
+        url: url.trim_end_matches('/').to_string(),
+        model: var(env, "CHOOSER_MODEL").unwrap_or_else(|| "default".into()),
+        key: var(env, "CHOOSER_MODEL_KEY"),
+        threshold: num(env, "CHOOSER_MIN_CONFIDENCE", 70u32).min(100) as f32 / 100.0,
+    });
+    Some(Slack {
+        signing_secret: var(env, "SLACK_SIGNING_SECRET")?,
+        bot_token: var(env, "SLACK_BOT_TOKEN")?,
+        api_url: var(env, "SLACK_API_URL")
+            .unwrap_or_else(|| "https://slack.com/api".into())
+            .trim_end_matches('/')
+            .to_string(),
+        chooser,
+    })
+}
+
+/// Shifts the clock Slack's timestamps are checked against (`CLOCK_OFFSET_MS`, may be negative;
+/// for tests that play days passing, never set in a deployment).
+pub fn clock_offset_ms(env: &Env) -> i64 {
+    var(env, "CLOCK_OFFSET_MS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

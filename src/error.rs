@@ -161,6 +161,13 @@ pub enum EdgeError {
     },
     #[error("{0}")]
     Webhook(nightshift_core::github::WebhookError),
+    /// A request from Slack that cannot be trusted or read, or Slack is not configured.
+    #[error("{0}")]
+    Slack(nightshift_core::slack::SlackError),
+    #[error(
+        "this Slack link is unknown, used or expired: ask the bot again in Slack for a new one"
+    )]
+    SlackLinkUnknown,
 }
 
 impl EdgeError {
@@ -234,6 +241,8 @@ impl EdgeError {
             EdgeError::GithubRepositoryRequired => "github_repository_required",
             EdgeError::QuotaExceeded { .. } => "quota_exceeded",
             EdgeError::Webhook(e) => e.code(),
+            EdgeError::Slack(e) => e.code(),
+            EdgeError::SlackLinkUnknown => "slack_link_unknown",
         }
     }
 
@@ -265,6 +274,8 @@ impl EdgeError {
             EdgeError::QuotaExceeded { .. } => 429,
             EdgeError::GithubUnreachable(_) | EdgeError::GithubRefused(_) => 502,
             EdgeError::GithubAppKey(_) | EdgeError::TokenKeyNotConfigured => 500,
+            EdgeError::Slack(e) => e.status(),
+            EdgeError::SlackLinkUnknown => 404,
             EdgeError::Webhook(e) => match e {
                 nightshift_core::github::WebhookError::NotConfigured => 404,
                 nightshift_core::github::WebhookError::BadPayload(_) => 400,
@@ -416,6 +427,14 @@ pub const ALL_CODES: &[&str] = &[
     "signature_malformed",
     "signature_missing",
     "signed_out",
+    "slack_link_unknown",
+    "slack_not_configured",
+    "slack_payload_invalid",
+    "slack_signature_invalid",
+    "slack_signature_malformed",
+    "slack_signature_missing",
+    "slack_timestamp_missing",
+    "slack_timestamp_stale",
     "snapshot_failed",
     "snapshot_in_progress",
     "snapshot_not_found",
@@ -574,6 +593,7 @@ mod tests {
     fn edge_samples() -> Vec<(EdgeError, &'static str, u16)> {
         use nightshift_core::github::WebhookError;
         use nightshift_core::signin::{FlowError, SignInError, TicketError};
+        use nightshift_core::slack::SlackError;
         use EdgeError::*;
         vec![
             (NotFound("route"), "not_found", 404),
@@ -733,6 +753,42 @@ mod tests {
                 "webhook_payload_invalid",
                 400,
             ),
+            (
+                Slack(SlackError::NotConfigured),
+                "slack_not_configured",
+                503,
+            ),
+            (
+                Slack(SlackError::TimestampMissing),
+                "slack_timestamp_missing",
+                401,
+            ),
+            (
+                Slack(SlackError::TimestampStale),
+                "slack_timestamp_stale",
+                401,
+            ),
+            (
+                Slack(SlackError::SignatureMissing),
+                "slack_signature_missing",
+                401,
+            ),
+            (
+                Slack(SlackError::SignatureMalformed),
+                "slack_signature_malformed",
+                401,
+            ),
+            (
+                Slack(SlackError::SignatureInvalid),
+                "slack_signature_invalid",
+                401,
+            ),
+            (
+                Slack(SlackError::BadPayload(s())),
+                "slack_payload_invalid",
+                400,
+            ),
+            (SlackLinkUnknown, "slack_link_unknown", 404),
         ]
     }
 

@@ -26,6 +26,7 @@ mod sandbox_start;
 mod session_provider;
 mod session_sockets;
 mod sessions;
+mod slack;
 mod snapshots;
 mod store;
 mod webcrypto;
@@ -43,6 +44,8 @@ mod repository_index;
 mod scheduler;
 #[path = "../durable_objects/session.rs"]
 mod session_object;
+#[path = "../durable_objects/slack_workspace.rs"]
+mod slack_workspace;
 #[path = "../durable_objects/user_index.rs"]
 mod user_index;
 
@@ -52,6 +55,7 @@ pub use repository::RepositoryObject;
 pub use repository_index::RepositoryIndex;
 pub use scheduler::SchedulerObject;
 pub use session_object::SessionObject;
+pub use slack_workspace::SlackWorkspace;
 pub use user_index::UserIndex;
 
 use worker::{event, Context, Env, Request, Response, Result, ScheduleContext, ScheduledEvent};

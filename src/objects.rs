@@ -217,6 +217,31 @@ pub enum InstallationRoute {
     Quota,
     /// [`PrSessionAsk`] → [`PrSessionAnswer`]: a pull request's session (started if asked).
     PrSession,
+    /// [`PersonRecord`] → [`OkAnswer`]: a person signed in with GitHub under this verified email.
+    PersonRecord,
+    /// [`PersonFind`] → [`PersonFound`]: who signed in with this verified email.
+    PersonFind,
+}
+
+/// `InstallationIndex` `/people`: a person who signed in with GitHub, by the verified email
+/// GitHub gave (what links a Slack account to them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonRecord {
+    pub email: String,
+    pub person: Identity,
+}
+
+/// `InstallationIndex` `/people/find`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonFind {
+    pub email: String,
+}
+
+/// The answer of `/people/find`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonFound {
+    #[serde(default)]
+    pub person: Option<Identity>,
 }
 
 /// `InstallationIndex` `/pr-session`: the session of pull request `number` of `repository`
@@ -238,7 +263,7 @@ pub struct PrSessionAnswer {
 }
 
 impl InstallationRoute {
-    const ALL: [(InstallationRoute, Method, &'static str); 8] = [
+    const ALL: [(InstallationRoute, Method, &'static str); 10] = [
         (InstallationRoute::Delivery, Method::Post, "/delivery"),
         (InstallationRoute::LinkPull, Method::Post, "/pulls/link"),
         (
@@ -255,6 +280,8 @@ impl InstallationRoute {
         (InstallationRoute::Redeliver, Method::Post, "/redeliver"),
         (InstallationRoute::Quota, Method::Post, "/quota"),
         (InstallationRoute::PrSession, Method::Post, "/pr-session"),
+        (InstallationRoute::PersonRecord, Method::Post, "/people"),
+        (InstallationRoute::PersonFind, Method::Post, "/people/find"),
     ];
 
     pub fn method(self) -> Method {
@@ -640,6 +667,126 @@ impl SchedulerRoute {
     }
 }
 
+/// `SlackWorkspace` (one per Slack workspace, by team id): events and clicks seen once, the
+/// work they ask for done from its alarm, threads ↔ sessions, linked people, settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlackWorkspaceRoute {
+    /// [`SlackEventAsk`] (signature verified) → [`SlackAck`].
+    Event,
+    /// [`SlackInteractionAsk`] (signature verified) → [`SlackAck`].
+    Interaction,
+    /// → [`SlackSettings`].
+    SettingsGet,
+    /// [`SlackSettings`] → [`SlackSettings`].
+    SettingsPut,
+    /// [`SlackLinkAsk`] → [`SlackLinkAnswer`], or 404 `slack_link_unknown`.
+    Link,
+}
+
+impl SlackWorkspaceRoute {
+    const ALL: [(SlackWorkspaceRoute, Method, &'static str); 5] = [
+        (SlackWorkspaceRoute::Event, Method::Post, "/event"),
+        (
+            SlackWorkspaceRoute::Interaction,
+            Method::Post,
+            "/interaction",
+        ),
+        (SlackWorkspaceRoute::SettingsGet, Method::Get, "/settings"),
+        (SlackWorkspaceRoute::SettingsPut, Method::Put, "/settings"),
+        (SlackWorkspaceRoute::Link, Method::Post, "/link"),
+    ];
+
+    pub fn method(self) -> Method {
+        fixed(&Self::ALL, self).0
+    }
+
+    pub fn path(self) -> &'static str {
+        fixed(&Self::ALL, self).1
+    }
+
+    pub fn parse(method: &Method, path: &str) -> Option<SlackWorkspaceRoute> {
+        parse_fixed(&Self::ALL, method, path)
+    }
+}
+
+/// One verified Events API callback, as the Worker hands it over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlackEventAsk {
+    pub event_id: String,
+    /// The callback as Slack sent it (compact JSON of `core::slack::EventCallback`).
+    pub callback: String,
+    /// The Worker's origin (`https://…`): links in messages point there.
+    pub origin: String,
+}
+
+/// One verified click (`block_actions`), as the Worker hands it over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlackInteractionAsk {
+    /// A key seen once per click (its trigger id).
+    pub key: String,
+    /// The payload (compact JSON of `core::slack::BlockActions`).
+    pub payload: String,
+    pub origin: String,
+}
+
+/// Whether the event or click was new (a duplicate does nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlackAck {
+    pub duplicate: bool,
+}
+
+/// A workspace's settings: each channel's default repository and the routing rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSettings {
+    /// The workspace (`T…`); set by the object, ignored when put.
+    #[serde(default)]
+    pub team: String,
+    /// Channel id (`C…`) → a registered repository's name.
+    #[serde(default)]
+    pub channel_defaults: std::collections::BTreeMap<String, String>,
+    /// In order: a request containing `pattern` (whole words) goes to `repository`.
+    #[serde(default)]
+    pub routing_rules: Vec<nightshift_core::slack::RoutingRule>,
+}
+
+/// A one-time link code redeemed by the signed-in person it links the Slack account to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlackLinkAsk {
+    pub code: String,
+    pub person: Identity,
+}
+
+/// The Slack account a link code linked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlackLinkAnswer {
+    pub team: String,
+    pub slack_user: String,
+    /// Whether a request waiting for the link was resumed.
+    pub resumed: bool,
+}
+
+/// A session's prompt from another object (Slack), credited to the person in the identity header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptAsk {
+    pub text: String,
+    /// The prompt's idempotency key: one prompt however often it is asked.
+    pub key: String,
+}
+
+/// A page of a session's events (`/events?since=&limit=`), as the session answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub last_seq: u64,
+    pub events: Vec<nightshift_core::events::Event>,
+}
+
+/// The answer of a session's `/prompt`: the prompt's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptAnswer {
+    pub id: String,
+}
+
 /// A route with one method and one path (every object's route enum but the ones with ids in
 /// their paths): what [`crate::http::ask`] calls.
 pub trait FixedRoute: Copy {
@@ -660,7 +807,12 @@ macro_rules! fixed_route {
     )*};
 }
 
-fixed_route!(UserIndexRoute, InstallationRoute, SessionRoute);
+fixed_route!(
+    UserIndexRoute,
+    InstallationRoute,
+    SessionRoute,
+    SlackWorkspaceRoute
+);
 
 fn fixed<R: Copy + PartialEq>(
     all: &[(R, Method, &'static str)],
@@ -1909,6 +2061,8 @@ mod view_tests {
             build_every_min: 30,
             egress: Vec::new(),
             review_mentions_only: false,
+            description: String::new(),
+            topics: Vec::new(),
         };
         let b = Build {
             image: "im_1".into(),

@@ -76,6 +76,13 @@ async fn route(mut req: Request, env: &Env) -> ApiResult<Response> {
         (Method::Post, ["auth", "renew"]) => json_of(200, &auth::renew(&req, env).await?),
         (Method::Post, ["auth", "ticket"]) => json_of(200, &auth::ticket(&mut req, env).await?),
         (Method::Post, ["webhook", "github"]) => crate::webhooks::github(&mut req, env).await,
+        (Method::Post, ["webhook", "slack", "events"]) => crate::slack::events(&mut req, env).await,
+        (Method::Post, ["webhook", "slack", "interactions"]) => {
+            crate::slack::interactions(&mut req, env).await
+        }
+        (Method::Get, ["slack", "settings"]) => crate::slack::settings_get(&req, env).await,
+        (Method::Put, ["slack", "settings"]) => crate::slack::settings_put(&mut req, env).await,
+        (Method::Post, ["slack", "link"]) => crate::slack::link(&mut req, env).await,
         (Method::Get, ["github", "setup"]) => crate::auth_github::setup(&req),
         (Method::Get, ["pr-session"]) => crate::pr_reviews::get(&req, env).await,
         (Method::Post, ["pr-session"]) => crate::pr_reviews::post(&mut req, env).await,

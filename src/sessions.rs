@@ -53,7 +53,8 @@ pub(crate) async fn open(
     let mut resp = created?;
     let status = resp.status_code();
     let text = resp.text().await?;
-    if status != 201 {
+    // A session that exists already (a retried start) keeps its creator's entry.
+    if status != 201 && !text.contains("session_exists") {
         if indexed.is_ok() {
             remove_from_index(env, &who.user, &id).await?;
         }

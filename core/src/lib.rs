@@ -22,6 +22,7 @@ pub mod session;
 pub mod signin;
 pub mod signing;
 pub mod slack;
+pub mod slack_status;
 pub mod snapshot;
 pub mod store;
 pub mod token;

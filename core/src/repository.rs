@@ -68,6 +68,12 @@ pub struct Settings {
     /// mention the App (by default, every comment of a person with write access does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub review_mentions_only: bool,
+    /// What the repository is (Slack's repository choice reads it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Words that say what it is about (Slack's repository choice reads them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
 }
 
 fn main() -> String {
@@ -90,6 +96,8 @@ pub struct Change {
     pub build_every_min: Option<u32>,
     pub egress: Option<Vec<String>>,
     pub review_mentions_only: Option<bool>,
+    pub description: Option<String>,
+    pub topics: Option<Vec<String>>,
 }
 
 fn invalid(m: impl Into<String>) -> RepoError {
@@ -175,6 +183,17 @@ impl Settings {
         if self.build_every_min > 7 * 24 * 60 {
             return Err(invalid("build_every_min: at most a week"));
         }
+        if self.description.len() > 1000 {
+            return Err(invalid("description: at most 1000 bytes"));
+        }
+        if self.topics.len() > 20
+            || self
+                .topics
+                .iter()
+                .any(|t| t.trim().is_empty() || t.len() > 50)
+        {
+            return Err(invalid("topics: at most 20 words of at most 50 bytes"));
+        }
         if !crate::egress::valid_list(&self.egress) {
             return Err(invalid(format!(
                 "egress: at most {} host patterns like `example.com`, `*.example.com` or `host:port`",
@@ -215,6 +234,12 @@ impl Settings {
         }
         if let Some(v) = c.review_mentions_only {
             s.review_mentions_only = v;
+        }
+        if let Some(v) = c.description {
+            s.description = v;
+        }
+        if let Some(v) = c.topics {
+            s.topics = v;
         }
         s.validate()?;
         Ok(s)
@@ -457,6 +482,8 @@ mod tests {
             r#"{"name":"a","clone_url":"u","base_branch":"-x"}"#,
             r#"{"name":"a","clone_url":"u","egress":["http://x.com"]}"#,
             r#"{"name":"a","clone_url":"u","egress":["x.com:99999"]}"#,
+            r#"{"name":"a","clone_url":"u","topics":[" "]}"#,
+            r#"{"name":"a","clone_url":"u","topics":["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q","r","s","t","u"]}"#,
         ] {
             let s: Settings = serde_json::from_str(bad).expect("json");
             assert_eq!(

@@ -78,7 +78,7 @@ pub const MAX_SEEN_EVENTS: usize = 10_000;
 // ---------------------------------------------------------------------------------------------
 
 /// Why a request from Slack was refused, or a Web API call failed.
-#[derive(Debug, Clone, PartialEq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SlackError {
     /// No signing secret is configured, so no request can be trusted.
     #[error("no Slack signing secret is configured")]
@@ -3163,5 +3163,63 @@ mod tests {
         assert_eq!(full.len(), MAX_SEEN_EVENTS);
         assert!(full.first_time("Ev0", 10_000), "the oldest went first");
         assert!(!full.first_time(&format!("Ev{}", MAX_SEEN_EVENTS + 9), 10_000));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chooser model (any OpenAI-compatible chat-completions endpoint)
+// ---------------------------------------------------------------------------------------------
+
+/// One message of a chat-completions request or answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: String,
+}
+
+/// `POST {base}/chat/completions`, not streamed: the repository question as one user message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub stream: bool,
+    pub temperature: f32,
+}
+
+impl ChatRequest {
+    /// The repository question for `text` among `candidates`, for `model`.
+    pub fn choose_repository(model: &str, text: &str, candidates: &[Candidate]) -> ChatRequest {
+        ChatRequest {
+            model: model.to_string(),
+            messages: vec![ChatMessage {
+                role: "user".to_string(),
+                content: model_prompt(text, candidates),
+            }],
+            stream: false,
+            temperature: 0.0,
+        }
+    }
+}
+
+/// One choice of a chat-completions answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub message: ChatMessage,
+}
+
+/// A chat-completions answer: the first choice's text is the model's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatAnswer {
+    #[serde(default)]
+    pub choices: Vec<ChatChoice>,
+}
+
+impl ChatAnswer {
+    /// The first choice's text (empty when there is none).
+    pub fn text(&self) -> &str {
+        self.choices
+            .first()
+            .map_or("", |choice| choice.message.content.as_str())
     }
 }

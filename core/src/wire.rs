@@ -103,7 +103,7 @@ pub fn check_model(model: Option<&str>) -> Result<(), WireError> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinSession {
     pub invite: String,

@@ -32,7 +32,7 @@ const CORE_LAYERS: &[&[&str]] = &[
         "tools",
     ],
     &["events", "pr_review", "slack"],
-    &["sandbox"],
+    &["sandbox", "slack_status"],
     &["session"],
     &["hosted", "store"],
     &["wire"],

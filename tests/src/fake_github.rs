@@ -1747,6 +1747,47 @@ impl FakeGithub {
         comment.id
     }
 
+    /// The author edits review comment `comment_id` of `full_name` to `body`, or deletes it
+    /// (`None`): GitHub's `pull_request_review_comment` `edited` / `deleted` is delivered
+    /// (waiting for it). A deleted comment leaves the list.
+    ///
+    /// Panics if there is no such comment (test setup).
+    pub async fn change_review_comment(
+        &self,
+        full_name: &str,
+        comment_id: u64,
+        body: Option<&str>,
+    ) {
+        let outgoing = {
+            let mut inner = self.ctx.lock();
+            let at = inner
+                .review_comments
+                .iter()
+                .position(|record| record.repo == full_name && record.comment.id == comment_id)
+                .unwrap_or_else(|| panic!("no review comment {comment_id} on {full_name}"));
+            let number = inner.review_comments[at].number;
+            let comment = match body {
+                Some(text) => {
+                    inner.review_comments[at].comment.body = text.to_string();
+                    inner.review_comments[at].comment.clone()
+                }
+                None => inner.review_comments.remove(at).comment,
+            };
+            let mut outgoing = inner.review_comment_outgoing(full_name, number, &comment);
+            if let Some(item) = outgoing.as_mut() {
+                let action = if body.is_some() { "edited" } else { "deleted" };
+                item.action = Some(action.to_string());
+                if let Some(fields) = item.payload.as_object_mut() {
+                    fields.insert("action".to_string(), Value::from(action));
+                }
+            }
+            outgoing
+        };
+        if let Some(item) = outgoing {
+            send(&self.ctx, item).await;
+        }
+    }
+
     /// `login` comments `body` on the conversation of pull `number` of `full_name`; delivers
     /// `issue_comment` `created` (waiting for it) and returns the comment's id.
     ///

@@ -247,6 +247,12 @@ impl Server {
     }
 
     /// Stops the process and starts it again on the same state and port.
+    /// Sets `--var name=value` for the next `restart` (a var given before is replaced).
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != name);
+        self.vars.push((name.to_string(), value.to_string()));
+    }
+
     pub async fn restart(&mut self) {
         self.kill();
         // The same port (clients hold its URL): wait until it is free again, and retry if

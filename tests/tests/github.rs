@@ -1378,7 +1378,7 @@ async fn a_team_deployment_warms_private_pools_queues_push_builds_and_keeps_its_
         .call("GET", &format!("/sessions/{s1}"), &ada, None)
         .await;
     assert_eq!(before["last_seq"], after["last_seq"], "{after}");
-    assert_eq!(before["prompts"], after["prompts"], "{after}");
+    assert_eq!(before["queue"], after["queue"], "{after}");
     let p3 = api.prompt(&ada, &s1, "Anything left?").await;
     assert_eq!(
         dans.close_frame(secs(30)).await,

@@ -13,8 +13,11 @@ async fn sign_in(server: &nightshift_tests::Server, fake: &FakeGithub, login: &s
     }
 }
 
+/// Every prompt of a session's view: finished, running and queued.
 fn prompts_of(view: &Value) -> usize {
-    view["prompts"].as_array().map_or(0, Vec::len)
+    let queue = &view["queue"];
+    let count = |list: &Value| list.as_array().map_or(0, Vec::len);
+    count(&queue["recent"]) + count(&queue["queued"]) + usize::from(!queue["running"].is_null())
 }
 
 #[tokio::test]
@@ -488,4 +491,134 @@ async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch(
         fake.reactions()
     );
     assert!(fake.reactions().len() <= reactions_before + 1);
+}
+
+#[tokio::test]
+async fn a_review_arriving_while_the_session_works_waits_behind_its_prompt_and_edits_start_nothing()
+{
+    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
+    fake.add_user("ada", "Ada Lovelace");
+    fake.add_user("carol", "Carol Reviewer");
+    fake.add_repo("acme/web", &[("ada", Role::Admin), ("carol", Role::Write)]);
+    let installation = fake.install("acme", &["acme/web"]);
+    let vars = fake.worker_vars();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Ada's first prompt opens the PR; her second thinks for a while (the review arrives then);
+    // Carol's review is the third.
+    let recording = json!({"turns": [
+        {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
+        {"text": "Created hello.txt."},
+        {"delay_ms": 6000, "text": "Adding a farewell.", "tool_calls": [{"name": "write", "arguments": {"filePath": "bye.txt", "content": "bye\n"}}]},
+        {"text": "Created bye.txt."},
+        {"text": "Applying the review.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "Hello.\n"}}]},
+        {"text": "Capitalised the greeting."}
+    ]});
+    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
+    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let api = server.client();
+    let (st, _) = fake.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+    let ada = sign_in(&server, &fake, "ada").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
+    let mut ws = api.connect(&ada, &id, "ada", 0).await;
+    let p1 = api.prompt(&ada, &id, "Write a greeting").await;
+    assert_eq!(ws.finished(&p1).await["ok"], true);
+    let opened = ws.event("pr.opened", |_| true).await;
+    let number = opened["pull_request"]["number"].as_u64().expect("number");
+
+    // Ada's next prompt is running when Carol's review arrives.
+    let p2 = api.prompt(&ada, &id, "Add a farewell").await;
+    ws.event("prompt.started", |e| e["id"] == p2.as_str()).await;
+    let (_review, comments) = fake
+        .submit_review(
+            "acme/web",
+            number,
+            "carol",
+            "One thing.",
+            &[
+                ("hello.txt", 1, "Capitalise the greeting."),
+                ("hello.txt", 1, "And make it shout."),
+            ],
+        )
+        .await;
+    let received = ws.event("pr.comment.received", |_| true).await;
+    let p3 = received["prompt"].as_str().expect("prompt").to_string();
+    ws.event("prompt.queued", |e| e["prompt"]["id"] == p3.as_str())
+        .await;
+    let running = |ws: &nightshift_tests::Ws, p: &str| {
+        ws.seen
+            .iter()
+            .any(|e| e["type"] == "prompt.finished" && e["id"] == p)
+    };
+    assert!(
+        !running(&ws, &p2),
+        "the review arrived after the running prompt ended: the test needs a slower turn"
+    );
+
+    // Carol edits one comment and deletes the other: neither is new work.
+    fake.change_review_comment("acme/web", comments[0], Some("Capitalise it, please."))
+        .await;
+    fake.change_review_comment("acme/web", comments[1], None)
+        .await;
+    let changed: Vec<u16> = fake
+        .deliveries()
+        .into_iter()
+        .filter(|d| matches!(d.action.as_deref(), Some("edited" | "deleted")))
+        .map(|d| d.status_code)
+        .collect();
+    assert_eq!(changed, vec![202, 202]);
+
+    // The review's prompt runs after Ada's, in the same session, and nothing was lost.
+    let done2 = ws.finished(&p2).await;
+    assert_eq!(done2["ok"], true, "{done2}");
+    let done3 = ws.finished(&p3).await;
+    assert_eq!(done3["ok"], true, "{done3}");
+    let at = |ty: &str, p: &str| {
+        ws.seen
+            .iter()
+            .position(|e| e["type"] == ty && e["id"] == p)
+            .unwrap_or_else(|| panic!("no {ty} for {p}"))
+    };
+    assert!(
+        at("prompt.finished", &p2) < at("prompt.started", &p3),
+        "the review's prompt started before the running one ended: {:?}",
+        ws.seen
+    );
+    let (_, view) = api
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(prompts_of(&view), 3, "{view}");
+
+    // The kept comment is answered in its thread; the deleted one has no thread to answer in.
+    ws.event("pr.comment.addressed", |e| e["prompt"] == p3.as_str())
+        .await;
+    let roots = || -> Vec<u64> {
+        fake.review_replies("acme/web")
+            .iter()
+            .map(|(root, _, _)| *root)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + secs(10);
+    while roots().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(roots(), vec![comments[0]]);
+    let eyes = fake
+        .reactions()
+        .into_iter()
+        .filter(|(_, _, content, _)| content == "eyes")
+        .count();
+    assert_eq!(
+        eyes, 2,
+        "an edit or a deletion was acknowledged as new work"
+    );
 }

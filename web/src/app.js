@@ -1,7 +1,7 @@
-// Nightshift web app: sign-in (GitHub or local dev), sessions list, new session, and the live session view.
+// Nightshift web app: sign-in (GitHub or local dev), sessions list, new session, the live session view, and the Slack pages (account link, settings).
 
 import { api, auth, ApiError, SessionSocket, keepSignedIn, renewIfDue, signOut } from "./api.js";
-import { SessionModel, STAGES, editDiff, parseSignedIn } from "./model.js";
+import { SessionModel, STAGES, editDiff, parseSignedIn, parseSlackLink, slackRowsToSettings, slackSettingsToRows } from "./model.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
@@ -50,8 +50,11 @@ async function route() {
   renderWho();
   const { parts, query } = parseHash();
   if (parts[0] === "installed") return installed(query);
+  const slack = parseSlackLink(location.hash);
+  if (slack) return slackLink(slack);
   if (!auth.token) return signIn();
   if (parts[0] === "s" && parts[1]) return openSession(parts[1], query.get("invite"));
+  if (parts[0] === "settings" && parts[1] === "slack") return slackSettings();
   return sessionsList();
 }
 
@@ -111,13 +114,19 @@ function installed(query) {
     ${next}</section>`;
 }
 
-async function signIn() {
-  main.innerHTML = `<section class="card narrow"><h1>Sign in</h1><p class="muted" aria-busy="true">Loading the sign-in options…</p></section>`;
+/**
+ * The sign-in page; it comes back to the page asked for (`intro`: `{title, text}` says why a
+ * page needs it, above the options).
+ */
+async function signIn(intro = null) {
+  const title = esc(intro?.title || "Sign in");
+  const why = intro ? `<p id="signin-why">${esc(intro.text)}</p>` : "";
+  main.innerHTML = `<section class="card narrow"><h1>${title}</h1>${why}<p class="muted" aria-busy="true">Loading the sign-in options…</p></section>`;
   const at = routed;
   let options;
   try { options = await api("GET", "/auth/config"); } catch (e) {
     if (at !== routed) return;
-    main.innerHTML = `<section class="card narrow"><h1>Sign in</h1><p>${esc(explain(e))}</p><button class="button" id="retry">Try again</button></section>`;
+    main.innerHTML = `<section class="card narrow"><h1>${title}</h1>${why}<p>${esc(explain(e))}</p><button class="button" id="retry">Try again</button></section>`;
     $("#retry").addEventListener("click", () => route());
     return;
   }
@@ -131,7 +140,7 @@ async function signIn() {
     : "";
   main.innerHTML = `
     <section class="card narrow">
-      <h1>Sign in</h1>
+      <h1>${title}</h1>${why}
       ${github}${none}
       ${options.dev ? `<h2>Local development</h2>
       <p class="muted">Dev sign-in (this machine only): pick any name.</p>
@@ -191,6 +200,7 @@ async function sessionsList() {
       ${shared.length ? `<ul class="sessions">${shared.map(item).join("")}</ul>` : `<p class="muted">Nobody has shared a session with you yet.</p>`}
       <h2>By repository</h2>
       <ul class="repos">${[...byRepo].map(([r, n]) => `<li><code>${esc(r)}</code> <span class="count">${n}</span></li>`).join("") || `<li class="muted">—</li>`}</ul>
+      <p class="muted page-links"><a id="slack-settings-link" href="#/settings/slack">Slack settings</a></p>
     </section>`;
   $("#new").addEventListener("submit", (ev) => {
     ev.preventDefault();
@@ -204,6 +214,194 @@ async function sessionsList() {
       location.hash = `#/s/${s.id}`;
     });
   });
+}
+
+// ---- Slack ---------------------------------------------------------------------------
+
+/**
+ * The page the Slack bot's one-time link opens (`#/slack/link/<team>/<code>`): signed out, why
+ * and the sign-in (which comes back here); signed in, the button that links the Slack account.
+ */
+function slackLink(link) {
+  if (!link.ok) {
+    main.innerHTML = `<section class="card narrow" id="slack-link-page"><h1>Link your Slack account to Nightshift</h1>
+      <p class="bad" id="slack-link-error" role="alert">${esc(link.error)}</p>
+      <a class="button" href="#/">Go to your sessions</a></section>`;
+    return;
+  }
+  const why = "The Nightshift bot in Slack does not know who you are yet. Sign in, then link your Slack account: what you ask the bot then runs as you, on the repositories you may use.";
+  if (!auth.token) return signIn({ title: "Link your Slack account to Nightshift", text: why });
+  const { team, code } = link;
+  const u = auth.user;
+  main.innerHTML = `<section class="card narrow" id="slack-link-page"><h1>Link your Slack account to Nightshift</h1>
+    <p>This links the Slack account that got this link (workspace <code>${esc(team)}</code>) to you${u ? `, <strong>${esc(u.name || u.user)}</strong>` : ""}: what it asks the bot then runs as you, on the repositories you may use.</p>
+    <div id="slack-link-result" aria-live="polite"></div>
+    <button class="primary" id="slack-link">Link my Slack account</button></section>`;
+  const out = $("#slack-link-result");
+  $("#slack-link").addEventListener("click", (ev) => {
+    const button = ev.currentTarget;
+    act(button, async () => {
+      let r;
+      try {
+        r = await api("POST", "/slack/link", { team, code });
+      } catch (e) {
+        if (e.status === 401) throw e; // signed out meanwhile: act signs in again
+        const next = e.code === "slack_link_unknown"
+          ? "Ask the Nightshift bot again in Slack: it answers with a fresh link."
+          : "Try again in a moment; if it keeps failing, ask the bot in Slack for a new link.";
+        out.innerHTML = `<p class="bad" id="slack-link-error" role="alert">${esc(e.code === "slack_link_unknown" ? e.message : explain(e))}</p><p class="muted">${esc(next)}</p>`;
+        return;
+      }
+      button.remove(); // the code works once
+      out.innerHTML = `<p class="ok" id="slack-linked" role="status">${r?.resumed ? "Linked. Go back to Slack: your request is starting." : "Linked."}</p>
+        <p class="muted">Slack account <code>${esc(r?.slack_user)}</code> in workspace <code>${esc(r?.team || team)}</code> is now yours in Nightshift.</p>
+        <a class="button" href="#/">Go to your sessions</a>`;
+    });
+  });
+}
+
+const SLACK_NOT_CONFIGURED = "Slack is not set up for this deployment: see the README's Slack section.";
+
+/** `#/settings/slack`: each channel's default repository and the ordered routing rules. */
+async function slackSettings() {
+  main.innerHTML = `<section class="card" id="slack-settings"><h1>Slack settings</h1><p class="muted" aria-busy="true">Loading the Slack settings…</p></section>`;
+  const at = routed;
+  const registered = api("GET", "/repositories").then((r) => r.repositories || [], () => []);
+  let settings;
+  try { settings = await api("GET", "/slack/settings"); } catch (e) {
+    if (at !== routed) return;
+    if (e.status === 401) return route();
+    const text = e.code === "slack_not_configured" ? SLACK_NOT_CONFIGURED : explain(e);
+    main.innerHTML = `<section class="card narrow" id="slack-settings"><h1>Slack settings</h1>
+      <p class="bad" id="slack-settings-error" role="alert">${esc(text)}</p>
+      ${e.code === "slack_not_configured" ? "" : `<button class="button" id="retry">Try again</button> `}<a class="button" href="#/">All sessions</a></section>`;
+    $("#retry")?.addEventListener("click", () => route());
+    return;
+  }
+  const names = (await registered).map((r) => r.repository?.name).filter(Boolean);
+  if (at !== routed) return;
+  new SlackSettingsForm(settings, names);
+}
+
+class SlackSettingsForm {
+  constructor(settings, repositories) {
+    this.repositories = repositories;
+    this.rows = slackSettingsToRows(settings);
+    this.team = settings?.team || "";
+    this.render();
+  }
+
+  render() {
+    const none = this.repositories.length ? "" : `<p class="muted">No repository is registered yet (or none you may use): register one first (<code>POST /repositories</code>).</p>`;
+    main.innerHTML = `
+      <section class="card" id="slack-settings">
+        <h1>Slack settings</h1>
+        <p class="muted">${this.team ? `Workspace <code>${esc(this.team)}</code>. ` : ""}Rules never grant access: a person only ever gets a repository they may use.</p>
+        ${none}
+        <form id="slack-form" class="stack" novalidate>
+          <h2>Channel defaults</h2>
+          <p class="muted">Where requests in that channel go unless they name a repository.</p>
+          <ul id="slack-channels" class="slack-rows"></ul>
+          <div><button type="button" class="button" id="slack-add-channel">Add a channel</button></div>
+          <h2>Routing rules</h2>
+          <p class="muted">A request containing these words goes to that repository (first match wins).</p>
+          <ol id="slack-rules" class="slack-rows"></ol>
+          <div><button type="button" class="button" id="slack-add-rule">Add a rule</button></div>
+          <p class="bad" id="slack-settings-error" role="alert" hidden></p>
+          <div class="row"><button class="primary" type="submit" id="slack-save">Save</button> <a href="#/">All sessions</a></div>
+        </form>
+      </section>`;
+    this.renderRows();
+    const form = $("#slack-form");
+    $("#slack-add-channel").addEventListener("click", () => { this.read(); this.rows.channels.push({ channel: "", repository: "" }); this.renderRows(); $("#slack-channels li:last-child input")?.focus(); });
+    $("#slack-add-rule").addEventListener("click", () => { this.read(); this.rows.rules.push({ pattern: "", repository: "" }); this.renderRows(); $("#slack-rules li:last-child input")?.focus(); });
+    form.addEventListener("click", (ev) => this.onRowClick(ev));
+    form.addEventListener("submit", (ev) => { ev.preventDefault(); this.save(ev.submitter || $("#slack-save")); });
+  }
+
+  /** A repository picker: the listed names (registered, and yours to use), then any others the rows name. */
+  picker(value, label) {
+    const used = [...this.rows.channels, ...this.rows.rules].map((r) => r.repository).filter(Boolean);
+    const names = [...new Set([...this.repositories, ...used])];
+    return `<select name="repository" aria-label="${esc(label)}"><option value="">Choose a repository…</option>${names.map((n) => `<option value="${esc(n)}"${n === value ? " selected" : ""}>${esc(n)}${this.repositories.includes(n) ? "" : " (not in your list)"}</option>`).join("")}</select>`;
+  }
+
+  renderRows() {
+    const { channels, rules } = this.rows;
+    $("#slack-channels").innerHTML = channels.length
+      ? channels.map((c, i) => `<li class="slack-row" data-i="${i}">
+          <input name="channel" value="${esc(c.channel)}" maxlength="32" placeholder="C0123ABCD" aria-label="Channel id ${i + 1}" autocomplete="off" spellcheck="false">
+          <span class="muted" aria-hidden="true">→</span>${this.picker(c.repository, `Repository for channel ${i + 1}`)}
+          <button type="button" class="icon" data-act="remove-channel" aria-label="Remove channel ${i + 1}">✕</button></li>`).join("")
+      : `<li class="muted empty">No channel default.</li>`;
+    $("#slack-rules").innerHTML = rules.length
+      ? rules.map((r, i) => `<li class="slack-row" data-i="${i}">
+          <input name="pattern" value="${esc(r.pattern)}" maxlength="200" placeholder="billing" aria-label="Words of rule ${i + 1}" autocomplete="off">
+          <span class="muted" aria-hidden="true">→</span>${this.picker(r.repository, `Repository for rule ${i + 1}`)}
+          <span class="actions">
+            <button type="button" class="icon" data-act="up" aria-label="Move rule ${i + 1} up"${i === 0 ? " disabled" : ""}>↑</button>
+            <button type="button" class="icon" data-act="down" aria-label="Move rule ${i + 1} down"${i === rules.length - 1 ? " disabled" : ""}>↓</button>
+            <button type="button" class="icon" data-act="remove-rule" aria-label="Remove rule ${i + 1}">✕</button></span></li>`).join("")
+      : `<li class="muted empty">No routing rule.</li>`;
+  }
+
+  /** Takes the rows as typed (the page is the state while it is edited). */
+  read() {
+    const rowsOf = (sel, key) => [...document.querySelectorAll(`${sel} li.slack-row`)].map((li) => ({ [key]: li.querySelector(`input[name=${key}]`).value, repository: li.querySelector("select[name=repository]").value }));
+    this.rows = { channels: rowsOf("#slack-channels", "channel"), rules: rowsOf("#slack-rules", "pattern") };
+  }
+
+  onRowClick(ev) {
+    const b = ev.target.closest("button[data-act]");
+    if (!b) return;
+    const i = Number(b.closest("li")?.dataset.i);
+    if (!Number.isInteger(i)) return;
+    this.read();
+    const { channels, rules } = this.rows;
+    const act_ = b.dataset.act;
+    if (act_ === "remove-channel") channels.splice(i, 1);
+    else if (act_ === "remove-rule") rules.splice(i, 1);
+    else if (act_ === "up" && i > 0) [rules[i - 1], rules[i]] = [rules[i], rules[i - 1]];
+    else if (act_ === "down" && i < rules.length - 1) [rules[i + 1], rules[i]] = [rules[i], rules[i + 1]];
+    else return;
+    this.renderRows();
+    const focus = act_ === "up" ? i - 1 : act_ === "down" ? i + 1 : -1;
+    if (focus >= 0) $(`#slack-rules li[data-i="${focus}"] button[data-act="${act_}"]:not(:disabled)`)?.focus();
+  }
+
+  showError(text) {
+    const el = $("#slack-settings-error");
+    if (!el) return;
+    el.textContent = text || "";
+    el.hidden = !text;
+  }
+
+  save(button) {
+    this.read();
+    const built = slackRowsToSettings(this.rows);
+    if (!built.ok) { this.showError(built.error); return; }
+    this.showError("");
+    const at = routed;
+    act(button, async () => {
+      let saved;
+      try {
+        saved = await api("PUT", "/slack/settings", built.settings);
+      } catch (e) {
+        if (e.status === 401) throw e;
+        if (at !== routed) return;
+        // The form stays as typed: fix it and save again.
+        this.showError(e.code === "slack_not_configured" ? SLACK_NOT_CONFIGURED : ["repository_not_found", "invalid_input"].includes(e.code) ? e.message : explain(e));
+        return;
+      }
+      if (at !== routed) return;
+      if (saved && typeof saved === "object") {
+        this.rows = slackSettingsToRows(saved);
+        this.team = saved.team || this.team;
+        this.renderRows();
+      }
+      toast("Slack settings saved.");
+    });
+  }
 }
 
 // ---- session view --------------------------------------------------------------------

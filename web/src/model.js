@@ -348,3 +348,76 @@ function stripNull(o) {
   for (const [k, v] of Object.entries(o)) if (v !== null && v !== undefined) out[k] = v;
   return out;
 }
+
+// ---- Slack ---------------------------------------------------------------------------
+
+/** A Slack workspace (`T…`) or channel (`C…`) id as the link and the settings take it. */
+const SLACK_ID = /^[A-Za-z0-9]{1,32}$/;
+/** A one-time link code: the bot's random hex. */
+const SLACK_CODE = /^[0-9a-fA-F]{1,64}$/;
+
+/**
+ * Reads the Slack bot's one-time link `#/slack/link/<team>/<code>`: null when `hash` is not that
+ * page, `{ok: true, team, code}` when the link is well formed, else `{ok: false, error}` (what is
+ * wrong with it, to show without asking the server).
+ */
+export function parseSlackLink(hash) {
+  const path = String(hash ?? "").replace(/^#/, "").split("?")[0];
+  const parts = path.split("/");
+  if (parts[0] !== "" || parts[1] !== "slack" || parts[2] !== "link") return null;
+  const rest = parts.slice(3);
+  if (rest.length === 3 && rest[2] === "") rest.pop(); // a trailing slash
+  const broken = "This link is incomplete or damaged: ask the Nightshift bot in Slack for a new one.";
+  if (rest.length !== 2) return { ok: false, error: broken };
+  const [team, code] = rest;
+  if (!SLACK_ID.test(team)) return { ok: false, error: `${broken} (The workspace id is not 1 to 32 letters and digits.)` };
+  if (!SLACK_CODE.test(code)) return { ok: false, error: `${broken} (The code is not 1 to 64 hexadecimal characters.)` };
+  return { ok: true, team, code };
+}
+
+/**
+ * The form rows of `GET /slack/settings`' answer: `{channels: [{channel, repository}], rules:
+ * [{pattern, repository}]}`, channels in the answer's order, rules in theirs (which matters).
+ */
+export function slackSettingsToRows(settings) {
+  const defaults = settings?.channel_defaults && typeof settings.channel_defaults === "object" ? settings.channel_defaults : {};
+  const rules = Array.isArray(settings?.routing_rules) ? settings.routing_rules : [];
+  return {
+    channels: Object.entries(defaults).map(([channel, repository]) => ({ channel: String(channel), repository: String(repository ?? "") })),
+    rules: rules.map((r) => ({ pattern: String(r?.pattern ?? ""), repository: String(r?.repository ?? "") })),
+  };
+}
+
+/**
+ * The body of `PUT /slack/settings` from the form rows: each field trimmed, rows left wholly empty
+ * dropped, rules kept in order. `{ok: true, settings}`, or `{ok: false, error}` for a row half
+ * filled in, a channel id that is not one, or a channel listed twice.
+ */
+export function slackRowsToSettings(rows) {
+  const text = (v) => String(v ?? "").trim();
+  const channel_defaults = {};
+  let n = 0;
+  for (const row of rows?.channels || []) {
+    n += 1;
+    const channel = text(row?.channel);
+    const repository = text(row?.repository);
+    if (!channel && !repository) continue;
+    if (!channel) return { ok: false, error: `Channel default ${n}: write the channel id (C…).` };
+    if (!SLACK_ID.test(channel)) return { ok: false, error: `Channel default ${n}: "${channel}" is not a Slack channel id (letters and digits, like C0123ABCD).` };
+    if (!repository) return { ok: false, error: `Channel ${channel}: choose its repository.` };
+    if (Object.hasOwn(channel_defaults, channel)) return { ok: false, error: `Channel ${channel} is listed twice: keep one row for it.` };
+    channel_defaults[channel] = repository;
+  }
+  const routing_rules = [];
+  n = 0;
+  for (const row of rows?.rules || []) {
+    n += 1;
+    const pattern = text(row?.pattern);
+    const repository = text(row?.repository);
+    if (!pattern && !repository) continue;
+    if (!pattern) return { ok: false, error: `Rule ${n}: write the words a request must contain.` };
+    if (!repository) return { ok: false, error: `Rule ${n} ("${pattern}"): choose its repository.` };
+    routing_rules.push({ pattern, repository });
+  }
+  return { ok: true, settings: { channel_defaults, routing_rules } };
+}

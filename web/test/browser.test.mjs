@@ -492,3 +492,126 @@ test("review comments on the pull request show beside the agent's work: who said
   assert.deepEqual(violations, []);
   await ctx.close();
 });
+
+test("the Slack link page: a damaged link says so and asks nothing of the server, signed out or in", { timeout: 90_000 }, async () => {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  const asked = [];
+  page.on("request", (r) => {
+    const path = new URL(r.url()).pathname;
+    if (path.startsWith("/slack") || path.startsWith("/auth/config")) asked.push(`${r.method()} ${path}`);
+  });
+  await page.goto(`${server.base}/#/slack/link/T0-TEAM/not-hex`);
+  await page.waitForSelector("#slack-link-error");
+  assert.match(await page.textContent("#slack-link-error"), /ask the Nightshift bot in Slack for a new one/);
+  assert.equal(await page.$("#slack-link"), null, "no link button");
+  assert.equal(await page.$("#signin"), null, "no sign-in for a link that cannot work");
+  await signIn(page, server.base, "dana", "Dana Damaged");
+  asked.length = 0;
+  await page.goto(`${server.base}/#/slack/link/T0TEAM/${"a".repeat(65)}`);
+  await page.waitForSelector("#slack-link-error");
+  assert.match(await page.textContent("#slack-link-error"), /The code is not 1 to 64 hexadecimal characters/);
+  assert.equal(await page.$("#slack-link"), null);
+  await page.waitForTimeout(300);
+  assert.deepEqual(asked, [], "no request for a damaged link");
+  await ctx.close();
+});
+
+test("the Slack link page: signed out it explains and signs in back to the link; an unknown code says to ask the bot again", { timeout: 90_000 }, async () => {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  const code = "0123456789abcdef".repeat(2);
+  const hash = `#/slack/link/T0TEAM/${code}`;
+  await page.goto(`${server.base}/${hash}`);
+  await page.waitForSelector("#signin");
+  assert.equal(await page.textContent("main h1"), "Link your Slack account to Nightshift");
+  assert.match(await page.textContent("#signin-why"), /Sign in, then link your Slack account/);
+  // The dev sign-in comes back to the link, now with its button.
+  await page.fill("input[name=name]", "Sam Slack");
+  await page.fill("input[name=user]", "sam");
+  await page.click("#signin button[type=submit]");
+  await page.waitForSelector("#slack-link");
+  assert.equal(new URL(page.url()).hash, hash);
+  assert.equal(await page.textContent("#slack-link"), "Link my Slack account");
+  const [req, res] = await Promise.all([
+    page.waitForRequest((r) => new URL(r.url()).pathname === "/slack/link"),
+    page.waitForResponse((r) => new URL(r.url()).pathname === "/slack/link"),
+    page.click("#slack-link"),
+  ]);
+  assert.equal(req.method(), "POST");
+  assert.deepEqual(req.postDataJSON(), { team: "T0TEAM", code });
+  assert.equal(res.status(), 404);
+  const { error } = await res.json();
+  assert.equal(error.code, "slack_link_unknown");
+  await page.waitForSelector("#slack-link-error");
+  assert.equal(await page.textContent("#slack-link-error"), error.message);
+  assert.match(await page.textContent("#slack-link-result"), /Ask the Nightshift bot again in Slack/);
+  assert.equal(await page.$("#slack-linked"), null);
+  await ctx.close();
+});
+
+test("Slack settings on a deployment without Slack: linked from the sessions list, it says Slack is not set up", { timeout: 90_000 }, async () => {
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  await signIn(page, server.base, "nora", "Nora Notset");
+  await page.click("#slack-settings-link");
+  await page.waitForSelector("#slack-settings-error");
+  assert.equal(new URL(page.url()).hash, "#/settings/slack");
+  assert.equal(await page.textContent("#slack-settings-error"), "Slack is not set up for this deployment: see the README's Slack section.");
+  assert.equal(await page.$("#slack-form"), null);
+  await ctx.close();
+});
+
+test("the Slack settings form: rows from the settings, add and remove, mistakes caught before saving, the server's refusals shown with the form kept as typed", { timeout: 90_000 }, async () => {
+  // Slack is not set up here: the settings arrive as the server would send them; saving reaches
+  // the real server, which checks the repositories first and then says Slack is not set up.
+  const ctx = await browser.newContext();
+  const page = await ctx.newPage();
+  await page.route((u) => u.pathname === "/slack/settings", async (route) => {
+    if (route.request().method() !== "GET") return route.fallback();
+    await route.fulfill({ json: { team: "T0TEAM", channel_defaults: { C0GHOST: "ghost" }, routing_rules: [{ pattern: "billing <b>now</b>", repository: "ghost" }] } });
+  });
+  const puts = [];
+  page.on("request", (r) => { if (new URL(r.url()).pathname === "/slack/settings" && r.method() === "PUT") puts.push(r.postDataJSON()); });
+  await signIn(page, server.base, "stan", "Stan Settings");
+  await page.goto(`${server.base}/#/settings/slack`);
+  await page.waitForSelector("#slack-form");
+  assert.equal(await page.inputValue('#slack-channels input[name=channel]'), "C0GHOST");
+  assert.equal(await page.inputValue('#slack-channels select[name=repository]'), "ghost");
+  assert.match(await page.textContent("#slack-channels select[name=repository] option:checked"), /ghost \(not in your list\)/);
+  assert.equal(await page.inputValue('#slack-rules input[name=pattern]'), "billing <b>now</b>", "a pattern is text, never markup");
+  assert.match(await page.textContent("#slack-settings"), /first match wins/);
+  assert.match(await page.textContent("#slack-settings"), /Rules never grant access/);
+
+  // A second row for the same channel is caught before any request.
+  await page.click("#slack-add-channel");
+  await page.fill('#slack-channels li[data-i="1"] input[name=channel]', " C0GHOST ");
+  await page.selectOption('#slack-channels li[data-i="1"] select[name=repository]', "ghost");
+  await page.click("#slack-save");
+  await page.waitForSelector("#slack-settings-error:not([hidden])");
+  assert.match(await page.textContent("#slack-settings-error"), /C0GHOST is listed twice/);
+  assert.deepEqual(puts, []);
+
+  // Without the duplicate: the server refuses the unregistered repository; the form stays as typed.
+  await page.click('#slack-channels li[data-i="1"] button[data-act="remove-channel"]');
+  await page.click("#slack-add-rule");
+  await page.fill('#slack-rules li[data-i="1"] input[name=pattern]', "  deploy ");
+  await page.selectOption('#slack-rules li[data-i="1"] select[name=repository]', "ghost");
+  await page.click("#slack-save");
+  await page.waitForFunction(() => /no such repository/.test(document.querySelector("#slack-settings-error")?.textContent || ""));
+  assert.deepEqual(puts.at(-1), { channel_defaults: { C0GHOST: "ghost" }, routing_rules: [{ pattern: "billing <b>now</b>", repository: "ghost" }, { pattern: "deploy", repository: "ghost" }] });
+  assert.equal(await page.$$eval("#slack-rules li.slack-row", (els) => els.length), 2);
+  assert.equal(await page.inputValue('#slack-rules li[data-i="1"] input[name=pattern]'), "  deploy ", "kept as typed");
+
+  // Nothing left that names a repository: the check passes, and the server says Slack is not set up.
+  await page.click('#slack-channels li[data-i="0"] button[data-act="remove-channel"]');
+  await page.click('#slack-rules li[data-i="1"] button[data-act="up"]');
+  assert.equal(await page.inputValue('#slack-rules li[data-i="0"] input[name=pattern]'), "  deploy ", "moved up");
+  await page.click('#slack-rules li[data-i="0"] button[data-act="remove-rule"]');
+  await page.click('#slack-rules li[data-i="0"] button[data-act="remove-rule"]');
+  await page.click("#slack-save");
+  await page.waitForFunction(() => document.querySelector("#slack-settings-error")?.textContent === "Slack is not set up for this deployment: see the README's Slack section.");
+  assert.deepEqual(puts.at(-1), { channel_defaults: {}, routing_rules: [] });
+  assert.ok(await page.$("#slack-form"), "the form is still there");
+  await ctx.close();
+});

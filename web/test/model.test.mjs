@@ -1,7 +1,7 @@
 // Unit tests of the browser's session model (node --test).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { SessionModel, cut, editDiff, httpUrl, needsRenew, parseSignedIn, reviewAddressed, reviewReceived, safeReturn, REVIEW_CUT, RENEW_BEFORE_MS } from "../src/model.js";
+import { SessionModel, cut, editDiff, httpUrl, needsRenew, parseSignedIn, parseSlackLink, reviewAddressed, reviewReceived, safeReturn, slackRowsToSettings, slackSettingsToRows, REVIEW_CUT, RENEW_BEFORE_MS } from "../src/model.js";
 
 const q = (seq, id, priority, arrival, author = "ada") => ({ seq, type: "prompt.queued", prompt: { id, text: id, priority, arrival, author, author_name: author } });
 
@@ -278,4 +278,64 @@ test("the session model ties review comments to the prompt that answers them", (
   const a = m.apply({ seq: 22, type: "pr.comment.addressed", number: 7, prompt: "prm_r", replies: [{ root: 101, body: "done" }] });
   assert.equal(a.answered.summary, "Answered 1 thread on PR #7; nothing changed");
   assert.equal(m.apply(received({ seq: 20 })), null, "seen already");
+});
+
+test("the Slack link page: the workspace and the code from the hash, a damaged link refused before any request", () => {
+  const code = "0123456789abcdef0123456789ABCDEF";
+  assert.deepEqual(parseSlackLink(`#/slack/link/T0TEAM/${code}`), { ok: true, team: "T0TEAM", code });
+  assert.deepEqual(parseSlackLink(`#/slack/link/T0TEAM/${code}/`), { ok: true, team: "T0TEAM", code }, "a trailing slash is fine");
+  assert.deepEqual(parseSlackLink(`#/slack/link/T0TEAM/${code}?utm=x`), { ok: true, team: "T0TEAM", code }, "a query is ignored");
+  assert.deepEqual(parseSlackLink(`/slack/link/T/${"f".repeat(64)}`), { ok: true, team: "T", code: "f".repeat(64) });
+  assert.equal(parseSlackLink(`#/slack/link/${"T".repeat(32)}/ab`).ok, true, "32 characters of team");
+  // Not this page at all.
+  for (const h of ["", "#", "#/", "#/s/ses_1", "#/slack", "#/slack/linked/T/ab", "#/x/slack/link/T/ab", null, undefined]) assert.equal(parseSlackLink(h), null, String(h));
+  // This page, but the link is damaged.
+  for (const h of [
+    "#/slack/link", "#/slack/link/", "#/slack/link/T0TEAM", "#/slack/link/T0TEAM/", "#/slack/link//abcd",
+    `#/slack/link/T0TEAM/${code}/extra`, "#/slack/link/T0-TEAM/abcd", `#/slack/link/${"T".repeat(33)}/abcd`,
+    "#/slack/link/T%20X/abcd", "#/slack/link/Tëam/abcd", "#/slack/link/T0TEAM/xyz", `#/slack/link/T0TEAM/${"a".repeat(65)}`,
+    "#/slack/link/T0TEAM/ab%63", "#/slack/link/T0TEAM/<img>",
+  ]) {
+    const r = parseSlackLink(h);
+    assert.equal(r?.ok, false, h);
+    assert.match(r.error, /ask the Nightshift bot in Slack for a new one/, h);
+  }
+});
+
+test("Slack settings to form rows: channel defaults in the answer's order, rules in theirs, missing parts empty", () => {
+  assert.deepEqual(slackSettingsToRows({ team: "T1", channel_defaults: { C2: "api", C1: "web" }, routing_rules: [{ pattern: "billing", repository: "api" }, { pattern: "login page", repository: "web" }] }), {
+    channels: [{ channel: "C2", repository: "api" }, { channel: "C1", repository: "web" }],
+    rules: [{ pattern: "billing", repository: "api" }, { pattern: "login page", repository: "web" }],
+  });
+  assert.deepEqual(slackSettingsToRows({ team: "T1" }), { channels: [], rules: [] });
+  assert.deepEqual(slackSettingsToRows(null), { channels: [], rules: [] });
+  assert.deepEqual(slackSettingsToRows({ channel_defaults: [], routing_rules: {} }).rules, []);
+});
+
+test("form rows to Slack settings: trimmed, empty rows dropped, rule order kept, half rows and duplicate channels refused", () => {
+  const ok = slackRowsToSettings({
+    channels: [{ channel: " C123 ", repository: " web " }, { channel: "", repository: "" }, { channel: "  ", repository: " " }, { channel: "C9", repository: "api" }],
+    rules: [{ pattern: "  billing  ", repository: "api" }, { pattern: "", repository: "" }, { pattern: "login page", repository: " web" }],
+  });
+  assert.deepEqual(ok, { ok: true, settings: { channel_defaults: { C123: "web", C9: "api" }, routing_rules: [{ pattern: "billing", repository: "api" }, { pattern: "login page", repository: "web" }] } });
+  assert.equal("team" in ok.settings, false, "the team is the server's to set");
+  assert.deepEqual(slackRowsToSettings({ channels: [], rules: [] }), { ok: true, settings: { channel_defaults: {}, routing_rules: [] } });
+  assert.deepEqual(slackRowsToSettings({}), { ok: true, settings: { channel_defaults: {}, routing_rules: [] } });
+  // Round trip.
+  const s = { channel_defaults: { C1: "web" }, routing_rules: [{ pattern: "billing", repository: "api" }] };
+  assert.deepEqual(slackRowsToSettings(slackSettingsToRows({ team: "T1", ...s })), { ok: true, settings: s });
+
+  const refused = (rows, re) => {
+    const r = slackRowsToSettings(rows);
+    assert.equal(r.ok, false, JSON.stringify(rows));
+    assert.match(r.error, re);
+  };
+  refused({ channels: [{ channel: "C1", repository: "web" }, { channel: " C1", repository: "api" }] }, /C1 is listed twice/);
+  refused({ channels: [{ channel: "C1", repository: "" }] }, /Channel C1: choose its repository/);
+  refused({ channels: [{ channel: "", repository: "web" }] }, /Channel default 1: write the channel id/);
+  refused({ channels: [{ channel: "#general", repository: "web" }] }, /"#general" is not a Slack channel id/);
+  refused({ channels: [{ channel: "C".repeat(33), repository: "web" }] }, /is not a Slack channel id/);
+  refused({ channels: [{ channel: "__proto__", repository: "web" }] }, /is not a Slack channel id/);
+  refused({ rules: [{ pattern: "billing", repository: "api" }, { pattern: "deploy", repository: " " }] }, /Rule 2 \("deploy"\): choose its repository/);
+  refused({ rules: [{ pattern: " ", repository: "api" }] }, /Rule 1: write the words/);
 });

@@ -135,6 +135,9 @@ async fn main() {
     if run("review") {
         review().await;
     }
+    if run("slack") {
+        slack().await;
+    }
     if only.as_deref() == Some("single") {
         single().await;
         guard();
@@ -2804,4 +2807,122 @@ async fn review() {
         "review submitted -> first agent event (restored from its snapshot)",
         &mut restored,
     );
+}
+
+/// Slack, against the fake Slack and the fake GitHub: how long Slack waits for its answer to a
+/// signed event (what decides whether it retries: 3 s), over channel chatter and mentions alike,
+/// and, for a mention, the person's wait from sending it to the session's status message in the
+/// thread, then to the message saying working (the agent's first output) and done.
+async fn slack() {
+    use nightshift_core::slack::Block;
+    use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
+    use nightshift_tests::fake_slack::{FakeSlack, FakeSlackConfig};
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    github.add_user("ada", "Ada Lovelace");
+    github.add_repo("acme/web", &[("ada", nightshift_core::github::Role::Admin)]);
+    let installation = github.install("acme", &["acme/web"]);
+    let slack = FakeSlack::start(FakeSlackConfig::default()).await;
+    slack.add_user("U0ADA", "Ada Lovelace", "ada@example.com");
+    let recording = json!({"turns": [{"text": "Looked around; nothing to change."}]});
+    let compute = Compute::start(&recording, &[]).await;
+    let mut owned = compute.vars();
+    owned.extend(github.worker_vars());
+    owned.push(("HEARTBEAT_TIMEOUT_MS", "900000".to_string()));
+    owned.push(("SLACK_SIGNING_SECRET", slack.signing_secret()));
+    owned.push(("SLACK_BOT_TOKEN", slack.bot_token()));
+    owned.push(("SLACK_API_URL", slack.api_url()));
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&vars).await;
+    github.deliver_to(&format!("{}/webhook/github", server.base));
+    slack.deliver_to(&format!("{}/webhook/slack/events", server.base));
+    github.deliver_installation_created(installation).await;
+    let api = server.client();
+    let ada = User {
+        user: "ada".into(),
+        token: github.sign_in_through(&server.base, "ada").await,
+    };
+    let (st, v) = api
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    println!("Slack (fake Slack and GitHub, scripted model, local provider): event -> acknowledged as Slack times it; mention -> the thread's status message");
+    let chatter = env_num("BENCH_SLACK_EVENTS", 100);
+    for i in 0..chatter {
+        slack
+            .bot_message("C0BENCH", "B0OTHERBOT", None, &format!("chatter {i}"))
+            .await;
+    }
+    let n = bench_n(5);
+    let (mut posted, mut working, mut done) = (Vec::new(), Vec::new(), Vec::new());
+    let stage_of = |ts: &str| -> Option<String> {
+        slack
+            .messages("C0BENCH")
+            .into_iter()
+            .filter(|m| m.thread_ts.as_deref() == Some(ts))
+            .find(|m| {
+                m.blocks.iter().any(
+                    |b| matches!(b, Block::Section { block_id: Some(id), .. } if id == "stage"),
+                )
+            })
+            .map(|m| m.text)
+    };
+    for round in 0..n {
+        let t = Instant::now();
+        let (_, ts) = slack
+            .mention(
+                "C0BENCH",
+                "U0ADA",
+                &format!("Round {round}: look around the site"),
+            )
+            .await;
+        let mut seen_posted = false;
+        let mut seen_working = false;
+        let deadline = t + Duration::from_secs(180);
+        loop {
+            let now = Instant::now();
+            assert!(now < deadline, "no done status for round {round}");
+            if let Some(text) = stage_of(&ts) {
+                if !seen_posted {
+                    seen_posted = true;
+                    posted.push(ms(now - t));
+                }
+                if !seen_working && (text.starts_with("Working") || text.starts_with("Done")) {
+                    seen_working = true;
+                    working.push(ms(now - t));
+                }
+                if text.starts_with("Done") {
+                    done.push(ms(now - t));
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut acks: Vec<f64> = slack
+        .deliveries()
+        .iter()
+        .filter(|d| d.retry_num == 0)
+        .map(|d| ms(d.elapsed))
+        .collect();
+    let retried = slack
+        .deliveries()
+        .iter()
+        .filter(|d| d.retry_num > 0)
+        .count();
+    report("Slack event -> acknowledged (200)", &mut acks);
+    println!("  retries Slack had to send: {retried}");
+    report_first(
+        "mention -> status message posted in the thread",
+        &mut posted,
+    );
+    report_first(
+        "mention -> status says working (agent output)",
+        &mut working,
+    );
+    report_first("mention -> status says done", &mut done);
 }
