@@ -5,8 +5,8 @@ use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::slack::{
     self as sl, Block, BlockActions, Candidate, Choice, Clicked, EventCallback, Intent, Method,
-    PostMessage, PostMessageAnswer, ReactionAdd, Stage, StatusView, Update, UpdateAnswer,
-    UsersInfoAnswer,
+    PostEphemeral, PostMessage, PostMessageAnswer, ReactionAdd, Stage, StatusView, Update,
+    UpdateAnswer, UsersInfoAnswer,
 };
 use nightshift_core::slack_status::ThreadStatus;
 use serde::{Deserialize, Serialize};
@@ -572,11 +572,21 @@ impl SlackWorkspace {
         let team = self.kv_get("team")?.unwrap_or_default();
         let url = format!("{}/#/slack/link/{team}/{code}", self.origin());
         let words = format!(
-            "<@{}> I don't know who you are in Nightshift yet. Sign in with GitHub and link your Slack account here: <{url}|link my account> (the link works once, for a day). I'll start on this as soon as it's done.",
+            "<@{}> I don't know who you are in Nightshift yet. Sign in with GitHub and link your Slack account here: <{url}|link my account> (only you see this; the link works once, for a day). I'll start on this as soon as it's done.",
             ask.user
         );
-        self.say(cfg, &ask.channel, &ask.thread_ts, &words, Vec::new())
-            .await?;
+        // Only the person sees the link: whoever redeems it becomes who their Slack account
+        // works as, so it is never posted where others could take it first.
+        let message = PostEphemeral {
+            channel: ask.channel.clone(),
+            user: ask.user.clone(),
+            text: words,
+            blocks: Vec::new(),
+            thread_ts: Some(ask.thread_ts.clone()),
+        };
+        web_api::<_, sl::PostEphemeralAnswer>(cfg, Method::PostEphemeral, &message)
+            .await
+            .map_err(slack_failed)?;
         Ok(())
     }
 
@@ -620,11 +630,24 @@ impl SlackWorkspace {
 
     /// The registered repositories the person may work in.
     async fn candidates(&self, person: &Identity) -> ApiResult<Vec<Candidate>> {
+        Ok(self.repositories(person).await?.1)
+    }
+
+    /// Every registered repository, and those the person may work in.
+    async fn repositories(&self, person: &Identity) -> ApiResult<(Vec<Candidate>, Vec<Candidate>)> {
+        let mut all = Vec::new();
         let mut out = Vec::new();
         for name in crate::access::registered(&self.env).await? {
             let Some(settings) = crate::access::settings(&self.env, &name).await? else {
                 continue;
             };
+            let candidate = Candidate {
+                name: settings.name.clone(),
+                full_name: settings.github.clone().unwrap_or_default(),
+                description: settings.description.clone(),
+                topics: settings.topics.clone(),
+            };
+            all.push(candidate.clone());
             if config::github(&self.env).is_some() {
                 let Some(full_name) = settings.github.as_deref() else {
                     continue;
@@ -634,20 +657,25 @@ impl SlackWorkspace {
                     continue;
                 }
             }
-            out.push(Candidate {
-                name: settings.name.clone(),
-                full_name: settings.github.clone().unwrap_or_default(),
-                description: settings.description.clone(),
-                topics: settings.topics.clone(),
-            });
+            out.push(candidate);
         }
-        Ok(out)
+        Ok((all, out))
     }
 
     /// Chooses the repository (rules, the channel's default, the scorer, the model) and
     /// starts there, or asks the person.
     async fn choose(&self, cfg: &config::Slack, person: &Identity, ask: Ask) -> ApiResult<()> {
-        let candidates = self.candidates(person).await?;
+        let (registered, candidates) = self.repositories(person).await?;
+        if let Some(name) = sl::named_but_not_allowed(&ask.text, &registered, &candidates) {
+            let words = format!(
+                "<@{}> You may not work in `{}`: ask its admins on GitHub for write access, or name another repository.",
+                ask.user,
+                sl::escape(&name)
+            );
+            self.say(cfg, &ask.channel, &ask.thread_ts, &words, Vec::new())
+                .await?;
+            return Ok(());
+        }
         let settings = self.settings()?;
         let default = settings
             .channel_defaults

@@ -274,6 +274,8 @@ impl EdgeError {
             EdgeError::QuotaExceeded { .. } => 429,
             EdgeError::GithubUnreachable(_) | EdgeError::GithubRefused(_) => 502,
             EdgeError::GithubAppKey(_) | EdgeError::TokenKeyNotConfigured => 500,
+            // Like an unconfigured GitHub webhook: this deployment has no such endpoint.
+            EdgeError::Slack(nightshift_core::slack::SlackError::NotConfigured) => 404,
             EdgeError::Slack(e) => e.status(),
             EdgeError::SlackLinkUnknown => 404,
             EdgeError::Webhook(e) => match e {
@@ -756,7 +758,7 @@ mod tests {
             (
                 Slack(SlackError::NotConfigured),
                 "slack_not_configured",
-                503,
+                404,
             ),
             (
                 Slack(SlackError::TimestampMissing),

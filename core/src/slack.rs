@@ -819,6 +819,8 @@ pub enum Method {
     AuthTest,
     /// `chat.postMessage`.
     PostMessage,
+    /// `chat.postEphemeral`: a message only one person in the channel sees.
+    PostEphemeral,
     /// `chat.update`.
     Update,
     /// `reactions.add`.
@@ -831,9 +833,10 @@ pub enum Method {
 
 impl Method {
     /// Every method, for routing in the fake.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::AuthTest,
         Method::PostMessage,
+        Method::PostEphemeral,
         Method::Update,
         Method::ReactionsAdd,
         Method::UsersInfo,
@@ -845,6 +848,7 @@ impl Method {
         match self {
             Method::AuthTest => "auth.test",
             Method::PostMessage => "chat.postMessage",
+            Method::PostEphemeral => "chat.postEphemeral",
             Method::Update => "chat.update",
             Method::ReactionsAdd => "reactions.add",
             Method::UsersInfo => "users.info",
@@ -975,6 +979,26 @@ pub struct PostMessage {
     /// Structured data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Metadata>,
+}
+
+/// The body of `chat.postEphemeral`: shown to `user` only, in `channel` (in `thread_ts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostEphemeral {
+    pub channel: String,
+    /// The only person who sees it.
+    pub user: String,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<Block>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_ts: Option<String>,
+}
+
+/// `chat.postEphemeral`'s answer: `{ok, message_ts}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostEphemeralAnswer {
+    pub message_ts: String,
 }
 
 /// The body of `chat.update`.
@@ -1907,6 +1931,35 @@ pub fn choose(
     Choice::Ask {
         ranked: ranked.into_iter().take(MAX_CHOICES).collect(),
     }
+}
+
+/// The first repository `text` names explicitly (`owner/repo`) that is registered (one of
+/// `registered`) but not one of the person's `candidates`: what they must be told they may not
+/// use, rather than have another repository chosen for them.
+pub fn named_but_not_allowed(
+    text: &str,
+    registered: &[Candidate],
+    candidates: &[Candidate],
+) -> Option<String> {
+    let names = explicit_names(text);
+    if names
+        .iter()
+        .any(|name| candidates.iter().any(|candidate| candidate.is(name)))
+    {
+        return None;
+    }
+    names.iter().find_map(|name| {
+        registered
+            .iter()
+            .find(|repository| repository.is(name))
+            .map(|repository| {
+                if repository.full_name.is_empty() {
+                    repository.name.clone()
+                } else {
+                    repository.full_name.clone()
+                }
+            })
+    })
 }
 
 /// The model's answer to "which repository?": `{repository | "unknown", confidence, alternatives}`.
@@ -2909,6 +2962,37 @@ mod tests {
             } => Some((repository.clone(), *how)),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_registered_repository_named_but_not_allowed_is_reported() {
+        let repo = |name: &str, full: &str| Candidate {
+            name: name.to_string(),
+            full_name: full.to_string(),
+            ..Candidate::default()
+        };
+        let registered = [repo("web", "acme/web"), repo("secret", "acme/secret")];
+        let allowed = [repo("web", "acme/web")];
+        assert_eq!(
+            named_but_not_allowed("fix acme/secret now", &registered, &allowed).as_deref(),
+            Some("acme/secret")
+        );
+        assert_eq!(
+            named_but_not_allowed("fix acme/web", &registered, &allowed),
+            None
+        );
+        assert_eq!(
+            named_but_not_allowed("fix acme/secret and acme/web", &registered, &allowed),
+            None
+        );
+        assert_eq!(
+            named_but_not_allowed("fix other/thing", &registered, &allowed),
+            None
+        );
+        assert_eq!(
+            named_but_not_allowed("fix the footer", &registered, &allowed),
+            None
+        );
     }
 
     #[test]

@@ -19,9 +19,9 @@ use nightshift_core::github::form_decode;
 use nightshift_core::slack::{
     self, Action, ActionMessage, ActionUser, Answer, AuthTestAnswer, Authorization, Block,
     BlockActions, ChannelRef, Container, ConversationsReplies, Edited, Element, Empty, Envelope,
-    Event, EventCallback, Interaction, MessageEvent, Method, PostMessage, PostMessageAnswer,
-    PostedMessage, Profile, ReactionAdd, RepliesAnswer, SlackUser, Team, Update, UpdateAnswer,
-    UrlVerification, UsersInfo, UsersInfoAnswer,
+    Event, EventCallback, Interaction, MessageEvent, Method, PostEphemeral, PostEphemeralAnswer,
+    PostMessage, PostMessageAnswer, PostedMessage, Profile, ReactionAdd, RepliesAnswer, SlackUser,
+    Team, Update, UpdateAnswer, UrlVerification, UsersInfo, UsersInfoAnswer,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -131,6 +131,8 @@ pub struct Message {
     pub updated: u32,
     /// Whether it was deleted.
     pub deleted: bool,
+    /// For an ephemeral message (`chat.postEphemeral`): the only person who sees it.
+    pub visible_to: Option<String>,
 }
 
 /// A reaction the bot added.
@@ -258,6 +260,7 @@ impl Inner {
             blocks: Vec::new(),
             updated: 0,
             deleted: false,
+            visible_to: None,
         });
         let parent_user_id = thread_ts.and_then(|root| {
             self.message(channel, root)
@@ -1274,6 +1277,7 @@ fn web_api(inner: &mut Inner, method: Method, arguments: &Value) -> Result<Value
                 blocks: post.blocks.clone(),
                 updated: 0,
                 deleted: false,
+                visible_to: None,
             });
             Ok(to_value(&PostMessageAnswer {
                 channel: post.channel,
@@ -1287,6 +1291,35 @@ fn web_api(inner: &mut Inner, method: Method, arguments: &Value) -> Result<Value
                     blocks: post.blocks,
                 },
             }))
+        }
+        Method::PostEphemeral => {
+            let post: PostEphemeral = parse(arguments)?;
+            if post.channel.is_empty() {
+                return failure("channel_not_found");
+            }
+            if !inner.users.contains_key(&post.user) {
+                return failure("user_not_in_channel");
+            }
+            if post.text.is_empty() && post.blocks.is_empty() {
+                return failure("no_text");
+            }
+            check(&post.text, &post.blocks)?;
+            let ts = inner.next_ts();
+            let bot_user = inner.config.bot_user_id.clone();
+            let bot_id = inner.config.bot_id.clone();
+            inner.messages.push(Message {
+                channel: post.channel,
+                ts: ts.clone(),
+                thread_ts: post.thread_ts,
+                user: Some(bot_user),
+                bot_id: Some(bot_id),
+                text: post.text,
+                blocks: post.blocks,
+                updated: 0,
+                deleted: false,
+                visible_to: Some(post.user),
+            });
+            Ok(to_value(&PostEphemeralAnswer { message_ts: ts }))
         }
         Method::Update => {
             let update: Update = parse(arguments)?;
@@ -1441,6 +1474,7 @@ fn response_url(ctx: &Ctx, number: &str, uri: &Uri, headers: &HeaderMap, body: &
             blocks,
             updated: 0,
             deleted: false,
+            visible_to: None,
         });
     }
     (StatusCode::OK, "ok").into_response()

@@ -382,6 +382,11 @@ async fn someone_unknown_gets_a_one_time_link_and_their_request_starts_once_link
         .expect("a link was offered")
         .clone();
     assert_eq!(offer.thread_ts.as_deref(), Some(ts.as_str()));
+    assert_eq!(
+        offer.visible_to.as_deref(),
+        Some("U0BOB"),
+        "the link must be seen by Bob only: {offer:?}"
+    );
     let link = offer
         .text
         .split("/#/slack/link/")
@@ -429,4 +434,146 @@ async fn someone_unknown_gets_a_one_time_link_and_their_request_starts_once_link
     let sessions = sessions_of(&w.server, &bob).await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert_eq!(sessions[0]["repository"], "web");
+}
+
+#[tokio::test]
+async fn slack_errors_and_rate_limits_lose_no_status_update_and_edits_deletions_and_strangers_start_nothing(
+) {
+    let recording = json!({"turns": [
+        {"text": "Writing.", "tool_calls": [{"name": "write", "arguments": {"filePath": "notes.txt", "content": "notes\n"}}]},
+        {"text": "Wrote notes.txt."}
+    ]});
+    let w = world(
+        recording,
+        &[("web", "The website")],
+        FakeSlackConfig::default(),
+    )
+    .await;
+    let ada = sign_in(&w.server, &w.github, "ada").await;
+    // Carol signed in with GitHub but may not work in any registered repository.
+    w.github.add_user("carol", "Carol Outsider");
+    w.slack
+        .add_user("U0CAROL", "Carol Outsider", "carol@example.com");
+    let carol = sign_in(&w.server, &w.github, "carol").await;
+    // Naming a repository she may not use says so; asking for anything says there is none.
+    for (text, expected) in [
+        ("Fix acme/web please", "You may not work in `acme/web`"),
+        ("Fix the footer", "no repository here you may work in"),
+    ] {
+        let (_, carol_ts) = w.slack.mention(CHANNEL, "U0CAROL", text).await;
+        let messages = w
+            .slack
+            .wait_for_messages(CHANNEL, Duration::from_secs(30), |m| {
+                m.iter()
+                    .any(|m| m.thread_ts.as_deref() == Some(carol_ts.as_str()))
+            })
+            .await;
+        let answer = messages
+            .iter()
+            .find(|m| m.thread_ts.as_deref() == Some(carol_ts.as_str()))
+            .expect("Carol was answered");
+        assert!(answer.text.contains(expected), "{answer:?}");
+    }
+    assert!(sessions_of(&w.server, &carol).await.is_empty());
+
+    // Slack fails the status message once and rate-limits its updates: the message still
+    // appears, and still ends done.
+    w.slack.fail_next("chat.postMessage", "internal_error", 1);
+    w.slack.rate_limit("chat.update", 3);
+    let (_, ts) = w.slack.mention(CHANNEL, ADA, "Write some notes").await;
+    status_says(&w.slack, CHANNEL, &ts, "Done").await;
+    assert_eq!(statuses(&w.slack, CHANNEL, &ts).len(), 1);
+    let posts = w.slack.calls_of("chat.postMessage");
+    assert!(
+        posts
+            .iter()
+            .any(|c| c.error.as_deref() == Some("internal_error")),
+        "the failure was never met"
+    );
+    let updates = w.slack.calls_of("chat.update");
+    let limited = updates.iter().filter(|c| c.status == 429).count();
+    assert_eq!(limited, 3, "{updates:?}");
+    // After a 429 the next update waited at least the Retry-After second.
+    let first_limited = updates.iter().position(|c| c.status == 429).expect("429");
+    if let Some(next) = updates.get(first_limited + 1) {
+        assert!(
+            next.at.duration_since(updates[first_limited].at) >= Duration::from_millis(900),
+            "retried before Retry-After"
+        );
+    }
+    let sessions = sessions_of(&w.server, &ada).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let id = sessions[0]["id"].as_str().expect("id").to_string();
+    // The pull request is Ada's.
+    let pulls = w.github.pulls("acme/web");
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(pulls[0].0.user.login, "ada", "{:?}", pulls[0].0);
+
+    // Editing the request and deleting it afterwards start nothing.
+    w.slack
+        .edit(CHANNEL, ADA, &ts, "<@U0FAKEBOT1> Write many more notes")
+        .await;
+    w.slack.delete(CHANNEL, &ts).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, view) = w
+        .server
+        .client()
+        .call("GET", &format!("/sessions/{id}"), &ada, None)
+        .await;
+    assert_eq!(prompts_of(&view).len(), 1, "{view}");
+    assert_eq!(sessions_of(&w.server, &ada).await.len(), 1);
+}
+
+#[tokio::test]
+async fn the_stop_button_stops_the_work_and_the_status_says_so() {
+    let recording = json!({"turns": [
+        {"delay_ms": 20000, "text": "Thinking for a long time."}
+    ]});
+    let w = world(
+        recording,
+        &[("web", "The website")],
+        FakeSlackConfig::default(),
+    )
+    .await;
+    let ada = sign_in(&w.server, &w.github, "ada").await;
+    let (_, ts) = w
+        .slack
+        .mention(CHANNEL, ADA, "Think about the footer")
+        .await;
+    let status = loop {
+        let found = statuses(&w.slack, CHANNEL, &ts);
+        if let Some(message) = found.into_iter().next() {
+            break message;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sessions = sessions_of(&w.server, &ada).await;
+    let id = sessions[0]["id"].as_str().expect("id").to_string();
+    let stop = w
+        .slack
+        .buttons(CHANNEL, &status.ts)
+        .into_iter()
+        .find(|(action, _, _)| action == "stop")
+        .expect("a Stop button");
+    assert_eq!(stop.1.as_deref(), Some(id.as_str()));
+    // Someone Nightshift does not know cannot stop it.
+    w.slack
+        .click("stop", &id, "U0NOBODY", CHANNEL, &status.ts)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!statuses(&w.slack, CHANNEL, &ts)[0]
+        .text
+        .starts_with("Failed"));
+    let clicked = w.slack.click("stop", &id, ADA, CHANNEL, &status.ts).await;
+    assert_eq!(clicked.status, 200, "{}", clicked.answer);
+    let stopped = status_says(&w.slack, CHANNEL, &ts, "Failed").await;
+    assert!(block_text(&stopped).contains("stopped"), "{stopped:?}");
+    assert!(
+        !w.slack
+            .buttons(CHANNEL, &stopped.ts)
+            .iter()
+            .any(|(action, _, _)| action == "stop"),
+        "a finished session keeps no Stop button"
+    );
+    assert!(w.github.pulls("acme/web").is_empty());
 }
