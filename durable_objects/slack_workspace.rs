@@ -5,7 +5,7 @@ use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::slack::{
     self as sl, Block, BlockActions, Candidate, Choice, Clicked, EventCallback, Intent, Method,
-    PostEphemeral, PostMessage, PostMessageAnswer, ReactionAdd, Stage, StatusView, Update,
+    PostEphemeral, PostMessage, ReactionAdd, Stage, StatusView, Update,
     UpdateAnswer, UsersInfoAnswer,
 };
 use nightshift_core::slack_status::ThreadStatus;
@@ -95,7 +95,7 @@ struct Ask {
 
 /// One stored unit of work.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 enum Work {
     Event { callback: String },
     Click { payload: String },
@@ -507,7 +507,7 @@ impl SlackWorkspace {
             unfurl_links: false,
             metadata: None,
         };
-        let posted: PostMessageAnswer = web_api(cfg, Method::PostMessage, &message)
+        let posted: sl::PostedTs = web_api(cfg, Method::PostMessage, &message)
             .await
             .map_err(slack_failed)?;
         Ok(posted.ts)

@@ -1081,6 +1081,13 @@ pub struct PostMessageAnswer {
     pub message: PostedMessage,
 }
 
+/// What the bot reads of `chat.postMessage`'s answer: the message's timestamp (the rest, the
+/// message with its blocks, is not read back).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PostedTs {
+    pub ts: String,
+}
+
 /// `chat.update`'s answer: `{ok, channel, ts, text}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateAnswer {
