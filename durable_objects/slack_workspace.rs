@@ -5,8 +5,8 @@ use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::slack::{
     self as sl, Block, BlockActions, Candidate, Choice, Clicked, EventCallback, Intent, Method,
-    PostEphemeral, PostMessage, ReactionAdd, Stage, StatusView, Update,
-    UpdateAnswer, UsersInfoAnswer,
+    PostEphemeral, PostMessage, ReactionAdd, Stage, StatusView, Update, UpdateAnswer,
+    UsersInfoAnswer,
 };
 use nightshift_core::slack_status::ThreadStatus;
 use serde::{Deserialize, Serialize};
