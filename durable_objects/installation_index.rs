@@ -170,15 +170,17 @@ impl InstallationIndex {
             InstallationRoute::Redeliver => json_of(200, &self.redeliver().await?),
             InstallationRoute::PersonRecord => {
                 let record: PersonRecord = read_body(&mut req).await?;
-                self.sql()?.exec(
-                    "INSERT OR REPLACE INTO people (email, person) VALUES (?, ?)",
-                    vec![
-                        SqlStorageValue::String(record.email.to_ascii_lowercase()),
-                        SqlStorageValue::String(
-                            serde_json::to_string(&record.person).map_err(ApiError::internal)?,
-                        ),
-                    ],
-                )?;
+                let person = serde_json::to_string(&record.person).map_err(ApiError::internal)?;
+                let sql = self.sql()?;
+                for email in &record.emails {
+                    sql.exec(
+                        "INSERT OR REPLACE INTO people (email, person) VALUES (?, ?)",
+                        vec![
+                            SqlStorageValue::String(email.to_ascii_lowercase()),
+                            SqlStorageValue::String(person.clone()),
+                        ],
+                    )?;
+                }
                 json_of(200, &OkAnswer::yes())
             }
             InstallationRoute::PersonFind => {

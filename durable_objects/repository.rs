@@ -8,7 +8,7 @@ use worker::*;
 
 use crate::config;
 use crate::error::{json_of, ApiError, ApiResult, EdgeError};
-use crate::http::call;
+use crate::http::{call, repository_index};
 use crate::objects::{
     encode, CronAnswer, PoolView, RepositoryIndexRoute, RepositoryInfo, RepositoryName,
     RepositoryRoute, TaggedBuild,
@@ -278,10 +278,7 @@ impl RepositoryObject {
 
     /// Lists the name in the repository index (for listing and the cron).
     async fn list_in_index(&self, name: &str) -> ApiResult<()> {
-        let index = self
-            .env
-            .durable_object("REPOSITORY_INDEX")?
-            .get_by_name("all")?;
+        let index = repository_index(&self.env)?;
         let add = RepositoryIndexRoute::Add;
         let body = encode(&RepositoryName {
             name: name.to_string(),
@@ -299,10 +296,7 @@ impl RepositoryObject {
     /// registered is not shown, and registering it again lists it once).
     async fn unlist_in_index(&self, name: &str) {
         let result = async {
-            let index = self
-                .env
-                .durable_object("REPOSITORY_INDEX")?
-                .get_by_name("all")?;
+            let index = repository_index(&self.env)?;
             let remove = RepositoryIndexRoute::Remove;
             let body = encode(&RepositoryName {
                 name: name.to_string(),

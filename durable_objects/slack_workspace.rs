@@ -27,7 +27,7 @@ use crate::slack::{ask_model, now_ms, web_api, web_api_form};
 /// Work that failed is tried again after this long (doubling, at most [`RETRY_MAX_MS`]).
 const RETRY_MS: u64 = 2_000;
 const RETRY_MAX_MS: u64 = 5 * 60 * 1000;
-/// Work that failed this often is given up (and said so in the thread).
+/// Work that failed this often is given up (kept as `failed`, and logged).
 const MAX_ATTEMPTS: i64 = 12;
 /// Events are remembered this long (Slack retries within minutes).
 const SEEN_MS: u64 = 24 * 3600 * 1000;
@@ -40,11 +40,17 @@ const FOLLOW_MS: u64 = 1_000;
 pub struct SlackWorkspace {
     state: State,
     env: Env,
+    /// Whether this instance created its tables already (once, not on every query).
+    schema: std::cell::Cell<bool>,
 }
 
 impl DurableObject for SlackWorkspace {
     fn new(state: State, env: Env) -> Self {
-        SlackWorkspace { state, env }
+        SlackWorkspace {
+            state,
+            env,
+            schema: std::cell::Cell::new(false),
+        }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
@@ -109,6 +115,10 @@ struct WorkRow {
     attempts: i64,
 }
 
+/// What a [`ThreadRow`] reads.
+const THREAD_COLUMNS: &str =
+    "SELECT channel, thread_ts, session, person, ask, status_ts, status, done_reacted FROM threads";
+
 #[derive(Deserialize)]
 struct ThreadRow {
     channel: String,
@@ -167,6 +177,9 @@ fn slack_failed(e: sl::SlackError) -> ApiError {
 impl SlackWorkspace {
     fn sql(&self) -> ApiResult<SqlStorage> {
         let sql = self.state.storage().sql();
+        if self.schema.get() {
+            return Ok(sql);
+        }
         for ddl in [
             "CREATE TABLE IF NOT EXISTS work (key TEXT PRIMARY KEY, body TEXT NOT NULL, received_at INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL DEFAULT 0)",
             "CREATE TABLE IF NOT EXISTS threads (channel TEXT NOT NULL, thread_ts TEXT NOT NULL, session TEXT NOT NULL, person TEXT NOT NULL, ask TEXT NOT NULL, status_ts TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, following INTEGER NOT NULL DEFAULT 1, done_reacted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (channel, thread_ts))",
@@ -177,6 +190,7 @@ impl SlackWorkspace {
         ] {
             sql.exec(ddl, None)?;
         }
+        self.schema.set(true);
         Ok(sql)
     }
 
@@ -277,21 +291,11 @@ impl SlackWorkspace {
 
     /// Stores work under `key` once; false when the key was seen before.
     fn store_work(&self, key: &str, work: &Work) -> ApiResult<bool> {
-        let sql = self.sql()?;
-        let seen: Vec<TextRow> = sql
-            .exec(
-                "SELECT key AS body FROM work WHERE key = ?",
-                vec![text(key)],
-            )?
-            .to_array()?;
-        if !seen.is_empty() {
-            return Ok(false);
-        }
-        sql.exec(
-            "INSERT INTO work (key, body, received_at, state, attempts, next_at) VALUES (?, ?, ?, 'pending', 0, 0)",
+        let stored = self.sql()?.exec(
+            "INSERT OR IGNORE INTO work (key, body, received_at, state, attempts, next_at) VALUES (?, ?, ?, 'pending', 0, 0)",
             vec![text(key), text(&json(work)?), int(self.now())],
         )?;
-        Ok(true)
+        Ok(stored.rows_written() > 0)
     }
 
     /// The alarm: pending work in order, then the followed sessions' status messages.
@@ -392,7 +396,7 @@ impl SlackWorkspace {
         if let Some(id) = self.kv_get("bot_user")? {
             return Ok(id);
         }
-        let me: sl::AuthTestAnswer = web_api(cfg, Method::AuthTest, &Nothing {})
+        let me: sl::AuthTestAnswer = web_api(cfg, Method::AuthTest, &sl::Empty {})
             .await
             .map_err(slack_failed)?;
         self.kv_put("bot_user", &me.user_id)?;
@@ -635,6 +639,7 @@ impl SlackWorkspace {
 
     /// Every registered repository, and those the person may work in.
     async fn repositories(&self, person: &Identity) -> ApiResult<(Vec<Candidate>, Vec<Candidate>)> {
+        let github = config::github(&self.env).is_some();
         let mut all = Vec::new();
         let mut out = Vec::new();
         for name in crate::access::registered(&self.env).await? {
@@ -648,7 +653,7 @@ impl SlackWorkspace {
                 topics: settings.topics.clone(),
             };
             all.push(candidate.clone());
-            if config::github(&self.env).is_some() {
+            if github {
                 let Some(full_name) = settings.github.as_deref() else {
                     continue;
                 };
@@ -746,7 +751,7 @@ impl SlackWorkspace {
         let rows: Vec<ThreadRow> = self
             .sql()?
             .exec(
-                "SELECT channel, thread_ts, session, person, ask, status_ts, status, done_reacted FROM threads WHERE channel = ? AND thread_ts = ?",
+                &format!("{THREAD_COLUMNS} WHERE channel = ? AND thread_ts = ?"),
                 vec![text(channel), text(thread_ts)],
             )?
             .to_array()?;
@@ -882,7 +887,7 @@ impl SlackWorkspace {
         if status == 201 || answer.contains("session_exists") {
             return Ok(());
         }
-        Err(error_of(status, &answer))
+        Err(ApiError::refused(status, answer.as_bytes(), None))
     }
 
     /// Queues the request as the person's prompt (once per event, however often asked).
@@ -895,7 +900,7 @@ impl SlackWorkspace {
             .as_person(
                 person,
                 session,
-                Method2::Post,
+                worker::Method::Post,
                 "/prompt",
                 Some(encode(&body)?),
             )
@@ -904,7 +909,7 @@ impl SlackWorkspace {
             let prompt: PromptAnswer = serde_json::from_str(&answer).map_err(ApiError::internal)?;
             return Ok(prompt.id);
         }
-        Err(error_of(status, &answer))
+        Err(ApiError::refused(status, answer.as_bytes(), None))
     }
 
     /// Calls the session's object as the person.
@@ -912,14 +917,14 @@ impl SlackWorkspace {
         &self,
         person: &Identity,
         session: &str,
-        method: Method2,
+        method: worker::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> ApiResult<(u16, String)> {
         let stub = session_stub(&self.env, session)?;
         let headers = Headers::new();
         headers.set(IDENTITY_HEADER, &encode_identity(person))?;
-        let mut resp = call(&stub, method.into(), path, Some(headers), body).await?;
+        let mut resp = call(&stub, method, path, Some(headers), body).await?;
         let status = resp.status_code();
         Ok((status, resp.text().await?))
     }
@@ -974,13 +979,13 @@ impl SlackWorkspace {
             .as_person(
                 &thread.person,
                 &thread.session,
-                Method2::Get,
+                worker::Method::Get,
                 "/snapshot",
                 None,
             )
             .await?;
         if status != 200 {
-            return Err(error_of(status, &answer));
+            return Err(ApiError::refused(status, answer.as_bytes(), None));
         }
         let invite: Invite = serde_json::from_str(&answer).map_err(ApiError::internal)?;
         if let Some(repository) = &invite.repository {
@@ -993,13 +998,13 @@ impl SlackWorkspace {
             .as_person(
                 person,
                 &thread.session,
-                Method2::Post,
+                worker::Method::Post,
                 "/join",
                 Some(serde_json::to_vec(&body).map_err(ApiError::internal)?),
             )
             .await?;
         if status != 200 {
-            return Err(error_of(status, &answer));
+            return Err(ApiError::refused(status, answer.as_bytes(), None));
         }
         if let Ok(snap) = serde_json::from_str::<serde_json::Value>(&answer) {
             index_add(&self.env, &person.user, &snap).await?;
@@ -1045,17 +1050,20 @@ impl SlackWorkspace {
         };
         let rows: Vec<ThreadRow> = self
             .sql()?
-            .exec(
-                "SELECT channel, thread_ts, session, person, ask, status_ts, status, done_reacted FROM threads WHERE following = 1",
-                None,
-            )?
+            .exec(&format!("{THREAD_COLUMNS} WHERE following = 1"), None)?
             .to_array()?;
         let mut next: Option<u64> = None;
         for row in rows {
             let mut thread = thread_of(row)?;
             let path = format!("/events?since={}&limit=200", thread.status.last_seq);
             match self
-                .as_person(&thread.person, &thread.session, Method2::Get, &path, None)
+                .as_person(
+                    &thread.person,
+                    &thread.session,
+                    worker::Method::Get,
+                    &path,
+                    None,
+                )
                 .await
             {
                 Ok((200, answer)) => match serde_json::from_str::<EventsPage>(&answer) {
@@ -1070,10 +1078,8 @@ impl SlackWorkspace {
             self.post_status(&cfg, &mut thread).await?;
             let now = self.now();
             let done = matches!(thread.status.view.stage, Stage::Done { .. });
-            if done
-                && !thread.done_reacted
-                && thread.status.shown.as_ref() == Some(&thread.status.view)
-            {
+            let shown = thread.status.shown.as_ref() == Some(&thread.status.view);
+            if done && shown && !thread.done_reacted {
                 self.react(
                     &cfg,
                     &thread.channel,
@@ -1083,7 +1089,6 @@ impl SlackWorkspace {
                 .await?;
                 thread.done_reacted = true;
             }
-            let shown = thread.status.shown.as_ref() == Some(&thread.status.view);
             let following = thread.status.following(now) || !shown;
             self.save_thread(&thread, following)?;
             if following {
@@ -1157,7 +1162,7 @@ impl SlackWorkspace {
                     .as_person(
                         &person,
                         &session_id,
-                        Method2::Post,
+                        worker::Method::Post,
                         "/stop",
                         Some(b"{}".to_vec()),
                     )
@@ -1172,25 +1177,6 @@ impl SlackWorkspace {
     }
 }
 
-/// The HTTP methods this object calls sessions with.
-#[derive(Clone, Copy)]
-enum Method2 {
-    Get,
-    Post,
-}
-
-impl From<Method2> for worker::Method {
-    fn from(m: Method2) -> worker::Method {
-        match m {
-            Method2::Get => worker::Method::Get,
-            Method2::Post => worker::Method::Post,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Nothing {}
-
 fn thread_of(row: ThreadRow) -> ApiResult<Thread> {
     Ok(Thread {
         channel: row.channel,
@@ -1202,26 +1188,4 @@ fn thread_of(row: ThreadRow) -> ApiResult<Thread> {
         status: parse(&row.status)?,
         done_reacted: row.done_reacted != 0,
     })
-}
-
-/// An object's refusal (`{"error": {code, message}}`) as an error with its status.
-fn error_of(status: u16, answer: &str) -> ApiError {
-    #[derive(Deserialize)]
-    struct Body {
-        error: Inner,
-    }
-    #[derive(Deserialize)]
-    struct Inner {
-        code: String,
-        message: String,
-    }
-    match serde_json::from_str::<Body>(answer) {
-        Ok(body) => ApiError {
-            status,
-            code: body.error.code,
-            message: body.error.message,
-            retry_after: None,
-        },
-        Err(_) => EdgeError::internal(format!("{status} {answer}")).into(),
-    }
 }

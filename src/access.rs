@@ -9,7 +9,7 @@ use worker::Env;
 
 use crate::config;
 use crate::error::{ApiResult, EdgeError};
-use crate::http::{ask, call, installation_index, repository_stub, user_index};
+use crate::http::{ask, call, installation_index, repository_index, repository_stub, user_index};
 use crate::objects::{
     encode, read_answer, InstallationQuotaAsk, InstallationRoute, OkAnswer, QuotaAsk,
     RepositoryInfo, RepositoryRoute, RoleAnswer, RoleAsk, UserIndexRoute,
@@ -43,7 +43,7 @@ pub async fn require(
 
 /// The names of every registered repository.
 pub async fn registered(env: &Env) -> ApiResult<Vec<String>> {
-    let stub = env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?;
+    let stub = repository_index(env)?;
     let route = crate::objects::RepositoryIndexRoute::List;
     let mut resp = call(&stub, route.method(), route.path(), None, None).await?;
     let names: crate::objects::Names = read_answer(&mut resp, route.path()).await?;

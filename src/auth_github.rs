@@ -147,14 +147,17 @@ pub async fn callback(req: &Request, env: &Env) -> ApiResult<Response> {
     };
     // Each verified address GitHub gave names this person (a Slack account with the same
     // verified address is linked to them).
-    let directory = crate::http::installation_index(env)?;
-    for verified in emails.iter().filter(|e| e.verified) {
-        let record = crate::objects::PersonRecord {
-            email: verified.email.clone(),
-            person: who.clone(),
-        };
+    let record = crate::objects::PersonRecord {
+        emails: emails
+            .iter()
+            .filter(|e| e.verified)
+            .map(|e| e.email.clone())
+            .collect(),
+        person: who.clone(),
+    };
+    if !record.emails.is_empty() {
         ask::<crate::objects::OkAnswer>(
-            &directory,
+            &crate::http::installation_index(env)?,
             crate::objects::InstallationRoute::PersonRecord,
             Some(encode(&record)?),
         )

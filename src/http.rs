@@ -117,6 +117,11 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     answer_of(&mut resp, route.path()).await
 }
 
+/// The repository index's object (one per deployment): every registered name.
+pub(crate) fn repository_index(env: &Env) -> ApiResult<Stub> {
+    Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
+}
+
 /// The installation index's object (one per deployment).
 pub(crate) fn installation_index(env: &Env) -> ApiResult<Stub> {
     Ok(env

@@ -217,17 +217,17 @@ pub enum InstallationRoute {
     Quota,
     /// [`PrSessionAsk`] → [`PrSessionAnswer`]: a pull request's session (started if asked).
     PrSession,
-    /// [`PersonRecord`] → [`OkAnswer`]: a person signed in with GitHub under this verified email.
+    /// [`PersonRecord`] → [`OkAnswer`]: a person signed in with GitHub under these verified emails.
     PersonRecord,
     /// [`PersonFind`] → [`PersonFound`]: who signed in with this verified email.
     PersonFind,
 }
 
-/// `InstallationIndex` `/people`: a person who signed in with GitHub, by the verified email
+/// `InstallationIndex` `/people`: a person who signed in with GitHub, by the verified emails
 /// GitHub gave (what links a Slack account to them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersonRecord {
-    pub email: String,
+    pub emails: Vec<String>,
     pub person: Identity,
 }
 

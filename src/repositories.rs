@@ -5,15 +5,15 @@ use nightshift_core::ids::Identity;
 use nightshift_core::quota::QuotaKind;
 use nightshift_core::repository::Settings;
 use serde::Serialize;
-use worker::{Env, Method, Request, Response, Stub};
+use worker::{Env, Method, Request, Response};
 
 use crate::error::{json_of, json_response, ApiError, ApiResult, EdgeError};
 use crate::http::{
     ask, call, installation_index, no_route, read_body, read_bytes, repository_stub,
 };
 use crate::objects::{
-    encode, read_answer, with_query, InstallationAnswer, InstallationAsk, InstallationRoute, Names,
-    RepositoryIndexRoute, RepositoryInfo, RepositoryLink, RepositoryRoute,
+    encode, read_answer, with_query, InstallationAnswer, InstallationAsk, InstallationRoute,
+    RepositoryInfo, RepositoryLink, RepositoryRoute,
 };
 use crate::{access, auth, config};
 
@@ -21,10 +21,6 @@ use crate::{access, auth, config};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepositoryList {
     pub repositories: Vec<RepositoryInfo>,
-}
-
-fn index(env: &Env) -> ApiResult<Stub> {
-    Ok(env.durable_object("REPOSITORY_INDEX")?.get_by_name("all")?)
 }
 
 /// In a deployment with a GitHub App, a repository is GitHub's: the person must maintain it
@@ -95,7 +91,7 @@ pub async fn handle(req: &mut Request, env: &Env, segs: &[&str]) -> ApiResult<Re
             json_response(status, text).map_err(ApiError::from)
         }
         (Method::Get, ["repositories"]) => {
-            let names = list(env).await?;
+            let names = access::registered(env).await?;
             let mut repositories = Vec::new();
             for n in names {
                 let info = RepositoryRoute::Info;
@@ -172,18 +168,11 @@ async fn on_repository(
     call(&stub, route.method(), &path, None, body).await
 }
 
-async fn list(env: &Env) -> ApiResult<Vec<String>> {
-    let route = RepositoryIndexRoute::List;
-    let mut r = call(&index(env)?, route.method(), route.path(), None, None).await?;
-    let names: Names = read_answer(&mut r, route.path()).await?;
-    Ok(names.names)
-}
-
 /// The cron trigger: every repository builds when its interval's slot has no build yet. The
 /// slot is that of the event's scheduled time (`at_ms`), so a duplicated delivery, however
 /// late, names the same slot.
 pub async fn scheduled(env: &Env, at_ms: u64) -> ApiResult<()> {
-    for n in list(env).await? {
+    for n in access::registered(env).await? {
         let stub = repository_stub(env, &n)?;
         let path = RepositoryRoute::cron_at(at_ms);
         match call(&stub, RepositoryRoute::Cron.method(), &path, None, None).await {

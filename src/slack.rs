@@ -130,14 +130,11 @@ pub async fn interactions(req: &mut Request, env: &Env) -> ApiResult<Response> {
 /// The deployment's workspace: the one its bot token belongs to.
 async fn deployment_workspace(env: &Env) -> ApiResult<Stub> {
     let cfg = configured(env)?;
-    let me: AuthTestAnswer = web_api(&cfg, SlackMethod::AuthTest, &Nothing {})
+    let me: AuthTestAnswer = web_api(&cfg, SlackMethod::AuthTest, &sl::Empty {})
         .await
         .map_err(|e| EdgeError::GithubRefused(format!("Slack: {e}")))?;
     workspace(env, &me.team_id)
 }
-
-#[derive(Serialize)]
-struct Nothing {}
 
 /// `GET /slack/settings` (signed in): the workspace's channel defaults and routing rules.
 pub async fn settings_get(req: &Request, env: &Env) -> ApiResult<Response> {

@@ -905,7 +905,8 @@ impl<T> Answer<T> {
     }
 }
 
-/// An answer with no fields of its own (`reactions.add`).
+/// An answer with no fields of its own (`reactions.add`), or a call with no arguments
+/// (`auth.test`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Empty {}
 

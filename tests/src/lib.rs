@@ -1062,3 +1062,65 @@ pub fn pool_ready(v: &Value) -> bool {
         && p["draining"] == 0
         && p["booting"] == 0
 }
+
+/// A team's deployment with the (fake) GitHub App on `acme/web`: what [`github_team`] starts.
+pub struct GithubTeam {
+    pub github: fake_github::FakeGithub,
+    pub compute: Compute,
+    pub server: Server,
+    /// Ada, signed in through GitHub's OAuth pages (the fake's); she administers `acme/web`.
+    pub ada: User,
+    pub installation: u64,
+}
+
+/// The fake GitHub with `people` (login, name, role on `acme/web`) and `bots` (write access),
+/// the App installed on `acme/web`, the compute side replaying `recording`, the Worker wired to
+/// both (with `extra` vars), Ada signed in through GitHub and `acme/web` registered as `web`.
+pub async fn github_team(
+    recording: Value,
+    people: &[(&str, &str, nightshift_core::github::Role)],
+    bots: &[&str],
+    extra: &[(&str, &str)],
+) -> GithubTeam {
+    use fake_github::{FakeGithub, FakeGithubConfig};
+    let github = FakeGithub::start(FakeGithubConfig::default()).await;
+    let mut collaborators = Vec::new();
+    for (login, name, role) in people {
+        github.add_user(login, name);
+        collaborators.push((*login, *role));
+    }
+    for bot in bots {
+        github.add_bot(bot);
+        collaborators.push((*bot, nightshift_core::github::Role::Write));
+    }
+    github.add_repo("acme/web", &collaborators);
+    let installation = github.install("acme", &["acme/web"]);
+    let owned = github.worker_vars();
+    let mut vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.extend_from_slice(extra);
+    let (compute, server) = start_with_compute(recording, &[], &vars).await;
+    github.deliver_to(&format!("{}/webhook/github", server.base));
+    let (st, _) = github.deliver_installation_created(installation).await;
+    assert_eq!(st, 202);
+    let ada = User {
+        user: "ada".into(),
+        token: github.sign_in_through(&server.base, "ada").await,
+    };
+    let (st, v) = server
+        .client()
+        .call(
+            "POST",
+            "/repositories",
+            &ada,
+            Some(json!({"name": "web", "github": "acme/web"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    GithubTeam {
+        github,
+        compute,
+        server,
+        ada,
+        installation,
+    }
+}

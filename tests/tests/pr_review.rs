@@ -1,8 +1,8 @@
 //! Review comments end to end against the fake GitHub: a review on the pull request Nightshift opened becomes one prompt of the reviewer's in the same session, its work is pushed to the pull request's branch, and every thread gets its answer once.
 
 use nightshift_core::github::Role;
-use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
-use nightshift_tests::{secs, User};
+use nightshift_tests::fake_github::FakeGithub;
+use nightshift_tests::{github_team, secs, GithubTeam, User};
 use serde_json::{json, Value};
 
 /// Signs `login` in through GitHub's OAuth pages (the fake's).
@@ -22,23 +22,6 @@ fn prompts_of(view: &Value) -> usize {
 
 #[tokio::test]
 async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_threads() {
-    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
-    fake.add_user("ada", "Ada Lovelace");
-    fake.add_user("carol", "Carol Reviewer");
-    fake.add_user("bob", "Bob Reader");
-    fake.add_bot("lint-bot");
-    fake.add_repo(
-        "acme/web",
-        &[
-            ("ada", Role::Admin),
-            ("carol", Role::Write),
-            ("bob", Role::Read),
-            ("lint-bot", Role::Write),
-        ],
-    );
-    let installation = fake.install("acme", &["acme/web"]);
-    let vars = fake.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // The session's one conversation: the first prompt's two turns, then the review's two.
     let recording = json!({"turns": [
         {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
@@ -46,21 +29,24 @@ async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_thr
         {"text": "Applying the review.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "Hello, world.\n"}}]},
         {"text": "Capitalised the greeting, greeted the world and ended it with a full stop."}
     ]});
-    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
-    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let GithubTeam {
+        github: fake,
+        compute: _compute,
+        server,
+        ada,
+        ..
+    } = github_team(
+        recording,
+        &[
+            ("ada", "Ada Lovelace", Role::Admin),
+            ("carol", "Carol Reviewer", Role::Write),
+            ("bob", "Bob Reader", Role::Read),
+        ],
+        &["lint-bot"],
+        &[],
+    )
+    .await;
     let api = server.client();
-    let (st, _) = fake.deliver_installation_created(installation).await;
-    assert_eq!(st, 202);
-    let ada = sign_in(&server, &fake, "ada").await;
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
 
     // Nightshift opens the pull request.
     let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
@@ -210,42 +196,30 @@ async fn a_review_continues_the_pull_requests_session_and_is_answered_in_its_thr
 
 #[tokio::test]
 async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch() {
-    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
-    fake.add_user("ada", "Ada Lovelace");
-    fake.add_user("carol", "Carol Author");
-    fake.add_user("bob", "Bob Reader");
-    fake.add_repo(
-        "acme/web",
-        &[
-            ("ada", Role::Admin),
-            ("carol", Role::Write),
-            ("bob", Role::Read),
-        ],
-    );
-    let installation = fake.install("acme", &["acme/web"]);
-    let vars = fake.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"text": "Adding the notes.", "tool_calls": [{"name": "write", "arguments": {"filePath": "CONTRIBUTING.md", "content": "Run the tests first.\n"}}]},
         {"text": "Added CONTRIBUTING.md."}
     ]});
-    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
-    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let GithubTeam {
+        github: fake,
+        compute: _compute,
+        server,
+        ada,
+        installation,
+    } = github_team(
+        recording,
+        &[
+            ("ada", "Ada Lovelace", Role::Admin),
+            ("carol", "Carol Author", Role::Write),
+            ("bob", "Bob Reader", Role::Read),
+        ],
+        &[],
+        &[],
+    )
+    .await;
     let api = server.client();
-    let (st, _) = fake.deliver_installation_created(installation).await;
-    assert_eq!(st, 202);
-    let ada = sign_in(&server, &fake, "ada").await;
     let carol = sign_in(&server, &fake, "carol").await;
     let bob = sign_in(&server, &fake, "bob").await;
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
 
     // Carol's own pull request, from her branch.
     let before = fake
@@ -496,13 +470,6 @@ async fn a_mention_on_someone_elses_pull_request_starts_a_session_on_its_branch(
 #[tokio::test]
 async fn a_review_arriving_while_the_session_works_waits_behind_its_prompt_and_edits_start_nothing()
 {
-    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
-    fake.add_user("ada", "Ada Lovelace");
-    fake.add_user("carol", "Carol Reviewer");
-    fake.add_repo("acme/web", &[("ada", Role::Admin), ("carol", Role::Write)]);
-    let installation = fake.install("acme", &["acme/web"]);
-    let vars = fake.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Ada's first prompt opens the PR; her second thinks for a while (the review arrives then);
     // Carol's review is the third.
     let recording = json!({"turns": [
@@ -513,21 +480,23 @@ async fn a_review_arriving_while_the_session_works_waits_behind_its_prompt_and_e
         {"text": "Applying the review.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "Hello.\n"}}]},
         {"text": "Capitalised the greeting."}
     ]});
-    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
-    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let GithubTeam {
+        github: fake,
+        compute: _compute,
+        server,
+        ada,
+        ..
+    } = github_team(
+        recording,
+        &[
+            ("ada", "Ada Lovelace", Role::Admin),
+            ("carol", "Carol Reviewer", Role::Write),
+        ],
+        &[],
+        &[],
+    )
+    .await;
     let api = server.client();
-    let (st, _) = fake.deliver_installation_created(installation).await;
-    assert_eq!(st, 202);
-    let ada = sign_in(&server, &fake, "ada").await;
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
     let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
     let mut ws = api.connect(&ada, &id, "ada", 0).await;
     let p1 = api.prompt(&ada, &id, "Write a greeting").await;
@@ -625,41 +594,28 @@ async fn a_review_arriving_while_the_session_works_waits_behind_its_prompt_and_e
 
 #[tokio::test]
 async fn a_review_of_a_hundred_comments_is_one_bounded_prompt_and_an_injection_stays_fenced() {
-    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
-    fake.add_user("ada", "Ada Lovelace");
-    fake.add_user("carol", "Carol Reviewer");
-    fake.add_bot("lint-bot");
-    fake.add_repo(
-        "acme/web",
-        &[
-            ("ada", Role::Admin),
-            ("carol", Role::Write),
-            ("lint-bot", Role::Write),
-        ],
-    );
-    let installation = fake.install("acme", &["acme/web"]);
-    let vars = fake.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let recording = json!({"turns": [
         {"text": "Writing the greeting.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
         {"text": "Created hello.txt."},
         {"text": "Addressed the comments that were quoted; the rest were left out."}
     ]});
-    let (_compute, server) = nightshift_tests::start_with_compute(recording, &[], &vars).await;
-    fake.deliver_to(&format!("{}/webhook/github", server.base));
+    let GithubTeam {
+        github: fake,
+        compute: _compute,
+        server,
+        ada,
+        ..
+    } = github_team(
+        recording,
+        &[
+            ("ada", "Ada Lovelace", Role::Admin),
+            ("carol", "Carol Reviewer", Role::Write),
+        ],
+        &["lint-bot"],
+        &[],
+    )
+    .await;
     let api = server.client();
-    let (st, _) = fake.deliver_installation_created(installation).await;
-    assert_eq!(st, 202);
-    let ada = sign_in(&server, &fake, "ada").await;
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
     let (id, _) = api.create_session_on_name(&ada, "Greeting", "web").await;
     let mut ws = api.connect(&ada, &id, "ada", 0).await;
     let p1 = api.prompt(&ada, &id, "Write a greeting").await;

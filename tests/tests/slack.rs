@@ -113,6 +113,20 @@ fn statuses(slack: &FakeSlack, channel: &str, thread: &str) -> Vec<Message> {
         .collect()
 }
 
+/// Waits for the bot's first message in `thread` (30 s) and answers it.
+async fn first_reply(slack: &FakeSlack, channel: &str, thread: &str) -> Message {
+    let in_thread = |m: &Message| m.thread_ts.as_deref() == Some(thread);
+    let messages = slack
+        .wait_for_messages(channel, Duration::from_secs(30), |m| {
+            m.iter().any(in_thread)
+        })
+        .await;
+    messages
+        .into_iter()
+        .find(in_thread)
+        .unwrap_or_else(|| panic!("the bot said nothing in {thread}"))
+}
+
 /// Waits until the thread's status message says `stage` (`Done`, `Working`, …).
 async fn status_says(slack: &FakeSlack, channel: &str, thread: &str, stage: &str) -> Message {
     let deadline = Instant::now() + RUN;
@@ -333,18 +347,7 @@ async fn an_ambiguous_request_asks_which_repository_and_the_pick_starts_the_sess
     .await;
     let ada = sign_in(&w.server, &w.github, "ada").await;
     let (_, ts) = w.slack.mention(CHANNEL, ADA, "Tidy up the code").await;
-    let messages = w
-        .slack
-        .wait_for_messages(CHANNEL, Duration::from_secs(30), |m| {
-            m.iter()
-                .any(|m| m.thread_ts.as_deref() == Some(ts.as_str()))
-        })
-        .await;
-    let question = messages
-        .iter()
-        .find(|m| m.thread_ts.as_deref() == Some(ts.as_str()))
-        .expect("the bot asked")
-        .clone();
+    let question = first_reply(&w.slack, CHANNEL, &ts).await;
     assert!(question.text.contains("Which repository"), "{question:?}");
     let offered: Vec<String> = w
         .slack
@@ -485,17 +488,7 @@ async fn slack_errors_and_rate_limits_lose_no_status_update_and_edits_deletions_
         ("Fix the footer", "no repository here you may work in"),
     ] {
         let (_, carol_ts) = w.slack.mention(CHANNEL, "U0CAROL", text).await;
-        let messages = w
-            .slack
-            .wait_for_messages(CHANNEL, Duration::from_secs(30), |m| {
-                m.iter()
-                    .any(|m| m.thread_ts.as_deref() == Some(carol_ts.as_str()))
-            })
-            .await;
-        let answer = messages
-            .iter()
-            .find(|m| m.thread_ts.as_deref() == Some(carol_ts.as_str()))
-            .expect("Carol was answered");
+        let answer = first_reply(&w.slack, CHANNEL, &carol_ts).await;
         assert!(answer.text.contains(expected), "{answer:?}");
     }
     assert!(sessions_of(&w.server, &carol).await.is_empty());

@@ -2699,45 +2699,30 @@ fn summarise(profile: &serde_json::Value, label: &str, units: usize, file: &str)
 /// first comment's delivery and stops at the first `agent.*` event of the review's prompt on the
 /// session's socket, as a person watching the session sees it.
 async fn review() {
-    use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
-    let fake = FakeGithub::start(FakeGithubConfig::default()).await;
-    fake.add_user("ada", "Ada Lovelace");
-    fake.add_user("carol", "Carol Reviewer");
-    fake.add_repo(
-        "acme/web",
-        &[
-            ("ada", nightshift_core::github::Role::Admin),
-            ("carol", nightshift_core::github::Role::Write),
-        ],
-    );
-    let installation = fake.install("acme", &["acme/web"]);
+    use nightshift_core::github::Role;
     let recording = json!({"turns": [
         {"text": "Writing.", "tool_calls": [{"name": "write", "arguments": {"filePath": "hello.txt", "content": "hello\n"}}]},
         {"text": "Created hello.txt."},
         {"text": "Looked at the review."}
     ]});
-    let compute = Compute::start(&recording, &[]).await;
-    let mut owned = compute.vars();
-    owned.extend(fake.worker_vars());
-    owned.push(("HEARTBEAT_TIMEOUT_MS", "900000".to_string()));
-    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let server = Server::start(&vars).await;
-    fake.deliver_to(&format!("{}/webhook/github", server.base));
-    fake.deliver_installation_created(installation).await;
+    let team = nightshift_tests::github_team(
+        recording,
+        &[
+            ("ada", "Ada Lovelace", Role::Admin),
+            ("carol", "Carol Reviewer", Role::Write),
+        ],
+        &[],
+        &[],
+    )
+    .await;
+    let nightshift_tests::GithubTeam {
+        github: fake,
+        compute,
+        server,
+        ada,
+        ..
+    } = team;
     let api = server.client();
-    let ada = User {
-        user: "ada".into(),
-        token: fake.sign_in_through(&server.base, "ada").await,
-    };
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
     let n = bench_n(3);
     println!("Review comments on the pull request a session opened (fake GitHub, scripted model, local provider): review submitted -> the answering prompt's first agent event on the session's socket");
     let (mut warm, mut restored) = (Vec::new(), Vec::new());
@@ -2815,41 +2800,23 @@ async fn review() {
 /// thread, then to the message saying working (the agent's first output) and done.
 async fn slack() {
     use nightshift_core::slack::Block;
-    use nightshift_tests::fake_github::{FakeGithub, FakeGithubConfig};
     use nightshift_tests::fake_slack::{FakeSlack, FakeSlackConfig};
-    let github = FakeGithub::start(FakeGithubConfig::default()).await;
-    github.add_user("ada", "Ada Lovelace");
-    github.add_repo("acme/web", &[("ada", nightshift_core::github::Role::Admin)]);
-    let installation = github.install("acme", &["acme/web"]);
     let slack = FakeSlack::start(FakeSlackConfig::default()).await;
     slack.add_user("U0ADA", "Ada Lovelace", "ada@example.com");
     let recording = json!({"turns": [{"text": "Looked around; nothing to change."}]});
-    let compute = Compute::start(&recording, &[]).await;
-    let mut owned = compute.vars();
-    owned.extend(github.worker_vars());
-    owned.push(("HEARTBEAT_TIMEOUT_MS", "900000".to_string()));
-    owned.push(("SLACK_SIGNING_SECRET", slack.signing_secret()));
-    owned.push(("SLACK_BOT_TOKEN", slack.bot_token()));
-    owned.push(("SLACK_API_URL", slack.api_url()));
-    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let server = Server::start(&vars).await;
-    github.deliver_to(&format!("{}/webhook/github", server.base));
-    slack.deliver_to(&format!("{}/webhook/slack/events", server.base));
-    github.deliver_installation_created(installation).await;
-    let api = server.client();
-    let ada = User {
-        user: "ada".into(),
-        token: github.sign_in_through(&server.base, "ada").await,
-    };
-    let (st, v) = api
-        .call(
-            "POST",
-            "/repositories",
-            &ada,
-            Some(json!({"name": "web", "github": "acme/web"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
+    let (secret, token, api_url) = (slack.signing_secret(), slack.bot_token(), slack.api_url());
+    let team = nightshift_tests::github_team(
+        recording,
+        &[("ada", "Ada Lovelace", nightshift_core::github::Role::Admin)],
+        &[],
+        &[
+            ("SLACK_SIGNING_SECRET", &secret),
+            ("SLACK_BOT_TOKEN", &token),
+            ("SLACK_API_URL", &api_url),
+        ],
+    )
+    .await;
+    slack.deliver_to(&format!("{}/webhook/slack/events", team.server.base));
     println!("Slack (fake Slack and GitHub, scripted model, local provider): event -> acknowledged as Slack times it; mention -> the thread's status message");
     let chatter = env_num("BENCH_SLACK_EVENTS", 100);
     for i in 0..chatter {
